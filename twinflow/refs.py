@@ -1,0 +1,76 @@
+"""References passed between stages: paths, ids and URIs, never data frames.
+
+Each stage flow takes one params model and returns one of these; the next stage reads the data
+the reference points at. They are small, JSON-serialisable and safe to persist as Prefect results.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class FileRef(BaseModel):
+    """One ingested source file."""
+
+    path: str
+    sha256: str
+    rows_read: int = 0
+    rows_written: int = 0
+    rows_quarantined: int = 0
+    status: str = "ingested"
+
+
+class LakeSnapshot(BaseModel):
+    """A dataset in the lake as of an ingest batch."""
+
+    lake_path: str = Field(description="Root of the hive-partitioned lake.")
+    dataset: str = Field(description="Dataset name: the lake's dataset=<name> partition.")
+    batch_id: str
+    files: list[FileRef] = Field(default_factory=list)
+    rows: int = 0
+
+    @property
+    def dataset_path(self) -> str:
+        return f"{self.lake_path.rstrip('/')}/dataset={self.dataset}"
+
+    @property
+    def digest(self) -> str:
+        """Content digest of the snapshot: changes when any contributing file changes."""
+        import hashlib
+
+        h = hashlib.sha256(self.dataset.encode())
+        for f in sorted(self.files, key=lambda f: f.sha256):
+            h.update(f.sha256.encode())
+        return h.hexdigest()[:16]
+
+
+class FeatureSetRef(BaseModel):
+    """A feature dataset written by the features stage."""
+
+    path: str
+    snapshot: LakeSnapshot
+    feature_columns: list[str]
+    label_column: str | None = "rul"
+    key_columns: list[str] = Field(default_factory=lambda: ["asset_id", "cycle"])
+    rows: int = 0
+    params_digest: str = ""
+
+
+class TrainResult(BaseModel):
+    """A trained model: the MLflow run, the model URI and its registry version."""
+
+    run_id: str
+    model_uri: str
+    registered_model: str | None = None
+    version: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class SimulationResult(BaseModel):
+    """The outcome of a digital-twin policy study."""
+
+    run_id: str
+    recommended_policy: str
+    expected_cost: float
+    policies: list[dict] = Field(default_factory=list)

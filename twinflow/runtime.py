@@ -1,0 +1,211 @@
+"""The runtime: one Prefect API, one Dask cluster and one MLflow backend for a twinflow command.
+
+Use it as a context manager around flow calls::
+
+    from twinflow import runtime
+
+    with runtime.start() as rt:
+        pipeline(PipelineParams())
+
+Inside, :class:`TwinflowTaskRunner` (the task runner of every twinflow flow) sends Prefect tasks to
+the runtime's Dask cluster, and the runtime's Prefect API URL is exported so that Dask workers
+report their task runs to the same API as the flow run. Flows called without a runtime (e.g. by a
+deployment) start one themselves through :func:`ensure`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from prefect_dask import DaskTaskRunner
+
+from twinflow.cluster import ClusterHandle, dask_cluster, gpu_count, has_dask_cuda, resolve_mode
+from twinflow.prefect_server import PrefectServer, acquire_server, release_server, set_offline_env
+from twinflow.settings import Settings, get_settings
+from twinflow.tracking import configure_mlflow
+
+log = logging.getLogger("twinflow.runtime")
+
+__all__ = [
+    "Runtime",
+    "TwinflowTaskRunner",
+    "current",
+    "ensure",
+    "start",
+    "dask_client",
+    "gpu_count",
+    "has_dask_cuda",
+    "resolve_mode",
+]
+
+
+@dataclass
+class Runtime:
+    """What a running twinflow command is connected to."""
+
+    settings: Settings
+    prefect: PrefectServer | None = None
+    cluster: ClusterHandle | None = None
+    experiment_id: str | None = None
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    @property
+    def prefect_url(self) -> str | None:
+        return self.prefect.url if self.prefect else None
+
+    @property
+    def prefect_ui_url(self) -> str | None:
+        return self.prefect.url.removesuffix("/api") if self.prefect else None
+
+    def task_runner(self) -> "TwinflowTaskRunner":
+        """A Prefect task runner bound to this runtime's Dask cluster."""
+        return TwinflowTaskRunner(address=self.cluster.address if self.cluster else None)
+
+
+_CURRENT: list[Runtime] = []
+
+
+def current() -> Runtime | None:
+    """The innermost active runtime of this process, or None."""
+    return _CURRENT[-1] if _CURRENT else None
+
+
+def _prepare_home(settings: Settings) -> None:
+    for path in (settings.home, settings.prefect_home):
+        path.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def start(
+    settings: Settings | None = None,
+    *,
+    prefect: bool = True,
+    cluster: bool = True,
+    mlflow: bool = True,
+) -> Iterator[Runtime]:
+    """Start (or connect to) the Prefect API, the Dask cluster and MLflow for one command.
+
+    Order matters: the Prefect URL is exported before the cluster starts, so that worker processes
+    inherit it. Everything this call started is stopped on exit, in reverse order.
+
+    Args:
+        settings: Settings to use; read from the environment when omitted.
+        prefect: Start/reuse the Prefect API.
+        cluster: Start/connect the Dask cluster.
+        mlflow: Configure MLflow tracking and the experiment.
+    """
+    settings = settings or get_settings()
+    set_offline_env()
+    _prepare_home(settings)
+    rt = Runtime(settings=settings)
+    with rt._stack as stack:
+        if prefect:
+            server = acquire_server(settings)
+            stack.callback(release_server, settings, server)
+            rt.prefect = server
+            _export_prefect(stack, settings, server.url)
+        if mlflow:
+            rt.experiment_id = configure_mlflow(settings)
+        if cluster:
+            rt.cluster = stack.enter_context(dask_cluster(settings))
+            if rt.cluster.mode == "address" and rt.prefect:
+                _push_env_to_workers(rt.cluster, {"PREFECT_API_URL": rt.prefect.url})
+        _CURRENT.append(rt)
+        stack.callback(_CURRENT.remove, rt)
+        yield rt
+
+
+@contextmanager
+def ensure(settings: Settings | None = None) -> Iterator[Runtime]:
+    """Yield the active runtime, or start one for the duration of the block."""
+    rt = current()
+    if rt is not None:
+        yield rt
+        return
+    with start(settings) as rt:
+        yield rt
+
+
+def _export_prefect(stack: ExitStack, settings: Settings, url: str) -> None:
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    storage = str(settings.prefect_home / "storage")
+    previous = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")}
+    # The environment reaches worker processes spawned later; the settings context reaches this
+    # process (Prefect read its settings when it was imported).
+    os.environ["PREFECT_API_URL"] = url
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = storage
+
+    def restore() -> None:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+    stack.callback(restore)
+    stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: storage}))
+
+
+def _set_env(values: dict[str, str]) -> None:
+    os.environ.update(values)
+
+
+def _push_env_to_workers(handle: ClusterHandle, values: dict[str, str]) -> None:
+    # Workers started by someone else may not know our Prefect API; settings also travel with each
+    # task's serialized context, this covers code that reads the environment directly.
+    try:
+        handle.client.run(_set_env, values)
+    except Exception as exc:  # pragma: no cover - best effort on foreign clusters
+        log.warning("could not export settings to Dask workers: %s", exc)
+
+
+class TwinflowTaskRunner(DaskTaskRunner):
+    """DaskTaskRunner that finds its cluster at run time: the active runtime's, else a new one.
+
+    Flows are decorated with it once; which cluster they use is decided by settings when they run.
+    """
+
+    def __init__(self, address: str | None = None, **kwargs):
+        super().__init__(address=address, **kwargs)
+
+    def duplicate(self) -> "TwinflowTaskRunner":
+        return type(self)(address=self.address, client_kwargs=self.client_kwargs)
+
+    @property
+    def client(self):  # type: ignore[override]
+        if self._client is None and self.address is None and self._cluster is None:
+            rt = current()
+            if rt is not None and rt.cluster is not None:
+                self.address = rt.cluster.address
+            else:
+                handle = self._exit_stack.enter_context(dask_cluster(get_settings()))
+                self.address = handle.address
+        return super().client
+
+
+def dask_client():
+    """The Dask client to submit fine-grained work to, from inside a twinflow task or flow.
+
+    On a Dask worker (a task run by :class:`TwinflowTaskRunner`) this is the worker's client;
+    in the flow process it is the runtime's client.
+    """
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except ValueError:
+        rt = current()
+        if rt is not None and rt.cluster is not None:
+            return rt.cluster.client
+        from distributed import get_client
+
+        return get_client()
+    from distributed import worker_client
+
+    # worker_client secedes from the worker's thread pool while we wait on sub-tasks.
+    return worker_client()

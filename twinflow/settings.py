@@ -1,0 +1,169 @@
+"""twinflow's settings: one pydantic-settings model, environment prefix ``TWINFLOW_``.
+
+Nested sections are set with a double underscore, e.g. ``TWINFLOW_DASK__MODE=address`` and
+``TWINFLOW_DASK__ADDRESS=tcp://10.0.0.5:8786``. Importing this module reads nothing and writes
+nothing; :func:`get_settings` builds the model when it is called.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from twinflow.errors import ConfigError
+
+ENV_PREFIX = "TWINFLOW_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LakeSettings(_Section):
+    """Where data lives. Empty paths default to folders under the twinflow home."""
+
+    landing: str | None = Field(None, description="Landing folder/URL scanned by ingest.")
+    lake: str | None = Field(None, description="Root of the partitioned Parquet lake.")
+    quarantine: str | None = Field(None, description="Root of quarantined rows and files.")
+    features: str | None = Field(None, description="Root of feature datasets.")
+    storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options.")
+
+
+class PrefectSettings(_Section):
+    """Prefect API. Without an ``api_url`` (and no ``PREFECT_API_URL``) twinflow runs its own."""
+
+    api_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
+    start_timeout: float = Field(90.0, gt=0)
+
+
+class DaskSettings(_Section):
+    """Dask cluster: ``auto`` picks ``cuda`` when a GPU and dask-cuda exist, else ``local``."""
+
+    mode: Literal["auto", "local", "cuda", "address"] = "auto"
+    n_workers: int | None = Field(None, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
+    memory_limit: str = "auto"
+    address: str | None = Field(None, description="Scheduler address for mode=address.")
+    dashboard_address: str = ":0"
+    connect_timeout: float = Field(10.0, gt=0)
+
+
+class MlflowSettings(_Section):
+    """MLflow tracking and registry. Empty URI: SQLite under the twinflow home."""
+
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "twinflow"
+    registered_model: str = "twinflow-rul"
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class Settings(BaseSettings):
+    """All of twinflow's configuration.
+
+    Attributes:
+        home: Root for the lake, databases and artifacts unless configured elsewhere.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Path(".twinflow")
+    lake: LakeSettings = Field(default_factory=LakeSettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    dask: DaskSettings = Field(default_factory=DaskSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, v: Path) -> Path:
+        # Resolved once so that worker processes with another cwd see the same paths.
+        return Path(os.path.expanduser(v)).resolve()
+
+    # Derived locations: computed, never created here (no side effects).
+    @property
+    def landing_path(self) -> str:
+        return self.lake.landing or str(self.home / "landing")
+
+    @property
+    def lake_path(self) -> str:
+        return self.lake.lake or str(self.home / "lake")
+
+    @property
+    def quarantine_path(self) -> str:
+        return self.lake.quarantine or str(self.home / "quarantine")
+
+    @property
+    def features_path(self) -> str:
+        return self.lake.features or str(self.home / "features")
+
+    @property
+    def prefect_home(self) -> Path:
+        return self.home / "prefect"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        return self.mlflow.artifact_location or (self.home / "mlartifacts").as_uri()
+
+
+def _known_env_keys() -> set[str]:
+    keys = set()
+    for name, field in Settings.model_fields.items():
+        keys.add(f"{ENV_PREFIX}{name}".upper())
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            for sub in ann.model_fields:
+                keys.add(f"{ENV_PREFIX}{name}__{sub}".upper())
+    return keys
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Reject ``TWINFLOW_*`` variables that name no setting (a typo would otherwise be ignored).
+
+    Raises:
+        ConfigError: naming the unknown variable and the closest known one.
+    """
+    environ = os.environ if environ is None else environ
+    known = _known_env_keys()
+    for key in environ:
+        if key.upper().startswith(ENV_PREFIX) and key.upper() not in known:
+            close = difflib.get_close_matches(key.upper(), sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown setting {key}{hint}")
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Build settings from the environment plus keyword overrides.
+
+    Args:
+        **overrides: Top-level fields (``home=...``) or sections (``dask={"mode": "local"}``).
+
+    Raises:
+        ConfigError: for unknown keys or invalid values, in one line.
+    """
+    from pydantic import ValidationError
+
+    check_environment()
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"invalid setting {loc}: {err['msg']}") from exc

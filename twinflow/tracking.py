@@ -1,0 +1,167 @@
+"""MLflow helpers: one experiment per pipeline, a parent run per flow run, child runs per stage.
+
+Runs opened here are always closed, with status FAILED when the body raised, so no run is left
+active after an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
+
+from twinflow.errors import ServiceUnavailable
+from twinflow.settings import Settings
+
+log = logging.getLogger("twinflow.tracking")
+
+PREFECT_RUN_TAG = "prefect.flow_run_id"
+PREFECT_URL_TAG = "prefect.flow_run_url"
+STAGE_TAG = "twinflow.stage"
+
+
+def _check_reachable(uri: str) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    try:
+        httpx.get(uri.rstrip("/") + "/health", timeout=5.0).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailable(
+            f"the MLflow tracking server at {uri} does not answer ({exc.__class__.__name__}); "
+            "start it or unset TWINFLOW_MLFLOW__TRACKING_URI"
+        ) from None
+
+
+def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
+    """Point MLflow at the configured backend and make sure the experiment exists.
+
+    The URI is also exported as ``MLFLOW_TRACKING_URI`` so that Dask workers started afterwards,
+    and processes spawned by Prefect, log to the same place.
+
+    Returns:
+        The experiment id.
+
+    Raises:
+        ServiceUnavailable: a remote tracking server does not answer.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = settings.mlflow_tracking_uri
+    _check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        settings.home.mkdir(parents=True, exist_ok=True)
+    if settings.mlflow.username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = settings.mlflow.username
+    if settings.mlflow.password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.mlflow.password.get_secret_value()
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    if settings.mlflow.registry_uri:
+        mlflow.set_registry_uri(settings.mlflow.registry_uri)
+    name = experiment or settings.mlflow.experiment
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=_artifact_location(settings, uri))
+        except MlflowException:
+            # Another process created it between our lookup and create.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def _artifact_location(settings: Settings, uri: str) -> str | None:
+    # A remote server chooses its own artifact root unless one is configured explicitly.
+    if settings.mlflow.artifact_location:
+        return settings.mlflow.artifact_location
+    if uri.startswith(("http://", "https://")):
+        return None
+    return settings.mlflow_artifact_location
+
+
+def prefect_tags() -> dict[str, str]:
+    """Tags linking an MLflow run to the current Prefect flow run (empty outside a flow run)."""
+    try:
+        from prefect.runtime import flow_run
+    except ImportError:  # pragma: no cover - prefect is a dependency
+        return {}
+    tags = {}
+    run_id = flow_run.get_id()
+    if run_id:
+        tags[PREFECT_RUN_TAG] = str(run_id)
+        url = flow_run.get_flow_run_ui_url() if hasattr(flow_run, "get_flow_run_ui_url") else None
+        if url:
+            tags[PREFECT_URL_TAG] = str(url)
+    return tags
+
+
+def flatten_params(params: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:
+    """Flatten a (nested) params model or mapping into MLflow params ``a.b=value``.
+
+    Secrets (pydantic ``SecretStr``) are never logged.
+    """
+    from pydantic import BaseModel, SecretStr
+
+    if isinstance(params, BaseModel):
+        params = {k: getattr(params, k) for k in type(params).model_fields}
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, SecretStr):
+            continue
+        if isinstance(value, (BaseModel, Mapping)):
+            out.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+@contextmanager
+def tracked_run(
+    name: str,
+    *,
+    stage: str | None = None,
+    parent_run_id: str | None = None,
+    params: Mapping[str, Any] | Any | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator["mlflow.ActiveRun"]:  # noqa: F821
+    """Open an MLflow run (nested under the active run or ``parent_run_id``) and always close it.
+
+    Args:
+        name: Run name shown in the MLflow UI.
+        stage: Stage name, stored as the ``twinflow.stage`` tag.
+        parent_run_id: Parent run for a child run opened where no run is active (e.g. a worker).
+        params: Params model or mapping, logged flattened.
+        tags: Extra tags.
+    """
+    import mlflow
+
+    all_tags = {**prefect_tags(), **(tags or {})}
+    if stage:
+        all_tags[STAGE_TAG] = stage
+    active = mlflow.active_run()
+    kwargs: dict[str, Any] = {"run_name": name, "tags": all_tags}
+    if active is not None:
+        kwargs["nested"] = True
+    elif parent_run_id:
+        kwargs["parent_run_id"] = parent_run_id
+    run = mlflow.start_run(**kwargs)
+    try:
+        if params is not None:
+            mlflow.log_params(flatten_params(params))
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
