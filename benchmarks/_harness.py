@@ -1,0 +1,147 @@
+"""Shared benchmark harness: time candidates against a named baseline in the same run.
+
+Absolute times are noise on shared machines, so every benchmark prints ratios against a baseline
+measured in the same process, right beside the candidate. Usage::
+
+    bench = Bench("features", baseline="pandas groupby.rolling", rows=n)
+    bench.measure("pandas groupby.rolling", lambda: pandas_baseline(df))
+    bench.measure("twinflow", lambda: twinflow_stage(df))
+    bench.report()
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psutil
+
+
+@dataclass
+class Result:
+    label: str
+    seconds: list[float]
+    peak_rss_mb: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+class _PeakRSS:
+    """Samples the RSS of this process and its children (Dask workers) while a block runs."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        proc = psutil.Process()
+        total = proc.memory_info().rss
+        for child in proc.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "_PeakRSS":
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Bench:
+    """Collects timings of labelled candidates and prints them relative to ``baseline``.
+
+    Args:
+        name: Benchmark name (the stage).
+        baseline: Label of the baseline candidate; ratios are baseline_time / candidate_time
+            (so > 1 means faster than the baseline).
+        units: Work units per call (rows, scenarios, task runs) for throughput figures.
+        unit_name: Name of the unit.
+    """
+
+    def __init__(self, name: str, baseline: str, units: float | None = None, unit_name: str = "rows"):
+        self.name = name
+        self.baseline = baseline
+        self.units = units
+        self.unit_name = unit_name
+        self.results: dict[str, Result] = {}
+
+    def measure(self, label: str, fn: Callable[[], Any], repeat: int = 3, warmup: int = 0,
+                units: float | None = None, **extra: Any) -> Any:
+        """Run ``fn`` ``warmup + repeat`` times; keep the timings and the peak RSS."""
+        out = None
+        for _ in range(warmup):
+            out = fn()
+        times = []
+        gc.collect()
+        with _PeakRSS() as mem:
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                out = fn()
+                times.append(time.perf_counter() - t0)
+        res = Result(label, times, mem.peak / 2**20, dict(extra))
+        if units is not None:
+            res.extra["units"] = units
+        self.results[label] = res
+        return out
+
+    def ratio(self, label: str, against: str | None = None) -> float:
+        """Speed of ``label`` relative to ``against`` (default the baseline): t_against / t_label."""
+        base = self.results[against or self.baseline]
+        return base.best / self.results[label].best
+
+    def report(self, json_path: str | None = None) -> dict[str, Any]:
+        """Print a table of timings, throughput and ratios vs the baseline; optionally write JSON."""
+        if self.baseline not in self.results:
+            raise KeyError(f"baseline {self.baseline!r} was not measured")
+        print(f"\n== benchmark: {self.name} (baseline: {self.baseline}; ratio = baseline time / time) ==")
+        print(f"{'candidate':<42} {'best s':>9} {'median s':>9} {self.unit_name + '/s':>14} "
+              f"{'peak RSS MB':>12} {'ratio':>8}")
+        summary: dict[str, Any] = {"benchmark": self.name, "baseline": self.baseline, "results": {}}
+        for label, res in self.results.items():
+            units = res.extra.get("units", self.units)
+            rate = f"{units / res.best:,.0f}" if units else "-"
+            ratio = self.ratio(label)
+            print(f"{label:<42} {res.best:>9.3f} {res.median:>9.3f} {rate:>14} {res.peak_rss_mb:>12.0f} "
+                  f"{ratio:>7.2f}x")
+            summary["results"][label] = {"best_s": res.best, "median_s": res.median, "ratio": ratio,
+                                         "peak_rss_mb": res.peak_rss_mb, **res.extra}
+        if json_path:
+            with open(json_path, "w") as fh:
+                json.dump(summary, fh, indent=2, default=str)
+        return summary
+
+
+def arg_parser(description: str) -> argparse.ArgumentParser:
+    """Common CLI flags for benchmark modules (``--quick`` for a small smoke run, ``--json``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    p.add_argument("--json", default=None, help="write the summary as JSON to this path")
+    p.add_argument("--repeat", type=int, default=int(os.environ.get("TWINFLOW_BENCH_REPEAT", "3")))
+    return p
