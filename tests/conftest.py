@@ -54,6 +54,7 @@ def prefect_server():
 
     settings = Settings(home=_SESSION_DIR / "prefect-server-home")
     server = acquire_server(settings)
+    server.settings = settings  # for tests of reuse by the same home
     yield server
     release_server(settings, server)
 

@@ -1,0 +1,142 @@
+"""The runtime against real services: a real Prefect server, real Dask clusters, real MLflow."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import psutil
+import pytest
+from prefect import flow, task
+
+from twinflow import runtime as rt_mod
+from twinflow.cluster import dask_cluster, resolve_mode
+from twinflow.errors import ConfigError, ServiceUnavailable
+from twinflow.prefect_server import acquire_server, read_server_state, release_server
+from twinflow.settings import get_settings
+
+
+@task
+def _where(i: int) -> tuple[int, int]:
+    return i, os.getpid()
+
+
+@flow(task_runner=rt_mod.TwinflowTaskRunner())
+def _fan_out(n: int = 6) -> list[tuple[int, int]]:
+    return [f.result() for f in [_where.submit(i) for i in range(n)]]
+
+
+def _prefect_servers_below(pid: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
+        if "prefect" in cmd and "server" in cmd and "start" in cmd:
+            out.append(p)
+        elif "uvicorn" in cmd and "prefect" in cmd:
+            out.append(p)
+    return out
+
+
+@pytest.mark.integration
+def test_worker_task_runs_land_in_the_flow_runs_api_and_one_server_is_started(tmp_path, monkeypatch):
+    """Task runs on Dask worker processes are recorded in the flow run's API; one local server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    settings = get_settings(home=tmp_path / "home", dask={"mode": "local", "n_workers": 2,
+                                                          "threads_per_worker": 1})
+    with rt_mod.start(settings) as rt:
+        assert rt.prefect.owned and rt.prefect.url.startswith("http://127.0.0.1:")
+        assert os.environ["PREFECT_API_URL"] == rt.prefect.url
+        state = _fan_out(6, return_state=True)
+        results = state.result()
+        flow_run_id = state.state_details.flow_run_id
+        worker_pids = set(rt.cluster.client.run(os.getpid).values())
+        assert {pid for _, pid in results} <= worker_pids, "tasks must run on Dask worker processes"
+        assert os.getpid() not in {pid for _, pid in results}
+        assert len(_prefect_servers_below(os.getpid())) == 1, "exactly one Prefect server process"
+        with get_client(sync_client=True) as client:
+            assert str(client.api_url).startswith(rt.prefect.url.removesuffix("/api"))
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        assert len(runs) == 6
+        assert all(r.state.is_completed() for r in runs)
+        assert read_server_state(settings)["url"] == rt.prefect.url
+    # The command that started the server stopped it.
+    assert read_server_state(settings) is None
+    assert _prefect_servers_below(os.getpid()) == []
+
+
+@pytest.mark.integration
+def test_local_server_is_reused_for_the_same_home(prefect_server):
+    settings = prefect_server.settings
+    again = acquire_server(settings)
+    assert again.url == prefect_server.url and not again.owned
+    release_server(settings, again)  # not owned: must leave the server running
+    from twinflow.prefect_server import api_healthy
+
+    assert api_healthy(prefect_server.url)
+
+
+def test_configured_prefect_api_that_is_down_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with pytest.raises(ServiceUnavailable, match="does not answer"):
+        acquire_server(get_settings(home=tmp_path / "h"))
+
+
+def test_configured_port_in_use_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"port {port}.*already in use"):
+            acquire_server(get_settings(home=tmp_path / "h", prefect={"port": port}))
+
+
+def test_unreachable_scheduler_address_is_a_clear_error(tmp_path):
+    settings = get_settings(home=tmp_path / "h", dask={"mode": "address", "address": "tcp://127.0.0.1:9",
+                                                       "connect_timeout": 2})
+    with pytest.raises(ServiceUnavailable, match="cannot connect to the Dask scheduler at tcp://127.0.0.1:9"):
+        with dask_cluster(settings):
+            pass
+
+
+def test_mode_resolution(tmp_path, monkeypatch):
+    s = get_settings(home=tmp_path, dask={"mode": "auto"})
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert resolve_mode(s) == ("local", "no GPU found")
+    assert resolve_mode(get_settings(home=tmp_path, dask={"address": "tcp://h:1"}))[0] == "address"
+    with pytest.raises(ConfigError, match="TWINFLOW_DASK__ADDRESS"):
+        resolve_mode(get_settings(home=tmp_path, dask={"mode": "address"}))
+
+
+@pytest.mark.integration
+def test_runtime_on_existing_scheduler_and_mlflow_runs_close_on_error(runtime):
+    import mlflow
+
+    from twinflow.tracking import tracked_run
+
+    assert runtime.cluster.mode == "address" and not runtime.cluster.owned
+    assert runtime.cluster.client.submit(lambda x: x + 1, 1).result() == 2
+    with pytest.raises(ZeroDivisionError):
+        with tracked_run("parent", stage="pipeline") as parent:
+            with tracked_run("child", stage="ingest", params={"a": {"b": 1}}) as child:
+                1 / 0
+    client = mlflow.MlflowClient()
+    assert client.get_run(child.info.run_id).info.status == "FAILED"
+    assert client.get_run(child.info.run_id).data.params == {"a.b": "1"}
+    assert client.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
+def test_unreachable_tracking_server_is_a_clear_error(tmp_path):
+    from twinflow.tracking import configure_mlflow
+
+    settings = get_settings(home=tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:9"})
+    with pytest.raises(ServiceUnavailable, match="MLflow tracking server at http://127.0.0.1:9"):
+        configure_mlflow(settings)

@@ -1,0 +1,247 @@
+"""The ``twinflow`` command line (Typer + rich).
+
+Errors that a user can fix are printed as one line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from twinflow.errors import ConfigError, TwinflowError
+
+app = typer.Typer(
+    name="twinflow",
+    help="Orchestration for industrial AI: Prefect flows on Dask, tracked in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=False)
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
+    home: Optional[Path] = typer.Option(None, "--home", help="twinflow home (default: TWINFLOW_HOME or ./.twinflow)."),
+) -> None:
+    _STATE["debug"] = debug
+    if home is not None:
+        os.environ["TWINFLOW_HOME"] = str(home)
+    _configure_logging(debug)
+
+
+def _configure_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if debug else logging.INFO
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=debug)
+    root = logging.getLogger("twinflow")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    for noisy in ("httpx", "distributed", "mlflow", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def _parse_params(items: List[str]) -> dict:
+    """Turn ``--param a.b=1`` pairs into a nested dict (values parsed as JSON when possible)."""
+    import json
+
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--param expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+@app.command()
+def demo(
+    stages: Optional[List[str]] = typer.Option(None, "--stage", help="Run only these stages (repeatable)."),
+) -> None:
+    """Run the whole pipeline on the embedded defaults over the bundled NASA C-MAPSS FD001 data.
+
+    Starts a local Prefect server (SQLite), a Dask LocalCluster (or LocalCUDACluster on a GPU
+    machine) and MLflow on SQLite, all under the twinflow home; prints progress per stage and,
+    at the end, where to look.
+    """
+    from twinflow import runtime
+    from twinflow.flows.pipeline import PipelineParams, demo_params, pipeline
+    from twinflow.locks import exclusive
+    from twinflow.settings import get_settings
+
+    settings = get_settings()
+    with exclusive(settings.home / "demo.lock", "twinflow demo"):
+        params: PipelineParams = demo_params(settings, stages=stages or None)
+        console.rule("[bold]twinflow demo")
+        console.print(f"home: {settings.home}")
+        with runtime.start(settings) as rt:
+            console.print(f"Prefect API: {rt.prefect_url}  |  Dask: {rt.cluster.mode} "
+                          f"({rt.cluster.n_workers} workers, dashboard {rt.cluster.dashboard_link})  |  "
+                          f"MLflow: {settings.mlflow_tracking_uri}")
+            result = pipeline(params)
+        _print_result(result)
+        console.rule("[bold green]done")
+        console.print(f"lake:        {settings.lake_path}")
+        console.print(f"MLflow:      experiment '{settings.mlflow.experiment}' in {settings.mlflow_tracking_uri}")
+        console.print(f"Browse both: [bold]twinflow server[/] (Prefect UI + MLflow UI on 127.0.0.1)")
+
+
+def _print_result(result) -> None:
+    table = Table(title="pipeline stages")
+    table.add_column("stage")
+    table.add_column("result")
+    for stage, summary in result.summaries().items():
+        table.add_row(stage, summary)
+    console.print(table)
+
+
+@app.command()
+def run(
+    stage: str = typer.Argument(..., help="ingest | features | train | simulate | pipeline"),
+    param: List[str] = typer.Option([], "--param", "-p", help="Stage parameter key=value (dots for nesting)."),
+    landing: Optional[str] = typer.Option(None, "--landing", help="Landing folder/URL (ingest, pipeline)."),
+    generate: bool = typer.Option(False, "--generate", help="simulate: generate a synthetic fleet into the lake."),
+) -> None:
+    """Run one stage (or the pipeline) with parameters, on the configured runtime."""
+    from twinflow import runtime
+    from twinflow.flows.pipeline import run_stage
+    from twinflow.settings import get_settings
+
+    settings = get_settings()
+    overrides = _parse_params(param)
+    if landing:
+        overrides["landing"] = landing
+    if generate:
+        overrides["generate"] = True
+    with runtime.start(settings):
+        out = run_stage(stage, overrides, settings)
+    console.print_json(out.model_dump_json() if hasattr(out, "model_dump_json") else str(out))
+
+
+@app.command()
+def server(
+    prefect_port: int = typer.Option(4200, help="Prefect UI/API port."),
+    mlflow_port: int = typer.Option(5000, help="MLflow UI port."),
+) -> None:
+    """Start the local Prefect server and the MLflow UI in the foreground, to browse results."""
+    import subprocess
+    import time
+
+    from twinflow.prefect_server import acquire_server, release_server, set_offline_env
+    from twinflow.settings import get_settings
+
+    set_offline_env()
+    settings = get_settings(prefect={"port": prefect_port})
+    settings.home.mkdir(parents=True, exist_ok=True)
+    srv = acquire_server(settings)
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
+                  "--default-artifact-root", settings.mlflow_artifact_location,
+                  "--host", "127.0.0.1", "--port", str(mlflow_port)]
+    ml = subprocess.Popen(mlflow_cmd)
+    console.print(f"Prefect UI: {srv.url.removesuffix('/api')}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops)")
+    try:
+        while ml.poll() is None:
+            time.sleep(0.5)
+        raise TwinflowError(f"the MLflow UI exited with code {ml.returncode} (port {mlflow_port} in use?)")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if ml.poll() is None:
+            ml.terminate()
+            ml.wait(10)
+        release_server(settings, srv)
+
+
+@app.command()
+def doctor() -> None:
+    """Print versions, GPU/dask-cuda availability, the cluster mode that would be chosen, and URLs."""
+    import importlib.metadata as md
+    import platform
+
+    from twinflow.cluster import gpu_count, has_dask_cuda, resolve_mode
+    from twinflow.prefect_server import read_server_state
+    from twinflow.settings import get_settings
+
+    settings = get_settings()
+    table = Table(title="twinflow doctor", show_header=False)
+    table.add_row("python", platform.python_version())
+    for pkg in ("twinflow", "prefect", "prefect-dask", "dask", "distributed", "mlflow", "pyarrow",
+                "pandas", "numpy", "scikit-learn", "dask-cuda", "cupy-cuda12x", "torch"):
+        try:
+            table.add_row(pkg, md.version(pkg))
+        except md.PackageNotFoundError:
+            table.add_row(pkg, "[dim]not installed[/]")
+    table.add_row("GPUs", str(gpu_count()))
+    table.add_row("dask-cuda + cupy", "yes" if has_dask_cuda() else "no")
+    try:
+        mode, reason = resolve_mode(settings)
+        table.add_row("cluster mode", f"{mode} ({reason})")
+    except ConfigError as exc:
+        table.add_row("cluster mode", f"[red]{exc}[/]")
+    api = settings.prefect.api_url or os.environ.get("PREFECT_API_URL")
+    state = read_server_state(settings)
+    table.add_row("Prefect API", api or (f"local server running at {state['url']}" if state else
+                                         "local server, started on demand (127.0.0.1)"))
+    table.add_row("MLflow tracking", settings.mlflow_tracking_uri)
+    table.add_row("MLflow artifacts", settings.mlflow_artifact_location)
+    table.add_row("home", str(settings.home))
+    table.add_row("lake", settings.lake_path)
+    console.print(table)
+
+
+def _register_extensions() -> None:
+    # Commands owned by other subpackages (serve, backfill, blocks) register themselves here.
+    try:
+        from twinflow.deployments.cli import register_commands
+    except ImportError:
+        return
+    register_commands(app)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point: run the app and turn user errors into one line (traceback with --debug)."""
+    import click
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    _register_extensions()
+    try:
+        app(args=argv, prog_name="twinflow", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        console.print("[yellow]aborted[/]")
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the point is to print every failure as one line
+        if debug:
+            console.print_exception()
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        kind = "error" if isinstance(exc, TwinflowError) else f"error ({exc.__class__.__name__})"
+        Console(stderr=True).print(f"[bold red]{kind}:[/] {msg}" + ("" if debug else "  [dim](--debug for details)[/]"))
+        sys.exit(2 if isinstance(exc, ConfigError) else 1)
+
+
+if __name__ == "__main__":
+    main()
