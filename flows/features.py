@@ -1,0 +1,153 @@
+"""The ``features`` stage flow: a lake snapshot in, a feature dataset reference out."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from twinflow import contracts
+from twinflow import runtime as rt_mod
+from twinflow.errors import ConfigError
+from twinflow.refs import FeatureSetRef, LakeSnapshot
+from twinflow.tasks import features as ft
+from twinflow.tasks.features import FeatureParams
+
+__all__ = ["features", "FeatureParams", "resolve_channels"]
+
+
+def resolve_channels(available: list[str], params: FeatureParams) -> list[str]:
+    """The channels to use: the requested ones, or every sensor channel present.
+
+    Raises:
+        ConfigError: naming a requested channel the dataset does not have.
+    """
+    if params.channels is None:
+        chosen = [c for c in contracts.SENSORS if c in available]
+        if not chosen:
+            raise ConfigError("the dataset has no sensor channels (s1..s21); name them with channels=[...]")
+        return chosen
+    reserved = {contracts.ASSET, contracts.TIME, contracts.TIMESTAMP, *contracts.LINEAGE}
+    usable = [c for c in available if c not in reserved]
+    for ch in params.channels:
+        if ch not in usable:
+            raise ConfigError(f"unknown channel {ch!r}; available: {', '.join(usable)}")
+    return list(params.channels)
+
+
+def _artifact_key(dataset: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", f"features-{dataset}".lower()).strip("-")
+
+
+def _summary_markdown(ref: FeatureSetRef, summary: dict, fit: ft.FitStats, seconds: float) -> str:
+    lines = [f"# Features `{ref.snapshot.dataset}` ({ref.params_digest})", "",
+             f"- path: `{ref.path}`", f"- rows: {summary['rows']:,}; assets: {summary['assets']:,}; "
+             f"files: {len(summary['files'])}", f"- feature columns: {len(ref.feature_columns)}; "
+             f"label: {ref.label_column or 'none'}",
+             f"- regimes: {fit.n_regimes}; kept channels: {', '.join(fit.kept)}",
+             f"- dropped channels: {', '.join(f'{c} ({r})' for c, r in fit.dropped.items()) or 'none'}",
+             f"- seconds: {seconds:.1f}", "", "| column | NaN count |", "|---|---:|"]
+    lines += [f"| {c} | {n:,} |" for c, n in summary["nan_counts"].items()]
+    return "\n".join(lines)
+
+
+@flow(name="features", task_runner=rt_mod.TwinflowTaskRunner(), validate_parameters=True)
+def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
+             fit_from: FeatureSetRef | None = None) -> FeatureSetRef:
+    """Compute per-asset window features of a lake dataset on the Dask cluster.
+
+    Steps:
+        1. Validate: parameters (pydantic, before anything else), the dataset's files and the
+           requested channels against its schema.
+        2. Cache check: the output folder is named by a digest of the snapshot, the lake file
+           listing, the parameters, ``fit_from`` and the stage's code; an existing complete
+           folder is returned without recomputing.
+        3. Fit (task ``features-fit``, skipped with ``fit_from``): k-means regimes on a sample of
+           the operating settings, per-regime mean/std of each channel, constant and all-NaN
+           channels to drop.
+        4. Transform (task ``features-transform``): per partition of whole assets on the Dask
+           workers (NumPy, or CuPy on a cuda cluster): normalise, rolling mean/std/min/max/slope,
+           EWM means, time since start, the RUL label; one Parquet file per partition.
+        5. Publish: write ``_fit.json`` and ``_manifest.json``, rename the temporary folder into
+           place (nothing partial is ever visible), and log the summary (columns, rows, NaN
+           counts) as a Prefect artifact.
+
+    Args:
+        snapshot: The lake dataset (``<lake>/dataset=<name>/asset=<id>/*.parquet``).
+        params: What to compute; defaults to :class:`FeatureParams`'s defaults.
+        fit_from: A training feature set whose regimes, normalisation and dropped channels are
+            reused (e.g. to transform test data with the training fit).
+
+    Returns:
+        A reference to ``<features_path>/<dataset>/<digest>/``.
+    """
+    params = params or FeatureParams()
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    with rt_mod.ensure() as rt:
+        settings = rt.settings
+        storage = settings.lake.storage_options or None
+        groups = ft.list_lake_files(snapshot.dataset_path, storage)
+        available = ft.read_schema_columns(next(iter(groups.values()))[0][0], storage)
+        fit = ft.load_fit(fit_from.path) if fit_from is not None else None
+        if fit is not None:
+            missing = [c for c in [*fit.kept, *(fit.op_columns if fit.n_regimes > 1 else [])]
+                       if c not in available]
+            if missing:
+                raise ConfigError(f"fit_from {fit_from.path} uses channel(s) {', '.join(missing)} "
+                                  f"that dataset {snapshot.dataset!r} lacks")
+            channels = fit.kept
+        else:
+            channels = resolve_channels(available, params)
+        op_columns = [c for c in contracts.OP_SETTINGS if c in available]
+        backend = ft.resolve_backend(params.backend, rt.cluster.mode if rt.cluster else None)
+        ft.array_module(backend)  # fail fast when CuPy is requested but missing
+
+        digest = ft.stage_digest(snapshot.digest, ft.lake_fingerprint(groups, snapshot.dataset_path, storage),
+                                 params, fit_from.params_digest if fit_from else None,
+                                 ft.code_version(__file__))
+        final = Path(settings.features_path) / snapshot.dataset / digest
+        manifest_path = final / ft.MANIFEST_FILE
+        if manifest_path.exists():
+            logger.info("features unchanged (digest %s): reusing %s", digest, final)
+            return FeatureSetRef.model_validate(json.loads(manifest_path.read_text())["ref"])
+
+        parts = ft.plan_partitions(groups, params.partition_bytes)
+        logger.info("features of %s: %d asset(s) in %d partition(s), %d channel(s), backend %s",
+                    snapshot.dataset, len(groups), len(parts), len(channels), backend)
+        if fit is None:
+            fit = ft.fit_task(parts, channels, op_columns, params, storage)
+        tmp = ft.new_temp_dir(final)
+        try:
+            summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage)
+            names = ft.feature_names(fit, params)
+            keys = [contracts.ASSET, contracts.TIME] + ([ft.LABEL] if params.label else [])
+            summary = ft.summarise(summaries, names, keys)
+            ref = FeatureSetRef(path=str(final), snapshot=snapshot, feature_columns=names,
+                                label_column=ft.LABEL if params.label else None,
+                                key_columns=[contracts.ASSET, contracts.TIME], rows=summary["rows"],
+                                params_digest=digest)
+            (tmp / ft.FIT_FILE).write_text(fit.model_dump_json(indent=1))
+            manifest = {"ref": ref.model_dump(mode="json"), "params": params.model_dump(mode="json"),
+                        "backend": backend, "summary": summary,
+                        "fit_from": fit_from.path if fit_from else None,
+                        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            # The manifest is written last: a folder without one is never treated as complete.
+            (tmp / ft.MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+            if not ft.publish(tmp, final):
+                logger.info("another run published %s first; using it", final)
+                return FeatureSetRef.model_validate(json.loads(manifest_path.read_text())["ref"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    seconds = time.perf_counter() - t0
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(_summary_markdown(ref, summary, fit, seconds), key=_artifact_key(snapshot.dataset),
+                             description=f"features of {snapshot.dataset}: columns, rows, NaN counts")
+    logger.info("features: %d rows, %d feature columns -> %s (%.1f s)", ref.rows, len(names), final, seconds)
+    return ref

@@ -1,0 +1,990 @@
+"""Feature engineering: per-asset window features, regime normalisation and the RUL label.
+
+Pure functions over pandas frames and an *array module* ``xp`` (``numpy`` on CPU, ``cupy`` on
+GPU workers), so one code path serves both. Every window kernel is vectorised over all rows and
+channels of a partition at once; Python loops run only over windows, doubling levels (log2 of the
+window) or EWM scan steps (log2 of the EWM horizon), never over rows or assets.
+
+A partition holds whole assets sorted by ``(asset_id, cycle)``; windows are clipped at the
+asset's first row, so they never cross assets. The stage is three passes over the lake, each a
+map over partitions on the Dask cluster whose results are small (a sample, moments, a summary):
+
+1. sample the operating settings and cluster them into regimes (k-means; ``auto`` picks k);
+2. per-regime moments of every channel -> per-regime mean/std and constant/all-NaN channels;
+3. normalise, compute window features and the label, write one Parquet file per partition.
+
+I/O sits at the edges (:func:`plan_partitions`, :func:`read_partition`, :func:`write_partition`);
+the thin Prefect ``@task`` wrappers at the bottom add logging and retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from twinflow import contracts
+from twinflow.errors import ConfigError
+
+log = logging.getLogger("twinflow.features")
+
+STATS = ("mean", "std", "min", "max", "slope")
+Stat = Literal["mean", "std", "min", "max", "slope"]
+# Parameters that change how the stage runs, not what it computes: excluded from the cache digest.
+EXECUTION_FIELDS = frozenset({"partition_bytes", "backend"})
+FIT_FILE = "_fit.json"
+MANIFEST_FILE = "_manifest.json"
+SINCE_START = "cycle_since_start"
+REGIME = "regime"
+LABEL = "rul"
+# EWM scan terms whose weight falls below this are dropped: below float64 resolution of the sum.
+_EWM_EPS = 1e-18
+
+
+class FeatureParams(BaseModel):
+    """What the features stage computes, validated before any work.
+
+    Attributes:
+        windows: Rolling window lengths in rows (cycles), each > 0.
+        stats: Rolling statistics per window and channel.
+        channels: Channels to use; None means every sensor channel (``s1..s21``) present.
+        ewm_spans: Spans of exponentially-weighted means (pandas ``ewm(span=...)``, adjust=True).
+        min_periods: Valid rows a window needs for a value (std and slope need 2); at most the
+            smallest window. With 1, the first rows of an asset get partial-window features.
+        regimes: Number of operating regimes (k-means on the operating settings), or ``"auto"``.
+        max_regimes: Largest k tried by ``auto``.
+        regime_tol: ``auto`` picks the smallest k whose k-means inertia is below this fraction
+            of the one-cluster inertia (discrete set points collapse to ~0; noise never does).
+        normalise: Standardise channels per regime (mean/std of the fit) before windowing.
+        drop_constant: Drop channels that are constant (within every regime) or all NaN.
+        constant_tol: Relative std below which a channel counts as constant.
+        label: Add the RUL label (run-to-failure data only; False e.g. for C-MAPSS test files).
+        rul_cap: Piecewise-linear cap of the label; None for no cap.
+        sample_rows: Rows of operating settings sampled to fit the regimes.
+        seed: Seed of the sampling and k-means.
+        partition_bytes: Target Parquet bytes per partition (whole assets are never split).
+        backend: Array module: ``auto`` (CuPy when the cluster mode is cuda), ``numpy``, ``cupy``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    windows: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 20, 30], min_length=1)
+    stats: list[Stat] = Field(default_factory=lambda: list(STATS))
+    channels: list[str] | None = None
+    ewm_spans: list[PositiveInt] = Field(default_factory=lambda: [10])
+    min_periods: PositiveInt = 1
+    regimes: PositiveInt | Literal["auto"] = "auto"
+    max_regimes: PositiveInt = 8
+    regime_tol: float = Field(1e-3, gt=0, lt=1)
+    normalise: bool = True
+    drop_constant: bool = True
+    constant_tol: float = Field(1e-6, ge=0)
+    label: bool = True
+    rul_cap: PositiveInt | None = 125
+    sample_rows: PositiveInt = 50_000
+    seed: int = 0
+    partition_bytes: PositiveInt = 32 * 2**20
+    backend: Literal["auto", "numpy", "cupy"] = "auto"
+
+    @field_validator("windows", "ewm_spans", "stats")
+    @classmethod
+    def _sorted_unique(cls, v: list) -> list:
+        return sorted(set(v), key=v.index) if v and isinstance(v[0], str) else sorted(set(v))
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("channels must name at least one channel (or be null for all)")
+        return v if v is None else list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _min_periods_fit(self) -> "FeatureParams":
+        if self.min_periods > min(self.windows):
+            raise ValueError(f"min_periods={self.min_periods} exceeds the smallest window "
+                             f"{min(self.windows)}")
+        return self
+
+    def digest_payload(self) -> dict[str, Any]:
+        """The parameters that determine the output (execution-only fields excluded)."""
+        return self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+
+
+class FitStats(BaseModel):
+    """Normalisation statistics of a training feature set, reused to transform other data.
+
+    Attributes:
+        channels: Channels considered (before dropping).
+        kept: Channels that become features, in order.
+        dropped: Dropped channel -> reason (``constant`` or ``all-NaN``).
+        op_columns: Operating settings used for regimes (constant ones are left out).
+        op_mean, op_scale: Standardisation of ``op_columns`` before clustering.
+        centroids: k-means centroids in standardised space; empty for a single regime.
+        mean, std: Per regime (outer) and kept channel (inner).
+        rows: Rows seen by the fit.
+    """
+
+    channels: list[str]
+    kept: list[str]
+    dropped: dict[str, str] = Field(default_factory=dict)
+    op_columns: list[str] = Field(default_factory=list)
+    op_mean: list[float] = Field(default_factory=list)
+    op_scale: list[float] = Field(default_factory=list)
+    centroids: list[list[float]] = Field(default_factory=list)
+    mean: list[list[float]] = Field(default_factory=list)
+    std: list[list[float]] = Field(default_factory=list)
+    normalised: bool = True
+    rows: int = 0
+
+    @property
+    def n_regimes(self) -> int:
+        return max(1, len(self.centroids))
+
+
+# ----------------------------------------------------------------------------------------------
+# Array module
+# ----------------------------------------------------------------------------------------------
+
+
+def array_module(name: str):
+    """Return ``numpy`` or ``cupy`` by name (``cupy`` raises ConfigError when not installed)."""
+    if name == "numpy":
+        return np
+    if name == "cupy":
+        try:
+            import cupy
+        except ImportError:
+            raise ConfigError("backend 'cupy' needs CuPy: pip install 'twinflow[gpu]'") from None
+        return cupy
+    raise ConfigError(f"unknown array backend {name!r}; use numpy or cupy")
+
+
+def resolve_backend(backend: str, cluster_mode: str | None) -> str:
+    """``auto`` -> ``cupy`` on a cuda cluster, else ``numpy``."""
+    if backend == "auto":
+        return "cupy" if cluster_mode == "cuda" else "numpy"
+    return backend
+
+
+def _to_numpy(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Window kernels (xp = numpy or cupy); arrays are (rows, channels), rows sorted by asset and time
+# ----------------------------------------------------------------------------------------------
+
+
+def group_bounds(codes, xp=np):
+    """Per row: index of its group's first row and its position within the group.
+
+    Args:
+        codes: (n,) integer group codes, equal codes contiguous.
+    """
+    n = codes.shape[0]
+    is_start = xp.ones(n, dtype=bool)
+    if n > 1:
+        is_start[1:] = codes[1:] != codes[:-1]
+    starts = xp.nonzero(is_start)[0]
+    gstart = starts[xp.cumsum(is_start) - 1]
+    pos = xp.arange(n) - gstart
+    return gstart, pos
+
+
+def group_ends(gstart, xp=np):
+    """Per row: index of its group's last row (from :func:`group_bounds`'s ``gstart``)."""
+    n = gstart.shape[0]
+    starts = xp.unique(gstart)
+    ends = xp.concatenate([starts[1:] - 1, xp.asarray([n - 1])])
+    return ends[xp.searchsorted(starts, gstart)]
+
+
+class _BlockPrefix:
+    """Prefix sums restarted every ``block`` rows, for window sums of windows <= ``block``.
+
+    A window spans at most two blocks, so its sum is ``P[i] - P[a-1] (+ total of a's block)``
+    with every term block-local: the rounding error is that of a sum of ~``block`` terms, not of
+    a prefix over the whole partition (which would cancel catastrophically for t^2 or y^2 sums).
+    """
+
+    def __init__(self, values, block: int, xp):
+        self.xp, self.block = xp, block
+        n = values.shape[0]
+        nb = max(1, -(-n // block))
+        pad = nb * block - n
+        if pad:
+            values = xp.concatenate([values, xp.zeros((pad,) + values.shape[1:], values.dtype)])
+        p = xp.cumsum(values.reshape((nb, block) + values.shape[1:]), axis=1)
+        self.totals = p[:, -1]
+        self.prefix = p.reshape((nb * block,) + values.shape[1:])
+        self.n = n
+
+    def window_sum(self, start, in_block_start, crosses, start_block):
+        """Sum over rows ``start..i`` for every row i (see :func:`_window_geometry`)."""
+        xp = self.xp
+        prev = self.prefix[start - 1]
+        prev = xp.where(in_block_start[:, None], 0.0, prev)
+        out = self.prefix[: self.n] - prev
+        return out + xp.where(crosses[:, None], self.totals[start_block], 0.0)
+
+
+def _window_geometry(gstart, w: int, block: int, xp):
+    idx = xp.arange(gstart.shape[0])
+    start = xp.maximum(idx - (w - 1), gstart)
+    start_block = start // block
+    return start, (start % block) == 0, start_block != (idx // block), start_block
+
+
+def _nan_where(cond, values, xp):
+    return xp.where(cond, xp.nan, values)
+
+
+def _sparse_levels(y, kmax: int, op, xp):
+    """levels[k][i] = op over rows i-2^k+1..i (NaN-ignoring), for k = 0..kmax."""
+    levels = [y]
+    for k in range(kmax):
+        s = 2**k
+        prev = levels[-1]
+        shifted = xp.empty_like(prev)
+        shifted[:s] = xp.nan
+        shifted[s:] = prev[:-s]
+        levels.append(op(prev, shifted))
+    return levels
+
+
+def _floor_log2(length, xp):
+    k = xp.floor(xp.log2(length.astype(xp.float64))).astype(xp.int64)
+    k = xp.where((2 ** (k + 1)) <= length, k + 1, k)
+    return xp.where((2**k) > length, k - 1, k)
+
+
+def _range_extreme(levels, start, w: int, op, xp):
+    """op over rows start[i]..i using sparse-table levels (two overlapping power-of-2 ranges)."""
+    n = start.shape[0]
+    idx = xp.arange(n)
+    length = idx - start + 1
+    kw = int(math.floor(math.log2(w)))
+    # Full windows (the bulk) share one level; short ones at asset starts are redone per level.
+    other = xp.minimum(start + 2**kw - 1, n - 1)
+    out = op(levels[kw], levels[kw][other])
+    short = xp.nonzero(length < 2**kw)[0]
+    if short.shape[0]:
+        ks = _floor_log2(length[short], xp)
+        for k in range(kw):
+            sel = short[ks == k]
+            if sel.shape[0]:
+                out[sel] = op(levels[k][sel], levels[k][start[sel] + 2**k - 1])
+    return out
+
+
+def rolling_features(y, t, gstart, windows: Sequence[int], stats: Sequence[str], min_periods: int,
+                     xp=np) -> dict[tuple[str, int], Any]:
+    """Rolling mean/std/min/max/slope per window over rows of the same asset.
+
+    Matches pandas ``groupby(asset).rolling(w, min_periods)`` (std with ddof=1); ``slope`` is
+    the least-squares slope of y against ``t`` over the window's valid rows. NaNs are skipped.
+
+    Args:
+        y: (n, c) float64 values, NaN for missing.
+        t: (n,) float64 time per row, relative to its asset's start (keeps t^2 sums small).
+        gstart: (n,) first row of each row's asset.
+        windows: Window lengths in rows.
+        stats: Subset of :data:`STATS`.
+        min_periods: Valid rows needed for a value.
+
+    Returns:
+        ``{(stat, window): (n, c) array}``.
+    """
+    n, c = y.shape
+    out: dict[tuple[str, int], Any] = {}
+    if n == 0:
+        return {(s, w): xp.empty((0, c)) for w in windows for s in stats}
+    valid = ~xp.isnan(y)
+    has_nan = not bool(valid.all())
+    shift = xp.nanmean(y, axis=0) if not bool((~valid).all()) else xp.zeros(c)
+    shift = xp.where(xp.isnan(shift), 0.0, shift)
+    yc = xp.where(valid, y - shift, 0.0)
+    need_sums = {"mean", "std", "slope"} & set(stats)
+    block = 1 << max(6, (max(windows) - 1).bit_length())
+    prefix: dict[str, _BlockPrefix] = {}
+    if need_sums:
+        prefix["y"] = _BlockPrefix(yc, block, xp)
+        tcol = t[:, None]
+        if "std" in stats:
+            prefix["yy"] = _BlockPrefix(yc * yc, block, xp)
+        if "slope" in stats:
+            prefix["ty"] = _BlockPrefix(yc * tcol, block, xp)
+            if has_nan:
+                m = valid.astype(xp.float64)
+                prefix["t"] = _BlockPrefix(m * tcol, block, xp)
+                prefix["tt"] = _BlockPrefix(m * tcol * tcol, block, xp)
+            else:
+                prefix["t"] = _BlockPrefix(tcol, block, xp)
+                prefix["tt"] = _BlockPrefix(tcol * tcol, block, xp)
+    if has_nan:
+        prefix["m"] = _BlockPrefix(valid.astype(xp.float64), block, xp)
+    minmax = {s for s in ("min", "max") if s in stats}
+    levels = {}
+    kmax = int(math.floor(math.log2(max(windows))))
+    if "min" in minmax:
+        levels["min"] = _sparse_levels(y, kmax, xp.fmin, xp)
+    if "max" in minmax:
+        levels["max"] = _sparse_levels(y, kmax, xp.fmax, xp)
+    idx = xp.arange(n)
+    for w in windows:
+        geo = _window_geometry(gstart, w, block, xp)
+        start = geo[0]
+        if has_nan:
+            cnt = prefix["m"].window_sum(*geo)
+        else:
+            cnt = (idx - start + 1).astype(xp.float64)[:, None]
+        too_few = cnt < min_periods
+        if need_sums:
+            sy = prefix["y"].window_sum(*geo)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                if "mean" in stats:
+                    out[("mean", w)] = _nan_where(too_few, sy / cnt + shift, xp)
+                if "std" in stats:
+                    syy = prefix["yy"].window_sum(*geo)
+                    var = xp.maximum(syy - sy * sy / cnt, 0.0) / (cnt - 1)
+                    out[("std", w)] = _nan_where(too_few | (cnt < 2), xp.sqrt(var), xp)
+                if "slope" in stats:
+                    st = prefix["t"].window_sum(*geo)
+                    stt = prefix["tt"].window_sum(*geo)
+                    sty = prefix["ty"].window_sum(*geo)
+                    den = cnt * stt - st * st
+                    bad = too_few | (cnt < 2) | (den <= 1e-12 * xp.maximum(cnt * stt, 1.0))
+                    out[("slope", w)] = _nan_where(bad, (cnt * sty - st * sy) / xp.where(bad, 1.0, den), xp)
+        for s in sorted(minmax):
+            op = xp.fmin if s == "min" else xp.fmax
+            out[(s, w)] = _nan_where(too_few, _range_extreme(levels[s], start, w, op, xp), xp)
+    return out
+
+
+def ewm_mean(y, pos, span: int, min_periods: int = 1, xp=np):
+    """Exponentially-weighted mean per asset, as pandas ``ewm(span=span, adjust=True).mean()``.
+
+    A log-step (Hillis-Steele) scan of ``S_i = x_i + beta * S_{i-1}``: step k adds the partial sum
+    ``2^k`` rows back, within the asset; steps stop once ``beta^(2^k)`` is below float64
+    resolution, so the cost is O(log horizon) vectorised passes, independent of asset length.
+
+    Args:
+        y: (n, c) values, NaN for missing (skipped, weights by position as pandas ignore_na=False).
+        pos: (n,) position of each row within its asset.
+        span: EWM span (alpha = 2 / (span + 1)).
+        min_periods: Valid rows seen so far that a value needs.
+    """
+    n, c = y.shape
+    if n == 0:
+        return xp.empty((0, c))
+    beta = 1.0 - 2.0 / (span + 1.0)
+    valid = ~xp.isnan(y)
+    shift = xp.nanmean(y, axis=0) if bool(valid.any()) else xp.zeros(c)
+    shift = xp.where(xp.isnan(shift), 0.0, shift)
+    num = xp.where(valid, y - shift, 0.0)
+    den = valid.astype(xp.float64)
+    cnt = den.copy()
+    max_pos = int(pos.max())
+    step = 1
+    while step <= max_pos:
+        factor = beta**step
+        ok = (pos >= step)[:, None]
+        if factor >= _EWM_EPS:
+            num = num + xp.where(ok, factor * _shift_down(num, step, xp), 0.0)
+            den = den + xp.where(ok, factor * _shift_down(den, step, xp), 0.0)
+        elif min_periods <= 1:
+            break
+        cnt = cnt + xp.where(ok, _shift_down(cnt, step, xp), 0.0)
+        step *= 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        res = num / den + shift
+    if min_periods > 1:
+        return _nan_where((den == 0) | (cnt < min_periods), res, xp)
+    return _nan_where(den == 0, res, xp)
+
+
+def _shift_down(a, s: int, xp):
+    out = xp.zeros_like(a)
+    out[s:] = a[:-s]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Regimes and normalisation statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_operating_settings(frame: pd.DataFrame, op_columns: Sequence[str], n: int,
+                              seed: int) -> np.ndarray:
+    """A uniform random sample of up to ``n`` rows of the operating settings (NaN rows dropped)."""
+    ops = frame[list(op_columns)].to_numpy(dtype=np.float64)
+    ops = ops[~np.isnan(ops).any(axis=1)]
+    if len(ops) <= n:
+        return ops
+    rng = np.random.default_rng(seed)
+    return ops[rng.choice(len(ops), size=n, replace=False)]
+
+
+def fit_regimes(sample: np.ndarray, op_columns: Sequence[str], params: FeatureParams
+                ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Standardise the operating settings and cluster them with k-means.
+
+    Returns:
+        ``(op_columns kept, op_mean, op_scale, centroids)``; constant settings are left out and
+        ``centroids`` is empty when one regime is chosen.
+    """
+    empty = (list(op_columns), np.zeros(len(op_columns)), np.ones(len(op_columns)), np.empty((0, 0)))
+    if params.regimes == 1 or len(sample) == 0 or not len(op_columns):
+        return empty
+    mean = sample.mean(axis=0)
+    scale = sample.std(axis=0)
+    use = scale > 1e-9 * np.maximum(np.abs(mean), 1.0)
+    if not use.any():
+        return [], np.zeros(0), np.ones(0), np.empty((0, 0))
+    cols = [c for c, u in zip(op_columns, use) if u]
+    mean, scale = mean[use], scale[use]
+    z = (sample[:, use] - mean) / scale
+    from sklearn.cluster import KMeans
+
+    def fit(k: int):
+        return KMeans(n_clusters=k, n_init=3, random_state=params.seed).fit(z)
+
+    if params.regimes == "auto":
+        distinct = len(np.unique(z.round(9), axis=0))
+        base = float(((z - z.mean(axis=0)) ** 2).sum())
+        chosen = None
+        for k in range(2, min(params.max_regimes, distinct) + 1):
+            km = fit(k)
+            if km.inertia_ <= params.regime_tol * base:
+                chosen = km
+                break
+        if chosen is None:
+            return cols, mean, scale, np.empty((0, 0))
+        km = chosen
+    else:
+        if params.regimes > len(z):
+            raise ConfigError(f"regimes={params.regimes} exceeds the {len(z)} sampled rows")
+        km = fit(params.regimes)
+    # Order regimes by their first coordinate so that ids are stable across refits.
+    centroids = km.cluster_centers_[np.lexsort(km.cluster_centers_.T[::-1])]
+    return cols, mean, scale, centroids
+
+
+def assign_regimes(ops, op_mean, op_scale, centroids, xp=np):
+    """Nearest-centroid regime per row (0 when there is a single regime)."""
+    n = ops.shape[0]
+    if centroids is None or len(centroids) == 0:
+        return xp.zeros(n, dtype=xp.int64)
+    z = (ops - xp.asarray(op_mean)) / xp.asarray(op_scale)
+    z = xp.where(xp.isnan(z), 0.0, z)
+    cent = xp.asarray(centroids)
+    d = ((z[:, None, :] - cent[None, :, :]) ** 2).sum(axis=2)
+    return xp.argmin(d, axis=1)
+
+
+def partition_moments(frame: pd.DataFrame, channels: Sequence[str], op_columns: Sequence[str],
+                      op_mean, op_scale, centroids) -> dict[str, np.ndarray]:
+    """Per-regime count/mean/M2 of each channel in one partition (combine with :func:`combine_moments`)."""
+    k = max(1, len(centroids))
+    y = frame[list(channels)].to_numpy(dtype=np.float64)
+    reg = assign_regimes(frame[list(op_columns)].to_numpy(dtype=np.float64), op_mean, op_scale,
+                         centroids) if len(centroids) else np.zeros(len(y), dtype=np.int64)
+    count = np.zeros((k, y.shape[1]))
+    mean = np.zeros((k, y.shape[1]))
+    m2 = np.zeros((k, y.shape[1]))
+    for r in range(k):
+        yr = y[reg == r]
+        cnt = (~np.isnan(yr)).sum(axis=0)
+        count[r] = cnt
+        if len(yr):
+            with np.errstate(invalid="ignore"), _quiet():
+                mu = np.nanmean(yr, axis=0)
+            mu = np.where(cnt > 0, mu, 0.0)
+            mean[r] = mu
+            m2[r] = np.nansum((yr - mu) ** 2, axis=0)
+    return {"count": count, "mean": mean, "m2": m2}
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def combine_moments(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Combine per-partition moments (Chan et al.'s parallel variance; stable for large offsets)."""
+    acc = None
+    for p in parts:
+        if acc is None:
+            acc = {k: v.copy() for k, v in p.items()}
+            continue
+        na, nb = acc["count"], p["count"]
+        n = na + nb
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = p["mean"] - acc["mean"]
+            frac = np.where(n > 0, nb / n, 0.0)
+            acc["mean"] = acc["mean"] + delta * frac
+            acc["m2"] = acc["m2"] + p["m2"] + np.where(n > 0, delta**2 * na * nb / n, 0.0)
+        acc["count"] = n
+    return acc
+
+
+def finalize_fit(moments: dict[str, np.ndarray], channels: Sequence[str], op_columns: Sequence[str],
+                 op_mean, op_scale, centroids, params: FeatureParams) -> FitStats:
+    """Per-regime mean/std and the channels to drop, from combined moments.
+
+    Raises:
+        ConfigError: when every channel is constant or all NaN.
+    """
+    count, mean, m2 = moments["count"], moments["mean"], moments["m2"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        std = np.sqrt(np.where(count > 1, m2 / (count - 1), 0.0))
+        total = count.sum(axis=0)
+        gmean = np.where(total > 0, (mean * count).sum(axis=0) / np.maximum(total, 1), 0.0)
+        gm2 = (m2 + count * (mean - gmean) ** 2).sum(axis=0)
+        gstd = np.sqrt(np.where(total > 1, gm2 / np.maximum(total - 1, 1), 0.0))
+    dropped: dict[str, str] = {}
+    for j, ch in enumerate(channels):
+        if total[j] == 0:
+            dropped[ch] = "all-NaN"
+            continue
+        if not params.drop_constant:
+            continue
+        # Normalised per regime, a channel that only moves with the regime carries nothing.
+        spread = std[:, j].max() if params.normalise else gstd[j]
+        if spread <= params.constant_tol * max(abs(gmean[j]), 1.0):
+            dropped[ch] = "constant"
+    if not params.drop_constant:
+        dropped = {k: v for k, v in dropped.items() if v == "all-NaN"}
+    kept = [c for c in channels if c not in dropped]
+    if not kept:
+        raise ConfigError("no usable channels: every channel is constant or all NaN "
+                          f"({', '.join(f'{c}={r}' for c, r in dropped.items())})")
+    keep_idx = [channels.index(c) for c in kept]
+    # A regime without data for a channel falls back to the channel's global statistics.
+    mean_k = np.where(count > 0, mean, gmean)[:, keep_idx]
+    std_k = np.where(count > 1, std, gstd)[:, keep_idx]
+    return FitStats(channels=list(channels), kept=kept, dropped=dropped, op_columns=list(op_columns),
+                    op_mean=[float(v) for v in op_mean], op_scale=[float(v) for v in op_scale],
+                    centroids=np.asarray(centroids).tolist() if len(centroids) else [],
+                    mean=mean_k.tolist(), std=std_k.tolist(), normalised=params.normalise,
+                    rows=int(count.sum(axis=0).max()) if count.size else 0)
+
+
+def identity_fit(channels: Sequence[str]) -> FitStats:
+    """A fit that keeps every channel unnormalised (no passes over the data needed)."""
+    return FitStats(channels=list(channels), kept=list(channels), mean=[[0.0] * len(channels)],
+                    std=[[1.0] * len(channels)], normalised=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-partition transform
+# ----------------------------------------------------------------------------------------------
+
+
+def feature_names(fit: FitStats, params: FeatureParams) -> list[str]:
+    """The model-input columns, in output order."""
+    names = [SINCE_START]
+    if fit.n_regimes > 1:
+        names.append(REGIME)
+    suffix = "_norm" if fit.normalised else ""
+    for ch in fit.kept:
+        names.append(f"{ch}{suffix}")
+        for w in params.windows:
+            names.extend(f"{ch}_{s}_{w}" for s in params.stats)
+        names.extend(f"{ch}_ewm_{span}" for span in params.ewm_spans)
+    return names
+
+
+def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, xp=np
+                     ) -> tuple[pd.DataFrame, np.ndarray]:
+    """Features of one partition of whole assets.
+
+    Args:
+        frame: Rows of whole assets with ``asset_id``, ``cycle``, the operating settings and the
+            fit's channels; any order (sorted here).
+        fit: Normalisation statistics (:func:`finalize_fit` or a training set's ``_fit.json``).
+        params: What to compute.
+        xp: Array module the kernels run on.
+
+    Returns:
+        ``(keys, features)``: a frame with ``asset_id``, ``cycle`` (and ``rul`` when
+        ``params.label``), and a float32 NumPy array (n_features, rows) in
+        :func:`feature_names` order, feature-major so each column is contiguous.
+    """
+    frame = frame.sort_values([contracts.ASSET, contracts.TIME], kind="stable")
+    frame = frame.drop_duplicates([contracts.ASSET, contracts.TIME], keep="last")
+    n = len(frame)
+    names = feature_names(fit, params)
+    codes = xp.asarray(pd.factorize(frame[contracts.ASSET], sort=False)[0])
+    cycle = xp.asarray(frame[contracts.TIME].to_numpy(dtype=np.int64))
+    gstart, pos = group_bounds(codes, xp) if n else (xp.zeros(0, dtype=xp.int64),) * 2
+    keys = pd.DataFrame({contracts.ASSET: frame[contracts.ASSET].astype(str).to_numpy(),
+                         contracts.TIME: frame[contracts.TIME].to_numpy(dtype=np.int32)})
+    out = np.empty((len(names), n), dtype=np.float32)
+    if n == 0:
+        if params.label:
+            keys[LABEL] = np.zeros(0, dtype=np.int32)
+        return keys, out
+    t = (cycle - cycle[gstart]).astype(xp.float64)
+    y = xp.asarray(frame[fit.kept].to_numpy(dtype=np.float64))
+    regime = None
+    if fit.n_regimes > 1:
+        ops = xp.asarray(frame[fit.op_columns].to_numpy(dtype=np.float64))
+        regime = assign_regimes(ops, fit.op_mean, fit.op_scale, fit.centroids, xp)
+    if fit.normalised:
+        mu = xp.asarray(fit.mean)
+        sd = xp.asarray(fit.std)
+        sd = xp.where(sd > 0, sd, 1.0)
+        r = regime if regime is not None else xp.zeros(n, dtype=xp.int64)
+        y = (y - mu[r]) / sd[r]
+    rolled = rolling_features(y, t, gstart, params.windows, params.stats, params.min_periods, xp)
+    ewms = {span: ewm_mean(y, pos, span, params.min_periods, xp) for span in params.ewm_spans}
+    row = 0
+    out[row] = _to_numpy(t)
+    row += 1
+    if regime is not None:
+        out[row] = _to_numpy(regime)
+        row += 1
+    for j in range(len(fit.kept)):
+        out[row] = _to_numpy(y[:, j])
+        row += 1
+        for w in params.windows:
+            for s in params.stats:
+                out[row] = _to_numpy(rolled[(s, w)][:, j])
+                row += 1
+        for span in params.ewm_spans:
+            out[row] = _to_numpy(ewms[span][:, j])
+            row += 1
+    assert row == len(names)
+    if params.label:
+        last = cycle[group_ends(gstart, xp)]
+        rul = last - cycle
+        if params.rul_cap is not None:
+            rul = xp.minimum(rul, params.rul_cap)
+        keys[LABEL] = _to_numpy(rul).astype(np.int32)
+    return keys, out
+
+
+# ----------------------------------------------------------------------------------------------
+# I/O edges
+# ----------------------------------------------------------------------------------------------
+
+
+def _fs(path: str, storage_options: dict | None = None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+
+
+def list_lake_files(dataset_path: str, storage_options: dict | None = None
+                    ) -> dict[str, list[tuple[str, int]]]:
+    """Parquet files of a lake dataset grouped by asset directory: ``{asset: [(path, bytes)]}``.
+
+    Raises:
+        ConfigError: when the dataset has no Parquet files.
+    """
+    fs, root = _fs(dataset_path, storage_options)
+    found = fs.glob(f"{root.rstrip('/')}/asset=*/*.parquet", detail=True)
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for path, info in sorted(found.items()):
+        asset_dir = path.rsplit("/", 2)[-2]
+        if Path(path).name.startswith((".", "_")):
+            continue
+        groups.setdefault(asset_dir.split("=", 1)[1], []).append((path, int(info.get("size", 0))))
+    if not groups:
+        raise ConfigError(f"no Parquet files under {dataset_path}/asset=*/; run the ingest stage first")
+    return groups
+
+
+def lake_fingerprint(groups: dict[str, list[tuple[str, int]]], dataset_path: str,
+                     storage_options: dict | None = None) -> str:
+    """Digest of the dataset's file listing (paths, sizes, modification times)."""
+    fs, _ = _fs(dataset_path, storage_options)
+    h = hashlib.sha256()
+    for asset in sorted(groups):
+        for path, size in groups[asset]:
+            try:
+                mtime = fs.info(path).get("mtime", "") if fs.protocol in ("file", ("file", "local")) \
+                    else fs.info(path).get("LastModified", "")
+            except Exception:  # noqa: BLE001 - a file vanishing shows as a changed fingerprint
+                mtime = "?"
+            h.update(f"{path}|{size}|{mtime}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def plan_partitions(groups: dict[str, list[tuple[str, int]]], target_bytes: int) -> list[list[str]]:
+    """Pack whole assets into partitions of about ``target_bytes`` of Parquet each."""
+    parts: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for asset in sorted(groups):
+        files = groups[asset]
+        asset_bytes = sum(b for _, b in files)
+        if current and size + asset_bytes > target_bytes:
+            parts.append(current)
+            current, size = [], 0
+        current.extend(p for p, _ in files)
+        size += asset_bytes
+    if current:
+        parts.append(current)
+    return parts
+
+
+def read_schema_columns(path: str, storage_options: dict | None = None) -> list[str]:
+    """Column names of one lake file."""
+    import pyarrow.parquet as pq
+
+    fs, p = _fs(path, storage_options)
+    with fs.open(p, "rb") as fh:
+        return list(pq.read_schema(fh).names)
+
+
+def read_partition(files: Sequence[str], columns: Sequence[str],
+                   storage_options: dict | None = None) -> pd.DataFrame:
+    """Read the given lake files (whole assets) into one frame with ``columns``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in files:
+        fs, p = _fs(path, storage_options)
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh, columns=list(columns)))
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    frame = table.to_pandas()
+    frame[contracts.ASSET] = frame[contracts.ASSET].astype(str)
+    return frame
+
+
+def write_partition(keys: pd.DataFrame, features: np.ndarray, names: Sequence[str], path: str) -> None:
+    """Write one partition's keys and feature matrix (feature-major) as a Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = [pa.array(keys[c].to_numpy()) for c in keys.columns]
+    arrays += [pa.array(features[i]) for i in range(len(names))]
+    table = pa.Table.from_arrays(arrays, names=[*keys.columns, *names])
+    pq.write_table(table, path)
+
+
+def nan_counts(keys: pd.DataFrame, features: np.ndarray, names: Sequence[str]) -> dict[str, int]:
+    """NaN count per output column."""
+    counts = {c: int(keys[c].isna().sum()) for c in keys.columns}
+    per_feature = np.isnan(features).sum(axis=1) if features.size else np.zeros(len(names), int)
+    counts.update({name: int(v) for name, v in zip(names, per_feature)})
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------
+# Partition jobs (run on Dask workers) and their drivers
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_job(frame: pd.DataFrame, op_columns: Sequence[str], n: int, seed: int) -> np.ndarray:
+    return sample_operating_settings(frame, op_columns, n, seed)
+
+
+def transform_job(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, backend: str,
+                  out_dir: str, index: int) -> dict[str, Any]:
+    """Compute one partition's features and write them; return its summary (rows, NaN counts)."""
+    xp = array_module(backend)
+    keys, feats = compute_features(frame, fit, params, xp)
+    names = feature_names(fit, params)
+    name = f"part-{index:05d}.parquet"
+    if len(keys):
+        write_partition(keys, feats, names, os.path.join(out_dir, name))
+    return {"file": name if len(keys) else None, "rows": len(keys),
+            "assets": int(keys[contracts.ASSET].nunique()) if len(keys) else 0,
+            "nan": nan_counts(keys, feats, names)}
+
+
+def stage_digest(snapshot_digest: str, lake_fp: str, params: FeatureParams,
+                 fit_from_digest: str | None, code: str) -> str:
+    """Cache key of a feature set: input snapshot, lake listing, parameters, fit source, code."""
+    payload = json.dumps({"snapshot": snapshot_digest, "lake": lake_fp, "params": params.digest_payload(),
+                          "fit_from": fit_from_digest, "code": code}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def code_version(*modules: Any) -> str:
+    """Digest of the source files of the given modules (this one always included)."""
+    h = hashlib.sha256()
+    for path in sorted({__file__, *(getattr(m, "__file__", m) for m in modules)}):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_fit(feature_set_path: str) -> FitStats:
+    """The fit stored beside a feature set.
+
+    Raises:
+        ConfigError: when the feature set has no ``_fit.json``.
+    """
+    path = Path(feature_set_path) / FIT_FILE
+    if not path.exists():
+        raise ConfigError(f"{feature_set_path} has no {FIT_FILE}; pass a feature set written by the "
+                          "features stage as fit_from")
+    return FitStats.model_validate_json(path.read_text())
+
+
+def summarise(parts: Sequence[dict[str, Any]], names: Sequence[str], key_columns: Sequence[str]
+              ) -> dict[str, Any]:
+    """Combine partition summaries: rows, assets, files and NaN count per column."""
+    rows = sum(p["rows"] for p in parts)
+    nan: dict[str, int] = {c: 0 for c in [*key_columns, *names]}
+    for p in parts:
+        for c, v in p["nan"].items():
+            nan[c] = nan.get(c, 0) + v
+    return {"rows": rows, "assets": sum(p["assets"] for p in parts),
+            "files": [p["file"] for p in parts if p["file"]], "nan_counts": nan,
+            "columns": [*key_columns, *names]}
+
+
+def new_temp_dir(final: Path) -> Path:
+    """A hidden sibling of ``final`` to write into before the atomic rename."""
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> bool:
+    """Rename ``tmp`` to ``final`` atomically; False (and ``tmp`` removed) if another run won."""
+    try:
+        os.rename(tmp, final)
+        return True
+    except OSError:
+        if (final / MANIFEST_FILE).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Drivers: run the partition jobs on the Dask cluster, collect only small results
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _dask() -> Iterator[Any]:
+    from distributed import Client
+
+    from twinflow import runtime
+
+    client = runtime.dask_client()
+    if isinstance(client, Client):
+        yield client
+    else:  # worker_client() on a Dask worker: a context manager that secedes while we wait
+        with client as c:
+            yield c
+
+
+def lake_frame(parts: Sequence[Sequence[str]], columns: Sequence[str], storage_options: dict | None = None):
+    """A dask DataFrame over the lake, one partition per group of whole assets."""
+    import dask.dataframe as dd
+
+    meta = pd.DataFrame({c: pd.Series(dtype=object if c == contracts.ASSET else
+                                      ("int32" if c == contracts.TIME else "float64"))
+                         for c in columns})
+    return dd.from_map(read_partition, [list(p) for p in parts], columns=list(columns),
+                       storage_options=storage_options, meta=meta, label="read-lake",
+                       enforce_metadata=False)
+
+
+def _run_per_partition(ddf, fn, *args: Any) -> list[Any]:
+    """``fn(partition, *args)`` for every partition on the cluster; gathers only the results."""
+    import dask
+
+    jobs = [dask.delayed(fn, pure=False)(part, *args) for part in ddf.to_delayed()]
+    with _dask() as client:
+        return client.gather(client.compute(jobs))
+
+
+def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_columns: Sequence[str],
+                   params: FeatureParams, storage_options: dict | None = None) -> FitStats:
+    """Passes 1-2 on the cluster: regimes from a sample of operating settings, then moments."""
+    if not params.normalise and not params.drop_constant and params.regimes == 1:
+        return identity_fit(channels)
+    op_columns = list(op_columns)
+    op_mean, op_scale, centroids = np.zeros(0), np.ones(0), np.empty((0, 0))
+    if params.regimes != 1 and op_columns:
+        per_part = max(1, -(-params.sample_rows // len(parts)))
+        import dask
+
+        ddf = lake_frame(parts, [contracts.ASSET, contracts.TIME, *op_columns], storage_options)
+        jobs = [dask.delayed(sample_job, pure=False)(p, op_columns, per_part, params.seed + i)
+                for i, p in enumerate(ddf.to_delayed())]
+        with _dask() as client:
+            samples = client.gather(client.compute(jobs))
+        sample = np.concatenate([s for s in samples if len(s)] or [np.empty((0, len(op_columns)))])
+        op_columns, op_mean, op_scale, centroids = fit_regimes(sample, op_columns, params)
+    if len(centroids) == 0:
+        op_columns, op_mean, op_scale = [], np.zeros(0), np.ones(0)
+    moments = _run_per_partition(
+        lake_frame(parts, [contracts.ASSET, contracts.TIME, *op_columns, *channels], storage_options),
+        partition_moments, list(channels), op_columns, op_mean, op_scale, centroids)
+    return finalize_fit(combine_moments(moments), list(channels), op_columns, op_mean, op_scale,
+                        centroids, params)
+
+
+def transform_and_write(parts: Sequence[Sequence[str]], fit: FitStats, params: FeatureParams,
+                        backend: str, out_dir: str, storage_options: dict | None = None
+                        ) -> list[dict[str, Any]]:
+    """Pass 3 on the cluster: features of every partition written under ``out_dir``."""
+    import dask
+
+    op_columns = fit.op_columns if fit.n_regimes > 1 else []
+    ddf = lake_frame(parts, [contracts.ASSET, contracts.TIME, *op_columns, *fit.kept], storage_options)
+    jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i)
+            for i, p in enumerate(ddf.to_delayed())]
+    with _dask() as client:
+        return client.gather(client.compute(jobs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefect tasks: coarse (one per pass), the fine-grained work is Dask tasks inside them
+# ----------------------------------------------------------------------------------------------
+
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="features-fit", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str], params: FeatureParams,
+             storage_options: dict | None = None) -> FitStats:
+    """Fit regimes and normalisation statistics over the lake partitions (passes 1-2)."""
+    from prefect import get_run_logger
+
+    fit = fit_statistics(parts, channels, op_columns, params, storage_options)
+    get_run_logger().info("fit: %d regime(s), kept %d channel(s), dropped %s", fit.n_regimes,
+                          len(fit.kept), fit.dropped or "none")
+    return fit
+
+
+@task(name="features-transform", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def transform_task(parts: list[list[str]], fit: FitStats, params: FeatureParams, backend: str,
+                   out_dir: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
+    """Compute and write the features of every partition into ``out_dir`` (pass 3)."""
+    from prefect import get_run_logger
+
+    # A retry starts from an empty directory: no file of a failed attempt survives.
+    for leftover in Path(out_dir).glob("part-*.parquet"):
+        leftover.unlink()
+    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options)
+    get_run_logger().info("features: %d rows in %d partition(s) on %s", sum(s["rows"] for s in summaries),
+                          len(summaries), backend)
+    return summaries
