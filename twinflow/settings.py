@@ -32,6 +32,13 @@ class LakeSettings(_Section):
     quarantine: str | None = Field(None, description="Root of quarantined rows and files.")
     features: str | None = Field(None, description="Root of feature datasets.")
     storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options.")
+    secret_options: dict[str, SecretStr] = Field(
+        default_factory=dict, description="fsspec options that are secrets (keys, tokens): masked in logs."
+    )
+
+    def fsspec_options(self) -> dict[str, str]:
+        """``storage_options`` plus the revealed ``secret_options``: pass this to fsspec, never log it."""
+        return {**self.storage_options, **{k: v.get_secret_value() for k, v in self.secret_options.items()}}
 
 
 class PrefectSettings(_Section):
