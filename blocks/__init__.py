@@ -1,1 +1,29 @@
-"""twinflow.blocks."""
+"""twinflow.blocks: twinflow's configuration as Prefect blocks (see :mod:`twinflow.blocks.config`).
+
+Importing this package registers nothing on a server; call :func:`register_block_types`
+(``twinflow blocks register``) once per Prefect server.
+"""
+
+from twinflow.blocks.config import (
+    BLOCK_TYPES,
+    DaskClusterBlock,
+    LakeBlock,
+    MlflowTrackingBlock,
+    TwinflowConfigBlock,
+    load_block,
+    register_block_types,
+    settings_from_block,
+    settings_from_blocks,
+)
+
+__all__ = [
+    "BLOCK_TYPES",
+    "DaskClusterBlock",
+    "LakeBlock",
+    "MlflowTrackingBlock",
+    "TwinflowConfigBlock",
+    "load_block",
+    "register_block_types",
+    "settings_from_block",
+    "settings_from_blocks",
+]
