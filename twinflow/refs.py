@@ -18,6 +18,9 @@ class FileRef(BaseModel):
     rows_written: int = 0
     rows_quarantined: int = 0
     status: str = "ingested"
+    lake_file: str | None = Field(
+        None, description="Stem of this source's Parquet files in the lake (asset=*/<lake_file>.parquet)."
+    )
 
 
 class LakeSnapshot(BaseModel):
