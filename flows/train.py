@@ -1,0 +1,188 @@
+"""The train stage flow: features in, an MLflow run and a gated registry version out."""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import flow
+
+from twinflow import runtime
+from twinflow.errors import ConfigError
+from twinflow.refs import FeatureSetRef, TrainResult
+from twinflow.runtime import TwinflowTaskRunner
+from twinflow.tasks.train import (
+    CHALLENGER,
+    CHAMPION,
+    RESIDUALS_ARTIFACT,
+    TrackingTarget,
+    TrainParams,
+    champion_version,
+    dataset_for_mlflow,
+    decide_promotion,
+    evaluate_task,
+    feature_digest,
+    get_trainer,
+    plot_feature_importance,
+    plot_learning_curve,
+    plot_pred_vs_true,
+    plot_residuals_per_asset,
+    search_task,
+)
+from twinflow.tracking import configure_mlflow, tracked_run
+
+log = logging.getLogger("twinflow.train")
+
+__all__ = ["train", "TrainParams"]
+
+
+def _check_inputs(features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None) -> None:
+    """Cheap checks before any cluster or tracking work."""
+    import fsspec
+
+    get_trainer(params.model)  # unknown name / missing torch
+    for ref, what in ((features, "features"), (test_features, "test_features")):
+        if ref is None:
+            continue
+        fs, root = fsspec.core.url_to_fs(ref.path)
+        if not fs.exists(root):
+            raise ConfigError(f"{what} dataset {ref.path} does not exist; run the features stage first")
+        if not ref.feature_columns:
+            raise ConfigError(f"{what} reference lists no feature_columns")
+    if features.label_column is None:
+        raise ConfigError(f"features {features.path} carry no label column; training needs labels")
+    if test_features is not None:
+        if sorted(test_features.feature_columns) != sorted(features.feature_columns):
+            raise ConfigError("test_features must have the same feature_columns as features")
+        if params.true_rul_path is None and test_features.label_column is None:
+            raise ConfigError("test_features need params.true_rul_path (the C-MAPSS RUL file) to be scored")
+    if params.true_rul_path is not None:
+        fs, root = fsspec.core.url_to_fs(params.true_rul_path)
+        if not fs.exists(root):
+            raise ConfigError(f"true_rul_path {params.true_rul_path} does not exist")
+
+
+@flow(name="train", task_runner=TwinflowTaskRunner(), validate_parameters=True)
+def train(features: FeatureSetRef, params: TrainParams | None = None,
+          test_features: FeatureSetRef | None = None) -> TrainResult:
+    """Train RUL models on a feature dataset, track everything in MLflow, gate the registry.
+
+    Steps:
+        1. Check params and input references (no cluster or tracking work yet); point MLflow at
+           the configured store (a tracking server that is down fails here, before any run).
+        2. Open the stage run (tagged with the Prefect flow-run id/URL), log the flattened params
+           and the input datasets (feature digest + lake snapshot digest and raw file hashes).
+        3. Search: ``params.n_trials`` trials as parallel Dask tasks, each a child run with
+           per-iteration metrics; early stopping on a by-asset validation split.
+        4. Evaluate the best model on the evaluation data (C-MAPSS test protocol when
+           ``test_features`` are given, else the validation assets): RMSE, MAE, PHM08 score,
+           bias; log plots, residuals (``evaluation/residuals.csv``) and the model with its
+           signature and input example.
+        5. Register the model version, alias it ``challenger``; score the current champion on
+           the same evaluation data; promote to ``champion`` only if better by
+           ``params.promotion_margin`` (the first model becomes champion); write the decision as
+           an MLflow table and a Prefect markdown artifact.
+
+    Args:
+        features: The training feature dataset (with labels).
+        params: Stage parameters; defaults to ``TrainParams()``.
+        test_features: Optional test feature dataset for the C-MAPSS protocol (with
+            ``params.true_rul_path``).
+
+    Returns:
+        The stage run id, the model URI, the registry version, its aliases and the eval metrics.
+    """
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact
+
+    params = params or TrainParams()
+    _check_inputs(features, params, test_features)
+    with runtime.ensure() as rt:
+        settings = rt.settings
+        experiment_id = configure_mlflow(settings)
+        name = settings.mlflow.registered_model
+        client = mlflow.MlflowClient()
+        with tracked_run(f"train-{params.model}", stage="train", params=params,
+                         tags={"twinflow.model": params.model}) as run:
+            run_id = run.info.run_id
+            # 2. lineage
+            digest = feature_digest(features)
+            snap = features.snapshot
+            mlflow.log_input(dataset_for_mlflow(features, digest), context="training",
+                             tags={"lake_snapshot_digest": snap.digest, "lake_batch_id": snap.batch_id,
+                                   "feature_params_digest": features.params_digest})
+            mlflow.set_tags({"twinflow.feature_digest": digest, "twinflow.lake_snapshot_digest": snap.digest})
+            lineage = {"features": features.model_dump(mode="json"), "feature_digest": digest}
+            if test_features is not None:
+                tdigest = feature_digest(test_features)
+                mlflow.log_input(dataset_for_mlflow(test_features, tdigest), context="evaluation",
+                                 tags={"lake_snapshot_digest": test_features.snapshot.digest})
+                lineage["test_features"] = test_features.model_dump(mode="json")
+                lineage["test_feature_digest"] = tdigest
+            mlflow.log_dict(lineage, "data/lineage.json")
+
+            # 3-4. trials on the cluster, best model evaluated
+            target = TrackingTarget(settings.mlflow_tracking_uri, experiment_id, run_id, settings.mlflow.registry_uri)
+            out = search_task.submit(features, params, test_features, target).result()
+            best = out.best
+            m = out.eval_metrics
+            metrics = {"eval_rmse": m["rmse"], "eval_mae": m["mae"], "eval_score": m["score"],
+                       "eval_bias": m["bias"], "eval_n": m["n"], "val_rmse": best.val_rmse,
+                       "best_iteration": float(best.best_iteration), "n_trials": float(len(out.trials)),
+                       "rows_train": float(out.rows_train), "rows_val": float(out.rows_val),
+                       "assets_train": float(out.assets_train), "assets_val": float(out.assets_val)}
+            mlflow.log_metrics(metrics)
+            for h in best.model.history:
+                mlflow.log_metrics({k: v for k, v in h.items() if k != "step"}, step=int(h["step"]))
+            mlflow.log_params({f"best.{k}": v for k, v in best.hparams.items()})
+            mlflow.set_tags({"twinflow.eval_set": out.eval_name, "twinflow.best_trial_run_id": best.run_id or "",
+                             "twinflow.device": getattr(best.model, "device", "cpu")})
+            mlflow.log_table(out.trials, "search/trials.json")
+            mlflow.log_text(out.residuals_csv, RESIDUALS_ARTIFACT)
+            mlflow.log_figure(plot_pred_vs_true(out.eval_true, out.eval_pred, f"{out.eval_name} (RMSE {m['rmse']:.2f})"),
+                              "plots/pred_vs_true.png")
+            mlflow.log_figure(plot_residuals_per_asset(out.eval_assets, out.eval_pred - out.eval_true),
+                              "plots/residuals_per_asset.png")
+            mlflow.log_figure(plot_learning_curve(best.model.history, best.best_iteration), "plots/learning_curve.png")
+            if out.importance:
+                mlflow.log_figure(plot_feature_importance(out.importance), "plots/feature_importance.png")
+                mlflow.log_dict(out.importance, "evaluation/feature_importance.json")
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+            info = best.model.log("model", out.example)
+            result = TrainResult(run_id=run_id, model_uri=info.model_uri, metrics=metrics)
+
+            # 5. registry and promotion gate
+            if params.use_registry:
+                incumbent = champion_version(client, name)
+                mv = mlflow.register_model(info.model_uri, name, tags={"twinflow.eval_set": out.eval_name})
+                client.set_registered_model_alias(name, CHALLENGER, mv.version)
+                champ_rmse, champ_err = None, None
+                if incumbent is not None:
+                    try:
+                        champ = evaluate_task.submit(f"models:/{name}/{incumbent.version}", features, params,
+                                                     test_features, settings.mlflow_tracking_uri).result()
+                        champ_rmse = champ["rmse"]
+                    except Exception as exc:  # the gate keeps the champion and records why
+                        champ_err = f"{exc.__class__.__name__}: {exc}"
+                        log.warning("champion v%s could not be scored: %s", incumbent.version, champ_err)
+                decision = decide_promotion(m["rmse"], champ_rmse, params.promotion_margin,
+                                            challenger_version=str(mv.version),
+                                            champion_version=None if incumbent is None else str(incumbent.version),
+                                            eval_set=out.eval_name, champion_error=champ_err)
+                if decision.promote:
+                    client.set_registered_model_alias(name, CHAMPION, mv.version)
+                mlflow.log_table(decision.table(), "promotion/decision.json")
+                mlflow.set_tags({"twinflow.promotion": "promoted" if decision.promote else "kept",
+                                 "twinflow.registered_version": str(mv.version)})
+                if champ_rmse is not None:
+                    mlflow.log_metric("champion_eval_rmse", champ_rmse)
+                create_markdown_artifact(decision.markdown(name), key="train-promotion",
+                                         description=f"promotion gate for {name} v{mv.version}")
+                aliases = sorted(client.get_model_version(name, mv.version).aliases)
+                result = result.model_copy(update={"registered_model": name, "version": str(mv.version),
+                                                   "aliases": aliases})
+        log.info("train: run %s, %s v%s %s, eval RMSE %.3f", run_id, name, result.version, result.aliases,
+                 m["rmse"])
+        return result
+
