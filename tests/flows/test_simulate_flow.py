@@ -1,0 +1,112 @@
+"""The simulate and generate flows on a real Prefect server, Dask cluster and MLflow store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from twinflow.refs import LakeSnapshot, SimulationResult
+from twinflow.tasks import twin
+
+pytestmark = pytest.mark.integration
+
+SMALL = dict(n_scenarios=8, batch_scenarios=3, n_assets=10, horizon=300, intervals=[100, 150],
+             thresholds=[20.0, 40.0], fan_units=50)
+
+
+def test_simulate_flow_reports_to_mlflow_and_prefect(runtime):
+    import mlflow
+    from prefect.client.orchestration import get_client
+
+    from twinflow.flows.simulate import ARTIFACT_KEY, simulate
+
+    params = twin.TwinParams(**SMALL)
+    result = simulate(params)
+    assert isinstance(result, SimulationResult)
+    names = [r["policy"] for r in result.policies]
+    assert names == ["run_to_failure", "fixed_k100", "fixed_k150", "predictive_rul20", "predictive_rul40"]
+    best = min(result.policies, key=lambda r: r["expected_cost"])
+    assert result.recommended_policy == best["policy"]
+    assert result.expected_cost == best["expected_cost"]
+    run = mlflow.get_run(result.run_id)
+    # No champion model in this fresh MLflow store: the stated Gaussian fallback error model.
+    assert run.data.tags["twinflow.rul_error_model"].startswith("gaussian: fallback")
+    assert run.data.tags["twinflow.recommended_policy"] == result.recommended_policy
+    assert run.data.metrics["calibration_ks"] <= 0.15
+    assert run.data.metrics[f"expected_cost.{best['policy']}"] == pytest.approx(best["expected_cost"])
+    assert run.data.params["n_scenarios"] == "8"
+    arts = {a.path for d in ("plots", "twin") for a in mlflow.MlflowClient().list_artifacts(result.run_id, d)}
+    assert {"plots/calibration_lifetimes.png", "plots/cost_vs_threshold.png", "plots/health_fan.png",
+            "twin/model.json", "twin/policies.json"} <= arts
+
+    async def read_artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    artifacts = [a for a in asyncio.run(read_artifacts()) if a.key == ARTIFACT_KEY]
+    assert artifacts and f"Recommended policy: `{result.recommended_policy}`" in artifacts[-1].data
+
+
+def test_results_identical_for_one_and_two_workers(runtime):
+    from distributed import Client, LocalCluster
+
+    model = twin.default_model()
+    params = twin.TwinParams(**SMALL)
+    pols = twin.build_policies(params.intervals, params.thresholds)
+    err = twin.RulErrorModel.gaussian(20.0)
+    two = twin.run_batches(runtime.cluster.client, model, pols, params, err)
+    assert len(runtime.cluster.client.scheduler_info(n_workers=-1)["workers"]) == 2
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        one = twin.run_batches(client, model, pols, params, err)
+    assert one.keys() == two.keys()
+    for k in one:
+        assert one[k].shape == (len(pols), params.n_scenarios)
+        assert np.array_equal(one[k], two[k]), k
+
+
+def test_generate_to_lake_and_calibrate_from_snapshot(runtime):
+    from twinflow.flows.simulate import calibrate_twin, generate
+    from twinflow.tasks.ingest import read_lake
+
+    snap = generate(twin.GenerateParams(n_assets=45, seed=2, dataset="fleet", chunk_assets=20))
+    assert isinstance(snap, LakeSnapshot) and len(snap.files) == 3
+    table = read_lake(snap)
+    assert table.num_rows == snap.rows
+    assert table.column("asset_id").unique().to_pylist() == [f"syn-{i:07d}" for i in range(45)]
+    # The same fleet, whatever the number of chunks per worker: chunking is fixed by chunk_assets.
+    direct = twin.generate_fleet(20, np.random.SeedSequence(2).spawn(3)[1], twin.default_model(), asset_offset=20)
+    got = table.to_pandas()
+    got = got[got.asset_id.isin(direct.column("asset_id").unique().to_pylist())].reset_index(drop=True)
+    assert np.allclose(got["s11"].to_numpy(), direct.column("s11").to_numpy())
+
+    model, report = calibrate_twin.fn(twin.TwinParams(), snap)
+    assert report.n_assets == 45 and not report.fallback
+    assert report.ks_statistic <= 0.25
+
+
+def test_no_run_to_failure_assets_error_or_fallback(runtime, tmp_path):
+    from twinflow.flows.simulate import calibrate_twin
+    from twinflow.tasks.ingest import write_lake_table
+
+    table = twin.generate_fleet(5, seed=1, source_file="landing/test_FD001.txt")
+    snap = write_lake_table(table, runtime.settings.lake_path, "test_fd001", "b1")
+    with pytest.raises(twin.NoRunToFailureData, match="no run-to-failure assets"):
+        calibrate_twin.fn(twin.TwinParams(), snap)
+    with pytest.warns(UserWarning, match="default parameters"):
+        model, report = calibrate_twin.fn(twin.TwinParams(on_no_run_to_failure="defaults"), snap)
+    assert report.fallback and report.excluded_assets == 5
+    assert model.source.startswith("default")
+
+
+def test_bad_params_fail_before_any_task_runs(runtime):
+    from prefect.exceptions import ParameterTypeError
+
+    from twinflow.flows.simulate import simulate
+
+    with pytest.raises(ParameterTypeError):
+        simulate(params={"n_scenarios": 0})
+    with pytest.raises(ParameterTypeError):
+        simulate(params={"costs": {"failure": -1}})
