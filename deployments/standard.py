@@ -6,7 +6,7 @@ deployment     flow        schedule (cron)       default parameters             
 ingest-hourly  ingest      ``0 * * * *``         landing = the configured landing folder  no
 retrain-nightly pipeline   ``30 1 * * *``        stages ingest, features, train           yes
 simulate-weekly simulate   ``0 4 * * 1``         the twin's default study                 yes
-pipeline       pipeline    on demand             the full pipeline (demo defaults)        yes
+pipeline       pipeline    on demand             all four stages on the landing folder    yes
 healthcheck    healthcheck on demand             4 probe tasks, MLflow on                 no
 ============== =========== ===================== ======================================== =======
 
@@ -59,15 +59,13 @@ def _ingest_params(settings: Settings) -> dict[str, Any]:
 
 
 def _pipeline_params(stages: list[str] | None) -> Callable[[Settings], dict[str, Any]]:
+    # The configured landing folder, not the demo data; no C-MAPSS test protocol (plant data has no
+    # RUL truth file). Operators edit the rest in the Prefect UI or with --param.
     def build(settings: Settings) -> dict[str, Any]:
-        import importlib
-
-        module = importlib.import_module("twinflow.flows.pipeline")
-        demo = getattr(module, "demo_params", None)
-        if demo is not None:
-            params = demo(settings, stages=stages) if stages else demo(settings)
-            return {"params": params.model_dump(mode="json")}
-        return _model_params("pipeline", settings, **({"stages": stages} if stages else {}))
+        values: dict[str, Any] = {"ingest": {"landing": settings.landing_path}, "test_dataset": None}
+        if stages:
+            values["stages"] = stages
+        return _model_params("pipeline", settings, **values)
 
     return build
 

@@ -1,0 +1,331 @@
+"""Scale-out path with real, separately started servers on loopback.
+
+A ``prefect server start`` process, a ``dask scheduler`` with two ``dask worker`` processes, and an
+``mlflow server`` whose backend store is PostgreSQL (a database created in a local cluster) with a
+local artifact root. twinflow runs in its own process configured only through the environment, the
+way an operator configures it (``PREFECT_API_URL``, ``TWINFLOW_DASK__MODE=address``,
+``TWINFLOW_MLFLOW__TRACKING_URI=http://…``); results are then checked through each server's API.
+
+It runs the ``healthcheck`` flow (Prefect tasks on the external Dask workers, logging to MLflow)
+and, when ``twinflow.flows.pipeline`` is importable, the pipeline too.
+
+PostgreSQL: ``SCALEOUT_POSTGRES_URL`` (as printed by ``.ci/postgres.sh``) is used when set;
+otherwise a private cluster is started with ``.ci/postgres.sh`` in a temp dir. Without PostgreSQL
+binaries the test is skipped, unless ``CI`` is set: then it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pg_bindir() -> Path | None:
+    for d in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (d / "initdb").exists() and (d / "pg_ctl").exists():
+            return d
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 150.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"{url} process exited ({proc.returncode}): {log.read_text()[-1500:]}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} not healthy after {timeout:.0f}s: {log.read_text()[-1500:]}")
+
+
+class _Procs:
+    """Processes this test starts (each in its own session), stopped by pid at the end."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+        log = self.logdir / f"{name}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A fresh database in a PostgreSQL cluster on 127.0.0.1 (``postgresql+psycopg2://…``)."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    base = os.environ.get("SCALEOUT_POSTGRES_URL")
+    datadir = None
+    if not base:
+        bindir = _pg_bindir()
+        if bindir is None:
+            msg = ("PostgreSQL binaries (initdb, pg_ctl) not found: install postgresql or run "
+                   "`eval \"$(.ci/postgres.sh)\"` before the tests")
+            if os.environ.get("CI"):
+                pytest.fail(msg)
+            pytest.skip(msg)
+        # mkdtemp directly under /tmp: the postgres user must be able to reach the data dir.
+        datadir = tempfile.mkdtemp(prefix="twinflow-scaleout-pg-")
+        env = {**os.environ, "SCALEOUT_PGDATA": datadir, "SCALEOUT_PGPORT": str(_free_port()),
+               "SCALEOUT_PG_NO_INSTALL": "1"}
+        out = subprocess.run(["bash", str(REPO / ".ci" / "postgres.sh")], env=env, capture_output=True,
+                             text=True, timeout=120)
+        if out.returncode != 0:
+            pytest.fail(f".ci/postgres.sh failed ({out.returncode}): {out.stderr[-1500:]}")
+        base = next(line.split("=", 1)[1] for line in out.stdout.splitlines()
+                    if line.startswith("export SCALEOUT_POSTGRES_URL="))
+    dbname = f"twinflow_scaleout_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(base)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{dbname}"')
+    server = base.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1)
+    try:
+        yield f"{server}/{dbname}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        conn.close()
+        if datadir:
+            cmd = [str(_pg_bindir() / "pg_ctl"), "-D", datadir, "-m", "fast", "-w", "stop"]
+            if os.geteuid() == 0:
+                cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            subprocess.run(cmd, capture_output=True, timeout=60)
+            shutil.rmtree(datadir, ignore_errors=True)
+
+
+HEALTHCHECK = r"""
+import json
+from twinflow import runtime
+from twinflow.settings import get_settings
+from twinflow.deployments.healthcheck import healthcheck, HealthcheckParams
+
+with runtime.start(get_settings()) as rt:
+    assert rt.cluster.mode == "address" and rt.prefect.owned is False
+    report = healthcheck(HealthcheckParams(partitions=4))
+print("RESULT " + report.model_dump_json())
+"""
+
+# The pipeline on the bundled FD001 data, sized down so that the test stays around two minutes.
+PIPELINE = r"""
+import json
+from twinflow import runtime
+from twinflow.settings import get_settings
+from twinflow.flows.pipeline import demo_params, pipeline
+
+settings = get_settings()
+params = demo_params(settings)
+data = params.model_dump()
+data["train"].update(n_trials=2, max_iter=60)
+data["features"].update(windows=[5, 10])
+data["simulate"].update(n_scenarios=40, n_assets=30, horizon=400, batch_scenarios=20)
+params = type(params).model_validate(data)
+with runtime.start(settings) as rt:
+    assert rt.cluster.mode == "address" and rt.prefect.owned is False
+    result = pipeline(params)
+print("RESULT " + result.model_dump_json())
+"""
+
+
+class ScaleOut:
+    """The three separately started services and the environment that points twinflow at them."""
+
+    def __init__(self, tmp: Path, postgres_url: str):
+        self.tmp = tmp
+        self.postgres_url = postgres_url
+        self.procs = _Procs(tmp)
+        self.prefect_url = ""
+        self.mlflow_url = ""
+        self.address = ""
+        self.client = None
+        self.env: dict[str, str] = {}
+
+    def run(self, script: str, timeout: float = 300) -> dict:
+        """Run a twinflow script in its own process against the services; return its RESULT json."""
+        run = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
+                             timeout=timeout, cwd=self.tmp)
+        assert run.returncode == 0, f"twinflow failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+        line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
+        return json.loads(line[len("RESULT "):])
+
+    def mlflow_runs(self, filter_string: str = "") -> list[dict]:
+        import httpx
+
+        exp = httpx.get(f"{self.mlflow_url}/api/2.0/mlflow/experiments/get-by-name", timeout=10,
+                        params={"experiment_name": "twinflow"}).json()["experiment"]
+        body = {"experiment_ids": [exp["experiment_id"]], "max_results": 1000}
+        if filter_string:
+            body["filter"] = filter_string
+        return httpx.post(f"{self.mlflow_url}/api/2.0/mlflow/runs/search", json=body, timeout=10).json().get("runs", [])
+
+
+@pytest.fixture(scope="module")
+def scale_out(postgres_url, tmp_path_factory):
+    """Start ``prefect server``, ``dask scheduler`` + 2 ``dask worker`` and ``mlflow server`` (PostgreSQL)."""
+    from distributed import Client
+
+    tmp = tmp_path_factory.mktemp("scale-out")
+    base_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("TWINFLOW_", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
+    base_env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
+                     "DO_NOT_TRACK": "true", "PYTHONUNBUFFERED": "1"})
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    so = ScaleOut(tmp, postgres_url)
+    so.prefect_url = f"http://127.0.0.1:{prefect_port}/api"
+    so.mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    scheduler_file = tmp / "scheduler.json"
+    home = tmp / "twinflow-home"
+    bindir = Path(sys.executable).parent
+    with ExitStack() as stack:
+        stack.callback(so.procs.stop)
+        # All three start in parallel; each is then waited for.
+        prefect_env = {**base_env, "PREFECT_HOME": str(tmp / "prefect-server"),
+                       "PREFECT_API_DATABASE_CONNECTION_URL":
+                           f"sqlite+aiosqlite:///{tmp / 'prefect-server' / 'prefect.db'}"}
+        prefect_proc, prefect_log = so.procs.spawn(
+            "prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                        "--port", str(prefect_port), "--no-late-runs"], prefect_env)
+        mlflow_proc, mlflow_log = so.procs.spawn(
+            "mlflow", [str(bindir / "mlflow"), "server", "--backend-store-uri", postgres_url,
+                       "--artifacts-destination", str(tmp / "mlartifacts"), "--host", "127.0.0.1",
+                       "--port", str(mlflow_port), "--workers", "1"], base_env)
+        sched_proc, sched_log = so.procs.spawn(
+            "dask-scheduler", [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                               "--no-dashboard", "--scheduler-file", str(scheduler_file)], base_env)
+        worker_env = {**base_env, "PREFECT_API_URL": so.prefect_url, "MLFLOW_TRACKING_URI": so.mlflow_url,
+                      "PREFECT_HOME": str(tmp / "prefect-workers"), "TWINFLOW_HOME": str(home)}
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert sched_proc.poll() is None, sched_log.read_text()[-1500:]
+            assert time.monotonic() < deadline, "dask scheduler wrote no scheduler file"
+            time.sleep(0.2)
+        for name in ("w1", "w2"):
+            so.procs.spawn(f"dask-worker-{name}",
+                           [str(bindir / "dask"), "worker", "--scheduler-file", str(scheduler_file), "--name", name,
+                            "--nthreads", "1", "--nworkers", "1", "--memory-limit", "3GiB", "--no-dashboard"],
+                           worker_env)
+        so.address = json.loads(scheduler_file.read_text())["address"]
+        so.client = stack.enter_context(Client(so.address, timeout=30))
+        so.client.wait_for_workers(2, timeout=90)
+        _wait_http(f"{so.prefect_url}/health", prefect_proc, prefect_log)
+        _wait_http(f"{so.mlflow_url}/health", mlflow_proc, mlflow_log)
+        so.env = {**base_env, "PREFECT_API_URL": so.prefect_url, "PREFECT_HOME": str(tmp / "prefect-client"),
+                  "PREFECT_LOGGING_LEVEL": "WARNING", "TWINFLOW_HOME": str(home),
+                  "TWINFLOW_DASK__MODE": "address", "TWINFLOW_DASK__ADDRESS": so.address,
+                  "TWINFLOW_MLFLOW__TRACKING_URI": so.mlflow_url, "MLFLOW_TRACKING_URI": so.mlflow_url}
+        yield so
+
+
+def test_flow_on_separate_prefect_dask_and_mlflow_postgres(scale_out):
+    """Prefect tasks run on the external workers, report to the separate API, log to MLflow+PostgreSQL."""
+    import httpx
+    import pandas as pd
+    import psycopg2
+
+    from twinflow.data import cmapss_path
+
+    so = scale_out
+    report = so.run(HEALTHCHECK)
+
+    # Dask: the work ran on the two external workers.
+    workers = {w["id"]: addr for addr, w in so.client.scheduler_info(n_workers=-1)["workers"].items()}
+    assert set(workers) == {"w1", "w2"}
+    assert report["workers"] and set(report["workers"]) <= set(workers.values())
+    prefixes = so.client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert any("probe" in p for p in prefixes), prefixes
+    frame = pd.read_csv(cmapss_path("train_FD001.txt.gz"), sep=r"\s+", header=None, usecols=[0])
+    assert report["rows"] == len(frame) and report["units"] == frame[0].nunique()
+
+    # Prefect: the flow run and its task runs (reported from the workers) completed on that server.
+    flow_run_id = report["prefect_flow_run_id"]
+    assert flow_run_id
+    fr = httpx.get(f"{so.prefect_url}/flow_runs/{flow_run_id}", timeout=10).json()
+    assert fr["state_type"] == "COMPLETED", fr["state"]
+    trs = httpx.post(f"{so.prefect_url}/task_runs/filter", timeout=10,
+                     json={"flow_runs": {"id": {"any_": [flow_run_id]}}}).json()
+    probes = [t for t in trs if t["name"].startswith("probe-partition")]
+    assert len(probes) == 4 and all(t["state_type"] == "COMPLETED" for t in probes)
+
+    # MLflow: the run is on the tracking server, tagged with the Prefect flow run, stored in PostgreSQL.
+    runs = so.mlflow_runs(f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    assert [r["info"]["run_id"] for r in runs] == [report["mlflow_run_id"]]
+    assert runs[0]["info"]["status"] == "FINISHED"
+    metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+    assert metrics["rows"] == len(frame)
+    with psycopg2.connect(so.postgres_url.replace("postgresql+psycopg2://", "postgresql://", 1)) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (report["mlflow_run_id"],))
+            assert cur.fetchone() == ("FINISHED",)
+
+
+def test_pipeline_on_separate_prefect_dask_and_mlflow_postgres(scale_out):
+    """The pipeline (ingest → features → train → simulate) against the three separate services."""
+    import httpx
+
+    pytest.importorskip("twinflow.flows.pipeline", reason="the pipeline flow is not available yet")
+    so = scale_out
+    result = so.run(PIPELINE, timeout=360)
+
+    pipeline_runs = httpx.post(f"{so.prefect_url}/flow_runs/filter", timeout=10,
+                               json={"flows": {"name": {"any_": ["pipeline"]}}}).json()
+    assert len(pipeline_runs) == 1 and pipeline_runs[0]["state_type"] == "COMPLETED"
+    failed = httpx.post(f"{so.prefect_url}/flow_runs/filter", timeout=10,
+                        json={"flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}}}).json()
+    assert failed == []
+
+    runs = so.mlflow_runs()
+    by_id = {r["info"]["run_id"]: r for r in runs}
+    assert result["mlflow_run_id"] in by_id
+    assert all(r["info"]["status"] == "FINISHED" for r in runs), [r["info"]["status"] for r in runs]
+    stages = {t["value"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "twinflow.stage"}
+    assert {"pipeline", "train", "simulate"} <= stages, stages
+    assert result["train"]["run_id"] in by_id and result["simulate"]["run_id"] in by_id
+    # The registered model lives in the PostgreSQL-backed registry of that server.
+    name = result["train"]["registered_model"]
+    versions = httpx.get(f"{so.mlflow_url}/api/2.0/mlflow/model-versions/search", timeout=10,
+                         params={"filter": f"name='{name}'"}).json().get("model_versions", [])
+    assert any(v["version"] == result["train"]["version"] for v in versions), versions
