@@ -126,6 +126,10 @@ def run(
     from twinflow.flows.pipeline import run_stage
     from twinflow.settings import get_settings
 
+    from twinflow.flows.pipeline import STAGES
+
+    if stage not in (*STAGES, "pipeline"):
+        raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join((*STAGES, 'pipeline'))}")
     settings = get_settings()
     overrides = _parse_params(param)
     if landing:
@@ -238,6 +242,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if debug:
             console.print_exception()
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if len(msg) > 400 and not debug:
+            msg = msg[:400] + " ..."
         kind = "error" if isinstance(exc, TwinflowError) else f"error ({exc.__class__.__name__})"
         Console(stderr=True).print(f"[bold red]{kind}:[/] {msg}" + ("" if debug else "  [dim](--debug for details)[/]"))
         sys.exit(2 if isinstance(exc, ConfigError) else 1)

@@ -202,9 +202,9 @@ def acquire_server(settings: Settings) -> PrefectServer:
 def _flush_prefect_logs() -> None:
     # Log records are shipped to the API in the background; send them before the API goes away.
     try:
-        from prefect.logging.handlers import APILogHandler
+        from prefect.logging.handlers import APILogWorker
 
-        APILogHandler.flush()
+        APILogWorker.drain_all(timeout=5)
     except Exception:  # pragma: no cover - nothing to flush / worker not started
         pass
 

@@ -37,6 +37,7 @@ __all__ = [
     "ensure",
     "start",
     "dask_client",
+    "using_dask",
     "gpu_count",
     "has_dask_cuda",
     "resolve_mode",
@@ -209,3 +210,20 @@ def dask_client():
 
     # worker_client secedes from the worker's thread pool while we wait on sub-tasks.
     return worker_client()
+
+
+@contextmanager
+def using_dask() -> Iterator["distributed.Client"]:  # noqa: F821
+    """Context-manager form of :func:`dask_client`, the same code in the flow process and on a worker.
+
+    On a worker it enters ``worker_client()`` (seceding while sub-tasks run); elsewhere it yields
+    the runtime's client and leaves it open (it belongs to the runtime).
+    """
+    from distributed import Client
+
+    client = dask_client()
+    if isinstance(client, Client):
+        yield client
+    else:
+        with client as c:
+            yield c

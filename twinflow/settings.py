@@ -47,7 +47,7 @@ class PrefectSettings(_Section):
     api_url: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
-    start_timeout: float = Field(90.0, gt=0)
+    start_timeout: float = Field(180.0, gt=0)
 
 
 class DaskSettings(_Section):

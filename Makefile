@@ -1,0 +1,22 @@
+# The two commands of the README. Each does its own set-up from a clean clone.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test venv
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Install twinflow (core only) and run the whole pipeline on the embedded defaults.
+demo: $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/twinflow demo
+
+# Install twinflow with the test tools, start PostgreSQL for the scale-out test, run the tests.
+test: $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The CPU build of PyTorch (a local wheel on these machines) for the sequence-model tests.
+	$(BIN)/python -m pip install -q 'torch==2.13.0' || echo 'torch unavailable: sequence-model tests will skip'
+	eval "$$(bash .ci/postgres.sh)" && $(BIN)/python -m pytest

@@ -1,0 +1,234 @@
+"""The parent flow: ingest → features → train → simulate, passing references only.
+
+Each stage is its own flow (``twinflow.flows.<stage>``) and can run alone; this flow chains them,
+hands each the previous stage's reference (lake snapshot, feature dataset path, MLflow model URI)
+and opens the MLflow parent run under which every stage's run nests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from twinflow import runtime
+from twinflow.errors import ConfigError
+from twinflow.flows.features import features
+from twinflow.flows.ingest import ingest
+from twinflow.flows.simulate import generate, simulate
+from twinflow.flows.train import train
+from twinflow.refs import FeatureSetRef, LakeSnapshot, SimulationResult, TrainResult
+from twinflow.settings import Settings, get_settings
+from twinflow.tasks.features import FeatureParams
+from twinflow.tasks.ingest import IngestParams, IngestResult
+from twinflow.tasks.train import TrainParams
+from twinflow.tasks.twin import GenerateParams, TwinParams
+from twinflow.tracking import tracked_run
+
+Stage = Literal["ingest", "features", "train", "simulate"]
+STAGES: tuple[Stage, ...] = ("ingest", "features", "train", "simulate")
+
+
+class PipelineParams(BaseModel):
+    """Parameters of the whole pipeline: one model per stage plus which datasets feed which stage.
+
+    Attributes:
+        ingest: Ingest parameters (the landing folder).
+        train_dataset: Lake dataset of run-to-failure telemetry (features with labels, training,
+            twin calibration).
+        test_dataset: Optional lake dataset evaluated with the C-MAPSS test protocol (features
+            transformed with the training fit; needs ``train.true_rul_path``).
+        features: Feature parameters (``label`` is forced off for the test dataset).
+        train: Training parameters.
+        simulate: Digital-twin policy study parameters.
+        stages: Stages to run; each needs the ones before it (ingest is incremental, so re-running
+            it over an unchanged landing folder reads nothing).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ingest: IngestParams
+    train_dataset: str = "train_fd001"
+    test_dataset: str | None = "test_fd001"
+    features: FeatureParams = Field(default_factory=FeatureParams)
+    # Window statistics (std, slope) are undefined on an asset's first cycle: drop those rows
+    # from training rather than reject the whole dataset.
+    train: TrainParams = Field(default_factory=lambda: TrainParams(nan_policy="drop"))
+    simulate: TwinParams = Field(default_factory=TwinParams)
+    stages: list[Stage] = Field(default_factory=lambda: list(STAGES))
+
+    @model_validator(mode="after")
+    def _prefix_closed(self) -> "PipelineParams":
+        wanted = [s for s in STAGES if s in self.stages]
+        if wanted != list(STAGES[: len(wanted)]):
+            raise ValueError(f"stages must be a prefix of {list(STAGES)} (each needs the ones before it), "
+                             f"got {self.stages}")
+        return self
+
+
+class PipelineResult(BaseModel):
+    """References produced by one pipeline run."""
+
+    mlflow_run_id: str
+    ingest: IngestResult | None = None
+    features: FeatureSetRef | None = None
+    test_features: FeatureSetRef | None = None
+    train: TrainResult | None = None
+    simulate: SimulationResult | None = None
+
+    def summaries(self) -> dict[str, str]:
+        """One line per stage that ran, for the CLI."""
+        out: dict[str, str] = {}
+        if self.ingest is not None:
+            i = self.ingest
+            out["ingest"] = (f"{i.rows_read:,} rows read, {i.rows_written:,} to the lake, "
+                             f"{i.rows_quarantined:,} quarantined; {i.unchanged} file(s) unchanged; "
+                             f"datasets: {', '.join(sorted(i.snapshots))}")
+        if self.features is not None:
+            f = self.features
+            out["features"] = f"{f.rows:,} rows x {len(f.feature_columns)} features at {f.path}"
+        if self.test_features is not None:
+            out["features (test)"] = f"{self.test_features.rows:,} rows at {self.test_features.path}"
+        if self.train is not None:
+            t = self.train
+            metrics = ", ".join(f"{k}={v:.2f}" for k, v in sorted(t.metrics.items()) if "rmse" in k or "score" in k)
+            out["train"] = (f"{t.registered_model} v{t.version} aliases={t.aliases} {metrics} "
+                            f"(MLflow run {t.run_id})")
+        if self.simulate is not None:
+            s = self.simulate
+            out["simulate"] = (f"recommended policy: {s.recommended_policy} "
+                               f"(expected cost {s.expected_cost:,.0f}; MLflow run {s.run_id})")
+        return out
+
+
+def _snapshot(result: IngestResult, dataset: str) -> LakeSnapshot:
+    try:
+        return result.snapshots[dataset]
+    except KeyError:
+        raise ConfigError(f"dataset {dataset!r} is not in the lake after ingest; available: "
+                          f"{', '.join(sorted(result.snapshots)) or 'none'}") from None
+
+
+@flow(name="pipeline", task_runner=runtime.TwinflowTaskRunner(), validate_parameters=True)
+def pipeline(params: PipelineParams) -> PipelineResult:
+    """Run the predictive-maintenance pipeline end to end.
+
+    Steps:
+        1. ``ingest``: landing files → validated, partitioned Parquet lake (+ quarantine).
+        2. ``features``: training dataset → window features with the RUL label; the test dataset
+           (if any) is transformed with the training fit.
+        3. ``train``: trials on the Dask cluster, tracked in MLflow; the model is registered and
+           promoted to ``champion`` only if it beats the current one.
+        4. ``simulate``: the fleet twin is calibrated on the training dataset and the maintenance
+           policies are compared, using the champion's measured error.
+
+    Args:
+        params: One parameter model per stage.
+
+    Returns:
+        The references every stage produced and the MLflow parent run id.
+    """
+    logger = get_run_logger()
+    with runtime.ensure() as rt:
+        with tracked_run("pipeline", stage="pipeline",
+                         params={"stages": ",".join(params.stages), "train_dataset": params.train_dataset,
+                                 "test_dataset": params.test_dataset}) as run:
+            result = PipelineResult(mlflow_run_id=run.info.run_id)
+            result.ingest = ingest(params.ingest)
+            train_snap = _snapshot(result.ingest, params.train_dataset)
+            if "features" in params.stages:
+                result.features = features(train_snap, params.features)
+                if params.test_dataset:
+                    test_snap = _snapshot(result.ingest, params.test_dataset)
+                    result.test_features = features(
+                        test_snap, params.features.model_copy(update={"label": False}), fit_from=result.features)
+            if "train" in params.stages:
+                result.train = train(result.features, params.train, test_features=result.test_features)
+            if "simulate" in params.stages:
+                result.simulate = simulate(params.simulate, snapshot=train_snap)
+            logger.info("pipeline finished: %s", result.summaries())
+            del rt
+            return result
+
+
+def demo_params(settings: Settings, stages: list[str] | None = None) -> PipelineParams:
+    """Pipeline parameters for ``twinflow demo``: the bundled C-MAPSS FD001 files as landing folder.
+
+    The bundled files are copied into ``<home>/landing/cmapss`` (only when missing or different),
+    so the demo reads a landing folder exactly as a plant's would be.
+    """
+    import shutil
+
+    from twinflow.data import cmapss_path
+
+    landing = Path(settings.landing_path) / "cmapss"
+    landing.mkdir(parents=True, exist_ok=True)
+    for name in ("train_FD001.txt.gz", "test_FD001.txt.gz"):
+        src, dst = cmapss_path(name), landing / name
+        if not dst.exists() or dst.read_bytes() != src.read_bytes():
+            tmp = dst.with_suffix(".tmp-copy")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)  # atomic: ingest never sees a half-copied file
+    return PipelineParams(
+        ingest=IngestParams(landing=str(landing)),
+        train=TrainParams(true_rul_path=str(cmapss_path("RUL_FD001.txt.gz")), nan_policy="drop"),
+        stages=stages or list(STAGES),
+    )
+
+
+def _latest_features(settings: Settings, dataset: str) -> FeatureSetRef:
+    root = Path(settings.features_path) / dataset
+    manifests = sorted(root.glob("*/_manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not manifests:
+        raise ConfigError(f"no feature dataset for {dataset!r} under {root}; run `twinflow run features "
+                          f"--param dataset={dataset}` first")
+    return FeatureSetRef.model_validate(json.loads(manifests[-1].read_text())["ref"])
+
+
+def _lake_snapshot(settings: Settings, dataset: str) -> LakeSnapshot:
+    path = Path(settings.lake_path) / f"dataset={dataset}"
+    if not path.exists():
+        raise ConfigError(f"dataset {dataset!r} is not in the lake at {settings.lake_path}; run "
+                          "`twinflow run ingest --landing PATH` first")
+    return LakeSnapshot(lake_path=settings.lake_path, dataset=dataset, batch_id="latest")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_stage(stage: str, overrides: dict[str, Any], settings: Settings | None = None) -> BaseModel:
+    """Run one stage (or the pipeline) from flat CLI overrides; used by ``twinflow run``.
+
+    ``features``, ``train`` and ``simulate`` take ``dataset=<name>`` to find their input in the
+    lake or the features store; ``simulate`` with ``generate=true`` writes a synthetic fleet instead.
+    """
+    settings = settings or get_settings()
+    overrides = dict(overrides)
+    if stage == "pipeline":
+        landing = overrides.pop("landing", None)
+        base = demo_params(settings).model_dump() if not landing else {"ingest": {"landing": landing}}
+        return pipeline(PipelineParams.model_validate(_merge(base, overrides)))
+    if stage == "ingest":
+        if "landing" not in overrides:
+            overrides["landing"] = settings.landing_path
+        return ingest(IngestParams.model_validate(overrides))
+    if stage == "features":
+        dataset = overrides.pop("dataset", "train_fd001")
+        return features(_lake_snapshot(settings, dataset), FeatureParams.model_validate(overrides))
+    if stage == "train":
+        dataset = overrides.pop("dataset", "train_fd001")
+        return train(_latest_features(settings, dataset), TrainParams.model_validate(overrides))
+    if stage == "simulate":
+        if overrides.pop("generate", False):
+            return generate(GenerateParams.model_validate(overrides))
+        dataset = overrides.pop("dataset", None)
+        snap = _lake_snapshot(settings, dataset) if dataset else None
+        return simulate(TwinParams.model_validate(overrides), snapshot=snap)
+    raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join((*STAGES, 'pipeline'))}")

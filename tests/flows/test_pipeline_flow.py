@@ -1,0 +1,56 @@
+"""The parent flow end to end on the bundled FD001 data, against real Prefect, Dask and MLflow."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from twinflow.flows.pipeline import PipelineParams, demo_params, pipeline
+from twinflow.tasks.features import FeatureParams
+from twinflow.tasks.twin import TwinParams
+from twinflow.tracking import PREFECT_RUN_TAG, STAGE_TAG
+
+
+def _small(settings, **update) -> PipelineParams:
+    params = demo_params(settings)
+    return params.model_copy(update={
+        "features": FeatureParams(windows=[5, 15], ewm_spans=[10]),
+        "train": params.train.model_copy(update={"n_trials": 2, "max_iter": 60}),
+        "simulate": TwinParams(n_scenarios=20, n_assets=20, horizon=400, batch_scenarios=10,
+                               intervals=[100, 150], thresholds=[20.0, 40.0], fan_units=40),
+        **update,
+    })
+
+
+@pytest.mark.integration
+def test_pipeline_runs_every_stage_and_reruns_incrementally(runtime):
+    settings = runtime.settings
+    first = pipeline(_small(settings))
+    assert set(first.summaries()) == {"ingest", "features", "features (test)", "train", "simulate"}
+    ing = first.ingest
+    assert ing.rows_read == 20_631 + 13_096
+    assert ing.rows_read == ing.rows_written + ing.rows_quarantined
+    assert {"train_fd001", "test_fd001"} <= set(ing.snapshots)
+    assert first.features.rows == ing.snapshots["train_fd001"].rows
+    assert first.train.version == "1" and "champion" in first.train.aliases
+    assert first.simulate.recommended_policy
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(first.mlflow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags.get(PREFECT_RUN_TAG)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{first.mlflow_run_id}'")
+    assert {r.data.tags.get(STAGE_TAG) for r in children} >= {"train", "simulate"}
+
+    # Second run: nothing new in the landing folder, features cached, a challenger trained.
+    second = pipeline(_small(settings))
+    assert second.ingest.rows_read == 0 and second.ingest.unchanged == 2
+    assert second.ingest.snapshots["train_fd001"].rows == ing.snapshots["train_fd001"].rows
+    assert second.features.path == first.features.path
+    assert second.train.version == "2"
+
+
+def test_stages_must_be_a_prefix(tmp_path):
+    with pytest.raises(ValueError, match="prefix"):
+        PipelineParams(ingest={"landing": str(tmp_path)}, stages=["ingest", "train"])
