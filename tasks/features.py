@@ -211,55 +211,67 @@ def group_ends(gstart, xp=np):
 
 
 class _BlockPrefix:
-    """Prefix sums restarted every ``block`` rows, for window sums of windows <= ``block``.
+    """Prefix sums along rows restarted every ``block`` rows, for sums over windows <= ``block``.
 
     A window spans at most two blocks, so its sum is ``P[i] - P[a-1] (+ total of a's block)``
     with every term block-local: the rounding error is that of a sum of ~``block`` terms, not of
     a prefix over the whole partition (which would cancel catastrophically for t^2 or y^2 sums).
+    Arrays are channels-first, ``(channels, rows)``.
     """
 
     def __init__(self, values, block: int, xp):
         self.xp, self.block = xp, block
-        n = values.shape[0]
+        r, n = values.shape
         nb = max(1, -(-n // block))
         pad = nb * block - n
         if pad:
-            values = xp.concatenate([values, xp.zeros((pad,) + values.shape[1:], values.dtype)])
-        p = xp.cumsum(values.reshape((nb, block) + values.shape[1:]), axis=1)
-        self.totals = p[:, -1]
-        self.prefix = p.reshape((nb * block,) + values.shape[1:])
+            values = xp.concatenate([values, xp.zeros((r, pad), values.dtype)], axis=1)
+        self.p3 = xp.cumsum(values.reshape(r, nb, block), axis=2)
+        self.totals = self.p3[:, :, -1]
+        self.flat = self.p3.reshape(r, nb * block)
         self.n = n
 
-    def window_sum(self, start, in_block_start, crosses, start_block):
-        """Sum over rows ``start..i`` for every row i (see :func:`_window_geometry`)."""
-        xp = self.xp
-        prev = self.prefix[start - 1]
-        prev = xp.where(in_block_start[:, None], 0.0, prev)
-        out = self.prefix[: self.n] - prev
-        return out + xp.where(crosses[:, None], self.totals[start_block], 0.0)
+    def window_sum(self, w: int, gstart, partial):
+        """Sum over the last ``w`` rows of each row's asset (fewer at the asset's start).
+
+        Args:
+            w: Window length (<= block).
+            gstart: (n,) first row of each row's asset.
+            partial: Indices of rows whose window is clipped by their asset's start.
+        """
+        xp, p3, b = self.xp, self.p3, self.block
+        s3 = xp.empty_like(p3)
+        if w < b:
+            s3[:, :, w:] = p3[:, :, w:] - p3[:, :, :-w]
+        # Rows in the first w of a block: the tail of the previous block plus this block's head.
+        s3[:, 1:, :w] = p3[:, 1:, :w] + (self.totals[:, :-1, None] - p3[:, :-1, b - w:])
+        s3[:, 0, :w] = p3[:, 0, :w]
+        out = s3.reshape(p3.shape[0], -1)[:, : self.n]
+        if partial.shape[0]:
+            a = gstart[partial]
+            prev = xp.where((a % b == 0)[None, :], 0.0, self.flat[:, a - 1])
+            cross = ((a // b) != (partial // b))[None, :]
+            out[:, partial] = (self.flat[:, partial] - prev
+                               + xp.where(cross, self.totals[:, a // b], 0.0))
+        return out
 
 
-def _window_geometry(gstart, w: int, block: int, xp):
-    idx = xp.arange(gstart.shape[0])
-    start = xp.maximum(idx - (w - 1), gstart)
-    start_block = start // block
-    return start, (start % block) == 0, start_block != (idx // block), start_block
-
-
-def _nan_where(cond, values, xp):
-    return xp.where(cond, xp.nan, values)
+def _set_nan(a, cond, xp):
+    """NaN where ``cond`` (broadcast to ``a``), in place; returns ``a``."""
+    if bool(cond.any()):
+        a[xp.broadcast_to(cond, a.shape)] = xp.nan
+    return a
 
 
 def _sparse_levels(y, kmax: int, op, xp):
-    """levels[k][i] = op over rows i-2^k+1..i (NaN-ignoring), for k = 0..kmax."""
+    """levels[k][:, i] = op over rows i-2^k+1..i (NaN-ignoring), for k = 0..kmax."""
     levels = [y]
     for k in range(kmax):
         s = 2**k
         prev = levels[-1]
-        shifted = xp.empty_like(prev)
-        shifted[:s] = xp.nan
-        shifted[s:] = prev[:-s]
-        levels.append(op(prev, shifted))
+        nxt = prev.copy()
+        nxt[:, s:] = op(prev[:, s:], prev[:, :-s])
+        levels.append(nxt)
     return levels
 
 
@@ -269,22 +281,23 @@ def _floor_log2(length, xp):
     return xp.where((2**k) > length, k - 1, k)
 
 
-def _range_extreme(levels, start, w: int, op, xp):
-    """op over rows start[i]..i using sparse-table levels (two overlapping power-of-2 ranges)."""
-    n = start.shape[0]
-    idx = xp.arange(n)
-    length = idx - start + 1
+def _range_extreme(levels, w: int, gstart, pos, partial, op, xp):
+    """op over each row's window using sparse-table levels (two overlapping power-of-2 ranges)."""
     kw = int(math.floor(math.log2(w)))
-    # Full windows (the bulk) share one level; short ones at asset starts are redone per level.
-    other = xp.minimum(start + 2**kw - 1, n - 1)
-    out = op(levels[kw], levels[kw][other])
-    short = xp.nonzero(length < 2**kw)[0]
-    if short.shape[0]:
-        ks = _floor_log2(length[short], xp)
-        for k in range(kw):
-            sel = short[ks == k]
-            if sel.shape[0]:
-                out[sel] = op(levels[k][sel], levels[k][start[sel] + 2**k - 1])
+    lv = levels[kw]
+    d = w - 2**kw
+    out = lv.copy()
+    if d:
+        out[:, d:] = op(lv[:, d:], lv[:, :-d])
+    if partial.shape[0]:
+        # Windows clipped at the asset's start: per-row level, redone on those rows only.
+        a = gstart[partial]
+        ks = _floor_log2(pos[partial] + 1, xp)
+        for k in range(kw + 1):
+            m = ks == k
+            if bool(m.any()):
+                sel, start = partial[m], a[m]
+                out[:, sel] = op(levels[k][:, sel], levels[k][:, start + 2**k - 1])
     return out
 
 
@@ -296,7 +309,7 @@ def rolling_features(y, t, gstart, windows: Sequence[int], stats: Sequence[str],
     the least-squares slope of y against ``t`` over the window's valid rows. NaNs are skipped.
 
     Args:
-        y: (n, c) float64 values, NaN for missing.
+        y: (channels, n) float64 values, NaN for missing; rows sorted by asset then time.
         t: (n,) float64 time per row, relative to its asset's start (keeps t^2 sums small).
         gstart: (n,) first row of each row's asset.
         windows: Window lengths in rows.
@@ -304,72 +317,84 @@ def rolling_features(y, t, gstart, windows: Sequence[int], stats: Sequence[str],
         min_periods: Valid rows needed for a value.
 
     Returns:
-        ``{(stat, window): (n, c) array}``.
+        ``{(stat, window): (channels, n) array}``.
     """
-    n, c = y.shape
-    out: dict[tuple[str, int], Any] = {}
+    c, n = y.shape
     if n == 0:
-        return {(s, w): xp.empty((0, c)) for w in windows for s in stats}
+        return {(s, w): xp.empty((c, 0)) for w in windows for s in stats}
     valid = ~xp.isnan(y)
     has_nan = not bool(valid.all())
-    shift = xp.nanmean(y, axis=0) if not bool((~valid).all()) else xp.zeros(c)
-    shift = xp.where(xp.isnan(shift), 0.0, shift)
-    yc = xp.where(valid, y - shift, 0.0)
+    shift = _asset_shift(y, valid, gstart, xp)
+    yc = xp.where(valid, y - shift, 0.0) if has_nan else y - shift
     need_sums = {"mean", "std", "slope"} & set(stats)
     block = 1 << max(6, (max(windows) - 1).bit_length())
-    prefix: dict[str, _BlockPrefix] = {}
+    pre: dict[str, _BlockPrefix] = {}
+    trow = t[None, :]
+    m = valid.astype(xp.float64) if has_nan else None
     if need_sums:
-        prefix["y"] = _BlockPrefix(yc, block, xp)
-        tcol = t[:, None]
+        pre["y"] = _BlockPrefix(yc, block, xp)
         if "std" in stats:
-            prefix["yy"] = _BlockPrefix(yc * yc, block, xp)
+            pre["yy"] = _BlockPrefix(yc * yc, block, xp)
         if "slope" in stats:
-            prefix["ty"] = _BlockPrefix(yc * tcol, block, xp)
-            if has_nan:
-                m = valid.astype(xp.float64)
-                prefix["t"] = _BlockPrefix(m * tcol, block, xp)
-                prefix["tt"] = _BlockPrefix(m * tcol * tcol, block, xp)
-            else:
-                prefix["t"] = _BlockPrefix(tcol, block, xp)
-                prefix["tt"] = _BlockPrefix(tcol * tcol, block, xp)
+            pre["ty"] = _BlockPrefix(yc * trow, block, xp)
+            pre["t"] = _BlockPrefix(m * trow if has_nan else trow, block, xp)
+            pre["tt"] = _BlockPrefix(m * trow * trow if has_nan else trow * trow, block, xp)
     if has_nan:
-        prefix["m"] = _BlockPrefix(valid.astype(xp.float64), block, xp)
-    minmax = {s for s in ("min", "max") if s in stats}
-    levels = {}
+        pre["m"] = _BlockPrefix(m, block, xp)
     kmax = int(math.floor(math.log2(max(windows))))
-    if "min" in minmax:
-        levels["min"] = _sparse_levels(y, kmax, xp.fmin, xp)
-    if "max" in minmax:
-        levels["max"] = _sparse_levels(y, kmax, xp.fmax, xp)
-    idx = xp.arange(n)
+    levels = {s: _sparse_levels(y, kmax, xp.fmin if s == "min" else xp.fmax, xp)
+              for s in ("min", "max") if s in stats}
+    pos = xp.arange(n) - gstart
+    out: dict[tuple[str, int], Any] = {}
     for w in windows:
-        geo = _window_geometry(gstart, w, block, xp)
-        start = geo[0]
+        partial = xp.nonzero(pos < w - 1)[0]
         if has_nan:
-            cnt = prefix["m"].window_sum(*geo)
+            cnt = pre["m"].window_sum(w, gstart, partial)
         else:
-            cnt = (idx - start + 1).astype(xp.float64)[:, None]
+            cnt = xp.minimum(pos + 1, w).astype(xp.float64)[None, :]
         too_few = cnt < min_periods
-        if need_sums:
-            sy = prefix["y"].window_sum(*geo)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                if "mean" in stats:
-                    out[("mean", w)] = _nan_where(too_few, sy / cnt + shift, xp)
-                if "std" in stats:
-                    syy = prefix["yy"].window_sum(*geo)
-                    var = xp.maximum(syy - sy * sy / cnt, 0.0) / (cnt - 1)
-                    out[("std", w)] = _nan_where(too_few | (cnt < 2), xp.sqrt(var), xp)
-                if "slope" in stats:
-                    st = prefix["t"].window_sum(*geo)
-                    stt = prefix["tt"].window_sum(*geo)
-                    sty = prefix["ty"].window_sum(*geo)
-                    den = cnt * stt - st * st
-                    bad = too_few | (cnt < 2) | (den <= 1e-12 * xp.maximum(cnt * stt, 1.0))
-                    out[("slope", w)] = _nan_where(bad, (cnt * sty - st * sy) / xp.where(bad, 1.0, den), xp)
-        for s in sorted(minmax):
+        under2 = too_few | (cnt < 2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if need_sums:
+                sy = pre["y"].window_sum(w, gstart, partial)
+            if "mean" in stats:
+                out[("mean", w)] = _set_nan(sy / cnt + shift, too_few, xp)
+            if "std" in stats:
+                var = pre["yy"].window_sum(w, gstart, partial) - sy * sy / cnt
+                var = xp.maximum(var, 0.0, out=var) / (cnt - 1)
+                out[("std", w)] = _set_nan(xp.sqrt(var, out=var), under2, xp)
+            if "slope" in stats:
+                st = pre["t"].window_sum(w, gstart, partial)
+                stt = pre["tt"].window_sum(w, gstart, partial)
+                den = cnt * stt - st * st
+                bad = under2 | (den <= 1e-12 * xp.maximum(cnt * stt, 1.0))
+                num = cnt * pre["ty"].window_sum(w, gstart, partial) - st * sy
+                out[("slope", w)] = _set_nan(num / xp.where(bad, 1.0, den), bad, xp)
+        for s, lv in levels.items():
             op = xp.fmin if s == "min" else xp.fmax
-            out[(s, w)] = _nan_where(too_few, _range_extreme(levels[s], start, w, op, xp), xp)
+            out[(s, w)] = _set_nan(_range_extreme(lv, w, gstart, pos, partial, op, xp), too_few, xp)
     return out
+
+
+def _asset_shift(y, valid, gstart, xp):
+    """Per asset and channel mean (broadcast to rows), subtracted before the window sums.
+
+    Any value constant within an asset works; the asset's mean keeps the summed terms small, so
+    e.g. a channel constant over an asset gives a std of exactly 0, not rounding noise.
+    """
+    c, n = y.shape
+    if not bool(valid.any()):
+        return xp.zeros((c, 1))
+    cnt = valid.sum(axis=1, keepdims=True)
+    glob = xp.where(cnt > 0, xp.where(valid, y, 0.0).sum(axis=1, keepdims=True) / xp.maximum(cnt, 1), 0.0)
+    cs = xp.cumsum(xp.where(valid, y - glob, 0.0), axis=1)
+    cc = xp.cumsum(valid, axis=1)
+    gend = group_ends(gstart, xp)
+    first = gstart > 0
+    before = xp.maximum(gstart - 1, 0)
+    total = cs[:, gend] - xp.where(first, cs[:, before], 0.0)
+    count = cc[:, gend] - xp.where(first, cc[:, before], 0)
+    return glob + xp.where(count > 0, total / xp.maximum(count, 1), 0.0)
 
 
 def ewm_mean(y, pos, span: int, min_periods: int = 1, xp=np):
@@ -380,44 +405,46 @@ def ewm_mean(y, pos, span: int, min_periods: int = 1, xp=np):
     resolution, so the cost is O(log horizon) vectorised passes, independent of asset length.
 
     Args:
-        y: (n, c) values, NaN for missing (skipped, weights by position as pandas ignore_na=False).
+        y: (channels, n) values, NaN for missing (skipped; weights by position, as pandas with
+            ``ignore_na=False``).
         pos: (n,) position of each row within its asset.
         span: EWM span (alpha = 2 / (span + 1)).
         min_periods: Valid rows seen so far that a value needs.
     """
-    n, c = y.shape
+    c, n = y.shape
     if n == 0:
-        return xp.empty((0, c))
+        return xp.empty((c, 0))
     beta = 1.0 - 2.0 / (span + 1.0)
     valid = ~xp.isnan(y)
-    shift = xp.nanmean(y, axis=0) if bool(valid.any()) else xp.zeros(c)
-    shift = xp.where(xp.isnan(shift), 0.0, shift)
-    num = xp.where(valid, y - shift, 0.0)
-    den = valid.astype(xp.float64)
-    cnt = den.copy()
+    has_nan = not bool(valid.all())
+    shift = _asset_shift(y, valid, gstart_from_pos(pos, xp), xp)
+    num = xp.where(valid, y - shift, 0.0) if has_nan else y - shift
+    # Without NaNs the weights are the same for every channel: one row serves all.
+    den = valid.astype(xp.float64) if has_nan else xp.ones((1, n))
     max_pos = int(pos.max())
     step = 1
-    while step <= max_pos:
-        factor = beta**step
-        ok = (pos >= step)[:, None]
-        if factor >= _EWM_EPS:
-            num = num + xp.where(ok, factor * _shift_down(num, step, xp), 0.0)
-            den = den + xp.where(ok, factor * _shift_down(den, step, xp), 0.0)
-        elif min_periods <= 1:
-            break
-        cnt = cnt + xp.where(ok, _shift_down(cnt, step, xp), 0.0)
+    while step <= max_pos and beta**step >= _EWM_EPS:
+        f = (beta**step) * (pos[step:] >= step)
+        num[:, step:] += f * num[:, :-step]
+        den[:, step:] += f * den[:, :-step]
         step *= 2
     with np.errstate(divide="ignore", invalid="ignore"):
         res = num / den + shift
     if min_periods > 1:
-        return _nan_where((den == 0) | (cnt < min_periods), res, xp)
-    return _nan_where(den == 0, res, xp)
+        if has_nan:
+            cs = xp.cumsum(valid, axis=1)
+            base = xp.where((gstart_from_pos(pos, xp) > 0)[None, :],
+                            cs[:, xp.maximum(gstart_from_pos(pos, xp) - 1, 0)], 0)
+            cnt = cs - base
+        else:
+            cnt = (pos + 1)[None, :]
+        return _set_nan(res, (den == 0) | (cnt < min_periods), xp)
+    return _set_nan(res, den == 0, xp)
 
 
-def _shift_down(a, s: int, xp):
-    out = xp.zeros_like(a)
-    out[s:] = a[:-s]
-    return out
+def gstart_from_pos(pos, xp=np):
+    """First row of each row's asset, from positions within assets."""
+    return xp.arange(pos.shape[0]) - pos
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,25 +484,30 @@ def fit_regimes(sample: np.ndarray, op_columns: Sequence[str], params: FeaturePa
     z = (sample[:, use] - mean) / scale
     from sklearn.cluster import KMeans
 
-    def fit(k: int):
-        return KMeans(n_clusters=k, n_init=3, random_state=params.seed).fit(z)
+    from threadpoolctl import threadpool_limits
+
+    def fit(k: int, data: np.ndarray, n_init: int = 3):
+        # One thread: the sample is small, and OpenMP threads on a busy host are ~20x slower.
+        with threadpool_limits(1):
+            return KMeans(n_clusters=k, n_init=n_init, random_state=params.seed).fit(data)
 
     if params.regimes == "auto":
-        distinct = len(np.unique(z.round(9), axis=0))
-        base = float(((z - z.mean(axis=0)) ** 2).sum())
+        # Choosing k on a small subsample is enough: set points separate at any sample size.
+        sub = z[np.random.default_rng(params.seed).permutation(len(z))[:4000]]
+        distinct = len(np.unique(sub.round(9), axis=0))
+        base = float(((sub - sub.mean(axis=0)) ** 2).sum())
         chosen = None
         for k in range(2, min(params.max_regimes, distinct) + 1):
-            km = fit(k)
-            if km.inertia_ <= params.regime_tol * base:
-                chosen = km
+            if fit(k, sub, n_init=2).inertia_ <= params.regime_tol * base:
+                chosen = k
                 break
         if chosen is None:
             return cols, mean, scale, np.empty((0, 0))
-        km = chosen
+        km = fit(chosen, z)
     else:
         if params.regimes > len(z):
             raise ConfigError(f"regimes={params.regimes} exceeds the {len(z)} sampled rows")
-        km = fit(params.regimes)
+        km = fit(params.regimes, z)
     # Order regimes by their first coordinate so that ids are stable across refits.
     centroids = km.cluster_centers_[np.lexsort(km.cluster_centers_.T[::-1])]
     return cols, mean, scale, centroids
@@ -597,16 +629,17 @@ def identity_fit(channels: Sequence[str]) -> FitStats:
 
 
 def feature_names(fit: FitStats, params: FeatureParams) -> list[str]:
-    """The model-input columns, in output order."""
+    """The model-input columns, in output order (grouped by feature, then channel)."""
     names = [SINCE_START]
     if fit.n_regimes > 1:
         names.append(REGIME)
     suffix = "_norm" if fit.normalised else ""
-    for ch in fit.kept:
-        names.append(f"{ch}{suffix}")
-        for w in params.windows:
-            names.extend(f"{ch}_{s}_{w}" for s in params.stats)
-        names.extend(f"{ch}_ewm_{span}" for span in params.ewm_spans)
+    names.extend(f"{ch}{suffix}" for ch in fit.kept)
+    for w in params.windows:
+        for s in params.stats:
+            names.extend(f"{ch}_{s}_{w}" for ch in fit.kept)
+    for span in params.ewm_spans:
+        names.extend(f"{ch}_ewm_{span}" for ch in fit.kept)
     return names
 
 
@@ -616,7 +649,7 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
 
     Args:
         frame: Rows of whole assets with ``asset_id``, ``cycle``, the operating settings and the
-            fit's channels; any order (sorted here).
+            fit's channels; any order (sorted here; a repeated (asset, cycle) keeps the last row).
         fit: Normalisation statistics (:func:`finalize_fit` or a training set's ``_fit.json``).
         params: What to compute.
         xp: Array module the kernels run on.
@@ -630,9 +663,6 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
     frame = frame.drop_duplicates([contracts.ASSET, contracts.TIME], keep="last")
     n = len(frame)
     names = feature_names(fit, params)
-    codes = xp.asarray(pd.factorize(frame[contracts.ASSET], sort=False)[0])
-    cycle = xp.asarray(frame[contracts.TIME].to_numpy(dtype=np.int64))
-    gstart, pos = group_bounds(codes, xp) if n else (xp.zeros(0, dtype=xp.int64),) * 2
     keys = pd.DataFrame({contracts.ASSET: frame[contracts.ASSET].astype(str).to_numpy(),
                          contracts.TIME: frame[contracts.TIME].to_numpy(dtype=np.int32)})
     out = np.empty((len(names), n), dtype=np.float32)
@@ -640,8 +670,12 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
         if params.label:
             keys[LABEL] = np.zeros(0, dtype=np.int32)
         return keys, out
+    codes = xp.asarray(pd.factorize(frame[contracts.ASSET], sort=False)[0])
+    cycle = xp.asarray(frame[contracts.TIME].to_numpy(dtype=np.int64))
+    gstart, pos = group_bounds(codes, xp)
     t = (cycle - cycle[gstart]).astype(xp.float64)
-    y = xp.asarray(frame[fit.kept].to_numpy(dtype=np.float64))
+    # Channels-first: each channel's rows are contiguous for the window kernels and the output.
+    y = xp.asarray(np.ascontiguousarray(frame[fit.kept].to_numpy(dtype=np.float64).T))
     regime = None
     if fit.n_regimes > 1:
         ops = xp.asarray(frame[fit.op_columns].to_numpy(dtype=np.float64))
@@ -650,26 +684,27 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
         mu = xp.asarray(fit.mean)
         sd = xp.asarray(fit.std)
         sd = xp.where(sd > 0, sd, 1.0)
-        r = regime if regime is not None else xp.zeros(n, dtype=xp.int64)
-        y = (y - mu[r]) / sd[r]
-    rolled = rolling_features(y, t, gstart, params.windows, params.stats, params.min_periods, xp)
-    ewms = {span: ewm_mean(y, pos, span, params.min_periods, xp) for span in params.ewm_spans}
+        if regime is None:
+            y = (y - mu[0][:, None]) / sd[0][:, None]
+        else:
+            y = (y - mu[regime].T) / sd[regime].T
     row = 0
-    out[row] = _to_numpy(t)
-    row += 1
+
+    def put(block) -> None:
+        nonlocal row
+        out[row: row + block.shape[0]] = _to_numpy(block)
+        row += block.shape[0]
+
+    put(t[None, :])
     if regime is not None:
-        out[row] = _to_numpy(regime)
-        row += 1
-    for j in range(len(fit.kept)):
-        out[row] = _to_numpy(y[:, j])
-        row += 1
-        for w in params.windows:
-            for s in params.stats:
-                out[row] = _to_numpy(rolled[(s, w)][:, j])
-                row += 1
-        for span in params.ewm_spans:
-            out[row] = _to_numpy(ewms[span][:, j])
-            row += 1
+        put(regime[None, :])
+    put(y)
+    rolled = rolling_features(y, t, gstart, params.windows, params.stats, params.min_periods, xp)
+    for w in params.windows:
+        for s in params.stats:
+            put(rolled.pop((s, w)))
+    for span in params.ewm_spans:
+        put(ewm_mean(y, pos, span, params.min_periods, xp))
     assert row == len(names)
     if params.label:
         last = cycle[group_ends(gstart, xp)]
@@ -779,7 +814,8 @@ def write_partition(keys: pd.DataFrame, features: np.ndarray, names: Sequence[st
     arrays = [pa.array(keys[c].to_numpy()) for c in keys.columns]
     arrays += [pa.array(features[i]) for i in range(len(names))]
     table = pa.Table.from_arrays(arrays, names=[*keys.columns, *names])
-    pq.write_table(table, path)
+    # Dictionary encoding of float features costs ~10x the write time and saves nothing.
+    pq.write_table(table, path, use_dictionary=[contracts.ASSET])
 
 
 def nan_counts(keys: pd.DataFrame, features: np.ndarray, names: Sequence[str]) -> dict[str, int]:

@@ -1,0 +1,232 @@
+"""Pure feature functions: kernels against pandas/NumPy oracles, regimes, fits, params."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+from pydantic import ValidationError
+
+from twinflow.errors import ConfigError
+from twinflow.tasks import features as ft
+from twinflow.tasks.features import FeatureParams
+
+
+def _fleet(seed: int, n_assets: int = 30, max_len: int = 70, nan_frac: float = 0.1, gaps: bool = False):
+    """Ragged assets (some shorter than the windows), channels at very different scales, NaNs."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, max_len, size=n_assets)
+    aid = np.repeat(np.arange(n_assets), sizes)
+    steps = [rng.integers(1, 4, size=k) if gaps else np.ones(k, int) for k in sizes]
+    cycle = np.concatenate([np.cumsum(s) + 10 for s in steps])
+    y = rng.normal(size=(len(aid), 3)) * [1.0, 50.0, 0.01] + [0.0, 1e4, 5.0]
+    y[:, 1] += 0.3 * cycle  # a trend, so slopes are not ~0
+    y[rng.random(y.shape) < nan_frac] = np.nan
+    y[aid == 3, 2] = np.nan  # an asset with an all-NaN channel
+    return aid, cycle, y
+
+
+def _pandas_rolling(aid, y, w, stat, min_periods):
+    df = pd.DataFrame(y, columns=list("abc")).assign(g=aid)
+    r = df.groupby("g")[list("abc")].rolling(w, min_periods=min_periods)
+    return getattr(r, stat)().reset_index(level=0, drop=True).sort_index().to_numpy()
+
+
+@pytest.mark.parametrize("min_periods", [1, 3])
+@pytest.mark.parametrize("nan_frac", [0.0, 0.15])
+def test_rolling_stats_match_pandas_groupby_rolling(min_periods, nan_frac):
+    aid, cycle, y = _fleet(0, nan_frac=nan_frac)
+    if nan_frac == 0.0:
+        y[aid == 3, 2] = 1.0
+    gstart, _ = ft.group_bounds(aid)
+    t = (cycle - cycle[gstart]).astype(float)
+    windows = [3, 5, 8, 64]
+    got = ft.rolling_features(y.T.copy(), t, gstart, windows, ft.STATS, min_periods)
+    for w in windows:
+        for stat in ("mean", "std", "min", "max"):
+            ref = _pandas_rolling(aid, y, w, stat, min_periods)
+            np.testing.assert_allclose(got[(stat, w)].T, ref, rtol=1e-9, atol=1e-9,
+                                       err_msg=f"{stat} w={w}")
+
+
+@pytest.mark.parametrize("nan_frac", [0.0, 0.2])
+def test_slope_is_the_least_squares_trend_over_the_window(nan_frac):
+    aid, cycle, y = _fleet(1, nan_frac=nan_frac, gaps=True)
+    gstart, _ = ft.group_bounds(aid)
+    t = (cycle - cycle[gstart]).astype(float)
+    w = 7
+    got = ft.rolling_features(y.T.copy(), t, gstart, [w], ["slope"], 2)[("slope", w)].T
+    checked = 0
+    for i in np.random.default_rng(0).choice(len(aid), size=300, replace=False):
+        a = max(i - w + 1, gstart[i])
+        for j in range(3):
+            yy, tt = y[a: i + 1, j], t[a: i + 1]
+            m = ~np.isnan(yy)
+            if m.sum() >= 2:
+                np.testing.assert_allclose(got[i, j], np.polyfit(tt[m], yy[m], 1)[0], rtol=1e-7, atol=1e-9)
+                checked += 1
+            else:
+                assert np.isnan(got[i, j])
+    assert checked > 300
+
+
+def test_long_assets_keep_precision():
+    """Sums are block-local: no cancellation on long series with a large offset."""
+    n = 200_000
+    rng = np.random.default_rng(2)
+    t = np.arange(n, dtype=float)
+    y = (1e6 + 1e-3 * t + rng.normal(scale=0.01, size=n))[None, :]
+    gstart = np.zeros(n, dtype=np.int64)
+    got = ft.rolling_features(y, t, gstart, [10], ["std", "slope"], 1)
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    ref_std = sliding_window_view(y[0], 10).std(axis=1, ddof=1)  # two-pass: the exact oracle
+    np.testing.assert_allclose(got[("std", 10)][0, 9:], ref_std, rtol=1e-5)
+    # pandas' online algorithm loses this (up to ~20% off here); the block-local sums do not.
+    i = n - 1
+    tw = t[i - 9:] - t[i - 9:].mean()
+    np.testing.assert_allclose(got[("slope", 10)][0, i], np.polyfit(tw, y[0, i - 9:], 1)[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("min_periods", [1, 4])
+@pytest.mark.parametrize("span", [3, 30])
+def test_ewm_matches_pandas(span, min_periods):
+    aid, _, y = _fleet(3, max_len=300)
+    _, pos = ft.group_bounds(aid)
+    got = ft.ewm_mean(y.T.copy(), pos, span, min_periods).T
+    df = pd.DataFrame(y).assign(g=aid)
+    ref = df.groupby("g")[[0, 1, 2]].transform(lambda s: s.ewm(span=span, min_periods=min_periods).mean())
+    np.testing.assert_allclose(got, ref.to_numpy(), rtol=1e-9, atol=1e-9)
+
+
+@hsettings(max_examples=12, deadline=None)
+@given(sizes=st.lists(st.integers(1, 25), min_size=1, max_size=4), w=st.integers(1, 12),
+       seed=st.integers(0, 10_000))
+def test_windows_never_cross_assets(sizes, w, seed):
+    """Each asset's features equal those computed on the asset alone."""
+    rng = np.random.default_rng(seed)
+    aid = np.repeat(np.arange(len(sizes)), sizes)
+    y = rng.normal(size=(1, len(aid))) * 10 ** rng.integers(0, 4, size=len(aid))
+    gstart, pos = ft.group_bounds(aid)
+    t = pos.astype(float)
+    together = ft.rolling_features(y, t, gstart, [w], ft.STATS, 1)
+    ewm = ft.ewm_mean(y.copy(), pos, w)
+    for g in range(len(sizes)):
+        rows = np.nonzero(aid == g)[0]
+        n = len(rows)
+        alone = ft.rolling_features(y[:, rows].copy(), t[rows], np.zeros(n, np.int64), [w], ft.STATS, 1)
+        for key, val in alone.items():
+            np.testing.assert_allclose(together[key][:, rows], val, rtol=1e-9, atol=1e-12, err_msg=str(key))
+        np.testing.assert_allclose(ewm[:, rows], ft.ewm_mean(y[:, rows].copy(), np.arange(n), w),
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_params_are_validated_before_any_work():
+    for bad in ([0], [-3], [5, 0]):
+        with pytest.raises(ValidationError, match="greater than 0"):
+            FeatureParams(windows=bad)
+    with pytest.raises(ValidationError):
+        FeatureParams(windows=[])
+    with pytest.raises(ValidationError, match="min_periods"):
+        FeatureParams(windows=[3, 10], min_periods=4)
+    with pytest.raises(ValidationError):
+        FeatureParams(stats=["median"])
+    with pytest.raises(ValidationError):
+        FeatureParams(window=[5])  # a typo is not silently ignored
+    assert FeatureParams(windows=[10, 5, 10]).windows == [5, 10]
+    # Execution-only fields do not change what is computed, so not the cache digest either.
+    a, b = FeatureParams(partition_bytes=1), FeatureParams(partition_bytes=2)
+    assert ft.stage_digest("s", "l", a, None, "c") == ft.stage_digest("s", "l", b, None, "c")
+    assert ft.stage_digest("s", "l", a, None, "c") != ft.stage_digest("s", "l", FeatureParams(rul_cap=100), None, "c")
+
+
+def _split(frame: pd.DataFrame, k: int) -> list[pd.DataFrame]:
+    return [frame.iloc[idx] for idx in np.array_split(np.arange(len(frame)), k)]
+
+
+def _regime_frame(n_regimes: int, n: int = 6000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    points = np.array([[0, 0, 100], [10, 0.25, 100], [20, 0.7, 60], [25, 0.62, 80], [35, 0.84, 100],
+                       [42, 0.84, 100]])[:n_regimes]
+    reg = rng.integers(0, n_regimes, size=n)
+    ops = points[reg] + rng.normal(scale=[1e-3, 1e-4, 0], size=(n, 3))
+    frame = pd.DataFrame(ops, columns=["op_setting_1", "op_setting_2", "op_setting_3"])
+    frame["s2"] = 500 + 40 * reg + rng.normal(scale=1 + reg, size=n)  # level and spread by regime
+    frame["s3"] = 7.0 + 3 * reg  # constant within each regime
+    frame["s4"] = rng.normal(size=n)
+    frame["regime_true"] = reg
+    return frame
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_auto_regimes_find_the_operating_conditions(k):
+    frame = _regime_frame(k)
+    params = FeatureParams()
+    ops = ["op_setting_1", "op_setting_2", "op_setting_3"]
+    cols, mean, scale, centroids = ft.fit_regimes(ft.sample_operating_settings(frame, ops, 5000, 0), ops, params)
+    assert "op_setting_3" not in cols or k > 2  # constant settings are left out
+    assert max(1, len(centroids)) == k
+    if k > 1:
+        reg = ft.assign_regimes(frame[cols].to_numpy(), mean, scale, centroids)
+        # Same partition of rows as the truth (ids may be permuted).
+        assert pd.crosstab(reg, frame.regime_true).gt(0).sum(axis=1).eq(1).all()
+        moments = ft.combine_moments([ft.partition_moments(part, ["s2", "s3", "s4"], cols, mean, scale, centroids)
+                                      for part in _split(frame, 4)])
+        fit = ft.finalize_fit(moments, ["s2", "s3", "s4"], cols, mean, scale, centroids, params)
+        # s3 only moves with the regime: constant once normalised per regime, so dropped.
+        assert fit.dropped == {"s3": "constant"} and fit.kept == ["s2", "s4"]
+        z = (frame.s2.to_numpy() - np.asarray(fit.mean)[reg, 0]) / np.asarray(fit.std)[reg, 0]
+        for r in range(k):
+            assert abs(z[reg == r].mean()) < 1e-9 and abs(z[reg == r].std(ddof=1) - 1) < 1e-9
+
+
+def test_combined_moments_equal_direct_statistics():
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"s2": rng.normal(1e5, 2, 999), "s4": rng.normal(size=999)})
+    frame.loc[::7, "s4"] = np.nan
+    parts = [ft.partition_moments(p, ["s2", "s4"], [], [], [], []) for p in _split(frame, 5)]
+    m = ft.combine_moments(parts)
+    np.testing.assert_allclose(m["count"][0], frame.count().to_numpy())
+    np.testing.assert_allclose(m["mean"][0], frame.mean().to_numpy(), rtol=1e-12)
+    np.testing.assert_allclose(m["m2"][0] / (m["count"][0] - 1), frame.var().to_numpy(), rtol=1e-9)
+
+
+def test_every_channel_unusable_is_an_error():
+    moments = {"count": np.array([[0.0, 10.0]]), "mean": np.array([[0.0, 3.0]]), "m2": np.zeros((1, 2))}
+    with pytest.raises(ConfigError, match="no usable channels.*s1=all-NaN.*s2=constant"):
+        ft.finalize_fit(moments, ["s1", "s2"], [], [], [], [], FeatureParams())
+
+
+def test_compute_features_label_keys_and_order():
+    rng = np.random.default_rng(7)
+    frame = pd.DataFrame({"asset_id": ["b"] * 4 + ["a"] * 200, "cycle": [*range(1, 5), *range(1, 201)],
+                          "s2": rng.normal(size=204), "s4": rng.normal(size=204)}).sample(frac=1, random_state=1)
+    fit = ft.identity_fit(["s2", "s4"])
+    params = FeatureParams(windows=[3], ewm_spans=[4], rul_cap=125)
+    keys, feats = ft.compute_features(frame, fit, params)
+    names = ft.feature_names(fit, params)
+    assert feats.shape == (len(names), 204) and feats.dtype == np.float32
+    assert keys.asset_id.tolist() == ["a"] * 200 + ["b"] * 4 and keys.cycle.is_monotonic_increasing is False
+    expected_rul = np.r_[np.minimum(np.arange(199, -1, -1), 125), [3, 2, 1, 0]]
+    np.testing.assert_array_equal(keys.rul.to_numpy(), expected_rul)
+    out = pd.DataFrame(feats.T, columns=names)
+    np.testing.assert_array_equal(out.cycle_since_start.to_numpy(), np.r_[np.arange(200), np.arange(4)])
+    b = frame[frame.asset_id == "b"].sort_values("cycle").s2
+    np.testing.assert_allclose(out.s2_max_3.to_numpy()[200:], b.rolling(3, min_periods=1).max(), rtol=1e-6)
+    no_label, _ = ft.compute_features(frame, fit, params.model_copy(update={"label": False}))
+    assert "rul" not in no_label.columns
+
+
+def test_plan_partitions_keeps_assets_whole():
+    groups = {f"{i:03d}": [(f"/lake/asset={i:03d}/p{j}.parquet", 100) for j in range(i % 3 + 1)]
+              for i in range(50)}
+    parts = ft.plan_partitions(groups, target_bytes=450)
+    assert 1 < len(parts) < 50
+    flat = [p for part in parts for p in part]
+    assert sorted(flat) == sorted(p for files in groups.values() for p, _ in files)
+    owner = {}
+    for i, part in enumerate(parts):
+        for p in part:
+            owner.setdefault(p.split("/")[2], set()).add(i)
+    assert all(len(v) == 1 for v in owner.values())
