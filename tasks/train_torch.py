@@ -143,15 +143,19 @@ class CnnModel:
         return out
 
 
-class CnnPyfunc(_PythonModel):
-    """``mlflow.pyfunc`` wrapper: input rows are ``asset_id, cycle, <features>``; one RUL per row."""
+with warnings.catch_warnings():
+    # MLflow advises type hints on predict at class creation; the logged signature is explicit.
+    warnings.simplefilter("ignore", UserWarning)
 
-    def __init__(self, model: CnnModel):
-        self.model = model
+    class CnnPyfunc(_PythonModel):
+        """``mlflow.pyfunc`` wrapper: input rows are ``asset_id, cycle, <features>``; one RUL per row."""
 
-    def predict(self, context, model_input, params=None):  # noqa: D401 - MLflow's signature
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        return self.model.predict(frame)
+        def __init__(self, model: CnnModel):
+            self.model = model
+
+        def predict(self, context, model_input, params=None):  # noqa: D401 - MLflow's signature
+            frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            return self.model.predict(frame)
 
 
 class CnnTrainer:
