@@ -59,24 +59,37 @@ def schedule_slots(cron: str, start: dt.datetime, end: dt.datetime, tz: str = "U
     Raises:
         ConfigError: invalid cron, ``start`` after ``end``, or more than ``max_runs`` slots.
     """
-    from prefect._vendor.croniter import croniter
+    # Prefect's own schedule model: slots are exactly those its scheduler would have created,
+    # including its DST rules (plain croniter gets wall times around DST changes wrong).
+    from prefect.server.schemas.schedules import CronSchedule
 
-    from twinflow.deployments.standard import validate_cron
+    from twinflow.deployments.standard import validate_cron, validate_timezone
 
     validate_cron(cron)
+    validate_timezone(tz)
     if start > end:
         raise ConfigError(f"backfill start {start.isoformat()} is after end {end.isoformat()}")
-    zone = ZoneInfo(tz)
-    it = croniter(cron, start.astimezone(zone) - dt.timedelta(microseconds=1))
+    schedule = CronSchedule(cron=cron, timezone=tz)
     slots: list[dt.datetime] = []
+    cursor = start
+    chunk = 200  # the generator checks a bounded number of candidates per call
     while True:
-        nxt = it.get_next(dt.datetime)
-        if nxt > end:
-            return slots
-        slots.append(nxt.astimezone(dt.timezone.utc))
+        batch = [d.astimezone(dt.timezone.utc) for d in schedule._get_dates_generator(n=chunk, start=cursor, end=end)]
+        batch = [d for d in batch if start <= d <= end and (not slots or d > slots[-1])]
+        slots.extend(batch)
         if len(slots) > max_runs:
             raise ConfigError(f"backfill would create more than {max_runs} runs; narrow --start/--end "
                               f"or raise --max-runs")
+        if len(batch) < chunk:
+            return slots
+        cursor = batch[-1] + dt.timedelta(seconds=1)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def find_deployment(client: Any, name: str) -> Any:
@@ -128,7 +141,8 @@ def backfill(
         deployment: ``flow/deployment`` or a unique deployment name (e.g. ``ingest-hourly``).
         start: First slot time (ISO 8601; naive times use the schedule's timezone).
         end: Last slot time, inclusive; slots later than now are left to the scheduler.
-        parameters: Overrides merged onto the deployment's (and schedule's) parameters.
+        parameters: Overrides deep-merged onto the deployment's (and schedule's) parameters, so
+            ``{"params": {"partitions": 2}}`` keeps the other fields of ``params``.
         max_runs: Refuse to create more runs than this.
         dry_run: Only compute the slots.
 
@@ -159,9 +173,15 @@ def backfill(
         planned: list[tuple[dt.datetime, dict[str, Any]]] = []
         for sched in crons:
             tz = sched.schedule.timezone or "UTC"
-            lo, hi = parse_time(start, tz), min(parse_time(end, tz), now)
+            lo, hi = parse_time(start, tz), parse_time(end, tz)
+            if lo > hi:
+                raise ConfigError(f"backfill start {lo.isoformat()} is after end {hi.isoformat()}")
+            hi = min(hi, now)
+            if lo > hi:  # the whole range is in the future: the scheduler creates those runs
+                continue
             for slot in schedule_slots(sched.schedule.cron, lo, hi, tz, max_runs=max_runs):
-                planned.append((slot, {**(dep.parameters or {}), **(sched.parameters or {}), **(parameters or {})}))
+                merged = _deep_merge(_deep_merge(dep.parameters or {}, sched.parameters or {}), parameters or {})
+                planned.append((slot, merged))
         planned.sort(key=lambda p: p[0])
         if len(planned) > max_runs:
             raise ConfigError(f"backfill would create {len(planned)} runs (> {max_runs}); narrow the range")
