@@ -279,7 +279,7 @@ class Parsed(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     table: pa.Table | None = None  # canonical columns present in the source, plus "record"
-    reasons: Any = None  # numpy object array: a reason per table row (type errors) or None
+    reasons: dict[int, str] = Field(default_factory=dict)  # row -> reason (cells that did not convert)
     bad_rows: list[tuple[str, str]] = Field(default_factory=list)  # (reason, raw text) of unparseable rows
     file_error: str | None = None
     rows_read: int = 0
@@ -342,7 +342,7 @@ def _coerce(col: pa.ChunkedArray | pa.Array, name: str) -> tuple[pa.Array, np.nd
 
 
 def _canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_errors: bool,
-                  notes: list[str]) -> tuple[pa.Table | None, np.ndarray | None, str | None]:
+                  notes: list[str]) -> tuple[pa.Table | None, dict[int, str] | None, str | None]:
     """Rename source columns to canonical names, check required ones, cast (string fallback)."""
     mapping: dict[str, str] = {}
     ignored = []
@@ -370,7 +370,7 @@ def _canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_e
     if ignored:
         notes.append(f"ignored columns not in the contract: {', '.join(ignored)}")
     n = table.num_rows
-    reasons = np.full(n, None, dtype=object)
+    reasons: dict[int, str] = {}
     cols, out_names = [], []
     for src, canon in mapping.items():
         col = table.column(src)
@@ -383,15 +383,15 @@ def _canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_e
                 arr, bad = col.combine_chunks().cast(_TYPES[canon]), np.zeros(n, bool)
             if bad.any():
                 raw = col.to_pylist()
-                for i in np.flatnonzero(bad & (reasons == None)):  # noqa: E711 - elementwise
-                    reasons[i] = f"non-numeric value in {canon}: {str(raw[i])[:40]!r}"
+                for i in np.flatnonzero(bad):
+                    reasons.setdefault(int(i), f"non-numeric value in {canon}: {str(raw[i])[:40]!r}")
         else:
             try:
                 arr = pc.cast(col, _TYPES[canon]) if canon != C.ASSET else pc.cast(col, pa.string())
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 arr, bad = _coerce(col.cast(pa.string()), canon)
-                for i in np.flatnonzero(bad & (reasons == None)):  # noqa: E711
-                    reasons[i] = f"value of {canon} not convertible to {_TYPES[canon]}"
+                for i in np.flatnonzero(bad):
+                    reasons.setdefault(int(i), f"value of {canon} not convertible to {_TYPES[canon]}")
         cols.append(arr)
         out_names.append(canon)
     cols.append(pa.array(np.arange(n, dtype=np.int64)))
@@ -438,19 +438,19 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            return Parsed(file_error=f"not valid UTF-8 text (byte {exc.start})", rows_read=_count_lines(raw))
-    lines = 0
+            return Parsed(file_error=f"not valid UTF-8 text (byte {exc.start})",
+                          rows_read=max(_count_lines(raw) - header, 0))
     if header:
         first = raw.split(b"\n", 1)[0].rstrip(b"\r")
         try:
             names = [h.strip().strip('"') for h in first.decode("utf-8").split(delim)]
         except UnicodeDecodeError:
             return Parsed(file_error="not valid UTF-8 text (header)", rows_read=max(_count_lines(raw) - 1, 0))
-        lines = _count_lines(raw) - 1
-        if lines == 0:
+        if not raw[len(first) + 1:].strip():
             return Parsed(file_error="no data rows (header only)")
         if len(set(names)) != len(names):
-            return Parsed(file_error=f"duplicate column names in header: {names}", rows_read=lines)
+            return Parsed(file_error=f"duplicate column names in header: {names}",
+                          rows_read=_count_lines(raw) - 1)
     assert names is not None
     names = ["cycle" if n == "cycle" else ("asset_id" if n == "unit" and fmt == "cmapss" else n)
              for n in names]
@@ -550,7 +550,7 @@ def _stuck_mask(x: np.ndarray, same: np.ndarray, starts: np.ndarray, window: int
     return judged & (run_len >= window) & ~np.isnan(x)
 
 
-def validate_table(table: pa.Table, reasons: np.ndarray | None, source: str, batch_id: str,
+def validate_table(table: pa.Table, reasons: dict[int, str] | None, source: str, batch_id: str,
                    stuck_window: int = 20) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """Apply the data contract to a parsed table.
 
@@ -561,7 +561,7 @@ def validate_table(table: pa.Table, reasons: np.ndarray | None, source: str, bat
 
     Args:
         table: Output of :func:`parse_bytes` (canonical columns present in the source plus ``record``).
-        reasons: Per-row reason from parsing, or None.
+        reasons: Row -> reason from parsing (cells that did not convert), or None.
         source: Source file (lineage column).
         batch_id: Ingest batch (lineage column).
         stuck_window: Identical consecutive values that make a varying channel "stuck".
@@ -570,7 +570,17 @@ def validate_table(table: pa.Table, reasons: np.ndarray | None, source: str, bat
         (lake table in the canonical schema sorted by asset and cycle, quarantine table, flag counts).
     """
     n = table.num_rows
-    reason = np.full(n, None, dtype=object) if reasons is None else reasons.copy()
+    # Rejections are rare: a boolean mask for the vectorised checks, reason strings only for rejects.
+    reason: dict[int, str] = dict(reasons or {})
+    rejected = np.zeros(n, bool)
+    if reason:
+        rejected[list(reason)] = True
+
+    def reject(mask: np.ndarray, why) -> None:
+        for i in np.flatnonzero(mask & ~rejected):
+            reason[int(i)] = why(int(i)) if callable(why) else why
+        rejected[mask] = True
+
     record = table.column("record").to_numpy()
     asset = pc.utf8_trim_whitespace(table.column(C.ASSET)).combine_chunks() if n else pa.array([], pa.string())
     asset_valid = pc.and_(pc.is_valid(asset), pc.not_equal(asset, "")).to_numpy(zero_copy_only=False) \
@@ -579,14 +589,10 @@ def validate_table(table: pa.Table, reasons: np.ndarray | None, source: str, bat
     cyc_arr = table.column(C.TIME).combine_chunks()
     cyc_null = np.asarray(pc.is_null(cyc_arr).to_numpy(zero_copy_only=False), bool)
     cycle = cyc_arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    free = reason == None  # noqa: E711 - elementwise
-    reason[free & ~asset_valid] = "missing asset id"
-    free = reason == None  # noqa: E711
-    reason[free & cyc_null] = "missing cycle"
+    reject(~asset_valid, "missing asset id")
+    reject(cyc_null, "missing cycle")
     lo, hi = C.CYCLE_RANGE
-    out_cyc = (reason == None) & ((cycle < lo) | (cycle > hi))  # noqa: E711
-    for i in np.flatnonzero(out_cyc):
-        reason[i] = f"cycle {cycle[i]} outside [{lo}, {hi}]"
+    reject((cycle < lo) | (cycle > hi), lambda i: f"cycle {cycle[i]} outside [{lo}, {hi}]")
 
     quality = np.zeros(n, np.int32)
     values: dict[str, np.ndarray] = {}
@@ -601,25 +607,26 @@ def validate_table(table: pa.Table, reasons: np.ndarray | None, source: str, bat
         low, high = C.valid_range(ch)
         with np.errstate(invalid="ignore"):
             bad = (x < low) | (x > high)
-        for i in np.flatnonzero(bad & (reason == None)):  # noqa: E711
-            reason[i] = f"{ch}={x[i]:g} outside valid range [{low:g}, {high:g}] {C.CHANNEL_SPECS[ch].unit}"
+        if bad.any():
+            reject(bad, lambda i, ch=ch, x=x, low=low, high=high:
+                   f"{ch}={x[i]:g} outside valid range [{low:g}, {high:g}] {C.CHANNEL_SPECS[ch].unit}")
         values[ch] = x
 
     # Duplicate keys among rows not already rejected: keep the first occurrence in file order.
     codes = pc.dictionary_encode(asset).indices.to_numpy(zero_copy_only=False).astype(np.int64) \
         if n else np.zeros(0, np.int64)
-    ok = reason == None  # noqa: E711
-    idx = np.flatnonzero(ok)
+    idx = np.flatnonzero(~rejected)
     order = idx[np.lexsort((record[idx], cycle[idx], codes[idx]))]
     if len(order) > 1:
         dup = np.r_[False, (codes[order][1:] == codes[order][:-1]) & (cycle[order][1:] == cycle[order][:-1])]
         first = order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]
         assets_py = asset.to_pylist() if dup.any() else None
         for pos in np.flatnonzero(dup):
-            i = order[pos]
+            i = int(order[pos])
             reason[i] = (f"duplicate key ({C.ASSET}={assets_py[i]}, {C.TIME}={cycle[i]}): "
                          f"first seen at record {record[first[pos]]}")
-    ok = reason == None  # noqa: E711
+            rejected[i] = True
+    ok = ~rejected
 
     # Out-of-order: a cycle below the running maximum of its asset, in file order.
     idx = np.flatnonzero(ok)
@@ -655,9 +662,9 @@ def validate_table(table: pa.Table, reasons: np.ndarray | None, source: str, bat
         elif field.name in C.CHANNELS:
             cols.append(pa.nulls(len(good), pa.float64()))
         elif field.name == "source_file":
-            cols.append(pa.array(np.full(len(good), source, dtype=object), pa.string()))
+            cols.append(pa.repeat(pa.scalar(source, pa.string()), len(good)))
         elif field.name == "batch_id":
-            cols.append(pa.array(np.full(len(good), batch_id, dtype=object), pa.string()))
+            cols.append(pa.repeat(pa.scalar(batch_id, pa.string()), len(good)))
         elif field.name == "quality":
             cols.append(pa.array(quality[good], pa.int32()))
     lake = pa.Table.from_arrays(cols, schema=schema)
@@ -707,12 +714,19 @@ def split_by_asset(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
 # --- File I/O ------------------------------------------------------------------------------------
 
 
+def _write_parquet(table: pa.Table, where: Any) -> None:
+    # Dictionary-encode only the low-cardinality columns: trying it on every float channel (pyarrow's
+    # default) triples the write time and makes sensor data files larger, not smaller.
+    dict_cols = [c for c in (C.ASSET, "source_file", "batch_id", "quality", "reason") if c in table.column_names]
+    pq.write_table(table, where, use_dictionary=dict_cols, compression="snappy")
+
+
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
     """Write Parquet to a hidden temp name beside ``path``, then rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        _write_parquet(table, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1281,7 +1295,7 @@ def write_lake_table(table: pa.Table, lake_path: str, dataset: str, batch_id: st
     for asset, rows in split_by_asset(t):
         path = lake / f"dataset={dataset}" / asset_dir(asset) / f"{batch_id}.parquet"
         buf = pa.BufferOutputStream()
-        pq.write_table(rows, buf, compression="zstd")
+        _write_parquet(rows, buf)
         data = buf.getvalue().to_pybytes()
         h.update(asset.encode())
         h.update(data)

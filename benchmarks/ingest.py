@@ -1,0 +1,123 @@
+"""Ingest benchmark: twinflow's validated, idempotent ingest vs a bare pyarrow read + write loop.
+
+Generates a landing folder of CSV and Parquet files (half each, disjoint assets per file, values inside
+the contract's ranges) and measures, in the same run:
+
+* ``pyarrow read + write_to_dataset`` (baseline): for each file, ``pyarrow.csv.read_csv`` or
+  ``pyarrow.parquet.read_table``, then ``pyarrow.parquet.write_to_dataset(partition_cols=["asset_id"])``,
+  sequentially, no validation, no ledger;
+* ``twinflow ingest`` (first run, empty lake): the ``ingest`` flow on a local Dask cluster (2 workers)
+  with a real Prefect server: hashing, parsing, validation, staging, atomic renames, ledger, artifacts;
+* ``twinflow re-run`` (nothing new): the same flow again over the same landing folder;
+
+then the peak RSS (this process plus its children: Dask workers and the Prefect server) of the first
+run at two input sizes. Targets (issue 3): first run >= 0.5x the baseline's throughput; re-run <= 5 % of
+the first run's time; peak memory bounded as the input grows.
+
+Run: ``python -m benchmarks.ingest [--quick]``. Figures measured on the shared 2-core development machine
+(other jobs running, so absolute times are noisy; ratios are against the baseline of the same run):
+
+    (filled in below from the last run)
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from benchmarks._harness import Bench, arg_parser
+from twinflow import contracts as C
+
+
+def make_landing(root: Path, n_files: int, rows_per_file: int, assets_per_file: int = 10,
+                 seed: int = 0) -> int:
+    """Write ``n_files`` files (even: CSV with header, odd: Parquet) into ``root``; return the row count."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    cycles = rows_per_file // assets_per_file
+    mid = np.array([(C.CHANNEL_SPECS[c].low + C.CHANNEL_SPECS[c].high) / 2 for c in C.CHANNELS])
+    spread = np.array([(C.CHANNEL_SPECS[c].high - C.CHANNEL_SPECS[c].low) / 50 for c in C.CHANNELS])
+    total = 0
+    for k in range(n_files):
+        n = cycles * assets_per_file
+        assets = np.repeat(np.arange(k * assets_per_file, (k + 1) * assets_per_file), cycles)
+        values = np.round(mid + spread * rng.standard_normal((n, len(C.CHANNELS))), 4)
+        cols = {C.ASSET: pa.array(assets.astype(str)), C.TIME: pa.array(np.tile(np.arange(1, cycles + 1), assets_per_file), pa.int32())}
+        cols |= {c: pa.array(values[:, j]) for j, c in enumerate(C.CHANNELS)}
+        table = pa.table(cols)
+        if k % 2 == 0:
+            pacsv.write_csv(table, root / f"part{k:04d}.csv")
+        else:
+            pq.write_table(table, root / f"part{k:04d}.parquet")
+        total += n
+    return total
+
+
+def baseline(landing: Path, out: Path) -> int:
+    """The bare loop: read each file with pyarrow, write it hive-partitioned by asset."""
+    shutil.rmtree(out, ignore_errors=True)
+    rows = 0
+    for path in sorted(landing.iterdir()):
+        if path.suffix == ".csv":
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={C.ASSET: pa.string()}))
+        else:
+            table = pq.read_table(path)
+        pq.write_to_dataset(table, out, partition_cols=[C.ASSET])
+        rows += table.num_rows
+    return rows
+
+
+def main() -> None:
+    args = arg_parser(__doc__.splitlines()[0]).parse_args()
+    from twinflow import runtime
+    from twinflow.flows.ingest import IngestParams, ingest
+    from twinflow.settings import get_settings
+
+    sizes = [(10, 25_000), (10, 50_000)] if args.quick else [(20, 125_000), (40, 125_000)]
+    work = Path(tempfile.mkdtemp(prefix="twinflow-bench-ingest-"))
+    settings = get_settings(home=work / "home", dask={"mode": "local", "n_workers": 2, "threads_per_worker": 1})
+    lake = Path(settings.lake_path)
+    quarantine = Path(settings.quarantine_path)
+    try:
+        with runtime.start(settings):
+            peaks = {}
+            for n_files, rows_per_file in sizes:
+                landing = work / f"landing-{n_files}x{rows_per_file}"
+                rows = make_landing(landing, n_files, rows_per_file)
+                params = IngestParams(landing=str(landing), dataset="bench", files_per_batch=2)
+
+                def first_run() -> object:
+                    shutil.rmtree(lake, ignore_errors=True)
+                    shutil.rmtree(quarantine, ignore_errors=True)
+                    result = ingest(params)
+                    assert result.rows_written == rows and result.rows_quarantined == 0
+                    return result
+
+                bench = Bench(f"ingest ({rows:,} rows in {n_files} files, CSV+Parquet)",
+                              baseline="pyarrow read + write_to_dataset", units=rows)
+                bench.measure("pyarrow read + write_to_dataset", lambda: baseline(landing, work / "baseline"),
+                              repeat=args.repeat)
+                bench.measure("twinflow ingest (first run)", first_run, repeat=args.repeat)
+                bench.measure("twinflow re-run (nothing new)", lambda: ingest(params), repeat=args.repeat)
+                bench.report(args.json)
+                first = bench.results["twinflow ingest (first run)"]
+                rerun = bench.results["twinflow re-run (nothing new)"]
+                print(f"re-run / first run time: {rerun.best / first.best:.1%} (target <= 5%)")
+                print(f"first run throughput vs baseline: {bench.ratio('twinflow ingest (first run)'):.2f}x "
+                      "(target >= 0.5x)")
+                peaks[rows] = first.peak_rss_mb
+                shutil.rmtree(landing, ignore_errors=True)
+            print("peak RSS of the first run (process + Dask workers + Prefect server): " +
+                  ", ".join(f"{r:,} rows: {mb:,.0f} MB" for r, mb in peaks.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
