@@ -1022,6 +1022,23 @@ class Ledger:
                             rows=sum(r[3] for r in rows))
 
 
+def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
+    """The ingested state of a lake dataset from its ledger, without ingesting anything.
+
+    For stages run on their own (``twinflow run features --param dataset=...``): the snapshot lists the
+    contributing files and hashes, so its digest changes exactly when the data does. Returns None when
+    the lake has no ledger or the dataset no ingested file (e.g. data written by :func:`write_lake_table`).
+    """
+    lake = local_path(lake_path)
+    if not (lake / LEDGER_NAME).exists():
+        return None
+    ledger = Ledger(lake)
+    try:
+        return ledger.snapshot(str(lake), dataset)
+    finally:
+        ledger.close()
+
+
 @contextlib.contextmanager
 def lake_lock(lake: Path, timeout_s: float) -> Iterator[None]:
     """Hold the lake's ingest lock (one ingest run per lake at a time); wait up to ``timeout_s``.

@@ -29,6 +29,7 @@ from twinflow.tasks.ingest import (
     dataset_name,
     detect_format,
     lake_lock,
+    latest_snapshot,
     list_landing,
     parse_bytes,
     process_file,
@@ -445,6 +446,9 @@ def test_snapshot_lists_files_and_reads_only_their_rows(home):
     assert snap.rows == 30 and len(snap.files) == 1 and snap.files[0].sha256
     write_lake_table(pa.table({C.ASSET: ["9"], C.TIME: pa.array([1], pa.int32())}), str(home.lake), "fleet", "g")
     assert read_lake(snap).num_rows == 30  # rows outside the snapshot are not read
+    assert latest_snapshot(str(home.lake), "fleet") == snap
+    assert latest_snapshot(str(home.lake), "other") is None
+    assert latest_snapshot(str(home.lake.parent / "no-lake"), "fleet") is None
 
 
 # --- property test: malformed files ------------------------------------------------------------
@@ -511,3 +515,17 @@ def test_malformed_files_conserve_rows_and_never_duplicate_keys(tmp_path_factory
     if o.status == "ingested":
         assert h.quarantined("p").num_rows == o.rows_quarantined
     assert h.ingest(dataset="p") == []  # idempotent: nothing to do the second time
+
+
+def test_landing_can_be_an_fsspec_url(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/landing-test/plant/a.txt", ("\n".join(_lines(12)) + "\n").encode())
+    fs.pipe("/landing-test/plant/notes.md", b"not data")
+    params = IngestParams(landing="memory://landing-test", dataset="mem")
+    (o,) = run_local(params, str(tmp_path / "lake"), str(tmp_path / "q"), "m1")
+    assert o.source.startswith("memory://") and o.source.endswith("/landing-test/plant/a.txt")
+    assert o.rows_written == 12
+    assert run_local(params, str(tmp_path / "lake"), str(tmp_path / "q"), "m2") == []
+    fs.rm("/landing-test", recursive=True)
