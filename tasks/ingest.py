@@ -1177,6 +1177,8 @@ def _publish(o: FileOutcome, ledger: Ledger, lake: Path, quarantine: Path) -> No
             qdst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(qsrc, qdst)
     _remove_previous(o, ledger, lake, quarantine, keep=set(o.assets))
+    if o.status != "quarantined":  # an earlier, unparseable version of this source is history now
+        shutil.rmtree(quarantine / "files" / o.file_id, ignore_errors=True)
     _discard(o)
     o.staged = None
 
@@ -1222,8 +1224,7 @@ def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_
 # --- Prefect task: one batch of files -------------------------------------------------------------
 
 
-@task(name="ingest-batch", retries=2, retry_delay_seconds=[2, 10], timeout_seconds=3600,
-      task_run_name="ingest-batch-{index}")
+@task(name="ingest-batch", retries=2, retry_delay_seconds=[2, 10], task_run_name="ingest-batch-{index}")
 def process_batch(index: int, files: list[SourceFile], params: IngestParams, staging: str,
                   quarantine: str, batch_id: str, storage_options: dict[str, Any]) -> list[FileOutcome]:
     """Read, validate and stage a batch of files on one Dask worker (I/O-bound: retried with backoff)."""

@@ -180,8 +180,10 @@ def test_missing_columns_quarantine_the_file_unless_allowed(home):
     (o,) = home.ingest()
     assert o.status == "quarantined" and "s21" in o.reason and o.rows_quarantined == 10
     os.utime(home.landing / "nos21.csv", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert (home.quarantine / "files" / o.file_id / "reason.txt").exists()
     (o,) = home.ingest(allow_missing_channels=True)
     assert o.status == "ingested" and o.rows_written == 10
+    assert not (home.quarantine / "files" / o.file_id).exists()  # the file is no longer quarantined
     assert any("s21" in n for n in o.notes)
     assert home.lake_rows("nos21").column("s21").null_count == 10
 
