@@ -54,3 +54,42 @@ def test_unknown_stage_and_bad_param_are_clear(tmp_path):
     assert out.returncode == 2 and "unknown stage 'nonsense'" in out.stderr
     out = _twinflow("--home", str(tmp_path), "run", "ingest", "--param", "novalue")
     assert out.returncode == 2 and "--param expects key=value" in out.stderr
+
+
+@pytest.mark.integration
+def test_server_command_serves_prefect_and_mlflow_uis_until_interrupted(tmp_path):
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    pp, mp = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.Popen([sys.executable, "-m", "twinflow.cli", "--home", str(tmp_path / "home"), "server",
+                             "--prefect-port", str(pp), "--mlflow-port", str(mp)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        ok = {"prefect": False, "mlflow": False}
+        while time.monotonic() < deadline and not all(ok.values()) and proc.poll() is None:
+            for name, url in (("prefect", f"http://127.0.0.1:{pp}/api/health"),
+                              ("mlflow", f"http://127.0.0.1:{mp}/health")):
+                try:
+                    ok[name] = ok[name] or httpx.get(url, timeout=2).status_code == 200
+                except httpx.HTTPError:
+                    pass
+            time.sleep(1)
+        assert ok == {"prefect": True, "mlflow": True}, proc.stderr.read() if proc.poll() is not None else ok
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    # Ctrl-C stopped both servers and removed the local server's record.
+    assert not (tmp_path / "home" / "prefect" / "server.json").exists()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{pp}/api/health", timeout=2)
