@@ -116,7 +116,8 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
             logger.info("features unchanged (digest %s): reusing %s", digest, final)
             return FeatureSetRef.model_validate(json.loads(manifest_path.read_text())["ref"])
 
-        parts = ft.plan_partitions(groups, params.partition_bytes)
+        workers = rt.cluster.n_workers if rt.cluster else 1
+        parts = ft.plan_partitions(groups, params.partition_bytes, min_partitions=4 * max(1, workers))
         logger.info("features of %s: %d asset(s) in %d partition(s), %d channel(s), backend %s",
                     snapshot.dataset, len(groups), len(parts), len(channels), backend)
         if fit is None:

@@ -269,8 +269,9 @@ def _sparse_levels(y, kmax: int, op, xp):
     for k in range(kmax):
         s = 2**k
         prev = levels[-1]
-        nxt = prev.copy()
-        nxt[:, s:] = op(prev[:, s:], prev[:, :-s])
+        nxt = xp.empty_like(prev)
+        nxt[:, :s] = prev[:, :s]
+        op(prev[:, s:], prev[:, :-s], out=nxt[:, s:])
         levels.append(nxt)
     return levels
 
@@ -302,7 +303,7 @@ def _range_extreme(levels, w: int, gstart, pos, partial, op, xp):
 
 
 def rolling_features(y, t, gstart, windows: Sequence[int], stats: Sequence[str], min_periods: int,
-                     xp=np) -> dict[tuple[str, int], Any]:
+                     xp=np, shift=None) -> dict[tuple[str, int], Any]:
     """Rolling mean/std/min/max/slope per window over rows of the same asset.
 
     Matches pandas ``groupby(asset).rolling(w, min_periods)`` (std with ddof=1); ``slope`` is
@@ -315,6 +316,7 @@ def rolling_features(y, t, gstart, windows: Sequence[int], stats: Sequence[str],
         windows: Window lengths in rows.
         stats: Subset of :data:`STATS`.
         min_periods: Valid rows needed for a value.
+        shift: :func:`asset_shift` of ``y`` when already computed.
 
     Returns:
         ``{(stat, window): (channels, n) array}``.
@@ -324,7 +326,7 @@ def rolling_features(y, t, gstart, windows: Sequence[int], stats: Sequence[str],
         return {(s, w): xp.empty((c, 0)) for w in windows for s in stats}
     valid = ~xp.isnan(y)
     has_nan = not bool(valid.all())
-    shift = _asset_shift(y, valid, gstart, xp)
+    shift = asset_shift(y, gstart, xp) if shift is None else shift
     yc = xp.where(valid, y - shift, 0.0) if has_nan else y - shift
     need_sums = {"mean", "std", "slope"} & set(stats)
     block = 1 << max(6, (max(windows) - 1).bit_length())
@@ -376,28 +378,27 @@ def rolling_features(y, t, gstart, windows: Sequence[int], stats: Sequence[str],
     return out
 
 
-def _asset_shift(y, valid, gstart, xp):
-    """Per asset and channel mean (broadcast to rows), subtracted before the window sums.
+def asset_shift(y, gstart, xp=np):
+    """Per asset and channel reference value (broadcast to rows), subtracted before window sums.
 
-    Any value constant within an asset works; the asset's mean keeps the summed terms small, so
-    e.g. a channel constant over an asset gives a std of exactly 0, not rounding noise.
+    Any value constant within an asset works; the asset's first value keeps the summed terms
+    small (so a channel constant over an asset gives a std of exactly 0, not rounding noise).
+    Where that value is NaN, the channel's mean over the partition is used.
     """
     c, n = y.shape
-    if not bool(valid.any()):
+    if n == 0:
         return xp.zeros((c, 1))
-    cnt = valid.sum(axis=1, keepdims=True)
-    glob = xp.where(cnt > 0, xp.where(valid, y, 0.0).sum(axis=1, keepdims=True) / xp.maximum(cnt, 1), 0.0)
-    cs = xp.cumsum(xp.where(valid, y - glob, 0.0), axis=1)
-    cc = xp.cumsum(valid, axis=1)
-    gend = group_ends(gstart, xp)
-    first = gstart > 0
-    before = xp.maximum(gstart - 1, 0)
-    total = cs[:, gend] - xp.where(first, cs[:, before], 0.0)
-    count = cc[:, gend] - xp.where(first, cc[:, before], 0)
-    return glob + xp.where(count > 0, total / xp.maximum(count, 1), 0.0)
+    first = y[:, gstart]
+    missing = xp.isnan(first)
+    if bool(missing.any()):
+        valid = ~xp.isnan(y)
+        cnt = valid.sum(axis=1, keepdims=True)
+        glob = xp.where(valid, y, 0.0).sum(axis=1, keepdims=True) / xp.maximum(cnt, 1)
+        first = xp.where(missing, glob, first)
+    return first
 
 
-def ewm_mean(y, pos, span: int, min_periods: int = 1, xp=np):
+def ewm_mean(y, pos, span: int, min_periods: int = 1, xp=np, shift=None):
     """Exponentially-weighted mean per asset, as pandas ``ewm(span=span, adjust=True).mean()``.
 
     A log-step (Hillis-Steele) scan of ``S_i = x_i + beta * S_{i-1}``: step k adds the partial sum
@@ -410,6 +411,7 @@ def ewm_mean(y, pos, span: int, min_periods: int = 1, xp=np):
         pos: (n,) position of each row within its asset.
         span: EWM span (alpha = 2 / (span + 1)).
         min_periods: Valid rows seen so far that a value needs.
+        shift: :func:`asset_shift` of ``y`` when already computed.
     """
     c, n = y.shape
     if n == 0:
@@ -417,7 +419,7 @@ def ewm_mean(y, pos, span: int, min_periods: int = 1, xp=np):
     beta = 1.0 - 2.0 / (span + 1.0)
     valid = ~xp.isnan(y)
     has_nan = not bool(valid.all())
-    shift = _asset_shift(y, valid, gstart_from_pos(pos, xp), xp)
+    shift = asset_shift(y, gstart_from_pos(pos, xp), xp) if shift is None else shift
     num = xp.where(valid, y - shift, 0.0) if has_nan else y - shift
     # Without NaNs the weights are the same for every channel: one row serves all.
     den = valid.astype(xp.float64) if has_nan else xp.ones((1, n))
@@ -498,12 +500,15 @@ def fit_regimes(sample: np.ndarray, op_columns: Sequence[str], params: FeaturePa
         base = float(((sub - sub.mean(axis=0)) ** 2).sum())
         chosen = None
         for k in range(2, min(params.max_regimes, distinct) + 1):
-            if fit(k, sub, n_init=2).inertia_ <= params.regime_tol * base:
-                chosen = k
+            km = fit(k, sub, n_init=2)
+            if km.inertia_ <= params.regime_tol * base:
+                chosen = km
                 break
         if chosen is None:
             return cols, mean, scale, np.empty((0, 0))
-        km = fit(chosen, z)
+        # Refine the subsample's centroids on the whole sample (one run, already converged).
+        with threadpool_limits(1):
+            km = KMeans(n_clusters=chosen.n_clusters, init=chosen.cluster_centers_, n_init=1).fit(z)
     else:
         if params.regimes > len(z):
             raise ConfigError(f"regimes={params.regimes} exceeds the {len(z)} sampled rows")
@@ -663,7 +668,7 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
     frame = frame.drop_duplicates([contracts.ASSET, contracts.TIME], keep="last")
     n = len(frame)
     names = feature_names(fit, params)
-    keys = pd.DataFrame({contracts.ASSET: frame[contracts.ASSET].astype(str).to_numpy(),
+    keys = pd.DataFrame({contracts.ASSET: frame[contracts.ASSET].reset_index(drop=True),
                          contracts.TIME: frame[contracts.TIME].to_numpy(dtype=np.int32)})
     out = np.empty((len(names), n), dtype=np.float32)
     if n == 0:
@@ -687,7 +692,7 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
         if regime is None:
             y = (y - mu[0][:, None]) / sd[0][:, None]
         else:
-            y = (y - mu[regime].T) / sd[regime].T
+            y = (y - mu.T[:, regime]) / sd.T[:, regime]
     row = 0
 
     def put(block) -> None:
@@ -699,12 +704,13 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
     if regime is not None:
         put(regime[None, :])
     put(y)
-    rolled = rolling_features(y, t, gstart, params.windows, params.stats, params.min_periods, xp)
+    shift = asset_shift(y, gstart, xp)
+    rolled = rolling_features(y, t, gstart, params.windows, params.stats, params.min_periods, xp, shift)
     for w in params.windows:
         for s in params.stats:
             put(rolled.pop((s, w)))
     for span in params.ewm_spans:
-        put(ewm_mean(y, pos, span, params.min_periods, xp))
+        put(ewm_mean(y, pos, span, params.min_periods, xp, shift))
     assert row == len(names)
     if params.label:
         last = cycle[group_ends(gstart, xp)]
@@ -748,22 +754,35 @@ def list_lake_files(dataset_path: str, storage_options: dict | None = None
 
 def lake_fingerprint(groups: dict[str, list[tuple[str, int]]], dataset_path: str,
                      storage_options: dict | None = None) -> str:
-    """Digest of the dataset's file listing (paths, sizes, modification times)."""
+    """Digest of the dataset's file listing (paths, sizes, modification times).
+
+    Part of the cache key, so that a lake rewritten under an unchanged snapshot still recomputes.
+    """
     fs, _ = _fs(dataset_path, storage_options)
     h = hashlib.sha256()
     for asset in sorted(groups):
         for path, size in groups[asset]:
             try:
-                mtime = fs.info(path).get("mtime", "") if fs.protocol in ("file", ("file", "local")) \
-                    else fs.info(path).get("LastModified", "")
-            except Exception:  # noqa: BLE001 - a file vanishing shows as a changed fingerprint
+                info = fs.info(path)
+                mtime = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+            except OSError:  # a file vanishing between listing and here changes the digest too
                 mtime = "?"
             h.update(f"{path}|{size}|{mtime}\n".encode())
     return h.hexdigest()[:16]
 
 
-def plan_partitions(groups: dict[str, list[tuple[str, int]]], target_bytes: int) -> list[list[str]]:
-    """Pack whole assets into partitions of about ``target_bytes`` of Parquet each."""
+def plan_partitions(groups: dict[str, list[tuple[str, int]]], target_bytes: int,
+                    min_partitions: int = 1) -> list[list[str]]:
+    """Pack whole assets into partitions of about ``target_bytes`` of Parquet each.
+
+    Args:
+        groups: :func:`list_lake_files`'s listing.
+        target_bytes: Upper target per partition (bounds a worker's memory).
+        min_partitions: Make at least this many partitions when there are enough assets (so
+            every worker gets several and the last ones do not run alone).
+    """
+    total = sum(b for files in groups.values() for _, b in files)
+    target_bytes = max(1, min(target_bytes, -(-total // max(1, min_partitions))))
     parts: list[list[str]] = []
     current: list[str] = []
     size = 0
@@ -811,8 +830,8 @@ def write_partition(keys: pd.DataFrame, features: np.ndarray, names: Sequence[st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    arrays = [pa.array(keys[c].to_numpy()) for c in keys.columns]
-    arrays += [pa.array(features[i]) for i in range(len(names))]
+    key_table = pa.Table.from_pandas(keys, preserve_index=False)
+    arrays = [*key_table.columns, *(pa.array(features[i]) for i in range(len(names)))]
     table = pa.Table.from_arrays(arrays, names=[*keys.columns, *names])
     # Dictionary encoding of float features costs ~10x the write time and saves nothing.
     pq.write_table(table, path, use_dictionary=[contracts.ASSET])

@@ -1,0 +1,232 @@
+"""Benchmark of the features stage against pandas ``groupby(asset).rolling`` and polars.
+
+Run: ``python -m benchmarks.features [--quick] [--rows N] [--assets A] [--channels C]``.
+
+A fleet is generated with NumPy (degrading sensors, three operating regimes) and written as a
+lake (one Parquet file per asset). The same features are computed by every candidate: for each
+channel and window, rolling mean/std/min/max and the least-squares slope, plus an EWM mean:
+
+- ``pandas groupby.rolling`` (baseline): the straightforward pandas code, one chunk of 100
+  assets at a time (the whole fleet's features would not fit in memory), in memory, 1 core.
+- ``polars over(asset) rolling``: polars expressions ``rolling_*().over("asset_id")``, the same
+  chunks, in memory, all cores.
+- ``twinflow kernels (numpy, 1 process)``: :func:`compute_features` on the same chunks in
+  memory, one core: the window kernels alone against the baselines.
+- ``twinflow stage (Dask, Parquet->Parquet)``: the stage's work as the flow runs it (fit
+  passes + transform + Parquet writes) on a 2-worker LocalCluster, at half and full size; the
+  Prefect bookkeeping around it (~1 s) is left out. Its peak RSS (this process plus the workers)
+  at the two sizes shows whether memory grows with the input.
+- ``twinflow kernels (cupy)`` when CuPy and a GPU are present.
+
+Ratios are baseline time / candidate time (> 1: faster than pandas).
+
+Figures (2-core shared VM, load average ~15 from other jobs during the run, so absolute times are
+inflated; ratios are measured side by side in one run):
+
+RESULTS_PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks._harness import Bench, arg_parser
+from twinflow.tasks import features as ft
+
+WINDOWS = [10, 30]
+SPANS = [10]
+CHUNK_ASSETS = 100
+
+
+def fleet_asset(rng: np.random.Generator, asset: int, rows: int, channels: int) -> pd.DataFrame:
+    """One asset's run to failure: a degradation trend on every channel, noise, regime shifts."""
+    cycle = np.arange(1, rows + 1, dtype=np.int32)
+    regime = rng.integers(0, 3, size=rows)
+    ops = np.array([[0.0, 0.0, 100.0], [20.0, 0.7, 100.0], [42.0, 0.84, 60.0]])[regime]
+    ops += rng.normal(scale=1e-3, size=ops.shape)
+    health = (cycle / rows) ** 2
+    base = 100.0 + 10.0 * np.arange(channels)
+    sens = (base + 5.0 * regime[:, None] + health[:, None] * rng.normal(1, 0.2, size=channels)
+            + rng.normal(scale=0.5, size=(rows, channels)))
+    frame = pd.DataFrame(sens, columns=[f"s{i + 1}" for i in range(channels)])
+    frame.insert(0, "op_setting_3", ops[:, 2])
+    frame.insert(0, "op_setting_2", ops[:, 1])
+    frame.insert(0, "op_setting_1", ops[:, 0])
+    frame.insert(0, "cycle", cycle)
+    frame.insert(0, "asset_id", f"{asset:06d}")
+    return frame
+
+
+def write_fleet(root: Path, assets: int, rows: int, channels: int, seed: int = 0) -> str:
+    """Write the fleet as ``root/dataset=fleet/asset=<id>/part.parquet``; return the dataset path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    ds = root / "dataset=fleet"
+    for a in range(assets):
+        frame = fleet_asset(rng, a, rows, channels)
+        out = ds / f"asset={a:06d}"
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), out / "part.parquet")
+    return str(ds)
+
+
+def load_chunks(dataset: str, groups: dict, channels: list[str]) -> list[pd.DataFrame]:
+    assets = sorted(groups)
+    cols = ["asset_id", "cycle", *channels]
+    return [ft.read_partition([p for a in assets[i:i + CHUNK_ASSETS] for p, _ in groups[a]], cols)
+            for i in range(0, len(assets), CHUNK_ASSETS)]
+
+
+def pandas_features(frame: pd.DataFrame, channels: list[str]) -> int:
+    """The straightforward pandas version of the same features; returns the cells computed."""
+    frame = frame.sort_values(["asset_id", "cycle"])
+    t = frame.groupby("asset_id").cycle.transform(lambda c: c - c.iloc[0]).astype(float)
+    y = frame[channels]
+    ty = y.mul(t, axis=0).add_suffix("_t")
+    work = pd.concat([frame[["asset_id"]], y, ty], axis=1).assign(t=t, tt=t * t)
+    g = work.groupby("asset_id", sort=False)
+    cells = 0
+    for w in WINDOWS:
+        r = g[channels].rolling(w, min_periods=1)
+        parts = [r.mean(), r.std(), r.min(), r.max()]
+        m = g[[*ty.columns, "t", "tt"]].rolling(w, min_periods=1).mean()
+        mean_y = parts[0].to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):  # a window of one row: 0/0
+            slope = ((m[list(ty.columns)].to_numpy() - m[["t"]].to_numpy() * mean_y)
+                     / (m[["tt"]].to_numpy() - m[["t"]].to_numpy() ** 2))
+        cells += sum(p.size for p in parts) + slope.size
+    for s in SPANS:
+        cells += g[channels].ewm(span=s).mean().size
+    return cells
+
+
+def polars_features(frame, channels: list[str]) -> int:
+    """The same features with polars group-wise rolling expressions; returns the cells computed."""
+    import polars as pl
+
+    df = frame.sort(["asset_id", "cycle"]).with_columns(
+        (pl.col("cycle") - pl.col("cycle").first().over("asset_id")).cast(pl.Float64).alias("t"))
+    exprs = []
+    for c in channels:
+        y = pl.col(c)
+        for w in WINDOWS:
+            def roll(e, w=w):
+                return e.rolling_mean(w, min_samples=1).over("asset_id")
+            exprs += [roll(y).alias(f"{c}_mean_{w}"),
+                      y.rolling_std(w, min_samples=1).over("asset_id").alias(f"{c}_std_{w}"),
+                      y.rolling_min(w, min_samples=1).over("asset_id").alias(f"{c}_min_{w}"),
+                      y.rolling_max(w, min_samples=1).over("asset_id").alias(f"{c}_max_{w}"),
+                      ((roll(y * pl.col("t")) - roll(pl.col("t")) * roll(y))
+                       / (roll(pl.col("t") ** 2) - roll(pl.col("t")) ** 2)).alias(f"{c}_slope_{w}")]
+        for s in SPANS:
+            exprs.append(y.ewm_mean(span=s).over("asset_id").alias(f"{c}_ewm_{s}"))
+    out = df.with_columns(exprs)
+    return out.height * len(exprs)
+
+
+def twinflow_kernels(frame: pd.DataFrame, fit: ft.FitStats, params: ft.FeatureParams, xp=np) -> int:
+    _, feats = ft.compute_features(frame, fit, params, xp)
+    return feats.size
+
+
+def twinflow_stage(parts, channels, params, out_root: Path) -> int:
+    """The work of the features flow (fit passes, transform, writes) on the default Dask client."""
+    out = Path(tempfile.mkdtemp(dir=out_root))
+    t0 = time.perf_counter()
+    fit = ft.fit_statistics(parts, channels, ["op_setting_1", "op_setting_2", "op_setting_3"], params)
+    t1 = time.perf_counter()
+    summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out))
+    print(f"  stage: {len(parts)} partitions, {fit.n_regimes} regime(s); fit {t1 - t0:.1f} s, "
+          f"transform+write {time.perf_counter() - t1:.1f} s")
+    shutil.rmtree(out)
+    return sum(s["rows"] for s in summaries)
+
+
+def main() -> dict:
+    import logging
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    p = arg_parser(__doc__.splitlines()[0])
+    p.add_argument("--assets", type=int, default=None)
+    p.add_argument("--rows", type=int, default=None, help="rows per asset")
+    p.add_argument("--channels", type=int, default=14)
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--skip-baselines", action="store_true")
+    args = p.parse_args()
+    assets = args.assets or 1000
+    rows = args.rows or (1000 if args.quick else 10_000)
+    channels = [f"s{i + 1}" for i in range(args.channels)]
+    total = assets * rows
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="twinflow-bench-features-"))
+    print(f"fleet: {assets} assets x {rows} rows = {total:,} rows, {len(channels)} channels; in {work}")
+    t0 = time.perf_counter()
+    dataset = write_fleet(work / "lake", assets, rows, len(channels))
+    print(f"lake written in {time.perf_counter() - t0:.1f} s")
+    groups = ft.list_lake_files(dataset)
+    params = ft.FeatureParams(windows=WINDOWS, ewm_spans=SPANS, regimes=1, normalise=False,
+                              drop_constant=False)
+    fit = ft.identity_fit(channels)
+    bench = Bench("features", baseline="pandas groupby.rolling", units=total)
+    repeat = max(1, args.repeat if args.quick else 1)
+
+    if not args.skip_baselines:
+        chunks = load_chunks(dataset, groups, channels)
+        bench.measure("pandas groupby.rolling", lambda: sum(pandas_features(c, channels) for c in chunks),
+                      repeat=repeat)
+        import polars as pl
+
+        pchunks = [pl.from_pandas(c) for c in chunks]
+        bench.measure("polars over(asset) rolling", lambda: sum(polars_features(c, channels) for c in pchunks),
+                      repeat=repeat)
+        del pchunks
+        bench.measure("twinflow kernels (numpy, 1 process)",
+                      lambda: sum(twinflow_kernels(c, fit, params) for c in chunks), repeat=repeat)
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount():
+                gchunks = chunks
+                bench.measure("twinflow kernels (cupy)",
+                              lambda: sum(twinflow_kernels(c, fit, params, cupy) for c in gchunks),
+                              repeat=repeat, warmup=1)
+        except Exception as exc:  # noqa: BLE001 - no GPU here is the normal case
+            print(f"(no CuPy/GPU candidate: {exc.__class__.__name__})")
+        del chunks
+
+    from distributed import Client, LocalCluster
+
+    # Full normalisation as in production for the stage: regimes auto, per-regime z-scores.
+    stage_params = ft.FeatureParams(windows=WINDOWS, ewm_spans=SPANS)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="6GiB") as cluster, Client(cluster):
+        # Warm-up on two assets: worker imports and first-call costs stay out of the timings.
+        twinflow_stage(ft.plan_partitions(dict(list(sorted(groups.items()))[:2]), stage_params.partition_bytes),
+                       channels, stage_params, work)
+        half = dict(list(sorted(groups.items()))[: assets // 2])
+        for label, subset, n in (("twinflow stage (Dask, Parquet->Parquet) 1/2", half, (assets // 2) * rows),
+                                 ("twinflow stage (Dask, Parquet->Parquet)", groups, total)):
+            parts = ft.plan_partitions(subset, stage_params.partition_bytes, min_partitions=8)
+            bench.measure(label, lambda parts=parts: twinflow_stage(parts, channels, stage_params, work),
+                          repeat=1, units=n)
+    summary = bench.report(args.json)
+    res = bench.results
+    stage = "twinflow stage (Dask, Parquet->Parquet)"
+    if "polars over(asset) rolling" in res:
+        print(f"\ntwinflow stage vs polars: {bench.ratio(stage, 'polars over(asset) rolling'):.2f}x; "
+              f"kernels vs polars: {bench.ratio('twinflow kernels (numpy, 1 process)', 'polars over(asset) rolling'):.2f}x")
+    print(f"peak RSS of the stage (process + workers): half size {res[stage + ' 1/2'].peak_rss_mb:,.0f} MB, "
+          f"full size {res[stage].peak_rss_mb:,.0f} MB")
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
