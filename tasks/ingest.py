@@ -290,6 +290,9 @@ _TYPES = {C.ASSET: pa.string(), C.TIME: pa.int64(), C.TIMESTAMP: pa.timestamp("u
           **{c: pa.float64() for c in C.CHANNELS}}
 
 
+_NON_BLANK = re.compile(rb"\S")
+
+
 def _count_lines(data: bytes) -> int:
     # Rows the source holds as far as a reader can tell: non-blank lines.
     return sum(1 for line in data.splitlines() if line.strip())
@@ -446,7 +449,7 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
             names = [h.strip().strip('"') for h in first.decode("utf-8").split(delim)]
         except UnicodeDecodeError:
             return Parsed(file_error="not valid UTF-8 text (header)", rows_read=max(_count_lines(raw) - 1, 0))
-        if not raw[len(first) + 1:].strip():
+        if _NON_BLANK.search(raw, len(first) + 1) is None:
             return Parsed(file_error="no data rows (header only)")
         if len(set(names)) != len(names):
             return Parsed(file_error=f"duplicate column names in header: {names}",
@@ -540,6 +543,8 @@ def _stuck_mask(x: np.ndarray, same: np.ndarray, starts: np.ndarray, window: int
     n = len(x)
     eq = np.zeros(n, bool)
     eq[1:] = (x[1:] == x[:-1]) & same[1:]
+    if eq.sum() < window - 1:  # no run long enough anywhere: the usual case for live sensor data
+        return np.zeros(n, bool)
     steps = np.add.reduceat(same.astype(np.int64), starts) if n else np.zeros(0, np.int64)
     changes = np.add.reduceat((same & ~eq).astype(np.int64), starts) if n else np.zeros(0, np.int64)
     varying = changes >= 0.5 * np.maximum(steps, 1)
