@@ -26,6 +26,7 @@ from twinflow.tasks.train import (
     plot_learning_curve,
     plot_pred_vs_true,
     plot_residuals_per_asset,
+    retry_store,
     search_task,
 )
 from twinflow.tracking import configure_mlflow, tracked_run
@@ -107,15 +108,15 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             # 2. lineage
             digest = feature_digest(features)
             snap = features.snapshot
-            mlflow.log_input(dataset_for_mlflow(features, digest), context="training",
-                             tags={"lake_snapshot_digest": snap.digest, "lake_batch_id": snap.batch_id,
+            retry_store(mlflow.log_input, dataset_for_mlflow(features, digest), context="training",
+                        tags={"lake_snapshot_digest": snap.digest, "lake_batch_id": snap.batch_id,
                                    "feature_params_digest": features.params_digest})
             mlflow.set_tags({"twinflow.feature_digest": digest, "twinflow.lake_snapshot_digest": snap.digest})
             lineage = {"features": features.model_dump(mode="json"), "feature_digest": digest}
             if test_features is not None:
                 tdigest = feature_digest(test_features)
-                mlflow.log_input(dataset_for_mlflow(test_features, tdigest), context="evaluation",
-                                 tags={"lake_snapshot_digest": test_features.snapshot.digest})
+                retry_store(mlflow.log_input, dataset_for_mlflow(test_features, tdigest), context="evaluation",
+                            tags={"lake_snapshot_digest": test_features.snapshot.digest})
                 lineage["test_features"] = test_features.model_dump(mode="json")
                 lineage["test_feature_digest"] = tdigest
             mlflow.log_dict(lineage, "data/lineage.json")

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import re
+import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -593,7 +594,7 @@ def search(train: pd.DataFrame, val: pd.DataFrame, spec: DataSpec, params: Train
     else:
         train_f, val_f = client.scatter([train, val], broadcast=False, hash=False)
         futures = [client.submit(run_trial, i, hp, train_f, val_f, spec, params, target, pure=False,
-                                 key=f"train-trial-{i}-{hashlib.sha1(str(target).encode()).hexdigest()[:8]}")
+                                 key=f"train-trial-{i}-{uuid.uuid4().hex[:12]}")
                    for i, hp in enumerate(configs)]
         outcomes = client.gather(futures)
     return sorted(outcomes, key=lambda o: (o.val_rmse, o.trial))
@@ -759,6 +760,30 @@ def dataset_for_mlflow(ref: FeatureSetRef, digest: str):
         warnings.simplefilter("ignore")
         source = resolve_dataset_source(ref.path)
     return MetaDataset(source, name=f"features/{ref.snapshot.dataset}", digest=digest, schema=Schema(cols))
+
+
+def retry_store(fn: Callable[..., Any], *args: Any, attempts: int = 6, **kwargs: Any) -> Any:
+    """Call an MLflow store write, retrying the races of concurrent writers on one SQLite file.
+
+    MLflow inserts a logged dataset after checking that it does not exist yet, so two runs that
+    log the same dataset at once can collide on the unique key ("UNIQUE constraint failed"); a
+    retry finds the row and links to it. "database is locked" beyond SQLite's busy timeout is
+    retried too.
+    """
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            msg = str(exc)
+            if attempt == attempts - 1 or not ("UNIQUE constraint failed" in msg or "database is locked" in msg):
+                raise
+            log.info("retrying %s after a concurrent-writer conflict: %s", getattr(fn, "__name__", fn), msg[:120])
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,9 +185,35 @@ def test_cnn_windows_fit_and_pyfunc_roundtrip(tmp_path):
     model = pickle.loads(pickle.dumps(out.model))
     pred = model.predict(val)
     assert np.allclose(pred, out.model.predict(val)) and np.isfinite(pred).all()
+    mlflow.set_experiment("cnn")  # this test's own store (an earlier test may have set another id)
     with tracked_run("cnn"):
         info = model.log("model", val.head(10))
     loaded = mlflow.pyfunc.load_model(info.model_uri)
     cols = loaded.metadata.get_input_schema().input_names()
     assert cols[:2] == ["asset_id", "cycle"]
     assert np.allclose(np.asarray(loaded.predict(val[cols])), pred, atol=1e-4)
+
+
+def test_store_writes_retry_only_concurrent_writer_conflicts():
+    from mlflow.exceptions import MlflowException
+
+    from twinflow.tasks.train import retry_store
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.name")
+        return "linked"
+
+    assert retry_store(flaky) == "linked" and len(calls) == 2
+
+    def broken():
+        calls.append(1)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="no such run"):
+        retry_store(broken)
+    assert len(calls) == 1
