@@ -369,7 +369,7 @@ def write_fleet(params: GenerateParams, model: TwinModel, root: str, batch_id: s
     n_chunks = math.ceil(params.n_assets / params.chunk_assets)
     seeds = np.random.SeedSequence(params.seed).spawn(n_chunks)
     with _client() as client:
-        model_f = client.scatter(model, broadcast=True)
+        model_f = client.scatter(model, broadcast=True, hash=False)
         futures = []
         for i in range(n_chunks):
             lo = i * params.chunk_assets

@@ -111,11 +111,12 @@ class TwinParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_scenarios: int = Field(200, gt=0, description="Monte-Carlo scenarios per policy.")
+    n_scenarios: int = Field(100, gt=0, description="Monte-Carlo scenarios per policy.")
     n_assets: int = Field(100, gt=0, description="Assets in the simulated fleet.")
     horizon: int = Field(1000, gt=0, description="Simulated cycles per scenario.")
     seed: int = Field(0, ge=0, description="Root seed; batches get SeedSequence(seed).spawn(n).")
-    batch_scenarios: int = Field(25, gt=0, description="Scenarios per Dask batch (fixed split).")
+    batch_scenarios: int = Field(10, gt=0, description="Scenarios per Dask batch (fixed split, so "
+                                 "results do not depend on the number of workers).")
     intervals: list[int] = Field(default_factory=lambda: [75, 100, 125, 150, 175],
                                  description="Fixed-interval policies: maintain every k cycles.")
     thresholds: list[float] = Field(default_factory=lambda: [10.0, 20.0, 30.0, 45.0, 60.0],
@@ -126,8 +127,9 @@ class TwinParams(BaseModel):
     rul_error_sd: float = Field(20.0, gt=0, description="Sd of the fallback Gaussian RUL error.")
     backend: Literal["auto", "numpy", "cupy"] = "auto"
     on_no_run_to_failure: Literal["error", "defaults"] = "error"
-    truncated_sources: str = Field(r"(^|[/\\])test_", description="Regex of source files whose "
-                                   "assets are truncated (not run to failure), e.g. C-MAPSS test.")
+    truncated_sources: str = Field(r"^test_", description="Regex searched in the base name of each "
+                                   "source file; matching files' assets are truncated (not run to "
+                                   "failure), e.g. C-MAPSS test_FD001.txt.")
     min_lifetime: int = Field(20, gt=0, description="Assets with fewer cycles are not calibrated on.")
     fan_units: int = Field(300, gt=0, description="Units in the health fan chart.")
 
@@ -569,6 +571,8 @@ def calibrate(frame, *, process_noise: float = 0.005, seed: int = 0, n_sim: int 
 def select_run_to_failure(frame, truncated_sources: str, min_lifetime: int):
     """Keep the assets that ran to failure: not from a truncated source, at least ``min_lifetime``.
 
+    ``truncated_sources`` is searched in the base name of ``source_file`` (not its folders).
+
     Returns:
         ``(frame of kept assets, number of excluded assets)``.
     """
@@ -576,7 +580,8 @@ def select_run_to_failure(frame, truncated_sources: str, min_lifetime: int):
     assets = frame[ASSET].astype(str)
     n_all = assets.nunique()
     if "source_file" in frame.columns:
-        truncated = frame["source_file"].astype(str).map(lambda s: bool(pattern.search(s)))
+        names = frame["source_file"].astype(str).str.replace("\\", "/").str.rsplit("/", n=1).str[-1]
+        truncated = names.map(lambda s: bool(pattern.search(s)))
         bad = set(assets[truncated.to_numpy()])
     else:
         bad = set()
@@ -1083,7 +1088,8 @@ def run_batches(client, model: TwinModel, policies: Sequence[Policy], params: Tw
         arrays of shape ``(n_policies, n_scenarios)``.
     """
     plan = plan_batches(params.n_scenarios, params.batch_scenarios, params.seed)
-    model_f, pol_f, par_f, err_f = client.scatter([model, list(policies), params, error_model], broadcast=True)
+    model_f, pol_f, par_f, err_f = client.scatter([model, list(policies), params, error_model], broadcast=True,
+                                                   hash=False)
     futures = [client.submit(run_batch, model_f, pol_f, par_f, n, ss, err_f, pure=False)
                for n, ss in plan]
     parts = client.gather(futures)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,3 +111,17 @@ def test_bad_params_fail_before_any_task_runs(runtime):
         simulate(params={"n_scenarios": 0})
     with pytest.raises(ParameterTypeError):
         simulate(params={"costs": {"failure": -1}})
+
+
+def test_generated_landing_files_pass_ingest(runtime):
+    from twinflow.flows.ingest import ingest
+    from twinflow.flows.simulate import calibrate_twin, generate
+    from twinflow.tasks.ingest import IngestParams
+
+    refs = generate(twin.GenerateParams(n_assets=12, seed=4, dataset="synthetic", target="landing", chunk_assets=5))
+    assert len(refs) == 3 and all(r.rows_written > 0 for r in refs)
+    result = ingest(IngestParams(landing=str(Path(refs[0].path).parent), dataset="synthetic"))
+    assert result.rows_quarantined == 0
+    assert result.rows_written == sum(r.rows_written for r in refs)
+    model, report = calibrate_twin.fn(twin.TwinParams(), result.snapshots["synthetic"])
+    assert report.n_assets == 12

@@ -100,7 +100,9 @@ def test_multi_regime_model_generates_and_recalibrates(fitted):
 def test_select_run_to_failure_drops_truncated_and_short(fd001):
     test_like = fd001[fd001[ASSET].isin(["1", "2"])].assign(source_file="landing/test_FD001.txt", asset_id=lambda d: "t" + d[ASSET])
     short = fd001[(fd001[ASSET] == "3") & (fd001[TIME] <= 10)].assign(asset_id="short")
-    frame = pd.concat([fd001[fd001[ASSET].isin(["5", "6", "7"])], test_like, short])
+    # Only the file name counts: a run-to-failure file below a folder named test_* is kept.
+    kept_like = fd001[fd001[ASSET].isin(["5", "6", "7"])].assign(source_file="/data/test_runs/train_FD001.txt")
+    frame = pd.concat([kept_like, test_like, short])
     kept, excluded = twin.select_run_to_failure(frame, twin.TwinParams().truncated_sources, min_lifetime=20)
     assert sorted(kept[ASSET].unique()) == ["5", "6", "7"]
     assert excluded == 3
