@@ -26,7 +26,6 @@ from twinflow.tasks.twin import (
     CostModel,
     GenerateParams,
     NoRunToFailureData,
-    Policy,
     RulErrorModel,
     TwinModel,
     TwinParams,
