@@ -136,6 +136,8 @@ def main() -> None:
     app = typer.Typer(name="twinflow", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
     register_commands(app)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "distributed", "mlflow", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         app(standalone_mode=False)
     except TwinflowError as exc:

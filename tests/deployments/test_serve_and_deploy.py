@@ -100,6 +100,23 @@ def test_serve_rejects_bad_input_before_starting_anything(tmp_path):
     assert down.returncode == 1 and "does not answer" in down.stderr and "Traceback" not in down.stderr
 
 
+def test_serve_unknown_block_or_refusing_scheduler_is_a_one_line_error(prefect_api, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"tcp://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens once closed
+    env = _env(prefect_api, dead, tmp_path, TWINFLOW_DASK__CONNECT_TIMEOUT="2")
+    block = subprocess.run([sys.executable, "-m", "twinflow.deployments", "serve", "--config-block", "no-such-plant"],
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert block.returncode == 1 and "unknown twinflow-config block 'no-such-plant'" in block.stderr
+    refused = subprocess.run([sys.executable, "-m", "twinflow.deployments", "serve", "--only", "healthcheck"],
+                             env=env, capture_output=True, text=True, timeout=180)
+    assert refused.returncode == 1, refused.stderr[-2000:]
+    assert f"cannot connect to the Dask scheduler at {dead}" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
 def _prefect(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
