@@ -172,9 +172,13 @@ def _failures_dir() -> Path:
 
 def failure_summary(flow_name: str, flow_run: Any, state: Any) -> dict[str, Any]:
     """A JSON-able summary of a failed flow run: what failed, why, with which (redacted) params."""
+    from prefect.exceptions import MissingResult
+
     exc_text = state.message or ""
     try:
         state.result(raise_on_failure=True)
+    except MissingResult:  # e.g. a crash: the state message is all there is
+        pass
     except BaseException as exc:  # noqa: BLE001 - summarising whatever happened
         exc_text = f"{type(exc).__name__}: {exc}"
     ui = None

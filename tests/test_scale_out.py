@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,9 +160,9 @@ from twinflow.flows.pipeline import demo_params, pipeline
 settings = get_settings()
 params = demo_params(settings)
 data = params.model_dump()
-data["train"].update(n_trials=2, max_iter=60)
+data["train"].update(n_trials=1, max_iter=40)
 data["features"].update(windows=[5, 10])
-data["simulate"].update(n_scenarios=40, n_assets=30, horizon=400, batch_scenarios=20)
+data["simulate"].update(n_scenarios=20, n_assets=20, horizon=400, batch_scenarios=10)
 params = type(params).model_validate(data)
 with runtime.start(settings) as rt:
     assert rt.cluster.mode == "address" and rt.prefect.owned is False
@@ -186,8 +186,13 @@ class ScaleOut:
 
     def run(self, script: str, timeout: float = 300) -> dict:
         """Run a twinflow script in its own process against the services; return its RESULT json."""
-        run = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
-                             timeout=timeout, cwd=self.tmp)
+        try:
+            run = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
+                                 timeout=timeout, cwd=self.tmp)
+        except subprocess.TimeoutExpired as exc:
+            tail = (exc.stderr or b"")[-4000:]
+            pytest.fail(f"twinflow did not finish within {timeout:.0f}s; last output:\n"
+                        f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}")
         assert run.returncode == 0, f"twinflow failed:\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
         line = next(line for line in run.stdout.splitlines() if line.startswith("RESULT "))
         return json.loads(line[len("RESULT "):])
@@ -308,7 +313,7 @@ def test_pipeline_on_separate_prefect_dask_and_mlflow_postgres(scale_out):
 
     pytest.importorskip("twinflow.flows.pipeline", reason="the pipeline flow is not available yet")
     so = scale_out
-    result = so.run(PIPELINE, timeout=360)
+    result = so.run(PIPELINE, timeout=600)
 
     pipeline_runs = httpx.post(f"{so.prefect_url}/flow_runs/filter", timeout=10,
                                json={"flows": {"name": {"any_": ["pipeline"]}}}).json()
