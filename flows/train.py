@@ -157,7 +157,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             if params.use_registry:
                 incumbent = champion_version(client, name)
                 mv = mlflow.register_model(info.model_uri, name, tags={"twinflow.eval_set": out.eval_name})
-                client.set_registered_model_alias(name, CHALLENGER, mv.version)
+                retry_store(client.set_registered_model_alias, name, CHALLENGER, mv.version)
                 champ_rmse, champ_err = None, None
                 if incumbent is not None:
                     try:
@@ -172,7 +172,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                                             champion_version=None if incumbent is None else str(incumbent.version),
                                             eval_set=out.eval_name, champion_error=champ_err)
                 if decision.promote:
-                    client.set_registered_model_alias(name, CHAMPION, mv.version)
+                    retry_store(client.set_registered_model_alias, name, CHAMPION, mv.version)
                 mlflow.log_table(decision.table(), "promotion/decision.json")
                 mlflow.set_tags({"twinflow.promotion": "promoted" if decision.promote else "kept",
                                  "twinflow.registered_version": str(mv.version)})

@@ -765,10 +765,10 @@ def dataset_for_mlflow(ref: FeatureSetRef, digest: str):
 def retry_store(fn: Callable[..., Any], *args: Any, attempts: int = 6, **kwargs: Any) -> Any:
     """Call an MLflow store write, retrying the races of concurrent writers on one SQLite file.
 
-    MLflow inserts a logged dataset after checking that it does not exist yet, so two runs that
-    log the same dataset at once can collide on the unique key ("UNIQUE constraint failed"); a
-    retry finds the row and links to it. "database is locked" beyond SQLite's busy timeout is
-    retried too.
+    MLflow inserts a logged dataset or a registry alias after checking that it does not exist
+    yet, so two runs doing it at once can collide on the unique key ("UNIQUE constraint failed");
+    a retry finds the row and links to (or moves) it. "database is locked" beyond SQLite's busy
+    timeout is retried too. Only idempotent writes may be wrapped.
     """
     import random
     import time
