@@ -999,6 +999,54 @@ def _fused_kernel():
     return cupy.RawKernel(_FUSED_SRC, "twin_policy_kernel", options=("--use_fast_math",))
 
 
+def fused_kernel_args(model: TwinModel, policies: Sequence[Policy], costs: CostModel, n_scenarios: int,
+                      n_assets: int, horizon: int, seed: int | np.random.SeedSequence,
+                      error_model: RulErrorModel, *, inspect_every: int = 10, xp=np) -> tuple[tuple, dict, int]:
+    """Arguments of ``twin_policy_kernel`` in ``_FUSED_SRC`` order, as ``xp`` arrays and NumPy scalars.
+
+    Returns:
+        ``(args, outputs, lanes)``: ``outputs`` are the int32 per-lane counters the kernel fills.
+    """
+    ss = _seed_seq(seed)
+    n_pol, n_slots = len(policies), n_scenarios * n_assets
+    f32 = np.float32
+    interval = xp.asarray([p.value if p.kind == "fixed_interval" else 3.0e38 for p in policies], f32)
+    threshold = xp.asarray([p.value if p.kind == "predictive" else -3.0e38 for p in policies], f32)
+    predictive = xp.asarray([p.kind == "predictive" for p in policies], np.int32)
+    cum = xp.asarray(np.r_[np.cumsum(model.regime_probs)[:-1], 2.0], f32)
+    sev = xp.asarray(model.regime_severity, f32)
+    if error_model.kind == "empirical":
+        counts = np.array([len(r) for r in error_model.residuals], np.int64)
+        edges = xp.asarray(np.r_[error_model.bin_edges, 3.0e38], f32)
+        offsets = xp.asarray(np.r_[0, np.cumsum(counts)[:-1]], np.int64)
+        counts_d = xp.asarray(counts)
+        flat = xp.asarray(np.concatenate(error_model.residuals), f32)
+        err_kind, n_bins = 1, len(counts)
+    else:
+        edges, offsets, counts_d = xp.zeros(1, f32), xp.zeros(1, np.int64), xp.ones(1, np.int64)
+        flat, err_kind, n_bins = xp.zeros(1, f32), 0, 1
+    lanes = n_pol * n_slots
+    out = {k: xp.zeros(lanes, np.int32) for k in _OUTPUTS}
+    key = np.uint64(ss.generate_state(1, np.uint64)[0])
+    args = (interval, threshold, predictive, np.int32(n_pol), np.int64(n_slots), np.int32(horizon),
+            np.int32(inspect_every), key, f32(model.log_a_mean), f32(model.log_a_sd), f32(model.b_mean),
+            f32(model.b_sd), f32(model.d_scale), f32(model.process_noise), np.int32(model.n_regimes), cum, sev,
+            f32(model.mean_severity), np.int32(err_kind), f32(error_model.gaussian_mean),
+            f32(error_model.gaussian_sd), np.int32(n_bins), edges, offsets, counts_d, flat,
+            np.int32(costs.failure_downtime), np.int32(costs.planned_downtime),
+            out["failures"], out["planned"], out["downtime"])
+    return args, out, lanes
+
+
+def fused_kernel_results(out: dict, n_pol: int, n_scenarios: int, n_assets: int, costs: CostModel) -> dict[str, np.ndarray]:
+    """Per-(policy, scenario) fleet totals from the kernel's per-lane counters."""
+    res = {k: _to_numpy(v.reshape(n_pol, n_scenarios, n_assets).sum(axis=2, dtype=np.int64))
+           for k, v in out.items()}
+    res["cost"] = (costs.failure * res["failures"] + costs.planned * res["planned"]
+                   + costs.downtime_per_cycle * res["downtime"])
+    return res
+
+
 def simulate_batch_fused(model: TwinModel, policies: Sequence[Policy], costs: CostModel, n_scenarios: int,
                          n_assets: int, horizon: int, seed: int | np.random.SeedSequence,
                          error_model: RulErrorModel, *, inspect_every: int = 10) -> dict[str, np.ndarray]:
@@ -1011,43 +1059,11 @@ def simulate_batch_fused(model: TwinModel, policies: Sequence[Policy], costs: Co
     """
     import cupy
 
-    ss = _seed_seq(seed)
-    n_pol, n_slots = len(policies), n_scenarios * n_assets
-    f32 = np.float32
-    interval = cupy.asarray([p.value if p.kind == "fixed_interval" else 3.0e38 for p in policies], f32)
-    threshold = cupy.asarray([p.value if p.kind == "predictive" else -3.0e38 for p in policies], f32)
-    predictive = cupy.asarray([p.kind == "predictive" for p in policies], np.int32)
-    cum = cupy.asarray(np.r_[np.cumsum(model.regime_probs)[:-1], 2.0], f32)
-    sev = cupy.asarray(model.regime_severity, f32)
-    if error_model.kind == "empirical":
-        counts = np.array([len(r) for r in error_model.residuals], np.int64)
-        edges = cupy.asarray(np.r_[error_model.bin_edges, 3.0e38], f32)
-        offsets = cupy.asarray(np.r_[0, np.cumsum(counts)[:-1]], np.int64)
-        counts_d = cupy.asarray(counts)
-        flat = cupy.asarray(np.concatenate(error_model.residuals), f32)
-        err_kind, n_bins = 1, len(counts)
-    else:
-        edges, offsets, counts_d = cupy.zeros(1, f32), cupy.zeros(1, np.int64), cupy.ones(1, np.int64)
-        flat, err_kind, n_bins = cupy.zeros(1, f32), 0, 1
-    lanes = n_pol * n_slots
-    out = {k: cupy.zeros(lanes, np.int32) for k in _OUTPUTS}
-    key = np.uint64(ss.generate_state(1, np.uint64)[0])
+    args, out, lanes = fused_kernel_args(model, policies, costs, n_scenarios, n_assets, horizon, seed,
+                                         error_model, inspect_every=inspect_every, xp=cupy)
     threads = 256
-    _fused_kernel()(
-        ((lanes + threads - 1) // threads,), (threads,),
-        (interval, threshold, predictive, np.int32(n_pol), np.int64(n_slots), np.int32(horizon),
-         np.int32(inspect_every), key, f32(model.log_a_mean), f32(model.log_a_sd), f32(model.b_mean),
-         f32(model.b_sd), f32(model.d_scale), f32(model.process_noise), np.int32(model.n_regimes), cum, sev,
-         f32(model.mean_severity), np.int32(err_kind), f32(error_model.gaussian_mean),
-         f32(error_model.gaussian_sd), np.int32(n_bins), edges, offsets, counts_d, flat,
-         np.int32(costs.failure_downtime), np.int32(costs.planned_downtime),
-         out["failures"], out["planned"], out["downtime"]),
-    )
-    res = {k: cupy.asnumpy(v.reshape(n_pol, n_scenarios, n_assets).sum(axis=2, dtype=np.int64))
-           for k, v in out.items()}
-    res["cost"] = (costs.failure * res["failures"] + costs.planned * res["planned"]
-                   + costs.downtime_per_cycle * res["downtime"])
-    return res
+    _fused_kernel()(((lanes + threads - 1) // threads,), (threads,), args)
+    return fused_kernel_results(out, len(policies), n_scenarios, n_assets, costs)
 
 
 # ---------------------------------------------------------------------------------------------
