@@ -27,8 +27,9 @@ full, ``--repeat 2`` (load 25-34):
   generator: per-asset loop 23,553 rows/s, vectorised 333,171 rows/s (14.1x);
   10 M-row fleet (50,000 assets, 10,382,757 rows) on Dask with 2 workers: 98 s.
 Earlier, at load ~5: NumPy kernel 21.5 M asset-steps/s vs loop 0.23-0.41 M/s (52-93x).
-(c) GPU: not measured, no GPU in this environment (the fused kernel's logic was checked on the
-CPU by compiling the CUDA source as C++; see tests/tasks/test_twin_gpu.py for the GPU checks).
+(c) GPU: not measured, no GPU in this environment. The fused kernel's logic is checked on the CPU
+by compiling its CUDA source as C++ (tests/tasks/test_twin_tasks.py, ``..._on_cpu``); the device
+checks are in tests/tasks/test_twin_gpu.py (skipped here).
 """
 
 from __future__ import annotations
