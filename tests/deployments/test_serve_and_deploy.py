@@ -100,6 +100,7 @@ def test_serve_rejects_bad_input_before_starting_anything(tmp_path):
     assert down.returncode == 1 and "does not answer" in down.stderr and "Traceback" not in down.stderr
 
 
+@pytest.mark.slow
 def test_serve_unknown_block_or_refusing_scheduler_is_a_one_line_error(prefect_api, tmp_path):
     import socket
 
