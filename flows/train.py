@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from prefect import flow
 
@@ -93,6 +94,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
         The stage run id, the model URI, the registry version, its aliases and the eval metrics.
     """
     import mlflow
+    from mlflow.entities import Metric
     from prefect.artifacts import create_markdown_artifact
 
     params = params or TrainParams()
@@ -110,7 +112,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             snap = features.snapshot
             retry_store(mlflow.log_input, dataset_for_mlflow(features, digest), context="training",
                         tags={"lake_snapshot_digest": snap.digest, "lake_batch_id": snap.batch_id,
-                                   "feature_params_digest": features.params_digest})
+                              "feature_params_digest": features.params_digest})
             mlflow.set_tags({"twinflow.feature_digest": digest, "twinflow.lake_snapshot_digest": snap.digest})
             lineage = {"features": features.model_dump(mode="json"), "feature_digest": digest}
             if test_features is not None:
@@ -132,8 +134,11 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                        "rows_train": float(out.rows_train), "rows_val": float(out.rows_val),
                        "assets_train": float(out.assets_train), "assets_val": float(out.assets_val)}
             mlflow.log_metrics(metrics)
-            for h in best.model.history:
-                mlflow.log_metrics({k: v for k, v in h.items() if k != "step"}, step=int(h["step"]))
+            # The chosen model's learning curve, in batches: one store write per 1000 points.
+            points = [Metric(k, float(v), int(time.time() * 1000), int(h["step"]))
+                      for h in best.model.history for k, v in h.items() if k != "step"]
+            for i in range(0, len(points), 1000):
+                retry_store(client.log_batch, run_id, metrics=points[i:i + 1000])
             mlflow.log_params({f"best.{k}": v for k, v in best.hparams.items()})
             mlflow.set_tags({"twinflow.eval_set": out.eval_name, "twinflow.best_trial_run_id": best.run_id or "",
                              "twinflow.device": getattr(best.model, "device", "cpu")})

@@ -15,7 +15,6 @@ import copy
 import hashlib
 import importlib.util
 import io
-import json
 import logging
 import math
 import re

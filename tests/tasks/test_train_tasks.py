@@ -26,7 +26,6 @@ from twinflow.tasks.train import (
     run_trial,
     sample_hparams,
     search,
-    spec_for,
     split_by_asset,
 )
 from twinflow.tracking import tracked_run
