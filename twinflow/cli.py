@@ -25,15 +25,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=False)
-_STATE = {"debug": False}
+_STATE: dict = {"debug": False, "config_block": None}
+
+
+def _settings():
+    """Settings from the environment, or from a saved ``twinflow-config`` block (``--config-block``)."""
+    from twinflow.settings import get_settings
+
+    name = _STATE.get("config_block")
+    if not name:
+        return get_settings()
+    from twinflow.blocks import settings_from_block
+
+    return settings_from_block(name)
 
 
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks and debug logs."),
     home: Optional[Path] = typer.Option(None, "--home", help="twinflow home (default: TWINFLOW_HOME or ./.twinflow)."),
+    config_block: Optional[str] = typer.Option(
+        None, "--config-block", help="Take settings from a saved twinflow-config Prefect block (see `twinflow blocks`)."),
 ) -> None:
     _STATE["debug"] = debug
+    _STATE["config_block"] = config_block
     if home is not None:
         os.environ["TWINFLOW_HOME"] = str(home)
     _configure_logging(debug)
@@ -86,9 +101,8 @@ def demo(
     from twinflow import runtime
     from twinflow.flows.pipeline import PipelineParams, demo_params, pipeline
     from twinflow.locks import exclusive
-    from twinflow.settings import get_settings
 
-    settings = get_settings()
+    settings = _settings()
     with exclusive(settings.home / "demo.lock", "twinflow demo"):
         params: PipelineParams = demo_params(settings, stages=stages or None)
         console.rule("[bold]twinflow demo")
@@ -102,7 +116,7 @@ def demo(
         console.rule("[bold green]done")
         console.print(f"lake:        {settings.lake_path}")
         console.print(f"MLflow:      experiment '{settings.mlflow.experiment}' in {settings.mlflow_tracking_uri}")
-        console.print(f"Browse both: [bold]twinflow server[/] (Prefect UI + MLflow UI on 127.0.0.1)")
+        console.print("Browse both: [bold]twinflow server[/] (Prefect UI + MLflow UI on 127.0.0.1)")
 
 
 def _print_result(result) -> None:
@@ -124,13 +138,12 @@ def run(
     """Run one stage (or the pipeline) with parameters, on the configured runtime."""
     from twinflow import runtime
     from twinflow.flows.pipeline import run_stage
-    from twinflow.settings import get_settings
 
     from twinflow.flows.pipeline import STAGES
 
     if stage not in (*STAGES, "pipeline"):
         raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join((*STAGES, 'pipeline'))}")
-    settings = get_settings()
+    settings = _settings()
     overrides = _parse_params(param)
     if landing:
         overrides["landing"] = landing
@@ -183,9 +196,8 @@ def doctor() -> None:
 
     from twinflow.cluster import gpu_count, has_dask_cuda, resolve_mode
     from twinflow.prefect_server import read_server_state
-    from twinflow.settings import get_settings
 
-    settings = get_settings()
+    settings = _settings()
     table = Table(title="twinflow doctor", show_header=False)
     table.add_row("python", platform.python_version())
     for pkg in ("twinflow", "prefect", "prefect-dask", "dask", "distributed", "mlflow", "pyarrow",
