@@ -14,6 +14,7 @@ from twinflow.runtime import TwinflowTaskRunner
 from twinflow.tasks.train import (
     CHALLENGER,
     CHAMPION,
+    MODEL_IO_LOCK,
     RESIDUALS_ARTIFACT,
     TrackingTarget,
     TrainParams,
@@ -155,7 +156,8 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             import matplotlib.pyplot as plt
 
             plt.close("all")
-            info = best.model.log("model", out.example)
+            with MODEL_IO_LOCK:
+                info = best.model.log("model", out.example)
             result = TrainResult(run_id=run_id, model_uri=info.model_uri, metrics=metrics)
 
             # 5. registry and promotion gate

@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import re
+import threading
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -32,6 +33,11 @@ from twinflow.errors import ConfigError, TwinflowError
 from twinflow.refs import FeatureSetRef
 
 log = logging.getLogger("twinflow.train")
+
+# skops (MLflow's sklearn serializer) parses Python ASTs while saving and loading, and CPython's
+# AST constructor is not safe across threads ("AST constructor recursion depth mismatch"): model
+# saves and loads in one process take turns.
+MODEL_IO_LOCK = threading.Lock()
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -951,7 +957,8 @@ def evaluate_model_uri(model_uri: str, features: FeatureSetRef, params: TrainPar
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     ev = build_eval_set(features, params, test_features)
-    model = mlflow.pyfunc.load_model(model_uri)
+    with MODEL_IO_LOCK:
+        model = mlflow.pyfunc.load_model(model_uri)
     sig = model.metadata.get_input_schema()
     cols = sig.input_names() if sig is not None else list(ev.frame.columns)
     missing = [c for c in cols if c not in ev.frame.columns]
