@@ -851,6 +851,7 @@ def nan_counts(keys: pd.DataFrame, features: np.ndarray, names: Sequence[str]) -
 
 
 def sample_job(frame: pd.DataFrame, op_columns: Sequence[str], n: int, seed: int) -> np.ndarray:
+    """One partition's share of the operating-settings sample (pass 1)."""
     return sample_operating_settings(frame, op_columns, n, seed)
 
 
