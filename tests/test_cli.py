@@ -93,3 +93,35 @@ def test_server_command_serves_prefect_and_mlflow_uis_until_interrupted(tmp_path
     assert not (tmp_path / "home" / "prefect" / "server.json").exists()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{pp}/api/health", timeout=2)
+
+
+@pytest.mark.integration
+def test_sigterm_stops_the_server_the_command_started(tmp_path):
+    """A killed command (SIGTERM) still stops the Prefect server it started: no orphan."""
+    import json
+    import signal
+    import time
+
+    import psutil
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mlflow_port = s.getsockname()[1]
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.Popen([sys.executable, "-m", "twinflow.cli", "--home", str(home), "server",
+                             "--prefect-port", "0", "--mlflow-port", str(mlflow_port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = home / "prefect" / "server.json"
+    deadline = time.monotonic() + 240
+    while not state.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert state.exists(), "the local Prefect server did not start"
+    pid = json.loads(state.read_text())["pid"]
+    assert proc.poll() is None, "the server command must still be running before it is killed"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(90)
+    assert not state.exists()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

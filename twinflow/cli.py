@@ -233,12 +233,21 @@ def _register_extensions() -> None:
     register_commands(app)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: run the app and turn user errors into one line (traceback with --debug)."""
     import click
 
+    import signal
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    # SIGTERM (a scheduler's kill, `timeout`) unwinds like Ctrl-C, so the Prefect server and the
+    # Dask cluster this command started are stopped instead of being orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     _register_extensions()
     try:
         app(args=argv, prog_name="twinflow", standalone_mode=False)
