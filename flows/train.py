@@ -14,7 +14,6 @@ from twinflow.runtime import TwinflowTaskRunner
 from twinflow.tasks.train import (
     CHALLENGER,
     CHAMPION,
-    MODEL_IO_LOCK,
     RESIDUALS_ARTIFACT,
     TrackingTarget,
     TrainParams,
@@ -24,6 +23,7 @@ from twinflow.tasks.train import (
     evaluate_task,
     feature_digest,
     get_trainer,
+    model_io_lock,
     plot_feature_importance,
     plot_learning_curve,
     plot_pred_vs_true,
@@ -156,7 +156,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             import matplotlib.pyplot as plt
 
             plt.close("all")
-            with MODEL_IO_LOCK:
+            with model_io_lock():
                 info = best.model.log("model", out.example)
             result = TrainResult(run_id=run_id, model_uri=info.model_uri, metrics=metrics)
 

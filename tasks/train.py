@@ -12,6 +12,7 @@ assets and the champion/challenger comparison runs on data neither model trained
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib.util
 import io
@@ -36,8 +37,13 @@ log = logging.getLogger("twinflow.train")
 
 # skops (MLflow's sklearn serializer) parses Python ASTs while saving and loading, and CPython's
 # AST constructor is not safe across threads ("AST constructor recursion depth mismatch"): model
-# saves and loads in one process take turns.
-MODEL_IO_LOCK = threading.Lock()
+# saves and loads in one process take turns. Created on first use, not at import: module globals
+# travel with Prefect tasks that Dask pickles by value, and a lock does not pickle.
+@functools.lru_cache(maxsize=None)
+def model_io_lock() -> threading.Lock:
+    """The process-wide lock around MLflow model saves and loads."""
+    return threading.Lock()
+
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -957,7 +963,7 @@ def evaluate_model_uri(model_uri: str, features: FeatureSetRef, params: TrainPar
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     ev = build_eval_set(features, params, test_features)
-    with MODEL_IO_LOCK:
+    with model_io_lock():
         model = mlflow.pyfunc.load_model(model_uri)
     sig = model.metadata.get_input_schema()
     cols = sig.input_names() if sig is not None else list(ev.frame.columns)
