@@ -23,6 +23,24 @@ Ratios are baseline time / candidate time (> 1: faster than pandas).
 Figures (2-core shared VM, load average ~15 from other jobs during the run, so absolute times are
 inflated; ratios are measured side by side in one run):
 
+Run 3 (the reference), ``--quick`` (1,000 assets x 1,000 rows = 1M rows, 14 channels), current
+code, load 4-10 and steady::
+
+    candidate                                     best s         rows/s  peak RSS MB    ratio
+    pandas groupby.rolling                        42.891         23,315          476    1.00x
+    polars over(asset) rolling                    20.101         49,749          664    2.13x
+    twinflow kernels (numpy, 1 process)            9.841        101,617          794    4.36x
+    twinflow stage (Dask, Parquet->Parquet) 1/2   34.400         14,535         1406    1.25x
+    twinflow stage (Dask, Parquet->Parquet)       40.044         24,972         1847    1.07x
+    twinflow stage vs polars: 0.50x; kernels vs polars: 2.04x
+
+Against the issue's CPU targets: the window kernels meet them (4.4x pandas, 2.0x polars, on one
+core against polars on two); the whole stage does not at this size (1.1x pandas, 0.5x polars):
+it also reads Parquet three times (regime sample, moments, transform), fits k-means, normalises
+per regime and writes 170 float32 columns, which the in-memory baselines do not. In quick mode
+partitions are total/8 (so every worker gets several), so their size, and the peak RSS with
+them, grows with the input up to the 32 MiB cap; at full size the cap holds (53 partitions).
+
 Run 1, ``--quick`` (1,000 assets x 1,000 rows = 1M rows, 14 channels; load ~16), before the
 kernel optimisations of commit 0424f09 (shared asset shift, copy-free levels, arrow keys)::
 
