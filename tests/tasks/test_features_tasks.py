@@ -117,7 +117,9 @@ def test_windows_never_cross_assets(sizes, w, seed):
         n = len(rows)
         alone = ft.rolling_features(y[:, rows].copy(), t[rows], np.zeros(n, np.int64), [w], ft.STATS, 1)
         for key, val in alone.items():
-            np.testing.assert_allclose(together[key][:, rows], val, rtol=1e-9, atol=1e-12, err_msg=str(key))
+            # Equal up to rounding (block alignment differs); a crossed window would be far off.
+            np.testing.assert_allclose(together[key][:, rows], val, rtol=1e-7,
+                                       atol=1e-9 * np.abs(y).max(), err_msg=str(key))
         np.testing.assert_allclose(ewm[:, rows], ft.ewm_mean(y[:, rows].copy(), np.arange(n), w),
                                    rtol=1e-9, atol=1e-12)
 
