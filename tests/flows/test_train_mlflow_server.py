@@ -19,7 +19,8 @@ import pytest
 from train_fixtures import cmapss_frame, write_features
 from twinflow.tasks.train import CHALLENGER, CHAMPION, TrainParams, champion_error_model
 
-pytestmark = pytest.mark.integration
+# Starting `mlflow server` costs ~25 s on the shared 2-core machine: run with `-m slow`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def _free_port() -> int:
