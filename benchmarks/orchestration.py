@@ -14,8 +14,18 @@ in ms, and the number of Prefect server processes (must be 1: started once per c
 
 Run: ``python -m benchmarks.orchestration [--quick]``.
 
-Measured on the 2-core dev machine (2026-11-25, other jobs sharing the CPU, so ratios only):
-see the printed table in the README's benchmark section.
+Measured on the 2-core dev machine, 2026-11-25, quiet (load ~1), LocalCluster 2 workers x 1 thread:
+
+    full (4 stages x 64 partitions x 400k, ~1 s of work per stage), --repeat 2:
+      plain dask                         4.09 s   1.00x
+      twinflow flow (coarse tasks)       6.20 s   0.66x   -> b/a = 1.51 (target <= 1.25: NOT met at 1 s/stage)
+      twinflow flow (task per partition) 66.7 s   0.06x
+      overhead per Prefect task run: coarse 526 ms (incl. the flow run's own start-up), per-partition 244 ms
+      Prefect server processes for the command: 1
+    --quick (4 x 16 x 200k, ~0.15 s/stage): b/a = 4.94; coarse 634 ms, per-partition 244 ms.
+
+The fixed cost is ~2 s per flow (flow run + 4 task runs on workers); the demo's real stages take 4-60 s
+each, where that is <= ~10%, but this benchmark has not yet been run at that granularity.
 """
 
 from __future__ import annotations
