@@ -9,9 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
@@ -62,15 +61,9 @@ def _settings():
     return rt.settings if rt is not None else get_settings()
 
 
-@contextmanager
-def _client() -> Iterator[Any]:
+def _client():
     """The Dask client for fine-grained work, whether we run on a worker or in the flow process."""
-    c = runtime.dask_client()
-    if hasattr(c, "submit"):
-        yield c
-    else:  # worker_client(): a context manager that secedes from the worker's thread pool
-        with c as client:
-            yield client
+    return runtime.using_dask()
 
 
 # --------------------------------------------------------------------------------------------

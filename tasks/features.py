@@ -935,18 +935,10 @@ def publish(tmp: Path, final: Path) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _dask() -> Iterator[Any]:
-    from distributed import Client
-
+def _dask():
     from twinflow import runtime
 
-    client = runtime.dask_client()
-    if isinstance(client, Client):
-        yield client
-    else:  # worker_client() on a Dask worker: a context manager that secedes while we wait
-        with client as c:
-            yield c
+    return runtime.using_dask()
 
 
 def lake_frame(parts: Sequence[Sequence[str]], columns: Sequence[str], storage_options: dict | None = None):

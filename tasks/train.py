@@ -983,32 +983,10 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 
 def _trial_client():
-    """A context manager yielding the Dask client for trials (worker client on a worker)."""
-    from contextlib import contextmanager
+    """The Dask client for trials (the worker's client, seceding, when run on a worker)."""
+    from twinflow import runtime
 
-    @contextmanager
-    def cm():
-        try:
-            from distributed import get_worker
-
-            get_worker()
-        except ValueError:
-            from twinflow import runtime
-
-            rt = runtime.current()
-            if rt is not None and rt.cluster is not None:
-                yield rt.cluster.client
-                return
-            from distributed import get_client
-
-            yield get_client()
-            return
-        from distributed import worker_client
-
-        with worker_client() as c:  # secedes from the worker's pool while trials run
-            yield c
-
-    return cm()
+    return runtime.using_dask()
 
 
 @task(name="train-search", cache_policy=NO_CACHE, log_prints=False)
