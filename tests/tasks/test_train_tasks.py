@@ -184,7 +184,9 @@ def test_cnn_windows_fit_and_pyfunc_roundtrip(tmp_path):
     model = pickle.loads(pickle.dumps(out.model))
     pred = model.predict(val)
     assert np.allclose(pred, out.model.predict(val)) and np.isfinite(pred).all()
-    mlflow.set_experiment("cnn")  # this test's own store (an earlier test may have set another id)
+    # This test's own experiment, with its artifacts under tmp_path: a bare set_experiment on SQLite
+    # would put them in ./mlruns of the working directory.
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("cnn", (tmp_path / "art").as_uri()))
     with tracked_run("cnn"):
         info = model.log("model", val.head(10))
     loaded = mlflow.pyfunc.load_model(info.model_uri)
