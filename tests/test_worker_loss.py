@@ -1,0 +1,145 @@
+"""A Dask worker that disappears mid-run: the stage finishes on the survivors, nothing lost or doubled.
+
+A separately started ``dask scheduler`` with two ``dask worker`` processes (as an operator runs them);
+``twinflow run ingest`` in its own process connects by address. While an ``ingest-batch`` task is
+running on worker ``w2``, that worker's process is killed (SIGKILL: no clean shutdown). Dask reschedules
+its tasks on ``w1`` and Prefect's run continues; the checks are what an operator relies on: the flow
+run is COMPLETED in the Prefect API, every input row is in the lake exactly once, the ledger holds
+every file once, and no temporary or staged file is left visible.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+N_FILES = 6
+COPIES = 4  # FD001 train (20,631 rows) repeated with shifted unit ids: ~80k rows per file
+
+
+def _landing(root: Path) -> int:
+    """Write ``N_FILES`` C-MAPSS text files with disjoint units; return the number of rows."""
+    from twinflow.data import cmapss_path
+
+    lines = gzip.decompress(cmapss_path("train_FD001.txt.gz").read_bytes()).decode().splitlines()
+    rows = [line.split(None, 1) for line in lines if line.strip()]
+    root.mkdir(parents=True)
+    total = 0
+    for k in range(N_FILES):
+        out = []
+        for c in range(COPIES):
+            shift = (k * COPIES + c) * 1000
+            out.extend(f"{int(unit) + shift} {rest}" for unit, rest in rows)
+        (root / f"plant_{k}.txt").write_text("\n".join(out) + "\n")
+        total += len(out)
+    return total
+
+
+def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_worker_killed_mid_ingest_loses_and_duplicates_nothing(prefect_server, tmp_path):
+    import httpx
+    from distributed import Client
+
+    from twinflow.tasks.ingest import latest_snapshot, read_lake
+
+    total = _landing(tmp_path / "landing")
+    bindir = Path(sys.executable).parent
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("TWINFLOW_", "MLFLOW_TRACKING"))}
+    base.update({"PREFECT_API_URL": prefect_server.url, "PREFECT_HOME": str(tmp_path / "prefect"),
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"})
+    home = tmp_path / "home"
+    sched_file = tmp_path / "scheduler.json"
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.append(_spawn([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                             "--no-dashboard", "--scheduler-file", str(sched_file)], base, tmp_path / "sched.log"))
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            assert time.monotonic() < deadline, (tmp_path / "sched.log").read_text()[-1500:]
+            time.sleep(0.2)
+        workers = {}
+        for name in ("w1", "w2"):
+            workers[name] = _spawn([str(bindir / "dask"), "worker", "--scheduler-file", str(sched_file),
+                                    "--name", name, "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
+                                    "--memory-limit", "3GiB"], base, tmp_path / f"{name}.log")
+            procs.append(workers[name])
+        address = json.loads(sched_file.read_text())["address"]
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=90)
+            w2_addr = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                           if w["id"] == "w2")
+
+            env = {**base, "TWINFLOW_HOME": str(home), "TWINFLOW_DASK__MODE": "address",
+                   "TWINFLOW_DASK__ADDRESS": address}
+            run = _spawn([str(bindir / "twinflow"), "run", "ingest", "--landing", str(tmp_path / "landing"),
+                          "-p", "dataset=plant", "-p", "files_per_batch=1"], env, tmp_path / "run.log")
+            procs.append(run)
+            # Kill w2 while it is running an ingest batch (not before: the point is a task in flight).
+            killed_during = None
+            deadline = time.monotonic() + 240
+            while killed_during is None and run.poll() is None and time.monotonic() < deadline:
+                keys = client.processing().get(w2_addr, [])
+                batch = [k for k in keys if "ingest-batch" in str(k) or "process_batch" in str(k)]
+                if batch:
+                    time.sleep(0.3)  # let the task get into its reading/parsing
+                    os.killpg(workers["w2"].pid, signal.SIGKILL)
+                    killed_during = batch
+                time.sleep(0.05)
+            assert killed_during, ("w2 never ran an ingest batch before the run ended: "
+                                   + (tmp_path / "run.log").read_text()[-2000:])
+            rc = run.wait(timeout=400)
+            log = (tmp_path / "run.log").read_text()
+            assert rc == 0, log[-4000:]
+            assert list(client.scheduler_info(n_workers=-1)["workers"]) != [w2_addr]  # w2 is gone
+
+        # Every row in the lake exactly once.
+        snapshot = latest_snapshot(str(home / "lake"), "plant")
+        assert snapshot is not None and len(snapshot.files) == N_FILES and snapshot.rows == total
+        table = read_lake(snapshot, columns=["asset_id", "cycle"])
+        assert table.num_rows == total
+        keys = table.group_by(["asset_id", "cycle"]).aggregate([([], "count_all")])
+        assert keys.num_rows == total
+        # Nothing temporary or staged is left visible.
+        leftovers = [p for p in home.rglob("*") if p.is_file() and
+                     (".tmp" in p.name or p.name.startswith(".") or "_staging" in p.parts)]
+        assert leftovers == []
+        # The flow run completed in the Prefect API, with a task run per file.
+        flows = httpx.post(f"{prefect_server.url}/flow_runs/filter", timeout=10,
+                           json={"flow_runs": {"tags": {"all_": []}},
+                                 "sort": "START_TIME_DESC", "limit": 20}).json()
+        mine = [f for f in flows if f["parameters"].get("params", {}).get("landing") == str(tmp_path / "landing")]
+        assert len(mine) == 1 and mine[0]["state_type"] == "COMPLETED", [f["state_type"] for f in mine]
+        trs = httpx.post(f"{prefect_server.url}/task_runs/filter", timeout=10,
+                         json={"flow_runs": {"id": {"any_": [mine[0]["id"]]}}}).json()
+        batches = [t for t in trs if t["name"].startswith("ingest-batch")]
+        assert len(batches) == N_FILES and all(t["state_type"] == "COMPLETED" for t in batches), \
+            [(t["name"], t["state_type"]) for t in batches]
+    finally:
+        _stop(procs)
