@@ -98,6 +98,12 @@ def test_serve_rejects_bad_input_before_starting_anything(tmp_path):
                           env={**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}, capture_output=True, text=True,
                           timeout=120)
     assert down.returncode == 1 and "does not answer" in down.stderr and "Traceback" not in down.stderr
+    serve_down = subprocess.run([sys.executable, "-m", "twinflow.deployments", "serve", "--only", "healthcheck"],
+                                env={**env, "PREFECT_API_URL": "http://127.0.0.1:9/api",
+                                     "TWINFLOW_HOME": str(tmp_path / "home")},
+                                capture_output=True, text=True, timeout=120)
+    assert serve_down.returncode == 1 and "http://127.0.0.1:9/api does not answer" in serve_down.stderr
+    assert "Traceback" not in serve_down.stderr
 
 
 @pytest.mark.slow
