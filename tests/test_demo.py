@@ -11,6 +11,7 @@ import pytest
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(1800)  # two full demo runs; minutes each on a 2-core machine
 def test_demo_runs_end_to_end_twice(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     env.update({"TWINFLOW_HOME": str(tmp_path / "home"), "CUDA_VISIBLE_DEVICES": ""})
