@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 N_FILES = 6
 COPIES = 4  # FD001 train (20,631 rows) repeated with shifted unit ids: ~80k rows per file
