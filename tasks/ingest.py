@@ -88,6 +88,12 @@ class IngestParams(BaseModel):
         include: File-name globs (case-insensitive) of the files to ingest; other files are ignored.
         exclude: File-name globs to skip; by default C-MAPSS ground-truth ``RUL_*`` files, which are
             labels read by the train stage, not telemetry.
+        stream_threshold_bytes: Files larger than this (on disk, compressed or not) are hashed, parsed and
+            validated in batches, so that their memory is bounded by ``batch_rows`` rather than their size;
+            smaller files are read whole (faster). Does not change what the lake contains, so it is not
+            part of :meth:`digest`.
+        batch_rows: Rows per batch when a file is streamed (see ``stream_threshold_bytes``). Not part of
+            :meth:`digest` either: any batch size gives the same lake rows, quarantined rows and counts.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -105,6 +111,8 @@ class IngestParams(BaseModel):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     include: list[str] = Field(default_factory=lambda: list(DEFAULT_INCLUDE))
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    stream_threshold_bytes: int = Field(64 << 20, ge=1)
+    batch_rows: int = Field(1_000_000, ge=1)
 
     def digest(self, dataset: str) -> str:
         """Fingerprint of everything that changes what a file of ``dataset`` parses into (params, contract).
@@ -345,8 +353,10 @@ def _coerce(col: pa.ChunkedArray | pa.Array, name: str) -> tuple[pa.Array, np.nd
 
 
 def _canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_errors: bool,
-                  notes: list[str]) -> tuple[pa.Table | None, dict[int, str] | None, str | None]:
-    """Rename source columns to canonical names, check required ones, cast (string fallback)."""
+                  notes: list[str], offset: int = 0) -> tuple[pa.Table | None, dict[int, str] | None, str | None]:
+    """Rename source columns to canonical names, check required ones, cast (string fallback).
+
+    ``offset`` numbers the rows (``record``) of a batch that does not start the file."""
     mapping: dict[str, str] = {}
     ignored = []
     for src in names:
@@ -397,7 +407,7 @@ def _canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_e
                     reasons.setdefault(int(i), f"value of {canon} not convertible to {_TYPES[canon]}")
         cols.append(arr)
         out_names.append(canon)
-    cols.append(pa.array(np.arange(n, dtype=np.int64)))
+    cols.append(pa.array(np.arange(offset, offset + n, dtype=np.int64)))
     out_names.append("record")
     return pa.Table.from_arrays(cols, names=out_names), reasons, None
 
@@ -508,11 +518,17 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
     return Parsed(table=out, reasons=reasons, bad_rows=list(bad_rows), rows_read=rows_read, notes=notes)
 
 
+def _parquet_error(exc: Exception) -> str:
+    # The same words whether the file was read from memory or streamed from its file system.
+    msg = re.sub(r"^Could not open Parquet input source '[^']*': ", "", str(exc).splitlines()[0])
+    return f"unreadable Parquet ({msg[:120]})"
+
+
 def _parse_parquet(raw: bytes, allow_missing: bool) -> Parsed:
     try:
         table = pq.read_table(io.BytesIO(raw))
     except (pa.ArrowException, OSError) as exc:
-        return Parsed(file_error=f"unreadable Parquet ({str(exc).splitlines()[0][:120]})")
+        return Parsed(file_error=_parquet_error(exc))
     if table.num_rows == 0:
         return Parsed(file_error="no data rows (empty Parquet file)")
     notes: list[str] = []
@@ -555,6 +571,54 @@ def _stuck_mask(x: np.ndarray, same: np.ndarray, starts: np.ndarray, window: int
     return judged & (run_len >= window) & ~np.isnan(x)
 
 
+class _FileState:
+    """What validating one file in batches carries from batch to batch (see :func:`_validate_batch`).
+
+    Per asset (indexed in order of first appearance): the largest cycle kept so far (out-of-order check),
+    and, per channel, the last value in cycle order plus counts of steps, unchanged steps and changes
+    (which say after the last batch whether a stuck run is possible at all). The keys kept so far are one
+    sorted int64 array (asset index << 32 | cycle) with the record of each: 16 bytes per kept row, the
+    only state that grows with the file.
+    """
+
+    def __init__(self) -> None:
+        self.asset_ix: dict[str, int] = {}
+        self.keys = np.zeros(0, np.int64)
+        self.recs = np.zeros(0, np.int64)
+        self.maxc = np.zeros(0, np.int64)
+        self.rows = np.zeros(0, np.int64)
+        self.disorder = np.zeros(0, bool)
+        self.channels: list[str] | None = None
+        self.last = self.eq = self.changes = self.steps = None
+
+    def index(self, names: list[Any]) -> np.ndarray:
+        out = np.empty(len(names), np.int64)
+        for i, a in enumerate(names):
+            out[i] = self.asset_ix.setdefault(a, len(self.asset_ix))
+        grow = len(self.asset_ix) - len(self.maxc)
+        if grow > 0:
+            self.maxc = np.r_[self.maxc, np.full(grow, -1, np.int64)]
+            self.rows = np.r_[self.rows, np.zeros(grow, np.int64)]
+            self.disorder = np.r_[self.disorder, np.zeros(grow, bool)]
+            if self.channels is not None:
+                k = len(self.channels)
+                self.last = np.r_[self.last, np.full((grow, k), np.nan)]
+                self.eq = np.r_[self.eq, np.zeros((grow, k), np.int64)]
+                self.changes = np.r_[self.changes, np.zeros((grow, k), np.int64)]
+                self.steps = np.r_[self.steps, np.zeros(grow, np.int64)]
+        return out
+
+    def suspects(self, window: int) -> set[str]:
+        """Assets that may hold a stuck run: cycles out of order across batches, or a varying channel with
+        enough unchanged steps. Any other asset has none (exactly as :func:`_stuck_mask` would judge)."""
+        sus = self.disorder.copy()
+        if self.channels:
+            varying = self.changes >= 0.5 * np.maximum(self.steps, 1)[:, None]
+            sus |= (varying & (self.eq >= window - 1)).any(axis=1)
+        names = list(self.asset_ix)
+        return {names[i] for i in np.flatnonzero(sus)}
+
+
 def validate_table(table: pa.Table, reasons: dict[int, str] | None, source: str, batch_id: str,
                    stuck_window: int = 20) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """Apply the data contract to a parsed table.
@@ -574,7 +638,21 @@ def validate_table(table: pa.Table, reasons: dict[int, str] | None, source: str,
     Returns:
         (lake table in the canonical schema sorted by asset and cycle, quarantine table, flag counts).
     """
+    return _validate_batch(table, reasons, source, batch_id, stuck_window, None)
+
+
+def _validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str, batch_id: str,
+                    stuck_window: int, state: _FileState | None) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """:func:`validate_table` of one batch of a file's rows (``record`` numbers rows across the file).
+
+    With ``state`` None the table is the whole file. Otherwise keys, cycles and channel statistics of
+    earlier batches come from ``state`` (and this batch's are added): duplicate keys and out-of-order
+    cycles are judged against the whole file so far, and stuck sensors are NOT flagged here (a later batch
+    can extend a run or change whether a channel varies); :func:`_stuck_quality` flags them over each
+    asset that :meth:`_FileState.suspects` names once the last batch is in.
+    """
     n = table.num_rows
+    st = state if state is not None else _FileState()
     # Rejections are rare: a boolean mask for the vectorised checks, reason strings only for rejects.
     reason: dict[int, str] = dict(reasons or {})
     rejected = np.zeros(n, bool)
@@ -617,29 +695,51 @@ def validate_table(table: pa.Table, reasons: dict[int, str] | None, source: str,
                    f"{ch}={x[i]:g} outside valid range [{low:g}, {high:g}] {C.CHANNEL_SPECS[ch].unit}")
         values[ch] = x
 
-    # Duplicate keys among rows not already rejected: keep the first occurrence in file order.
-    codes = pc.dictionary_encode(asset).indices.to_numpy(zero_copy_only=False).astype(np.int64) \
-        if n else np.zeros(0, np.int64)
+    # Asset codes in order of first appearance in the file (a fresh state: in this table).
+    if n:
+        enc = pc.dictionary_encode(asset)
+        local = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        names = enc.dictionary.to_pylist()
+        codes = st.index(names)[local] if names else np.zeros(n, np.int64)
+    else:
+        codes = np.zeros(0, np.int64)
+
+    # Duplicate keys among rows not already rejected: keep the first occurrence in file order (a key an
+    # earlier batch kept was first seen there).
     idx = np.flatnonzero(~rejected)
     order = idx[np.lexsort((record[idx], cycle[idx], codes[idx]))]
-    if len(order) > 1:
+    if len(order):
         dup = np.r_[False, (codes[order][1:] == codes[order][:-1]) & (cycle[order][1:] == cycle[order][:-1])]
-        first = order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]
+        first_rec = record[order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]]
+        keys = (codes[order] << 32) | cycle[order]
+        if len(st.keys):
+            pos = np.minimum(np.searchsorted(st.keys, keys), len(st.keys) - 1)
+            hit = st.keys[pos] == keys
+            if hit.any():
+                dup |= hit
+                first_rec = np.where(hit, st.recs[pos], first_rec)
+        if state is not None:
+            new = ~dup
+            k2, r2 = np.r_[st.keys, keys[new]], np.r_[st.recs, record[order[new]]]
+            srt = np.argsort(k2, kind="stable")
+            st.keys, st.recs = k2[srt], r2[srt]
         assets_py = asset.to_pylist() if dup.any() else None
-        for pos in np.flatnonzero(dup):
-            i = int(order[pos])
+        for pos_ in np.flatnonzero(dup):
+            i = int(order[pos_])
             reason[i] = (f"duplicate key ({C.ASSET}={assets_py[i]}, {C.TIME}={cycle[i]}): "
-                         f"first seen at record {record[first[pos]]}")
+                         f"first seen at record {first_rec[pos_]}")
             rejected[i] = True
     ok = ~rejected
 
-    # Out-of-order: a cycle below the running maximum of its asset, in file order.
+    # Out-of-order: a cycle below the running maximum of its asset, in file order (earlier batches
+    # included).
     idx = np.flatnonzero(ok)
     by_asset = idx[np.lexsort((record[idx], codes[idx]))]
-    if len(by_asset) > 1:
+    if len(by_asset):
         key = codes[by_asset] * (1 << 32) + cycle[by_asset]
         runmax = np.maximum.accumulate(key)
-        back = np.r_[False, key[1:] < runmax[:-1]]
+        before = codes[by_asset] * (1 << 32) + st.maxc[codes[by_asset]]
+        back = key < np.maximum(np.r_[np.iinfo(np.int64).min, runmax[:-1]], before)
         quality[by_asset[back]] |= C.Quality.OUT_OF_ORDER
 
     # Lake order: (asset, cycle); stuck sensors are judged along time.
@@ -647,10 +747,13 @@ def validate_table(table: pa.Table, reasons: dict[int, str] | None, source: str,
     gcodes = codes[good]
     same = np.r_[False, gcodes[1:] == gcodes[:-1]] if len(good) else np.zeros(0, bool)
     starts = _group_starts(gcodes)
-    for ch, x in values.items():
-        if len(good):
-            stuck = _stuck_mask(x[good], same, starts, stuck_window)
-            quality[good[stuck]] |= C.Quality.STUCK
+    if state is None:
+        for ch, x in values.items():
+            if len(good):
+                stuck = _stuck_mask(x[good], same, starts, stuck_window)
+                quality[good[stuck]] |= C.Quality.STUCK
+    elif len(good):
+        _carry_stats(st, values, good, gcodes, same, starts, cycle)
 
     schema = C.telemetry_schema()
     cols = []
@@ -678,6 +781,52 @@ def validate_table(table: pa.Table, reasons: dict[int, str] | None, source: str,
     bad = np.flatnonzero(~ok)
     quarantine = _quarantine_rows(table.take(pa.array(bad)), [reason[i] for i in bad], source, batch_id)
     return lake, quarantine, flagged
+
+
+def _carry_stats(st: _FileState, values: dict[str, np.ndarray], good: np.ndarray, gcodes: np.ndarray,
+                 same: np.ndarray, starts: np.ndarray, cycle: np.ndarray) -> None:
+    """Add one batch's kept rows (``good``, in (asset, cycle) order) to the per-asset channel statistics."""
+    if st.channels is None:
+        st.channels = list(values)
+        a, k = len(st.maxc), len(st.channels)
+        st.last, st.eq = np.full((a, k), np.nan), np.zeros((a, k), np.int64)
+        st.changes, st.steps = np.zeros((a, k), np.int64), np.zeros(a, np.int64)
+    ga = gcodes[starts]
+    ends = np.r_[starts[1:], len(good)] - 1
+    seen = st.rows[ga] > 0
+    # Cycles of an asset that go below what earlier batches kept: the file's (asset, cycle) order is not
+    # the order of the batches, so only the whole asset can say which runs there are.
+    st.disorder[ga] |= seen & (cycle[good[starts]] < st.maxc[ga])
+    st.steps[ga] += np.add.reduceat(same.astype(np.int64), starts) + seen
+    if st.channels:
+        x = np.column_stack([values[ch][good] for ch in st.channels])
+        eq = np.zeros(x.shape, bool)
+        eq[1:] = (x[1:] == x[:-1]) & same[1:, None]
+        beq = (x[starts] == st.last[ga]) & seen[:, None]
+        st.eq[ga] += np.add.reduceat(eq.astype(np.int64), starts, axis=0) + beq
+        st.changes[ga] += np.add.reduceat((same[:, None] & ~eq).astype(np.int64), starts, axis=0) \
+            + (seen[:, None] & ~beq)
+        st.last[ga] = x[ends]
+    st.maxc[ga] = np.maximum(st.maxc[ga], np.maximum.reduceat(cycle[good], starts))
+    st.rows[ga] += np.diff(np.r_[starts, len(good)])
+
+
+def _stuck_quality(rows: pa.Table, window: int) -> tuple[pa.Table, int]:
+    """Flag stuck sensors over all lake rows of one asset, in cycle order; return them and the count."""
+    n = rows.num_rows
+    quality = rows.column("quality").to_numpy().astype(np.int32, copy=True)
+    same = np.r_[False, np.ones(max(n - 1, 0), bool)][:n]
+    starts = np.zeros(1 if n else 0, np.int64)
+    for ch in C.CHANNELS:
+        col = rows.column(ch)
+        if col.null_count == n:
+            continue
+        x = col.to_numpy().astype(np.float64) if col.null_count == 0 else \
+            col.combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64)
+        quality[_stuck_mask(x, same, starts, window)] |= C.Quality.STUCK
+    i = rows.schema.get_field_index("quality")
+    out = rows.set_column(i, rows.schema.field(i), pa.array(quality, pa.int32()))
+    return out, int(((quality & C.Quality.STUCK) != 0).sum())
 
 
 def _quarantine_rows(rows: pa.Table, reasons: list[str], source: str, batch_id: str,
@@ -850,7 +999,9 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
                  batch_id: str, storage_options: dict[str, Any] | None = None) -> FileOutcome:
     """Read, hash, parse and validate one source file; stage its lake and quarantine Parquet files.
 
-    Nothing becomes visible in the lake here: staged files are published by :func:`commit_outcomes`.
+    Files larger than ``params.stream_threshold_bytes`` are streamed: hashed in chunks, parsed and
+    validated ``params.batch_rows`` rows at a time (:func:`_process_streamed`), with the same result as
+    reading them whole. Nothing becomes visible in the lake here: staged files are published by :func:`commit_outcomes`.
     A file whose size or modification time changed while it was read is deferred to the next run.
     Files that cannot be parsed at all are copied to the quarantine folder with a reason.
     """
@@ -863,6 +1014,10 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
             time.time() - src.mtime_ns / 1e9 < params.settle_seconds:
         out.status, out.reason = "deferred", f"modified less than {params.settle_seconds:g}s ago"
         return out
+    if src.size > params.stream_threshold_bytes:
+        done = _process_streamed(src, params, staging, quarantine, batch_id, so, out)
+        if done is not None:
+            return done
     try:
         data = _read_bytes(src.path, so)
     except FileNotFoundError:
@@ -909,13 +1064,499 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
     return out
 
 
+# --- Streaming: files larger than stream_threshold_bytes, batch by batch -------------------------
+
+_CHUNK_BYTES = 8 << 20  # read size when hashing, copying and decompressing a streamed file
+_BLOCK_BYTES = 16 << 20  # CSV block of the streaming reader: as for a whole file (a longer line is an error)
+
+
+def _hash_stream(fs: Any, path: str) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK_BYTES):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+class _TextStream(io.RawIOBase):
+    """The text of a landing file as :func:`parse_bytes` sees it, in line-aligned chunks.
+
+    Decompresses gzip, normalises C-MAPSS whitespace chunk by chunk (every chunk ends with a newline, so
+    this equals normalising the whole text), and checks as it goes what :func:`parse_bytes` checks on the
+    whole text: gzip integrity, UTF-8 (with the same byte offset), non-blank lines. After an error it reads
+    as the end of the file; :meth:`drain` reads the rest only to finish the counts and checks.
+    """
+
+    def __init__(self, fh: Any, gz: bool, cmapss: bool):
+        self._src = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
+        self._cmapss = cmapss
+        self._pending: list[bytes] = []  # checked chunks read ahead (header, blank-file checks)
+        self._cur = b""
+        self._off = 0
+        self._carry = b""
+        self._eof = False
+        self.gzip_error: str | None = None
+        self.utf8_error: int | None = None  # byte offset of the first invalid UTF-8 sequence
+        self.lines = 0  # non-blank lines so far
+        self.nonblank = False
+        self.pos = 0  # bytes of text so far
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def failed(self) -> bool:
+        return self.gzip_error is not None or self.utf8_error is not None
+
+    def _next(self) -> bytes | None:
+        while not self._eof:
+            try:
+                data = self._src.read(_CHUNK_BYTES)
+            except (OSError, EOFError, zlib.error) as exc:
+                self.gzip_error = f"corrupt gzip stream ({exc.__class__.__name__}: {str(exc)[:80]})"
+                self._eof = True
+                return None
+            if data:
+                data = self._carry + data
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    self._carry = data
+                    continue
+                chunk, self._carry = data[:cut], data[cut:]
+            else:
+                self._eof = True
+                chunk, self._carry = self._carry, b""
+            if self._cmapss:
+                chunk = _normalise_whitespace(chunk)
+            if not chunk:
+                continue
+            self.lines += _count_lines(chunk)
+            self.nonblank = self.nonblank or bool(chunk.strip())
+            if self.utf8_error is None and not chunk.isascii():
+                try:
+                    chunk.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    self.utf8_error = self.pos + exc.start
+            self.pos += len(chunk)
+            return chunk
+        return None
+
+    def peek(self, want: Any) -> bytes:
+        """Read ahead until ``want(text so far)`` holds or the file ends; return the text read ahead."""
+        while True:
+            text = b"".join(self._pending)
+            if want(text) or self._eof or self.failed:
+                return text
+            chunk = self._next()
+            if chunk is not None:
+                self._pending.append(chunk)
+
+    def read(self, n: int = -1) -> bytes:
+        while self._off >= len(self._cur):
+            if self.failed:
+                return b""
+            chunk = self._pending.pop(0) if self._pending else self._next()
+            if chunk is None or self.failed:
+                return b""
+            self._cur, self._off = chunk, 0
+        n = len(self._cur) - self._off if n is None or n < 0 else n
+        out = self._cur[self._off:self._off + n]
+        self._off += len(out)
+        return out
+
+    def readinto(self, b: Any) -> int:
+        out = self.read(len(b))
+        b[:len(out)] = out
+        return len(out)
+
+    def drain(self) -> None:
+        self._pending.clear()
+        while self._next() is not None:
+            pass
+
+
+class _Staged:
+    """One streamed file's staged output: lake rows per (asset, batch) part, quarantine rows, counts.
+
+    :meth:`finish` merges each asset's parts into the one ``<file_id>.parquet`` that :func:`commit_outcomes`
+    publishes (flagging stuck sensors over the whole asset where a run is possible), so the staging layout
+    is the same as for a file read whole.
+    """
+
+    def __init__(self, folder: Path, fid: str, source: str, batch_id: str, window: int):
+        if folder.exists():
+            shutil.rmtree(folder)
+        self.folder, self.fid, self.source, self.batch_id, self.window = folder, fid, source, batch_id, window
+        self.state = _FileState()
+        self.parts: dict[str, list[Path]] = {}
+        self.assets: dict[str, AssetExtent] = {}
+        self.rows_written = self.rows_quarantined = 0
+        self.flagged: dict[str, int] = {}
+        self.kinds: tuple[dict[str, int], dict[str, int]] = ({}, {})
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._k = 0
+
+    def add(self, table: pa.Table, reasons: dict[int, str] | None) -> None:
+        lake, quar, flagged = _validate_batch(table, reasons, self.source, self.batch_id, self.window, self.state)
+        for asset, rows in split_by_asset(lake):
+            path = self.folder / "parts" / asset_dir(asset) / f"{self._k}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_parquet(rows, path)
+            self.parts.setdefault(asset, []).append(path)
+            cyc = rows.column(C.TIME)
+            lo, hi = pc.min(cyc).as_py(), pc.max(cyc).as_py()
+            e = self.assets.get(asset)
+            self.assets[asset] = AssetExtent(rows=rows.num_rows, tmin=lo, tmax=hi) if e is None else \
+                AssetExtent(rows=e.rows + rows.num_rows, tmin=min(e.tmin, lo), tmax=max(e.tmax, hi))
+        self._k += 1
+        self.rows_written += lake.num_rows
+        for k, v in flagged.items():
+            self.flagged[k] = self.flagged.get(k, 0) + v
+        self._quarantine(quar, "rows")
+
+    def add_bad(self, bad_rows: list[tuple[str, str]]) -> None:
+        """Rows with a wrong field count (they follow the other quarantined rows, as for a whole file)."""
+        if bad_rows:
+            self._quarantine(_quarantine_rows(pa.table({}), [r for r, _ in bad_rows], self.source,
+                                              self.batch_id, raw_text=[t for _, t in bad_rows]), "bad")
+
+    def _quarantine(self, quar: pa.Table, kind: str) -> None:
+        if not quar.num_rows:
+            return
+        if kind not in self._writers:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._writers[kind] = pq.ParquetWriter(self.folder / f"q-{kind}.parquet", quar.schema,
+                                                   use_dictionary=["source_file", "batch_id", "reason"],
+                                                   compression="snappy")
+        self._writers[kind].write_table(quar)
+        self.rows_quarantined += quar.num_rows
+        _reason_kinds(quar.column("reason").to_pylist(), self.kinds[kind == "bad"])
+
+    def discard(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def finish(self, out: FileOutcome) -> None:
+        """Merge the parts, flag stuck sensors, write the quarantine file; fill ``out``'s counts."""
+        for w in self._writers.values():
+            w.close()
+        suspects = self.state.suspects(self.window)
+        stuck = 0
+        for asset, parts in self.parts.items():
+            target = self.folder / "lake" / asset_dir(asset) / f"{self.fid}.parquet"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if asset in suspects:  # the whole asset in cycle order decides (rare: stuck runs, disorder)
+                rows = pa.concat_tables([pq.ParquetFile(p).read() for p in parts])
+                rows, n = _stuck_quality(rows.take(pc.sort_indices(rows, [(C.TIME, "ascending")])),
+                                         self.window)
+                stuck += n
+                _write_parquet(rows, target)
+            elif len(parts) == 1:
+                os.replace(parts[0], target)
+            else:  # batches kept this asset's cycles in order: concatenating the parts is the sorted asset
+                _concat_parquet(parts, target, _LAKE_DICT)
+        if stuck:
+            self.flagged["stuck"] = self.flagged.get("stuck", 0) + stuck
+        qparts = [self.folder / f"q-{k}.parquet" for k in ("rows", "bad") if (self.folder / f"q-{k}.parquet").exists()]
+        if len(qparts) == 1:
+            os.replace(qparts[0], self.folder / "quarantine.parquet")
+        elif qparts:
+            _concat_parquet(qparts, self.folder / "quarantine.parquet", ["source_file", "batch_id", "reason"])
+        shutil.rmtree(self.folder / "parts", ignore_errors=True)
+        for q in qparts:
+            q.unlink(missing_ok=True)
+        kinds = dict(self.kinds[0])
+        for k, v in self.kinds[1].items():
+            kinds[k] = kinds.get(k, 0) + v
+        out.staged = str(self.folder)
+        out.assets = self.assets
+        out.rows_written = self.rows_written
+        out.rows_quarantined = self.rows_quarantined
+        out.flagged = {k: v for k, v in self.flagged.items() if v}
+        out.reason = _summarise_kinds(kinds) if kinds else ""
+
+
+_LAKE_DICT = [C.ASSET, "source_file", "batch_id", "quality"]
+
+
+def _concat_parquet(parts: list[Path], target: Path, dict_cols: list[str]) -> None:
+    """Concatenate Parquet files of one schema into ``target``, one row group at a time."""
+    writer = None
+    try:
+        for p in parts:
+            pf = pq.ParquetFile(p)
+            for i in range(pf.num_row_groups):
+                t = pf.read_row_group(i)
+                if writer is None:
+                    writer = pq.ParquetWriter(target, t.schema, use_dictionary=dict_cols, compression="snappy")
+                writer.write_table(t)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+class _StreamError(Exception):
+    """A file-level problem found while streaming: the whole file is quarantined."""
+
+    def __init__(self, reason: str, rows_read: int):
+        super().__init__(reason)
+        self.reason, self.rows_read = reason, rows_read
+
+
+def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
+                 stage: _Staged) -> tuple[int, list[str]]:
+    """Parse a CSV or C-MAPSS text file batch by batch into ``stage``; return (rows read, notes).
+
+    Mirrors :func:`parse_bytes` decision for decision (typed read, then all-string read after a conversion
+    error; the same file-level errors in the same order of precedence).
+
+    Raises:
+        _StreamError: the file as a whole is unusable.
+    """
+    header = fmt == "csv" and params.columns is None
+    for mode in ("typed", "string"):
+        with fs.open(path, "rb") as fh:
+            ts = _TextStream(fh, gz, fmt == "cmapss")
+
+            def fail(reason: str | None, rows: Any = 0) -> _StreamError:
+                ts.drain()
+                stage.discard()
+                if ts.gzip_error:
+                    return _StreamError(ts.gzip_error, 0)
+                if not ts.nonblank:
+                    return _StreamError("empty file", 0)
+                if ts.utf8_error is not None:
+                    return _StreamError(f"not valid UTF-8 text (byte {ts.utf8_error})", max(ts.lines - header, 0))
+                assert reason is not None
+                return _StreamError(reason, rows() if callable(rows) else rows)
+
+            text = ts.peek(lambda t: bool(t.strip()))
+            if ts.failed or not text.strip():
+                raise fail(None)
+            if fmt == "cmapss":
+                delim, names = " ", list(params.columns or C.CMAPSS_COLUMNS)
+            else:
+                delim, names = params.delimiter, params.columns
+            if header:
+                first = text.split(b"\n", 1)[0].rstrip(b"\r")
+                text = ts.peek(lambda t: _NON_BLANK.search(t, len(first) + 1) is not None)
+                if ts.failed:
+                    raise fail(None)
+                names = [h.strip().strip('"') for h in first.decode("utf-8").split(delim)]
+                if _NON_BLANK.search(text, len(first) + 1) is None:
+                    raise fail("no data rows (header only)")
+                if len(set(names)) != len(names):
+                    raise fail(f"duplicate column names in header: {names}", lambda: ts.lines - 1)
+            assert names is not None
+            names = ["cycle" if n == "cycle" else ("asset_id" if n == "unit" and fmt == "cmapss" else n)
+                     for n in names]
+            mapped = {n for n in names if n != "_" and C.canonical_name(n) is not None}
+            canon_of = {n: C.canonical_name(n) for n in mapped}
+            bad_rows: list[tuple[str, str]] = []
+            actual: list[int] = []
+
+            def on_invalid(row: Any) -> str:
+                actual.append(row.actual_columns)
+                bad_rows.append((f"expected {row.expected_columns} fields, got {row.actual_columns}"
+                                 + (" (truncated line?)" if row.actual_columns < row.expected_columns else ""),
+                                 row.text[:500]))
+                return "skip"
+
+            types = {n: (_TYPES[canon_of[n]] if mode == "typed" else pa.string()) for n in mapped}
+            rows = n_bad = 0
+            notes: list[str] | None = None
+            error: str | None = None
+            try:
+                reader = pacsv.open_csv(
+                    ts,
+                    read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
+                                                   block_size=_BLOCK_BYTES),
+                    parse_options=pacsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid,
+                                                     newlines_in_values=False),
+                    convert_options=pacsv.ConvertOptions(
+                        include_columns=[n for n in names if n in mapped], column_types=types,
+                        quoted_strings_can_be_null=True))
+                for rb in reader:
+                    for start in range(0, rb.num_rows, params.batch_rows):
+                        table = pa.Table.from_batches([rb.slice(start, params.batch_rows)])
+                        if error is None:
+                            batch_notes: list[str] = []
+                            out, reasons, error = _canonicalise(table, list(names), params.allow_missing_channels,
+                                                                mode == "string", batch_notes, offset=rows)
+                            notes = batch_notes if notes is None else notes
+                            if error is None:
+                                stage.add(out, reasons)
+                        rows += table.num_rows
+                    # Rows the reader skipped so far (it reports them as it parses, possibly ahead).
+                    # (the reader's threads may append while we take them: take a prefix, then drop it)
+                    got = bad_rows[:len(bad_rows)]
+                    del bad_rows[:len(got)]
+                    n_bad += len(got)
+                    if error is None:
+                        stage.add_bad(got)
+                    if ts.failed:
+                        break
+            except pa.ArrowInvalid as exc:
+                if ts.failed:
+                    raise fail(None) from None
+                if _is_utf8_error(exc):
+                    raise fail("not valid UTF-8 text", lambda: ts.lines - header) from None
+                if mode == "typed":
+                    stage.discard()
+                    stage.__init__(stage.folder, stage.fid, stage.source, stage.batch_id, stage.window)
+                    continue
+                raise fail(f"unparseable {fmt}: {str(exc).splitlines()[0][:160]}",
+                           lambda: ts.lines - header) from None
+            if ts.failed:
+                raise fail(None)
+            n_bad += len(bad_rows)
+            if error is None:
+                stage.add_bad(bad_rows)
+            rows_read = rows + n_bad
+            if rows == 0 and n_bad:
+                raise fail(f"no row has the expected {len(names)} fields (the first has {actual[0] if actual else '?'}): "
+                           "wrong delimiter or wrong format", rows_read)
+            if notes is None:  # no data row at all: the header alone decides
+                notes = []
+                empty = pa.table({n: pa.array([], types[n]) for n in names if n in mapped})
+                _, _, error = _canonicalise(empty, list(names), params.allow_missing_channels, mode == "string", notes)
+            if error is not None:
+                raise fail(error, rows_read)
+            return rows_read, notes
+    raise AssertionError("unreachable")
+
+
+def _stream_parquet(fs: Any, path: str, params: IngestParams, stage: _Staged) -> tuple[int, list[str]]:
+    """Read a Parquet file ``batch_rows`` rows at a time into ``stage``; return (rows read, notes).
+
+    Raises:
+        _StreamError: the file is unreadable, empty or lacks required columns.
+    """
+    notes: list[str] | None = None
+    error = None
+    with fs.open(path, "rb") as fh:
+        try:
+            pf = pq.ParquetFile(fh)
+            n = pf.metadata.num_rows
+            if n == 0:
+                raise _StreamError("no data rows (empty Parquet file)", 0)
+            lineage = set(C.LINEAGE)
+            names = [c for c in pf.schema_arrow.names if c not in lineage and c not in ("asset", "dataset")]
+            rows = 0
+            for rb in pf.iter_batches(batch_size=params.batch_rows, columns=names):
+                if error is None:
+                    batch_notes: list[str] = []
+                    table = pa.Table.from_batches([rb]).select(names)
+                    out, reasons, error = _canonicalise(table, names, params.allow_missing_channels, False,
+                                                        batch_notes, offset=rows)
+                    notes = batch_notes if notes is None else notes
+                    if error is None:
+                        stage.add(out, reasons)
+                rows += rb.num_rows
+        except (pa.ArrowException, OSError) as exc:
+            stage.discard()
+            raise _StreamError(_parquet_error(exc), 0) from None
+        except _StreamError:
+            stage.discard()
+            raise
+    if error is not None:
+        stage.discard()
+        raise _StreamError(error, n)
+    return n, notes or []
+
+
+def _quarantine_file_stream(fs: Any, path: str, src: SourceFile, reason: str, quarantine: Path,
+                            batch_id: str, sha: str) -> None:
+    """:func:`_quarantine_file` of a file too large to hold: copy it in chunks."""
+    folder = quarantine / "files" / file_id(src.path)
+    base = src.path.rstrip("/").rsplit("/", 1)[-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{base}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with fs.open(path, "rb") as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo, _CHUNK_BYTES)
+        os.replace(tmp, folder / base)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _atomic_write_bytes(json.dumps({"source": src.path, "reason": reason, "batch_id": batch_id,
+                                    "sha256": sha}, indent=2).encode(), folder / "reason.txt")
+
+
+def _process_streamed(src: SourceFile, params: IngestParams, staging: Path, quarantine: Path, batch_id: str,
+                      so: dict[str, Any], out: FileOutcome) -> FileOutcome | None:
+    """:func:`process_file` for a large file, with memory bounded by ``params.batch_rows``, not its size.
+
+    Returns None for the one kind of file it leaves to the whole-file path: gzip-compressed Parquet
+    (Parquet needs random access).
+    """
+    fs, path = _fs(src.path, so)
+    try:
+        sha, size = _hash_stream(fs, path)
+        with fs.open(path, "rb") as fh:
+            magic = fh.read(2)
+            fh.seek(0)
+            gz = magic == b"\x1f\x8b" or src.path.lower().endswith(_COMPRESSION_SUFFIXES)
+            try:
+                head = gzip.GzipFile(fileobj=fh, mode="rb").read(8) if gz else fh.read(8)
+            except (OSError, EOFError, zlib.error):
+                head = b""
+    except FileNotFoundError:
+        out.status, out.reason = "deferred", "file disappeared before it was read"
+        return out
+    if _stat(src.path, so) != (src.size, src.mtime_ns) or size != src.size:
+        out.status, out.reason = "deferred", "file changed while it was read (still being written?)"
+        return out
+    base = src.path.rstrip("/").rsplit("/", 1)[-1]
+    fmt = detect_format(base, head, params.format)
+    if fmt == "parquet" and gz:
+        return None
+    out.sha256, out.format = sha, fmt
+    stage = _Staged(staging / out.file_id, out.file_id, src.path, batch_id, params.stuck_window)
+    try:
+        if fmt == "parquet":
+            rows_read, notes = _stream_parquet(fs, path, params, stage)
+        else:
+            rows_read, notes = _stream_text(fs, path, gz, fmt, params, stage)
+    except _StreamError as exc:
+        if exc.reason.startswith("corrupt gzip"):
+            out.format = params.format
+        if _stat(src.path, so) != (src.size, src.mtime_ns):
+            out.status, out.reason = "deferred", "file changed while it was read (still being written?)"
+            return out
+        out.status, out.reason = "quarantined", exc.reason
+        out.rows_read = out.rows_quarantined = exc.rows_read
+        _quarantine_file_stream(fs, path, src, exc.reason, quarantine, batch_id, sha)
+        return out
+    except FileNotFoundError:
+        stage.discard()
+        out.status, out.reason = "deferred", "file disappeared before it was read"
+        return out
+    if _stat(src.path, so) != (src.size, src.mtime_ns):
+        stage.discard()
+        out.status, out.reason = "deferred", "file changed while it was read (still being written?)"
+        return out
+    out.notes, out.rows_read = notes, rows_read
+    stage.finish(out)
+    return out
+
+
+def _reason_kinds(reasons: list[str], kinds: dict[str, int]) -> dict[str, int]:
+    for r in reasons:
+        k = re.sub(r"[:(].*", "", r).strip()
+        kinds[k] = kinds.get(k, 0) + 1
+    return kinds
+
+
 def _summarise_reasons(quar: pa.Table, top: int = 3) -> str:
     if quar.num_rows == 0:
         return ""
-    kinds: dict[str, int] = {}
-    for r in quar.column("reason").to_pylist():
-        k = re.sub(r"[:(].*", "", r).strip()
-        kinds[k] = kinds.get(k, 0) + 1
+    return _summarise_kinds(_reason_kinds(quar.column("reason").to_pylist(), {}), top)
+
+
+def _summarise_kinds(kinds: dict[str, int], top: int = 3) -> str:
     parts = sorted(kinds.items(), key=lambda kv: -kv[1])[:top]
     return "; ".join(f"{k} x{v}" for k, v in parts)
 

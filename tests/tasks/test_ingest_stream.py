@@ -1,0 +1,249 @@
+"""Ingest of large files in batches (``stream_threshold_bytes``, ``batch_rows``): same result as whole.
+
+Every test ingests the same landing file twice, read whole (default threshold) and streamed with tiny
+batches, read and decompress chunks and CSV blocks (so batch, chunk and block boundaries fall inside the
+planted faults), and asserts identical lake rows, quarantined rows and reasons, and file outcomes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from twinflow import contracts as C
+from twinflow.data import cmapss_path
+from twinflow.tasks import ingest as I
+from twinflow.tasks.ingest import IngestParams, LakeSnapshot, read_lake, read_quarantine, run_local
+
+TRAIN_LINES = [line for line in gzip.decompress(cmapss_path("train_FD001.txt.gz").read_bytes()).decode()
+               .splitlines() if line.strip()]
+# Unit 1 has 192 cycles: windows around row 192 hold two assets.
+HEADER = "unit,cycle," + ",".join(C.CMAPSS_COLUMNS[2:])
+
+
+@contextlib.contextmanager
+def _small_io(chunk: int = 64, block: int = 4096):
+    """Tiny read chunks and CSV blocks, so that a few rows span several of each."""
+    old = I._CHUNK_BYTES, I._BLOCK_BYTES
+    I._CHUNK_BYTES, I._BLOCK_BYTES = chunk, block
+    try:
+        yield
+    finally:
+        I._CHUNK_BYTES, I._BLOCK_BYTES = old
+
+
+def _ingest(landing: Path, root: Path, **kw):
+    params = IngestParams(landing=str(landing), dataset="d", **kw)
+    (o,) = run_local(params, str(root / "lake"), str(root / "q"), "b1")
+    lake = read_lake(LakeSnapshot(lake_path=str(root / "lake"), dataset="d", batch_id="x")) \
+        if (root / "lake" / "dataset=d").exists() else None
+    files = {p.relative_to(root / "lake"): pq.read_table(p) for p in (root / "lake").glob("dataset=*/*/*.parquet")}
+    qfiles = sorted((p.relative_to(root / "q"), p.read_bytes()) for p in (root / "q" / "files").rglob("*")
+                    if p.is_file()) if (root / "q" / "files").exists() else []
+    staging = list((root / "lake" / I.STAGING_DIR).rglob("*")) if (root / "lake" / I.STAGING_DIR).exists() else []
+    return o, lake, files, read_quarantine(str(root / "q"), "d"), qfiles, staging
+
+
+def _same_whole_and_streamed(tmp: Path, name: str, data: bytes, batch_rows: int, chunk: int = 64,
+                             **kw) -> object:
+    landing = tmp / "landing"
+    landing.mkdir(parents=True)
+    (landing / name).write_bytes(data)
+    whole = _ingest(landing, tmp / "whole", **kw)
+    with _small_io(chunk):
+        streamed = _ingest(landing, tmp / "streamed", stream_threshold_bytes=1, batch_rows=batch_rows, **kw)
+    o1, lake1, files1, q1, qf1, st1 = whole
+    o2, lake2, files2, q2, qf2, st2 = streamed
+    assert o1.model_dump() == o2.model_dump()
+    assert o1.conserved
+    assert (lake1 is None) == (lake2 is None)
+    if lake1 is not None:
+        assert lake1.equals(lake2)
+    # One file per (asset, source), rows in the same order as when read whole.
+    assert files1.keys() == files2.keys()
+    for k in files1:
+        assert files1[k].equals(files2[k]), k
+    assert q1.equals(q2)
+    assert qf1 == qf2
+    assert st1 == st2 == []
+    return o1
+
+
+def _fields(line: str) -> list[str]:
+    return line.split()
+
+
+def _plant(lines: list[str], ops: list[tuple[str, int, int]]) -> list[str]:
+    """Faults in C-MAPSS text lines; ``stuck`` freezes a varying channel over a run longer than the window."""
+    out = list(lines)
+    for op, i, j in ops:
+        if not out:
+            break
+        i %= len(out)
+        f = _fields(out[i])
+        if op == "stuck":
+            col = (6, 7, 8, 11, 15)[j % 5]
+            value = f[col] if len(f) > col else "1590.00"
+            for k in range(i, min(i + 22 + j % 6, len(out))):
+                g = _fields(out[k])
+                if len(g) > col:
+                    g[col] = value
+                    out[k] = " ".join(g)
+        elif op == "dup":
+            out.insert(j % (len(out) + 1), out[i])
+        elif op == "swap":
+            k = j % len(out)
+            out[i], out[k] = out[k], out[i]
+        elif op == "range" and len(f) > 2:
+            f[2 + j % (len(f) - 2)] = "1e9"
+            out[i] = " ".join(f)
+        elif op == "nan" and len(f) > 2:
+            f[2 + j % (len(f) - 2)] = "NaN"
+            out[i] = " ".join(f)
+        elif op == "sentinel" and len(f) > 2:
+            f[2 + j % (len(f) - 2)] = str(C.SENTINELS[0])
+            out[i] = " ".join(f)
+        elif op == "string" and f:
+            f[j % len(f)] = "x" + str(j)
+            out[i] = " ".join(f)
+        elif op == "truncate":
+            out[i] = out[i][: j % max(len(out[i]), 1)]
+        elif op == "extra":
+            out[i] = out[i] + " 1.0"
+        elif op == "blank":
+            out[i] = "  "
+        elif op == "spaces":
+            out[i] = "  " + out[i].replace(" ", "\t  ") + "   "
+    return out
+
+
+_TEXT_OPS = ["stuck", "dup", "swap", "range", "nan", "sentinel", "string", "truncate", "extra", "blank", "spaces"]
+_VALUE_OPS = ["stuck", "dup", "swap", "range", "nan", "sentinel"]
+
+
+def _ops(kinds):
+    return st.lists(st.tuples(st.sampled_from(kinds), st.integers(0, 10_000), st.integers(0, 10_000)), max_size=10)
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops(_TEXT_OPS), start=st.integers(100, 260), n=st.integers(1, 120), batch_rows=st.integers(3, 50),
+       kind=st.sampled_from(["txt", "txt.gz", "csv", "csv.gz"]), chunk=st.sampled_from([1, 7, 64, 1 << 20]),
+       utf8_error=st.integers(0, 6), tail=st.sampled_from(["\n", "", "\r\n", "  \n\n"]))
+def test_streamed_files_give_exactly_what_whole_files_give(tmp_path_factory, ops, start, n, batch_rows, kind,
+                                                           chunk, utf8_error, tail):
+    lines = _plant(TRAIN_LINES[start:start + n], ops)
+    if kind.startswith("csv"):
+        lines = [HEADER] + [",".join(line.split()) for line in lines]
+        if tail == "\r\n":
+            lines = [line + "\r" for line in lines]
+    data = "\n".join(lines).encode() + tail.encode()
+    if utf8_error == 1 and data:  # an invalid byte, mostly after the first batch
+        at = len(data) * 3 // 4
+        data = data[:at] + b"\xff" + data[at:]
+    if kind.endswith(".gz"):
+        data = gzip.compress(data)
+    _same_whole_and_streamed(tmp_path_factory.mktemp("s"), f"f.{kind}", data, batch_rows, chunk)
+
+
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_ops(_VALUE_OPS), start=st.integers(100, 260), n=st.integers(1, 120), batch_rows=st.integers(3, 50),
+       row_group=st.integers(5, 200))
+def test_streamed_parquet_gives_exactly_what_whole_parquet_gives(tmp_path_factory, ops, start, n, batch_rows,
+                                                                 row_group):
+    lines = [line.split() for line in _plant(TRAIN_LINES[start:start + n], ops)]
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
+    cols["unit"] = [str(int(v)) for v in cols["unit"]]
+    cols[C.TIME] = [int(v) for v in cols[C.TIME]]
+    tmp = tmp_path_factory.mktemp("p")
+    pq.write_table(pa.table(cols), tmp / "x.parquet", row_group_size=row_group)
+    _same_whole_and_streamed(tmp, "f.parquet", (tmp / "x.parquet").read_bytes(), batch_rows)
+
+
+def test_stuck_run_across_batches_and_out_of_order_batches(tmp_path):
+    lines = [line.split() for line in TRAIN_LINES[:300]]  # unit 1 (192 rows), then unit 2
+    for f in lines[170:215]:
+        f[7] = "1590.00"  # s3 frozen across the asset boundary and many batch boundaries
+    lines = [" ".join(f) for f in lines]
+    lines[40:60] = lines[50:60] + lines[40:50]  # cycles that go back across a batch boundary
+    o = _same_whole_and_streamed(tmp_path, "stuck.txt", ("\n".join(lines) + "\n").encode(), batch_rows=7)
+    assert o.flagged["stuck"] >= 22 + 23 and o.flagged["out_of_order"] == 10
+
+
+def test_cmapss_text_gzip_and_wrong_field_counts_stream_like_whole(tmp_path):
+    lines = list(TRAIN_LINES[:400])
+    lines[5] = lines[5][:30]  # truncated
+    lines[11] = lines[11] + " 7.0"  # extra field
+    lines[12] = lines[3]  # duplicate of a key from an earlier batch
+    lines[390] = lines[390].replace(" ", " s", 1)  # string in a numeric cell: the whole file reads as strings
+    data = gzip.compress(("\n".join("  " + line + "  " for line in lines) + "\n").encode())
+    o = _same_whole_and_streamed(tmp_path, "train.txt.gz", data, batch_rows=4)
+    assert (o.rows_read, o.rows_written, o.rows_quarantined) == (400, 396, 4)
+    assert "duplicate key" in o.reason
+
+
+@pytest.mark.parametrize("name, content", [
+    ("header_only.csv", b"unit,cycle,s1\n\n   \n"),
+    ("dup_header.csv", b"unit,unit,s1\n1,1,1\n"),
+    ("missing.csv", b"unit,cycle,s1\n1,1,1\n1,2,1\n"),
+    ("semicolons.csv", b"unit;cycle;s1\n1;2;3\n"),
+    ("blank.txt", b"\n\n  \n \t \n"),
+    ("broken.txt.gz", gzip.compress("\n".join(TRAIN_LINES[:300]).encode())[:-30]),
+    ("broken.parquet", b"PAR1 not really parquet"),
+])
+def test_file_level_errors_are_the_same_streamed(tmp_path, name, content):
+    o = _same_whole_and_streamed(tmp_path, name, content, batch_rows=3)
+    assert o.status == "quarantined"
+
+
+def test_invalid_utf8_after_the_first_batches_quarantines_the_whole_file(tmp_path):
+    lines = list(TRAIN_LINES[:200])
+    data = ("\n".join(lines) + "\n").encode()
+    at = data.index(lines[150].encode())
+    data = data[:at] + b"\xe9" + data[at:]
+    src = tmp_path / "landing" / "late.txt"
+    src.parent.mkdir()
+    src.write_bytes(data)
+    staging, quarantine = tmp_path / "staging", tmp_path / "q"
+    info = I.list_landing(str(src))[0]
+    with _small_io(chunk=256):
+        o = I.process_file(info, IngestParams(landing=str(src), stream_threshold_bytes=1, batch_rows=10),
+                           staging, quarantine, "b1")
+    # the offset is in the whitespace-normalised text, as parse_bytes reports it
+    assert o.status == "quarantined" and o.reason == I.parse_bytes(data, "late.txt").file_error
+    assert o.reason.startswith("not valid UTF-8 text (byte ")
+    assert o.rows_read == o.rows_quarantined == 200 and o.rows_written == 0 and not o.assets
+    assert not (staging / o.file_id).exists() and o.staged is None
+    assert (quarantine / "files" / o.file_id / "late.txt").read_bytes() == data
+    # and end to end: same as the whole-file path, nothing in the lake
+    o2 = _same_whole_and_streamed(tmp_path / "e2e", "late.txt", data, batch_rows=10, chunk=256)
+    assert o2.reason == o.reason
+
+
+def test_stream_params_do_not_change_the_digest():
+    a = IngestParams(landing="x")
+    b = IngestParams(landing="x", stream_threshold_bytes=1, batch_rows=5)
+    assert a.digest("d") == b.digest("d")
+    with pytest.raises(ValueError):
+        IngestParams(landing="x", batch_rows=0)
+    with pytest.raises(ValueError):
+        IngestParams(landing="x", stream_threshold_bytes=0)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(text=st.text(alphabet=" \t\r\na1", max_size=60), cuts=st.lists(st.integers(0, 60), max_size=6))
+def test_whitespace_normalisation_per_line_aligned_chunk_equals_whole(text, cuts):
+    data = text.encode()
+    bounds = sorted({c for c in cuts if c <= len(data)})
+    # chunks end just after a newline, as _TextStream cuts them
+    ends = sorted({data.index(b"\n", b) + 1 for b in bounds if b"\n" in data[b:]} | {len(data)})
+    pieces, prev = [], 0
+    for e in ends:
+        pieces.append(data[prev:e])
+        prev = e
+    assert b"".join(I._normalise_whitespace(p) for p in pieces) == I._normalise_whitespace(data)
