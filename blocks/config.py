@@ -40,6 +40,12 @@ __all__ = [
 ]
 
 
+def _fields(block: Block) -> dict[str, Any]:
+    # Field names are the Settings section's own (a test holds them to it), so a block maps onto its
+    # section by name; values stay as they are (a SecretStr stays secret).
+    return {name: getattr(block, name) for name in type(block).model_fields}
+
+
 class DaskClusterBlock(Block):
     """Which Dask cluster twinflow runs on (``TWINFLOW_DASK__*`` as a block)."""
 
@@ -56,9 +62,7 @@ class DaskClusterBlock(Block):
 
     def settings_section(self) -> dict[str, Any]:
         """The ``dask`` section of :class:`~twinflow.settings.Settings` this block describes."""
-        return {"mode": self.mode, "address": self.address, "n_workers": self.n_workers,
-                "threads_per_worker": self.threads_per_worker, "memory_limit": self.memory_limit,
-                "connect_timeout": self.connect_timeout}
+        return _fields(self)
 
 
 class MlflowTrackingBlock(Block):
@@ -78,10 +82,7 @@ class MlflowTrackingBlock(Block):
 
     def settings_section(self) -> dict[str, Any]:
         """The ``mlflow`` section of :class:`~twinflow.settings.Settings` this block describes."""
-        return {"tracking_uri": self.tracking_uri, "registry_uri": self.registry_uri,
-                "artifact_location": self.artifact_location, "experiment": self.experiment,
-                "registered_model": self.registered_model, "username": self.username,
-                "password": self.password}
+        return _fields(self)
 
 
 class LakeBlock(Block):
@@ -103,8 +104,7 @@ class LakeBlock(Block):
     def settings_section(self) -> dict[str, Any]:
         """The ``lake`` section of :class:`~twinflow.settings.Settings` this block describes."""
         secrets = self.secret_options.get_secret_value() if self.secret_options is not None else {}
-        return {"landing": self.landing, "lake": self.lake, "quarantine": self.quarantine,
-                "features": self.features, "storage_options": dict(self.storage_options),
+        return {**_fields(self), "storage_options": dict(self.storage_options),
                 "secret_options": {k: SecretStr(str(v)) for k, v in secrets.items()}}
 
 

@@ -133,3 +133,17 @@ def test_prefect_server_down_is_a_clear_error(monkeypatch):
             settings_from_block("anything")
         with pytest.raises(ServiceUnavailable):
             register_block_types()
+
+
+@pytest.mark.parametrize("block, section", [(DaskClusterBlock, "dask"), (MlflowTrackingBlock, "mlflow"),
+                                            (LakeBlock, "lake")])
+def test_block_fields_are_settings_fields_with_the_same_defaults(block, section):
+    # A block maps onto its Settings section by field name: a renamed or new setting must not be
+    # silently dropped (or a block field silently ignored).
+    from twinflow.settings import Settings
+
+    fields = Settings.model_fields[section].annotation.model_fields
+    assert set(block.model_fields) <= set(fields)
+    assert set(block().settings_section()) == set(block.model_fields)
+    defaults = Settings.model_validate({section: block().settings_section()})
+    assert getattr(defaults, section) == getattr(Settings(), section)
