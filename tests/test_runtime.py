@@ -139,6 +139,23 @@ def test_runtime_on_existing_scheduler_and_mlflow_runs_close_on_error(runtime):
     assert mlflow.active_run() is None
 
 
+def test_stage_error_is_not_masked_when_the_tracking_server_dies_mid_run(monkeypatch, caplog):
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from twinflow.tracking import tracked_run
+
+    def server_gone(self, run_id, status=None, end_time=None):
+        raise MlflowException("API request to http://mlflow:5000 failed: Connection refused")
+
+    with pytest.raises(KeyError, match="sensor_7"):
+        with tracked_run("stage", stage="train"):
+            monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", server_gone)
+            raise KeyError("sensor_7")
+    assert mlflow.active_run() is None
+    assert "could not mark MLflow run" in caplog.text and "Connection refused" in caplog.text
+
+
 def test_unreachable_tracking_server_is_a_clear_error(tmp_path):
     from twinflow.tracking import configure_mlflow
 

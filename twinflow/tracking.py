@@ -160,8 +160,13 @@ def tracked_run(
         if params is not None:
             mlflow.log_params(flatten_params(params))
         yield run
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
+    except BaseException as exc:
+        try:
+            mlflow.end_run(status="FAILED")
+        except Exception as close_exc:  # e.g. the tracking server died: keep the original error first
+            # (end_run pops the run off the active stack before it calls the server, so none is left active)
+            log.warning("could not mark MLflow run %s FAILED (%s); the stage's own error follows",
+                        run.info.run_id, str(close_exc).splitlines()[0][:200] if str(close_exc) else close_exc)
+        raise exc
     else:
         mlflow.end_run(status="FINISHED")
