@@ -814,11 +814,20 @@ def read_partition(files: Sequence[str], columns: Sequence[str],
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # ParquetFile.read is ~2.5x faster per small file than read_table (no dataset discovery), and
+    # one thread per read: a worker's thread count is the cluster's to decide.
+    from fsspec.implementations.local import LocalFileSystem
+
     tables = []
+    cols = list(columns)
+    fs, _ = _fs(files[0], storage_options)  # one partition's files share their filesystem
     for path in files:
-        fs, p = _fs(path, storage_options)
+        p = fs._strip_protocol(path)
+        if isinstance(fs, LocalFileSystem):
+            tables.append(pq.ParquetFile(p).read(columns=cols, use_threads=False))
+            continue
         with fs.open(p, "rb") as fh:
-            tables.append(pq.read_table(fh, columns=list(columns)))
+            tables.append(pq.ParquetFile(fh).read(columns=cols, use_threads=False))
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     frame = table.to_pandas()
     frame[contracts.ASSET] = frame[contracts.ASSET].astype(str)
