@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = get_settings(home=Path(tmp), dask={"n_workers": args.workers, "threads_per_worker": 1})
         with runtime.start(settings) as rt:
             train_ref, test_ref, base = pipeline_features(settings)
-            rows = [] if args.skip_quality else quality(models, args.quick, rt.cluster.client, train_ref, test_ref, base)
+            rows = [] if args.skip_quality else quality(models, args.quick, rt.cluster.client,
+                                                        train_ref, test_ref, base)
         if rows:
             print("\n== FD001 test protocol (last cycle per unit, true RUL capped at 125) ==")
             print(f"{'model':<24} {'RMSE':>7} {'PHM08 score':>12} {'target':>7} {'trials':>6} {'max_iter':>8} "
