@@ -102,8 +102,69 @@ def in_process(params, lake: Path, quarantine: Path) -> int:
     return sum(o.rows_written for o in run_local(params, str(lake), str(quarantine), "local"))
 
 
+_CHILD = """
+import json, sys, time
+from twinflow.tasks.ingest import IngestParams, run_local
+
+def hwm_mb():  # peak RSS of this process (VmHWM starts afresh at exec, unlike ru_maxrss)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+landing, lake, quarantine, threshold, batch_rows = sys.argv[1:6]
+base = hwm_mb()
+t = time.perf_counter()
+params = IngestParams(landing=landing, dataset="big", stream_threshold_bytes=int(threshold), batch_rows=int(batch_rows))
+(o,) = run_local(params, lake, quarantine, "big")
+print(json.dumps({"s": time.perf_counter() - t, "rows": o.rows_written, "status": o.status,
+                  "import_mb": base, "peak_mb": hwm_mb()}))
+"""
+
+
+def large_file(rows_list: list[int], batch_rows: int) -> None:
+    """Peak RSS of the in-process stage on ONE CSV file of each size, read whole and streamed.
+
+    Each run is a fresh Python process (its ``VmHWM`` is the peak of that run alone, with nothing
+    freed-but-kept from an earlier run); ``import_mb`` is its peak after importing twinflow, before any work.
+    Linux only (``/proc/self/status``).
+    """
+    import json
+    import subprocess
+    import sys
+
+    work = Path(tempfile.mkdtemp(prefix="twinflow-bench-ingest-large-"))
+    try:
+        print(f"{'rows':>10} {'file MB':>8} {'mode':<26} {'s':>7} {'import MB':>10} {'peak RSS MB':>12} "
+              f"{'above import':>13}")
+        for rows in rows_list:
+            landing = work / f"landing-{rows}"
+            make_landing(landing, 1, rows, assets_per_file=max(rows // 200, 1))  # one CSV, 200 cycles per asset
+            size = sum(p.stat().st_size for p in landing.iterdir())
+            for mode, threshold in (("whole file", 1 << 40), (f"streamed, {batch_rows:,} rows/batch", 1)):
+                shutil.rmtree(work / "lake", ignore_errors=True)
+                shutil.rmtree(work / "q", ignore_errors=True)
+                out = subprocess.run([sys.executable, "-c", _CHILD, str(landing), str(work / "lake"),
+                                      str(work / "q"), str(threshold), str(batch_rows)],
+                                     check=True, capture_output=True, text=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                assert r["status"] == "ingested" and r["rows"] == rows, r
+                print(f"{rows:>10,} {size / 2**20:>8.0f} {mode:<26} {r['s']:>7.1f} {r['import_mb']:>10.0f} "
+                      f"{r['peak_mb']:>12.0f} {r['peak_mb'] - r['import_mb']:>13.0f}")
+            shutil.rmtree(landing, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
-    args = arg_parser(__doc__.splitlines()[0]).parse_args()
+    parser = arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--large-file", type=int, default=None, metavar="N",
+                        help="only the bounded-memory check: one CSV of N rows, then one of 2N rows, ingested "
+                             "in-process read whole and streamed (peak RSS of a fresh process each)")
+    parser.add_argument("--batch-rows", type=int, default=100_000, help="batch_rows of the streamed runs")
+    args = parser.parse_args()
+    if args.large_file:
+        large_file([args.large_file, 2 * args.large_file], args.batch_rows)
+        return
     from twinflow import runtime
     from twinflow.flows.ingest import IngestParams, ingest
     from twinflow.settings import get_settings

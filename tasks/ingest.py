@@ -15,6 +15,15 @@ Rows that break the contract (bad keys, unparseable or out-of-range values, dupl
 quarantine dataset ``<quarantine>/rows/dataset=<name>/<file_id>.parquet`` with a reason; files that cannot
 be parsed at all are copied to ``<quarantine>/files/<file_id>/`` beside a ``reason.txt``. For every file,
 rows read = rows written to the lake + rows quarantined.
+
+Files larger than ``IngestParams.stream_threshold_bytes`` are streamed: hashed in 8 MiB reads, parsed
+by pyarrow's streaming readers (``pyarrow.csv.open_csv`` over a decompressing, line-aligned text stream;
+``ParquetFile.iter_batches``) and validated ``batch_rows`` rows at a time, with the duplicate-key,
+out-of-order and stuck-sensor state carried from batch to batch (:class:`_FileState`), so that the lake,
+the quarantine and the counts are exactly those of reading the file whole. Memory then follows the batch
+(and pyarrow's 16 MiB CSV block, or a Parquet row group), plus 16 bytes per kept row for the key
+check; an asset whose stuck-sensor verdict needs all its rows (a varying channel with a long unchanged
+run, or cycles that go back across batches) is re-read whole from staging once the last batch is in.
 """
 
 from __future__ import annotations
@@ -484,7 +493,7 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
         return pacsv.read_csv(
             io.BytesIO(raw),
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
-                                           block_size=16 << 20),
+                                           block_size=_WHOLE_BLOCK_BYTES),
             parse_options=pacsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid,
                                              newlines_in_values=False),
             convert_options=pacsv.ConvertOptions(
@@ -718,11 +727,10 @@ def _validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str
             if hit.any():
                 dup |= hit
                 first_rec = np.where(hit, st.recs[pos], first_rec)
-        if state is not None:
+        if state is not None:  # keep the new keys (sorted, unique): one linear merge per batch
             new = ~dup
-            k2, r2 = np.r_[st.keys, keys[new]], np.r_[st.recs, record[order[new]]]
-            srt = np.argsort(k2, kind="stable")
-            st.keys, st.recs = k2[srt], r2[srt]
+            at = np.searchsorted(st.keys, keys[new])
+            st.keys, st.recs = np.insert(st.keys, at, keys[new]), np.insert(st.recs, at, record[order[new]])
         assets_py = asset.to_pylist() if dup.any() else None
         for pos_ in np.flatnonzero(dup):
             i = int(order[pos_])
@@ -1067,7 +1075,11 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
 # --- Streaming: files larger than stream_threshold_bytes, batch by batch -------------------------
 
 _CHUNK_BYTES = 8 << 20  # read size when hashing, copying and decompressing a streamed file
-_BLOCK_BYTES = 16 << 20  # CSV block of the streaming reader: as for a whole file (a longer line is an error)
+# CSV block of the streaming reader. pyarrow reads up to about 8 blocks ahead (its I/O thread pool), so
+# this, not batch_rows, bounds the text held; a file with a longer line is read again with the block
+# parse_bytes uses (where a yet longer line is an error).
+_BLOCK_BYTES = 1 << 20
+_WHOLE_BLOCK_BYTES = 16 << 20
 
 
 def _hash_stream(fs: Any, path: str) -> tuple[str, int]:
@@ -1088,8 +1100,9 @@ class _TextStream(io.RawIOBase):
     as the end of the file; :meth:`drain` reads the rest only to finish the counts and checks.
     """
 
-    def __init__(self, fh: Any, gz: bool, cmapss: bool):
+    def __init__(self, fh: Any, gz: bool, cmapss: bool, count: bool = False):
         self._src = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
+        self._count = count
         self._cmapss = cmapss
         self._pending: list[bytes] = []  # checked chunks read ahead (header, blank-file checks)
         self._cur = b""
@@ -1098,7 +1111,7 @@ class _TextStream(io.RawIOBase):
         self._eof = False
         self.gzip_error: str | None = None
         self.utf8_error: int | None = None  # byte offset of the first invalid UTF-8 sequence
-        self.lines = 0  # non-blank lines so far
+        self.lines = 0  # non-blank lines so far (when counting: only file errors need it)
         self.nonblank = False
         self.pos = 0  # bytes of text so far
 
@@ -1131,7 +1144,8 @@ class _TextStream(io.RawIOBase):
                 chunk = _normalise_whitespace(chunk)
             if not chunk:
                 continue
-            self.lines += _count_lines(chunk)
+            if self._count:
+                self.lines += _count_lines(chunk)
             self.nonblank = self.nonblank or bool(chunk.strip())
             if self.utf8_error is None and not chunk.isascii():
                 try:
@@ -1185,23 +1199,27 @@ class _Staged:
     """
 
     def __init__(self, folder: Path, fid: str, source: str, batch_id: str, window: int):
-        if folder.exists():
-            shutil.rmtree(folder)
         self.folder, self.fid, self.source, self.batch_id, self.window = folder, fid, source, batch_id, window
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything staged so far (the file is read again from its start)."""
+        self.discard()
         self.state = _FileState()
         self.parts: dict[str, list[Path]] = {}
         self.assets: dict[str, AssetExtent] = {}
         self.rows_written = self.rows_quarantined = 0
         self.flagged: dict[str, int] = {}
         self.kinds: tuple[dict[str, int], dict[str, int]] = ({}, {})
-        self._writers: dict[str, pq.ParquetWriter] = {}
         self._k = 0
 
     def add(self, table: pa.Table, reasons: dict[int, str] | None) -> None:
         lake, quar, flagged = _validate_batch(table, reasons, self.source, self.batch_id, self.window, self.state)
+        (self.folder / "parts").mkdir(parents=True, exist_ok=True)
         for asset, rows in split_by_asset(lake):
-            path = self.folder / "parts" / asset_dir(asset) / f"{self._k}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path = self.folder / "parts" / f"{self._k}.parquet"  # one flat folder: no directory per asset
+            self._k += 1
             _write_parquet(rows, path)
             self.parts.setdefault(asset, []).append(path)
             cyc = rows.column(C.TIME)
@@ -1209,7 +1227,6 @@ class _Staged:
             e = self.assets.get(asset)
             self.assets[asset] = AssetExtent(rows=rows.num_rows, tmin=lo, tmax=hi) if e is None else \
                 AssetExtent(rows=e.rows + rows.num_rows, tmin=min(e.tmin, lo), tmax=max(e.tmax, hi))
-        self._k += 1
         self.rows_written += lake.num_rows
         for k, v in flagged.items():
             self.flagged[k] = self.flagged.get(k, 0) + v
@@ -1317,13 +1334,19 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
         _StreamError: the file as a whole is unusable.
     """
     header = fmt == "csv" and params.columns is None
-    for mode in ("typed", "string"):
+    mode, block = "typed", _BLOCK_BYTES
+    while True:
         with fs.open(path, "rb") as fh:
             ts = _TextStream(fh, gz, fmt == "cmapss")
 
             def fail(reason: str | None, rows: Any = 0) -> _StreamError:
                 ts.drain()
                 stage.discard()
+                if ts.utf8_error is not None or callable(rows):  # the counts need every line: read again
+                    with fs.open(path, "rb") as again:
+                        counted = _TextStream(again, gz, fmt == "cmapss", count=True)
+                        counted.drain()
+                        ts.lines = counted.lines
                 if ts.gzip_error:
                     return _StreamError(ts.gzip_error, 0)
                 if not ts.nonblank:
@@ -1369,29 +1392,40 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
             rows = n_bad = 0
             notes: list[str] | None = None
             error: str | None = None
+            held: list[pa.RecordBatch] = []  # reader batches (one per block) not yet validated
+
+            def validate(final: bool) -> None:
+                # Blocks are coalesced into batches of batch_rows rows (the last one shorter).
+                nonlocal rows, notes, error, held
+                while held and (final or sum(b.num_rows for b in held) >= params.batch_rows):
+                    pending = pa.Table.from_batches(held)
+                    table = pending.slice(0, params.batch_rows)
+                    held = pending.slice(params.batch_rows).to_batches()
+                    if error is None:
+                        batch_notes: list[str] = []
+                        out, reasons, error = _canonicalise(table, list(names), params.allow_missing_channels,
+                                                            mode == "string", batch_notes, offset=rows)
+                        notes = batch_notes if notes is None else notes
+                        if error is None:
+                            stage.add(out, reasons)
+                    rows += table.num_rows
+
             try:
                 reader = pacsv.open_csv(
                     ts,
                     read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
-                                                   block_size=_BLOCK_BYTES),
+                                                   block_size=block),
                     parse_options=pacsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid,
                                                      newlines_in_values=False),
                     convert_options=pacsv.ConvertOptions(
                         include_columns=[n for n in names if n in mapped], column_types=types,
                         quoted_strings_can_be_null=True))
                 for rb in reader:
-                    for start in range(0, rb.num_rows, params.batch_rows):
-                        table = pa.Table.from_batches([rb.slice(start, params.batch_rows)])
-                        if error is None:
-                            batch_notes: list[str] = []
-                            out, reasons, error = _canonicalise(table, list(names), params.allow_missing_channels,
-                                                                mode == "string", batch_notes, offset=rows)
-                            notes = batch_notes if notes is None else notes
-                            if error is None:
-                                stage.add(out, reasons)
-                        rows += table.num_rows
-                    # Rows the reader skipped so far (it reports them as it parses, possibly ahead).
-                    # (the reader's threads may append while we take them: take a prefix, then drop it)
+                    if rb.num_rows:
+                        held.append(rb)
+                    validate(False)
+                    # Rows the reader skipped so far (it reports them as it parses, possibly ahead; its
+                    # threads may append while we take them: take a prefix, then drop it).
                     got = bad_rows[:len(bad_rows)]
                     del bad_rows[:len(got)]
                     n_bad += len(got)
@@ -1399,14 +1433,19 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
                         stage.add_bad(got)
                     if ts.failed:
                         break
+                validate(True)
             except pa.ArrowInvalid as exc:
                 if ts.failed:
                     raise fail(None) from None
                 if _is_utf8_error(exc):
                     raise fail("not valid UTF-8 text", lambda: ts.lines - header) from None
-                if mode == "typed":
-                    stage.discard()
-                    stage.__init__(stage.folder, stage.fid, stage.source, stage.batch_id, stage.window)
+                if "straddl" in str(exc) and block < _WHOLE_BLOCK_BYTES:  # a line longer than a block
+                    stage.reset()
+                    block = _WHOLE_BLOCK_BYTES
+                    continue
+                if mode == "typed":  # as parse_bytes: read the whole file again, every column as text
+                    stage.reset()
+                    mode = "string"
                     continue
                 raise fail(f"unparseable {fmt}: {str(exc).splitlines()[0][:160]}",
                            lambda: ts.lines - header) from None
@@ -1426,7 +1465,6 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
             if error is not None:
                 raise fail(error, rows_read)
             return rows_read, notes
-    raise AssertionError("unreachable")
 
 
 def _stream_parquet(fs: Any, path: str, params: IngestParams, stage: _Staged) -> tuple[int, list[str]]:

@@ -51,12 +51,12 @@ def _ingest(landing: Path, root: Path, **kw):
 
 
 def _same_whole_and_streamed(tmp: Path, name: str, data: bytes, batch_rows: int, chunk: int = 64,
-                             **kw) -> object:
+                             block: int = 4096, **kw) -> object:
     landing = tmp / "landing"
     landing.mkdir(parents=True)
     (landing / name).write_bytes(data)
     whole = _ingest(landing, tmp / "whole", **kw)
-    with _small_io(chunk):
+    with _small_io(chunk, block):
         streamed = _ingest(landing, tmp / "streamed", stream_threshold_bytes=1, batch_rows=batch_rows, **kw)
     o1, lake1, files1, q1, qf1, st1 = whole
     o2, lake2, files2, q2, qf2, st2 = streamed
@@ -185,6 +185,16 @@ def test_cmapss_text_gzip_and_wrong_field_counts_stream_like_whole(tmp_path):
     o = _same_whole_and_streamed(tmp_path, "train.txt.gz", data, batch_rows=4)
     assert (o.rows_read, o.rows_written, o.rows_quarantined) == (400, 396, 4)
     assert "duplicate key" in o.reason
+
+
+def test_a_line_longer_than_the_streaming_block_is_read_as_a_whole_file_reads_it(tmp_path):
+    lines = list(TRAIN_LINES[:60])
+    f = lines[30].split()
+    f[5] = "9" * 700 + "x"  # a 700-character non-numeric cell
+    lines[30] = " ".join(f)
+    o = _same_whole_and_streamed(tmp_path, "long.txt", ("\n".join(lines) + "\n").encode(), batch_rows=8,
+                                 block=256)
+    assert (o.rows_written, o.rows_quarantined) == (59, 1) and "non-numeric" in o.reason
 
 
 @pytest.mark.parametrize("name, content", [
