@@ -130,6 +130,9 @@ def test_gbm_early_stops_on_the_validation_assets(small):
     assert out.model.estimator.n_iter_ == out.best_iteration  # the best model is kept, not the last
     pred = out.model.predict(val)
     assert np.isfinite(pred).all() and len(pred) == len(val)
+    # The kept model scores on the validation assets exactly what the learning curve says at its best.
+    label = val[SPEC.label].to_numpy()
+    assert np.sqrt(np.mean((pred - label) ** 2)) == pytest.approx(out.val_rmse, rel=1e-9)
 
 
 def test_trials_on_dask_match_sequential_and_log_child_runs(small, dask_scheduler_address, tmp_path):
