@@ -21,7 +21,7 @@ by pyarrow's streaming readers (``pyarrow.csv.open_csv`` over a decompressing, l
 ``ParquetFile.iter_batches``) and validated ``batch_rows`` rows at a time, with the duplicate-key,
 out-of-order and stuck-sensor state carried from batch to batch (:class:`_FileState`), so that the lake,
 the quarantine and the counts are exactly those of reading the file whole. Memory then follows the batch
-(and pyarrow's 16 MiB CSV block, or a Parquet row group), plus 16 bytes per kept row for the key
+(plus the few 1 MiB CSV blocks pyarrow reads ahead, or a Parquet row group), plus 16 bytes per kept row for the key
 check; an asset whose stuck-sensor verdict needs all its rows (a varying channel with a long unchanged
 run, or cycles that go back across batches) is re-read whole from staging once the last batch is in.
 """
@@ -1075,9 +1075,10 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
 # --- Streaming: files larger than stream_threshold_bytes, batch by batch -------------------------
 
 _CHUNK_BYTES = 8 << 20  # read size when hashing, copying and decompressing a streamed file
-# CSV block of the streaming reader. pyarrow reads up to about 8 blocks ahead (its I/O thread pool), so
-# this, not batch_rows, bounds the text held; a file with a longer line is read again with the block
-# parse_bytes uses (where a yet longer line is an error).
+# CSV block of the streaming reader. pyarrow reads several blocks ahead of the batch we validate (with
+# 16 MiB blocks, ~120 MB of text was held whatever batch_rows was), so keep blocks small and coalesce them
+# into batch_rows batches; a file with a longer line is read again with the block parse_bytes uses
+# (where a yet longer line is an error).
 _BLOCK_BYTES = 1 << 20
 _WHOLE_BLOCK_BYTES = 16 << 20
 
