@@ -48,6 +48,17 @@ before, 3.43 after; 721 s wall; one repeat, as three would take ~35 min on this 
     dask trials, 2 worker(s)        204.1 s  0.98x
     trial throughput: 1 worker 2.1 trials/min, 2 workers 2.4 trials/min; scaling 0.56 x workers
 
+After the gbm trainer switched from warm-start steps (re-binning and re-predicting every 10
+iterations) to scikit-learn's early stopping on our by-asset split as an explicit validation set
+(commit "gbm: early-stop with scikit-learn's explicit validation set"), same day, quieter VM
+(load 0.45 before, 1.47 after):
+
+    ``--quick --models gbm``: twinflow gbm RMSE 12.36  PHM08 238.6  (2 trials, max_iter 150, 61.7 s
+    against 228 s before); throughput (4 trials x 40 iterations): in-process 16.3 s, dask 1 worker
+    23.8 s, 2 workers 17.1 s; 1 worker 10.1 trials/min, 2 workers 14.1 trials/min; scaling 0.70
+    ``--skip-throughput --models gbm``: twinflow gbm RMSE 12.25  PHM08 233.8  (4 trials, max_iter
+    400, 152.9 s against 390 s before; same model quality)
+
 Targets: CPU default <= 14.0 RMSE met (12.25); PyTorch <= 12.0 on a GPU not checked (no GPU, no
 torch here); scaling >= 0.7 met in the quick run (0.73) but missed in the full run (0.56). During
 the 2-worker phase of the full run each worker process got ~45% of a core (``ps``) at load ~3.4 on
