@@ -86,6 +86,29 @@ def test_local_server_is_reused_for_the_same_home(prefect_server):
     assert api_healthy(prefect_server.url)
 
 
+def test_interrupt_while_the_local_server_starts_leaves_no_orphan(tmp_path, monkeypatch):
+    from twinflow import prefect_server as ps
+
+    started = []
+    real_popen = ps.subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    def interrupted(url, timeout=1.0):
+        raise KeyboardInterrupt  # SIGTERM/Ctrl-C arriving while the server is still starting
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(ps.subprocess, "Popen", popen)
+    monkeypatch.setattr(ps, "api_healthy", interrupted)
+    settings = get_settings(home=tmp_path / "home", prefect={"port": 0})
+    with pytest.raises(KeyboardInterrupt):
+        acquire_server(settings)
+    assert len(started) == 1 and started[0].poll() is not None  # the server process was stopped
+    assert read_server_state(settings) is None
+
+
 def test_configured_prefect_api_that_is_down_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     with pytest.raises(ServiceUnavailable, match="does not answer"):

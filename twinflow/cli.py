@@ -170,19 +170,21 @@ def server(
     settings = get_settings(prefect={"port": prefect_port})
     settings.home.mkdir(parents=True, exist_ok=True)
     srv = acquire_server(settings)
-    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
-                  "--default-artifact-root", settings.mlflow_artifact_location,
-                  "--host", "127.0.0.1", "--port", str(mlflow_port)]
-    ml = subprocess.Popen(mlflow_cmd)
-    console.print(f"Prefect UI: {srv.url.removesuffix('/api')}   MLflow UI: http://127.0.0.1:{mlflow_port}   (Ctrl-C stops)")
-    try:
+    ml = None
+    try:  # entered right after the server exists: a SIGTERM from here on still releases it
+        mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
+                      "--default-artifact-root", settings.mlflow_artifact_location,
+                      "--host", "127.0.0.1", "--port", str(mlflow_port)]
+        ml = subprocess.Popen(mlflow_cmd)
+        console.print(f"Prefect UI: {srv.url.removesuffix('/api')}   MLflow UI: http://127.0.0.1:{mlflow_port}"
+                      "   (Ctrl-C stops)")
         while ml.poll() is None:
             time.sleep(0.5)
         raise TwinflowError(f"the MLflow UI exited with code {ml.returncode} (port {mlflow_port} in use?)")
     except KeyboardInterrupt:
         pass
     finally:
-        if ml.poll() is None:
+        if ml is not None and ml.poll() is None:
             ml.terminate()
             ml.wait(10)
         release_server(settings, srv)

@@ -128,17 +128,24 @@ def _start(settings: Settings) -> PrefectServer:
                             stdin=subprocess.DEVNULL, start_new_session=True)
     logfile.close()
     deadline = time.monotonic() + settings.prefect.start_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = (home / "server.log").read_text(errors="replace")[-800:]
-            raise ServiceUnavailable(f"the local Prefect server exited with code {proc.returncode}: "
-                                     f"{tail.strip().splitlines()[-1] if tail.strip() else 'no output'}"
-                                     f" (log: {home / 'server.log'})")
-        if api_healthy(url, timeout=1.0):
-            _state_file(settings).write_text(json.dumps({"pid": proc.pid, "url": url}))
-            log.info("started local Prefect server at %s (pid %s)", url, proc.pid)
-            return PrefectServer(url=url, pid=proc.pid, owned=True)
-        time.sleep(0.25)
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (home / "server.log").read_text(errors="replace")[-800:]
+                raise ServiceUnavailable(f"the local Prefect server exited with code {proc.returncode}: "
+                                         f"{tail.strip().splitlines()[-1] if tail.strip() else 'no output'}"
+                                         f" (log: {home / 'server.log'})")
+            if api_healthy(url, timeout=1.0):
+                _state_file(settings).write_text(json.dumps({"pid": proc.pid, "url": url}))
+                log.info("started local Prefect server at %s (pid %s)", url, proc.pid)
+                return PrefectServer(url=url, pid=proc.pid, owned=True)
+            time.sleep(0.25)
+    except BaseException:  # Ctrl-C/SIGTERM while it starts: no orphan server, no stale state file
+        _terminate(proc.pid)
+        state = read_server_state(settings)
+        if state and int(state["pid"]) == proc.pid:
+            _state_file(settings).unlink(missing_ok=True)
+        raise
     _terminate(proc.pid)
     raise ServiceUnavailable(f"the local Prefect server did not become healthy within "
                              f"{settings.prefect.start_timeout:.0f}s (log: {home / 'server.log'})")
