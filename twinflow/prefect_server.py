@@ -198,12 +198,19 @@ def acquire_server(settings: Settings) -> PrefectServer:
             )
         return PrefectServer(url=configured, pid=None, owned=False)
     # The lock makes "check then start" atomic across concurrent twinflow commands on one home.
-    with _lock(settings.prefect_home / "server.lock"):
-        state = read_server_state(settings)
-        if state and _pid_alive(int(state["pid"])) and api_healthy(state["url"]):
-            log.info("reusing local Prefect server at %s", state["url"])
-            return PrefectServer(url=state["url"], pid=int(state["pid"]), owned=False)
-        return _start(settings)
+    started = None
+    try:
+        with _lock(settings.prefect_home / "server.lock"):
+            state = read_server_state(settings)
+            if state and _pid_alive(int(state["pid"])) and api_healthy(state["url"]):
+                log.info("reusing local Prefect server at %s", state["url"])
+                return PrefectServer(url=state["url"], pid=int(state["pid"]), owned=False)
+            started = _start(settings)
+    except BaseException:
+        if started is not None:  # interrupted while releasing the lock: the caller never gets it
+            release_server(settings, started)
+        raise
+    return started
 
 
 def _flush_prefect_logs() -> None:
