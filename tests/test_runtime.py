@@ -162,11 +162,14 @@ def test_runtime_on_existing_scheduler_and_mlflow_runs_close_on_error(runtime):
     assert mlflow.active_run() is None
 
 
-def test_stage_error_is_not_masked_when_the_tracking_server_dies_mid_run(monkeypatch, caplog):
+def test_stage_error_is_not_masked_when_the_tracking_server_dies_mid_run(monkeypatch, caplog, tmp_path):
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from twinflow.tracking import tracked_run
+
+    # This test's own experiment: an earlier test may have left another store's experiment id set.
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("dies", (tmp_path / "art").as_uri()))
 
     def server_gone(self, run_id, status=None, end_time=None):
         raise MlflowException("API request to http://mlflow:5000 failed: Connection refused")
