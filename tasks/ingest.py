@@ -421,6 +421,28 @@ def _canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_e
     return pa.Table.from_arrays(cols, names=out_names), reasons, None
 
 
+def _source_columns(names: list[str], fmt: str) -> tuple[list[str], set[str]]:
+    """A text source's column names with C-MAPSS aliases applied, and those the contract knows."""
+    names = ["cycle" if n == "cycle" else ("asset_id" if n == "unit" and fmt == "cmapss" else n)
+             for n in names]
+    return names, {n for n in names if n != "_" and C.canonical_name(n) is not None}
+
+
+class _BadRows:
+    """pyarrow's ``invalid_row_handler``: skips rows with a wrong field count, recording why and their text."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str]] = []  # (reason, raw text)
+        self.actual: list[int] = []  # field count of each such row
+
+    def __call__(self, row: Any) -> str:
+        self.actual.append(row.actual_columns)
+        self.rows.append((f"expected {row.expected_columns} fields, got {row.actual_columns}"
+                          + (" (truncated line?)" if row.actual_columns < row.expected_columns else ""),
+                          row.text[:500]))
+        return "skip"
+
+
 def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str] | None = None,
                 delimiter: str = ",", allow_missing_channels: bool = False) -> Parsed:
     """Parse the bytes of one source file into canonical typed columns.
@@ -474,18 +496,9 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
             return Parsed(file_error=f"duplicate column names in header: {names}",
                           rows_read=_count_lines(raw) - 1)
     assert names is not None
-    names = ["cycle" if n == "cycle" else ("asset_id" if n == "unit" and fmt == "cmapss" else n)
-             for n in names]
-    mapped = {n for n in names if n != "_" and C.canonical_name(n) is not None}
-    bad_rows: list[tuple[str, str]] = []
-    actual: list[int] = []
-
-    def on_invalid(row: Any) -> str:
-        actual.append(row.actual_columns)
-        bad_rows.append((f"expected {row.expected_columns} fields, got {row.actual_columns}"
-                         + (" (truncated line?)" if row.actual_columns < row.expected_columns else ""),
-                         row.text[:500]))
-        return "skip"
+    names, mapped = _source_columns(names, fmt)
+    on_invalid = _BadRows()
+    bad_rows, actual = on_invalid.rows, on_invalid.actual
 
     def read(types: dict[str, pa.DataType]) -> pa.Table:
         bad_rows.clear()
@@ -1375,19 +1388,10 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
                 if len(set(names)) != len(names):
                     raise fail(f"duplicate column names in header: {names}", lambda: ts.lines - 1)
             assert names is not None
-            names = ["cycle" if n == "cycle" else ("asset_id" if n == "unit" and fmt == "cmapss" else n)
-                     for n in names]
-            mapped = {n for n in names if n != "_" and C.canonical_name(n) is not None}
+            names, mapped = _source_columns(names, fmt)
             canon_of = {n: C.canonical_name(n) for n in mapped}
-            bad_rows: list[tuple[str, str]] = []
-            actual: list[int] = []
-
-            def on_invalid(row: Any) -> str:
-                actual.append(row.actual_columns)
-                bad_rows.append((f"expected {row.expected_columns} fields, got {row.actual_columns}"
-                                 + (" (truncated line?)" if row.actual_columns < row.expected_columns else ""),
-                                 row.text[:500]))
-                return "skip"
+            on_invalid = _BadRows()
+            bad_rows, actual = on_invalid.rows, on_invalid.actual
 
             types = {n: (_TYPES[canon_of[n]] if mode == "typed" else pa.string()) for n in mapped}
             rows = n_bad = 0
