@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from ingest_faults import plant_faults
 from twinflow import contracts as C
 from twinflow.data import cmapss_path
 from twinflow.tasks import ingest as I
@@ -75,54 +76,6 @@ def _same_whole_and_streamed(tmp: Path, name: str, data: bytes, batch_rows: int,
     return o1
 
 
-def _fields(line: str) -> list[str]:
-    return line.split()
-
-
-def _plant(lines: list[str], ops: list[tuple[str, int, int]]) -> list[str]:
-    """Faults in C-MAPSS text lines; ``stuck`` freezes a varying channel over a run longer than the window."""
-    out = list(lines)
-    for op, i, j in ops:
-        if not out:
-            break
-        i %= len(out)
-        f = _fields(out[i])
-        if op == "stuck":
-            col = (6, 7, 8, 11, 15)[j % 5]
-            value = f[col] if len(f) > col else "1590.00"
-            for k in range(i, min(i + 22 + j % 6, len(out))):
-                g = _fields(out[k])
-                if len(g) > col:
-                    g[col] = value
-                    out[k] = " ".join(g)
-        elif op == "dup":
-            out.insert(j % (len(out) + 1), out[i])
-        elif op == "swap":
-            k = j % len(out)
-            out[i], out[k] = out[k], out[i]
-        elif op == "range" and len(f) > 2:
-            f[2 + j % (len(f) - 2)] = "1e9"
-            out[i] = " ".join(f)
-        elif op == "nan" and len(f) > 2:
-            f[2 + j % (len(f) - 2)] = "NaN"
-            out[i] = " ".join(f)
-        elif op == "sentinel" and len(f) > 2:
-            f[2 + j % (len(f) - 2)] = str(C.SENTINELS[0])
-            out[i] = " ".join(f)
-        elif op == "string" and f:
-            f[j % len(f)] = "x" + str(j)
-            out[i] = " ".join(f)
-        elif op == "truncate":
-            out[i] = out[i][: j % max(len(out[i]), 1)]
-        elif op == "extra":
-            out[i] = out[i] + " 1.0"
-        elif op == "blank":
-            out[i] = "  "
-        elif op == "spaces":
-            out[i] = "  " + out[i].replace(" ", "\t  ") + "   "
-    return out
-
-
 _TEXT_OPS = ["stuck", "dup", "swap", "range", "nan", "sentinel", "string", "truncate", "extra", "blank", "spaces"]
 _VALUE_OPS = ["stuck", "dup", "swap", "range", "nan", "sentinel"]
 
@@ -137,7 +90,7 @@ def _ops(kinds):
        utf8_error=st.integers(0, 6), tail=st.sampled_from(["\n", "", "\r\n", "  \n\n"]))
 def test_streamed_files_give_exactly_what_whole_files_give(tmp_path_factory, ops, start, n, batch_rows, kind,
                                                            chunk, utf8_error, tail):
-    lines = _plant(TRAIN_LINES[start:start + n], ops)
+    lines = plant_faults(TRAIN_LINES[start:start + n], ops)
     if kind.startswith("csv"):
         lines = [HEADER] + [",".join(line.split()) for line in lines]
         if tail == "\r\n":
@@ -156,7 +109,7 @@ def test_streamed_files_give_exactly_what_whole_files_give(tmp_path_factory, ops
        row_group=st.integers(5, 200))
 def test_streamed_parquet_gives_exactly_what_whole_parquet_gives(tmp_path_factory, ops, start, n, batch_rows,
                                                                  row_group):
-    lines = [line.split() for line in _plant(TRAIN_LINES[start:start + n], ops)]
+    lines = [line.split() for line in plant_faults(TRAIN_LINES[start:start + n], ops)]
     cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
     cols["unit"] = [str(int(v)) for v in cols["unit"]]
     cols[C.TIME] = [int(v) for v in cols[C.TIME]]

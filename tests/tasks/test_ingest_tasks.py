@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+from ingest_faults import plant_faults
 from twinflow import contracts as C
 from twinflow.data import cmapss_path
 from twinflow.errors import AlreadyRunning, ConfigError
@@ -456,41 +457,6 @@ def test_snapshot_lists_files_and_reads_only_their_rows(home):
 # --- property test: malformed files ------------------------------------------------------------
 
 
-def _mutate(lines: list[str], ops: list[tuple[str, int, int]]) -> list[str]:
-    out = list(lines)
-    for op, i, j in ops:
-        if not out:
-            break
-        i %= len(out)
-        f = out[i].split()
-        if not f and op not in ("dup", "swap", "extra"):
-            continue
-        if op == "drop_field" and len(f) > 1:
-            del f[j % len(f)]
-            out[i] = " ".join(f)
-        elif op == "string":
-            f[j % len(f)] = "x" + str(j)
-            out[i] = " ".join(f)
-        elif op == "dup":
-            out.insert(j % (len(out) + 1), out[i])
-        elif op == "swap":
-            k = j % len(out)
-            out[i], out[k] = out[k], out[i]
-        elif op == "range" and len(f) > 2:
-            f[2 + j % (len(f) - 2)] = "1e9"
-            out[i] = " ".join(f)
-        elif op == "nan" and len(f) > 2:
-            f[2 + j % (len(f) - 2)] = "NaN"
-            out[i] = " ".join(f)
-        elif op == "truncate":
-            out[i] = out[i][: j % max(len(out[i]), 1)]
-        elif op == "extra":
-            out[i] = out[i] + " 1.0"
-        elif op == "blank":
-            out[i] = ""
-    return out
-
-
 _OPS = st.lists(st.tuples(st.sampled_from(["drop_field", "string", "dup", "swap", "range", "nan", "truncate",
                                            "extra", "blank"]),
                           st.integers(0, 10_000), st.integers(0, 10_000)), max_size=12)
@@ -501,7 +467,7 @@ _OPS = st.lists(st.tuples(st.sampled_from(["drop_field", "string", "dup", "swap"
        encoding_error=st.booleans())
 def test_malformed_files_conserve_rows_and_never_duplicate_keys(tmp_path_factory, ops, start, n,
                                                                 encoding_error):
-    lines = _mutate(TRAIN_LINES[start:start + n], ops)
+    lines = plant_faults(TRAIN_LINES[start:start + n], ops, blank="")
     data = "\n".join(lines).encode()
     if encoding_error and data:
         data = data[: len(data) // 2] + b"\xff" + data[len(data) // 2:]
