@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from service_procs import Procs, start_dask
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -64,34 +64,6 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 150
             pass
         time.sleep(0.5)
     pytest.fail(f"{url} not healthy after {timeout:.0f}s: {log.read_text()[-1500:]}")
-
-
-class _Procs:
-    """Processes this test starts (each in its own session), stopped by pid at the end."""
-
-    def __init__(self, logdir: Path):
-        self.logdir = logdir
-        self.procs: list[subprocess.Popen] = []
-
-    def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
-        log = self.logdir / f"{name}.log"
-        with open(log, "wb") as fh:
-            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append(proc)
-        return proc, log
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +149,7 @@ class ScaleOut:
     def __init__(self, tmp: Path, postgres_url: str):
         self.tmp = tmp
         self.postgres_url = postgres_url
-        self.procs = _Procs(tmp)
+        self.procs = Procs(tmp)
         self.prefect_url = ""
         self.mlflow_url = ""
         self.address = ""
@@ -238,22 +210,9 @@ def scale_out(postgres_url, tmp_path_factory):
             "mlflow", [str(bindir / "mlflow"), "server", "--backend-store-uri", postgres_url,
                        "--artifacts-destination", str(tmp / "mlartifacts"), "--host", "127.0.0.1",
                        "--port", str(mlflow_port), "--workers", "1"], base_env)
-        sched_proc, sched_log = so.procs.spawn(
-            "dask-scheduler", [str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                               "--no-dashboard", "--scheduler-file", str(scheduler_file)], base_env)
         worker_env = {**base_env, "PREFECT_API_URL": so.prefect_url, "MLFLOW_TRACKING_URI": so.mlflow_url,
                       "PREFECT_HOME": str(tmp / "prefect-workers"), "TWINFLOW_HOME": str(home)}
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
-            assert sched_proc.poll() is None, sched_log.read_text()[-1500:]
-            assert time.monotonic() < deadline, "dask scheduler wrote no scheduler file"
-            time.sleep(0.2)
-        for name in ("w1", "w2"):
-            so.procs.spawn(f"dask-worker-{name}",
-                           [str(bindir / "dask"), "worker", "--scheduler-file", str(scheduler_file), "--name", name,
-                            "--nthreads", "1", "--nworkers", "1", "--memory-limit", "3GiB", "--no-dashboard"],
-                           worker_env)
-        so.address = json.loads(scheduler_file.read_text())["address"]
+        so.address, _ = start_dask(so.procs, scheduler_file, base_env, worker_env)
         so.client = stack.enter_context(Client(so.address, timeout=30))
         so.client.wait_for_workers(2, timeout=90)
         _wait_http(f"{so.prefect_url}/health", prefect_proc, prefect_log)

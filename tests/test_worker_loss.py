@@ -11,15 +11,13 @@ every file once, and no temporary or staged file is left visible.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from service_procs import BINDIR, Procs, start_dask
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -45,24 +43,6 @@ def _landing(root: Path) -> int:
     return total
 
 
-def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as fh:
-        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
 def test_worker_killed_mid_ingest_loses_and_duplicates_nothing(prefect_server, tmp_path):
     import httpx
     from distributed import Client
@@ -70,27 +50,13 @@ def test_worker_killed_mid_ingest_loses_and_duplicates_nothing(prefect_server, t
     from twinflow.tasks.ingest import latest_snapshot, read_lake
 
     total = _landing(tmp_path / "landing")
-    bindir = Path(sys.executable).parent
     base = {k: v for k, v in os.environ.items() if not k.startswith(("TWINFLOW_", "MLFLOW_TRACKING"))}
     base.update({"PREFECT_API_URL": prefect_server.url, "PREFECT_HOME": str(tmp_path / "prefect"),
                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"})
     home = tmp_path / "home"
-    sched_file = tmp_path / "scheduler.json"
-    procs: list[subprocess.Popen] = []
+    procs = Procs(tmp_path)
     try:
-        procs.append(_spawn([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                             "--no-dashboard", "--scheduler-file", str(sched_file)], base, tmp_path / "sched.log"))
-        deadline = time.monotonic() + 60
-        while not sched_file.exists():
-            assert time.monotonic() < deadline, (tmp_path / "sched.log").read_text()[-1500:]
-            time.sleep(0.2)
-        workers = {}
-        for name in ("w1", "w2"):
-            workers[name] = _spawn([str(bindir / "dask"), "worker", "--scheduler-file", str(sched_file),
-                                    "--name", name, "--nthreads", "1", "--nworkers", "1", "--no-dashboard",
-                                    "--memory-limit", "3GiB"], base, tmp_path / f"{name}.log")
-            procs.append(workers[name])
-        address = json.loads(sched_file.read_text())["address"]
+        address, workers = start_dask(procs, tmp_path / "scheduler.json", base, base)
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=90)
             w2_addr = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
@@ -98,9 +64,9 @@ def test_worker_killed_mid_ingest_loses_and_duplicates_nothing(prefect_server, t
 
             env = {**base, "TWINFLOW_HOME": str(home), "TWINFLOW_DASK__MODE": "address",
                    "TWINFLOW_DASK__ADDRESS": address}
-            run = _spawn([str(bindir / "twinflow"), "run", "ingest", "--landing", str(tmp_path / "landing"),
-                          "-p", "dataset=plant", "-p", "files_per_batch=1"], env, tmp_path / "run.log")
-            procs.append(run)
+            run, run_log = procs.spawn("run", [str(BINDIR / "twinflow"), "run", "ingest", "--landing",
+                                               str(tmp_path / "landing"), "-p", "dataset=plant",
+                                               "-p", "files_per_batch=1"], env)
             # Kill w2 while it is running an ingest batch (not before: the point is a task in flight).
             killed_during = None
             deadline = time.monotonic() + 240
@@ -113,9 +79,9 @@ def test_worker_killed_mid_ingest_loses_and_duplicates_nothing(prefect_server, t
                     killed_during = batch
                 time.sleep(0.05)
             assert killed_during, ("w2 never ran an ingest batch before the run ended: "
-                                   + (tmp_path / "run.log").read_text()[-2000:])
+                                   + run_log.read_text()[-2000:])
             rc = run.wait(timeout=400)
-            log = (tmp_path / "run.log").read_text()
+            log = run_log.read_text()
             assert rc == 0, log[-4000:]
             assert list(client.scheduler_info(n_workers=-1)["workers"]) != [w2_addr]  # w2 is gone
 
@@ -142,4 +108,4 @@ def test_worker_killed_mid_ingest_loses_and_duplicates_nothing(prefect_server, t
         assert len(batches) == N_FILES and all(t["state_type"] == "COMPLETED" for t in batches), \
             [(t["name"], t["state_type"]) for t in batches]
     finally:
-        _stop(procs)
+        procs.stop()

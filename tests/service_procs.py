@@ -1,0 +1,63 @@
+"""Separately started service processes (as an operator runs them) for the integration tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BINDIR = Path(sys.executable).parent
+
+
+class Procs:
+    """Processes a test starts (each in its own session, logging to ``<logdir>/<name>.log``), stopped at the end."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+        log = self.logdir / f"{name}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def start_dask(procs: Procs, scheduler_file: Path, scheduler_env: dict[str, str], worker_env: dict[str, str],
+               names: tuple[str, ...] = ("w1", "w2")) -> tuple[str, dict[str, subprocess.Popen]]:
+    """``dask scheduler`` plus one single-threaded ``dask worker`` per name; returns the address and the workers.
+
+    The workers are started, not waited for: ``Client.wait_for_workers`` does that.
+    """
+    sched, log = procs.spawn("dask-scheduler", [str(BINDIR / "dask"), "scheduler", "--host", "127.0.0.1",
+                                                "--port", "0", "--no-dashboard", "--scheduler-file",
+                                                str(scheduler_file)], scheduler_env)
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists():
+        assert sched.poll() is None, log.read_text()[-1500:]
+        assert time.monotonic() < deadline, "dask scheduler wrote no scheduler file"
+        time.sleep(0.2)
+    workers = {name: procs.spawn(f"dask-worker-{name}",
+                                 [str(BINDIR / "dask"), "worker", "--scheduler-file", str(scheduler_file),
+                                  "--name", name, "--nthreads", "1", "--nworkers", "1", "--memory-limit", "3GiB",
+                                  "--no-dashboard"], worker_env)[0]
+               for name in names}
+    return json.loads(scheduler_file.read_text())["address"], workers
