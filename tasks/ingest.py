@@ -71,6 +71,9 @@ DEFAULT_EXCLUDE = ("rul_*",)
 LEDGER_NAME = "_ledger.sqlite"
 LOCK_NAME = "_ingest.lock"
 STAGING_DIR = "_staging"
+# Why a file is left for the next run (the whole-file and streamed readers say the same).
+_DISAPPEARED = "file disappeared before it was read"
+_CHANGED = "file changed while it was read (still being written?)"
 
 
 # --- Parameters and results ----------------------------------------------------------------------
@@ -1042,11 +1045,11 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
     try:
         data = _read_bytes(src.path, so)
     except FileNotFoundError:
-        out.status, out.reason = "deferred", "file disappeared before it was read"
+        out.status, out.reason = "deferred", _DISAPPEARED
         return out
     after = _stat(src.path, so)
     if after is None or after != (src.size, src.mtime_ns) or len(data) != src.size:
-        out.status, out.reason = "deferred", "file changed while it was read (still being written?)"
+        out.status, out.reason = "deferred", _CHANGED
         return out
     out.sha256 = hashlib.sha256(data).hexdigest()
     base = src.path.rstrip("/").rsplit("/", 1)[-1]
@@ -1547,10 +1550,10 @@ def _process_streamed(src: SourceFile, params: IngestParams, staging: Path, quar
             except (OSError, EOFError, zlib.error):
                 head = b""
     except FileNotFoundError:
-        out.status, out.reason = "deferred", "file disappeared before it was read"
+        out.status, out.reason = "deferred", _DISAPPEARED
         return out
     if _stat(src.path, so) != (src.size, src.mtime_ns) or size != src.size:
-        out.status, out.reason = "deferred", "file changed while it was read (still being written?)"
+        out.status, out.reason = "deferred", _CHANGED
         return out
     base = src.path.rstrip("/").rsplit("/", 1)[-1]
     fmt = detect_format(base, head, params.format)
@@ -1567,7 +1570,7 @@ def _process_streamed(src: SourceFile, params: IngestParams, staging: Path, quar
         if exc.reason.startswith("corrupt gzip"):
             out.format = params.format
         if _stat(src.path, so) != (src.size, src.mtime_ns):
-            out.status, out.reason = "deferred", "file changed while it was read (still being written?)"
+            out.status, out.reason = "deferred", _CHANGED
             return out
         out.status, out.reason = "quarantined", exc.reason
         out.rows_read = out.rows_quarantined = exc.rows_read
@@ -1575,11 +1578,11 @@ def _process_streamed(src: SourceFile, params: IngestParams, staging: Path, quar
         return out
     except FileNotFoundError:
         stage.discard()
-        out.status, out.reason = "deferred", "file disappeared before it was read"
+        out.status, out.reason = "deferred", _DISAPPEARED
         return out
     if _stat(src.path, so) != (src.size, src.mtime_ns):
         stage.discard()
-        out.status, out.reason = "deferred", "file changed while it was read (still being written?)"
+        out.status, out.reason = "deferred", _CHANGED
         return out
     out.notes, out.rows_read = notes, rows_read
     stage.finish(out)
