@@ -106,7 +106,10 @@ def serve_deployments(
         spec(name)
         validate_cron(cron, f"deployment {name!r}")
 
-    with runtime.start(settings) as rt:
+    # Served runs are the ones a "run vanished" automation watches: their heartbeats stay on unless
+    # the settings turn them off explicitly.
+    keep = settings.prefect.flow_heartbeats != "off"
+    with runtime.start(settings, heartbeats=keep) as rt:
         env = runtime_env(rt)
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update(env)

@@ -188,3 +188,48 @@ def test_unreachable_tracking_server_is_a_clear_error(tmp_path):
     settings = get_settings(home=tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:9"})
     with pytest.raises(ServiceUnavailable, match="MLflow tracking server at http://127.0.0.1:9"):
         configure_mlflow(settings)
+
+
+@flow
+def _heartbeat_setting() -> int | None:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().flows.heartbeat_frequency
+
+
+@flow
+def _nested_runtime_heartbeat_setting(home: str) -> int | None:
+    # A deployment's flow that starts a runtime: its subflows keep the runner's choice.
+    with rt_mod.start(get_settings(home=home), cluster=False, mlflow=False):
+        return _heartbeat_setting()
+
+
+def test_in_process_flow_runs_skip_heartbeats_unless_asked(prefect_api, tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", raising=False)
+    settings = get_settings(home=tmp_path / "home")
+    default = _heartbeat_setting()
+    assert default is not None  # Prefect's own default outside twinflow
+
+    with rt_mod.start(settings, cluster=False, mlflow=False):
+        assert _heartbeat_setting() is None
+    assert _heartbeat_setting() == default  # restored on exit
+
+    with rt_mod.start(settings, cluster=False, mlflow=False, heartbeats=True):
+        assert _heartbeat_setting() == default
+    on = get_settings(home=tmp_path / "home", prefect={"flow_heartbeats": "on"})
+    with rt_mod.start(on, cluster=False, mlflow=False):
+        assert _heartbeat_setting() == default
+    off = get_settings(home=tmp_path / "home", prefect={"flow_heartbeats": "off"})
+    with rt_mod.start(off, cluster=False, mlflow=False, heartbeats=None):
+        assert _heartbeat_setting() is None
+
+    assert _nested_runtime_heartbeat_setting(str(tmp_path / "home")) == default
+
+
+def test_explicit_prefect_heartbeat_setting_is_honoured(prefect_api, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "45")
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 45}):
+        with rt_mod.start(get_settings(home=tmp_path / "home"), cluster=False, mlflow=False):
+            assert _heartbeat_setting() == 45

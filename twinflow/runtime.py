@@ -87,6 +87,7 @@ def start(
     prefect: bool = True,
     cluster: bool = True,
     mlflow: bool = True,
+    heartbeats: bool | None = None,
 ) -> Iterator[Runtime]:
     """Start (or connect to) the Prefect API, the Dask cluster and MLflow for one command.
 
@@ -98,6 +99,8 @@ def start(
         prefect: Start/reuse the Prefect API.
         cluster: Start/connect the Dask cluster.
         mlflow: Configure MLflow tracking and the experiment.
+        heartbeats: Keep Prefect's flow-run heartbeats for flows run inside the block (True) or turn
+            them off (False); None decides by ``settings.prefect.flow_heartbeats``.
     """
     settings = settings or get_settings()
     set_offline_env()
@@ -109,6 +112,8 @@ def start(
             stack.callback(release_server, settings, server)
             rt.prefect = server
             _export_prefect(stack, settings, server.url)
+        if not _keep_heartbeats(settings, heartbeats):
+            stack.enter_context(_no_flow_heartbeats())
         if mlflow:
             rt.experiment_id = configure_mlflow(settings)
         if cluster:
@@ -150,6 +155,35 @@ def _export_prefect(stack: ExitStack, settings: Settings, url: str) -> None:
 
     stack.callback(restore)
     stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: storage}))
+
+
+_HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+def _keep_heartbeats(settings: Settings, explicit: bool | None) -> bool:
+    if explicit is not None:
+        return explicit
+    mode = settings.prefect.flow_heartbeats
+    if mode != "auto":
+        return mode == "on"
+    if any(os.environ.get(k) for k in _HEARTBEAT_ENV):
+        return True
+    from prefect.context import FlowRunContext
+
+    # Inside a flow run (a deployment's flow calling ensure()) the runner or worker chose the
+    # heartbeat setting and its subflows should follow it.
+    return FlowRunContext.get() is not None
+
+
+@contextmanager
+def _no_flow_heartbeats() -> Iterator[None]:
+    # Heartbeats only feed a server-side "run vanished" automation, which watches runs a runner or
+    # worker owns. A flow run in this process ends with its command, and the engine joins the
+    # heartbeat thread at exit, which sleeps in 1 s steps: that join was most of a no-op ingest re-run.
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def _set_env(values: dict[str, str]) -> None:

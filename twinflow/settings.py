@@ -48,6 +48,16 @@ class PrefectSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
     start_timeout: float = Field(180.0, gt=0)
+    flow_heartbeats: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Prefect flow-run heartbeats (they let a server automation mark a vanished run crashed). "
+            "auto: kept for runs a Prefect runner or worker starts (serve, deployments) and whenever "
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set; off for flows a twinflow command or "
+            "runtime.start() runs in its own process, where each flow run would otherwise wait up to "
+            "1 s at exit for the heartbeat thread."
+        ),
+    )
 
 
 class DaskSettings(_Section):
