@@ -72,6 +72,8 @@ class FeatureParams(BaseModel):
         label: Add the RUL label (run-to-failure data only; False e.g. for C-MAPSS test files).
         rul_cap: Piecewise-linear cap of the label; None for no cap.
         sample_rows: Rows of operating settings sampled to fit the regimes.
+        sample_files: Lake files (a random subset, by ``seed``) that sample is drawn from; all
+            of them when there are fewer. Saves a full pass over a large lake.
         seed: Seed of the sampling and k-means.
         partition_bytes: Target Parquet bytes per partition (whole assets are never split).
         backend: Array module: ``auto`` (CuPy when the cluster mode is cuda), ``numpy``, ``cupy``.
@@ -93,6 +95,7 @@ class FeatureParams(BaseModel):
     label: bool = True
     rul_cap: PositiveInt | None = 125
     sample_rows: PositiveInt = 50_000
+    sample_files: PositiveInt = 256
     seed: int = 0
     partition_bytes: PositiveInt = 32 * 2**20
     backend: Literal["auto", "numpy", "cupy"] = "auto"
@@ -648,7 +651,17 @@ def feature_names(fit: FitStats, params: FeatureParams) -> list[str]:
     return names
 
 
-def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, xp=np
+def compiled_kernels():
+    """The numba CPU kernels module (:mod:`twinflow.tasks.features_cpu`), or None without numba."""
+    try:
+        from twinflow.tasks import features_cpu
+    except ImportError:
+        return None
+    return features_cpu
+
+
+def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, xp=np,
+                     engine: Literal["auto", "compiled", "array"] = "auto"
                      ) -> tuple[pd.DataFrame, np.ndarray]:
     """Features of one partition of whole assets.
 
@@ -658,6 +671,8 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
         fit: Normalisation statistics (:func:`finalize_fit` or a training set's ``_fit.json``).
         params: What to compute.
         xp: Array module the kernels run on.
+        engine: Window kernels: ``compiled`` (numba, CPU only), ``array`` (the ``xp`` kernels,
+            the GPU path), or ``auto``: compiled when ``xp`` is NumPy and numba is installed.
 
     Returns:
         ``(keys, features)``: a frame with ``asset_id``, ``cycle`` (and ``rul`` when
@@ -704,13 +719,27 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
     if regime is not None:
         put(regime[None, :])
     put(y)
-    shift = asset_shift(y, gstart, xp)
-    rolled = rolling_features(y, t, gstart, params.windows, params.stats, params.min_periods, xp, shift)
-    for w in params.windows:
-        for s in params.stats:
-            put(rolled.pop((s, w)))
-    for span in params.ewm_spans:
-        put(ewm_mean(y, pos, span, params.min_periods, xp, shift))
+    compiled = compiled_kernels() if engine != "array" and xp is np else None
+    if engine == "compiled" and compiled is None:
+        raise ConfigError("engine='compiled' needs numba and NumPy arrays (pip install numba)")
+    if compiled is not None:
+        # Straight into the float32 output: no per-feature temporaries.
+        y = np.ascontiguousarray(y, dtype=np.float64)
+        starts = np.append(np.flatnonzero(pos == 0), n).astype(np.int64)
+        codes = np.array([compiled.STAT_CODES[s] for s in params.stats], dtype=np.int64)
+        compiled.rolling_into(y, t, starts, np.array(params.windows, dtype=np.int64), codes,
+                              params.min_periods, out, row)
+        row += len(params.windows) * len(codes) * y.shape[0]
+        compiled.ewm_into(y, starts, np.array(params.ewm_spans, dtype=np.int64), params.min_periods, out, row)
+        row += len(params.ewm_spans) * y.shape[0]
+    else:
+        shift = asset_shift(y, gstart, xp)
+        rolled = rolling_features(y, t, gstart, params.windows, params.stats, params.min_periods, xp, shift)
+        for w in params.windows:
+            for s in params.stats:
+                put(rolled.pop((s, w)))
+        for span in params.ewm_spans:
+            put(ewm_mean(y, pos, span, params.min_periods, xp, shift))
     assert row == len(names)
     if params.label:
         last = cycle[group_ends(gstart, xp)]
@@ -824,7 +853,8 @@ def read_partition(files: Sequence[str], columns: Sequence[str],
     for path in files:
         p = fs._strip_protocol(path)
         if isinstance(fs, LocalFileSystem):
-            tables.append(pq.ParquetFile(p).read(columns=cols, use_threads=False))
+            # pre_buffer coalesces reads for high-latency stores; on a local disk it only copies.
+            tables.append(pq.ParquetFile(p, pre_buffer=False).read(columns=cols, use_threads=False))
             continue
         with fs.open(p, "rb") as fh:
             tables.append(pq.ParquetFile(fh).read(columns=cols, use_threads=False))
@@ -971,18 +1001,35 @@ def _run_per_partition(ddf, fn, *args: Any) -> list[Any]:
         return client.gather(client.compute(jobs))
 
 
+def sample_partitions(parts: Sequence[Sequence[str]], n_files: int, seed: int) -> list[list[str]]:
+    """A random subset of ``n_files`` files of ``parts`` (all when fewer), grouped as they were."""
+    total = sum(len(p) for p in parts)
+    if total <= n_files:
+        return [list(p) for p in parts]
+    keep = set(np.random.default_rng(seed).choice(total, size=n_files, replace=False).tolist())
+    out, i = [], 0
+    for part in parts:
+        chosen = [f for j, f in enumerate(part, start=i) if j in keep]
+        i += len(part)
+        if chosen:
+            out.append(chosen)
+    return out
+
+
 def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_columns: Sequence[str],
                    params: FeatureParams, storage_options: dict | None = None) -> FitStats:
-    """Passes 1-2 on the cluster: regimes from a sample of operating settings, then moments."""
+    """Passes 1-2 on the cluster: regimes from a sample of operating settings (read from a random
+    subset of files, see ``sample_files``), then moments over every row."""
     if not params.normalise and not params.drop_constant and params.regimes == 1:
         return identity_fit(channels)
     op_columns = list(op_columns)
     op_mean, op_scale, centroids = np.zeros(0), np.ones(0), np.empty((0, 0))
     if params.regimes != 1 and op_columns:
-        per_part = max(1, -(-params.sample_rows // len(parts)))
+        sample_parts = sample_partitions(parts, params.sample_files, params.seed)
+        per_part = max(1, -(-params.sample_rows // len(sample_parts)))
         import dask
 
-        ddf = lake_frame(parts, [contracts.ASSET, contracts.TIME, *op_columns], storage_options)
+        ddf = lake_frame(sample_parts, [contracts.ASSET, contracts.TIME, *op_columns], storage_options)
         jobs = [dask.delayed(sample_job, pure=False)(p, op_columns, per_part, params.seed + i)
                 for i, p in enumerate(ddf.to_delayed())]
         with _dask() as client:

@@ -27,36 +27,71 @@ def _fleet(seed: int, n_assets: int = 30, max_len: int = 70, nan_frac: float = 0
     return aid, cycle, y
 
 
+fc = pytest.importorskip("twinflow.tasks.features_cpu")  # numba: a core dependency
+IMPLS = ["array", "compiled"]
+
+
+def _rolling(impl, y, t, gstart, windows, stats, min_periods):
+    """``rolling_features``'s result from the array kernels or the compiled (numba) ones."""
+    if impl == "array":
+        return ft.rolling_features(y, t, gstart, windows, stats, min_periods)
+    c, n = y.shape
+    starts = np.append(np.flatnonzero(gstart == np.arange(n)), n).astype(np.int64)
+    out = np.full((len(windows) * len(stats) * c, n), -1.0, np.float32)
+    fc.rolling_into(np.ascontiguousarray(y, dtype=np.float64), t, starts, np.array(windows, np.int64),
+                    np.array([fc.STAT_CODES[s] for s in stats], np.int64), min_periods, out, 0)
+    return {(s, w): out[(k * len(stats) + i) * c:(k * len(stats) + i + 1) * c].astype(np.float64)
+            for k, w in enumerate(windows) for i, s in enumerate(stats)}
+
+
+def _ewm(impl, y, pos, span, min_periods=1):
+    if impl == "array":
+        return ft.ewm_mean(y.copy(), pos, span, min_periods)
+    starts = np.append(np.flatnonzero(pos == 0), len(pos)).astype(np.int64)
+    out = np.empty(y.shape, np.float32)
+    fc.ewm_into(np.ascontiguousarray(y, dtype=np.float64), starts, np.array([span], np.int64), min_periods, out, 0)
+    return out.astype(np.float64)
+
+
+# The compiled kernels store float32: compare them at float32 resolution.
+def _tol(impl, rtol):
+    return (rtol, 1e-9) if impl == "array" else (max(rtol, 2e-6), 1e-6)
+
+
 def _pandas_rolling(aid, y, w, stat, min_periods):
     df = pd.DataFrame(y, columns=list("abc")).assign(g=aid)
     r = df.groupby("g")[list("abc")].rolling(w, min_periods=min_periods)
     return getattr(r, stat)().reset_index(level=0, drop=True).sort_index().to_numpy()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("min_periods", [1, 3])
 @pytest.mark.parametrize("nan_frac", [0.0, 0.15])
-def test_rolling_stats_match_pandas_groupby_rolling(min_periods, nan_frac):
+def test_rolling_stats_match_pandas_groupby_rolling(min_periods, nan_frac, impl):
     aid, cycle, y = _fleet(0, nan_frac=nan_frac)
     if nan_frac == 0.0:
         y[aid == 3, 2] = 1.0
     gstart, _ = ft.group_bounds(aid)
     t = (cycle - cycle[gstart]).astype(float)
     windows = [3, 5, 8, 64]
-    got = ft.rolling_features(y.T.copy(), t, gstart, windows, ft.STATS, min_periods)
+    got = _rolling(impl, y.T.copy(), t, gstart, windows, ft.STATS, min_periods)
+    rtol, atol = _tol(impl, 1e-9)
     for w in windows:
         for stat in ("mean", "std", "min", "max"):
             ref = _pandas_rolling(aid, y, w, stat, min_periods)
-            np.testing.assert_allclose(got[(stat, w)].T, ref, rtol=1e-9, atol=1e-9,
+            np.testing.assert_allclose(got[(stat, w)].T, ref, rtol=rtol, atol=atol,
                                        err_msg=f"{stat} w={w}")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("nan_frac", [0.0, 0.2])
-def test_slope_is_the_least_squares_trend_over_the_window(nan_frac):
+def test_slope_is_the_least_squares_trend_over_the_window(nan_frac, impl):
     aid, cycle, y = _fleet(1, nan_frac=nan_frac, gaps=True)
     gstart, _ = ft.group_bounds(aid)
     t = (cycle - cycle[gstart]).astype(float)
     w = 7
-    got = ft.rolling_features(y.T.copy(), t, gstart, [w], ["slope"], 2)[("slope", w)].T
+    got = _rolling(impl, y.T.copy(), t, gstart, [w], ["slope"], 2)[("slope", w)].T
+    rtol, atol = _tol(impl, 1e-7)
     checked = 0
     for i in np.random.default_rng(0).choice(len(aid), size=300, replace=False):
         a = max(i - w + 1, gstart[i])
@@ -64,21 +99,22 @@ def test_slope_is_the_least_squares_trend_over_the_window(nan_frac):
             yy, tt = y[a: i + 1, j], t[a: i + 1]
             m = ~np.isnan(yy)
             if m.sum() >= 2:
-                np.testing.assert_allclose(got[i, j], np.polyfit(tt[m], yy[m], 1)[0], rtol=1e-7, atol=1e-9)
+                np.testing.assert_allclose(got[i, j], np.polyfit(tt[m], yy[m], 1)[0], rtol=rtol, atol=atol)
                 checked += 1
             else:
                 assert np.isnan(got[i, j])
     assert checked > 300
 
 
-def test_long_assets_keep_precision():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_long_assets_keep_precision(impl):
     """Sums are block-local: no cancellation on long series with a large offset."""
     n = 200_000
     rng = np.random.default_rng(2)
     t = np.arange(n, dtype=float)
     y = (1e6 + 1e-3 * t + rng.normal(scale=0.01, size=n))[None, :]
     gstart = np.zeros(n, dtype=np.int64)
-    got = ft.rolling_features(y, t, gstart, [10], ["std", "slope"], 1)
+    got = _rolling(impl, y, t, gstart, [10], ["std", "slope"], 1)
     from numpy.lib.stride_tricks import sliding_window_view
 
     ref_std = sliding_window_view(y[0], 10).std(axis=1, ddof=1)  # two-pass: the exact oracle
@@ -89,39 +125,81 @@ def test_long_assets_keep_precision():
     np.testing.assert_allclose(got[("slope", 10)][0, i], np.polyfit(tw, y[0, i - 9:], 1)[0], rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("min_periods", [1, 4])
 @pytest.mark.parametrize("span", [3, 30])
-def test_ewm_matches_pandas(span, min_periods):
+def test_ewm_matches_pandas(span, min_periods, impl):
     aid, _, y = _fleet(3, max_len=300)
     _, pos = ft.group_bounds(aid)
-    got = ft.ewm_mean(y.T.copy(), pos, span, min_periods).T
+    got = _ewm(impl, y.T.copy(), pos, span, min_periods).T
     df = pd.DataFrame(y).assign(g=aid)
     ref = df.groupby("g")[[0, 1, 2]].transform(lambda s: s.ewm(span=span, min_periods=min_periods).mean())
-    np.testing.assert_allclose(got, ref.to_numpy(), rtol=1e-9, atol=1e-9)
+    rtol, atol = _tol(impl, 1e-9)
+    np.testing.assert_allclose(got, ref.to_numpy(), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @hsettings(max_examples=12, deadline=None)
 @given(sizes=st.lists(st.integers(1, 25), min_size=1, max_size=4), w=st.integers(1, 12),
        seed=st.integers(0, 10_000))
-def test_windows_never_cross_assets(sizes, w, seed):
+def test_windows_never_cross_assets(impl, sizes, w, seed):
     """Each asset's features equal those computed on the asset alone."""
     rng = np.random.default_rng(seed)
     aid = np.repeat(np.arange(len(sizes)), sizes)
     y = rng.normal(size=(1, len(aid))) * 10 ** rng.integers(0, 4, size=len(aid))
     gstart, pos = ft.group_bounds(aid)
     t = pos.astype(float)
-    together = ft.rolling_features(y, t, gstart, [w], ft.STATS, 1)
-    ewm = ft.ewm_mean(y.copy(), pos, w)
+    together = _rolling(impl, y, t, gstart, [w], ft.STATS, 1)
+    ewm = _ewm(impl, y, pos, w)
     for g in range(len(sizes)):
         rows = np.nonzero(aid == g)[0]
         n = len(rows)
-        alone = ft.rolling_features(y[:, rows].copy(), t[rows], np.zeros(n, np.int64), [w], ft.STATS, 1)
+        alone = _rolling(impl, y[:, rows].copy(), t[rows], np.zeros(n, np.int64), [w], ft.STATS, 1)
         for key, val in alone.items():
             # Equal up to rounding (block alignment differs); a crossed window would be far off.
             np.testing.assert_allclose(together[key][:, rows], val, rtol=1e-7,
                                        atol=1e-9 * np.abs(y).max(), err_msg=str(key))
-        np.testing.assert_allclose(ewm[:, rows], ft.ewm_mean(y[:, rows].copy(), np.arange(n), w),
+        np.testing.assert_allclose(ewm[:, rows], _ewm(impl, y[:, rows], np.arange(n), w),
                                    rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_and_array_engines_agree_on_every_feature():
+    """The CPU (numba) kernels and the array kernels (the GPU path's code) give the same output."""
+    rng = np.random.default_rng(11)
+    sizes = rng.integers(1, 700, size=40)  # some assets shorter than the windows, some > 256 rows
+    n = int(sizes.sum())
+    reg = rng.integers(0, 3, size=n)
+    frame = pd.DataFrame({"asset_id": np.repeat([f"a{i:03d}" for i in range(40)], sizes),
+                          "cycle": np.concatenate([np.arange(1, k + 1) for k in sizes]),
+                          "op_setting_1": np.array([0.0, 20.0, 42.0])[reg] + rng.normal(0, 1e-3, n)})
+    for j in range(4):
+        col = 500 + 40 * reg + rng.normal(scale=1 + j, size=n) + 0.01 * frame.cycle
+        col[rng.random(n) < 0.05] = np.nan
+        frame[f"s{j + 1}"] = col
+    params = FeatureParams(windows=[1, 5, 30, 64], ewm_spans=[3, 30], min_periods=1)
+    cols, mean, scale, cent = ft.fit_regimes(ft.sample_operating_settings(frame, ["op_setting_1"], 5000, 0),
+                                             ["op_setting_1"], params)
+    channels = [f"s{j + 1}" for j in range(4)]
+    moments = ft.combine_moments([ft.partition_moments(frame, channels, cols, mean, scale, cent)])
+    fit = ft.finalize_fit(moments, channels, cols, mean, scale, cent, params)
+    assert fit.n_regimes == 3
+    keys_a, arr = ft.compute_features(frame, fit, params, engine="array")
+    keys_c, comp = ft.compute_features(frame, fit, params, engine="compiled")
+    pd.testing.assert_frame_equal(keys_a, keys_c)
+    np.testing.assert_array_equal(np.isnan(arr), np.isnan(comp))
+    np.testing.assert_allclose(comp, arr, rtol=1e-5, atol=1e-5)
+    _, auto = ft.compute_features(frame, fit, params)
+    np.testing.assert_array_equal(auto, comp)  # auto picks the compiled kernels on NumPy
+
+
+def test_regime_sample_reads_a_seeded_subset_of_files():
+    parts = [[f"p{i}/f{j}" for j in range(10)] for i in range(5)]
+    assert ft.sample_partitions(parts, 100, 0) == parts
+    sub = ft.sample_partitions(parts, 12, 0)
+    flat = [f for p in sub for f in p]
+    assert len(flat) == 12 and len(set(flat)) == 12
+    assert all(set(p) <= set(parts[int(p[0][1])]) for p in sub)  # files stay in their partition
+    assert sub == ft.sample_partitions(parts, 12, 0) and sub != ft.sample_partitions(parts, 12, 1)
 
 
 def test_params_are_validated_before_any_work():
