@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -661,8 +662,8 @@ def compiled_kernels():
 
 
 def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, xp=np,
-                     engine: Literal["auto", "compiled", "array"] = "auto"
-                     ) -> tuple[pd.DataFrame, np.ndarray]:
+                     engine: Literal["auto", "compiled", "array"] = "auto",
+                     buffer: np.ndarray | None = None) -> tuple[pd.DataFrame, np.ndarray]:
     """Features of one partition of whole assets.
 
     Args:
@@ -673,6 +674,8 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
         xp: Array module the kernels run on.
         engine: Window kernels: ``compiled`` (numba, CPU only), ``array`` (the ``xp`` kernels,
             the GPU path), or ``auto``: compiled when ``xp`` is NumPy and numba is installed.
+        buffer: A flat float32 array the features are written into when it is large enough
+            (the result is then a view of it); a worker reuses one across partitions.
 
     Returns:
         ``(keys, features)``: a frame with ``asset_id``, ``cycle`` (and ``rul`` when
@@ -685,7 +688,11 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
     names = feature_names(fit, params)
     keys = pd.DataFrame({contracts.ASSET: frame[contracts.ASSET].reset_index(drop=True),
                          contracts.TIME: frame[contracts.TIME].to_numpy(dtype=np.int32)})
-    out = np.empty((len(names), n), dtype=np.float32)
+    size = len(names) * n
+    if buffer is not None and buffer.dtype == np.float32 and buffer.size >= size:
+        out = buffer[:size].reshape(len(names), n)
+    else:
+        out = np.empty((len(names), n), dtype=np.float32)
     if n == 0:
         if params.label:
             keys[LABEL] = np.zeros(0, dtype=np.int32)
@@ -894,11 +901,25 @@ def sample_job(frame: pd.DataFrame, op_columns: Sequence[str], n: int, seed: int
     return sample_operating_settings(frame, op_columns, n, seed)
 
 
+_BUFFERS = threading.local()
+
+
+def _feature_buffer(frame: pd.DataFrame, fit: FitStats, params: FeatureParams) -> np.ndarray:
+    # A worker's partitions are of similar size: one output buffer per thread, grown when needed,
+    # instead of a fresh ~100 MB array per partition that the worker (which trims freed memory
+    # back to the OS) page-faults in again every time.
+    size = len(feature_names(fit, params)) * len(frame)
+    buf = getattr(_BUFFERS, "features", None)
+    if buf is None or buf.size < size:
+        buf = _BUFFERS.features = np.empty(int(size * 1.25) + 1, dtype=np.float32)
+    return buf
+
+
 def transform_job(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, backend: str,
                   out_dir: str, index: int) -> dict[str, Any]:
     """Compute one partition's features and write them; return its summary (rows, NaN counts)."""
     xp = array_module(backend)
-    keys, feats = compute_features(frame, fit, params, xp)
+    keys, feats = compute_features(frame, fit, params, xp, buffer=_feature_buffer(frame, fit, params))
     names = feature_names(fit, params)
     name = f"part-{index:05d}.parquet"
     if len(keys):
@@ -917,9 +938,10 @@ def stage_digest(snapshot_digest: str, lake_fp: str, params: FeatureParams,
 
 
 def code_version(*modules: Any) -> str:
-    """Digest of the source files of the given modules (this one always included)."""
+    """Digest of the source files of the given modules (this one and its CPU kernels always included)."""
     h = hashlib.sha256()
-    for path in sorted({__file__, *(getattr(m, "__file__", m) for m in modules)}):
+    kernels = str(Path(__file__).with_name("features_cpu.py"))
+    for path in sorted({__file__, kernels, *(getattr(m, "__file__", m) for m in modules)}):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 

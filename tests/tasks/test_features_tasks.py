@@ -310,3 +310,17 @@ def test_plan_partitions_keeps_assets_whole():
         for p in part:
             owner.setdefault(p.split("/")[2], set()).add(i)
     assert all(len(v) == 1 for v in owner.values())
+
+
+def test_a_reused_output_buffer_gives_the_same_features():
+    rng = np.random.default_rng(5)
+    frame = pd.DataFrame({"asset_id": np.repeat(["a", "b", "c"], [50, 7, 120]), "cycle": np.r_[1:51, 1:8, 1:121],
+                          "s2": rng.normal(size=177), "s3": rng.normal(size=177)})
+    fit, params = ft.identity_fit(["s2", "s3"]), FeatureParams(windows=[3, 10])
+    _, fresh = ft.compute_features(frame, fit, params)
+    buf = np.full(fresh.size + 11, 7.0, np.float32)  # stale values from an earlier partition
+    _, reused = ft.compute_features(frame, fit, params, buffer=buf)
+    assert np.shares_memory(reused, buf)
+    np.testing.assert_array_equal(reused, fresh)
+    _, small = ft.compute_features(frame, fit, params, buffer=np.empty(10, np.float32))
+    np.testing.assert_array_equal(small, fresh)  # too small: a fresh array instead
