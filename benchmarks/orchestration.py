@@ -24,6 +24,22 @@ Measured on the 2-core dev machine, 2026-11-25, quiet (load ~1), LocalCluster 2 
       Prefect server processes for the command: 1
     --quick (4 x 16 x 200k, ~0.15 s/stage): b/a = 4.94; coarse 634 ms, per-partition 244 ms.
 
+Same machine, idle, 2026-11-25 (later), ``--repeat 2``, after in-process flows stopped waiting for
+Prefect's heartbeat thread (~1 s per flow run) and loopback API clients got a one-certificate CA
+file (``runtime._loopback_ca_file``)::
+
+      plain dask                         3.54 s   1.00x
+      twinflow flow (coarse tasks)       5.15 s   0.69x   -> b/a = 1.45 (target <= 1.25: still NOT met)
+      twinflow flow (task per partition) 49.6 s   0.07x   (was 66.7 s: 244 -> 180 ms per task run)
+
+Where a task run's time goes on a worker (py-spy of a no-op task, 365 ms per task run before the
+CA file, 220 ms after): each Prefect client parsed the system CA bundle into an ``SSLContext`` (two
+per task run, ~130 ms, even for an ``http://`` API; Prefect PR #19106 would let clients share one),
+and ``hydrated_context`` rebuilds the whole pydantic ``Settings`` from the serialized context
+(~200 ms, every settings source re-read); the task engine's API calls are a few ms each. The
+coarse flow's remaining gap is those four task runs plus the flow run's own start (creating the run,
+connecting the task runner's Dask client).
+
 The fixed cost is ~2 s per flow (flow run + 4 task runs on workers); the demo's real stages take 4-60 s
 each, where that is <= ~10%, but this benchmark has not yet been run at that granularity.
 """

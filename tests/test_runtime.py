@@ -233,3 +233,25 @@ def test_explicit_prefect_heartbeat_setting_is_honoured(prefect_api, tmp_path, m
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 45}):
         with rt_mod.start(get_settings(home=tmp_path / "home"), cluster=False, mlflow=False):
             assert _heartbeat_setting() == 45
+
+
+def test_loopback_api_clients_get_a_small_ca_file(prefect_api, tmp_path, monkeypatch):
+    import ssl
+
+    from prefect.settings import get_current_settings
+
+    monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE", raising=False)
+    settings = get_settings(home=tmp_path / "home")
+    with rt_mod.start(settings, cluster=False, mlflow=False):
+        path = get_current_settings().api.ssl_cert_file
+        assert path == str(settings.prefect_home / "loopback-ca.pem") == os.environ["PREFECT_API_SSL_CERT_FILE"]
+        pem = open(path).read()
+        assert pem.count("BEGIN CERTIFICATE") == 1
+        ssl.create_default_context(cafile=path)  # a valid CA file: Prefect's clients load it
+        assert _heartbeat_setting() is None  # and flows still run against the API
+    assert "PREFECT_API_SSL_CERT_FILE" not in os.environ
+
+    assert rt_mod._loopback_ca_file(settings, "https://prefect.plant.local/api") is None
+    assert rt_mod._loopback_ca_file(settings, "http://10.0.0.5:4200/api") is None
+    monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", "/etc/plant-ca.pem")
+    assert rt_mod._loopback_ca_file(settings, "http://127.0.0.1:4200/api") is None

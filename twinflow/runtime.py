@@ -19,6 +19,7 @@ import logging
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 from prefect_dask import DaskTaskRunner
@@ -139,12 +140,19 @@ def ensure(settings: Settings | None = None) -> Iterator[Runtime]:
 def _export_prefect(stack: ExitStack, settings: Settings, url: str) -> None:
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE
+
     storage = str(settings.prefect_home / "storage")
-    previous = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_LOCAL_STORAGE_PATH")}
+    exported = {"PREFECT_API_URL": url, "PREFECT_LOCAL_STORAGE_PATH": storage}
+    updates = {PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: storage}
+    ca_file = _loopback_ca_file(settings, url)
+    if ca_file:
+        exported["PREFECT_API_SSL_CERT_FILE"] = ca_file
+        updates[PREFECT_API_SSL_CERT_FILE] = ca_file
+    previous = {k: os.environ.get(k) for k in exported}
     # The environment reaches worker processes spawned later; the settings context reaches this
     # process (Prefect read its settings when it was imported).
-    os.environ["PREFECT_API_URL"] = url
-    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = storage
+    os.environ.update(exported)
 
     def restore() -> None:
         for key, value in previous.items():
@@ -154,7 +162,38 @@ def _export_prefect(stack: ExitStack, settings: Settings, url: str) -> None:
                 os.environ[key] = value
 
     stack.callback(restore)
-    stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: storage}))
+    stack.enter_context(temporary_settings(updates=updates))
+
+
+def _loopback_ca_file(settings: Settings, url: str) -> str | None:
+    """A one-certificate CA file for Prefect clients of a plain-HTTP loopback API, or None.
+
+    Every Prefect client builds an ``ssl.SSLContext`` from ``PREFECT_API_SSL_CERT_FILE`` (default:
+    the system's whole CA bundle, ~40-50 ms to parse) even when the API is ``http://``, and a task
+    run on a Dask worker builds two: ~130 of its ~365 ms. On a loopback ``http://`` API no
+    certificate is ever checked, so any valid one will do and parses in ~1 ms. Left alone when the
+    user set the variable or the API is not plain HTTP on this machine.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if os.environ.get("PREFECT_API_SSL_CERT_FILE") or parts.scheme != "http" or \
+            parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    path = settings.prefect_home / "loopback-ca.pem"
+    if not path.exists():
+        import re
+
+        import certifi
+
+        bundle = Path(certifi.where()).read_text()
+        first = re.search(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", bundle, re.S)
+        if first is None:  # pragma: no cover - certifi always ships certificates
+            return None
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(first.group(0))
+        os.replace(tmp, path)  # atomic: a concurrent command never reads half a file
+    return str(path)
 
 
 _HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
