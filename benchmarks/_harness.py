@@ -126,7 +126,9 @@ class Bench:
         summary: dict[str, Any] = {"benchmark": self.name, "baseline": self.baseline, "results": {}}
         for label, res in self.results.items():
             units = res.extra.get("units", self.units)
-            rate = f"{units / res.best:,.0f}" if units else "-"
+            per_s = units / res.best if units else None
+            # Three significant figures below 100/s (a trial every 6 s is 0.167/s, not 0).
+            rate = "-" if per_s is None else f"{per_s:,.0f}" if per_s >= 100 else f"{per_s:.3g}"
             ratio = self.ratio(label)
             print(f"{label:<42} {res.best:>9.3f} {res.median:>9.3f} {rate:>14} {res.peak_rss_mb:>12.0f} "
                   f"{ratio:>7.2f}x")
