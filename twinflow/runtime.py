@@ -138,9 +138,12 @@ def ensure(settings: Settings | None = None) -> Iterator[Runtime]:
 
 
 def _export_prefect(stack: ExitStack, settings: Settings, url: str) -> None:
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
-    from prefect.settings import PREFECT_API_SSL_CERT_FILE
+    from prefect.settings import (
+        PREFECT_API_SSL_CERT_FILE,
+        PREFECT_API_URL,
+        PREFECT_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
 
     storage = str(settings.prefect_home / "storage")
     exported = {"PREFECT_API_URL": url, "PREFECT_LOCAL_STORAGE_PATH": storage}
