@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import psutil
 import pytest
@@ -66,9 +67,18 @@ def test_worker_task_runs_land_in_the_flow_runs_api_and_one_server_is_started(tm
         assert started - {rt.prefect.pid} <= _prefect_servers_below(rt.prefect.pid), started
         with get_client(sync_client=True) as client:
             assert str(client.api_url).startswith(rt.prefect.url.removesuffix("/api"))
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            # Worker task runs report their states as events; the server's task-run recorder persists them
+            # a moment later, so the final states are awaited rather than read once.
+            deadline = time.monotonic() + 60
+            while True:
+                runs = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                if (len(runs) == 6 and all(r.state and r.state.is_completed() for r in runs)) \
+                        or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
         assert len(runs) == 6
-        assert all(r.state.is_completed() for r in runs)
+        assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
         assert read_server_state(settings)["url"] == rt.prefect.url
     # The command that started the server stopped it.
     assert read_server_state(settings) is None
