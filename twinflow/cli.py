@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -160,7 +161,6 @@ def server(
     mlflow_port: int = typer.Option(5000, help="MLflow UI port."),
 ) -> None:
     """Start the local Prefect server and the MLflow UI in the foreground, to browse results."""
-    import subprocess
     import time
 
     from twinflow.prefect_server import acquire_server, release_server, set_offline_env
@@ -175,7 +175,8 @@ def server(
         mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
                       "--default-artifact-root", settings.mlflow_artifact_location,
                       "--host", "127.0.0.1", "--port", str(mlflow_port)]
-        ml = subprocess.Popen(mlflow_cmd)
+        # Its own process group: stopping it also stops the web workers it forks.
+        ml = subprocess.Popen(mlflow_cmd, start_new_session=True)
         console.print(f"Prefect UI: {srv.url.removesuffix('/api')}   MLflow UI: http://127.0.0.1:{mlflow_port}"
                       "   (Ctrl-C stops)")
         while ml.poll() is None:
@@ -184,10 +185,33 @@ def server(
     except KeyboardInterrupt:
         pass
     finally:
-        if ml is not None and ml.poll() is None:
-            ml.terminate()
-            ml.wait(10)
-        release_server(settings, srv)
+        try:
+            if ml is not None:
+                _stop_group(ml)
+        finally:
+            # Even if the MLflow UI was slow to stop: the Prefect server and its record go.
+            release_server(settings, srv)
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM a process started with its own session (and its children); SIGKILL after ``timeout``."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; its web workers may still be shutting down in the group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
 
 
 @app.command()

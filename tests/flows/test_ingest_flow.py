@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import gzip
-import shutil
 import threading
 from pathlib import Path
 
