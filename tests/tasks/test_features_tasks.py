@@ -272,6 +272,42 @@ def test_combined_moments_equal_direct_statistics():
     np.testing.assert_allclose(m["m2"][0] / (m["count"][0] - 1), frame.var().to_numpy(), rtol=1e-9)
 
 
+def test_compiled_moments_normalisation_and_nan_counts_match_numpy():
+    pytest.importorskip("numba")
+    rng = np.random.default_rng(9)
+    n = 5000
+    reg = rng.integers(0, 3, size=n)
+    frame = pd.DataFrame({"op_setting_1": np.array([0.0, 20.0, 42.0])[reg] + rng.normal(0, 1e-3, n),
+                          "s1": 1e4 + 50 * reg + rng.normal(size=n), "s2": rng.normal(size=n),
+                          "s3": np.nan})  # an all-NaN channel: count 0, mean and M2 0
+    frame.loc[rng.random(n) < 0.1, "s2"] = np.nan
+    params = FeatureParams(windows=[5], ewm_spans=[3])
+    cols, mean, scale, cent = ft.fit_regimes(ft.sample_operating_settings(frame, ["op_setting_1"], 5000, 0),
+                                             ["op_setting_1"], params)
+    assert len(cent) == 3
+    channels = ["s1", "s2", "s3"]
+    comp = ft.partition_moments(frame, channels, cols, mean, scale, cent)
+    arr = ft.partition_moments(frame, channels, cols, mean, scale, cent, engine="array")
+    for key in ("count", "mean", "m2"):
+        np.testing.assert_allclose(comp[key], arr[key], rtol=1e-10, atol=0, err_msg=key)
+    assert (comp["count"][:, 2] == 0).all() and (comp["mean"][:, 2] == 0).all()
+    # Per-regime normalisation: the compiled path writes a private copy, never the caller's frame.
+    before = frame.copy()
+    fit = ft.finalize_fit(ft.combine_moments([comp]), channels, cols, mean, scale, cent, params)
+    frame["asset_id"], frame["cycle"] = "a", np.arange(1, n + 1)
+    _, feats_c = ft.compute_features(frame, fit, params, engine="compiled")
+    _, feats_a = ft.compute_features(frame, fit, params, engine="array")
+    pd.testing.assert_frame_equal(frame[before.columns], before)
+    names = ft.feature_names(fit, params)
+    for ch in fit.kept:  # the normalised channel itself is the same float64 arithmetic on both paths
+        np.testing.assert_array_equal(feats_c[names.index(f"{ch}_norm")], feats_a[names.index(f"{ch}_norm")])
+    feats_c[3, ::17] = np.nan
+    keys = pd.DataFrame({"asset_id": ["a"] * n})
+    counts = ft.nan_counts(keys, feats_c, names)
+    assert [counts[nm] for nm in names] == np.isnan(feats_c).sum(axis=1).tolist()
+    assert counts["asset_id"] == 0
+
+
 def test_every_channel_unusable_is_an_error():
     moments = {"count": np.array([[0.0, 10.0]]), "mean": np.array([[0.0, 3.0]]), "m2": np.zeros((1, 2))}
     with pytest.raises(ConfigError, match="no usable channels.*s1=all-NaN.*s2=constant"):
