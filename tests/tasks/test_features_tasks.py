@@ -334,6 +334,31 @@ def test_compute_features_label_keys_and_order():
     assert "rul" not in no_label.columns
 
 
+@pytest.mark.parametrize("case", ["ordered", "duplicate key", "assets out of order", "time out of order"])
+def test_ordered_partitions_skip_the_sort_with_the_same_result(case):
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"asset_id": ["a"] * 50 + ["b"] * 30, "cycle": [*range(1, 51), *range(1, 31)],
+                          "s2": rng.normal(size=80)})
+    if case == "duplicate key":
+        frame.loc[10, "cycle"] = 10  # rows 9 and 10 are both (a, 10): the later one is kept
+    elif case == "assets out of order":
+        frame = pd.concat([frame.iloc[50:], frame.iloc[:50]])
+    elif case == "time out of order":
+        frame.iloc[[3, 4]] = frame.iloc[[4, 3]].to_numpy()
+    assert (ft._codes_if_ordered(frame) is not None) == (case == "ordered")
+    fit = ft.identity_fit(["s2"])
+    params = FeatureParams(windows=[3], ewm_spans=[4])
+    keys, feats = ft.compute_features(frame, fit, params)
+    expected = frame.sort_values(["asset_id", "cycle"], kind="stable").drop_duplicates(
+        ["asset_id", "cycle"], keep="last").reset_index(drop=True)
+    pd.testing.assert_frame_equal(keys[["asset_id", "cycle"]], expected[["asset_id", "cycle"]].astype({"cycle": "int32"}))
+    names = ft.feature_names(fit, params)
+    np.testing.assert_array_equal(feats[names.index("s2")], expected.s2.to_numpy(np.float32))
+    _, shuffled = ft.compute_features(frame.sample(frac=1, random_state=0), fit, params)
+    if case != "duplicate key":  # with a repeated key, which row is "last" depends on the input order
+        np.testing.assert_array_equal(feats, shuffled)
+
+
 def test_plan_partitions_keeps_assets_whole():
     groups = {f"{i:03d}": [(f"/lake/asset={i:03d}/p{j}.parquet", 100) for j in range(i % 3 + 1)]
               for i in range(50)}
