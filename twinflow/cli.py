@@ -163,7 +163,7 @@ def server(
     """Start the local Prefect server and the MLflow UI in the foreground, to browse results."""
     import time
 
-    from twinflow.prefect_server import acquire_server, release_server, set_offline_env
+    from twinflow.prefect_server import acquire_server, release_server, set_offline_env, terminate_group
     from twinflow.settings import get_settings
 
     set_offline_env()
@@ -187,31 +187,10 @@ def server(
     finally:
         try:
             if ml is not None:
-                _stop_group(ml)
+                terminate_group(ml.pid)
         finally:
             # Even if the MLflow UI was slow to stop: the Prefect server and its record go.
             release_server(settings, srv)
-
-
-def _stop_group(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGTERM a process started with its own session (and its children); SIGKILL after ``timeout``."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # The leader is gone; its web workers may still be shutting down in the group.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        return
 
 
 @app.command()

@@ -141,17 +141,19 @@ def _start(settings: Settings) -> PrefectServer:
                 return PrefectServer(url=url, pid=proc.pid, owned=True)
             time.sleep(0.25)
     except BaseException:  # Ctrl-C/SIGTERM while it starts: no orphan server, no stale state file
-        _terminate(proc.pid)
+        terminate_group(proc.pid)
         state = read_server_state(settings)
         if state and int(state["pid"]) == proc.pid:
             _state_file(settings).unlink(missing_ok=True)
         raise
-    _terminate(proc.pid)
+    terminate_group(proc.pid)
     raise ServiceUnavailable(f"the local Prefect server did not become healthy within "
                              f"{settings.prefect.start_timeout:.0f}s (log: {home / 'server.log'})")
 
 
-def _terminate(pid: int, timeout: float = 20.0) -> None:
+def terminate_group(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM the process group led by ``pid`` (a child started with its own session), wait for the
+    leader, SIGKILL the group after ``timeout`` seconds."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -229,7 +231,7 @@ def release_server(settings: Settings, server: PrefectServer) -> None:
         return
     _flush_prefect_logs()
     with _lock(settings.prefect_home / "server.lock"):
-        _terminate(server.pid)
+        terminate_group(server.pid)
         state = read_server_state(settings)
         if state and int(state["pid"]) == server.pid:
             _state_file(settings).unlink(missing_ok=True)
