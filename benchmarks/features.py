@@ -46,8 +46,13 @@ other::
                         transform/write         23.7 s              27.6 s
     peak RSS of the stage at 5M / 10M rows        3,374 / 3,398 MB    3,096 / 3,146 MB
 
-The stage went from 42.4 s (run 5) to 31.7-35.3 s: **2.5-2.8x pandas** at 10M rows (target 3x:
-still short) and **1.65-1.73x polars** (target >= 1x: met). Memory is flat in the input. Per
+A third run (6c, same code as 6b, half an hour later): pandas 100.407 s, polars 58.361 s (1.72x),
+compiled kernels 12.680 s (7.92x), stage 1/2 15.480 s, stage 31.649 s = **3.17x pandas, 1.84x
+polars**; fit 5.2 s + transform/write 25.0 s; peak RSS 3,113 / 3,129 MB.
+
+The stage went from 42.4 s (run 5) to 31.6-35.3 s: **2.5-3.2x pandas** at 10M rows over three
+runs (target 3x: met in one of three, so not reliably on this VM) and **1.65-1.84x polars**
+(target >= 1x: met). Memory is flat in the input. Per
 190k-row partition in one process: read ~70 ms, moments ~42 ms (was 116), compute ~260 ms,
 Parquet write ~200-250 ms of which snappy is ~50 ms (``compression="none"`` writes 25% faster
 and files 35% larger: kept snappy), NaN counts ~21 ms (was 42). Two worker processes on the two
