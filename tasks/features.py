@@ -522,11 +522,18 @@ def fit_regimes(sample: np.ndarray, op_columns: Sequence[str], params: FeaturePa
     return cols, mean, scale, centroids
 
 
-def assign_regimes(ops, op_mean, op_scale, centroids, xp=np):
-    """Nearest-centroid regime per row (0 when there is a single regime)."""
+def assign_regimes(ops, op_mean, op_scale, centroids, xp=np, compiled=None):
+    """Nearest-centroid regime per row (0 when there is a single regime).
+
+    ``compiled``: the numba kernels module (:func:`compiled_kernels`), used for NumPy input.
+    """
     n = ops.shape[0]
     if centroids is None or len(centroids) == 0:
         return xp.zeros(n, dtype=xp.int64)
+    if compiled is not None and isinstance(ops, np.ndarray):
+        f64 = np.float64
+        return compiled.assign_regimes(np.ascontiguousarray(ops, dtype=f64), np.asarray(op_mean, dtype=f64),
+                                       np.asarray(op_scale, dtype=f64), np.ascontiguousarray(centroids, dtype=f64))
     z = (ops - xp.asarray(op_mean)) / xp.asarray(op_scale)
     z = xp.where(xp.isnan(z), 0.0, z)
     cent = xp.asarray(centroids)
@@ -544,9 +551,9 @@ def partition_moments(frame: pd.DataFrame, channels: Sequence[str], op_columns: 
     """
     k = max(1, len(centroids))
     y = frame[list(channels)].to_numpy(dtype=np.float64)
-    reg = assign_regimes(frame[list(op_columns)].to_numpy(dtype=np.float64), op_mean, op_scale,
-                         centroids) if len(centroids) else np.zeros(len(y), dtype=np.int64)
     compiled = compiled_kernels() if engine != "array" else None
+    reg = assign_regimes(frame[list(op_columns)].to_numpy(dtype=np.float64), op_mean, op_scale,
+                         centroids, compiled=compiled) if len(centroids) else np.zeros(len(y), dtype=np.int64)
     if compiled is not None:
         # One pass per channel instead of a masked copy and three reductions per regime.
         count, mean, m2 = compiled.regime_moments(np.ascontiguousarray(y.T), reg.astype(np.int64, copy=False), k)
@@ -734,13 +741,13 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
     t = (cycle - cycle[gstart]).astype(xp.float64)
     # Channels-first: each channel's rows are contiguous for the window kernels and the output.
     y = xp.asarray(np.ascontiguousarray(frame[fit.kept].to_numpy(dtype=np.float64).T))
-    regime = None
-    if fit.n_regimes > 1:
-        ops = xp.asarray(frame[fit.op_columns].to_numpy(dtype=np.float64))
-        regime = assign_regimes(ops, fit.op_mean, fit.op_scale, fit.centroids, xp)
     compiled = compiled_kernels() if engine != "array" and xp is np else None
     if engine == "compiled" and compiled is None:
         raise ConfigError("engine='compiled' needs numba and NumPy arrays (pip install numba)")
+    regime = None
+    if fit.n_regimes > 1:
+        ops = xp.asarray(frame[fit.op_columns].to_numpy(dtype=np.float64))
+        regime = assign_regimes(ops, fit.op_mean, fit.op_scale, fit.centroids, xp, compiled)
     if fit.normalised:
         mu = xp.asarray(fit.mean)
         sd = xp.asarray(fit.std)
@@ -785,7 +792,12 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
             put(ewm_mean(y, pos, span, params.min_periods, xp, shift))
     assert row == len(names)
     if params.label:
-        last = cycle[group_ends(gstart, xp)]
+        if xp is np:
+            # Each asset's last cycle repeated over its rows: no sort, unlike group_ends.
+            bounds = np.append(np.flatnonzero(pos == 0), n)
+            last = np.repeat(cycle[bounds[1:] - 1], np.diff(bounds))
+        else:
+            last = cycle[group_ends(gstart, xp)]
         rul = last - cycle
         if params.rul_cap is not None:
             rul = xp.minimum(rul, params.rul_cap)
@@ -1095,7 +1107,7 @@ def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_c
         per_part = max(1, -(-params.sample_rows // len(sample_parts)))
         import dask
 
-        ddf = lake_frame(sample_parts, [contracts.ASSET, contracts.TIME, *op_columns], storage_options)
+        ddf = lake_frame(sample_parts, op_columns, storage_options)  # no keys: the sample needs none
         jobs = [dask.delayed(sample_job, pure=False)(p, op_columns, per_part, params.seed + i)
                 for i, p in enumerate(ddf.to_delayed())]
         with _dask() as client:

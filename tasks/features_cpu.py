@@ -24,7 +24,8 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["STAT_CODES", "rolling_into", "ewm_into", "normalise_", "regime_moments", "nan_counts_rows", "warm_up"]
+__all__ = ["STAT_CODES", "rolling_into", "ewm_into", "normalise_", "regime_moments", "assign_regimes",
+           "nan_counts_rows", "warm_up"]
 
 STAT_CODES = {"mean": 0, "std": 1, "min": 2, "max": 3, "slope": 4}
 _REBASE = 256
@@ -271,6 +272,45 @@ def regime_moments(y, regime, k):
 
 
 @njit(cache=True, nogil=True)
+def assign_regimes(ops, op_mean, op_scale, centroids):
+    """Nearest-centroid regime of each row, as :func:`twinflow.tasks.features.assign_regimes`.
+
+    The array version builds (rows, regimes, settings) temporaries, ~10x this per partition.
+    Same float64 operations in the same order (a NaN setting counts as 0), the first of equal
+    distances wins, as ``argmin``'s does.
+
+    Args:
+        ops: (n, settings) float64 operating settings.
+        op_mean: (settings,) float64 means of the fit's sample.
+        op_scale: (settings,) float64 standard deviations of the fit's sample.
+        centroids: (regimes, settings) float64 k-means centroids in standardised units.
+
+    Returns:
+        (n,) int64 regime ids.
+    """
+    n, d = ops.shape
+    k = centroids.shape[0]
+    out = np.zeros(n, np.int64)
+    z = np.empty(d)
+    for i in range(n):
+        for j in range(d):
+            v = (ops[i, j] - op_mean[j]) / op_scale[j]
+            z[j] = 0.0 if v != v else v
+        best = np.inf
+        arg = 0
+        for r in range(k):
+            acc = 0.0
+            for j in range(d):
+                e = z[j] - centroids[r, j]
+                acc += e * e
+            if acc < best:
+                best = acc
+                arg = r
+        out[i] = arg
+    return out
+
+
+@njit(cache=True, nogil=True)
 def nan_counts_rows(out):
     """NaN count of each row of a (features, n) float32 array, without a (features, n) mask."""
     counts = np.zeros(out.shape[0], np.int64)
@@ -292,5 +332,6 @@ def warm_up() -> None:
     ewm_into(y, starts, np.array([2], np.int64), 1, out, 5)
     regime = np.zeros(3, np.int64)
     regime_moments(y, regime, 1)
+    assign_regimes(np.zeros((3, 2)), np.zeros(2), np.ones(2), np.zeros((2, 2)))
     normalise_(y, regime, np.zeros((1, 1)), np.ones((1, 1)))
     nan_counts_rows(out)

@@ -385,3 +385,17 @@ def test_a_reused_output_buffer_gives_the_same_features():
     np.testing.assert_array_equal(reused, fresh)
     _, small = ft.compute_features(frame, fit, params, buffer=np.empty(10, np.float32))
     np.testing.assert_array_equal(small, fresh)  # too small: a fresh array instead
+
+
+def test_compiled_regime_assignment_matches_the_array_version():
+    """Nearest centroid per row, NaN settings counted as 0, the first of equal distances wins."""
+    rng = np.random.default_rng(5)
+    ops = np.array([0.0, 20.0, 42.0])[rng.integers(0, 3, size=(3000, 1))] + rng.normal(0, 0.5, (3000, 2))
+    ops[::37, 1] = np.nan
+    mean, scale = ops[~np.isnan(ops).any(axis=1)].mean(axis=0), np.array([2.0, 3.0])
+    cent = np.array([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0], [0.0, 0.0]])  # ids 1 and 3 tie: 1 wins
+    arr = ft.assign_regimes(ops, mean, scale, cent)
+    comp = ft.assign_regimes(ops, mean, scale, cent, compiled=fc)
+    np.testing.assert_array_equal(comp, arr)
+    assert set(np.unique(comp)) == {0, 1, 2}
+    assert ft.assign_regimes(ops, mean, scale, np.empty((0, 0)), compiled=fc).tolist() == [0] * len(ops)
