@@ -9,10 +9,13 @@ import shutil
 import subprocess
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from twinflow.errors import ConfigError, ServiceUnavailable
 from twinflow.settings import Settings
+
+if TYPE_CHECKING:  # annotations only
+    import distributed
 
 log = logging.getLogger("twinflow.runtime")
 
@@ -21,7 +24,7 @@ log = logging.getLogger("twinflow.runtime")
 class ClusterHandle:
     """A connected Dask client and what it is connected to."""
 
-    client: "distributed.Client"  # noqa: F821
+    client: "distributed.Client"
     mode: str
     address: str
     dashboard_link: str | None

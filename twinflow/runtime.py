@@ -20,7 +20,7 @@ import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from prefect_dask import DaskTaskRunner
 
@@ -28,6 +28,9 @@ from twinflow.cluster import ClusterHandle, dask_cluster, gpu_count, has_dask_cu
 from twinflow.prefect_server import PrefectServer, acquire_server, release_server, set_offline_env
 from twinflow.settings import Settings, get_settings
 from twinflow.tracking import configure_mlflow
+
+if TYPE_CHECKING:  # annotations only
+    import distributed
 
 log = logging.getLogger("twinflow.runtime")
 
@@ -289,7 +292,7 @@ def dask_client():
 
 
 @contextmanager
-def using_dask() -> Iterator["distributed.Client"]:  # noqa: F821
+def using_dask() -> Iterator["distributed.Client"]:
     """Context-manager form of :func:`dask_client`, the same code in the flow process and on a worker.
 
     On a worker it enters ``worker_client()`` (seceding while sub-tasks run); elsewhere it yields

@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from twinflow.errors import ServiceUnavailable
 from twinflow.settings import Settings
+
+if TYPE_CHECKING:  # annotations only: mlflow is slow to import, so it is imported where used
+    import mlflow
 
 log = logging.getLogger("twinflow.tracking")
 
@@ -134,7 +137,7 @@ def tracked_run(
     parent_run_id: str | None = None,
     params: Mapping[str, Any] | Any | None = None,
     tags: Mapping[str, str] | None = None,
-) -> Iterator["mlflow.ActiveRun"]:  # noqa: F821
+) -> Iterator["mlflow.ActiveRun"]:
     """Open an MLflow run (nested under the active run or ``parent_run_id``) and always close it.
 
     Args:
