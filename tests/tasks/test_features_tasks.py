@@ -216,8 +216,10 @@ def test_params_are_validated_before_any_work():
         FeatureParams(window=[5])  # a typo is not silently ignored
     assert FeatureParams(windows=[10, 5, 10]).windows == [5, 10]
     # Execution-only fields do not change what is computed, so not the cache digest either.
-    a, b = FeatureParams(partition_bytes=1), FeatureParams(partition_bytes=2)
+    a, b = FeatureParams(partition_bytes=1), FeatureParams(partition_bytes=2, compression="none")
     assert ft.stage_digest("s", "l", a, None, "c") == ft.stage_digest("s", "l", b, None, "c")
+    with pytest.raises(ValidationError):
+        FeatureParams(compression="gzip9")
     assert ft.stage_digest("s", "l", a, None, "c") != ft.stage_digest("s", "l", FeatureParams(rul_cap=100), None, "c")
 
 
@@ -399,3 +401,23 @@ def test_compiled_regime_assignment_matches_the_array_version():
     np.testing.assert_array_equal(comp, arr)
     assert set(np.unique(comp)) == {0, 1, 2}
     assert ft.assign_regimes(ops, mean, scale, np.empty((0, 0)), compiled=fc).tolist() == [0] * len(ops)
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_feature_files_use_the_chosen_codec_with_the_same_values(tmp_path, codec):
+    import pyarrow.parquet as pq
+
+    frame = pd.DataFrame({"asset_id": np.repeat(["a", "b"], 50), "cycle": np.tile(np.arange(1, 51), 2),
+                          "s1": np.random.default_rng(0).normal(size=100)})
+    params = FeatureParams(windows=[5], regimes=1, normalise=False, drop_constant=False, compression=codec)
+    fit = ft.identity_fit(["s1"])
+    files = {}
+    for name, codec_ in (("default", "snappy"), ("chosen", codec)):
+        (tmp_path / name).mkdir()
+        summary = ft.transform_job(frame, fit, params.model_copy(update={"compression": codec_}), "numpy",
+                                   str(tmp_path / name), 0)
+        assert summary["rows"] == 100
+        files[name] = pq.ParquetFile(tmp_path / name / summary["file"])
+    assert files["default"].metadata.row_group(0).column(2).compression == "SNAPPY"
+    assert files["chosen"].metadata.row_group(0).column(2).compression == {"none": "UNCOMPRESSED"}.get(codec, "ZSTD")
+    pd.testing.assert_frame_equal(files["default"].read().to_pandas(), files["chosen"].read().to_pandas())
