@@ -1,6 +1,6 @@
 """Benchmark of the features stage against pandas ``groupby(asset).rolling`` and polars.
 
-Run: ``python -m benchmarks.features [--quick] [--rows N] [--assets A] [--channels C]``.
+Run: ``python -m benchmarks.features [--quick] [--rows N] [--assets A] [--channels C] [--compression C]``.
 
 A fleet is generated with NumPy (degrading sensors, three operating regimes) and written as a
 lake (one Parquet file per asset). The same features are computed by every candidate: for each
@@ -28,7 +28,31 @@ Ratios are baseline time / candidate time (> 1: faster than pandas). Figures fro
 runs 1-3 shared it with other jobs (load ~15), so their absolute times are inflated; ratios are
 always measured side by side in one run.
 
-Run 6 (the reference now), 2026-12-02, ``--repeat 1``, same size, after compiled per-regime
+Run 7, 2026-12-03, ``--repeat 1`` at the same size, after the compiled regime assignment and
+the RUL label without a sort (interleaved A/B runs of one partition's ``compute_features``:
+median ~257 ms against ~288 ms); 7a with the default snappy feature files, 7b with
+``--compression none`` (``FeatureParams.compression``). The VM was slower than in run 6 (the
+pandas baseline took 95 s and 114 s, the compiled kernels 14.3 s and 13.5 s)::
+
+    candidate                                     run 7a s   ratio    run 7b s   ratio
+    pandas groupby.rolling                          95.024   1.00x     113.572   1.00x
+    polars over(asset) rolling                      59.934   1.59x      63.826   1.78x
+    twinflow kernels (compiled, 1 process)          14.250   6.67x      13.527   8.40x
+    twinflow kernels (numpy arrays, 1 process)      63.343   1.50x      64.295   1.77x
+    twinflow stage (Dask, Parquet->Parquet) 1/2     17.412   5.46x      16.009   7.09x
+    twinflow stage (Dask, Parquet->Parquet)         36.757   2.59x      33.278   3.41x
+    stage at full size: fit                          5.7 s               5.6 s
+                        transform/write         29.1 s              25.1 s
+    peak RSS of the stage at 5M / 10M rows        3,068 / 3,095 MB    3,080 / 3,085 MB
+
+Stage vs polars: 1.63x (7a), 1.92x (7b). Over runs 6a-7b the stage is **2.5-3.4x pandas** (>= 3x
+in two of five runs) and **1.6-1.9x polars**; the spread is the VM's (up to ~6% of its CPU time
+was stolen during these runs), not the code's. Timing each partition inside a 2-worker stage
+(run 7 code, snappy): compute ~350-440 ms, Parquet write ~500-650 ms, NaN counts ~35 ms, so
+the write is about half of the transform there (~250 ms in one process alone: the two workers
+share memory bandwidth). One worker alone took 63 s for what two did in 34 s (1.85x).
+
+Run 6, 2026-12-02, ``--repeat 1``, same size, after compiled per-regime
 moments, in-place normalisation and NaN counts, no min/max statistics on the float feature
 columns, no sort for partitions already in (asset, time) order, and a moments pass that reads no
 key columns. Two runs the same hour (the second with every change; the first without the last
@@ -319,6 +343,8 @@ def main() -> dict:
     p.add_argument("--channels", type=int, default=14)
     p.add_argument("--workdir", default=None)
     p.add_argument("--skip-baselines", action="store_true")
+    p.add_argument("--compression", default="snappy", choices=["snappy", "lz4", "zstd", "none"],
+                   help="Parquet codec of the stage's feature files (FeatureParams.compression)")
     p.add_argument("--flow", action="store_true",
                    help="also run the real features flow (Prefect server + its own cluster) at full size")
     args = p.parse_args()
@@ -368,7 +394,7 @@ def main() -> dict:
     from distributed import Client, LocalCluster
 
     # Full normalisation as in production for the stage: regimes auto, per-regime z-scores.
-    stage_params = ft.FeatureParams(windows=WINDOWS, ewm_spans=SPANS)
+    stage_params = ft.FeatureParams(windows=WINDOWS, ewm_spans=SPANS, compression=args.compression)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit="6GiB") as cluster, Client(cluster) as client:
         # Warm-up on two assets: worker imports and first-call costs stay out of the timings.
