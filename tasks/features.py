@@ -216,9 +216,11 @@ def group_bounds(codes, xp=np):
 def group_ends(gstart, xp=np):
     """Per row: index of its group's last row (from :func:`group_bounds`'s ``gstart``)."""
     n = gstart.shape[0]
-    starts = xp.unique(gstart)
+    # Groups are contiguous runs: number them with a cumulative sum instead of a sort and a search.
+    is_start = gstart == xp.arange(n)
+    starts = xp.nonzero(is_start)[0]
     ends = xp.concatenate([starts[1:] - 1, xp.asarray([n - 1])])
-    return ends[xp.searchsorted(starts, gstart)]
+    return ends[xp.cumsum(is_start) - 1]
 
 
 class _BlockPrefix:
@@ -799,12 +801,7 @@ def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, 
             put(ewm_mean(y, pos, span, params.min_periods, xp, shift))
     assert row == len(names)
     if params.label:
-        if xp is np:
-            # Each asset's last cycle repeated over its rows: no sort, unlike group_ends.
-            bounds = np.append(np.flatnonzero(pos == 0), n)
-            last = np.repeat(cycle[bounds[1:] - 1], np.diff(bounds))
-        else:
-            last = cycle[group_ends(gstart, xp)]
+        last = cycle[group_ends(gstart, xp)]
         rul = last - cycle
         if params.rul_cap is not None:
             rul = xp.minimum(rul, params.rul_cap)
