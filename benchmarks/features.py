@@ -28,6 +28,11 @@ Ratios are baseline time / candidate time (> 1: faster than pandas). Figures fro
 runs 1-3 shared it with other jobs (load ~15), so their absolute times are inflated; ratios are
 always measured side by side in one run.
 
+Run 8, 2026-12-03, ``--repeat 1``, same size and default snappy files, after ``group_ends``
+dropped its sort (the final code of this round): pandas 99.980 s, polars 59.897 s (1.67x),
+compiled kernels 12.130 s (8.24x), stage 1/2 16.760 s, stage 29.305 s (fit 4.4 s +
+transform/write 23.5 s) = **3.41x pandas, 2.04x polars**; peak RSS 3,063 / 3,081 MB.
+
 Run 7, 2026-12-03, ``--repeat 1`` at the same size, after the compiled regime assignment and
 the RUL label without a sort (interleaved A/B runs of one partition's ``compute_features``:
 median ~257 ms against ~288 ms); 7a with the default snappy feature files, 7b with
@@ -46,7 +51,7 @@ pandas baseline took 95 s and 114 s, the compiled kernels 14.3 s and 13.5 s)::
     peak RSS of the stage at 5M / 10M rows        3,068 / 3,095 MB    3,080 / 3,085 MB
 
 Stage vs polars: 1.63x (7a), 1.92x (7b). Over runs 6a-7b the stage is **2.5-3.4x pandas** (>= 3x
-in two of five runs) and **1.6-1.9x polars**; the spread is the VM's (up to ~6% of its CPU time
+in two of five runs; three of six with run 8) and **1.6-1.9x polars**; the spread is the VM's (up to ~6% of its CPU time
 was stolen during these runs), not the code's. Timing each partition inside a 2-worker stage
 (run 7 code, snappy): compute ~350-440 ms, Parquet write ~500-650 ms, NaN counts ~35 ms, so
 the write is about half of the transform there (~250 ms in one process alone: the two workers
