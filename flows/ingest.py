@@ -1,4 +1,4 @@
-"""The ingest stage flow: landing folder -> validated, partitioned Parquet lake (see ``tasks/ingest.py``)."""
+"""The ingest stage flow: landing folder -> validated, partitioned Parquet lake (see ``tasks/ingest/``)."""
 
 from __future__ import annotations
 

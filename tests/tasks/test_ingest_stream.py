@@ -20,6 +20,7 @@ from ingest_faults import plant_faults
 from twinflow import contracts as C
 from twinflow.data import cmapss_path
 from twinflow.tasks import ingest as I
+from twinflow.tasks.ingest import stream
 from twinflow.tasks.ingest import IngestParams, LakeSnapshot, read_lake, read_quarantine, run_local
 
 TRAIN_LINES = [line for line in gzip.decompress(cmapss_path("train_FD001.txt.gz").read_bytes()).decode()
@@ -31,12 +32,12 @@ HEADER = "unit,cycle," + ",".join(C.CMAPSS_COLUMNS[2:])
 @contextlib.contextmanager
 def _small_io(chunk: int = 64, block: int = 4096):
     """Tiny read chunks and CSV blocks, so that a few rows span several of each."""
-    old = I._CHUNK_BYTES, I._BLOCK_BYTES
-    I._CHUNK_BYTES, I._BLOCK_BYTES = chunk, block
+    old = stream.CHUNK_BYTES, stream.BLOCK_BYTES
+    stream.CHUNK_BYTES, stream.BLOCK_BYTES = chunk, block
     try:
         yield
     finally:
-        I._CHUNK_BYTES, I._BLOCK_BYTES = old
+        stream.CHUNK_BYTES, stream.BLOCK_BYTES = old
 
 
 def _ingest(landing: Path, root: Path, **kw):
@@ -209,7 +210,7 @@ def test_whitespace_normalisation_per_line_aligned_chunk_equals_whole(text, cuts
     for e in ends:
         pieces.append(data[prev:e])
         prev = e
-    assert b"".join(I._normalise_whitespace(p) for p in pieces) == I._normalise_whitespace(data)
+    assert b"".join(I.normalise_whitespace(p) for p in pieces) == I.normalise_whitespace(data)
 
 
 def test_streaming_memory_follows_the_batch_not_the_file(tmp_path):

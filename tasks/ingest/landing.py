@@ -1,0 +1,128 @@
+"""The landing folder: list the files to ingest (fsspec, any URL), stat and read them, and plan which to read.
+"""
+
+from __future__ import annotations
+import fnmatch
+import os
+from pathlib import Path
+from typing import Any
+from twinflow.errors import ConfigError
+
+from twinflow.tasks.ingest.names import dataset_name
+from twinflow.tasks.ingest.params import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, IngestParams, SourceFile
+
+# Names a writer uses while a file is in flight, and bookkeeping files: never ingested.
+_IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~", ".lock")
+
+
+# Why a file is left for the next run (the whole-file and streamed readers say the same).
+DISAPPEARED = "file disappeared before it was read"
+
+
+CHANGED = "file changed while it was read (still being written?)"
+
+
+def local_path(url: str) -> Path:
+    """A local filesystem path from a path or ``file://`` URL (the lake and quarantine are local)."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    elif "://" in url:
+        raise ConfigError(f"the lake must be a local path for now, got {url!r}; mount the bucket or "
+                          "set TWINFLOW_LAKE__LAKE to a local folder")
+    return Path(os.path.expanduser(url)).resolve()
+
+
+def open_fs(url: str, storage_options: dict[str, Any]):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **storage_options)
+
+
+def _mtime_ns(info: dict[str, Any]) -> int:
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return int(v.timestamp() * 1e9)
+        try:
+            return int(float(v) * 1e9)
+        except (TypeError, ValueError):
+            continue
+    return 0
+
+
+def _ignored(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith((".", "_")) or base.lower().endswith(_IGNORED_SUFFIXES) or \
+        base.endswith(".reason.txt")
+
+
+def _selected(path: str, include: list[str] | tuple[str, ...], exclude: list[str] | tuple[str, ...]) -> bool:
+    base = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    return any(fnmatch.fnmatchcase(base, g.lower()) for g in include) and \
+        not any(fnmatch.fnmatchcase(base, g.lower()) for g in exclude)
+
+
+def list_landing(landing: str, storage_options: dict[str, Any] | None = None,
+                 include: list[str] | tuple[str, ...] = DEFAULT_INCLUDE,
+                 exclude: list[str] | tuple[str, ...] = DEFAULT_EXCLUDE) -> list[SourceFile]:
+    """List the files of a landing folder (recursively) or a single landing file, sorted by path.
+
+    Hidden files, ``_``-prefixed files and names writers use while a file is in flight (``.tmp``,
+    ``.part``...) are skipped, as are files that ``include``/``exclude`` (file-name globs) rule out.
+    A single landing file is always listed.
+
+    Raises:
+        ConfigError: the landing path does not exist.
+    """
+    fs, root = open_fs(landing, storage_options or {})
+    if not fs.exists(root):
+        raise ConfigError(f"landing path {landing!r} does not exist; create it or pass --landing PATH")
+    local = "://" not in landing or landing.startswith("file://")
+
+    def name_of(p: str) -> str:
+        return str(Path(p).resolve()) if local else fs.unstrip_protocol(p)
+
+    if fs.isfile(root):
+        info = fs.info(root)
+        return [SourceFile(path=name_of(root), size=int(info.get("size") or 0), mtime_ns=_mtime_ns(info))]
+    out = []
+    for p, info in fs.find(root, detail=True).items():
+        rel = p[len(root.rstrip("/")) + 1:] if p.startswith(root.rstrip("/")) else p
+        if info.get("type") == "directory" or any(_ignored(part) for part in rel.split("/")) \
+                or not _selected(p, include, exclude):
+            continue
+        out.append(SourceFile(path=name_of(p), size=int(info.get("size") or 0), mtime_ns=_mtime_ns(info)))
+    return sorted(out, key=lambda f: f.path)
+
+
+def stat_file(path: str, storage_options: dict[str, Any]) -> tuple[int, int] | None:
+    fs, p = open_fs(path, storage_options)
+    try:
+        info = fs.info(p)
+    except FileNotFoundError:
+        return None
+    return int(info.get("size") or 0), _mtime_ns(info)
+
+
+def read_file_bytes(path: str, storage_options: dict[str, Any]) -> bytes:
+    fs, p = open_fs(path, storage_options)
+    return fs.cat_file(p)
+
+
+def plan_files(files: list[SourceFile], known: dict[str, dict[str, Any]],
+               params: IngestParams) -> tuple[list[SourceFile], int]:
+    """Files to read: new, with another size/mtime than the ledger recorded (the hash decides later), or
+    ingested under other parsing parameters.
+
+    Returns:
+        (files to read, number of files skipped as unchanged).
+    """
+    def same(f: SourceFile) -> bool:
+        k = known.get(f.path)
+        digest = params.digest(params.dataset or dataset_name(f.path))
+        return k is not None and (k["size"], k["mtime_ns"], k["params_digest"]) == (f.size, f.mtime_ns, digest)
+
+    todo = [f for f in files if not same(f)]
+    return todo, len(files) - len(todo)

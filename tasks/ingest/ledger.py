@@ -1,0 +1,137 @@
+"""The ingest ledger (``<lake>/_ledger.sqlite``): per source its content hash, counts and status; per
+(dataset, asset, source) its cycle extent, which makes the duplicate-key check across files cheap.
+"""
+
+from __future__ import annotations
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator
+from twinflow.refs import FileRef, LakeSnapshot
+
+from twinflow.tasks.ingest.landing import local_path
+from twinflow.tasks.ingest.params import FileOutcome
+
+LEDGER_NAME = "_ledger.sqlite"
+
+
+class Ledger:
+    """Per-lake SQLite ledger: source -> content hash, counts, status; (dataset, asset, source) -> extent.
+
+    Only the ingest flow process writes it, while it holds the lake lock; readers may open it any time.
+    """
+
+    def __init__(self, lake: Path):
+        lake.mkdir(parents=True, exist_ok=True)
+        self.path = lake / LEDGER_NAME
+        self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL survives process crashes (the failure we design for); only power loss can drop
+        # the last commits, which the next run then redoes idempotently.
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS files (
+                source TEXT PRIMARY KEY, dataset TEXT NOT NULL, file_id TEXT NOT NULL,
+                sha256 TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, batch_id TEXT NOT NULL,
+                status TEXT NOT NULL, reason TEXT, rows_read INTEGER, rows_written INTEGER,
+                rows_quarantined INTEGER, committed_at REAL, params_digest TEXT);
+            CREATE INDEX IF NOT EXISTS files_sha ON files(sha256);
+            CREATE INDEX IF NOT EXISTS files_dataset ON files(dataset);
+            CREATE TABLE IF NOT EXISTS extents (
+                dataset TEXT NOT NULL, asset_id TEXT NOT NULL, file_id TEXT NOT NULL, source TEXT NOT NULL,
+                tmin INTEGER, tmax INTEGER, rows INTEGER, PRIMARY KEY (dataset, asset_id, file_id));
+            CREATE INDEX IF NOT EXISTS extents_file ON extents(file_id);
+            CREATE TABLE IF NOT EXISTS batches (
+                batch_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, files INTEGER,
+                rows_read INTEGER, rows_written INTEGER, rows_quarantined INTEGER, status TEXT);
+            """
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def files(self) -> dict[str, dict[str, Any]]:
+        cur = self.conn.execute("SELECT * FROM files")
+        cols = [d[0] for d in cur.description]
+        return {row[0]: dict(zip(cols, row)) for row in cur.fetchall()}
+
+    def ingested_with_hash(self, sha: str, dataset: str) -> str | None:
+        row = self.conn.execute(
+            "SELECT source FROM files WHERE sha256=? AND dataset=? AND status='ingested' LIMIT 1",
+            (sha, dataset)).fetchone()
+        return row[0] if row else None
+
+    def overlapping(self, dataset: str, asset: str, fid: str, tmin: int, tmax: int) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT file_id FROM extents WHERE dataset=? AND asset_id=? AND file_id<>? AND tmax>=? AND tmin<=?",
+            (dataset, asset, fid, tmin, tmax)).fetchall()
+        return [r[0] for r in rows]
+
+    def assets_of(self, fid: str) -> list[tuple[str, str]]:
+        return self.conn.execute("SELECT dataset, asset_id FROM extents WHERE file_id=?", (fid,)).fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def record(self, o: FileOutcome, batch_id: str) -> None:
+        """Record a file outcome (and replace its extents) in one transaction."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (o.source, o.dataset, o.file_id, o.sha256, o.size, o.mtime_ns, batch_id, o.status,
+                 o.reason, o.rows_read, o.rows_written, o.rows_quarantined, time.time(), o.params_digest))
+            c.execute("DELETE FROM extents WHERE file_id=?", (o.file_id,))
+            c.executemany(
+                "INSERT INTO extents VALUES (?,?,?,?,?,?,?)",
+                [(o.dataset, a, o.file_id, o.source, e.tmin, e.tmax, e.rows) for a, e in o.assets.items()])
+
+    def touch(self, source: str, size: int, mtime_ns: int) -> None:
+        """Record a new size/mtime for a source whose content hash did not change."""
+        with self.transaction() as c:
+            c.execute("UPDATE files SET size=?, mtime_ns=? WHERE source=?", (size, mtime_ns, source))
+
+    def record_batch(self, batch_id: str, started: float, outcomes: list[FileOutcome], status: str) -> None:
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO batches VALUES (?,?,?,?,?,?,?,?)",
+                      (batch_id, started, time.time(), len(outcomes), sum(o.rows_read for o in outcomes),
+                       sum(o.rows_written for o in outcomes), sum(o.rows_quarantined for o in outcomes), status))
+
+    def snapshot(self, lake_path: str, dataset: str) -> LakeSnapshot | None:
+        """The dataset as the ledger knows it (None when no file of it was ingested)."""
+        rows = self.conn.execute(
+            "SELECT source, sha256, rows_read, rows_written, rows_quarantined, status, batch_id, file_id "
+            "FROM files WHERE dataset=? AND status='ingested' ORDER BY committed_at, source",
+            (dataset,)).fetchall()
+        if not rows:
+            return None
+        files = [FileRef(path=r[0], sha256=r[1], rows_read=r[2], rows_written=r[3], rows_quarantined=r[4],
+                         status=r[5], lake_file=r[7]) for r in rows]
+        return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=rows[-1][6], files=files,
+                            rows=sum(r[3] for r in rows))
+
+
+def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
+    """The ingested state of a lake dataset from its ledger, without ingesting anything.
+
+    For stages run on their own (``twinflow run features --param dataset=...``): the snapshot lists the
+    contributing files and hashes, so its digest changes exactly when the data does. Returns None when
+    the lake has no ledger or the dataset no ingested file (e.g. data written by :func:`write_lake_table`).
+    """
+    lake = local_path(lake_path)
+    if not (lake / LEDGER_NAME).exists():
+        return None
+    ledger = Ledger(lake)
+    try:
+        return ledger.snapshot(str(lake), dataset)
+    finally:
+        ledger.close()
