@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -14,18 +13,13 @@ from twinflow import runtime
 from twinflow.runtime import TwinflowTaskRunner
 from twinflow.settings import Settings, get_settings
 from twinflow.tasks.ingest import (
-    STAGING_DIR,
     BatchSummary,
     FileOutcome,
     IngestParams,
     IngestResult,
-    Ledger,
+    IngestRun,
     SourceFile,
-    commit_outcomes,
-    lake_lock,
-    plan_files,
-    list_landing,
-    local_path,
+    ingest_sequence,
     process_batch,
 )
 
@@ -99,14 +93,15 @@ def ingest(params: IngestParams) -> IngestResult:
         1. Resolve settings and check that the landing path exists (a one-line ``ConfigError``
            otherwise), before any cluster work.
         2. Take the lake's ingest lock: a concurrent run on the same lake waits, then finds the files
-           already in the ledger, so rows are never duplicated.
+           already in the ledger, so rows are never duplicated. Settle a crashed run's commit.
         3. List the landing files and diff them against the ledger by size and mtime: unchanged files
            are not even read.
         4. Split the other files into batches of ``files_per_batch``; each batch is one Prefect task on
            the Dask cluster that reads, hashes, parses, validates and stages its files.
         5. Commit in source order: an unchanged hash or content already ingested from another file is
-           skipped; rows whose (asset, cycle) another file holds are quarantined; staged files are
-           renamed into place (replacing the source's previous version) and the ledger is updated.
+           skipped; rows whose (asset, cycle) another file holds are quarantined; then one Delta
+           transaction per dataset appends the rows and replaces those of sources read again, and
+           the ledger records it (crash-safe: see ``tasks/ingest/commit.py``).
         6. Publish a Prefect table artifact per batch (conservation: rows read = written + quarantined)
            and return the lake snapshots of every dataset the landing files feed.
     """
@@ -114,55 +109,38 @@ def ingest(params: IngestParams) -> IngestResult:
     settings = rt.settings if rt is not None else get_settings()
     so = _storage_options(settings, params)
     _check_landing(params.landing, so)
-    lake = local_path(settings.lake_path)
-    quarantine = local_path(settings.quarantine_path)
+    quarantine = settings.quarantine_path
     batch_id = new_batch_id()
-    started = time.time()
     logger = get_run_logger()
-    with runtime.ensure(settings), lake_lock(lake, params.lock_timeout_s):
-        ledger = Ledger(lake)
-        try:
-            shutil.rmtree(lake / STAGING_DIR, ignore_errors=True)  # leftovers of a crashed run
-            files = list_landing(params.landing, so, params.include, params.exclude)
-            known = ledger.files()
-            todo, unchanged = plan_files(files, known, params)
-            n = params.files_per_batch
-            batches = [todo[i:i + n] for i in range(0, len(todo), n)]
-            logger.info("ingest %s: %d landing files, %d to read in %d batches, %d unchanged", batch_id,
-                        len(files), len(todo), len(batches), unchanged)
-            staging = lake / STAGING_DIR / batch_id
-            futures = [process_batch.submit(i, b, params, str(staging), str(quarantine), batch_id, so)
-                       for i, b in enumerate(batches)]
-            results: list[FileOutcome] = []
-            errors: list[BaseException] = []
-            for fut in futures:
-                try:
-                    results.extend(fut.result())
-                except BaseException as exc:  # noqa: BLE001 - commit the batches that worked, then raise
-                    errors.append(exc)
-            outcomes = commit_outcomes(results, ledger, lake, quarantine, batch_id)
-            shutil.rmtree(staging, ignore_errors=True)
-            ledger.record_batch(batch_id, started, outcomes, "failed" if errors else "completed")
-            summaries = _summaries(batches, outcomes)
-            if batches:
-                _artifacts(batch_id, batches, outcomes, summaries, unchanged)
-            if errors:
-                raise errors[0]
-            listed = {f.path for f in files}
-            datasets = {row["dataset"] for src, row in ledger.files().items() if src in listed}
-            datasets |= {o.dataset for o in outcomes}
-            snapshots = {}
-            for ds_name in sorted(datasets):
-                snap = ledger.snapshot(str(lake), ds_name)
-                if snap is not None:
-                    snapshots[ds_name] = snap
-        finally:
-            ledger.close()
+
+    def log_plan(run: IngestRun) -> None:
+        logger.info("ingest %s: %d landing files, %d to read in %d batches, %d unchanged", batch_id,
+                    len(run.listed), sum(len(b) for b in run.batches), len(run.batches), run.unchanged)
+
+    def on_cluster(batches: list[list[SourceFile]], staging: Path):
+        futures = [process_batch.submit(i, b, params, str(staging), quarantine, batch_id, so)
+                   for i, b in enumerate(batches)]
+        results: list[FileOutcome] = []
+        errors: list[BaseException] = []
+        for fut in futures:
+            try:
+                results.extend(fut.result())
+            except BaseException as exc:  # noqa: BLE001 - commit the batches that worked, then raise
+                errors.append(exc)
+        return results, errors
+
+    with runtime.ensure(settings):
+        run = ingest_sequence(params, settings.lake_path, quarantine, batch_id, on_cluster, so, on_plan=log_plan)
+    summaries = _summaries(run.batches, run.outcomes)
+    if run.batches:
+        _artifacts(batch_id, run.batches, run.outcomes, summaries, run.unchanged)
+    if run.errors:
+        raise run.errors[0]
     for s in summaries:
         if not s.conserved:  # a bug, not bad input: make it loud
             raise AssertionError(f"ingest batch {s.index} does not conserve rows: {s}")
-    return IngestResult(batch_id=batch_id, snapshots=snapshots, batches=summaries, files=outcomes,
-                        unchanged=unchanged)
+    return IngestResult(batch_id=batch_id, snapshots=run.snapshots, batches=summaries, files=run.outcomes,
+                        unchanged=run.unchanged)
 
 
 def _check_landing(landing: str, storage_options: dict[str, Any]) -> None:

@@ -1,17 +1,470 @@
-"""The lake: the one module that knows where and how stage data is stored.
+"""The lake: one Delta Lake table per dataset, the only module that knows how stage data is stored.
 
-Every stage reads and writes the lake through these functions; no other module builds lake paths.
-(Transitional: the implementations still live in ``twinflow.tasks.ingest`` and are being moved here.)
+Layout: ``<lake>/<dataset>/`` is a Delta Lake table (delta-rs, ``deltalake``) partitioned by
+``asset_id``: ``<lake>/<dataset>/_delta_log/`` plus ``asset_id=<percent-encoded id>/part-*.parquet``.
+Any reader of Delta tables opens it as it is (Spark, Trino, DuckDB's ``delta_scan``, Polars'
+``read_delta``). The lake root may be a local folder or an object-store URL (``s3://…``), with
+``storage_options`` passed to delta-rs.
+
+What a table format gives and twinflow relies on:
+
+* **Atomic commits.** :func:`commit` appends rows and drops the rows of replaced sources in one
+  transaction; a crash leaves at most unreferenced data files (removed by :func:`vacuum`), never a
+  half-visible write.
+* **Snapshots and time travel.** A :class:`~twinflow.refs.LakeSnapshot` names a table version;
+  :func:`read_lake` and :func:`list_files` read exactly that version, so a stage re-run on an old
+  snapshot sees the old data.
+* **Idempotent appends.** A commit may carry an application transaction (``app_id``, version): a
+  writer that crashed after committing learns from :func:`transaction_version` that its commit is in,
+  and does not write it again (the ingest ledger relies on this).
+
+Bookkeeping files of writers (the ingest ledger, lock and staging) live beside the tables under
+names starting with ``_`` (:func:`meta_path`), which no dataset name can take.
+
+Lakes written by twinflow 0.1 (hive-partitioned Parquet under ``<lake>/dataset=<name>/asset=<id>/``)
+are converted once by :func:`migrate_hive` (``open``-ing a dataset does it, and says so in the log).
 """
 
 from __future__ import annotations
 
-from twinflow.tasks.ingest import (  # noqa: F401  (re-exported: the lake API)
-    conform,
-    latest_snapshot,
-    read_lake,
-    read_quarantine,
-    write_lake_table,
-)
+import hashlib
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from urllib.parse import quote, unquote
 
-__all__ = ["conform", "latest_snapshot", "read_lake", "read_quarantine", "write_lake_table"]
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twinflow import contracts as C
+from twinflow.errors import ConfigError
+from twinflow.refs import FileRef, LakeSnapshot
+
+if TYPE_CHECKING:
+    from deltalake import DeltaTable
+
+log = logging.getLogger("twinflow.lake")
+
+PARTITION = C.ASSET
+INGEST_APP_ID = "twinflow-ingest"
+_LEGACY_PREFIX = "dataset="
+_MIGRATED_DIR = "_pre_delta"
+# Delta-rs writer: dictionary pages only where values repeat (keys, lineage), not on float channels.
+_DICT_COLUMNS = ["source_file", "batch_id", "quality"]
+
+
+def is_local(lake_path: str) -> bool:
+    """True when the lake root is a local path (or a ``file://`` URL)."""
+    return "://" not in lake_path or lake_path.startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    """A local path from a path or ``file://`` URL (object stores are not local).
+
+    Raises:
+        ConfigError: for a URL of another scheme.
+    """
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    if "://" in url:
+        raise ConfigError(f"{url!r} is not a local path; this operation needs a local folder")
+    return Path(url)
+
+
+def table_uri(lake_path: str, dataset: str) -> str:
+    """Where a dataset's Delta table lives."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", dataset):
+        raise ConfigError(f"dataset {dataset!r} must be lower-case letters, digits, '_' or '-'")
+    return f"{lake_path.rstrip('/')}/{dataset}"
+
+
+def meta_path(lake_path: str, name: str) -> Path:
+    """A writer's bookkeeping file or folder beside the tables (``<lake>/_<name>``); local lakes only."""
+    return local_path(lake_path) / f"_{name.lstrip('_')}"
+
+
+def partition_dir(asset: str) -> str:
+    """The partition folder name of an asset, as delta-rs writes it (percent-encoded value)."""
+    return f"{PARTITION}={quote(asset, safe='')}"
+
+
+def _options(storage_options: dict[str, Any] | None) -> dict[str, str] | None:
+    return {k: str(v) for k, v in storage_options.items()} if storage_options else None
+
+
+def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
+    from deltalake import DeltaTable
+
+    return DeltaTable.is_deltatable(uri, storage_options=_options(storage_options))
+
+
+def open_table(lake_path: str, dataset: str, version: int | None = None,
+               storage_options: dict[str, Any] | None = None) -> "DeltaTable | None":
+    """Open a dataset's table (at ``version``, default the latest); None when it does not exist.
+
+    A twinflow 0.1 hive-Parquet dataset of that name is converted first (:func:`migrate_hive`).
+    """
+    from deltalake import DeltaTable
+
+    uri = table_uri(lake_path, dataset)
+    if not _exists(uri, storage_options):
+        if not (is_local(lake_path) and migrate_hive(lake_path, dataset)):
+            return None
+    return DeltaTable(uri, version=version, storage_options=_options(storage_options))
+
+
+def datasets(lake_path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names of the datasets in a local lake (legacy ones included: they convert when opened)."""
+    if not is_local(lake_path):
+        raise ConfigError("listing datasets needs a local lake; name the dataset instead")
+    root = local_path(lake_path)
+    if not root.is_dir():
+        return []
+    names = {p.name for p in root.iterdir() if (p / "_delta_log").is_dir()}
+    names |= {p.name[len(_LEGACY_PREFIX):] for p in root.glob(f"{_LEGACY_PREFIX}*") if p.is_dir()}
+    return sorted(names)
+
+
+def version(lake_path: str, dataset: str, storage_options: dict[str, Any] | None = None) -> int | None:
+    """The dataset's latest table version, or None when it has no table."""
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    return None if dt is None else dt.version()
+
+
+def transaction_version(lake_path: str, dataset: str, app_id: str = INGEST_APP_ID,
+                        storage_options: dict[str, Any] | None = None) -> int | None:
+    """The last application-transaction version ``app_id`` committed to the dataset (None: none)."""
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    return None if dt is None else dt.transaction_version(app_id)
+
+
+# --- Writing ------------------------------------------------------------------------------------
+
+
+def conform(table: pa.Table, batch_id: str, source_file: str = "generated") -> pa.Table:
+    """Cast a table to the canonical telemetry schema, adding null channels and lineage columns."""
+    schema = C.telemetry_schema()
+    n = table.num_rows
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            if pa.types.is_dictionary(col.type):
+                col = col.cast(col.type.value_type)
+            cols.append(col.cast(field.type))
+        elif field.name == "source_file":
+            cols.append(pa.array([source_file] * n, pa.string()))
+        elif field.name == "batch_id":
+            cols.append(pa.array([batch_id] * n, pa.string()))
+        elif field.name == "quality":
+            cols.append(pa.array(np.zeros(n, np.int32)))
+        elif field.nullable:
+            cols.append(pa.nulls(n, field.type))
+        else:
+            raise ConfigError(f"table lacks required column {field.name!r}")
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _sql_list(values: Iterable[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader | None, *, replace: dict[str, Sequence[str]] | None = None,
+           txn: tuple[str, int] | None = None, metadata: dict[str, str] | None = None,
+           storage_options: dict[str, Any] | None = None) -> int | None:
+    """Append rows to a dataset and drop the rows they replace, in one Delta transaction.
+
+    Args:
+        lake_path: Lake root.
+        dataset: Dataset (table) name; the table is created on its first commit.
+        table: Rows (a table, or a stream of batches in the telemetry schema for bounded memory); None
+            or empty to only drop rows.
+        replace: ``{column: values}``: existing rows whose ``column`` is one of ``values`` are removed in the
+            same transaction (e.g. ``{"source_file": [...]}`` for sources read again). Every appended row
+            must match it too, so that the commit is a replace of exactly those rows.
+        txn: ``(app_id, version)`` recorded in the commit (see :func:`transaction_version`).
+        metadata: Custom commit metadata (shown by ``DESCRIBE HISTORY`` / :func:`history`).
+        storage_options: Object-store options for delta-rs.
+
+    Returns:
+        The table version after the commit (None when nothing was written and no table exists).
+    """
+    from deltalake import CommitProperties, Transaction, WriterProperties, write_deltalake
+    from deltalake import ColumnProperties
+
+    uri = table_uri(lake_path, dataset)
+    props = CommitProperties(
+        custom_metadata=dict(metadata or {}) or None,
+        app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None)
+    predicate = " AND ".join(f"{col} IN ({_sql_list(vals)})" for col, vals in (replace or {}).items() if vals)
+    stream = isinstance(table, pa.RecordBatchReader)
+    rows = table is not None and (stream or table.num_rows > 0)
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    if not rows:
+        if dt is None:
+            return None
+        if predicate:
+            dt.delete(predicate, commit_properties=props)
+            dt.update_incremental()
+        return dt.version()
+    data = table if stream else conform(table, batch_id="")
+    writer = WriterProperties(
+        compression="SNAPPY", default_column_properties=ColumnProperties(dictionary_enabled=False),
+        column_properties={c: ColumnProperties(dictionary_enabled=True) for c in _DICT_COLUMNS})
+    write_deltalake(dt if dt is not None else uri, data, partition_by=[PARTITION],
+                    mode="overwrite" if predicate and dt is not None else "append",
+                    predicate=predicate if dt is not None and predicate else None,
+                    writer_properties=writer, commit_properties=props,
+                    storage_options=_options(storage_options))
+    return open_table(lake_path, dataset, storage_options=storage_options).version()
+
+
+def write_lake_table(table: pa.Table, lake_path: str, dataset: str, batch_id: str,
+                     storage_options: dict[str, Any] | None = None) -> LakeSnapshot:
+    """Write a table twinflow generated itself (e.g. a synthetic fleet) into a dataset, in one commit.
+
+    Rows of an earlier write with the same ``batch_id`` are replaced, so writing a batch again does not
+    duplicate it. This bypasses the ingest ledger and validation.
+
+    Returns:
+        A snapshot at the new table version, whose digest is the content hash of the rows written.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_\-.]+", batch_id):
+        raise ConfigError(f"batch_id {batch_id!r} must be letters, digits, '_', '-' or '.'")
+    t = conform(table, batch_id)
+    t = t.take(pc.sort_indices(t, [(C.ASSET, "ascending"), (C.TIME, "ascending")]))
+    v = commit(lake_path, dataset, t, replace={"batch_id": [batch_id]},
+               metadata={"twinflow.operation": "write_lake_table", "twinflow.batch_id": batch_id},
+               storage_options=storage_options)
+    h = hashlib.sha256()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    h.update(sink.getvalue())
+    ref = FileRef(path=f"generated:{dataset}/{batch_id}", sha256=h.hexdigest(), rows_read=t.num_rows,
+                  rows_written=t.num_rows, lake_file=batch_id)
+    return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=batch_id, files=[ref], rows=t.num_rows,
+                        version=v)
+
+
+# --- Reading ------------------------------------------------------------------------------------
+
+
+def _snapshot_table(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None) -> "DeltaTable":
+    dt = open_table(snapshot.lake_path, snapshot.dataset, version=snapshot.version,
+                    storage_options=storage_options)
+    if dt is None:
+        raise ConfigError(f"dataset {snapshot.dataset!r} is not in the lake at {snapshot.lake_path}; "
+                          "run the ingest stage first")
+    return dt
+
+
+def read_lake(snapshot: LakeSnapshot, columns: list[str] | None = None, filter: Any = None,
+              storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read a dataset at the snapshot's table version, as one Arrow table sorted by (asset_id, cycle).
+
+    Args:
+        snapshot: The dataset reference; without a ``version`` the latest version is read.
+        columns: Columns to read (default: all canonical columns).
+        filter: Optional ``pyarrow.dataset`` expression (partition pruning on ``asset_id`` applies).
+        storage_options: Object-store options for delta-rs.
+    """
+    dt = _snapshot_table(snapshot, storage_options)
+    cols = columns or [f.name for f in C.telemetry_schema()]
+    table = dt.to_pyarrow_dataset().to_table(columns=cols, filter=filter)
+    table = _plain_strings(table)
+    sort_keys = [(k, "ascending") for k in (C.ASSET, C.TIME) if k in table.column_names]
+    return table.sort_by(sort_keys) if sort_keys else table
+
+
+def _plain_strings(table: pa.Table) -> pa.Table:
+    """Partition values come back dictionary-encoded; the contract's columns are plain strings."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(f.type.value_type))
+    return table
+
+
+def list_files(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None = None
+               ) -> dict[str, list[tuple[str, int]]]:
+    """The data files of the snapshot's table version grouped by asset: ``{asset: [(uri, bytes)]}``.
+
+    Raises:
+        ConfigError: when the dataset has no table or no files.
+    """
+    dt = _snapshot_table(snapshot, storage_options)
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    paths = actions.column("path").to_pylist()
+    sizes = actions.column("size_bytes").to_pylist()
+    assets = actions.column(f"partition.{PARTITION}").to_pylist()
+    root = dt.table_uri.rstrip("/")
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for path, size, asset in sorted(zip(paths, sizes, assets), key=lambda r: (r[2], r[0])):
+        # Add actions hold URL-encoded relative paths of files whose partition folder is itself
+        # percent-encoded: one unquote gives the name on disk.
+        rel = unquote(path)
+        groups.setdefault(asset, []).append((rel if "://" in rel else f"{root}/{rel}", int(size)))
+    if not groups:
+        raise ConfigError(f"dataset {snapshot.dataset!r} at version {dt.version()} has no rows; "
+                          "run the ingest stage first")
+    return groups
+
+
+def asset_of(path: str) -> str:
+    """The asset whose partition folder holds a data file (as :func:`list_files` returns it)."""
+    folder = path.rstrip("/").rsplit("/", 2)[-2]
+    if not folder.startswith(f"{PARTITION}="):
+        raise ConfigError(f"{path} is not a file of an {PARTITION}-partitioned lake table")
+    return unquote(folder[len(PARTITION) + 1:])
+
+
+def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None
+               ) -> pa.Table:
+    """Read data files of one table (whole assets) into one Arrow table with ``columns``.
+
+    The asset column, a partition column in Delta (not stored in the files), is filled from each
+    file's partition folder. ``ParquetFile.read`` with one thread per file: much faster per small file
+    than dataset discovery, and a Dask worker's thread count is the cluster's to decide.
+    """
+    import fsspec
+    import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileSystem
+
+    cols = [c for c in columns if c != PARTITION]
+    want_asset = PARTITION in columns
+    fs, _ = fsspec.core.url_to_fs(paths[0], **(storage_options or {}))
+    tables = []
+    for path in paths:
+        p = fs._strip_protocol(path)
+        if isinstance(fs, LocalFileSystem):
+            t = pq.ParquetFile(p, pre_buffer=False).read(columns=cols, use_threads=False)
+        else:
+            with fs.open(p, "rb") as fh:
+                t = pq.ParquetFile(fh).read(columns=cols, use_threads=False)
+        if want_asset:
+            t = t.append_column(PARTITION, pa.array([asset_of(path)] * t.num_rows, pa.string()))
+        tables.append(t)
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    order = [c for c in columns if c in table.column_names]
+    return table.select(order)
+
+
+def read_keys(lake_path: str, dataset: str, asset: str, sources: Sequence[str],
+              storage_options: dict[str, Any] | None = None) -> pa.Array:
+    """The cycles that ``sources`` hold for ``asset`` in the latest version (for duplicate-key checks)."""
+    import pyarrow.dataset as ds
+
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    if dt is None or not sources:
+        return pa.array([], pa.int32())
+    expr = (ds.field(PARTITION) == asset) & ds.field("source_file").isin(list(sources))
+    return dt.to_pyarrow_dataset().to_table(columns=[C.TIME], filter=expr).column(C.TIME).combine_chunks()
+
+
+def history(lake_path: str, dataset: str, limit: int | None = None,
+            storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The table's commits, newest first (version, timestamp, operation, custom metadata)."""
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    return [] if dt is None else dt.history(limit)
+
+
+def snapshot(lake_path: str, dataset: str, storage_options: dict[str, Any] | None = None
+             ) -> LakeSnapshot | None:
+    """A snapshot of the dataset's latest version, without ingest's per-file lineage (None: no table).
+
+    Its digest is the hash of the version's data-file list (Delta data files are immutable), so it
+    changes exactly when the rows may have.
+    """
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    if dt is None:
+        return None
+    v = dt.version()
+    files = sorted(dt.file_uris())
+    ref = FileRef(path=f"delta:{dataset}@{v}", sha256=hashlib.sha256("\n".join(files).encode()).hexdigest(),
+                  lake_file=None)
+    return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=f"v{v}", files=[ref], version=v)
+
+
+# --- Maintenance --------------------------------------------------------------------------------
+
+
+def optimize(lake_path: str, dataset: str, target_size: int | None = None,
+             storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Compact small files into larger ones (a new version with the same rows)."""
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    if dt is None:
+        raise ConfigError(f"dataset {dataset!r} is not in the lake at {lake_path}")
+    return dt.optimize.compact(target_size=target_size)
+
+
+def vacuum(lake_path: str, dataset: str, retention_hours: int = 168, dry_run: bool = True,
+           storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Delete data files no version younger than ``retention_hours`` references (old snapshots then fail).
+
+    Returns:
+        The files removed (or that would be, with ``dry_run``).
+    """
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    if dt is None:
+        return []
+    return dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+
+
+def migrate_hive(lake_path: str, dataset: str | None = None) -> list[str]:
+    """Convert twinflow 0.1 hive-Parquet datasets (``<lake>/dataset=<name>/asset=<id>/*.parquet``) to Delta.
+
+    Each legacy dataset is read whole and committed as version 0 of ``<lake>/<name>`` (one commit), then
+    its folder is moved to ``<lake>/_pre_delta/`` (delete it once satisfied). A crash before the move
+    leaves the legacy folder in place and the conversion is redone (the Delta table is only created by
+    its first commit). Local lakes only.
+
+    Returns:
+        The datasets converted.
+    """
+    import pyarrow.dataset as ds
+
+    root = local_path(lake_path)
+    done = []
+    for legacy in sorted(root.glob(f"{_LEGACY_PREFIX}{dataset or '*'}")):
+        name = legacy.name[len(_LEGACY_PREFIX):]
+        uri = table_uri(lake_path, name)
+        if not _exists(uri, None):
+            files = [str(p) for p in legacy.glob("asset=*/*.parquet") if not p.name.startswith((".", "_"))]
+            part = ds.partitioning(pa.schema([("asset", pa.string())]), flavor="hive")
+            table = ds.dataset(files, format="parquet", partitioning=part,
+                               partition_base_dir=str(legacy)).to_table() if files else None
+            if table is not None and "asset" in table.column_names:
+                table = table.drop_columns(["asset"])
+            log.warning("converting the twinflow 0.1 Parquet dataset %s (%d rows) into the Delta table %s; "
+                        "the old folder moves to %s", legacy, 0 if table is None else table.num_rows, uri,
+                        root / _MIGRATED_DIR)
+            if table is not None and table.num_rows:
+                commit(lake_path, name, table, metadata={"twinflow.operation": "migrate_hive"},
+                       txn=(INGEST_APP_ID, 0))
+        (root / _MIGRATED_DIR).mkdir(exist_ok=True)
+        shutil.move(str(legacy), str(root / _MIGRATED_DIR / legacy.name))
+        done.append(name)
+    return done
+
+
+def read_quarantine(quarantine_path: str, dataset: str | None = None) -> pa.Table:
+    """Read quarantined rows (all datasets, or one), with a ``dataset`` column."""
+    from twinflow.tasks.ingest.quarantine import read_quarantine as _read
+
+    return _read(quarantine_path, dataset)
+
+
+def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
+    """The dataset's latest version with its ingest lineage (landing files and hashes) when ingest wrote it.
+
+    Falls back to :func:`snapshot` for tables written otherwise (e.g. :func:`write_lake_table`). Returns
+    None when the dataset has no table.
+    """
+    from twinflow.tasks.ingest.ledger import ingested_snapshot
+
+    return ingested_snapshot(lake_path, dataset) or snapshot(lake_path, dataset)

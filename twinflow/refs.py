@@ -19,22 +19,25 @@ class FileRef(BaseModel):
     rows_quarantined: int = 0
     status: str = "ingested"
     lake_file: str | None = Field(
-        None, description="Stem of this source's Parquet files in the lake (asset=*/<lake_file>.parquet)."
+        None, description="Stable id of the source (its file id); its rows carry source_file=path."
     )
 
 
 class LakeSnapshot(BaseModel):
-    """A dataset in the lake as of an ingest batch."""
+    """A dataset in the lake at one table version (see ``twinflow/lake.py``), with the files it came from."""
 
-    lake_path: str = Field(description="Root of the hive-partitioned lake.")
-    dataset: str = Field(description="Dataset name: the lake's dataset=<name> partition.")
+    lake_path: str = Field(description="Root of the lake: one Delta table per dataset.")
+    dataset: str = Field(description="Dataset name: the lake's table <lake>/<name>.")
     batch_id: str
     files: list[FileRef] = Field(default_factory=list)
     rows: int = 0
+    version: int | None = Field(
+        None, description="Delta table version the snapshot names; None reads the latest version.")
 
     @property
     def dataset_path(self) -> str:
-        return f"{self.lake_path.rstrip('/')}/dataset={self.dataset}"
+        """The dataset's table URI."""
+        return f"{self.lake_path.rstrip('/')}/{self.dataset}"
 
     @property
     def digest(self) -> str:

@@ -5,11 +5,11 @@ source file into a lake table plus quarantined rows; the I/O edges (:func:`list_
 :func:`process_file`, :func:`commit_outcomes`, :class:`Ledger`, :func:`read_lake`,
 :func:`write_lake_table`) read the landing folder, stage and publish Parquet files, and keep the ledger.
 
-Lake layout: ``<lake>/dataset=<name>/asset=<asset_id>/<file_id>.parquet`` where ``file_id`` is derived from
-the source path, so a source that changes replaces exactly its own rows (idempotent re-ingest), and rows of
-one source never become visible half-written (temp name + atomic rename). The ledger
-(``<lake>/_ledger.sqlite``) maps each source to its content hash, row counts and status, and each
-(dataset, asset, source) to its cycle extent, which makes the duplicate-key check across files cheap.
+The lake is one Delta Lake table per dataset (``twinflow/lake.py`` owns its layout). Each commit
+appends a batch's rows and replaces those of sources read again in one transaction, so a source that
+changes replaces exactly its own rows (idempotent re-ingest) and nothing becomes visible half-written.
+The ledger (``<lake>/_ledger.sqlite``) maps each source to its content hash, row counts and status, and
+each (dataset, asset, source) to its cycle extent, which makes the duplicate-key check across files cheap.
 
 Rows that break the contract (bad keys, unparseable or out-of-range values, duplicate keys) go to the
 quarantine dataset ``<quarantine>/rows/dataset=<name>/<file_id>.parquet`` with a reason; files that cannot
@@ -19,7 +19,7 @@ rows read = rows written to the lake + rows quarantined.
 Files larger than ``IngestParams.stream_threshold_bytes`` are streamed: hashed in 8 MiB reads, parsed
 by pyarrow's streaming readers (``pyarrow.csv.open_csv`` over a decompressing, line-aligned text stream;
 ``ParquetFile.iter_batches``) and validated ``batch_rows`` rows at a time, with the duplicate-key,
-out-of-order and stuck-sensor state carried from batch to batch (:class:`_FileState`), so that the lake,
+out-of-order and stuck-sensor state carried from batch to batch (:class:`~.validate.FileState`), so that the lake,
 the quarantine and the counts are exactly those of reading the file whole. Memory then follows the batch
 (plus the few 1 MiB CSV blocks pyarrow reads ahead, or a Parquet row group), plus 16 bytes per kept row for the key
 check; an asset whose stuck-sensor verdict needs all its rows (a varying channel with a long unchanged
@@ -34,6 +34,7 @@ ingest sequence and the Prefect batch task). This package re-exports their publi
 
 from __future__ import annotations
 
+from twinflow.lake import conform, read_lake, write_lake_table  # noqa: F401  (the lake API, re-exported since 0.1)
 from twinflow.refs import FileRef, LakeSnapshot  # noqa: F401  (part of this module's API since 0.1)
 from twinflow.tasks.ingest.names import (  # noqa: F401
     Format,
@@ -71,12 +72,6 @@ from twinflow.tasks.ingest.parse import (  # noqa: F401
     normalise_whitespace,
     parse_bytes,
 )
-from twinflow.tasks.ingest.lakeio import (  # noqa: F401
-    asset_dir,
-    conform,
-    read_lake,
-    write_lake_table,
-)
 from twinflow.tasks.ingest.stream import (  # noqa: F401
     BLOCK_BYTES,
     CHUNK_BYTES,
@@ -95,6 +90,9 @@ from twinflow.tasks.ingest.commit import (  # noqa: F401
     lake_lock,
 )
 from twinflow.tasks.ingest.run import (  # noqa: F401
+    IngestRun,
+    ingest_sequence,
+    process_files,
     STAGING_DIR,
     process_batch,
     run_local,
@@ -102,6 +100,12 @@ from twinflow.tasks.ingest.run import (  # noqa: F401
 
 __all__ = [
     "FileRef",
+    "IngestRun",
+    "ingest_sequence",
+    "process_files",
+    "conform",
+    "read_lake",
+    "write_lake_table",
     "LakeSnapshot",
     "Format",
     "dataset_name",
@@ -125,10 +129,6 @@ __all__ = [
     "WHOLE_BLOCK_BYTES",
     "normalise_whitespace",
     "parse_bytes",
-    "asset_dir",
-    "conform",
-    "read_lake",
-    "write_lake_table",
     "BLOCK_BYTES",
     "CHUNK_BYTES",
     "process_file",

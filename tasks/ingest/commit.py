@@ -1,25 +1,41 @@
-"""Commit: publish a batch's staged files into the lake and record them in the ledger, under the lake lock.
+"""Commit: publish a batch's staged rows into the lake's Delta tables and record them in the ledger.
+
+One Delta transaction per dataset and batch: it appends the new rows and, in the same commit, drops
+the rows of every source read again (``source_file IN (...)``), so readers see a source's old rows or its
+new ones, never both or neither. Ordering makes a crash at any point safe:
+
+1. the ledger writes an *intent* (the outcomes, the dataset and the application-transaction version
+   the commit will carry);
+2. quarantined rows and files are published (idempotent: named by the source's file id);
+3. the Delta commit, carrying ``(twinflow-ingest, txn)``;
+4. the ledger applies the intent (files, extents, the table's txn) and deletes it, in one SQLite
+   transaction.
+
+:meth:`Ledger.recover` runs before each ingest: an intent whose txn the table already has is applied
+(crash between 3 and 4: no row is written twice), any other is dropped (crash before 3: its files were
+never recorded, so they are read again). Must run under :func:`lake_lock`.
 """
 
 from __future__ import annotations
+
 import contextlib
 import fcntl
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Iterator
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from twinflow import contracts as C
-from twinflow.errors import AlreadyRunning
 
-from twinflow.tasks.ingest.lakeio import asset_dir
+from twinflow import contracts as C
+from twinflow import lake as lk
+from twinflow.errors import AlreadyRunning
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
 from twinflow.tasks.ingest.quarantine import quarantine_rows
-from twinflow.tasks.ingest.stage import atomic_write_table
+from twinflow.tasks.ingest.stage import atomic_write_table, staged_asset_path
 
 LOCK_NAME = "_ingest.lock"
 
@@ -49,20 +65,36 @@ def lake_lock(lake: Path, timeout_s: float) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake: Path, batch_id: str) -> None:
-    """Quarantine staged rows whose (asset, cycle) another source already holds in the lake."""
+class _BatchKeys:
+    """Extents of the rows this batch has accepted so far, per (dataset, asset): earlier files win."""
+
+    def __init__(self) -> None:
+        self._by_asset: dict[tuple[str, str], list[tuple[int, int, Path]]] = {}
+
+    def overlapping(self, dataset: str, asset: str, tmin: int, tmax: int) -> list[Path]:
+        return [p for lo, hi, p in self._by_asset.get((dataset, asset), []) if hi >= tmin and lo <= tmax]
+
+    def add(self, o: FileOutcome) -> None:
+        for asset, ext in o.assets.items():
+            self._by_asset.setdefault((o.dataset, asset), []).append(
+                (ext.tmin, ext.tmax, staged_asset_path(Path(o.staged), asset, o.file_id)))
+
+
+def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, batch_id: str,
+                                batch: _BatchKeys) -> None:
+    """Quarantine staged rows whose (asset, cycle) another source holds in the lake or earlier in this batch."""
     staged = Path(o.staged) if o.staged else None
     extra: list[pa.Table] = []
     for asset, ext in list(o.assets.items()):
         others = ledger.overlapping(o.dataset, asset, o.file_id, ext.tmin, ext.tmax)
-        if not others:
+        earlier = batch.overlapping(o.dataset, asset, ext.tmin, ext.tmax)
+        if not others and not earlier:
             continue
-        part = lake / f"dataset={o.dataset}" / asset_dir(asset)
-        taken = pa.concat_tables([pq.read_table(part / f"{f}.parquet", columns=[C.TIME]) for f in others
-                                  if (part / f"{f}.parquet").exists()] or [pa.table({C.TIME: pa.array([], pa.int32())})])
-        path = staged / "lake" / asset_dir(asset) / f"{o.file_id}.parquet"
+        taken = [lk.read_keys(lake_path, o.dataset, asset, others)] if others else []
+        taken += [pq.read_table(p, columns=[C.TIME]).column(C.TIME).combine_chunks() for p in earlier]
+        path = staged_asset_path(staged, asset, o.file_id)
         rows = pq.read_table(path)
-        dup = pc.is_in(rows.column(C.TIME), value_set=taken.column(C.TIME).combine_chunks())
+        dup = pc.is_in(rows.column(C.TIME), value_set=pa.concat_arrays([t.cast(pa.int32()) for t in taken]))
         ndup = pc.sum(dup).as_py() or 0
         if not ndup:
             continue
@@ -89,18 +121,27 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake: Path, batc
         o.reason = "; ".join(filter(None, [o.reason, f"duplicate key across files x{sum(t.num_rows for t in extra)}"]))
 
 
-def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path, quarantine: Path,
+def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | str, quarantine: Path,
                     batch_id: str) -> list[FileOutcome]:
-    """Publish staged files of a batch and record them in the ledger, in source order.
+    """Publish the staged rows of a batch into the lake and record every outcome in the ledger.
 
-    Per file: an unchanged hash only refreshes size/mtime; content already ingested from another source
-    is skipped as a duplicate; otherwise rows whose keys another source holds are quarantined, staged
-    files are renamed into place (replacing this source's previous version), assets of the previous
-    version that the new one lacks are removed, and the ledger row is written. Deferred files are not
-    recorded, so the next run reads them again. Must run under :func:`lake_lock`.
+    Per file, in source order: an unchanged hash only refreshes size/mtime; content already ingested
+    from another source is a duplicate (its earlier rows, if any, are dropped); otherwise rows whose keys
+    another source holds (in the lake, or earlier in this batch) are quarantined. Then one Delta commit
+    per dataset appends the rows and replaces those of sources read again (see the module docstring for
+    the crash-safe order). Deferred files are not recorded, so the next run reads them again.
     """
+    lake_path = str(lake)
     known = ledger.files()
-    done = []
+    done: list[FileOutcome] = []
+    batch = _BatchKeys()
+    hashes: dict[tuple[str, str], str] = {}
+    # dataset -> (outcomes recorded with this commit, sources whose earlier rows it drops)
+    plan: dict[str, tuple[list[FileOutcome], set[str]]] = {}
+
+    def drop(dataset: str, source: str) -> None:
+        plan.setdefault(dataset, ([], set()))[1].add(source)
+
     for o in sorted(outcomes, key=lambda o: o.source):
         prev = known.get(o.source)
         if o.status == "deferred":
@@ -113,21 +154,60 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path, qua
             done.append(o.model_copy(update=dict(status="unchanged", rows_read=0, rows_written=0,
                                                  rows_quarantined=0, assets={}, staged=None)))
             continue
-        twin = ledger.ingested_with_hash(o.sha256, o.dataset) if o.status == "ingested" else None
+        twin = None
+        if o.status == "ingested":
+            twin = hashes.get((o.sha256, o.dataset)) or ledger.ingested_with_hash(o.sha256, o.dataset)
         if twin and twin != o.source:
             _discard(o)
             o = o.model_copy(update=dict(status="duplicate", reason=f"same content as {twin}", rows_read=0,
                                          rows_written=0, rows_quarantined=0, assets={}, staged=None))
-            _remove_previous(o, ledger, lake, quarantine, keep=set())
-            ledger.record(o, batch_id)
-            done.append(o)
-            continue
-        if o.status == "ingested":
-            _drop_cross_file_duplicates(o, ledger, lake, batch_id)
-        _publish(o, ledger, lake, quarantine)
-        ledger.record(o, batch_id)
+        elif o.status == "ingested":
+            _drop_cross_file_duplicates(o, ledger, lake_path, batch_id, batch)
+            batch.add(o)
+            hashes[(o.sha256, o.dataset)] = o.source
+        if prev:
+            drop(prev["dataset"], o.source)
+        plan.setdefault(o.dataset, ([], set()))[0].append(o)
         done.append(o)
+
+    # Datasets that only lose rows (a source moved to another dataset) go first: a crash between two
+    # commits then leaves a source missing for a run (read again), never in two datasets.
+    for dataset in sorted(plan, key=lambda d: (bool(plan[d][0]), d)):
+        recorded, replaced = plan[dataset]
+        _commit_dataset(dataset, recorded, replaced, ledger, lake_path, quarantine, batch_id)
     return done
+
+
+def _commit_dataset(dataset: str, recorded: list[FileOutcome], replaced: set[str], ledger: Ledger,
+                    lake_path: str, quarantine: Path, batch_id: str) -> None:
+    with_rows = [o for o in recorded if o.staged and o.assets]
+    txn = ledger.next_txn(dataset, lk.transaction_version(lake_path, dataset))
+    ledger.begin(dataset, txn, batch_id, recorded)
+    for o in recorded:
+        _publish_quarantine(o, quarantine)
+    if with_rows or replaced:
+        lk.commit(lake_path, dataset, _staged_reader(with_rows) if with_rows else None,
+                  replace={"source_file": sorted(replaced | {o.source for o in with_rows})},
+                  txn=(lk.INGEST_APP_ID, txn),
+                  metadata={"twinflow.operation": "ingest", "twinflow.batch_id": batch_id,
+                            "twinflow.files": str(len(recorded))})
+    ledger.apply(dataset, txn)
+    for o in recorded:
+        _discard(o)
+        o.staged = None
+
+
+def _staged_reader(outcomes: list[FileOutcome]) -> pa.RecordBatchReader:
+    """The staged rows of ``outcomes`` as one stream (a file's row groups at a time: bounded memory)."""
+    schema = C.telemetry_schema()
+
+    def batches():
+        for o in outcomes:
+            for asset in o.assets:
+                f = pq.ParquetFile(staged_asset_path(Path(o.staged), asset, o.file_id))
+                for i in range(f.num_row_groups):
+                    yield lk.conform(f.read_row_group(i), batch_id="", source_file=o.source).to_batches()
+    return pa.RecordBatchReader.from_batches(schema, (b for group in batches() for b in group))
 
 
 def _discard(o: FileOutcome) -> None:
@@ -135,31 +215,15 @@ def _discard(o: FileOutcome) -> None:
         shutil.rmtree(o.staged, ignore_errors=True)
 
 
-def _remove_previous(o: FileOutcome, ledger: Ledger, lake: Path, quarantine: Path, keep: set[str]) -> None:
-    for dataset, asset in ledger.assets_of(o.file_id):
-        if dataset == o.dataset and asset in keep:
-            continue
-        (lake / f"dataset={dataset}" / asset_dir(asset) / f"{o.file_id}.parquet").unlink(missing_ok=True)
+def _publish_quarantine(o: FileOutcome, quarantine: Path) -> None:
+    """Move a source's staged quarantined rows into place; drop those of its earlier versions."""
+    qsrc = Path(o.staged) / "quarantine.parquet" if o.staged else None
     for q in quarantine.glob(f"rows/dataset=*/{o.file_id}.parquet"):
-        if q.parent.name != f"dataset={o.dataset}" or o.rows_quarantined == 0 or o.status != "ingested":
+        if q.parent.name != f"dataset={o.dataset}" or not (qsrc and qsrc.exists()):
             q.unlink(missing_ok=True)
-
-
-def _publish(o: FileOutcome, ledger: Ledger, lake: Path, quarantine: Path) -> None:
-    dataset_dir = lake / f"dataset={o.dataset}"
-    if o.staged:
-        staged = Path(o.staged)
-        for asset in o.assets:
-            target = dataset_dir / asset_dir(asset) / f"{o.file_id}.parquet"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staged / "lake" / asset_dir(asset) / f"{o.file_id}.parquet", target)
-        qsrc = staged / "quarantine.parquet"
-        if qsrc.exists():
-            qdst = quarantine / "rows" / f"dataset={o.dataset}" / f"{o.file_id}.parquet"
-            qdst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(qsrc, qdst)
-    _remove_previous(o, ledger, lake, quarantine, keep=set(o.assets))
+    if qsrc is not None and qsrc.exists():
+        qdst = quarantine / "rows" / f"dataset={o.dataset}" / f"{o.file_id}.parquet"
+        qdst.parent.mkdir(parents=True, exist_ok=True)
+        qsrc.replace(qdst)
     if o.status != "quarantined":  # an earlier, unparseable version of this source is history now
         shutil.rmtree(quarantine / "files" / o.file_id, ignore_errors=True)
-    _discard(o)
-    o.staged = None

@@ -1,19 +1,26 @@
 """The ingest ledger (``<lake>/_ledger.sqlite``): per source its content hash, counts and status; per
 (dataset, asset, source) its cycle extent, which makes the duplicate-key check across files cheap.
+
+It also holds the commit *intents* that make a Delta commit and its ledger records one step (see
+``commit.py``): :meth:`Ledger.begin` before the commit, :meth:`Ledger.apply` after, and
+:meth:`Ledger.recover` at the next run for a crash in between.
 """
 
 from __future__ import annotations
 import contextlib
+import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterator
 from twinflow.refs import FileRef, LakeSnapshot
 
-from twinflow.tasks.ingest.landing import local_path
+from twinflow import lake as lk
 from twinflow.tasks.ingest.params import FileOutcome
 
 LEDGER_NAME = "_ledger.sqlite"
+log = logging.getLogger("twinflow.ingest")
 
 
 class Ledger:
@@ -46,6 +53,10 @@ class Ledger:
             CREATE TABLE IF NOT EXISTS batches (
                 batch_id TEXT PRIMARY KEY, started_at REAL, finished_at REAL, files INTEGER,
                 rows_read INTEGER, rows_written INTEGER, rows_quarantined INTEGER, status TEXT);
+            CREATE TABLE IF NOT EXISTS tables (dataset TEXT PRIMARY KEY, txn INTEGER NOT NULL);
+            CREATE TABLE IF NOT EXISTS intents (
+                dataset TEXT NOT NULL, txn INTEGER NOT NULL, batch_id TEXT NOT NULL, outcomes TEXT NOT NULL,
+                PRIMARY KEY (dataset, txn));
             """
         )
 
@@ -64,13 +75,58 @@ class Ledger:
         return row[0] if row else None
 
     def overlapping(self, dataset: str, asset: str, fid: str, tmin: int, tmax: int) -> list[str]:
+        """Sources other than ``fid``'s whose rows of ``asset`` span cycles overlapping [tmin, tmax]."""
         rows = self.conn.execute(
-            "SELECT file_id FROM extents WHERE dataset=? AND asset_id=? AND file_id<>? AND tmax>=? AND tmin<=?",
+            "SELECT source FROM extents WHERE dataset=? AND asset_id=? AND file_id<>? AND tmax>=? AND tmin<=?",
             (dataset, asset, fid, tmin, tmax)).fetchall()
         return [r[0] for r in rows]
 
-    def assets_of(self, fid: str) -> list[tuple[str, str]]:
-        return self.conn.execute("SELECT dataset, asset_id FROM extents WHERE file_id=?", (fid,)).fetchall()
+    # --- Commit intents: a Delta commit and its ledger records as one step ---------------------------
+
+    def next_txn(self, dataset: str, table_txn: int | None) -> int:
+        """The application-transaction version the next commit to ``dataset`` carries."""
+        row = self.conn.execute("SELECT txn FROM tables WHERE dataset=?", (dataset,)).fetchone()
+        return max(row[0] if row else 0, table_txn or 0) + 1
+
+    def begin(self, dataset: str, txn: int, batch_id: str, outcomes: list[FileOutcome]) -> None:
+        """Write the intent of a commit: what the ledger records once the table has ``txn``."""
+        payload = json.dumps([o.model_dump(exclude={"staged"}) for o in outcomes])
+        with self.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO intents VALUES (?,?,?,?)", (dataset, txn, batch_id, payload))
+
+    def apply(self, dataset: str, txn: int) -> None:
+        """Record an intent's outcomes and the table's txn, and drop the intent, in one transaction."""
+        row = self.conn.execute("SELECT batch_id, outcomes FROM intents WHERE dataset=? AND txn=?",
+                                (dataset, txn)).fetchone()
+        if row is None:
+            return
+        batch_id, payload = row
+        with self.transaction() as c:
+            for o in (FileOutcome.model_validate(d) for d in json.loads(payload)):
+                self._record(c, o, batch_id)
+            c.execute("INSERT OR REPLACE INTO tables VALUES (?, ?)", (dataset, txn))
+            c.execute("DELETE FROM intents WHERE dataset=? AND txn=?", (dataset, txn))
+
+    def recover(self, lake_path: str) -> list[tuple[str, int, str]]:
+        """Settle the intents a crashed run left: apply those the table committed, drop the others.
+
+        Returns:
+            ``(dataset, txn, "applied" | "dropped")`` per intent found.
+        """
+        out = []
+        for dataset, txn in self.conn.execute("SELECT dataset, txn FROM intents ORDER BY dataset, txn").fetchall():
+            committed = (lk.transaction_version(lake_path, dataset) or 0) >= txn
+            if committed:
+                self.apply(dataset, txn)
+            else:
+                with self.transaction() as c:
+                    c.execute("DELETE FROM intents WHERE dataset=? AND txn=?", (dataset, txn))
+            verdict = "applied" if committed else "dropped"
+            log.warning("ingest: an earlier run stopped during its commit to %s (txn %d): its records were %s",
+                        dataset, txn, "applied (the table has the commit)" if committed else
+                        "dropped (the table does not have the commit; its files are read again)")
+            out.append((dataset, txn, verdict))
+        return out
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -83,17 +139,17 @@ class Ledger:
         else:
             self.conn.execute("COMMIT")
 
-    def record(self, o: FileOutcome, batch_id: str) -> None:
-        """Record a file outcome (and replace its extents) in one transaction."""
-        with self.transaction() as c:
-            c.execute(
-                "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (o.source, o.dataset, o.file_id, o.sha256, o.size, o.mtime_ns, batch_id, o.status,
-                 o.reason, o.rows_read, o.rows_written, o.rows_quarantined, time.time(), o.params_digest))
-            c.execute("DELETE FROM extents WHERE file_id=?", (o.file_id,))
-            c.executemany(
-                "INSERT INTO extents VALUES (?,?,?,?,?,?,?)",
-                [(o.dataset, a, o.file_id, o.source, e.tmin, e.tmax, e.rows) for a, e in o.assets.items()])
+    @staticmethod
+    def _record(c: sqlite3.Connection, o: FileOutcome, batch_id: str) -> None:
+        """Record a file outcome and replace its extents (inside the caller's transaction)."""
+        c.execute(
+            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (o.source, o.dataset, o.file_id, o.sha256, o.size, o.mtime_ns, batch_id, o.status,
+             o.reason, o.rows_read, o.rows_written, o.rows_quarantined, time.time(), o.params_digest))
+        c.execute("DELETE FROM extents WHERE file_id=?", (o.file_id,))
+        c.executemany(
+            "INSERT INTO extents VALUES (?,?,?,?,?,?,?)",
+            [(o.dataset, a, o.file_id, o.source, e.tmin, e.tmax, e.rows) for a, e in o.assets.items()])
 
     def touch(self, source: str, size: int, mtime_ns: int) -> None:
         """Record a new size/mtime for a source whose content hash did not change."""
@@ -107,7 +163,7 @@ class Ledger:
                        sum(o.rows_written for o in outcomes), sum(o.rows_quarantined for o in outcomes), status))
 
     def snapshot(self, lake_path: str, dataset: str) -> LakeSnapshot | None:
-        """The dataset as the ledger knows it (None when no file of it was ingested)."""
+        """The dataset as the ledger knows it, at the table's current version (None: no file ingested)."""
         rows = self.conn.execute(
             "SELECT source, sha256, rows_read, rows_written, rows_quarantined, status, batch_id, file_id "
             "FROM files WHERE dataset=? AND status='ingested' ORDER BY committed_at, source",
@@ -117,21 +173,29 @@ class Ledger:
         files = [FileRef(path=r[0], sha256=r[1], rows_read=r[2], rows_written=r[3], rows_quarantined=r[4],
                          status=r[5], lake_file=r[7]) for r in rows]
         return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=rows[-1][6], files=files,
-                            rows=sum(r[3] for r in rows))
+                            rows=sum(r[3] for r in rows), version=lk.version(lake_path, dataset))
 
 
-def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
+def ingested_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
     """The ingested state of a lake dataset from its ledger, without ingesting anything.
 
     For stages run on their own (``twinflow run features --param dataset=...``): the snapshot lists the
-    contributing files and hashes, so its digest changes exactly when the data does. Returns None when
-    the lake has no ledger or the dataset no ingested file (e.g. data written by :func:`write_lake_table`).
+    contributing files and hashes, so its digest changes exactly when the data does, and names the
+    table version it describes. Returns None when the lake has no ledger or the dataset no ingested
+    file (e.g. data written by :func:`twinflow.lake.write_lake_table`).
     """
-    lake = local_path(lake_path)
+    if not lk.is_local(lake_path):
+        return None
+    lake = lk.local_path(lake_path)
     if not (lake / LEDGER_NAME).exists():
         return None
     ledger = Ledger(lake)
     try:
-        return ledger.snapshot(str(lake), dataset)
+        return ledger.snapshot(lake_path, dataset)
     finally:
         ledger.close()
+
+
+def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
+    """The dataset's latest snapshot: see :func:`twinflow.lake.latest_snapshot`."""
+    return lk.latest_snapshot(lake_path, dataset)

@@ -1,40 +1,117 @@
-"""The ingest sequence (plan -> process -> commit) and the Prefect task that processes one batch of files.
+"""The ingest sequence (recover -> plan -> process -> commit) and the Prefect task for one batch of files.
+
+:func:`ingest_sequence` is the one sequence both the ``ingest`` flow and :func:`run_local` run; they differ
+only in how batches of files are processed (Prefect tasks on the cluster, or in this process).
 """
 
 from __future__ import annotations
+
 import shutil
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
 from prefect import task
 
+from twinflow import lake as lk
+from twinflow.refs import LakeSnapshot
 from twinflow.tasks.ingest.commit import commit_outcomes, lake_lock
-from twinflow.tasks.ingest.landing import list_landing, local_path, plan_files
+from twinflow.tasks.ingest.landing import list_landing, plan_files
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import FileOutcome, IngestParams, SourceFile
 from twinflow.tasks.ingest.process import process_file
 
 STAGING_DIR = "_staging"
 
+#: Processes batches of files into outcomes, staging under the given folder; returns the outcomes of
+#: the batches that worked and the errors of those that failed (their files are not recorded).
+ProcessBatches = Callable[[list[list[SourceFile]], Path], tuple[list[FileOutcome], list[BaseException]]]
+
+
+@dataclass
+class IngestRun:
+    """What one ingest sequence did: the plan, every outcome, the errors and the snapshots it leaves."""
+
+    batch_id: str
+    listed: list[SourceFile]
+    batches: list[list[SourceFile]]
+    unchanged: int
+    outcomes: list[FileOutcome] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+    snapshots: dict[str, LakeSnapshot] = field(default_factory=dict)
+
+
+def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, batch_id: str,
+                    process_batches: ProcessBatches, storage_options: dict[str, Any] | None = None,
+                    on_plan: Callable[[IngestRun], None] | None = None) -> IngestRun:
+    """Ingest the landing folder once, under the lake's ingest lock.
+
+    Steps: settle a crashed run's commit (:meth:`Ledger.recover`) and its staging leftovers; list the
+    landing files and diff them against the ledger by size, mtime and params digest (unchanged files are
+    not read); process the others in batches of ``files_per_batch``; commit the outcomes of the batches
+    that worked (:func:`commit_outcomes`); record the batch; take a snapshot of every dataset the landing
+    files feed. A failed batch's files are not recorded, so the next run reads them again.
+    """
+    so = params.storage_options if storage_options is None else storage_options
+    lake = lk.local_path(lake_path)
+    quarantine = lk.local_path(quarantine_path)
+    started = time.time()
+    with lake_lock(lake, params.lock_timeout_s):
+        ledger = Ledger(lake)
+        try:
+            ledger.recover(lake_path)
+            shutil.rmtree(lake / STAGING_DIR, ignore_errors=True)  # leftovers of a crashed run
+            files = list_landing(params.landing, so, params.include, params.exclude)
+            todo, unchanged = plan_files(files, ledger.files(), params)
+            n = params.files_per_batch
+            run = IngestRun(batch_id=batch_id, listed=files, unchanged=unchanged,
+                            batches=[todo[i:i + n] for i in range(0, len(todo), n)])
+            if on_plan is not None:
+                on_plan(run)
+            staging = lake / STAGING_DIR / batch_id
+            results, run.errors = process_batches(run.batches, staging) if run.batches else ([], [])
+            run.outcomes = commit_outcomes(results, ledger, lake_path, quarantine, batch_id)
+            shutil.rmtree(staging, ignore_errors=True)
+            ledger.record_batch(batch_id, started, run.outcomes, "failed" if run.errors else "completed")
+            listed = {f.path for f in files}
+            names = {row["dataset"] for src, row in ledger.files().items() if src in listed}
+            for name in sorted(names | {o.dataset for o in run.outcomes}):
+                snap = ledger.snapshot(lake_path, name)
+                if snap is not None:
+                    run.snapshots[name] = snap
+        finally:
+            ledger.close()
+    return run
+
 
 def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_id: str) -> list[FileOutcome]:
     """Ingest sequentially in this process, without Prefect or Dask (tests, debugging, tiny folders).
 
-    Same plan, processing and commit as the ``ingest`` flow, under the same lake lock.
+    The same :func:`ingest_sequence` as the ``ingest`` flow. Raises the first batch error after
+    committing the files that worked.
     """
-    lake, quarantine = local_path(lake_path), local_path(quarantine_path)
-    with lake_lock(lake, params.lock_timeout_s):
-        ledger = Ledger(lake)
-        try:
-            files = list_landing(params.landing, params.storage_options, params.include, params.exclude)
-            todo, _ = plan_files(files, ledger.files(), params)
-            staging = lake / STAGING_DIR / batch_id
-            outcomes = [process_file(f, params, staging, quarantine, batch_id, params.storage_options)
-                        for f in todo]
-            done = commit_outcomes(outcomes, ledger, lake, quarantine, batch_id)
-            shutil.rmtree(staging, ignore_errors=True)
-            return done
-        finally:
-            ledger.close()
+    quarantine = lk.local_path(quarantine_path)
+
+    def sequential(batches: list[list[SourceFile]], staging: Path):
+        outcomes, errors = [], []
+        for b in batches:
+            try:
+                outcomes.extend(process_files(b, params, staging, quarantine, batch_id, params.storage_options))
+            except Exception as exc:  # noqa: BLE001 - commit what worked, as the flow does
+                errors.append(exc)
+        return outcomes, errors
+
+    run = ingest_sequence(params, lake_path, quarantine_path, batch_id, sequential)
+    if run.errors:
+        raise run.errors[0]
+    return run.outcomes
+
+
+def process_files(files: list[SourceFile], params: IngestParams, staging: Path, quarantine: Path,
+                  batch_id: str, storage_options: dict[str, Any] | None) -> list[FileOutcome]:
+    """Process a batch of files one by one (what one ``ingest-batch`` task does)."""
+    return [process_file(f, params, staging, quarantine, batch_id, storage_options) for f in files]
 
 
 @task(name="ingest-batch", retries=2, retry_delay_seconds=[2, 10], task_run_name="ingest-batch-{index}")
@@ -43,8 +120,7 @@ def process_batch(index: int, files: list[SourceFile], params: IngestParams, sta
     """Read, validate and stage a batch of files on one Dask worker (I/O-bound: retried with backoff)."""
     from prefect import get_run_logger
 
-    outcomes = [process_file(f, params, Path(staging), Path(quarantine), batch_id, storage_options)
-                for f in files]
+    outcomes = process_files(files, params, Path(staging), Path(quarantine), batch_id, storage_options)
     get_run_logger().info("batch %d: %d files, %d rows read, %d written, %d quarantined", index, len(files),
                           sum(o.rows_read for o in outcomes), sum(o.rows_written for o in outcomes),
                           sum(o.rows_quarantined for o in outcomes))

@@ -6,6 +6,7 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -84,3 +85,13 @@ def concat_parquet(parts: list[Path], target: Path, dict_cols: list[str]) -> Non
     finally:
         if writer is not None:
             writer.close()
+
+
+def asset_dir(asset: str) -> str:
+    """The staging folder of an asset's rows (URI-escaped; asset ids are bounded by the contract)."""
+    return f"asset={quote(asset, safe='')}"
+
+
+def staged_asset_path(folder: Path, asset: str, fid: str) -> Path:
+    """Where a source's staged rows of one asset live until the commit publishes them."""
+    return folder / "lake" / asset_dir(asset) / f"{fid}.parquet"

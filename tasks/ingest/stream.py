@@ -23,13 +23,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from twinflow import contracts as C
 
-from twinflow.tasks.ingest.lakeio import asset_dir
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, open_fs, stat_file
 from twinflow.tasks.ingest.names import COMPRESSION_SUFFIXES, detect_format
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile
 from twinflow.tasks.ingest.parse import BadRows, NON_BLANK, TYPES, WHOLE_BLOCK_BYTES, canonicalise, count_lines, is_utf8_error, normalise_whitespace, parquet_error, source_columns
 from twinflow.tasks.ingest.quarantine import quarantine_file_stream, quarantine_rows, reason_kinds, summarise_kinds
-from twinflow.tasks.ingest.stage import LAKE_DICT, concat_parquet, split_by_asset, write_parquet
+from twinflow.tasks.ingest.stage import LAKE_DICT, concat_parquet, split_by_asset, staged_asset_path, write_parquet
 from twinflow.tasks.ingest.validate import FileState, stuck_quality, validate_batch
 
 CHUNK_BYTES = 8 << 20  # read size when hashing, copying and decompressing a streamed file
@@ -221,7 +220,7 @@ class _Staged:
         suspects = self.state.suspects(self.window)
         stuck = 0
         for asset, parts in self.parts.items():
-            target = self.folder / "lake" / asset_dir(asset) / f"{self.fid}.parquet"
+            target = staged_asset_path(self.folder, asset, self.fid)
             target.parent.mkdir(parents=True, exist_ok=True)
             if asset in suspects:  # the whole asset in cycle order decides (rare: stuck runs, disorder)
                 rows = pa.concat_tables([pq.ParquetFile(p).read() for p in parts])

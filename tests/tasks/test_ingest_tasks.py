@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
@@ -23,9 +22,9 @@ from ingest_faults import plant_faults
 from twinflow import contracts as C
 from twinflow.data import cmapss_path
 from twinflow.errors import AlreadyRunning, ConfigError
+from twinflow.lake import list_files
 from twinflow.tasks.ingest import (
     IngestParams,
-    LakeSnapshot,
     Ledger,
     dataset_name,
     detect_format,
@@ -73,10 +72,8 @@ class Home:
         return run_local(params, str(self.lake), str(self.quarantine), f"b{self.runs}")
 
     def lake_rows(self, dataset: str) -> pa.Table:
-        path = self.lake / f"dataset={dataset}"
-        if not path.exists():
-            return C.telemetry_schema().empty_table()
-        return read_lake(LakeSnapshot(lake_path=str(self.lake), dataset=dataset, batch_id="x"))
+        snap = latest_snapshot(str(self.lake), dataset)
+        return C.telemetry_schema().empty_table() if snap is None else read_lake(snap)
 
     def quarantined(self, dataset: str | None = None) -> pa.Table:
         return read_quarantine(str(self.quarantine), dataset)
@@ -423,21 +420,19 @@ def test_two_concurrent_local_runs_never_duplicate_rows(home):
 # --- lake helpers used by other stages ---------------------------------------------------------
 
 
-def test_write_lake_table_and_read_lake_roundtrip_and_hive_layout(tmp_path):
+def test_write_lake_table_and_read_lake_roundtrip(tmp_path):
     n = 50
     table = pa.table({C.ASSET: [str(i % 3) for i in range(n)], C.TIME: pa.array(range(n), pa.int32()),
                       "s2": np.linspace(600, 650, n)})
     snap = write_lake_table(table, str(tmp_path / "lake"), "gen", "g1")
     assert snap.rows == n and snap.files[0].lake_file == "g1"
-    assert sorted(p.parent.name for p in (tmp_path / "lake" / "dataset=gen").glob("asset=*/g1.parquet")) == \
-        ["asset=0", "asset=1", "asset=2"]
+    assert sorted(list_files(snap)) == ["0", "1", "2"]
     back = read_lake(snap, columns=[C.ASSET, C.TIME, "s2"])
     assert back.num_rows == n and back.column("s2").null_count == 0
     assert back.column(C.ASSET).to_pylist() == sorted(back.column(C.ASSET).to_pylist())
     again = write_lake_table(table, str(tmp_path / "lake"), "gen", "g1")  # same batch: replaced
     assert read_lake(again).num_rows == n and again.digest == snap.digest
-    hive = ds.dataset(str(tmp_path / "lake"), format="parquet", partitioning="hive").to_table()
-    assert set(hive.column("dataset").to_pylist()) == {"gen"} and hive.num_rows == n
+    assert again.version == snap.version + 1 and read_lake(snap).num_rows == n  # both versions readable
 
 
 def test_snapshot_lists_files_and_reads_only_their_rows(home):
@@ -448,8 +443,8 @@ def test_snapshot_lists_files_and_reads_only_their_rows(home):
     ledger.close()
     assert snap.rows == 30 and len(snap.files) == 1 and snap.files[0].sha256
     write_lake_table(pa.table({C.ASSET: ["9"], C.TIME: pa.array([1], pa.int32())}), str(home.lake), "fleet", "g")
-    assert read_lake(snap).num_rows == 30  # rows outside the snapshot are not read
-    assert latest_snapshot(str(home.lake), "fleet") == snap
+    assert read_lake(snap).num_rows == 30  # rows written after the snapshot's version are not read
+    assert latest_snapshot(str(home.lake), "fleet") == snap.model_copy(update={"version": snap.version + 1})
     assert latest_snapshot(str(home.lake), "other") is None
     assert latest_snapshot(str(home.lake.parent / "no-lake"), "fleet") is None
 
