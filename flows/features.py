@@ -77,7 +77,7 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
            counts) as a Prefect artifact.
 
     Args:
-        snapshot: The lake dataset (``<lake>/dataset=<name>/asset=<id>/*.parquet``).
+        snapshot: The lake dataset at a table version (see ``twinflow/lake.py``).
         params: What to compute; defaults to :class:`FeatureParams`'s defaults.
         fit_from: A training feature set whose regimes, normalisation and dropped channels are
             reused (e.g. to transform test data with the training fit).
@@ -91,7 +91,7 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
     with rt_mod.ensure() as rt:
         settings = rt.settings
         storage = settings.lake.storage_options or None
-        groups = ft.list_lake_files(snapshot.dataset_path, storage)
+        groups = ft.list_lake_files(snapshot, storage)
         available = ft.read_schema_columns(next(iter(groups.values()))[0][0], storage)
         fit = ft.load_fit(fit_from.path) if fit_from is not None else None
         if fit is not None:

@@ -189,16 +189,14 @@ def _latest_features(settings: Settings, dataset: str) -> FeatureSetRef:
 
 
 def _lake_snapshot(settings: Settings, dataset: str) -> LakeSnapshot:
-    from twinflow.tasks.ingest import latest_snapshot
+    from twinflow.lake import latest_snapshot
 
-    path = Path(settings.lake_path) / f"dataset={dataset}"
-    if not path.exists():
+    # Ingested data has a ledger snapshot (file hashes); generated data one of its table version.
+    snap = latest_snapshot(settings.lake_path, dataset)
+    if snap is None:
         raise ConfigError(f"dataset {dataset!r} is not in the lake at {settings.lake_path}; run "
                           "`twinflow run ingest --landing PATH` first")
-    # Ingested data has a ledger snapshot (file hashes); generated data has none, and the
-    # features stage then fingerprints the lake files themselves.
-    return latest_snapshot(settings.lake_path, dataset) or LakeSnapshot(
-        lake_path=settings.lake_path, dataset=dataset, batch_id="latest")
+    return snap
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 
 from twinflow import contracts
 from twinflow.errors import ConfigError
+from twinflow.refs import LakeSnapshot
 
 log = logging.getLogger("twinflow.features")
 
@@ -820,24 +821,19 @@ def _fs(path: str, storage_options: dict | None = None):
     return fsspec.core.url_to_fs(path, **(storage_options or {}))
 
 
-def list_lake_files(dataset_path: str, storage_options: dict | None = None
+def list_lake_files(snapshot: LakeSnapshot, storage_options: dict | None = None
                     ) -> dict[str, list[tuple[str, int]]]:
-    """Parquet files of a lake dataset grouped by asset directory: ``{asset: [(path, bytes)]}``.
+    """Data files of the snapshot's table version grouped by asset: ``{asset: [(path, bytes)]}``.
+
+    Exactly the files of that version (``twinflow.lake.list_files``), so a stage re-run on an older
+    snapshot reads the older rows.
 
     Raises:
-        ConfigError: when the dataset has no Parquet files.
+        ConfigError: when the dataset has no table or no rows.
     """
-    fs, root = _fs(dataset_path, storage_options)
-    found = fs.glob(f"{root.rstrip('/')}/asset=*/*.parquet", detail=True)
-    groups: dict[str, list[tuple[str, int]]] = {}
-    for path, info in sorted(found.items()):
-        asset_dir = path.rsplit("/", 2)[-2]
-        if Path(path).name.startswith((".", "_")):
-            continue
-        groups.setdefault(asset_dir.split("=", 1)[1], []).append((path, int(info.get("size", 0))))
-    if not groups:
-        raise ConfigError(f"no Parquet files under {dataset_path}/asset=*/; run the ingest stage first")
-    return groups
+    from twinflow import lake
+
+    return lake.list_files(snapshot, storage_options)
 
 
 def lake_fingerprint(groups: dict[str, list[tuple[str, int]]], dataset_path: str,
@@ -899,26 +895,9 @@ def read_schema_columns(path: str, storage_options: dict | None = None) -> list[
 def read_partition(files: Sequence[str], columns: Sequence[str],
                    storage_options: dict | None = None) -> pd.DataFrame:
     """Read the given lake files (whole assets) into one frame with ``columns``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from twinflow import lake
 
-    # ParquetFile.read is ~2.5x faster per small file than read_table (no dataset discovery), and
-    # one thread per read: a worker's thread count is the cluster's to decide.
-    from fsspec.implementations.local import LocalFileSystem
-
-    tables = []
-    cols = list(columns)
-    fs, _ = _fs(files[0], storage_options)  # one partition's files share their filesystem
-    for path in files:
-        p = fs._strip_protocol(path)
-        if isinstance(fs, LocalFileSystem):
-            # pre_buffer coalesces reads for high-latency stores; on a local disk it only copies.
-            tables.append(pq.ParquetFile(p, pre_buffer=False).read(columns=cols, use_threads=False))
-            continue
-        with fs.open(p, "rb") as fh:
-            tables.append(pq.ParquetFile(fh).read(columns=cols, use_threads=False))
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    frame = table.to_pandas()
+    frame = lake.read_files(files, columns, storage_options).to_pandas()
     if contracts.ASSET in frame.columns:
         frame[contracts.ASSET] = frame[contracts.ASSET].astype(str)
     return frame

@@ -102,16 +102,17 @@ def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
 
 
 def open_table(lake_path: str, dataset: str, version: int | None = None,
-               storage_options: dict[str, Any] | None = None) -> "DeltaTable | None":
+               storage_options: dict[str, Any] | None = None, migrate: bool = True) -> "DeltaTable | None":
     """Open a dataset's table (at ``version``, default the latest); None when it does not exist.
 
-    A twinflow 0.1 hive-Parquet dataset of that name is converted first (:func:`migrate_hive`).
+    A twinflow 0.1 hive-Parquet dataset of that name is converted first (:func:`migrate_hive`), unless
+    ``migrate`` is False.
     """
     from deltalake import DeltaTable
 
     uri = table_uri(lake_path, dataset)
     if not _exists(uri, storage_options):
-        if not (is_local(lake_path) and migrate_hive(lake_path, dataset)):
+        if not (migrate and is_local(lake_path) and migrate_hive(lake_path, dataset)):
             return None
     return DeltaTable(uri, version=version, storage_options=_options(storage_options))
 
@@ -174,7 +175,7 @@ def _sql_list(values: Iterable[str]) -> str:
 
 def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader | None, *, replace: dict[str, Sequence[str]] | None = None,
            txn: tuple[str, int] | None = None, metadata: dict[str, str] | None = None,
-           storage_options: dict[str, Any] | None = None) -> int | None:
+           storage_options: dict[str, Any] | None = None, _migrating: bool = False) -> int | None:
     """Append rows to a dataset and drop the rows they replace, in one Delta transaction.
 
     Args:
@@ -202,7 +203,7 @@ def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader 
     predicate = " AND ".join(f"{col} IN ({_sql_list(vals)})" for col, vals in (replace or {}).items() if vals)
     stream = isinstance(table, pa.RecordBatchReader)
     rows = table is not None and (stream or table.num_rows > 0)
-    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    dt = open_table(lake_path, dataset, storage_options=storage_options, migrate=not _migrating)
     if not rows:
         if dt is None:
             return None
@@ -219,7 +220,7 @@ def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader 
                     predicate=predicate if dt is not None and predicate else None,
                     writer_properties=writer, commit_properties=props,
                     storage_options=_options(storage_options))
-    return open_table(lake_path, dataset, storage_options=storage_options).version()
+    return open_table(lake_path, dataset, storage_options=storage_options, migrate=False).version()
 
 
 def write_lake_table(table: pa.Table, lake_path: str, dataset: str, batch_id: str,
@@ -445,7 +446,7 @@ def migrate_hive(lake_path: str, dataset: str | None = None) -> list[str]:
                         root / _MIGRATED_DIR)
             if table is not None and table.num_rows:
                 commit(lake_path, name, table, metadata={"twinflow.operation": "migrate_hive"},
-                       txn=(INGEST_APP_ID, 0))
+                       _migrating=True)
         (root / _MIGRATED_DIR).mkdir(exist_ok=True)
         shutil.move(str(legacy), str(root / _MIGRATED_DIR / legacy.name))
         done.append(name)

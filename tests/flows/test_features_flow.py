@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from twinflow import contracts
+from twinflow import contracts, lake as lake_api
 from twinflow.data import cmapss_path
 from twinflow.errors import ConfigError
 from twinflow.flows.features import features
@@ -35,20 +35,17 @@ def write_lake(frame: pd.DataFrame, lake: Path, dataset: str, source: str = "src
     frame = frame.rename(columns={"unit": contracts.ASSET})
     frame[contracts.ASSET] = frame[contracts.ASSET].astype(str)
     channels = [c for c in frame.columns if c not in (contracts.ASSET, contracts.TIME)]
-    for asset, rows in frame.groupby(contracts.ASSET, sort=False):
-        n = len(rows)
-        cols = {contracts.ASSET: pa.array(rows[contracts.ASSET].to_numpy(), pa.string()),
-                contracts.TIME: pa.array(rows[contracts.TIME].to_numpy(), pa.int32()),
-                contracts.TIMESTAMP: pa.nulls(n, pa.timestamp("us", tz="UTC"))}
-        cols |= {c: pa.array(rows[c].to_numpy(dtype=np.float64), pa.float64()) for c in channels}
-        cols |= {"source_file": pa.array([source] * n), "batch_id": pa.array(["b1"] * n),
-                 "quality": pa.array(np.zeros(n, np.int32))}
-        out = lake / f"dataset={dataset}" / f"asset={asset}"
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(cols), out / "part.parquet")
+    n = len(frame)
+    cols = {contracts.ASSET: pa.array(frame[contracts.ASSET].to_numpy(), pa.string()),
+            contracts.TIME: pa.array(frame[contracts.TIME].to_numpy(), pa.int32())}
+    cols |= {c: pa.array(frame[c].to_numpy(dtype=np.float64), pa.float64()) for c in channels}
+    version = lake_api.commit(str(lake), dataset, lake_api.conform(pa.table(cols), "b1", source),
+                              replace={"source_file": [source]})
+    assert n == 0 or version is not None
     sha = hashlib.sha256(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes()).hexdigest()
     return LakeSnapshot(lake_path=str(lake), dataset=dataset, batch_id="b1",
-                        files=[FileRef(path=source, sha256=sha, rows_read=len(frame))], rows=len(frame))
+                        files=[FileRef(path=source, sha256=sha, rows_read=len(frame))], rows=len(frame),
+                        version=version)
 
 
 def read_features(path: str) -> pd.DataFrame:
@@ -181,7 +178,7 @@ def test_bad_input_fails_clearly_and_leaves_nothing(runtime):
     assert short["s2_mean_30"].notna().all() and short["s2_std_30"].isna().all()
 
     # A corrupt lake file: the flow fails and leaves no partial output behind.
-    (lake / "dataset=odd" / "asset=2" / "zz.parquet").write_bytes(b"not parquet")
+    Path(lake_api.list_files(snap)["2"][0][0]).write_bytes(b"not parquet")
     before = sorted(p.name for p in (feats_root / "odd").iterdir())
     with pytest.raises(Exception):
         features(snap, FeatureParams(windows=[6]))
