@@ -221,19 +221,58 @@ def fleet_asset(rng: np.random.Generator, asset: int, rows: int, channels: int) 
     return frame
 
 
-def write_fleet(root: Path, assets: int, rows: int, channels: int, seed: int = 0) -> str:
-    """Write the fleet as ``root/dataset=fleet/asset=<id>/part.parquet``; return the dataset path."""
+def write_fleet(root: Path, assets: int, rows: int, channels: int, seed: int = 0, hive: bool = False):
+    """Write the fleet into a lake at ``root`` through the lake API (one Delta commit per 100 assets).
+
+    Returns the snapshot of the written table. With ``hive``, also write the twinflow 0.1 layout
+    (``root/dataset=fleet/asset=<id>/part.parquet``, the asset column inside the files) under
+    ``root/_hive`` so that the old reader can be timed against the lake API's in the same run.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from twinflow import lake
+
     rng = np.random.default_rng(seed)
-    ds = root / "dataset=fleet"
+    batch: list[pd.DataFrame] = []
     for a in range(assets):
         frame = fleet_asset(rng, a, rows, channels)
-        out = ds / f"asset={a:06d}"
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), out / "part.parquet")
-    return str(ds)
+        if hive:
+            out = root / "_hive" / "dataset=fleet" / f"asset={a:06d}"
+            out.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), out / "part.parquet")
+        batch.append(frame)
+        if len(batch) == 100 or a == assets - 1:
+            table = lake.conform(pa.Table.from_pandas(pd.concat(batch), preserve_index=False), "bench", "bench")
+            lake.commit(str(root), "fleet", table)
+            batch = []
+    return lake.snapshot(str(root), "fleet")
+
+
+def hive_groups(root: Path) -> dict[str, list[tuple[str, int]]]:
+    """The twinflow 0.1 listing of the hive copy: ``{asset: [(path, bytes)]}``."""
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for p in sorted((root / "_hive" / "dataset=fleet").glob("asset=*/*.parquet")):
+        groups.setdefault(p.parent.name.split("=", 1)[1], []).append((str(p), p.stat().st_size))
+    return groups
+
+
+def hive_read_partition(files, columns) -> pd.DataFrame:
+    """twinflow 0.1's partition reader (asset column inside the files), kept as the reader baseline."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.ParquetFile(p, pre_buffer=False).read(columns=list(columns), use_threads=False) for p in files]
+    frame = (pa.concat_tables(tables) if len(tables) > 1 else tables[0]).to_pandas()
+    frame["asset_id"] = frame["asset_id"].astype(str)
+    return frame
+
+
+def read_all(groups: dict, columns: list[str], reader) -> int:
+    """Read every partition of 100 assets with ``reader``; returns the rows read."""
+    assets = sorted(groups)
+    return sum(len(reader([p for a in assets[i:i + CHUNK_ASSETS] for p, _ in groups[a]], columns))
+               for i in range(0, len(assets), CHUNK_ASSETS))
 
 
 def load_chunks(dataset: str, groups: dict, channels: list[str]) -> list[pd.DataFrame]:
@@ -315,17 +354,6 @@ def twinflow_stage(parts, channels, params, out_root: Path) -> int:
     return sum(s["rows"] for s in summaries)
 
 
-def snapshot_of(lake_root: Path, groups: dict):
-    """A lake snapshot of the generated fleet, as ingest would return it (content hashes included)."""
-    import hashlib
-
-    from twinflow.refs import FileRef, LakeSnapshot
-
-    files = [FileRef(path=p, sha256=hashlib.sha256(Path(p).read_bytes()).hexdigest())
-             for a in sorted(groups) for p, _ in groups[a]]
-    return LakeSnapshot(lake_path=str(lake_root), dataset="fleet", batch_id="bench", files=files)
-
-
 def twinflow_flow(snapshot, params: ft.FeatureParams, home: Path) -> int:
     """The real ``features`` flow: a Prefect server, a 2-worker LocalCluster, the flow run, its tasks."""
     from twinflow import runtime
@@ -360,9 +388,10 @@ def main() -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="twinflow-bench-features-"))
     print(f"fleet: {assets} assets x {rows} rows = {total:,} rows, {len(channels)} channels; in {work}")
     t0 = time.perf_counter()
-    dataset = write_fleet(work / "lake", assets, rows, len(channels))
+    snap = write_fleet(work / "lake", assets, rows, len(channels), hive=not args.skip_baselines)
     print(f"lake written in {time.perf_counter() - t0:.1f} s")
-    groups = ft.list_lake_files(dataset)
+    groups = ft.list_lake_files(snap)
+    dataset = snap.dataset_path
     params = ft.FeatureParams(windows=WINDOWS, ewm_spans=SPANS, regimes=1, normalise=False,
                               drop_constant=False)
     fit = ft.identity_fit(channels)
@@ -370,6 +399,13 @@ def main() -> dict:
     repeat = max(1, args.repeat if args.quick else 1)
 
     if not args.skip_baselines:
+        cols = ["asset_id", "cycle", *channels]
+        old = hive_groups(work / "lake")
+        bench.measure("lake read: hive Parquet reader (twinflow 0.1)",
+                      lambda: read_all(old, cols, hive_read_partition), repeat=max(3, repeat))
+        bench.measure("lake read: twinflow.lake (Delta)", lambda: read_all(groups, cols, ft.read_partition),
+                      repeat=max(3, repeat))
+        shutil.rmtree(work / "lake" / "_hive", ignore_errors=True)
         chunks = load_chunks(dataset, groups, channels)
         bench.measure("pandas groupby.rolling", lambda: sum(pandas_features(c, channels) for c in chunks),
                       repeat=repeat)
@@ -413,7 +449,6 @@ def main() -> dict:
             bench.measure(label, lambda parts=parts: twinflow_stage(parts, channels, stage_params, work),
                           repeat=1, units=n)
     if args.flow:
-        snap = snapshot_of(work / "lake", groups)
         bench.measure("twinflow features flow (Prefect + Dask)",
                       lambda: twinflow_flow(snap, stage_params, Path(tempfile.mkdtemp(dir=work))),
                       repeat=1, units=total)
@@ -426,6 +461,9 @@ def main() -> dict:
     if args.skip_baselines:
         bench.baseline = stage + " 1/2"
     summary = bench.report(args.json)
+    if "lake read: twinflow.lake (Delta)" in res:
+        print(f"lake API reader vs the 0.1 hive reader: "
+              f"{bench.ratio('lake read: twinflow.lake (Delta)', 'lake read: hive Parquet reader (twinflow 0.1)'):.2f}x")
     if "polars over(asset) rolling" in res:
         print(f"\ntwinflow stage vs polars: {bench.ratio(stage, 'polars over(asset) rolling'):.2f}x; "
               f"kernels vs polars: {bench.ratio(KERNELS, 'polars over(asset) rolling'):.2f}x")
