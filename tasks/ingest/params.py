@@ -132,6 +132,9 @@ class FileOutcome(BaseModel):
     status: Literal["ingested", "quarantined", "deferred", "unchanged", "duplicate"] = "ingested"
     reason: str = ""
     rows_read: int = 0
+    # False when the file could not be read to its end (corrupt gzip, unreadable Parquet, an ingest
+    # error): rows_read is then a lower bound or 0 for unknown, and ``reason`` says which ("rows: ...").
+    rows_read_exact: bool = True
     rows_written: int = 0
     rows_quarantined: int = 0
     flagged: dict[str, int] = Field(default_factory=dict)
@@ -142,6 +145,11 @@ class FileOutcome(BaseModel):
     @property
     def conserved(self) -> bool:
         return self.rows_read == self.rows_written + self.rows_quarantined
+
+
+def with_rows_note(reason: str, note: str) -> str:
+    """A file-level reason plus how its rows were counted when they could not all be read."""
+    return f"{reason}; {note}" if note else reason
 
 
 class BatchSummary(BaseModel):

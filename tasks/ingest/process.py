@@ -15,7 +15,7 @@ from twinflow import contracts as C
 from twinflow.tasks.ingest.lakeio import asset_dir
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, read_file_bytes, stat_file
 from twinflow.tasks.ingest.names import dataset_name, detect_format, file_id
-from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile
+from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
 from twinflow.tasks.ingest.parse import decompress, parse_bytes
 from twinflow.tasks.ingest.quarantine import quarantine_file, quarantine_rows, summarise_reasons
 from twinflow.tasks.ingest.stage import atomic_write_table, split_by_asset
@@ -65,8 +65,9 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
     except (OSError, EOFError, zlib.error):
         out.format = params.format
     if parsed.file_error:
-        out.status, out.reason = "quarantined", parsed.file_error
+        out.status, out.reason = "quarantined", with_rows_note(parsed.file_error, parsed.rows_note)
         out.rows_quarantined = parsed.rows_read
+        out.rows_read_exact = not parsed.rows_note
         quarantine_file(data, src, parsed.file_error, quarantine, batch_id)
         return out
     lake, quar, flagged = validate_table(parsed.table, parsed.reasons, src.path, batch_id, params.stuck_window)

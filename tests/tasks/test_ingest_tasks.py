@@ -497,3 +497,79 @@ def test_landing_can_be_an_fsspec_url(tmp_path):
     assert o.rows_written == 12
     assert run_local(params, str(tmp_path / "lake"), str(tmp_path / "q"), "m2") == []
     fs.rm("/landing-test", recursive=True)
+
+
+# --- hostile input: asset ids, BOM, counts (issue: 1,168 malformed files) -----------------------
+
+
+def _csv(lines: list[str], header: bool = True) -> str:
+    head = ["unit,cycle," + ",".join(C.CMAPSS_COLUMNS[2:])] if header else []
+    return "\n".join(head + [",".join(line.split()) for line in lines]) + "\n"
+
+
+def test_unusable_asset_ids_are_quarantined_rows_not_assets(home):
+    rows = [line.split() for line in _lines(12)]
+    for i, cell in enumerate(["nan", " NaN ", "inf", "-inf", "null", "None", '""', "A" * 300, "é" * 100,
+                              "é" * 33]):
+        rows[i][0] = cell
+    _write(home.landing, "assets.csv", _csv([" ".join(r) for r in rows]))
+    (o,) = home.ingest()
+    _assert_conserved([o])
+    assert (o.rows_read, o.rows_written, o.rows_quarantined) == (12, 3, 9)
+    assert sorted(o.assets) == ["1", "é" * 33]  # 33 x 'é' = 198 characters percent-encoded: fits
+    q = dict(zip(home.quarantined("assets").column(C.ASSET).to_pylist(),
+                 home.quarantined("assets").column("reason").to_pylist()))
+    assert q["A" * 300] == "asset id too long: 300 characters percent-encoded (limit 200)"
+    assert q["é" * 100] == "asset id too long: 600 characters percent-encoded (limit 200)"
+    assert sum(r == "missing asset id" for r in q.values()) == 7
+    lake = home.lake_rows("assets")
+    assert lake.num_rows == 3 and not {"nan", "inf", "None"} & set(lake.column(C.ASSET).to_pylist())
+
+
+def test_csv_with_a_utf8_bom_is_read_like_one_without(home):
+    text = _csv(_lines(8)).encode()
+    _write(home.landing, "bom.csv", b"\xef\xbb\xbf" + text)
+    _write(home.landing, "bomgz.csv.gz", gzip.compress(b"\xef\xbb\xbf" + text))
+    outcomes = home.ingest()
+    assert [(o.status, o.rows_read, o.rows_written) for o in outcomes] == [("ingested", 8, 8)] * 2
+    assert home.lake_rows("bom").column(C.ASSET).to_pylist() == ["1"] * 8  # not '\ufeff1' or a header error
+    assert home.lake_rows("bomgz").num_rows == 8
+
+
+def test_header_less_csv_is_counted_whole(home):
+    _write(home.landing, "nohdr.csv", _csv(_lines(9), header=False))
+    _write(home.landing, "one.csv", _csv(_lines(1), header=False))
+    outcomes = home.ingest()
+    _assert_conserved(outcomes)
+    assert [(o.rows_read, o.rows_quarantined, o.rows_read_exact) for o in outcomes] == [(9, 9, True), (1, 1, True)]
+    assert all("no header" in o.reason for o in outcomes)
+
+
+def test_corrupt_gzip_and_unreadable_parquet_count_what_could_be_read(home):
+    data = gzip.compress(("\n".join(_lines(60)) + "\n").encode())
+    _write(home.landing, "trunc.txt.gz", data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    _write(home.landing, "flipped.txt.gz", bytes(flipped))
+    lines = [line.split() for line in _lines(10)]
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols), buf, compression="none")
+    raw = bytearray(buf.getvalue().to_pybytes())
+    raw[100:140] = b"\xff" * 40  # a data page: the footer still reads
+    _write(home.landing, "pages.parquet", bytes(raw))
+    _write(home.landing, "nofooter.parquet", bytes(raw[:-30]))
+    by = {Path(o.source).name: o for o in home.ingest()}
+    _assert_conserved(by.values())
+    for name in ("trunc.txt.gz", "flipped.txt.gz"):
+        o = by[name]
+        assert o.status == "quarantined" and not o.rows_read_exact
+        assert 0 < o.rows_read < 60 and o.reason.endswith(f"rows: at least {o.rows_read}")
+    assert (by["pages.parquet"].rows_read, by["pages.parquet"].rows_read_exact) == (10, False)
+    assert by["pages.parquet"].reason.endswith("rows: 10 per the Parquet footer")
+    assert (by["nofooter.parquet"].rows_read, by["nofooter.parquet"].reason.endswith("rows: unknown")) == (0, True)
+    ledger = Ledger(home.lake)
+    recorded = ledger.files()
+    ledger.close()
+    assert recorded[by["trunc.txt.gz"].source]["reason"] == by["trunc.txt.gz"].reason
+    assert recorded[by["trunc.txt.gz"].source]["rows_read"] == by["trunc.txt.gz"].rows_read
