@@ -18,7 +18,7 @@ from twinflow.errors import AlreadyRunning
 from twinflow.tasks.ingest.lakeio import asset_dir
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
-from twinflow.tasks.ingest.quarantine import quarantine_rows
+from twinflow.tasks.ingest.quarantine import publish_file_quarantine, quarantine_rows
 from twinflow.tasks.ingest.stage import atomic_write_table
 
 LOCK_NAME = "_ingest.lock"
@@ -158,6 +158,7 @@ def _publish(o: FileOutcome, ledger: Ledger, lake: Path, quarantine: Path) -> No
             qdst = quarantine / "rows" / f"dataset={o.dataset}" / f"{o.file_id}.parquet"
             qdst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(qsrc, qdst)
+        publish_file_quarantine(staged, quarantine, o.file_id)
     _remove_previous(o, ledger, lake, quarantine, keep=set(o.assets))
     if o.status != "quarantined":  # an earlier, unparseable version of this source is history now
         shutil.rmtree(quarantine / "files" / o.file_id, ignore_errors=True)

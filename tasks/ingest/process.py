@@ -68,7 +68,10 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
         out.status, out.reason = "quarantined", with_rows_note(parsed.file_error, parsed.rows_note)
         out.rows_quarantined = parsed.rows_read
         out.rows_read_exact = not parsed.rows_note
-        quarantine_file(data, src, parsed.file_error, quarantine, batch_id)
+        folder = staging / fid
+        shutil.rmtree(folder, ignore_errors=True)
+        quarantine_file(data, src, out.reason, folder, batch_id)
+        out.staged = str(folder)
         return out
     lake, quar, flagged = validate_table(parsed.table, parsed.reasons, src.path, batch_id, params.stuck_window)
     if parsed.bad_rows:

@@ -490,7 +490,8 @@ def process_streamed(src: SourceFile, params: IngestParams, staging: Path, quara
         out.status, out.reason = "quarantined", with_rows_note(exc.reason, exc.rows_note)
         out.rows_read = out.rows_quarantined = exc.rows_read
         out.rows_read_exact = not exc.rows_note
-        quarantine_file_stream(fs, path, src, exc.reason, quarantine, batch_id, sha)
+        quarantine_file_stream(fs, path, src, out.reason, stage.folder, batch_id, sha)
+        out.staged = str(stage.folder)
         return out
     except FileNotFoundError:
         stage.discard()

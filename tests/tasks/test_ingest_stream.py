@@ -231,8 +231,11 @@ def test_invalid_utf8_after_the_first_batches_quarantines_the_whole_file(tmp_pat
     assert o.status == "quarantined" and o.reason == I.parse_bytes(data, "late.txt").file_error
     assert o.reason.startswith("not valid UTF-8 text (byte ")
     assert o.rows_read == o.rows_quarantined == 200 and o.rows_written == 0 and not o.assets
-    assert not (staging / o.file_id).exists() and o.staged is None
-    assert (quarantine / "files" / o.file_id / "late.txt").read_bytes() == data
+    # nothing of the file's rows is staged; its copy is, for the commit to publish
+    assert o.staged == str(staging / o.file_id)
+    assert sorted(p.name for p in Path(o.staged).iterdir()) == ["file"]
+    assert (Path(o.staged) / "file" / "late.txt").read_bytes() == data
+    assert not (quarantine / "files").exists()
     # and end to end: same as the whole-file path, nothing in the lake
     o2 = _same_whole_and_streamed(tmp_path / "e2e", "late.txt", data, batch_rows=10, chunk=256)
     assert o2.reason == o.reason
