@@ -123,7 +123,7 @@ def ingest(params: IngestParams) -> IngestResult:
         ledger = Ledger(lake)
         try:
             shutil.rmtree(lake / STAGING_DIR, ignore_errors=True)  # leftovers of a crashed run
-            files = list_landing(params.landing, so, params.include, params.exclude)
+            files = list_landing(params.landing, so, params.include, params.exclude, params.follow_external_links)
             known = ledger.files()
             todo, unchanged = plan_files(files, known, params)
             n = params.files_per_batch
