@@ -99,6 +99,16 @@ SENTINELS: tuple[float, ...] = (-999.0, -9999.0, -99999.0, 99999.0, 999999.0)
 # Cycle numbers are counts from 1 (C-MAPSS) or 0; negative cycles are broken keys.
 CYCLE_RANGE = (0, 2**31 - 1)
 
+# Asset ids become Hive-style partition folders ``asset_id=<quote(asset_id, safe='')>`` (how delta-rs and
+# pyarrow encode partition values): an id whose percent-encoded form is longer than this is quarantined
+# (``asset id too long: N characters percent-encoded (limit 200)``), which keeps every folder name well
+# under the 255-byte limit of common file systems, whatever the characters (``é`` encodes as ``%C3%A9``).
+ASSET_ID_MAX_ENCODED = 200
+
+# Asset cells that mean "no value" (compared case-insensitively after stripping whitespace): such rows
+# are quarantined as ``missing asset id`` instead of creating assets named "nan" or "inf".
+MISSING_ASSET_TOKENS: frozenset[str] = frozenset({"", "nan", "-nan", "inf", "+inf", "-inf", "null", "none"})
+
 # Column-name aliases accepted in headered CSV/Parquet sources (lower-cased) -> canonical name.
 ALIASES: dict[str, str] = {
     "unit": ASSET, "unit_id": ASSET, "unit_number": ASSET, "asset": ASSET, "engine": ASSET,

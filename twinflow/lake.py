@@ -273,8 +273,12 @@ def read_lake(snapshot: LakeSnapshot, columns: list[str] | None = None, filter: 
         filter: Optional ``pyarrow.dataset`` expression (partition pruning on ``asset_id`` applies).
         storage_options: Object-store options for delta-rs.
     """
-    dt = _snapshot_table(snapshot, storage_options)
     cols = columns or [f.name for f in C.telemetry_schema()]
+    if snapshot.version is None and snapshot.files and snapshot.rows == 0 and \
+            open_table(snapshot.lake_path, snapshot.dataset, storage_options=storage_options) is None:
+        # Files were ingested but every row was quarantined: the table was never created.
+        return C.telemetry_schema().empty_table().select(cols)
+    dt = _snapshot_table(snapshot, storage_options)
     table = dt.to_pyarrow_dataset().to_table(columns=cols, filter=filter)
     table = _plain_strings(table)
     sort_keys = [(k, "ascending") for k in (C.ASSET, C.TIME) if k in table.column_names]

@@ -34,7 +34,7 @@ from twinflow import lake as lk
 from twinflow.errors import AlreadyRunning
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
-from twinflow.tasks.ingest.quarantine import quarantine_rows
+from twinflow.tasks.ingest.quarantine import publish_file_quarantine, quarantine_rows
 from twinflow.tasks.ingest.stage import atomic_write_table, staged_asset_path
 
 LOCK_NAME = "_ingest.lock"
@@ -225,5 +225,7 @@ def _publish_quarantine(o: FileOutcome, quarantine: Path) -> None:
         qdst = quarantine / "rows" / f"dataset={o.dataset}" / f"{o.file_id}.parquet"
         qdst.parent.mkdir(parents=True, exist_ok=True)
         qsrc.replace(qdst)
+    if o.staged:
+        publish_file_quarantine(Path(o.staged), quarantine, o.file_id)
     if o.status != "quarantined":  # an earlier, unparseable version of this source is history now
         shutil.rmtree(quarantine / "files" / o.file_id, ignore_errors=True)

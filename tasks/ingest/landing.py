@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 import fnmatch
+import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from twinflow.errors import ConfigError
 
 from twinflow.tasks.ingest.names import dataset_name
@@ -14,6 +15,8 @@ from twinflow.tasks.ingest.params import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, Inges
 # Names a writer uses while a file is in flight, and bookkeeping files: never ingested.
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp", "~", ".lock")
 
+
+log = logging.getLogger("twinflow.ingest")
 
 # Why a file is left for the next run (the whole-file and streamed readers say the same).
 DISAPPEARED = "file disappeared before it was read"
@@ -64,14 +67,58 @@ def _selected(path: str, include: list[str] | tuple[str, ...], exclude: list[str
         not any(fnmatch.fnmatchcase(base, g.lower()) for g in exclude)
 
 
+def _walk_local(root: Path, follow_external_links: bool) -> Iterator[tuple[str, Path]]:
+    """(path relative to ``root``, resolved path) of the files under a local landing folder.
+
+    Symbolic links (to files or folders) are followed only when their target lies inside the landing
+    folder, unless ``follow_external_links``; the others are skipped with a WARNING naming them. Each
+    folder is entered once (no link cycles) and each file listed once under its resolved path. Names that
+    are not valid UTF-8 cannot be recorded in the ledger: skipped with a WARNING (rename them).
+    """
+    top = root.resolve()
+    seen_dirs = {top}
+    seen_files: set[Path] = set()
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            log.warning("landing folder %s cannot be listed (%s): skipped", folder, exc)
+            continue
+        for e in entries:
+            r = f"{rel}{e.name}"
+            try:
+                r.encode("utf-8")
+            except UnicodeEncodeError:
+                log.warning("landing file name %r is not valid UTF-8: skipped (rename it)", r)
+                continue
+            if _ignored(e.name):
+                continue
+            target = Path(e.path).resolve()
+            if e.is_symlink() and not follow_external_links and not target.is_relative_to(top):
+                log.warning("landing entry %s is a link to %s, outside the landing folder: skipped (set "
+                            "follow_external_links=True to ingest it)", e.path, target)
+                continue
+            if e.is_dir():  # follows links
+                if target not in seen_dirs:
+                    seen_dirs.add(target)
+                    stack.append((Path(e.path), r + "/"))
+            elif e.is_file() and target not in seen_files:
+                seen_files.add(target)
+                yield r, target
+
+
 def list_landing(landing: str, storage_options: dict[str, Any] | None = None,
                  include: list[str] | tuple[str, ...] = DEFAULT_INCLUDE,
-                 exclude: list[str] | tuple[str, ...] = DEFAULT_EXCLUDE) -> list[SourceFile]:
+                 exclude: list[str] | tuple[str, ...] = DEFAULT_EXCLUDE,
+                 follow_external_links: bool = False) -> list[SourceFile]:
     """List the files of a landing folder (recursively) or a single landing file, sorted by path.
 
     Hidden files, ``_``-prefixed files and names writers use while a file is in flight (``.tmp``,
     ``.part``...) are skipped, as are files that ``include``/``exclude`` (file-name globs) rule out.
-    A single landing file is always listed.
+    A single landing file is always listed. In a local folder, links whose target is outside it are
+    skipped with a WARNING unless ``follow_external_links`` (see :func:`_walk_local`).
 
     Raises:
         ConfigError: the landing path does not exist.
@@ -88,6 +135,16 @@ def list_landing(landing: str, storage_options: dict[str, Any] | None = None,
         info = fs.info(root)
         return [SourceFile(path=name_of(root), size=int(info.get("size") or 0), mtime_ns=_mtime_ns(info))]
     out = []
+    if local:
+        for rel, target in _walk_local(Path(root), follow_external_links):
+            if not _selected(rel, include, exclude):
+                continue
+            try:
+                info = fs.info(str(target))
+            except OSError:  # vanished since it was listed
+                continue
+            out.append(SourceFile(path=str(target), size=int(info.get("size") or 0), mtime_ns=_mtime_ns(info)))
+        return sorted(out, key=lambda f: f.path)
     for p, info in fs.find(root, detail=True).items():
         rel = p[len(root.rstrip("/")) + 1:] if p.startswith(root.rstrip("/")) else p
         if info.get("type") == "directory" or any(_ignored(part) for part in rel.split("/")) \

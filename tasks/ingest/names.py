@@ -17,10 +17,15 @@ COMPRESSION_SUFFIXES = (".gz", ".gzip")
 DATA_SUFFIXES = (".txt", ".csv", ".parquet", ".pq", ".dat", ".tsv")
 
 
+DATASET_NAME_MAX = 100
+
+
 def dataset_name(path: str) -> str:
     """Dataset name derived from a file name: lower-cased stem without data/compression suffixes.
 
-    ``train_FD001.txt.gz`` -> ``train_fd001``; characters outside ``[a-z0-9_-]`` become ``_``.
+    ``train_FD001.txt.gz`` -> ``train_fd001``; characters outside ``[a-z0-9_-]`` become ``_``. A stem
+    longer than :data:`DATASET_NAME_MAX` characters is cut and ends with ``-`` and 12 hex of its SHA-1
+    (distinct stems stay distinct datasets; the name stays a valid folder name).
     """
     name = path.rstrip("/").rsplit("/", 1)[-1].lower()
     for suffixes in (COMPRESSION_SUFFIXES, DATA_SUFFIXES):
@@ -29,6 +34,8 @@ def dataset_name(path: str) -> str:
                 name = name[: -len(s)]
                 break
     name = re.sub(r"[^a-z0-9_\-]", "_", name).strip("_-") or "data"
+    if len(name) > DATASET_NAME_MAX:  # a folder name (dataset=<name>) must fit in 255 bytes
+        name = f"{name[:DATASET_NAME_MAX - 13]}-{hashlib.sha1(name.encode()).hexdigest()[:12]}"
     return name
 
 

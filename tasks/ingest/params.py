@@ -45,6 +45,9 @@ class IngestParams(BaseModel):
             part of :meth:`digest`.
         batch_rows: Rows per batch when a file is streamed (see ``stream_threshold_bytes``). Not part of
             :meth:`digest` either: any batch size gives the same lake rows, quarantined rows and counts.
+        follow_external_links: Ingest files reached through symbolic links whose target is outside the
+            landing folder (by default they are skipped with a warning, so a link cannot pull arbitrary
+            files into the lake). Not part of :meth:`digest` (it decides which files, not what they hold).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -64,6 +67,7 @@ class IngestParams(BaseModel):
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     stream_threshold_bytes: int = Field(64 << 20, ge=1)
     batch_rows: int = Field(1_000_000, ge=1)
+    follow_external_links: bool = False
 
     def digest(self, dataset: str) -> str:
         """Fingerprint of everything that changes what a file of ``dataset`` parses into (params, contract).
@@ -80,8 +84,9 @@ class IngestParams(BaseModel):
     @field_validator("dataset")
     @classmethod
     def _dataset_name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", v):
-            raise ValueError("dataset must be lower-case letters, digits, '_' or '-' (e.g. 'train_fd001')")
+        if v is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,99}", v):
+            raise ValueError("dataset must be at most 100 lower-case letters, digits, '_' or '-' "
+                             "(e.g. 'train_fd001')")
         return v
 
     @field_validator("delimiter")
@@ -132,6 +137,9 @@ class FileOutcome(BaseModel):
     status: Literal["ingested", "quarantined", "deferred", "unchanged", "duplicate"] = "ingested"
     reason: str = ""
     rows_read: int = 0
+    # False when the file could not be read to its end (corrupt gzip, unreadable Parquet, an ingest
+    # error): rows_read is then a lower bound or 0 for unknown, and ``reason`` says which ("rows: ...").
+    rows_read_exact: bool = True
     rows_written: int = 0
     rows_quarantined: int = 0
     flagged: dict[str, int] = Field(default_factory=dict)
@@ -142,6 +150,11 @@ class FileOutcome(BaseModel):
     @property
     def conserved(self) -> bool:
         return self.rows_read == self.rows_written + self.rows_quarantined
+
+
+def with_rows_note(reason: str, note: str) -> str:
+    """A file-level reason plus how its rows were counted when they could not all be read."""
+    return f"{reason}; {note}" if note else reason
 
 
 class BatchSummary(BaseModel):

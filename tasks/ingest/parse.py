@@ -30,6 +30,9 @@ class Parsed(BaseModel):
     bad_rows: list[tuple[str, str]] = Field(default_factory=list)  # (reason, raw text) of unparseable rows
     file_error: str | None = None
     rows_read: int = 0
+    # Empty when rows_read is what the file held; else how it was counted (the file could not be read to
+    # its end): "rows: at least N", "rows: N per the Parquet footer" or "rows: unknown".
+    rows_note: str = ""
     notes: list[str] = Field(default_factory=list)
 
 
@@ -43,6 +46,83 @@ NON_BLANK = re.compile(rb"\S")
 def count_lines(data: bytes) -> int:
     # Rows the source holds as far as a reader can tell: non-blank lines.
     return sum(1 for line in data.splitlines() if line.strip())
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def strip_bom(text: bytes) -> bytes:
+    """Text without a leading UTF-8 byte-order mark (spreadsheet exports write one before the header)."""
+    return text[3:] if text.startswith(BOM) else text
+
+
+def gzip_partial_lines(fh: Any, chunk: int = 8 << 20) -> tuple[int, bytes]:
+    """Non-blank lines of a corrupt or truncated gzip stream up to the point where it breaks.
+
+    Decompresses member after member until the error, in ``chunk`` reads (memory: one chunk plus one
+    line), counting what a reader saw: a lower bound of the rows the file held. Returns (lines, first 8
+    bytes of the text). Both readers call it on the raw file, so they give the same count.
+    """
+    lines, carry, head = 0, b"", b""
+    d = zlib.decompressobj(wbits=31)
+    first = True
+    try:
+        while True:
+            data = fh.read(chunk)
+            if not data:
+                break
+            while data:
+                # Small inputs: the output of the call that hits the error is lost, so keep it small.
+                rest = data[1024:]
+                out = d.decompress(data[:1024])
+                data = d.unused_data + rest if d.eof else rest
+                if out:
+                    if first:
+                        out, first = strip_bom(out) if len(out) >= 3 else out, False
+                    if len(head) < 8:
+                        head += out[:8 - len(head)]
+                    text = carry + out
+                    cut = max(text.rfind(b"\n"), text.rfind(b"\r")) + 1
+                    lines += count_lines(text[:cut])
+                    carry = text[cut:]
+                if d.eof:
+                    if data[:2] != b"\x1f\x8b":
+                        data = b""  # trailing garbage after the last member
+                    d = zlib.decompressobj(wbits=31)
+    except zlib.error:
+        pass
+    return lines + (1 if carry.strip() else 0), head
+
+
+def gzip_reason(exc: Exception) -> str:
+    """Why a gzip stream is corrupt, in the same words whether it was read whole or streamed (the CRC
+    values that only ``GzipFile`` reports are left out)."""
+    msg = re.sub(r"^(CRC check failed|Incorrect length of data produced).*", r"\1", str(exc))
+    return f"corrupt gzip stream ({exc.__class__.__name__}: {msg[:80]})"
+
+
+def rows_note(rows: int) -> str:
+    return f"rows: at least {rows}" if rows else "rows: unknown"
+
+
+def first_line_is_data(fields: list[str]) -> bool:
+    """A CSV "header" that is a data row: no field names a contract column and most fields are numbers."""
+    if any(C.canonical_name(f) is not None for f in fields):
+        return False
+    tokens = [t for t in re.split(r"[,;\t ]+", ",".join(fields)) if t]
+
+    def number(t: str) -> bool:
+        try:
+            float(t)
+            return True
+        except ValueError:
+            return False
+
+    return bool(tokens) and 2 * sum(number(t) for t in tokens) >= len(tokens)
+
+
+NO_HEADER = ("no header: the first line looks like data, not column names (a header-less CSV needs "
+             "columns=[...])")
 
 
 def decompress(data: bytes, name: str) -> bytes:
@@ -194,10 +274,12 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
     try:
         raw = decompress(data, name)
     except (OSError, EOFError, zlib.error) as exc:
-        return Parsed(file_error=f"corrupt gzip stream ({exc.__class__.__name__}: {str(exc)[:80]})")
+        return gzip_error(gzip_reason(exc),
+                          io.BytesIO(data), name, fmt, columns)
     fmt = detect_format(name, raw[:8], fmt)
     if fmt == "parquet":
         return _parse_parquet(raw, allow_missing_channels)
+    raw = strip_bom(raw)
     if not raw.strip():
         return Parsed(file_error="empty file")
     header = fmt == "csv" and columns is None
@@ -220,6 +302,8 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
             names = [h.strip().strip('"') for h in first.decode("utf-8").split(delim)]
         except UnicodeDecodeError:
             return Parsed(file_error="not valid UTF-8 text (header)", rows_read=max(count_lines(raw) - 1, 0))
+        if first_line_is_data(names):
+            return Parsed(file_error=NO_HEADER, rows_read=count_lines(raw))
         if NON_BLANK.search(raw, len(first) + 1) is None:
             return Parsed(file_error="no data rows (header only)")
         if len(set(names)) != len(names):
@@ -276,11 +360,31 @@ def parquet_error(exc: Exception) -> str:
     return f"unreadable Parquet ({msg[:120]})"
 
 
+def gzip_error(reason: str, fh: Any, name: str, fmt: Format, columns: list[str] | None) -> Parsed:
+    """A corrupt gzip file: rows counted as far as it decompresses (text), unknown for Parquet."""
+    lines, head = gzip_partial_lines(fh)
+    fmt_ = detect_format(name, head, fmt)
+    if fmt_ == "parquet":
+        return Parsed(file_error=reason, rows_note="rows: unknown")
+    rows = max(lines - (fmt_ == "csv" and columns is None), 0)
+    return Parsed(file_error=reason, rows_read=rows, rows_note=rows_note(rows))
+
+
+def parquet_footer_rows(fh: Any) -> tuple[int, str]:
+    """(rows, note) of an unreadable Parquet file: its footer's row count when the footer reads."""
+    try:
+        n = pq.ParquetFile(fh).metadata.num_rows
+    except Exception:  # noqa: BLE001 - any failure to read the footer means: unknown
+        return 0, "rows: unknown"
+    return n, f"rows: {n} per the Parquet footer"
+
+
 def _parse_parquet(raw: bytes, allow_missing: bool) -> Parsed:
     try:
         table = pq.read_table(io.BytesIO(raw))
     except (pa.ArrowException, OSError) as exc:
-        return Parsed(file_error=parquet_error(exc))
+        n, note = parquet_footer_rows(io.BytesIO(raw))
+        return Parsed(file_error=parquet_error(exc), rows_read=n, rows_note=note)
     if table.num_rows == 0:
         return Parsed(file_error="no data rows (empty Parquet file)")
     notes: list[str] = []

@@ -14,7 +14,7 @@ from twinflow import contracts as C
 
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, read_file_bytes, stat_file
 from twinflow.tasks.ingest.names import dataset_name, detect_format, file_id
-from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile
+from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
 from twinflow.tasks.ingest.parse import decompress, parse_bytes
 from twinflow.tasks.ingest.quarantine import quarantine_file, quarantine_rows, summarise_reasons
 from twinflow.tasks.ingest.stage import atomic_write_table, split_by_asset, staged_asset_path
@@ -64,9 +64,13 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
     except (OSError, EOFError, zlib.error):
         out.format = params.format
     if parsed.file_error:
-        out.status, out.reason = "quarantined", parsed.file_error
+        out.status, out.reason = "quarantined", with_rows_note(parsed.file_error, parsed.rows_note)
         out.rows_quarantined = parsed.rows_read
-        quarantine_file(data, src, parsed.file_error, quarantine, batch_id)
+        out.rows_read_exact = not parsed.rows_note
+        folder = staging / fid
+        shutil.rmtree(folder, ignore_errors=True)
+        quarantine_file(data, src, out.reason, folder, batch_id)
+        out.staged = str(folder)
         return out
     lake, quar, flagged = validate_table(parsed.table, parsed.reasons, src.path, batch_id, params.stuck_window)
     if parsed.bad_rows:

@@ -1,12 +1,28 @@
 """Quarantine: rows that break the contract and files that cannot be parsed, each with its reason.
 
 Layout: ``<quarantine>/rows/dataset=<name>/<file_id>.parquet`` for rows and
-``<quarantine>/files/<file_id>/`` (the file plus ``reason.txt``) for whole files.
+``<quarantine>/files/<file_id>/`` (a copy of the file plus ``reason.txt``) for whole files.
+
+File copies are staged like lake rows: the worker writes them into its batch staging folder
+(``<staging>/<file_id>/file/``, :func:`quarantine_file`, :func:`quarantine_file_stream`) and the commit
+publishes them (:func:`publish_file_quarantine`: moved to a hidden temp folder beside the target, then
+renamed into place) at the point where it publishes the file's lake rows, before the ledger records the
+outcome; so a crash leaves either the previous copy or the new one, and a quarantined file always has
+its ledger row (``status='quarantined'``, its reason and counts).
+
+File names: a landing name can be as long as the file system allows (255 bytes), so the names derived
+from it must be bounded. The copy keeps the landing name when it fits in :data:`QUARANTINE_NAME_MAX`
+bytes (and is not hidden nor ``reason.txt``); otherwise it is stored as ``<safe stem>~<12 hex of the
+SHA-1 of the full name><original suffixes>``, at most :data:`QUARANTINE_NAME_MAX` bytes (the stem is
+cut to fit; suffixes such as ``.csv.gz`` are kept when they are short and plain). The folder is the
+file id (16 hex), temp names derive from the bounded name, and ``reason.txt`` keeps the full original
+source path (``source``) and the stored name (``stored_as``).
 """
 
 from __future__ import annotations
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,10 +32,29 @@ from typing import Any
 import pyarrow as pa
 from twinflow import contracts as C
 
-from twinflow.tasks.ingest.landing import local_path
-from twinflow.tasks.ingest.names import file_id
-from twinflow.tasks.ingest.params import SourceFile
+from twinflow.tasks.ingest.landing import local_path, open_fs, read_file_bytes
+from twinflow.tasks.ingest.names import dataset_name, file_id
+from twinflow.tasks.ingest.params import FileOutcome, IngestParams, SourceFile, with_rows_note
 from twinflow.tasks.ingest.stage import atomic_write_bytes
+
+log = logging.getLogger("twinflow.ingest")
+
+QUARANTINE_NAME_MAX = 100  # bytes of a quarantined file's stored name (temp names add 14)
+
+
+def quarantine_name(source: str) -> str:
+    """The bounded, collision-free name under which a file's copy is stored (see the module docstring)."""
+    base = source.rstrip("/").rsplit("/", 1)[-1]
+    raw = base.encode("utf-8", "surrogateescape")
+    if len(raw) <= QUARANTINE_NAME_MAX and base and not base.startswith(".") and base != "reason.txt":
+        return base
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    m = re.search(r"(?:\.[A-Za-z0-9]{1,8}){1,3}$", base)
+    suffix = m.group(0) if m else ""
+    stem = re.sub(r"[^A-Za-z0-9_\-]+", "_", base[: len(base) - len(suffix)]).strip("_") or "file"
+    room = QUARANTINE_NAME_MAX - len(suffix) - len(digest) - 1
+    return f"{stem[:room]}~{digest}{suffix}"
+
 
 def quarantine_rows(rows: pa.Table, reasons: list[str], source: str, batch_id: str,
                      raw_text: list[str] | None = None) -> pa.Table:
@@ -40,31 +75,97 @@ def quarantine_rows(rows: pa.Table, reasons: list[str], source: str, batch_id: s
         schema=C.quarantine_schema())
 
 
-def quarantine_file(data: bytes, src: SourceFile, reason: str, quarantine: Path, batch_id: str) -> None:
-    folder = quarantine / "files" / file_id(src.path)
-    base = src.path.rstrip("/").rsplit("/", 1)[-1]
-    atomic_write_bytes(data, folder / base)
-    atomic_write_bytes(
-        json.dumps({"source": src.path, "reason": reason, "batch_id": batch_id,
-                    "sha256": hashlib.sha256(data).hexdigest()}, indent=2).encode(),
-        folder / "reason.txt")
+def _reason_json(src: SourceFile, reason: str, batch_id: str, sha: str) -> bytes:
+    return json.dumps({"source": src.path, "stored_as": quarantine_name(src.path), "reason": reason,
+                       "batch_id": batch_id, "sha256": sha}, indent=2, ensure_ascii=False).encode()
 
 
-def quarantine_file_stream(fs: Any, path: str, src: SourceFile, reason: str, quarantine: Path,
-                            batch_id: str, sha: str) -> None:
-    """:func:`quarantine_file` of a file too large to hold: copy it in chunks."""
-    folder = quarantine / "files" / file_id(src.path)
-    base = src.path.rstrip("/").rsplit("/", 1)[-1]
+def quarantine_file(data: bytes, src: SourceFile, reason: str, staged: Path, batch_id: str) -> None:
+    """Stage the copy of an unusable file and its ``reason.txt`` in ``<staged>/file/`` (``staged`` is the
+    file's staging folder); :func:`publish_file_quarantine` moves it into the quarantine at commit."""
+    folder = staged / "file"
+    shutil.rmtree(folder, ignore_errors=True)
+    atomic_write_bytes(data, folder / quarantine_name(src.path))
+    atomic_write_bytes(_reason_json(src, reason, batch_id, hashlib.sha256(data).hexdigest()), folder / "reason.txt")
+
+
+def quarantine_file_stream(fs: Any, path: str, src: SourceFile, reason: str, staged: Path,
+                            batch_id: str, sha: str | None = None) -> str:
+    """:func:`quarantine_file` of a file too large to hold: copy it in chunks. Returns its SHA-256."""
+    folder = staged / "file"
+    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{base}.{uuid.uuid4().hex[:8]}.tmp"
+    name = quarantine_name(src.path)
+    tmp = folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    h = hashlib.sha256()
     try:
         with fs.open(path, "rb") as fi, open(tmp, "wb") as fo:
-            shutil.copyfileobj(fi, fo, 8 << 20)
-        os.replace(tmp, folder / base)
+            while chunk := fi.read(8 << 20):
+                h.update(chunk)
+                fo.write(chunk)
+        os.replace(tmp, folder / name)
     finally:
         tmp.unlink(missing_ok=True)
-    atomic_write_bytes(json.dumps({"source": src.path, "reason": reason, "batch_id": batch_id,
-                                    "sha256": sha}, indent=2).encode(), folder / "reason.txt")
+    sha = sha or h.hexdigest()
+    atomic_write_bytes(_reason_json(src, reason, batch_id, sha), folder / "reason.txt")
+    return sha
+
+
+def publish_file_quarantine(staged: Path, quarantine: Path, fid: str) -> bool:
+    """Move a staged file copy (``<staged>/file/``) to ``<quarantine>/files/<fid>/``, replacing any
+    previous copy: moved to a hidden temp folder beside the target first (a copy when the staging is on
+    another file system), then renamed into place. Returns whether there was one to publish."""
+    src = staged / "file"
+    if not src.is_dir():
+        return False
+    files = quarantine / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    target = files / fid
+    tag = uuid.uuid4().hex[:8]
+    tmp, old = files / f".{fid}.{tag}.tmp", files / f".{fid}.{tag}.old"
+    try:
+        shutil.move(str(src), str(tmp))
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def quarantine_after_error(src: SourceFile, params: IngestParams, staging: Path, batch_id: str,
+                           storage_options: dict[str, Any], exc: BaseException,
+                           logger: Any = None) -> FileOutcome:
+    """The outcome of a file whose processing raised: the batch goes on without it.
+
+    Whatever it staged is dropped and its bytes are staged for the file quarantine (status
+    ``quarantined``, reason ``ingest error: <type>: <message>; rows: unknown``); when even that fails
+    (unreadable, disk full), it is ``deferred`` with the reason, so the next run tries again.
+    """
+    ds = params.dataset or dataset_name(src.path)
+    fid = file_id(src.path)
+    reason = f"ingest error: {type(exc).__name__}: {str(exc)[:300]}"
+    (logger or log).warning("%s: %s (the other files of the batch go on)", src.path, reason)
+    out = FileOutcome(source=src.path, dataset=ds, file_id=fid, size=src.size, mtime_ns=src.mtime_ns,
+                      params_digest=params.digest(ds), rows_read_exact=False)
+    folder = staging / fid
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        if src.size > params.stream_threshold_bytes:
+            fs, path = open_fs(src.path, storage_options)
+            out.sha256 = quarantine_file_stream(fs, path, src, reason, folder, batch_id)
+        else:
+            data = read_file_bytes(src.path, storage_options)
+            quarantine_file(data, src, reason, folder, batch_id)
+            out.sha256 = hashlib.sha256(data).hexdigest()
+    except Exception as exc2:  # noqa: BLE001 - the copy failed too: try the whole file again next run
+        shutil.rmtree(folder, ignore_errors=True)
+        out.status = "deferred"
+        out.reason = f"{reason}; not copied to the quarantine ({type(exc2).__name__}: {str(exc2)[:120]})"
+        return out
+    out.status, out.reason, out.staged = "quarantined", with_rows_note(reason, "rows: unknown"), str(folder)
+    return out
 
 
 def reason_kinds(reasons: list[str], kinds: dict[str, int]) -> dict[str, int]:

@@ -21,6 +21,7 @@ from twinflow.tasks.ingest.landing import list_landing, plan_files
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import FileOutcome, IngestParams, SourceFile
 from twinflow.tasks.ingest.process import process_file
+from twinflow.tasks.ingest.quarantine import quarantine_after_error
 
 STAGING_DIR = "_staging"
 
@@ -62,7 +63,7 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
         try:
             ledger.recover(lake_path)
             shutil.rmtree(lake / STAGING_DIR, ignore_errors=True)  # leftovers of a crashed run
-            files = list_landing(params.landing, so, params.include, params.exclude)
+            files = list_landing(params.landing, so, params.include, params.exclude, params.follow_external_links)
             todo, unchanged = plan_files(files, ledger.files(), params)
             n = params.files_per_batch
             run = IngestRun(batch_id=batch_id, listed=files, unchanged=unchanged,
@@ -83,6 +84,20 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
         finally:
             ledger.close()
     return run
+
+
+def process_isolated(src: SourceFile, params: IngestParams, staging: Path, quarantine: Path, batch_id: str,
+                     storage_options: dict[str, Any], logger: Any = None) -> FileOutcome:
+    """:func:`process_file`, except that an unexpected error costs only this file, never its batch.
+
+    The file is quarantined whole with reason ``ingest error: <type>: <message>`` (deferred when its
+    bytes cannot even be copied), logged at WARNING, and the other files of the batch go on. Errors that
+    are not ``Exception`` (interrupts, a killed worker) still fail the batch, which Prefect retries.
+    """
+    try:
+        return process_file(src, params, staging, quarantine, batch_id, storage_options)
+    except Exception as exc:  # noqa: BLE001 - per-file isolation: one bad file must not cost its neighbours
+        return quarantine_after_error(src, params, staging, batch_id, storage_options, exc, logger)
 
 
 def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_id: str) -> list[FileOutcome]:
@@ -109,19 +124,25 @@ def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_
 
 
 def process_files(files: list[SourceFile], params: IngestParams, staging: Path, quarantine: Path,
-                  batch_id: str, storage_options: dict[str, Any] | None) -> list[FileOutcome]:
-    """Process a batch of files one by one (what one ``ingest-batch`` task does)."""
-    return [process_file(f, params, staging, quarantine, batch_id, storage_options) for f in files]
+                  batch_id: str, storage_options: dict[str, Any] | None, logger: Any = None) -> list[FileOutcome]:
+    """Process a batch of files one by one, each isolated (what one ``ingest-batch`` task does)."""
+    return [process_isolated(f, params, staging, quarantine, batch_id, storage_options or {}, logger)
+            for f in files]
 
 
 @task(name="ingest-batch", retries=2, retry_delay_seconds=[2, 10], task_run_name="ingest-batch-{index}")
 def process_batch(index: int, files: list[SourceFile], params: IngestParams, staging: str,
                   quarantine: str, batch_id: str, storage_options: dict[str, Any]) -> list[FileOutcome]:
-    """Read, validate and stage a batch of files on one Dask worker (I/O-bound: retried with backoff)."""
+    """Read, validate and stage a batch of files on one Dask worker (I/O-bound: retried with backoff).
+
+    Each file is isolated (:func:`process_isolated`): a file that raises is quarantined (or deferred) on
+    its own; the retries are for what remains, such as losing the worker.
+    """
     from prefect import get_run_logger
 
-    outcomes = process_files(files, params, Path(staging), Path(quarantine), batch_id, storage_options)
-    get_run_logger().info("batch %d: %d files, %d rows read, %d written, %d quarantined", index, len(files),
+    logger = get_run_logger()
+    outcomes = process_files(files, params, Path(staging), Path(quarantine), batch_id, storage_options, logger)
+    logger.info("batch %d: %d files, %d rows read, %d written, %d quarantined", index, len(files),
                           sum(o.rows_read for o in outcomes), sum(o.rows_written for o in outcomes),
                           sum(o.rows_quarantined for o in outcomes))
     return outcomes

@@ -25,8 +25,8 @@ from twinflow import contracts as C
 
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, open_fs, stat_file
 from twinflow.tasks.ingest.names import COMPRESSION_SUFFIXES, detect_format
-from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile
-from twinflow.tasks.ingest.parse import BadRows, NON_BLANK, TYPES, WHOLE_BLOCK_BYTES, canonicalise, count_lines, is_utf8_error, normalise_whitespace, parquet_error, source_columns
+from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
+from twinflow.tasks.ingest.parse import BadRows, NON_BLANK, NO_HEADER, TYPES, WHOLE_BLOCK_BYTES, canonicalise, count_lines, first_line_is_data, gzip_error, gzip_reason, is_utf8_error, normalise_whitespace, parquet_error, parquet_footer_rows, source_columns, strip_bom
 from twinflow.tasks.ingest.quarantine import quarantine_file_stream, quarantine_rows, reason_kinds, summarise_kinds
 from twinflow.tasks.ingest.stage import LAKE_DICT, concat_parquet, split_by_asset, staged_asset_path, write_parquet
 from twinflow.tasks.ingest.validate import FileState, stuck_quality, validate_batch
@@ -66,6 +66,7 @@ class _TextStream(io.RawIOBase):
         self._off = 0
         self._carry = b""
         self._eof = False
+        self._first = True  # a UTF-8 BOM before the first line is dropped, as parse_bytes drops it
         self.gzip_error: str | None = None
         self.utf8_error: int | None = None  # byte offset of the first invalid UTF-8 sequence
         self.lines = 0  # non-blank lines so far (when counting: only file errors need it)
@@ -84,7 +85,7 @@ class _TextStream(io.RawIOBase):
             try:
                 data = self._src.read(CHUNK_BYTES)
             except (OSError, EOFError, zlib.error) as exc:
-                self.gzip_error = f"corrupt gzip stream ({exc.__class__.__name__}: {str(exc)[:80]})"
+                self.gzip_error = gzip_reason(exc)
                 self._eof = True
                 return None
             if data:
@@ -97,6 +98,8 @@ class _TextStream(io.RawIOBase):
             else:
                 self._eof = True
                 chunk, self._carry = self._carry, b""
+            if self._first:
+                chunk, self._first = strip_bom(chunk), False
             if self._cmapss:
                 chunk = normalise_whitespace(chunk)
             if not chunk:
@@ -256,9 +259,9 @@ class _Staged:
 class _StreamError(Exception):
     """A file-level problem found while streaming: the whole file is quarantined."""
 
-    def __init__(self, reason: str, rows_read: int):
+    def __init__(self, reason: str, rows_read: int, rows_note: str = ""):
         super().__init__(reason)
-        self.reason, self.rows_read = reason, rows_read
+        self.reason, self.rows_read, self.rows_note = reason, rows_read, rows_note
 
 
 def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
@@ -285,8 +288,11 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
                         counted = _TextStream(again, gz, fmt == "cmapss", count=True)
                         counted.drain()
                         ts.lines = counted.lines
-                if ts.gzip_error:
-                    return _StreamError(ts.gzip_error, 0)
+                if ts.gzip_error:  # counted as parse_bytes counts it: lines up to the break
+                    with fs.open(path, "rb") as again:
+                        p = gzip_error(ts.gzip_error, again, path.rsplit("/", 1)[-1], params.format,
+                                       params.columns)
+                    return _StreamError(ts.gzip_error, p.rows_read, p.rows_note)
                 if not ts.nonblank:
                     return _StreamError("empty file", 0)
                 if ts.utf8_error is not None:
@@ -307,6 +313,8 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
                 if ts.failed:
                     raise fail(None)
                 names = [h.strip().strip('"') for h in first.decode("utf-8").split(delim)]
+                if first_line_is_data(names):
+                    raise fail(NO_HEADER, lambda: ts.lines)
                 if NON_BLANK.search(text, len(first) + 1) is None:
                     raise fail("no data rows (header only)")
                 if len(set(names)) != len(names):
@@ -425,7 +433,9 @@ def _stream_parquet(fs: Any, path: str, params: IngestParams, stage: _Staged) ->
                 rows += rb.num_rows
         except (pa.ArrowException, OSError) as exc:
             stage.discard()
-            raise _StreamError(parquet_error(exc), 0) from None
+            with fs.open(path, "rb") as again:
+                n, note = parquet_footer_rows(again)
+            raise _StreamError(parquet_error(exc), n, note) from None
         except _StreamError:
             stage.discard()
             raise
@@ -476,9 +486,11 @@ def process_streamed(src: SourceFile, params: IngestParams, staging: Path, quara
         if stat_file(src.path, so) != (src.size, src.mtime_ns):
             out.status, out.reason = "deferred", CHANGED
             return out
-        out.status, out.reason = "quarantined", exc.reason
+        out.status, out.reason = "quarantined", with_rows_note(exc.reason, exc.rows_note)
         out.rows_read = out.rows_quarantined = exc.rows_read
-        quarantine_file_stream(fs, path, src, exc.reason, quarantine, batch_id, sha)
+        out.rows_read_exact = not exc.rows_note
+        quarantine_file_stream(fs, path, src, out.reason, stage.folder, batch_id, sha)
+        out.staged = str(stage.folder)
         return out
     except FileNotFoundError:
         stage.discard()

@@ -6,6 +6,7 @@ so a file validated batch by batch gives exactly the result of validating it who
 
 from __future__ import annotations
 from typing import Any
+from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,6 +35,29 @@ def _stuck_mask(x: np.ndarray, same: np.ndarray, starts: np.ndarray, window: int
     run_id = np.cumsum(~eq)
     run_len = np.bincount(run_id)[run_id]
     return judged & (run_len >= window) & ~np.isnan(x)
+
+
+def asset_checks(asset: pa.Array, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: whether the (trimmed) asset id is too long for a partition folder, and its encoded length.
+
+    Also clears ``valid`` (in place) where the cell is a "no value" token (``nan``, ``inf``, ``null``...,
+    :data:`twinflow.contracts.MISSING_ASSET_TOKENS`). Computed once per distinct asset id, so it costs
+    nothing per row; the whole-file and the streamed reader share it.
+    """
+    n = len(asset)
+    if n == 0:
+        return np.zeros(0, bool), np.zeros(0, np.int64)
+    enc = pc.dictionary_encode(asset)
+    names = enc.dictionary.to_pylist()
+    missing = np.array([a.lower() in C.MISSING_ASSET_TOKENS for a in names], bool)
+    lengths = np.array([len(quote(a, safe="")) for a in names], np.int64)
+    idx = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    has = np.asarray(pc.is_valid(enc.indices).to_numpy(zero_copy_only=False), bool)
+    if len(names):
+        valid &= ~(missing[idx] & has)
+        long_ = (lengths[idx] > C.ASSET_ID_MAX_ENCODED) & has
+        return long_, np.where(has, lengths[idx], 0)
+    return np.zeros(n, bool), np.zeros(n, np.int64)
 
 
 class FileState:
@@ -134,10 +158,13 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
     asset_valid = pc.and_(pc.is_valid(asset), pc.not_equal(asset, "")).to_numpy(zero_copy_only=False) \
         if n else np.zeros(0, bool)
     asset_valid = np.asarray(asset_valid, bool) & ~np.asarray(pc.is_null(asset).to_numpy(zero_copy_only=False), bool)
+    too_long, encoded_len = asset_checks(asset, asset_valid)
     cyc_arr = table.column(C.TIME).combine_chunks()
     cyc_null = np.asarray(pc.is_null(cyc_arr).to_numpy(zero_copy_only=False), bool)
     cycle = cyc_arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
     reject(~asset_valid, "missing asset id")
+    reject(too_long, lambda i: f"asset id too long: {encoded_len[i]} characters percent-encoded "
+                               f"(limit {C.ASSET_ID_MAX_ENCODED})")
     reject(cyc_null, "missing cycle")
     lo, hi = C.CYCLE_RANGE
     reject((cycle < lo) | (cycle > hi), lambda i: f"cycle {cycle[i]} outside [{lo}, {hi}]")

@@ -169,6 +169,55 @@ def test_file_level_errors_are_the_same_streamed(tmp_path, name, content):
     assert o.status == "quarantined"
 
 
+def _corrupt_parquet(pages: bool) -> bytes:
+    lines = [line.split() for line in TRAIN_LINES[:80]]
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols), buf, compression="none", row_group_size=30)
+    raw = bytearray(buf.getvalue().to_pybytes())
+    if pages:
+        raw[100:140] = b"\xff" * 40
+        return bytes(raw)
+    return bytes(raw[:-30])
+
+
+def _flip(data: bytes) -> bytes:
+    out = bytearray(data)
+    out[len(out) // 2] ^= 0xFF
+    return bytes(out)
+
+
+_GZ = gzip.compress(("\n".join(TRAIN_LINES[:300]) + "\n").encode())
+_CSV = "\n".join([HEADER] + [",".join(line.split()) for line in TRAIN_LINES[180:260]]) + "\n"
+_ASSETS = "\n".join([HEADER] + [",".join([a] + line.split()[1:]) for a, line in
+                               zip(["nan", "1", "", "INF", "A" * 201, "é" * 33, "é" * 34, " null "] * 10,
+                                   TRAIN_LINES[:80])]) + "\n"
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.csv", b"\xef\xbb\xbf" + _CSV.encode()),
+    ("bom.csv.gz", gzip.compress(b"\xef\xbb\xbf" + _CSV.encode())),
+    ("bom.txt", b"\xef\xbb\xbf" + "\n".join(TRAIN_LINES[:50]).encode()),
+    ("nohdr.csv", "\n".join(",".join(line.split()) for line in TRAIN_LINES[:70]).encode()),
+    ("assets.csv", _ASSETS.encode()),
+    ("truncated.txt.gz", _GZ[: len(_GZ) // 2]),
+    ("flipped.txt.gz", _flip(_GZ)),
+    ("flipped.csv.gz", _flip(gzip.compress(_CSV.encode()))),
+    ("pages.parquet", _corrupt_parquet(pages=True)),
+    ("nofooter.parquet", _corrupt_parquet(pages=False)),
+])
+def test_bom_header_less_asset_ids_and_partial_counts_are_the_same_streamed(tmp_path, name, content):
+    o = _same_whole_and_streamed(tmp_path, name, content, batch_rows=7)
+    if name.startswith("bom"):
+        assert o.status == "ingested" and o.rows_quarantined == 0
+    elif name == "assets.csv":
+        assert (o.rows_read, o.rows_written, o.rows_quarantined) == (80, 20, 60)
+    elif name == "nohdr.csv":
+        assert o.status == "quarantined" and o.rows_read == 70 and o.rows_read_exact
+    else:
+        assert o.status == "quarantined" and not o.rows_read_exact and "rows: " in o.reason
+
+
 def test_invalid_utf8_after_the_first_batches_quarantines_the_whole_file(tmp_path):
     lines = list(TRAIN_LINES[:200])
     data = ("\n".join(lines) + "\n").encode()
@@ -186,8 +235,11 @@ def test_invalid_utf8_after_the_first_batches_quarantines_the_whole_file(tmp_pat
     assert o.status == "quarantined" and o.reason == I.parse_bytes(data, "late.txt").file_error
     assert o.reason.startswith("not valid UTF-8 text (byte ")
     assert o.rows_read == o.rows_quarantined == 200 and o.rows_written == 0 and not o.assets
-    assert not (staging / o.file_id).exists() and o.staged is None
-    assert (quarantine / "files" / o.file_id / "late.txt").read_bytes() == data
+    # nothing of the file's rows is staged; its copy is, for the commit to publish
+    assert o.staged == str(staging / o.file_id)
+    assert sorted(p.name for p in Path(o.staged).iterdir()) == ["file"]
+    assert (Path(o.staged) / "file" / "late.txt").read_bytes() == data
+    assert not (quarantine / "files").exists()
     # and end to end: same as the whole-file path, nothing in the lake
     o2 = _same_whole_and_streamed(tmp_path / "e2e", "late.txt", data, batch_rows=10, chunk=256)
     assert o2.reason == o.reason

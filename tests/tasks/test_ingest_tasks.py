@@ -7,6 +7,7 @@ Every bad input of the issue has a test here; each asserts a clear reason and co
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import threading
 import time
@@ -492,3 +493,201 @@ def test_landing_can_be_an_fsspec_url(tmp_path):
     assert o.rows_written == 12
     assert run_local(params, str(tmp_path / "lake"), str(tmp_path / "q"), "m2") == []
     fs.rm("/landing-test", recursive=True)
+
+
+# --- hostile input: asset ids, BOM, counts (issue: 1,168 malformed files) -----------------------
+
+
+def _csv(lines: list[str], header: bool = True) -> str:
+    head = ["unit,cycle," + ",".join(C.CMAPSS_COLUMNS[2:])] if header else []
+    return "\n".join(head + [",".join(line.split()) for line in lines]) + "\n"
+
+
+def test_unusable_asset_ids_are_quarantined_rows_not_assets(home):
+    rows = [line.split() for line in _lines(12)]
+    for i, cell in enumerate(["nan", " NaN ", "inf", "-inf", "null", "None", '""', "A" * 300, "é" * 100,
+                              "é" * 33]):
+        rows[i][0] = cell
+    _write(home.landing, "assets.csv", _csv([" ".join(r) for r in rows]))
+    (o,) = home.ingest()
+    _assert_conserved([o])
+    assert (o.rows_read, o.rows_written, o.rows_quarantined) == (12, 3, 9)
+    assert sorted(o.assets) == ["1", "é" * 33]  # 33 x 'é' = 198 characters percent-encoded: fits
+    q = dict(zip(home.quarantined("assets").column(C.ASSET).to_pylist(),
+                 home.quarantined("assets").column("reason").to_pylist()))
+    assert q["A" * 300] == "asset id too long: 300 characters percent-encoded (limit 200)"
+    assert q["é" * 100] == "asset id too long: 600 characters percent-encoded (limit 200)"
+    assert sum(r == "missing asset id" for r in q.values()) == 7
+    lake = home.lake_rows("assets")
+    assert lake.num_rows == 3 and not {"nan", "inf", "None"} & set(lake.column(C.ASSET).to_pylist())
+
+
+def test_csv_with_a_utf8_bom_is_read_like_one_without(home):
+    text = _csv(_lines(8)).encode()
+    _write(home.landing, "bom.csv", b"\xef\xbb\xbf" + text)
+    _write(home.landing, "bomgz.csv.gz", gzip.compress(b"\xef\xbb\xbf" + text))
+    outcomes = home.ingest()
+    assert [(o.status, o.rows_read, o.rows_written) for o in outcomes] == [("ingested", 8, 8)] * 2
+    assert home.lake_rows("bom").column(C.ASSET).to_pylist() == ["1"] * 8  # not '\ufeff1' or a header error
+    assert home.lake_rows("bomgz").num_rows == 8
+
+
+def test_header_less_csv_is_counted_whole(home):
+    _write(home.landing, "nohdr.csv", _csv(_lines(9), header=False))
+    _write(home.landing, "one.csv", _csv(_lines(1), header=False))
+    outcomes = home.ingest()
+    _assert_conserved(outcomes)
+    assert [(o.rows_read, o.rows_quarantined, o.rows_read_exact) for o in outcomes] == [(9, 9, True), (1, 1, True)]
+    assert all("no header" in o.reason for o in outcomes)
+
+
+def test_corrupt_gzip_and_unreadable_parquet_count_what_could_be_read(home):
+    data = gzip.compress(("\n".join(_lines(60)) + "\n").encode())
+    _write(home.landing, "trunc.txt.gz", data[: len(data) // 2])
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    _write(home.landing, "flipped.txt.gz", bytes(flipped))
+    lines = [line.split() for line in _lines(10)]
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols), buf, compression="none")
+    raw = bytearray(buf.getvalue().to_pybytes())
+    raw[100:140] = b"\xff" * 40  # a data page: the footer still reads
+    _write(home.landing, "pages.parquet", bytes(raw))
+    _write(home.landing, "nofooter.parquet", bytes(raw[:-30]))
+    by = {Path(o.source).name: o for o in home.ingest()}
+    _assert_conserved(by.values())
+    for name in ("trunc.txt.gz", "flipped.txt.gz"):
+        o = by[name]
+        assert o.status == "quarantined" and not o.rows_read_exact
+        assert 0 < o.rows_read < 60 and o.reason.endswith(f"rows: at least {o.rows_read}")
+    assert (by["pages.parquet"].rows_read, by["pages.parquet"].rows_read_exact) == (10, False)
+    assert by["pages.parquet"].reason.endswith("rows: 10 per the Parquet footer")
+    assert (by["nofooter.parquet"].rows_read, by["nofooter.parquet"].reason.endswith("rows: unknown")) == (0, True)
+    ledger = Ledger(home.lake)
+    recorded = ledger.files()
+    ledger.close()
+    assert recorded[by["trunc.txt.gz"].source]["reason"] == by["trunc.txt.gz"].reason
+    assert recorded[by["trunc.txt.gz"].source]["rows_read"] == by["trunc.txt.gz"].rows_read
+
+
+def test_landing_names_too_long_for_derived_paths_are_bounded(home):
+    good = "g" * 246 + ".csv"  # 250 bytes: the old temp name '.<name>.<8hex>.tmp' was 265
+    bad = "é" * 120 + ".txt.gz"  # 247 bytes, a corrupt gzip
+    other = "é" * 120 + ".dat.gz"  # same stem: must not collide with the one above
+    _write(home.landing, good, _csv(_lines(6)))
+    _write(home.landing, bad, b"\x1f\x8b" + b"\x00" * 40)
+    _write(home.landing, other, b"\x1f\x8b" + b"\x01" * 40)
+    by = {Path(o.source).name: o for o in home.ingest()}
+    _assert_conserved(by.values())
+    assert by[good].status == "ingested" and by[good].rows_written == 6
+    assert len(by[good].dataset) <= 100 and home.lake_rows(by[good].dataset).num_rows == 6
+    stored = set()
+    for name in (bad, other):
+        o = by[name]
+        assert o.status == "quarantined" and "corrupt gzip" in o.reason
+        (copy,) = [p for p in (home.quarantine / "files" / o.file_id).iterdir() if p.name != "reason.txt"]
+        assert len(copy.name.encode()) <= 100 and copy.name.endswith(name[-7:])
+        assert copy.read_bytes() == (home.landing / name).read_bytes()
+        info = json.loads((home.quarantine / "files" / o.file_id / "reason.txt").read_text())
+        assert info["source"] == o.source and info["stored_as"] == copy.name and info["reason"] == o.reason
+        stored.add(copy.name)
+    assert len(stored) == 2
+    assert home.ingest() == []  # and nothing left to fail on the next run
+
+
+def test_file_quarantine_is_staged_then_published_with_its_ledger_row(home):
+    _write(home.landing, "garbage.txt", b"\x00\x01 not telemetry \xff\xfe" * 10)
+    src = list_landing(str(home.landing))[0]
+    staging = home.lake / "_staging" / "bx"
+    o = process_file(src, IngestParams(landing=str(home.landing)), staging, home.quarantine, "bx")
+    assert o.status == "quarantined" and o.staged
+    assert not (home.quarantine / "files").exists()  # nothing visible before the commit
+    assert (Path(o.staged) / "file" / "garbage.txt").exists()
+    (o,) = home.ingest()
+    folder = home.quarantine / "files" / o.file_id
+    assert sorted(p.name for p in folder.iterdir()) == ["garbage.txt", "reason.txt"]
+    assert not [p for p in (home.quarantine / "files").iterdir() if p.name.startswith(".")]  # no temp left
+    ledger = Ledger(home.lake)
+    row = ledger.files()[o.source]
+    ledger.close()
+    assert (row["status"], row["reason"], row["rows_read"], row["rows_quarantined"]) == \
+        ("quarantined", o.reason, o.rows_read, o.rows_quarantined)
+    # A new unparseable version replaces the copy atomically; a good version removes it.
+    path = home.landing / "garbage.txt"
+    path.write_bytes(b"\xff still garbage")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    (o2,) = home.ingest()
+    assert o2.status == "quarantined" and (folder / "garbage.txt").read_bytes() == b"\xff still garbage"
+    path.write_text("\n".join(_lines(4)) + "\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    (o3,) = home.ingest()
+    assert o3.status == "ingested" and not folder.exists()
+
+
+def test_a_file_that_raises_costs_only_itself_not_its_batch(home, monkeypatch, caplog):
+    from twinflow.tasks.ingest import process as P
+
+    for k in range(3):
+        _write(home.landing, f"f{k}.txt", "\n".join(TRAIN_LINES[k * 300:(k + 1) * 300]) + "\n")
+    real = P.parse_bytes
+
+    def poisoned(data, name, *a, **kw):
+        if name == "f1.txt":
+            raise OSError(36, "File name too long")
+        return real(data, name, *a, **kw)
+
+    monkeypatch.setattr(P, "parse_bytes", poisoned)
+    with caplog.at_level("WARNING", logger="twinflow.ingest"):
+        by = {Path(o.source).name: o for o in home.ingest(dataset="fleet")}
+    assert [by[n].status for n in ("f0.txt", "f1.txt", "f2.txt")] == ["ingested", "quarantined", "ingested"]
+    assert by["f0.txt"].rows_written == by["f2.txt"].rows_written == 300
+    bad = by["f1.txt"]
+    assert bad.reason == "ingest error: OSError: [Errno 36] File name too long; rows: unknown"
+    assert not bad.rows_read_exact and (bad.rows_read, bad.rows_written, bad.rows_quarantined) == (0, 0, 0)
+    assert (home.quarantine / "files" / bad.file_id / "f1.txt").read_bytes() == \
+        (home.landing / "f1.txt").read_bytes()
+    assert any("f1.txt" in r.message and "ingest error" in r.message for r in caplog.records)
+    assert home.lake_rows("fleet").num_rows == 600
+    ledger = Ledger(home.lake)
+    assert ledger.files()[bad.source]["status"] == "quarantined"
+    ledger.close()
+    assert home.ingest(dataset="fleet") == []  # recorded: the next run does not fail on it again
+
+    # When even its bytes cannot be read, the file is deferred (retried next run), the others still go on.
+    def unreadable(data, name, *a, **kw):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(P, "parse_bytes", unreadable)
+    monkeypatch.setattr("twinflow.tasks.ingest.quarantine.read_file_bytes",
+                        lambda *a: (_ for _ in ()).throw(PermissionError("denied")))
+    _write(home.landing, "f3.txt", "\n".join(TRAIN_LINES[900:910]) + "\n")
+    (o,) = home.ingest(dataset="fleet")
+    assert o.status == "deferred" and o.reason.startswith("ingest error: RuntimeError: boom; not copied")
+    monkeypatch.undo()
+    (o,) = home.ingest(dataset="fleet")
+    assert o.status == "ingested" and o.rows_written == 10
+
+
+def test_links_are_followed_only_inside_the_landing_unless_allowed(home, caplog):
+    outside = home.landing.parent / "elsewhere"
+    _write(outside, "secret.txt", "\n".join(_lines(5)) + "\n")
+    _write(home.landing / "sub", "real.txt", "\n".join(_lines(7)) + "\n")
+    (home.landing / "ext.txt").symlink_to(outside / "secret.txt")
+    (home.landing / "extdir").symlink_to(outside, target_is_directory=True)
+    (home.landing / "inside.txt").symlink_to(home.landing / "sub" / "real.txt")  # same file: listed once
+    (home.landing / "sub" / "loop").symlink_to(home.landing, target_is_directory=True)  # a cycle
+    (home.landing / "dangling.txt").symlink_to(home.landing / "gone.txt")
+    with caplog.at_level("WARNING", logger="twinflow.ingest"):
+        listed = list_landing(str(home.landing))
+    assert [f.path for f in listed] == [str((home.landing / "sub" / "real.txt").resolve())]
+    warned = " ".join(r.message for r in caplog.records)
+    assert "ext.txt" in warned and "extdir" in warned and "outside the landing" in warned
+    (o,) = home.ingest()
+    assert o.rows_written == 7
+    followed = list_landing(str(home.landing), follow_external_links=True)
+    assert sorted(Path(f.path).name for f in followed) == ["real.txt", "secret.txt"]
+    by = {Path(o.source).name: o for o in home.ingest(follow_external_links=True)}
+    assert list(by) == ["secret.txt"] and by["secret.txt"].rows_written == 5
+    assert by["secret.txt"].source == str((outside / "secret.txt").resolve())
+    assert IngestParams(landing="x", follow_external_links=True).digest("d") == IngestParams(landing="x").digest("d")
