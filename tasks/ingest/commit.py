@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from twinflow import contracts as C
 from twinflow import lake as lk
 from twinflow.errors import AlreadyRunning
+from twinflow.tasks.ingest.landing import DUPLICATE_REASON
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
 from twinflow.tasks.ingest.quarantine import publish_file_quarantine, quarantine_rows
@@ -81,12 +82,16 @@ class _BatchKeys:
 
 
 def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, batch_id: str,
-                                batch: _BatchKeys) -> None:
-    """Quarantine staged rows whose (asset, cycle) another source holds in the lake or earlier in this batch."""
+                                batch: _BatchKeys, rereading: set[str]) -> None:
+    """Quarantine staged rows whose (asset, cycle) another source holds in the lake or earlier in this batch.
+
+    Sources read again in this batch do not count with their lake rows: this commit replaces those.
+    """
     staged = Path(o.staged) if o.staged else None
     extra: list[pa.Table] = []
     for asset, ext in list(o.assets.items()):
-        others = ledger.overlapping(o.dataset, asset, o.file_id, ext.tmin, ext.tmax)
+        others = [s for s in ledger.overlapping(o.dataset, asset, o.file_id, ext.tmin, ext.tmax)
+                  if s not in rereading]
         earlier = batch.overlapping(o.dataset, asset, ext.tmin, ext.tmax)
         if not others and not earlier:
             continue
@@ -136,6 +141,8 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
     done: list[FileOutcome] = []
     batch = _BatchKeys()
     hashes: dict[tuple[str, str], str] = {}
+    # What this batch read per source: a twin the ledger names is no twin if it now holds other content.
+    read_now = {o.source: (o.sha256, o.status) for o in outcomes if o.status != "deferred"}
     # dataset -> (outcomes recorded with this commit, sources whose earlier rows it drops)
     plan: dict[str, tuple[list[FileOutcome], set[str]]] = {}
 
@@ -147,7 +154,8 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
         if o.status == "deferred":
             done.append(o)
             continue
-        if prev and (prev["sha256"], prev["dataset"], prev["params_digest"]) == \
+        # A duplicate read again (its twin changed) is decided anew, even with the same content.
+        if prev and prev["status"] != "duplicate" and (prev["sha256"], prev["dataset"], prev["params_digest"]) == \
                 (o.sha256, o.dataset, o.params_digest):
             ledger.touch(o.source, o.size, o.mtime_ns)
             _discard(o)
@@ -157,12 +165,14 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
         twin = None
         if o.status == "ingested":
             twin = hashes.get((o.sha256, o.dataset)) or ledger.ingested_with_hash(o.sha256, o.dataset)
+            if twin in read_now and read_now[twin] != (o.sha256, "ingested"):
+                twin = hashes.get((o.sha256, o.dataset))
         if twin and twin != o.source:
             _discard(o)
-            o = o.model_copy(update=dict(status="duplicate", reason=f"same content as {twin}", rows_read=0,
+            o = o.model_copy(update=dict(status="duplicate", reason=f"{DUPLICATE_REASON}{twin}", rows_read=0,
                                          rows_written=0, rows_quarantined=0, assets={}, staged=None))
         elif o.status == "ingested":
-            _drop_cross_file_duplicates(o, ledger, lake_path, batch_id, batch)
+            _drop_cross_file_duplicates(o, ledger, lake_path, batch_id, batch, set(read_now))
             batch.add(o)
             hashes[(o.sha256, o.dataset)] = o.source
         if prev:

@@ -170,8 +170,9 @@ def read_file_bytes(path: str, storage_options: dict[str, Any]) -> bytes:
 
 def plan_files(files: list[SourceFile], known: dict[str, dict[str, Any]],
                params: IngestParams) -> tuple[list[SourceFile], int]:
-    """Files to read: new, with another size/mtime than the ledger recorded (the hash decides later), or
-    ingested under other parsing parameters.
+    """Files to read: new, with another size/mtime than the ledger recorded (the hash decides later),
+    ingested under other parsing parameters, or recorded as a duplicate of a file that is read again
+    (its rows were its twin's, which may now change) or is no longer ingested.
 
     Returns:
         (files to read, number of files skipped as unchanged).
@@ -182,4 +183,23 @@ def plan_files(files: list[SourceFile], known: dict[str, dict[str, Any]],
         return k is not None and (k["size"], k["mtime_ns"], k["params_digest"]) == (f.size, f.mtime_ns, digest)
 
     todo = [f for f in files if not same(f)]
+    reading = {f.path for f in todo}
+
+    def twin_changes(f: SourceFile) -> bool:
+        k = known.get(f.path)
+        if f.path in reading or not k or k["status"] != "duplicate":
+            return False
+        twin = duplicate_of(k["reason"] or "")
+        return twin in reading or known.get(twin, {}).get("status") != "ingested"
+
+    todo += [f for f in files if twin_changes(f)]
+    todo.sort(key=lambda f: f.path)
     return todo, len(files) - len(todo)
+
+
+DUPLICATE_REASON = "same content as "
+
+
+def duplicate_of(reason: str) -> str:
+    """The twin a ``duplicate`` outcome's reason names (see :data:`DUPLICATE_REASON`)."""
+    return reason[len(DUPLICATE_REASON):] if reason.startswith(DUPLICATE_REASON) else ""

@@ -327,6 +327,25 @@ def test_rerun_reads_nothing_and_duplicate_content_adds_nothing(home):
     assert home.lake_rows("a").num_rows == 40
 
 
+@pytest.mark.parametrize("twin_first", [True, False])
+def test_a_duplicate_is_read_again_when_its_twin_changes(home, twin_first):
+    names = ("a.txt", "b.txt") if twin_first else ("b.txt", "a.txt")  # the twin sorts first, or second
+    _write(home.landing, names[0], "\n".join(_lines(40)) + "\n")
+    home.ingest(dataset="d")
+    _write(home.landing, names[1], "\n".join(_lines(40)) + "\n")
+    assert [o.status for o in home.ingest(dataset="d")] == ["duplicate"]
+    # The twin now holds other rows (unit 1's first 10 cycles): the copy's 40 rows must not vanish.
+    _write(home.landing, names[0], "\n".join(_lines(10)) + "\n")
+    os.utime(home.landing / names[0], ns=(time.time_ns(), time.time_ns() + 10**9))
+    outcomes = {o.source.rsplit("/", 1)[-1]: o for o in home.ingest(dataset="d")}
+    assert outcomes[names[1]].status == "ingested"
+    _assert_conserved(outcomes.values())
+    lake = home.lake_rows("d")
+    assert _keys_unique(lake) and lake.num_rows + len(home.quarantined("d")) == 50
+    assert lake.num_rows == 40  # the copy's 40 cycles; the twin's 10 are the same keys: quarantined
+    assert home.ingest(dataset="d") == []
+
+
 def test_touched_but_identical_file_is_unchanged(home):
     path = _write(home.landing, "a.txt", "\n".join(_lines(10)) + "\n")
     home.ingest()
