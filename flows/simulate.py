@@ -29,6 +29,7 @@ from twinflow.tasks.twin import (
     TwinModel,
     TwinParams,
     build_policies,
+    bundled_fd001_model,
     calibrate,
     default_model,
     error_model_from_champion,
@@ -38,7 +39,6 @@ from twinflow.tasks.twin import (
     run_batches,
     select_run_to_failure,
     summarize,
-    _bundled_fd001_model,
 )
 
 __all__ = ["simulate", "generate", "TwinParams", "GenerateParams", "CostModel"]
@@ -98,7 +98,7 @@ def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[T
     warnings.warn(note, stacklevel=2)
     logger.warning(note)
     model = default_model(params.process_noise)
-    _, bundled = _bundled_fd001_model(params.process_noise)
+    _, bundled = bundled_fd001_model(params.process_noise)
     report = bundled.model_copy(update={"fallback": True, "excluded_assets": excluded, "notes": [note]})
     return model, report
 

@@ -341,7 +341,12 @@ class Trainer(Protocol):
             params: TrainParams, seed: int) -> FittedModel: ...
 
 
-def _pip_requirements(*modules: str) -> list[str]:
+def pip_requirements(*modules: str) -> list[str]:
+    """Pinned pip requirements of a logged model: mlflow, numpy, pandas and ``modules``.
+
+    Versions are the installed ones (local ``+cu...`` suffixes dropped); a package that is not
+    installed is listed unpinned.
+    """
     from importlib.metadata import PackageNotFoundError, version
 
     dist = {"sklearn": "scikit-learn"}
@@ -379,7 +384,7 @@ class GbmModel:
         x = example[list(self.spec.feature_columns)]
         return mlflow.sklearn.log_model(
             self.estimator, name=name, signature=_signature(x, self.estimator.predict(x)),
-            input_example=x, pip_requirements=_pip_requirements("sklearn"),
+            input_example=x, pip_requirements=pip_requirements("sklearn"),
             # We wrote these trees ourselves; skops asks for the type to be trusted explicitly.
             skops_trusted_types=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"])
 
@@ -832,10 +837,10 @@ def champion_error_model(settings: Any) -> dict | None:
     import mlflow
     from mlflow.artifacts import download_artifacts
 
-    from twinflow.tracking import _check_reachable
+    from twinflow.tracking import check_reachable
 
     uri = settings.mlflow_tracking_uri
-    _check_reachable(uri)
+    check_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=settings.mlflow.registry_uri or uri)
     name = settings.mlflow.registered_model
     mv = champion_version(client, name)

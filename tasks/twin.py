@@ -592,7 +592,8 @@ def select_run_to_failure(frame, truncated_sources: str, min_lifetime: int):
 
 
 @lru_cache(maxsize=4)
-def _bundled_fd001_model(process_noise: float) -> tuple[TwinModel, CalibrationReport]:
+def bundled_fd001_model(process_noise: float) -> tuple[TwinModel, CalibrationReport]:
+    """The twin calibrated on the bundled FD001 training set, with its report (cached per noise)."""
     return calibrate(read_cmapss_frame(), process_noise=process_noise)
 
 
@@ -611,7 +612,7 @@ def read_cmapss_frame(name: str = "train_FD001.txt.gz"):
 
 def default_model(process_noise: float = 0.005) -> TwinModel:
     """The twin calibrated on the bundled FD001 training set (cached; the documented fallback)."""
-    model, _ = _bundled_fd001_model(process_noise)
+    model, _ = bundled_fd001_model(process_noise)
     return model.model_copy(update={"source": "default:bundled-FD001"})
 
 

@@ -24,7 +24,11 @@ PREFECT_URL_TAG = "prefect.flow_run_url"
 STAGE_TAG = "twinflow.stage"
 
 
-def _check_reachable(uri: str) -> None:
+def check_reachable(uri: str) -> None:
+    """Raise :class:`ServiceUnavailable` when an HTTP tracking server does not answer ``/health``.
+
+    File and SQLite stores (any non-HTTP URI) are not checked: there is nothing to reach.
+    """
     if not uri.startswith(("http://", "https://")):
         return
     import httpx
@@ -54,7 +58,7 @@ def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     uri = settings.mlflow_tracking_uri
-    _check_reachable(uri)
+    check_reachable(uri)
     if uri.startswith("sqlite:///"):
         settings.home.mkdir(parents=True, exist_ok=True)
     if settings.mlflow.username:
