@@ -135,9 +135,41 @@ class Bench:
             summary["results"][label] = {"best_s": res.best, "median_s": res.median, "ratio": ratio,
                                          "peak_rss_mb": res.peak_rss_mb, **res.extra}
         if json_path:
-            with open(json_path, "w") as fh:
-                json.dump(summary, fh, indent=2, default=str)
+            write_json(json_path, summary)
         return summary
+
+
+def machine() -> dict[str, Any]:
+    """Where and when a benchmark ran: host, CPUs, Python, date and the git commit of the tree."""
+    import datetime
+    import platform
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(__file__), timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "cpus": os.cpu_count(), "machine": platform.machine(),
+            "python": platform.python_version(), "commit": commit}
+
+
+def write_json(path: str, summary: dict[str, Any]) -> None:
+    """Add one benchmark's summary to a results file (``benchmarks/results/*.json``), with the machine.
+
+    Several benchmarks of one run (e.g. ingest at two sizes) go into the same file, in order.
+    """
+    doc: dict[str, Any] = {"machine": machine(), "benchmarks": []}
+    if os.path.exists(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        if isinstance(old, dict) and isinstance(old.get("benchmarks"), list):
+            doc = old
+    doc["benchmarks"].append(summary)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(doc, fh, indent=2, default=str)
 
 
 def arg_parser(description: str) -> argparse.ArgumentParser:

@@ -124,7 +124,7 @@ class TwinflowConfigBlock(Block):
 BLOCK_TYPES: tuple[type[Block], ...] = (DaskClusterBlock, MlflowTrackingBlock, LakeBlock, TwinflowConfigBlock)
 
 
-def _check_api() -> str:
+def check_api() -> str:
     """Return the Prefect API URL, or raise a clear error when it is unset or down."""
     from prefect.settings import PREFECT_API_URL
 
@@ -149,7 +149,7 @@ def register_block_types() -> list[str]:
     Raises:
         ServiceUnavailable: the Prefect API is not set or does not answer.
     """
-    _check_api()
+    check_api()
     for block_type in BLOCK_TYPES:
         block_type.register_type_and_schema()
     return [b.get_block_type_slug() for b in BLOCK_TYPES]
@@ -173,7 +173,7 @@ def load_block(block_type: type[Block], name: str) -> Block:
         ConfigError: no block of that type has this name (lists the saved ones).
         ServiceUnavailable: the Prefect API is not set or does not answer.
     """
-    _check_api()
+    check_api()
     try:
         return block_type.load(name)
     except ValueError as exc:

@@ -109,9 +109,9 @@ def register_commands(app: typer.Typer) -> None:
         from prefect.client.orchestration import get_client
 
         from twinflow.blocks import BLOCK_TYPES
-        from twinflow.blocks.config import _check_api
+        from twinflow.blocks.config import check_api
 
-        _check_api()
+        check_api()
         with get_client(sync_client=True) as client:
             for block_type in BLOCK_TYPES:
                 slug = block_type.get_block_type_slug()

@@ -11,16 +11,12 @@ from twinflow import runtime
 from twinflow.errors import ConfigError
 from twinflow.refs import FeatureSetRef, TrainResult
 from twinflow.runtime import TwinflowTaskRunner
+from twinflow.tasks.registry import promotion_gate
 from twinflow.tasks.train import (
-    CHALLENGER,
-    CHAMPION,
     RESIDUALS_ARTIFACT,
     TrackingTarget,
     TrainParams,
-    champion_version,
     dataset_for_mlflow,
-    decide_promotion,
-    evaluate_task,
     feature_digest,
     get_trainer,
     model_io_lock,
@@ -28,10 +24,9 @@ from twinflow.tasks.train import (
     plot_learning_curve,
     plot_pred_vs_true,
     plot_residuals_per_asset,
-    retry_store,
     search_task,
 )
-from twinflow.tracking import configure_mlflow, tracked_run
+from twinflow.tracking import configure_mlflow, retry_store, tracked_run
 
 log = logging.getLogger("twinflow.train")
 
@@ -83,7 +78,8 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
         5. Register the model version, alias it ``challenger``; score the current champion on
            the same evaluation data; promote to ``champion`` only if better by
            ``params.promotion_margin`` (the first model becomes champion); write the decision as
-           an MLflow table and a Prefect markdown artifact.
+           an MLflow table and a Prefect markdown artifact
+           (:func:`twinflow.tasks.registry.promotion_gate`).
 
     Args:
         features: The training feature dataset (with labels).
@@ -96,7 +92,6 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
     """
     import mlflow
     from mlflow.entities import Metric
-    from prefect.artifacts import create_markdown_artifact
 
     params = params or TrainParams()
     _check_inputs(features, params, test_features)
@@ -162,34 +157,10 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
 
             # 5. registry and promotion gate
             if params.use_registry:
-                incumbent = champion_version(client, name)
-                mv = mlflow.register_model(info.model_uri, name, tags={"twinflow.eval_set": out.eval_name})
-                retry_store(client.set_registered_model_alias, name, CHALLENGER, mv.version)
-                champ_rmse, champ_err = None, None
-                if incumbent is not None:
-                    try:
-                        champ = evaluate_task.submit(f"models:/{name}/{incumbent.version}", features, params,
-                                                     test_features, settings.mlflow_tracking_uri).result()
-                        champ_rmse = champ["rmse"]
-                    except Exception as exc:  # the gate keeps the champion and records why
-                        champ_err = f"{exc.__class__.__name__}: {exc}"
-                        log.warning("champion v%s could not be scored: %s", incumbent.version, champ_err)
-                decision = decide_promotion(m["rmse"], champ_rmse, params.promotion_margin,
-                                            challenger_version=str(mv.version),
-                                            champion_version=None if incumbent is None else str(incumbent.version),
-                                            eval_set=out.eval_name, champion_error=champ_err)
-                if decision.promote:
-                    retry_store(client.set_registered_model_alias, name, CHAMPION, mv.version)
-                mlflow.log_table(decision.table(), "promotion/decision.json")
-                mlflow.set_tags({"twinflow.promotion": "promoted" if decision.promote else "kept",
-                                 "twinflow.registered_version": str(mv.version)})
-                if champ_rmse is not None:
-                    mlflow.log_metric("champion_eval_rmse", champ_rmse)
-                create_markdown_artifact(decision.markdown(name), key="train-promotion",
-                                         description=f"promotion gate for {name} v{mv.version}")
-                aliases = sorted(client.get_model_version(name, mv.version).aliases)
-                result = result.model_copy(update={"registered_model": name, "version": str(mv.version),
-                                                   "aliases": aliases})
+                gate = promotion_gate(client, name, info.model_uri, m["rmse"], out.eval_name, features, params,
+                                      test_features, settings.mlflow_tracking_uri)
+                result = result.model_copy(update={"registered_model": name, "version": gate.version,
+                                                   "aliases": gate.aliases})
         log.info("train: run %s, %s v%s %s, eval RMSE %.3f", run_id, name, result.version, result.aliases,
                  m["rmse"])
         return result

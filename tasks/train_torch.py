@@ -121,7 +121,7 @@ class CnnModel:
         import mlflow.pyfunc
         from mlflow.models import infer_signature
 
-        from twinflow.tasks.train import _pip_requirements
+        from twinflow.tasks.trainers import pip_requirements
 
         cols = ["asset_id", "cycle", *self.columns]
         x = example.rename(columns={self.asset: "asset_id", self.cycle: "cycle"})[cols]
@@ -129,7 +129,7 @@ class CnnModel:
             warnings.simplefilter("ignore", UserWarning)  # type-hint advice: the signature is explicit
             return mlflow.pyfunc.log_model(name=name, python_model=CnnPyfunc(self),
                                            signature=infer_signature(x, self.predict(x)), input_example=x,
-                                           pip_requirements=_pip_requirements("torch", "scikit-learn"))
+                                           pip_requirements=pip_requirements("torch", "scikit-learn"))
 
     def feature_importance(self, frame: pd.DataFrame, true: np.ndarray) -> dict[str, float] | None:
         """Permutation importance on whole columns (windows rebuilt per permutation)."""

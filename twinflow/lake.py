@@ -223,6 +223,56 @@ def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader 
     return open_table(lake_path, dataset, storage_options=storage_options, migrate=False).version()
 
 
+def staged_path(lake_path: str, batch_id: str, name: str) -> Path:
+    """A file in a writer's staging folder (``<lake>/_staging/<batch_id>/<name>.parquet``; local lakes).
+
+    Workers write parts of one commit there (:func:`write_staged`); :func:`commit_files` publishes them
+    in one transaction. Nothing there is part of any table version.
+    """
+    return meta_path(lake_path, "staging") / batch_id / f"{name}.parquet"
+
+
+def write_staged(table: pa.Table, path: Path, batch_id: str, source_file: str = "generated") -> str:
+    """Write rows (conformed to the telemetry schema) to a staging file atomically; return its sha256."""
+    import os
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        pq.write_table(conform(table, batch_id, source_file), tmp)
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def commit_files(lake_path: str, dataset: str, paths: Sequence[str | Path], *,
+                 replace: dict[str, Sequence[str]] | None = None, txn: tuple[str, int] | None = None,
+                 metadata: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None
+                 ) -> int | None:
+    """:func:`commit` of the rows of staged Parquet files, streamed one row group at a time; the files
+    are removed once the commit is in."""
+    import pyarrow.parquet as pq
+
+    schema = C.telemetry_schema()
+
+    def batches():
+        for p in paths:
+            f = pq.ParquetFile(p)
+            for i in range(f.num_row_groups):
+                yield from conform(f.read_row_group(i), batch_id="").to_batches()
+
+    v = commit(lake_path, dataset, pa.RecordBatchReader.from_batches(schema, batches()) if paths else None,
+               replace=replace, txn=txn, metadata=metadata, storage_options=storage_options)
+    for p in paths:
+        Path(p).unlink(missing_ok=True)
+    return v
+
+
 def write_lake_table(table: pa.Table, lake_path: str, dataset: str, batch_id: str,
                      storage_options: dict[str, Any] | None = None) -> LakeSnapshot:
     """Write a table twinflow generated itself (e.g. a synthetic fleet) into a dataset, in one commit.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from twinflow.errors import ServiceUnavailable
 from twinflow.settings import Settings
@@ -24,7 +24,11 @@ PREFECT_URL_TAG = "prefect.flow_run_url"
 STAGE_TAG = "twinflow.stage"
 
 
-def _check_reachable(uri: str) -> None:
+def check_reachable(uri: str) -> None:
+    """Raise :class:`ServiceUnavailable` when an HTTP tracking server does not answer ``/health``.
+
+    File and SQLite stores (any non-HTTP URI) are not checked: there is nothing to reach.
+    """
     if not uri.startswith(("http://", "https://")):
         return
     import httpx
@@ -54,7 +58,7 @@ def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
     uri = settings.mlflow_tracking_uri
-    _check_reachable(uri)
+    check_reachable(uri)
     if uri.startswith("sqlite:///"):
         settings.home.mkdir(parents=True, exist_ok=True)
     if settings.mlflow.username:
@@ -173,3 +177,27 @@ def tracked_run(
         raise exc
     else:
         mlflow.end_run(status="FINISHED")
+
+
+def retry_store(fn: Callable[..., Any], *args: Any, attempts: int = 6, **kwargs: Any) -> Any:
+    """Call an MLflow store write, retrying the races of concurrent writers on one SQLite file.
+
+    MLflow inserts a logged dataset or a registry alias after checking that it does not exist
+    yet, so two runs doing it at once can collide on the unique key ("UNIQUE constraint failed");
+    a retry finds the row and links to (or moves) it. "database is locked" beyond SQLite's busy
+    timeout is retried too. Only idempotent writes may be wrapped.
+    """
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as exc:
+            msg = str(exc)
+            if attempt == attempts - 1 or not ("UNIQUE constraint failed" in msg or "database is locked" in msg):
+                raise
+            log.info("retrying %s after a concurrent-writer conflict: %s", getattr(fn, "__name__", fn), msg[:120])
+            time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)

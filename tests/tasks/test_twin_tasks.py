@@ -258,7 +258,9 @@ def test_fused_gpu_kernel_source_matches_numpy_kernel_on_cpu(fitted, tmp_path):
     if gxx is None:
         pytest.skip("no C++ compiler to emulate the CUDA kernel")
     src = tmp_path / "kernel.cpp"
-    src.write_text(_CPU_PRELUDE + twin._FUSED_SRC + _CPU_DRIVER)
+    from twinflow.tasks.twin import fused  # the kernel source is that module's internal
+
+    src.write_text(_CPU_PRELUDE + fused._FUSED_SRC + _CPU_DRIVER)
     lib_path = tmp_path / "kernel.so"
     subprocess.run([gxx, "-O2", "-shared", "-fPIC", "-o", str(lib_path), str(src)], check=True)
     lib = ctypes.CDLL(str(lib_path))

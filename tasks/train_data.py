@@ -1,0 +1,246 @@
+"""Training data: the feature dataset read, checked and split by asset, and the evaluation sets.
+
+Validation never leaks: rows are split by asset, and the split is a deterministic function of the
+asset id (not of the seed), so every training run with the same ``val_fraction`` holds out the same
+assets and the champion/challenger comparison runs on data neither model trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from twinflow.errors import ConfigError
+from twinflow.refs import FeatureSetRef
+
+if TYPE_CHECKING:
+    from twinflow.tasks.train import TrainParams
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Which columns are keys, model inputs and label."""
+
+    feature_columns: tuple[str, ...]
+    label: str
+    asset: str = "asset_id"
+    cycle: str = "cycle"
+
+    @property
+    def keys(self) -> list[str]:
+        return [self.asset, self.cycle]
+
+
+def spec_for(ref: FeatureSetRef) -> DataSpec:
+    """The :class:`DataSpec` of a feature dataset reference."""
+    if not ref.feature_columns:
+        raise ConfigError(f"feature set {ref.path} lists no feature_columns")
+    if len(ref.key_columns) < 2:
+        raise ConfigError(f"feature set {ref.path} needs two key columns (asset, cycle), got {ref.key_columns}")
+    asset, cycle = ref.key_columns[:2]
+    return DataSpec(tuple(ref.feature_columns), ref.label_column or "rul", asset, cycle)
+
+
+def read_feature_frame(ref: FeatureSetRef, *, need_label: bool = True) -> pd.DataFrame:
+    """Read the keys, features and (optionally) the label of a feature dataset.
+
+    The dataset may be a single Parquet file or a (hive-partitioned) directory.
+
+    Raises:
+        ConfigError: the path is missing, columns are missing, or the label is required but absent.
+    """
+    import pyarrow.dataset as ds
+
+    spec = spec_for(ref)
+    try:
+        dataset = ds.dataset(ref.path, format="parquet", partitioning="hive")
+    except (FileNotFoundError, OSError) as exc:
+        raise ConfigError(f"feature dataset {ref.path} cannot be read: {exc}") from None
+    names = set(dataset.schema.names)
+    if need_label and (ref.label_column is None or ref.label_column not in names):
+        raise ConfigError(f"feature dataset {ref.path} has no label column {ref.label_column!r}; "
+                          "training needs labels (recompute features with labels)")
+    missing = [c for c in [*spec.keys, *spec.feature_columns] if c not in names]
+    if missing:
+        raise ConfigError(f"feature dataset {ref.path} lacks columns {missing}")
+    cols = [*spec.keys, *spec.feature_columns]
+    if spec.label in names:
+        cols.append(spec.label)
+    frame = dataset.to_table(columns=cols).to_pandas()
+    frame[spec.asset] = frame[spec.asset].astype(str)
+    frame[spec.cycle] = frame[spec.cycle].astype("int64")
+    for c in [*spec.feature_columns, *([spec.label] if spec.label in frame else [])]:
+        frame[c] = frame[c].astype("float64")
+    return frame.sort_values(spec.keys, kind="stable").reset_index(drop=True)
+
+
+def check_frame(frame: pd.DataFrame, spec: DataSpec, *, nan_policy: str = "reject",
+                need_label: bool = True, min_assets: int = 1, what: str = "feature dataset") -> pd.DataFrame:
+    """Reject or drop bad rows: empty data, NaN/inf features, missing labels, too few assets.
+
+    Returns:
+        The frame (rows with NaN/inf dropped under ``nan_policy="drop"``).
+
+    Raises:
+        ConfigError: naming the offending columns, or saying why the data cannot be used.
+    """
+    if frame.empty:
+        raise ConfigError(f"{what} is empty: nothing to train or evaluate on")
+    cols = list(spec.feature_columns) + ([spec.label] if need_label else [])
+    values = frame[cols].to_numpy(dtype="float64")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        bad_cols = [c for c, b in zip(cols, bad.any(axis=0)) if b]
+        if nan_policy == "reject":
+            raise ConfigError(f"{what} has NaN/inf in columns {bad_cols} ({int(bad.any(axis=1).sum())} rows); "
+                              "clean them or pass nan_policy='drop'")
+        frame = frame.loc[~bad.any(axis=1)].reset_index(drop=True)
+        if frame.empty:
+            raise ConfigError(f"{what} has no rows left after dropping NaN/inf in {bad_cols}")
+    n_assets = frame[spec.asset].nunique()
+    if n_assets < min_assets:
+        raise ConfigError(f"{what} has {n_assets} asset(s); a split by asset needs at least {min_assets}")
+    return frame
+
+
+def _asset_rank(asset_id: str) -> str:
+    # A hash, not the seed: the same asset lands on the same side in every run.
+    return hashlib.sha256(f"twinflow-split:{asset_id}".encode()).hexdigest()
+
+
+def split_by_asset(frame: pd.DataFrame, spec: DataSpec, val_fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split rows into train/validation by asset: no asset has rows on both sides.
+
+    Raises:
+        ConfigError: fewer than two assets.
+    """
+    assets = sorted(frame[spec.asset].unique(), key=_asset_rank)
+    if len(assets) < 2:
+        raise ConfigError(f"cannot split by asset: the data has {len(assets)} asset(s), need at least 2")
+    n_val = min(max(1, round(val_fraction * len(assets))), len(assets) - 1)
+    val_ids = set(assets[:n_val])
+    is_val = frame[spec.asset].isin(val_ids).to_numpy()
+    return frame.loc[~is_val].reset_index(drop=True), frame.loc[is_val].reset_index(drop=True)
+
+
+def natural_key(asset_id: str) -> tuple:
+    """Sort key of asset ids in natural order: ``..._2`` before ``..._10``."""
+    m = re.search(r"(\d+)$", asset_id)
+    return (0, int(m.group(1)), asset_id) if m else (1, 0, asset_id)
+
+
+def read_true_rul(path: str) -> np.ndarray:
+    """True RUL per test unit, in unit order (one number per line; gzip allowed)."""
+    try:
+        values = np.loadtxt(path, dtype="float64", ndmin=1)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"true RUL file {path} cannot be read: {exc}") from None
+    if values.ndim != 1 or values.size == 0:
+        raise ConfigError(f"true RUL file {path} must hold one number per test unit")
+    return values
+
+
+@dataclass
+class EvalSet:
+    """Evaluation data: the frame to predict on and the rows (with truth) that are scored.
+
+    ``frame`` holds whole asset histories (sequence models need the context), ``rows`` the
+    positions that are scored: each test unit's last cycle (C-MAPSS protocol) or every
+    validation row.
+    """
+
+    name: str
+    frame: pd.DataFrame
+    rows: np.ndarray
+    true: np.ndarray
+
+    @property
+    def asset_ids(self) -> np.ndarray:
+        return self.frame["asset_id"].to_numpy()[self.rows] if "asset_id" in self.frame else np.array([])
+
+
+def cmapss_test_set(test_frame: pd.DataFrame, spec: DataSpec, true_rul: np.ndarray, rul_cap: float) -> EvalSet:
+    """The C-MAPSS test protocol: score each unit's last cycle against its (capped) true RUL.
+
+    Units are matched to ``true_rul`` in natural order of their id (``..._2`` before ``..._10``).
+
+    Raises:
+        ConfigError: the number of test units and true RUL values differ.
+    """
+    last = test_frame.groupby(spec.asset, sort=False)[spec.cycle].idxmax()
+    order = sorted(last.index, key=natural_key)
+    if len(order) != len(true_rul):
+        raise ConfigError(f"test features have {len(order)} units but the true RUL file has {len(true_rul)} values")
+    rows = last.loc[order].to_numpy()
+    true = np.minimum(np.asarray(true_rul, dtype="float64"), rul_cap)
+    frame = test_frame.rename(columns={spec.asset: "asset_id", spec.cycle: "cycle"})
+    return EvalSet("cmapss-test", frame, rows, true)
+
+
+def validation_set(val_frame: pd.DataFrame, spec: DataSpec) -> EvalSet:
+    """Every row of the held-out assets, scored against its label."""
+    frame = val_frame.rename(columns={spec.asset: "asset_id", spec.cycle: "cycle"})
+    return EvalSet("validation", frame, np.arange(len(frame)), frame[spec.label].to_numpy(dtype="float64"))
+
+
+def build_eval_set(features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
+                   val: pd.DataFrame | None = None) -> EvalSet:
+    """The evaluation data of a run: the C-MAPSS test protocol when test features are given,
+    else the held-out validation assets of ``features``."""
+    spec = spec_for(features)
+    if test_features is not None:
+        tspec = spec_for(test_features)
+        has_label = test_features.label_column is not None
+        frame = read_feature_frame(test_features, need_label=False)
+        frame = check_frame(frame, tspec, nan_policy=params.nan_policy, need_label=False, what="test feature dataset")
+        if params.true_rul_path:
+            true = read_true_rul(params.true_rul_path)
+        elif has_label and tspec.label in frame:
+            # Test features that carry labels score themselves: the label at each unit's last cycle.
+            last = frame.groupby(tspec.asset, sort=False)[tspec.cycle].idxmax()
+            true = frame.loc[last.loc[sorted(last.index, key=natural_key)].to_numpy(), tspec.label].to_numpy()
+        else:
+            raise ConfigError("test_features need params.true_rul_path (or a label column) to be scored")
+        return cmapss_test_set(frame, tspec, true, params.rul_cap)
+    if val is None:
+        frame = check_frame(read_feature_frame(features), spec, nan_policy=params.nan_policy, min_assets=2)
+        _, val = split_by_asset(frame, spec, params.val_fraction)
+    return validation_set(val, spec)
+
+
+def feature_digest(ref: FeatureSetRef) -> str:
+    """Digest of a feature dataset: its files' bytes, its params digest and its lake snapshot."""
+    import fsspec
+
+    h = hashlib.sha256(f"{ref.params_digest}|{ref.snapshot.digest}|{','.join(ref.feature_columns)}".encode())
+    fs, root = fsspec.core.url_to_fs(ref.path)
+    files = [root] if fs.isfile(root) else sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    for p in files:
+        h.update(p[len(root):].encode())
+        with fs.open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def dataset_for_mlflow(ref: FeatureSetRef, digest: str):
+    """An MLflow dataset (source path, digest, schema) without loading the data."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import ColSpec, Schema
+
+    spec = spec_for(ref)
+    cols = [ColSpec("string", spec.asset), ColSpec("long", spec.cycle)]
+    cols += [ColSpec("double", c) for c in spec.feature_columns]
+    if ref.label_column:
+        cols.append(ColSpec("double", ref.label_column))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(ref.path)
+    return MetaDataset(source, name=f"features/{ref.snapshot.dataset}", digest=digest, schema=Schema(cols))

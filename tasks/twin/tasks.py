@@ -1,0 +1,173 @@
+"""The twin's Prefect tasks: thin wrappers over the pure functions of :mod:`twinflow.tasks.twin`.
+
+They add what the pure functions leave out: lake and MLflow reads, the Dask client, logging and
+warnings. The ``simulate`` and ``generate`` flows in ``twinflow.flows.simulate`` call them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import get_run_logger, task
+
+from twinflow import runtime
+from twinflow.contracts import ASSET, CHANNELS, CMAPSS_COLUMNS, TIME
+from twinflow.refs import FileRef, LakeSnapshot
+from twinflow.tasks.twin.calibration import (
+    CalibrationReport,
+    bundled_fd001_model,
+    calibrate,
+    default_model,
+    read_cmapss_frame,
+    select_run_to_failure,
+)
+from twinflow.tasks.twin.fleet import generate_fleet
+from twinflow.tasks.twin.model import GenerateParams, NoRunToFailureData, TwinModel, TwinParams
+from twinflow.tasks.twin.policies import build_policies
+from twinflow.tasks.twin.rul_error import RulErrorModel, error_model_from_champion
+from twinflow.tasks.twin.study import run_batches
+
+log = logging.getLogger("twinflow.simulate")
+
+
+def run_logger():
+    """The Prefect run logger inside a flow or task run, else the module's logger."""
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a run context
+        return log
+
+
+def _client():
+    """The Dask client for fine-grained work, whether we run on a worker or in the flow process."""
+    return runtime.using_dask()
+
+
+
+@task(name="calibrate-twin")
+def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[TwinModel, CalibrationReport]:
+    """Fit the twin to the snapshot's run-to-failure assets (the bundled FD001 without a snapshot)."""
+    logger = run_logger()
+    if snapshot is None:
+        frame, where = read_cmapss_frame(), "bundled train_FD001"
+    else:
+        from twinflow.lake import read_lake
+
+        cols = [ASSET, TIME, *CHANNELS, "source_file"]
+        frame, where = read_lake(snapshot, columns=cols).to_pandas(), f"lake dataset {snapshot.dataset!r}"
+    kept, excluded = select_run_to_failure(frame, params.truncated_sources, params.min_lifetime)
+    if kept[ASSET].nunique() >= 2:
+        model, report = calibrate(kept, process_noise=params.process_noise, seed=params.seed)
+        report.excluded_assets = excluded
+        logger.info("twin calibrated on %d run-to-failure assets of %s (KS %.3f, b=%.2f)",
+                    report.n_assets, where, report.ks_statistic, report.b)
+        return model, report
+    msg = (f"{where} has no run-to-failure assets to calibrate the twin on ({excluded} truncated or "
+           f"shorter than {params.min_lifetime} cycles)")
+    if params.on_no_run_to_failure == "error":
+        raise NoRunToFailureData(msg + "; ingest a run-to-failure dataset (e.g. train_FD001) or set "
+                                 "on_no_run_to_failure=defaults")
+    note = msg + "; using the default parameters (calibrated on the bundled FD001 training set)"
+    warnings.warn(note, stacklevel=2)
+    logger.warning(note)
+    model = default_model(params.process_noise)
+    _, bundled = bundled_fd001_model(params.process_noise)
+    report = bundled.model_copy(update={"fallback": True, "excluded_assets": excluded, "notes": [note]})
+    return model, report
+
+
+@task(name="load-rul-error-model")
+def load_error_model(params: TwinParams, settings: Any) -> RulErrorModel:
+    """The champion model's RUL error distribution from MLflow, else the stated Gaussian fallback."""
+    logger = run_logger()
+    champion = None
+    try:
+        from twinflow.tasks.registry import champion_error_model
+    except ImportError:
+        champion_error_model = None
+    if champion_error_model is not None:
+        try:
+            champion = champion_error_model(settings)
+        except Exception as exc:  # noqa: BLE001 - a missing champion must not stop the study
+            logger.warning("could not read the champion's error distribution: %s", exc)
+    model, note = error_model_from_champion(champion, params.rul_error_sd)
+    if note:
+        warnings.warn(note, stacklevel=2)
+        logger.warning(note)
+    return model
+
+
+@task(name="simulate-policies")
+def run_policy_study(model: TwinModel, params: TwinParams, error_model: RulErrorModel) -> dict[str, np.ndarray]:
+    """All policies' Monte-Carlo: fixed scenario batches as Dask work (one per worker-sized chunk)."""
+    policies = build_policies(params.intervals, params.thresholds)
+    with _client() as client:
+        return run_batches(client, model, policies, params, error_model)
+
+
+def _write_chunk(index: int, n_assets: int, asset_offset: int, seed, model: TwinModel, params: GenerateParams,
+                 root: str, batch_id: str) -> FileRef:
+    """Generate one chunk of the fleet and write it (lake: a staged part of the one commit
+    :func:`write_fleet` makes; landing: one C-MAPSS text file)."""
+    import hashlib
+    import os
+    import uuid
+
+    if params.target == "lake":
+        table = generate_fleet(n_assets, seed, model, asset_offset=asset_offset, asset_prefix=params.asset_prefix,
+                               batch_id=batch_id, source_file=f"generated:{params.dataset}/{batch_id}")
+        from twinflow import lake
+
+        part = lake.staged_path(root, f"generate-{batch_id}", f"chunk-{index:05d}")
+        digest = lake.write_staged(table, part, batch_id, f"generated:{params.dataset}/{batch_id}")
+        return FileRef(path=f"generated:{params.dataset}/{batch_id}/chunk-{index:05d}", sha256=digest,
+                       rows_read=table.num_rows, rows_written=table.num_rows, lake_file=str(part))
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    table = generate_fleet(n_assets, seed, model, asset_offset=asset_offset, asset_prefix="", batch_id=batch_id)
+    unit = pa.array(np.asarray(table.column(ASSET).to_numpy(zero_copy_only=False), dtype=np.int64) + 1)
+    cols = [unit, table.column(TIME), *[table.column(c) for c in CHANNELS]]
+    out = pa.Table.from_arrays(cols, names=CMAPSS_COLUMNS)
+    folder = Path(root) / params.dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{params.dataset}_{batch_id}_{index:05d}.txt"
+    tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        pacsv.write_csv(out, tmp, pacsv.WriteOptions(include_header=False, delimiter=" ", quoting_style="none"))
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return FileRef(path=str(path), sha256=digest, rows_read=out.num_rows, rows_written=out.num_rows,
+                   status="generated")
+
+
+@task(name="write-fleet")
+def write_fleet(params: GenerateParams, model: TwinModel, root: str, batch_id: str) -> list[FileRef]:
+    """Generate and write the fleet in fixed chunks of assets, one Dask task per chunk."""
+    n_chunks = math.ceil(params.n_assets / params.chunk_assets)
+    seeds = np.random.SeedSequence(params.seed).spawn(n_chunks)
+    with _client() as client:
+        model_f = client.scatter(model, broadcast=True, hash=False)
+        futures = []
+        for i in range(n_chunks):
+            lo = i * params.chunk_assets
+            n = min(params.chunk_assets, params.n_assets - lo)
+            futures.append(client.submit(_write_chunk, i, n, lo, seeds[i], model_f, params, root, batch_id,
+                                         pure=False))
+        refs = client.gather(futures)
+    if params.target == "lake":
+        from twinflow import lake
+
+        # One transaction for the whole fleet: readers see all of it or none, and writing the same
+        # batch again replaces it.
+        lake.commit_files(root, params.dataset, [r.lake_file for r in refs], replace={"batch_id": [batch_id]},
+                          metadata={"twinflow.operation": "generate", "twinflow.batch_id": batch_id})
+        refs = [r.model_copy(update={"lake_file": batch_id}) for r in refs]
+    return refs
