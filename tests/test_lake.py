@@ -149,15 +149,15 @@ def test_crash_after_the_delta_commit_before_the_ledger_neither_duplicates_nor_l
 
 def test_crash_before_the_delta_commit_reads_the_files_again(tmp_path, monkeypatch):
     _landing(tmp_path)
-    real_commit = lake.commit
+    real_commit = lake.commit_data_files
 
     def crash(*a, **k):
         raise KeyboardInterrupt("killed before the Delta commit")
 
-    monkeypatch.setattr(commit_mod.lk, "commit", crash)
+    monkeypatch.setattr(commit_mod.lk, "commit_data_files", crash)
     with pytest.raises(KeyboardInterrupt):
         _ingest(tmp_path, "b1")
-    monkeypatch.setattr(commit_mod.lk, "commit", real_commit)
+    monkeypatch.setattr(commit_mod.lk, "commit_data_files", real_commit)
     assert lake.snapshot(str(tmp_path / "lake"), "plant") is None
     again = _ingest(tmp_path, "b2")
     assert sorted(o.status for o in again) == ["ingested"] * 3
@@ -181,6 +181,21 @@ def test_a_changed_source_replaces_its_rows_in_one_commit(tmp_path):
     assert hist[0]["operation"] in ("WRITE", "write") and hist[0].get("twinflow.batch_id") == "b2"
     table = lake.read_lake(lake.latest_snapshot(str(tmp_path / "lake"), "plant"))
     assert table.num_rows == 50 and len(set(_keys(table))) == 50
+
+
+def test_a_changed_source_in_a_compacted_table_is_still_replaced_in_one_commit(tmp_path):
+    """After optimize, data files hold several sources: replacing one rewrites them (predicate path)."""
+    landing = _landing(tmp_path, 3)
+    _ingest(tmp_path, "b1")
+    lake.optimize(str(tmp_path / "lake"), "plant")
+    v = lake.version(str(tmp_path / "lake"), "plant")
+    (landing / "part1.txt").write_text("\n".join(TRAIN_LINES[40:45]) + "\n")
+    _ingest(tmp_path, "b2")
+    assert lake.version(str(tmp_path / "lake"), "plant") == v + 1
+    table = lake.read_lake(lake.latest_snapshot(str(tmp_path / "lake"), "plant"))
+    assert table.num_rows == 85 and len(set(_keys(table))) == 85
+    per_source = pa.table({"s": table.column("source_file")}).group_by("s").aggregate([("s", "count")])
+    assert sorted(per_source.column("s_count").to_pylist()) == [5, 40, 40]
 
 
 def test_optimize_keeps_the_rows_and_vacuum_removes_unreferenced_files(tmp_path):

@@ -223,6 +223,146 @@ def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader 
     return open_table(lake_path, dataset, storage_options=storage_options, migrate=False).version()
 
 
+def data_schema() -> pa.Schema:
+    """The schema of a data file of a lake table: the telemetry schema without the partition column."""
+    schema = C.telemetry_schema()
+    return schema.remove(schema.get_field_index(PARTITION))
+
+
+def data_file_table(rows: pa.Table) -> pa.Table:
+    """Rows (with or without the asset column) cast to :func:`data_schema`, null where a column is absent."""
+    cols = []
+    for f in data_schema():
+        if f.name in rows.column_names:
+            col = rows.column(f.name)
+            if pa.types.is_dictionary(col.type):
+                col = col.cast(col.type.value_type)
+            cols.append(col.cast(f.type))
+        elif f.nullable:
+            cols.append(pa.nulls(rows.num_rows, f.type))
+        else:
+            raise ConfigError(f"rows lack required column {f.name!r}")
+    return pa.Table.from_arrays(cols, schema=data_schema())
+
+
+def write_data_file(rows: pa.Table, where: Any) -> None:
+    """Write rows of one asset as a data file of a lake table (the file :func:`commit_data_files` adds).
+
+    Dictionary pages only on lineage (the float channels gain nothing and write ~3x slower); min/max
+    statistics on the cycle and lineage columns (what readers prune on and :func:`commit_data_files`
+    reads back for the commit's file statistics), not on every channel.
+    """
+    import pyarrow.parquet as pq
+
+    pq.write_table(data_file_table(rows), where, use_dictionary=_DICT_COLUMNS, compression="snappy",
+                   write_statistics=[C.TIME, *_STATS_COLUMNS])
+
+
+_STATS_COLUMNS = ["source_file", "batch_id"]
+
+
+def _file_stats(path: Path) -> str:
+    """Delta file statistics (numRecords, min/max of the cycle and lineage) from a Parquet footer."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    md = pq.read_metadata(path)
+    names = [md.schema.column(i).name for i in range(md.num_columns)]
+    mins: dict[str, Any] = {}
+    maxs: dict[str, Any] = {}
+    for name in (C.TIME, *_STATS_COLUMNS):
+        j = names.index(name)
+        lo = hi = None
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(j).statistics
+            if st is None or not st.has_min_max:
+                lo = hi = None
+                break
+            lo = st.min if lo is None else min(lo, st.min)
+            hi = st.max if hi is None else max(hi, st.max)
+        if lo is not None:
+            mins[name], maxs[name] = lo, hi
+    return json.dumps({"numRecords": md.num_rows, "minValues": mins, "maxValues": maxs,
+                       "nullCount": {C.TIME: 0, "source_file": 0, "batch_id": 0}}, default=str)
+
+
+def _single_source_files(dt: "DeltaTable", sources: set[str]) -> tuple[list[tuple[str, int, str]], bool]:
+    """The table's files that hold rows of ``sources`` only: ``(path, size, asset)``; and whether any
+    other file may hold rows of them too (no statistics, or several sources in one file)."""
+    import bisect
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if not sources or actions.num_rows == 0:
+        return [], False
+    ordered = sorted(sources)
+    cols = actions.column_names
+    lo = actions.column("min.source_file").to_pylist() if "min.source_file" in cols else [None] * actions.num_rows
+    hi = actions.column("max.source_file").to_pylist() if "max.source_file" in cols else [None] * actions.num_rows
+    out, mixed = [], False
+    for path, size, asset, a, b in zip(actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(),
+                                       actions.column(f"partition.{PARTITION}").to_pylist(), lo, hi):
+        if a is None or b is None:
+            mixed = True
+        elif a == b:
+            if a in sources:
+                out.append((unquote(path), int(size), asset))
+        elif bisect.bisect_left(ordered, a) < bisect.bisect_right(ordered, b):
+            mixed = True  # a compacted or migrated file spanning a replaced source: rows must be rewritten
+    return out, mixed
+
+
+def commit_data_files(lake_path: str, dataset: str, files: Sequence[tuple[str | Path, str]], *,
+                      replace_sources: Iterable[str] = (), txn: tuple[str, int] | None = None,
+                      metadata: dict[str, str] | None = None) -> int:
+    """Add data files (written with :func:`write_data_file`, one asset each) to a table and remove the
+    rows of ``replace_sources``, in one Delta transaction, without rewriting a byte.
+
+    The files are moved into their partition folders (same file system: a rename) and named in the
+    commit's add actions; the replaced sources' files are named in its remove actions. Where a file
+    holds rows of a replaced source and of others (after :func:`optimize`, or a converted 0.1 lake),
+    the commit instead streams the new files through :func:`commit` with a ``source_file IN (...)``
+    predicate: still one transaction, at the cost of rewriting. Local lakes only.
+
+    Returns:
+        The table version after the commit.
+    """
+    import os
+    import time
+    import uuid
+
+    from deltalake import CommitProperties, DeltaTable, Transaction
+    from deltalake.transaction import AddAction, RemoveAction
+
+    sources = set(replace_sources)
+    dt = open_table(lake_path, dataset)
+    if dt is None:
+        dt = DeltaTable.create(table_uri(lake_path, dataset), schema=C.telemetry_schema(), partition_by=[PARTITION])
+    removes, mixed = _single_source_files(dt, sources)
+    if mixed:
+        v = commit_files(lake_path, dataset, [p for p, _ in files], replace={"source_file": sorted(sources)},
+                         txn=txn, metadata=metadata)
+        return v if v is not None else dt.version()
+    root = local_path(lake_path) / dataset
+    now = int(time.time() * 1000)
+    actions: list[Any] = []
+    for path, asset in files:
+        rel = f"{partition_dir(asset)}/part-{uuid.uuid4()}-c000.snappy.parquet"
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        actions.append(AddAction(rel, dest.stat().st_size, {PARTITION: asset}, now, True, _file_stats(dest)))
+    actions += [RemoveAction(p, True, now, size, {PARTITION: asset}) for p, size, asset in removes]
+    if not actions:
+        return dt.version()
+    props = CommitProperties(custom_metadata=dict(metadata or {}) or None,
+                             app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None)
+    dt.create_write_transaction(actions, mode="append", schema=C.telemetry_schema(), partition_by=[PARTITION],
+                                commit_properties=props)
+    dt.update_incremental()
+    return dt.version()
+
+
 def staged_path(lake_path: str, batch_id: str, name: str) -> Path:
     """A file in a writer's staging folder (``<lake>/_staging/<batch_id>/<name>.parquet``; local lakes).
 
@@ -263,8 +403,12 @@ def commit_files(lake_path: str, dataset: str, paths: Sequence[str | Path], *,
     def batches():
         for p in paths:
             f = pq.ParquetFile(p)
+            asset = None if PARTITION in f.schema_arrow.names else asset_of(str(p))
             for i in range(f.num_row_groups):
-                yield from conform(f.read_row_group(i), batch_id="").to_batches()
+                t = f.read_row_group(i)
+                if asset is not None:  # a data file: its asset is its folder's
+                    t = t.append_column(PARTITION, pa.array([asset] * t.num_rows, pa.string()))
+                yield from conform(t, batch_id="").to_batches()
 
     v = commit(lake_path, dataset, pa.RecordBatchReader.from_batches(schema, batches()) if paths else None,
                replace=replace, txn=txn, metadata=metadata, storage_options=storage_options)

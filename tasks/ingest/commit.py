@@ -1,8 +1,9 @@
 """Commit: publish a batch's staged rows into the lake's Delta tables and record them in the ledger.
 
-One Delta transaction per dataset and batch: it appends the new rows and, in the same commit, drops
-the rows of every source read again (``source_file IN (...)``), so readers see a source's old rows or its
-new ones, never both or neither. Ordering makes a crash at any point safe:
+One Delta transaction per dataset and batch: it adds the staged data files (the workers wrote them in
+the table's own file format, so the commit moves them into place and rewrites nothing) and, in the
+same commit, removes the files of every source read again, so readers see a source's old rows or its
+new ones, never both or neither (:func:`twinflow.lake.commit_data_files`). Ordering makes a crash at any point safe:
 
 1. the ledger writes an *intent* (the outcomes, the dataset and the application-transaction version
    the commit will carry);
@@ -36,7 +37,7 @@ from twinflow.tasks.ingest.landing import DUPLICATE_REASON
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
 from twinflow.tasks.ingest.quarantine import publish_file_quarantine, quarantine_rows
-from twinflow.tasks.ingest.stage import atomic_write_table, staged_asset_path
+from twinflow.tasks.ingest.stage import atomic_write_lake_rows, atomic_write_table, staged_asset_path
 
 LOCK_NAME = "_ingest.lock"
 
@@ -106,12 +107,13 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
         bad = rows.filter(dup)
         reasons = [f"duplicate key ({C.ASSET}={asset}, {C.TIME}={c}): already in the lake from another file"
                    for c in bad.column(C.TIME).to_pylist()]
-        q = quarantine_rows(bad.select([C.ASSET, C.TIME]).append_column(
-            "record", pa.nulls(bad.num_rows, pa.int64())), reasons, o.source, batch_id)
+        keys = pa.table({C.ASSET: pa.array([asset] * bad.num_rows, pa.string()), C.TIME: bad.column(C.TIME),
+                         "record": pa.nulls(bad.num_rows, pa.int64())})
+        q = quarantine_rows(keys, reasons, o.source, batch_id)
         extra.append(q)
         keep = rows.filter(pc.invert(dup))
         if keep.num_rows:
-            atomic_write_table(keep, path)
+            atomic_write_lake_rows(keep, path)
             cyc = keep.column(C.TIME)
             o.assets[asset] = AssetExtent(rows=keep.num_rows, tmin=pc.min(cyc).as_py(), tmax=pc.max(cyc).as_py())
         else:
@@ -196,28 +198,15 @@ def _commit_dataset(dataset: str, recorded: list[FileOutcome], replaced: set[str
     for o in recorded:
         _publish_quarantine(o, quarantine)
     if with_rows or replaced:
-        lk.commit(lake_path, dataset, _staged_reader(with_rows) if with_rows else None,
-                  replace={"source_file": sorted(replaced | {o.source for o in with_rows})},
-                  txn=(lk.INGEST_APP_ID, txn),
-                  metadata={"twinflow.operation": "ingest", "twinflow.batch_id": batch_id,
-                            "twinflow.files": str(len(recorded))})
+        files = [(staged_asset_path(Path(o.staged), asset, o.file_id), asset) for o in with_rows for asset in o.assets]
+        lk.commit_data_files(lake_path, dataset, files, replace_sources=replaced | {o.source for o in with_rows},
+                             txn=(lk.INGEST_APP_ID, txn),
+                             metadata={"twinflow.operation": "ingest", "twinflow.batch_id": batch_id,
+                                       "twinflow.files": str(len(recorded))})
     ledger.apply(dataset, txn)
     for o in recorded:
         _discard(o)
         o.staged = None
-
-
-def _staged_reader(outcomes: list[FileOutcome]) -> pa.RecordBatchReader:
-    """The staged rows of ``outcomes`` as one stream (a file's row groups at a time: bounded memory)."""
-    schema = C.telemetry_schema()
-
-    def batches():
-        for o in outcomes:
-            for asset in o.assets:
-                f = pq.ParquetFile(staged_asset_path(Path(o.staged), asset, o.file_id))
-                for i in range(f.num_row_groups):
-                    yield lk.conform(f.read_row_group(i), batch_id="", source_file=o.source).to_batches()
-    return pa.RecordBatchReader.from_batches(schema, (b for group in batches() for b in group))
 
 
 def _discard(o: FileOutcome) -> None:

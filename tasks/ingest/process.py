@@ -17,7 +17,7 @@ from twinflow.tasks.ingest.names import dataset_name, detect_format, file_id
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
 from twinflow.tasks.ingest.parse import decompress, parse_bytes
 from twinflow.tasks.ingest.quarantine import quarantine_file, quarantine_rows, summarise_reasons
-from twinflow.tasks.ingest.stage import atomic_write_table, split_by_asset, staged_asset_path
+from twinflow.tasks.ingest.stage import atomic_write_lake_rows, atomic_write_table, split_by_asset, staged_asset_path
 from twinflow.tasks.ingest.stream import process_streamed
 from twinflow.tasks.ingest.validate import validate_table
 
@@ -81,7 +81,7 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
     if folder.exists():
         shutil.rmtree(folder)
     for asset, rows in split_by_asset(lake):
-        atomic_write_table(rows, staged_asset_path(folder, asset, fid))
+        atomic_write_lake_rows(rows, staged_asset_path(folder, asset, fid))
         cyc = rows.column(C.TIME)
         out.assets[asset] = AssetExtent(rows=rows.num_rows, tmin=pc.min(cyc).as_py(), tmax=pc.max(cyc).as_py())
     if quar.num_rows:

@@ -6,12 +6,12 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import quote
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from twinflow import contracts as C
+from twinflow import lake as lk
 
 
 
@@ -68,7 +68,7 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
 
 
 
-LAKE_DICT = [C.ASSET, "source_file", "batch_id", "quality"]
+LAKE_DICT = ["source_file", "batch_id", "quality"]
 
 
 def concat_parquet(parts: list[Path], target: Path, dict_cols: list[str]) -> None:
@@ -87,11 +87,21 @@ def concat_parquet(parts: list[Path], target: Path, dict_cols: list[str]) -> Non
             writer.close()
 
 
-def asset_dir(asset: str) -> str:
-    """The staging folder of an asset's rows (URI-escaped; asset ids are bounded by the contract)."""
-    return f"asset={quote(asset, safe='')}"
-
-
 def staged_asset_path(folder: Path, asset: str, fid: str) -> Path:
-    """Where a source's staged rows of one asset live until the commit publishes them."""
-    return folder / "lake" / asset_dir(asset) / f"{fid}.parquet"
+    """Where a source's staged rows of one asset live until the commit moves them into the table.
+
+    The file is already a data file of the lake's table (:func:`twinflow.lake.write_data_file`: no asset
+    column; the folder, named like the table's partition folder, says the asset).
+    """
+    return folder / "lake" / lk.partition_dir(asset) / f"{fid}.parquet"
+
+
+def atomic_write_lake_rows(rows: pa.Table, path: Path) -> None:
+    """:func:`atomic_write_table` of one asset's lake rows, as a data file of the lake's table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        lk.write_data_file(rows, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -22,13 +22,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from twinflow import contracts as C
+from twinflow import lake as lk
 
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, open_fs, stat_file
 from twinflow.tasks.ingest.names import COMPRESSION_SUFFIXES, detect_format
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
 from twinflow.tasks.ingest.parse import BadRows, NON_BLANK, NO_HEADER, TYPES, WHOLE_BLOCK_BYTES, canonicalise, count_lines, first_line_is_data, gzip_error, gzip_reason, is_utf8_error, normalise_whitespace, parquet_error, parquet_footer_rows, source_columns, strip_bom
 from twinflow.tasks.ingest.quarantine import quarantine_file_stream, quarantine_rows, reason_kinds, summarise_kinds
-from twinflow.tasks.ingest.stage import LAKE_DICT, concat_parquet, split_by_asset, staged_asset_path, write_parquet
+from twinflow.tasks.ingest.stage import LAKE_DICT, concat_parquet, split_by_asset, staged_asset_path
 from twinflow.tasks.ingest.validate import FileState, stuck_quality, validate_batch
 
 CHUNK_BYTES = 8 << 20  # read size when hashing, copying and decompressing a streamed file
@@ -180,7 +181,7 @@ class _Staged:
         for asset, rows in split_by_asset(lake):
             path = self.folder / "parts" / f"{self._k}.parquet"  # one flat folder: no directory per asset
             self._k += 1
-            write_parquet(rows, path)
+            lk.write_data_file(rows, path)  # parts of the asset's data file: concatenated as they are
             self.parts.setdefault(asset, []).append(path)
             cyc = rows.column(C.TIME)
             lo, hi = pc.min(cyc).as_py(), pc.max(cyc).as_py()
@@ -230,7 +231,7 @@ class _Staged:
                 rows, n = stuck_quality(rows.take(pc.sort_indices(rows, [(C.TIME, "ascending")])),
                                          self.window)
                 stuck += n
-                write_parquet(rows, target)
+                lk.write_data_file(rows, target)
             elif len(parts) == 1:
                 os.replace(parts[0], target)
             else:  # batches kept this asset's cycles in order: concatenating the parts is the sorted asset
