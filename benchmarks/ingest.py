@@ -17,84 +17,12 @@ first run's time; peak memory flat as the input doubles.
 ``--large-file N`` runs only the bounded-memory check of one large file: one CSV of N rows, then one of
 2N rows (200 cycles per asset), each ingested by the in-process stage in a fresh Python process, read
 whole (``stream_threshold_bytes`` above its size) and streamed (``--batch-rows``, default 100,000), and
-reports each process's peak RSS (``VmHWM``) above its peak after imports. ``python -m benchmarks.ingest
---large-file 400000 --batch-rows 50000`` on the same shared 2-core machine, 2026-11-25 (load average
-about 2, other engineers' tests running; times are indicative only):
+reports each process's peak RSS (``VmHWM``) above its peak after imports. Read whole, the peak follows
+the file; streamed, it stays flat as the file doubles.
 
-    rows      CSV MB  mode                           s   peak RSS MB   above import
-    400,000     82    whole file                     6.4        631            502
-    400,000     82    streamed, 50,000 rows/batch    7.9        346            217
-    800,000    164    whole file                    15.0      1,087            958
-    800,000    164    streamed, 50,000 rows/batch   17.7        344            216
-
-Read whole, the peak follows the file (raw bytes, decompressed copy, table: about 5.8x the CSV); streamed,
-it stays flat as the file doubles (pyarrow reads several 1 MiB CSV blocks ahead, plus one batch, plus
-16 bytes per kept row for the duplicate-key check). Streaming cost 17-23 % more time here (one more pass
-to hash, per-batch validation and part files, merging parts of assets cut by a batch boundary), which is
-why files up to ``stream_threshold_bytes`` (64 MiB) are still read whole.
-
-Run: ``python -m benchmarks.ingest [--quick]``. Figures from ``--repeat 1`` on the shared 2-core development
-machine, 2026-11-25, with other engineers' jobs running (load average 15-40), so absolute times are
-noisy and far below what pyarrow does on an idle machine; ratios are against the baseline of the same
-run:
-
-    2,500,000 rows, 20 files      best s    rows/s   peak RSS MB   ratio
-    pyarrow read + write_to_dataset  75.7     33,008        1,167   1.00x
-    twinflow ingest (first run)     129.8     19,263        1,553   0.58x
-    twinflow stage in-process        99.8     25,052        1,693   0.76x
-    twinflow re-run (nothing new)     3.05   819,563        1,600   24.8x   (2.4 % of the first run)
-
-    5,000,000 rows, 40 files
-    pyarrow read + write_to_dataset 222.8     22,438        1,651   1.00x
-    twinflow ingest (first run)     304.0     16,447        1,749   0.73x
-    twinflow stage in-process       280.9     17,802        1,761   0.79x
-    twinflow re-run (nothing new)     1.84 2,720,232        1,680  121.2x   (0.6 % of the first run)
-
-    peak RSS of the first run (process + 2 Dask workers + Prefect server): 1,553 MB at 2.5M rows,
-    1,749 MB at 5M rows (memory follows the largest file per worker, not the input size).
-
-Idle machine (load 0.1), 2026-11-25, ``--repeat 1``, after large-file streaming landed (files here are
-below the streaming threshold, so this is the whole-file path)::
-
-    2,500,000 rows, 20 files      best s    rows/s   peak RSS MB   ratio
-    pyarrow read + write_to_dataset   6.60   378,534        1,217   1.00x
-    twinflow ingest (first run)      11.17   223,741        1,672   0.59x
-    twinflow stage in-process         9.57   261,383        1,813   0.69x
-    twinflow re-run (nothing new)     1.17 2,134,748        1,695   (10.5 % of the first run)
-    5,000,000 rows, 40 files
-    pyarrow read + write_to_dataset  12.78   391,148        1,796   1.00x
-    twinflow ingest (first run)      19.58   255,356        1,943   0.65x
-    twinflow stage in-process        17.68   282,813        1,845   0.72x
-    twinflow re-run (nothing new)     1.16 4,293,888        1,756   (5.9 % of the first run)
-
-Idle, the first run is so much faster that the re-run's fixed ~1.17 s missed the <= 5 % target (the
-loaded runs above met it). A cProfile of a re-run put 0.95 s of it in Prefect's flow-run heartbeat
-thread being joined at flow exit (``prefect.flow_engine._send_heartbeats``: the thread sleeps in 1 s
-steps; ``flows.heartbeat_frequency`` defaults to 180 s); the ledger diff itself takes milliseconds.
-
-Since then flows run in-process by ``runtime.start()`` (``twinflow run``, this benchmark) skip Prefect's
-flow-run heartbeats (``TWINFLOW_PREFECT__FLOW_HEARTBEATS=auto``; served and worker-run flows keep them,
-because the server's crash detection watches those). The same idle machine (load 0.0), 2026-11-25,
-``--repeat 1``::
-
-    2,500,000 rows, 20 files      best s    rows/s   peak RSS MB   ratio
-    pyarrow read + write_to_dataset   6.59   379,536        1,235   1.00x
-    twinflow ingest (first run)      10.98   227,794        1,627   0.60x
-    twinflow stage in-process         9.64   259,326        1,758   0.68x
-    twinflow re-run (nothing new)     0.23 11,067,399       1,671   (2.1 % of the first run)
-    5,000,000 rows, 40 files
-    pyarrow read + write_to_dataset  14.51   344,569        1,750   1.00x
-    twinflow ingest (first run)      19.11   261,613        1,916   0.76x
-    twinflow stage in-process        18.99   263,256        1,835   0.76x
-    twinflow re-run (nothing new)     0.23 22,122,392       1,717   (1.2 % of the first run)
-
-Both targets hold idle: first run 0.60x / 0.76x (>= 0.5x), re-run 2.1 % / 1.2 % (<= 5 %). Peak RSS grows
-18 % while the input doubles: it is the Prefect server plus two workers, each holding its largest file.
-
-An earlier run of the same code before two optimisations (dictionary encoding only on string columns,
-skipping the stuck-sensor pass when no run is long enough) gave 0.69x at 2.5M and 0.36x at 5M rows with a
-1.0-1.4 % re-run: the 5M figure of that run is below the 0.5x target, and on this loaded machine a single
-run swings by about 2x, so treat one run's ratio as +-50 %.
+Run: ``python -m benchmarks.ingest [--quick] [--json benchmarks/results/<date>-ingest.json]``. Figures of
+recorded runs (machine, date, commit) are in ``benchmarks/results/``; earlier hand-recorded tables are in
+this file's git history.
 """
 
 from __future__ import annotations

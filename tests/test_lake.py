@@ -50,6 +50,19 @@ def test_a_snapshot_reads_its_own_version_after_the_table_changed(tmp_path):
     assert sorted(_keys(back)) == sorted(_keys(lake.read_lake(old)))
 
 
+def test_a_snapshot_as_pandas_and_as_dask_partitions_of_whole_assets(tmp_path):
+    root = str(tmp_path / "lake")
+    snap = lake.write_lake_table(_fleet([f"u{i}" for i in range(5)], 4), root, "fleet", "g1")
+    frame = lake.read_pandas(snap, [C.ASSET, C.TIME, "s2"])
+    ddf = lake.to_dask(snap, [C.ASSET, C.TIME, "s2"], assets_per_partition=2)
+    assert ddf.npartitions == 3
+    got = ddf.compute(scheduler="sync").sort_values([C.ASSET, C.TIME]).reset_index(drop=True)
+    # Same rows (Dask may hold the strings as pyarrow strings, pandas as objects).
+    assert got.astype({C.ASSET: str}).values.tolist() == frame.astype({C.ASSET: str}).values.tolist()
+    per_part = ddf.map_partitions(lambda df: df[C.ASSET].nunique()).compute(scheduler="sync").tolist()
+    assert per_part == [2, 2, 1]
+
+
 def test_features_stage_rerun_on_an_older_snapshot_returns_the_older_data(tmp_path):
     from twinflow.tasks import features as ft
 

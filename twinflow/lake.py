@@ -553,6 +553,32 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
     return table.select(order)
 
 
+def read_pandas(snapshot: LakeSnapshot, columns: list[str] | None = None) -> "Any":
+    """:func:`read_lake` as a pandas frame."""
+    return read_lake(snapshot, columns).to_pandas()
+
+
+def to_dask(snapshot: LakeSnapshot, columns: Sequence[str] | None = None, assets_per_partition: int = 100,
+            storage_options: dict[str, Any] | None = None) -> "Any":
+    """The snapshot's table version as a Dask DataFrame, one partition per ``assets_per_partition``
+    whole assets (so per-asset work needs no shuffle), read lazily on the workers."""
+    import dask.dataframe as dd
+
+    cols = list(columns or [f.name for f in C.telemetry_schema()])
+    groups = list_files(snapshot, storage_options)
+    assets = sorted(groups)
+    parts = [[p for a in assets[i:i + assets_per_partition] for p, _ in groups[a]]
+             for i in range(0, len(assets), assets_per_partition)]
+    meta = C.telemetry_schema().empty_table().select(cols).to_pandas()
+    return dd.from_map(_read_pandas_part, parts, columns=cols, storage_options=storage_options, meta=meta,
+                       enforce_metadata=False)
+
+
+def _read_pandas_part(files: Sequence[str], columns: Sequence[str],
+                      storage_options: dict[str, Any] | None = None) -> "Any":
+    return read_files(files, columns, storage_options).to_pandas()
+
+
 def read_keys(lake_path: str, dataset: str, asset: str, sources: Sequence[str],
               storage_options: dict[str, Any] | None = None) -> pa.Array:
     """The cycles that ``sources`` hold for ``asset`` in the latest version (for duplicate-key checks)."""
