@@ -353,3 +353,41 @@ def test_the_local_server_is_reference_counted_and_the_last_user_stops_it(tmp_pa
     assert not psutil.pid_exists(first.pid) or psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE
     assert home_server_pids(settings) == []
 
+
+_CONFIGURE_MLFLOW = """
+import sys, time
+from pathlib import Path
+import mlflow  # imported before the start line: the processes reach MLflow's first connect together
+from twinflow.settings import get_settings
+from twinflow.tracking import configure_mlflow
+settings = get_settings(home=sys.argv[1])
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+print("experiment", configure_mlflow(settings), flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_commands_starting_together_on_a_fresh_home_create_the_mlflow_store_once(tmp_path):
+    """Three processes connect to a fresh SQLite store at the same moment: all succeed, one schema."""
+    import subprocess
+    import sys
+
+    import sqlalchemy
+
+    home, go = tmp_path / "home", tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWINFLOW_", "MLFLOW_TRACKING"))}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONFIGURE_MLFLOW, str(home), str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(8)  # let all three import MLflow and wait at the start line
+    go.touch()
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    ids = {out.split()[-1] for out, _ in outs}
+    assert len(ids) == 1, ids  # one experiment, whichever process created it
+    engine = sqlalchemy.create_engine(f"sqlite:///{home / 'mlflow.db'}")
+    with engine.connect() as conn:
+        versions = conn.execute(sqlalchemy.text("select version_num from alembic_version")).fetchall()
+    engine.dispose()
+    assert len(versions) == 1, versions
