@@ -391,3 +391,21 @@ def test_commands_starting_together_on_a_fresh_home_create_the_mlflow_store_once
         versions = conn.execute(sqlalchemy.text("select version_num from alembic_version")).fetchall()
     engine.dispose()
     assert len(versions) == 1, versions
+
+
+def test_the_dask_dashboard_listens_on_loopback_by_default(tmp_path, monkeypatch):
+    from urllib.parse import urlsplit
+
+    from twinflow.cluster import _local_kwargs
+
+    settings = get_settings(home=tmp_path, dask={"mode": "local", "n_workers": 1, "threads_per_worker": 1})
+    assert settings.dask.dashboard_address == "127.0.0.1:0"
+    with dask_cluster(settings) as handle:
+        port = urlsplit(handle.dashboard_link).port
+        listening = [c.laddr for c in psutil.Process().net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and {a.ip for a in listening} == {"127.0.0.1"}, listening
+    assert urlsplit(handle.dashboard_link).hostname == "127.0.0.1"  # and the log says what it is
+
+    monkeypatch.setenv("TWINFLOW_DASK__DASHBOARD_ADDRESS", "0.0.0.0:8787")  # settable, for a plant's LAN
+    assert _local_kwargs(get_settings(home=tmp_path))["dashboard_address"] == "0.0.0.0:8787"
