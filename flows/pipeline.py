@@ -8,6 +8,7 @@ and opens the MLflow parent run under which every stage's run nests.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -206,32 +207,80 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_stage(stage: str, overrides: dict[str, Any], settings: Settings | None = None) -> BaseModel:
-    """Run one stage (or the pipeline) from flat CLI overrides; used by ``twinflow run``.
+@dataclass
+class StageCall:
+    """A stage with its validated parameters, ready to run (see :func:`stage_params`).
 
-    ``features``, ``train`` and ``simulate`` take ``dataset=<name>`` to find their input in the
-    lake or the features store; ``simulate`` with ``generate=true`` writes a synthetic fleet instead.
+    Attributes:
+        stage: The stage name, or ``pipeline``.
+        params: The stage's validated parameters model.
+        dataset: The lake/features dataset a ``features``, ``train`` or ``simulate`` run reads.
+        generate: ``simulate`` writes a synthetic fleet instead of simulating.
+    """
+
+    stage: str
+    params: BaseModel
+    dataset: str | None = None
+    generate: bool = False
+
+
+def _dataset_arg(value: Any) -> str:
+    # The lake's dataset-name rule is IngestParams.dataset's (a name becomes a folder of the lake):
+    # checking it here refuses '../../x' before it is joined to a path.
+    return IngestParams.model_validate({"landing": ".", "dataset": value}).dataset
+
+
+def stage_params(stage: str, overrides: dict[str, Any], settings: Settings | None = None) -> StageCall:
+    """Build and validate a stage's parameters from flat CLI overrides, without running anything.
+
+    ``twinflow run`` calls this before it starts any server or cluster, so a bad ``--param`` fails
+    at once.
+
+    Raises:
+        pydantic.ValidationError: a parameter is unknown or invalid (its ``loc`` names it).
+        ConfigError: the stage is unknown.
     """
     settings = settings or get_settings()
     overrides = dict(overrides)
     if stage == "pipeline":
         landing = overrides.pop("landing", None)
         base = demo_params(settings).model_dump() if not landing else {"ingest": {"landing": landing}}
-        return pipeline(PipelineParams.model_validate(_merge(base, overrides)))
+        return StageCall(stage, PipelineParams.model_validate(_merge(base, overrides)))
     if stage == "ingest":
         if "landing" not in overrides:
             overrides["landing"] = settings.landing_path
-        return ingest(IngestParams.model_validate(overrides))
-    if stage == "features":
-        dataset = overrides.pop("dataset", "train_fd001")
-        return features(_lake_snapshot(settings, dataset), FeatureParams.model_validate(overrides))
-    if stage == "train":
-        dataset = overrides.pop("dataset", "train_fd001")
-        return train(_latest_features(settings, dataset), TrainParams.model_validate(overrides))
+        return StageCall(stage, IngestParams.model_validate(overrides))
+    if stage in ("features", "train"):
+        dataset = _dataset_arg(overrides.pop("dataset", "train_fd001"))
+        model = FeatureParams if stage == "features" else TrainParams
+        return StageCall(stage, model.model_validate(overrides), dataset=dataset)
     if stage == "simulate":
         if overrides.pop("generate", False):
-            return generate(GenerateParams.model_validate(overrides))
+            return StageCall(stage, GenerateParams.model_validate(overrides), generate=True)
         dataset = overrides.pop("dataset", None)
-        snap = _lake_snapshot(settings, dataset) if dataset else None
-        return simulate(TwinParams.model_validate(overrides), snapshot=snap)
+        return StageCall(stage, TwinParams.model_validate(overrides),
+                         dataset=_dataset_arg(dataset) if dataset is not None else None)
     raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join((*STAGES, 'pipeline'))}")
+
+
+def run_stage(stage: str, overrides: dict[str, Any] | StageCall, settings: Settings | None = None) -> BaseModel:
+    """Run one stage (or the pipeline) from flat CLI overrides; used by ``twinflow run``.
+
+    ``features``, ``train`` and ``simulate`` take ``dataset=<name>`` to find their input in the
+    lake or the features store; ``simulate`` with ``generate=true`` writes a synthetic fleet instead.
+    ``overrides`` may also be the :class:`StageCall` that :func:`stage_params` validated already.
+    """
+    settings = settings or get_settings()
+    call = overrides if isinstance(overrides, StageCall) else stage_params(stage, overrides, settings)
+    if call.stage == "pipeline":
+        return pipeline(call.params)
+    if call.stage == "ingest":
+        return ingest(call.params)
+    if call.stage == "features":
+        return features(_lake_snapshot(settings, call.dataset), call.params)
+    if call.stage == "train":
+        return train(_latest_features(settings, call.dataset), call.params)
+    if call.generate:
+        return generate(call.params)
+    snap = _lake_snapshot(settings, call.dataset) if call.dataset else None
+    return simulate(call.params, snapshot=snap)

@@ -125,3 +125,38 @@ def test_sigterm_stops_the_server_the_command_started(tmp_path):
     proc.wait(90)
     assert not state.exists()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_bad_param_is_refused_before_anything_starts(tmp_path):
+    """`--param dataset=../../x`: one line naming the field, the rule and the value; no server started."""
+    import time
+
+    import psutil
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",)}
+    t0 = time.monotonic()
+    out = _twinflow("--home", str(home), "run", "ingest", "--landing", str(tmp_path), "--param",
+                    "dataset=../../x", env={**env, "TWINFLOW_DASK__MODE": "local"})
+    elapsed = time.monotonic() - t0
+    err = out.stderr.replace("\n", " ")
+    assert out.returncode == 2, out.stderr
+    assert "--param dataset:" in err and "lower-case letters, digits" in err and "(got '../../x')" in err
+    assert "validation error" not in err and "Traceback" not in err
+    assert not (home / "prefect").exists(), "no Prefect server state may be created"
+    assert not (home / "mlflow.db").exists()
+    marked = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("TWINFLOW_SERVER_HOME") == str(home / "prefect"):
+                marked.append(p.pid)
+        except psutil.Error:
+            continue
+    assert marked == []
+    # Imports only (no server start, ~14 s before): generous bound for a loaded 2-core machine.
+    assert elapsed < 45, elapsed
+    print(f"refused in {elapsed:.1f}s")
+
+    unknown = _twinflow("--home", str(home), "run", "ingest", "--param", "batchrows=5")
+    assert unknown.returncode == 2
+    assert "--param batchrows: not a parameter of ingest (known:" in unknown.stderr.replace("\n", " ")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 
 import psutil
@@ -265,3 +266,146 @@ def test_loopback_api_clients_get_a_small_ca_file(prefect_api, tmp_path, monkeyp
     assert rt_mod._loopback_ca_file(settings, "http://10.0.0.5:4200/api") is None
     monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", "/etc/plant-ca.pem")
     assert rt_mod._loopback_ca_file(settings, "http://127.0.0.1:4200/api") is None
+
+
+def _sleeper(env_home: str | None) -> subprocess.Popen:
+    """A stand-in process in its own session, marked (or not) as a home's local server."""
+    import sys
+
+    env = dict(os.environ)
+    if env_home is not None:
+        env["TWINFLOW_SERVER_HOME"] = env_home
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], env=env,
+                            start_new_session=True)
+
+
+def test_an_unrecorded_server_of_the_home_is_found_and_stopped(tmp_path):
+    """A command killed after starting its server but before recording it leaves a marked orphan."""
+    from twinflow.prefect_server import home_server_pids, stop_unrecorded_servers
+
+    settings = get_settings(home=tmp_path / "home")
+    other = get_settings(home=tmp_path / "other")
+    orphan, foreign, unmarked = (_sleeper(str(settings.prefect_home)), _sleeper(str(other.prefect_home)),
+                                 _sleeper(None))
+    try:
+        deadline = time.monotonic() + 10
+        while orphan.pid not in home_server_pids(settings) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the child's environment is readable once it has exec'd
+        assert home_server_pids(settings) == [orphan.pid]
+        assert stop_unrecorded_servers(settings) == [orphan.pid]
+        assert orphan.wait(5) is not None
+        assert foreign.poll() is None and unmarked.poll() is None  # another home's, and unmarked: left alone
+        assert home_server_pids(settings) == []
+    finally:
+        for p in (orphan, foreign, unmarked):
+            p.kill()
+            p.wait()
+
+
+def test_users_whose_process_is_gone_or_reused_are_dropped(tmp_path):
+    import subprocess
+    import sys
+
+    from twinflow.prefect_server import _created, _live_users
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me = os.getpid()
+    state = {"users": [{"pid": me, "created": _created(me), "token": "a"},
+                       {"pid": dead.pid, "created": 1.0, "token": "b"},
+                       {"pid": me, "created": _created(me) - 100, "token": "c"}]}  # pid reused since
+    assert [u["token"] for u in _live_users(state)] == ["a"]
+
+
+@pytest.mark.integration
+def test_the_local_server_is_reference_counted_and_the_last_user_stops_it(tmp_path, monkeypatch):
+    """The starter leaving first keeps the server for the other user; a stale record is replaced."""
+    import json
+    import subprocess
+    import sys
+
+    from twinflow.prefect_server import api_healthy, home_server_pids
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    settings = get_settings(home=tmp_path / "home")
+    settings.prefect_home.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # What a kill -9 leaves when the server died too: a record naming gone processes.
+    (settings.prefect_home / "server.json").write_text(json.dumps(
+        {"pid": dead.pid, "url": "http://127.0.0.1:9/api", "status": "running",
+         "users": [{"pid": dead.pid, "created": 1.0, "token": "x"}]}))
+
+    first = acquire_server(settings)
+    assert first.owned and first.pid != dead.pid and api_healthy(first.url)
+    second = acquire_server(settings)
+    assert (second.url, second.pid, second.owned) == (first.url, first.pid, False)
+    assert len(read_server_state(settings)["users"]) == 2
+
+    release_server(settings, first)  # the starter ends first
+    assert api_healthy(first.url), "the server must stay up while another command uses it"
+    state = read_server_state(settings)
+    assert [u["token"] for u in state["users"]] == [second.token]
+
+    release_server(settings, second)  # the last user stops it, although it did not start it
+    assert read_server_state(settings) is None
+    assert not api_healthy(first.url, timeout=1.0)
+    assert not psutil.pid_exists(first.pid) or psutil.Process(first.pid).status() == psutil.STATUS_ZOMBIE
+    assert home_server_pids(settings) == []
+
+
+_CONFIGURE_MLFLOW = """
+import sys, time
+from pathlib import Path
+import mlflow  # imported before the start line: the processes reach MLflow's first connect together
+from twinflow.settings import get_settings
+from twinflow.tracking import configure_mlflow
+settings = get_settings(home=sys.argv[1])
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.005)
+print("experiment", configure_mlflow(settings), flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_commands_starting_together_on_a_fresh_home_create_the_mlflow_store_once(tmp_path):
+    """Three processes connect to a fresh SQLite store at the same moment: all succeed, one schema."""
+    import subprocess
+    import sys
+
+    import sqlalchemy
+
+    home, go = tmp_path / "home", tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TWINFLOW_", "MLFLOW_TRACKING"))}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONFIGURE_MLFLOW, str(home), str(go)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    time.sleep(8)  # let all three import MLflow and wait at the start line
+    go.touch()
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    ids = {out.split()[-1] for out, _ in outs}
+    assert len(ids) == 1, ids  # one experiment, whichever process created it
+    engine = sqlalchemy.create_engine(f"sqlite:///{home / 'mlflow.db'}")
+    with engine.connect() as conn:
+        versions = conn.execute(sqlalchemy.text("select version_num from alembic_version")).fetchall()
+    engine.dispose()
+    assert len(versions) == 1, versions
+
+
+def test_the_dask_dashboard_listens_on_loopback_by_default(tmp_path, monkeypatch):
+    from urllib.parse import urlsplit
+
+    from twinflow.cluster import _local_kwargs
+
+    settings = get_settings(home=tmp_path, dask={"mode": "local", "n_workers": 1, "threads_per_worker": 1})
+    assert settings.dask.dashboard_address == "127.0.0.1:0"
+    with dask_cluster(settings) as handle:
+        port = urlsplit(handle.dashboard_link).port
+        listening = [c.laddr for c in psutil.Process().net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening and {a.ip for a in listening} == {"127.0.0.1"}, listening
+    assert urlsplit(handle.dashboard_link).hostname == "127.0.0.1"  # and the log says what it is
+
+    monkeypatch.setenv("TWINFLOW_DASK__DASHBOARD_ADDRESS", "0.0.0.0:8787")  # settable, for a plant's LAN
+    assert _local_kwargs(get_settings(home=tmp_path))["dashboard_address"] == "0.0.0.0:8787"

@@ -89,6 +89,28 @@ def _parse_params(items: List[str]) -> dict:
     return out
 
 
+def _param_error(exc, stage: str) -> ConfigError:
+    """One line for a parameters model's first error: the ``--param`` name, the rule, the value."""
+    err = exc.errors(include_url=False)[0]
+    name = ".".join(str(p) for p in err.get("loc", ())) or "?"
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        # Top-level names only: a nested one's model is not the one the error is titled with.
+        known = sorted(_model_fields(exc.title)) if len(err.get("loc", ())) == 1 else []
+        msg = f"not a parameter of {stage}" + (f" (known: {', '.join(known)})" if known else "")
+    elif err.get("type") == "missing":
+        return ConfigError(f"--param {name}: required by {stage}")
+    return ConfigError(f"--param {name}: {msg} (got {err.get('input')!r})")
+
+
+def _model_fields(title: str) -> list[str]:
+    # The error only names the model; the stage models are all in the pipeline module.
+    from twinflow.flows import pipeline
+
+    model = getattr(pipeline, title, None)
+    return list(getattr(model, "model_fields", {}))
+
+
 @app.command()
 def demo(
     stages: Optional[List[str]] = typer.Option(None, "--stage", help="Run only these stages (repeatable)."),
@@ -137,10 +159,10 @@ def run(
     generate: bool = typer.Option(False, "--generate", help="simulate: generate a synthetic fleet into the lake."),
 ) -> None:
     """Run one stage (or the pipeline) with parameters, on the configured runtime."""
-    from twinflow import runtime
-    from twinflow.flows.pipeline import run_stage
+    from pydantic import ValidationError
 
-    from twinflow.flows.pipeline import STAGES
+    from twinflow import runtime
+    from twinflow.flows.pipeline import STAGES, run_stage, stage_params
 
     if stage not in (*STAGES, "pipeline"):
         raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join((*STAGES, 'pipeline'))}")
@@ -150,8 +172,13 @@ def run(
         overrides["landing"] = landing
     if generate:
         overrides["generate"] = True
+    # Validated before anything starts: a typo costs a second, not the servers' start-up.
+    try:
+        call = stage_params(stage, overrides, settings)
+    except ValidationError as exc:
+        raise _param_error(exc, stage) from None
     with runtime.start(settings):
-        out = run_stage(stage, overrides, settings)
+        out = run_stage(stage, call, settings)
     console.print_json(out.model_dump_json() if hasattr(out, "model_dump_json") else str(out))
 
 

@@ -68,7 +68,14 @@ class DaskSettings(_Section):
     threads_per_worker: int | None = Field(None, ge=1)
     memory_limit: str = "auto"
     address: str | None = Field(None, description="Scheduler address for mode=address.")
-    dashboard_address: str = ":0"
+    dashboard_address: str = Field(
+        "127.0.0.1:0",
+        description=(
+            "Where the dashboard of a cluster twinflow starts listens (host:port, port 0 picks a free "
+            "one). Loopback by default: the dashboard has no authentication. ':8787' listens on every "
+            "interface."
+        ),
+    )
     connect_timeout: float = Field(10.0, gt=0)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from twinflow.errors import ServiceUnavailable
+from twinflow.locks import hold
 from twinflow.settings import Settings
 
 if TYPE_CHECKING:  # annotations only: mlflow is slow to import, so it is imported where used
@@ -42,17 +44,72 @@ def check_reachable(uri: str) -> None:
         ) from None
 
 
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# Database stores this process has created or checked under the lock (each is done once).
+_INITIALISED: set[str] = set()
+# Longer than MLflow's full chain of migrations on a fresh SQLite file (seconds, on a slow disk).
+_INIT_LOCK_TIMEOUT_S = 300.0
+
+
+def _init_lock_path(settings: Settings, uri: str) -> Path | None:
+    """The lock serialising the first connection to a database store; None when none is needed."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme not in _DB_SCHEMES:
+        return None  # a tracking server (http) or file store creates its own schema
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+        if not path or path == ":memory:":
+            return None  # in memory: private to this process
+        db = Path(path).absolute()
+        # Beside the file: every home (and process) that points at this database takes this lock.
+        return db.parent / f".{db.name}.init.lock"
+    # A server database may be shared beyond this machine, where no file lock reaches; this at
+    # least serialises the commands of this home.
+    return settings.home / ".mlflow-init.lock"
+
+
+def _initialise_stores(settings: Settings, uri: str, registry_uri: str | None) -> None:
+    """Create the MLflow database schema of a fresh store once, under a lock.
+
+    MLflow's SQLAlchemy stores create the tables and run every Alembic migration on first connect
+    when the tables are missing (``SqlAlchemyStore.__init__`` -> ``_initialize_tables``), without a
+    lock: two commands starting together on a fresh home race through the migrations and fail
+    (``table alembic_version already exists``, ``Online migration expected to match one row``).
+    The first command through the lock builds the schema; the others then find it complete.
+    """
+    import mlflow
+
+    for kind, target in (("tracking", uri), ("registry", registry_uri)):
+        if not target or target in _INITIALISED:
+            continue
+        lock = _init_lock_path(settings, target)
+        if lock is None:
+            continue
+        if target.startswith("sqlite:///"):
+            Path(target[len("sqlite:///"):].split("?", 1)[0]).absolute().parent.mkdir(parents=True, exist_ok=True)
+        with hold(lock, timeout_s=_INIT_LOCK_TIMEOUT_S, what="twinflow command (creating the MLflow database)"):
+            if kind == "tracking":
+                mlflow.MlflowClient(tracking_uri=target).search_experiments(max_results=1)
+            else:
+                mlflow.MlflowClient(tracking_uri=uri, registry_uri=target).search_registered_models(max_results=1)
+        _INITIALISED.add(target)
+
+
 def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
     """Point MLflow at the configured backend and make sure the experiment exists.
 
     The URI is also exported as ``MLFLOW_TRACKING_URI`` so that Dask workers started afterwards,
     and processes spawned by Prefect, log to the same place.
 
+    A database store is created (schema and migrations) under a lock the first time any command
+    connects to it, so commands starting together on a fresh home do not race.
+
     Returns:
         The experiment id.
 
     Raises:
         ServiceUnavailable: a remote tracking server does not answer.
+        AlreadyRunning: another command kept the store's creation lock for minutes.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -69,6 +126,7 @@ def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     if settings.mlflow.registry_uri:
         mlflow.set_registry_uri(settings.mlflow.registry_uri)
+    _initialise_stores(settings, uri, settings.mlflow.registry_uri)
     name = experiment or settings.mlflow.experiment
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(name)
