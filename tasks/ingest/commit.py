@@ -20,9 +20,7 @@ never recorded, so they are read again). Must run under :func:`lake_lock`.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import shutil
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +30,7 @@ import pyarrow.parquet as pq
 
 from twinflow import contracts as C
 from twinflow import lake as lk
-from twinflow.errors import AlreadyRunning
+from twinflow.locks import hold
 from twinflow.tasks.ingest.landing import DUPLICATE_REASON
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
@@ -47,24 +45,11 @@ def lake_lock(lake: Path, timeout_s: float) -> Iterator[None]:
     """Hold the lake's ingest lock (one ingest run per lake at a time); wait up to ``timeout_s``.
 
     Raises:
-        AlreadyRunning: the lock was not released in time.
+        AlreadyRunning: the lock was not released in time (naming the holder's pid).
     """
-    lake.mkdir(parents=True, exist_ok=True)
-    with open(lake / LOCK_NAME, "a+") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AlreadyRunning(f"another ingest run holds {lake / LOCK_NAME} for more than "
-                                         f"{timeout_s:g}s; wait for it or raise lock_timeout_s") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with hold(lake / LOCK_NAME, timeout_s=timeout_s, what="ingest run on this lake (raise lock_timeout_s "
+                                                         "to wait longer)"):
+        yield
 
 
 class _BatchKeys:
