@@ -253,6 +253,18 @@ class BadRows:
         return "skip"
 
 
+def csv_options(names: list[str], mapped: set[str], types: dict[str, pa.DataType], header: bool, delim: str,
+                on_invalid: "BadRows", block: int) -> dict[str, Any]:
+    """pyarrow CSV options, the same for the whole-file and the streamed reader (only the block differs):
+    the source's column names, the mapped ones read with ``types``, rows with another field count
+    handed to ``on_invalid``."""
+    return dict(
+        read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0, block_size=block),
+        parse_options=pacsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid, newlines_in_values=False),
+        convert_options=pacsv.ConvertOptions(include_columns=[n for n in names if n in mapped], column_types=types,
+                                             quoted_strings_can_be_null=True))
+
+
 def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str] | None = None,
                 delimiter: str = ",", allow_missing_channels: bool = False) -> Parsed:
     """Parse the bytes of one source file into canonical typed columns.
@@ -317,16 +329,8 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
     def read(types: dict[str, pa.DataType]) -> pa.Table:
         bad_rows.clear()
         actual.clear()
-        return pacsv.read_csv(
-            io.BytesIO(raw),
-            read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
-                                           block_size=WHOLE_BLOCK_BYTES),
-            parse_options=pacsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid,
-                                             newlines_in_values=False),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=[n for n in names if n in mapped], column_types=types,
-                quoted_strings_can_be_null=True),
-        )
+        return pacsv.read_csv(io.BytesIO(raw), **csv_options(names, mapped, types, header, delim, on_invalid,
+                                                              WHOLE_BLOCK_BYTES))
 
     canon_of = {n: C.canonical_name(n) for n in mapped}
     type_errors = False

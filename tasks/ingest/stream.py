@@ -27,7 +27,7 @@ from twinflow import lake as lk
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, open_fs, stat_file
 from twinflow.tasks.ingest.names import COMPRESSION_SUFFIXES, detect_format
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
-from twinflow.tasks.ingest.parse import BadRows, NON_BLANK, NO_HEADER, TYPES, WHOLE_BLOCK_BYTES, canonicalise, count_lines, first_line_is_data, gzip_error, gzip_reason, is_utf8_error, normalise_whitespace, parquet_error, parquet_footer_rows, source_columns, strip_bom
+from twinflow.tasks.ingest.parse import BadRows, NON_BLANK, NO_HEADER, TYPES, WHOLE_BLOCK_BYTES, canonicalise, csv_options, count_lines, first_line_is_data, gzip_error, gzip_reason, is_utf8_error, normalise_whitespace, parquet_error, parquet_footer_rows, source_columns, strip_bom
 from twinflow.tasks.ingest.quarantine import quarantine_file_stream, quarantine_rows, reason_kinds, summarise_kinds
 from twinflow.tasks.ingest.stage import LAKE_DICT, concat_parquet, split_by_asset, staged_asset_path
 from twinflow.tasks.ingest.validate import FileState, stuck_quality, validate_batch
@@ -349,15 +349,7 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
                     rows += table.num_rows
 
             try:
-                reader = pacsv.open_csv(
-                    ts,
-                    read_options=pacsv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
-                                                   block_size=block),
-                    parse_options=pacsv.ParseOptions(delimiter=delim, invalid_row_handler=on_invalid,
-                                                     newlines_in_values=False),
-                    convert_options=pacsv.ConvertOptions(
-                        include_columns=[n for n in names if n in mapped], column_types=types,
-                        quoted_strings_can_be_null=True))
+                reader = pacsv.open_csv(ts, **csv_options(names, mapped, types, header, delim, on_invalid, block))
                 for rb in reader:
                     if rb.num_rows:
                         held.append(rb)
