@@ -157,9 +157,9 @@ def conform(table: pa.Table, batch_id: str, source_file: str = "generated") -> p
                 col = col.cast(col.type.value_type)
             cols.append(col.cast(field.type))
         elif field.name == "source_file":
-            cols.append(pa.array([source_file] * n, pa.string()))
+            cols.append(pa.repeat(pa.scalar(source_file, pa.string()), n))
         elif field.name == "batch_id":
-            cols.append(pa.array([batch_id] * n, pa.string()))
+            cols.append(pa.repeat(pa.scalar(batch_id, pa.string()), n))
         elif field.name == "quality":
             cols.append(pa.array(np.zeros(n, np.int32)))
         elif field.nullable:
@@ -407,7 +407,7 @@ def commit_files(lake_path: str, dataset: str, paths: Sequence[str | Path], *,
             for i in range(f.num_row_groups):
                 t = f.read_row_group(i)
                 if asset is not None:  # a data file: its asset is its folder's
-                    t = t.append_column(PARTITION, pa.array([asset] * t.num_rows, pa.string()))
+                    t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset, pa.string()), t.num_rows))
                 yield from conform(t, batch_id="").to_batches()
 
     v = commit(lake_path, dataset, pa.RecordBatchReader.from_batches(schema, batches()) if paths else None,
@@ -546,7 +546,7 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
             with fs.open(p, "rb") as fh:
                 t = pq.ParquetFile(fh).read(columns=cols, use_threads=False)
         if want_asset:
-            t = t.append_column(PARTITION, pa.array([asset_of(path)] * t.num_rows, pa.string()))
+            t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset_of(path), pa.string()), t.num_rows))
         tables.append(t)
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     order = [c for c in columns if c in table.column_names]

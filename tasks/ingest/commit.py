@@ -92,7 +92,7 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
         bad = rows.filter(dup)
         reasons = [f"duplicate key ({C.ASSET}={asset}, {C.TIME}={c}): already in the lake from another file"
                    for c in bad.column(C.TIME).to_pylist()]
-        keys = pa.table({C.ASSET: pa.array([asset] * bad.num_rows, pa.string()), C.TIME: bad.column(C.TIME),
+        keys = pa.table({C.ASSET: pa.repeat(pa.scalar(asset, pa.string()), bad.num_rows), C.TIME: bad.column(C.TIME),
                          "record": pa.nulls(bad.num_rows, pa.int64())})
         q = quarantine_rows(keys, reasons, o.source, batch_id)
         extra.append(q)

@@ -70,7 +70,7 @@ def quarantine_rows(rows: pa.Table, reasons: list[str], source: str, batch_id: s
         asset = pa.nulls(n, pa.string())
         cycle = pa.nulls(n, pa.int64())
     return pa.Table.from_arrays(
-        [pa.array([source] * n, pa.string()), pa.array([batch_id] * n, pa.string()), record,
+        [pa.repeat(pa.scalar(source, pa.string()), n), pa.repeat(pa.scalar(batch_id, pa.string()), n), record,
          pa.array(reasons, pa.string()), asset, cycle, pa.array(raw_text, pa.string())],
         schema=C.quarantine_schema())
 
