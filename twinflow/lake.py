@@ -23,6 +23,11 @@ names starting with ``_`` (:func:`meta_path`), which no dataset name can take.
 
 Lakes written by twinflow 0.1 (hive-partitioned Parquet under ``<lake>/dataset=<name>/asset=<id>/``)
 are converted once by :func:`migrate_hive` (``open``-ing a dataset does it, and says so in the log).
+
+Why one module of ~700 lines: the point of it is that the lake's layout (table paths, partition
+folders, data-file format and statistics, commit protocol, legacy layout) is known in exactly one
+place; its sections (writing, reading, maintenance, migration) share those private details, and a
+split would have to import them across modules again.
 """
 
 from __future__ import annotations
