@@ -62,10 +62,10 @@ def _init_lock_path(settings: Settings, uri: str) -> Path | None:
             return None  # in memory: private to this process
         db = Path(path).absolute()
         # Beside the file: every home (and process) that points at this database takes this lock.
-        return db.parent / f".{db.name}.init.lock"
+        return db.parent / f"{db.name}.init.lock"
     # A server database may be shared beyond this machine, where no file lock reaches; this at
     # least serialises the commands of this home.
-    return settings.home / ".mlflow-init.lock"
+    return settings.home / "mlflow-init.lock"
 
 
 def _initialise_stores(settings: Settings, uri: str, registry_uri: str | None) -> None:
