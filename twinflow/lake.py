@@ -67,16 +67,20 @@ def is_local(lake_path: str) -> bool:
 
 
 def local_path(url: str) -> Path:
-    """A local path from a path or ``file://`` URL (object stores are not local).
+    """A local filesystem path from a path or ``file://`` URL (``~`` expanded, made absolute).
 
     Raises:
-        ConfigError: for a URL of another scheme.
+        ConfigError: for a URL of another scheme (the ingest ledger, lock and staging need a local
+            folder; object stores are read through :func:`open_table` instead).
     """
+    import os
+
     if url.startswith("file://"):
-        return Path(url[len("file://"):])
-    if "://" in url:
-        raise ConfigError(f"{url!r} is not a local path; this operation needs a local folder")
-    return Path(url)
+        url = url[len("file://"):]
+    elif "://" in url:
+        raise ConfigError(f"the lake must be a local path for now, got {url!r}; mount the bucket or "
+                          "set TWINFLOW_LAKE__LAKE to a local folder")
+    return Path(os.path.expanduser(url)).resolve()
 
 
 def table_uri(lake_path: str, dataset: str) -> str:

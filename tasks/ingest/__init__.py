@@ -34,7 +34,7 @@ ingest sequence and the Prefect batch task). This package re-exports their publi
 
 from __future__ import annotations
 
-from twinflow.lake import conform, read_lake, write_lake_table  # noqa: F401  (the lake API, re-exported since 0.1)
+from twinflow.lake import conform, local_path, read_lake, write_lake_table  # noqa: F401  (the lake API, re-exported since 0.1)
 from twinflow.refs import FileRef, LakeSnapshot  # noqa: F401  (part of this module's API since 0.1)
 from twinflow.tasks.ingest.names import (  # noqa: F401
     Format,
@@ -54,7 +54,6 @@ from twinflow.tasks.ingest.params import (  # noqa: F401
 )
 from twinflow.tasks.ingest.landing import (  # noqa: F401
     list_landing,
-    local_path,
     plan_files,
 )
 from twinflow.tasks.ingest.stage import (  # noqa: F401

@@ -25,16 +25,6 @@ DISAPPEARED = "file disappeared before it was read"
 CHANGED = "file changed while it was read (still being written?)"
 
 
-def local_path(url: str) -> Path:
-    """A local filesystem path from a path or ``file://`` URL (the lake and quarantine are local)."""
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    elif "://" in url:
-        raise ConfigError(f"the lake must be a local path for now, got {url!r}; mount the bucket or "
-                          "set TWINFLOW_LAKE__LAKE to a local folder")
-    return Path(os.path.expanduser(url)).resolve()
-
-
 def open_fs(url: str, storage_options: dict[str, Any]):
     import fsspec
 

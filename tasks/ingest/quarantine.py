@@ -32,7 +32,8 @@ from typing import Any
 import pyarrow as pa
 from twinflow import contracts as C
 
-from twinflow.tasks.ingest.landing import local_path, open_fs, read_file_bytes
+from twinflow.lake import local_path
+from twinflow.tasks.ingest.landing import open_fs, read_file_bytes
 from twinflow.tasks.ingest.names import dataset_name, file_id
 from twinflow.tasks.ingest.params import FileOutcome, IngestParams, SourceFile, with_rows_note
 from twinflow.tasks.ingest.stage import atomic_write_bytes

@@ -45,12 +45,15 @@ def write_parquet(table: pa.Table, where: Any) -> None:
     pq.write_table(table, where, use_dictionary=dict_cols, compression="snappy")
 
 
-def atomic_write_table(table: pa.Table, path: Path) -> None:
-    """Write Parquet to a hidden temp name beside ``path``, then rename: readers never see a partial file."""
+def atomic_write_table(table: pa.Table, path: Path, writer: Any = write_parquet) -> None:
+    """Write Parquet to a hidden temp name beside ``path``, then rename: readers never see a partial file.
+
+    ``writer(table, where)`` writes the file (default :func:`write_parquet`).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        write_parquet(table, tmp)
+        writer(table, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -98,10 +101,4 @@ def staged_asset_path(folder: Path, asset: str, fid: str) -> Path:
 
 def atomic_write_lake_rows(rows: pa.Table, path: Path) -> None:
     """:func:`atomic_write_table` of one asset's lake rows, as a data file of the lake's table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        lk.write_data_file(rows, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_table(rows, path, writer=lk.write_data_file)
