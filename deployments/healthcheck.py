@@ -16,10 +16,10 @@ import time
 import uuid
 
 from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field
 
 from twinflow.deployments.ops import IO_TASK_OPTIONS, on_failure, stage_timeout
-from twinflow.runtime import TwinflowTaskRunner
 
 __all__ = ["HealthcheckParams", "HealthReport", "healthcheck", "probe_partition"]
 
@@ -65,9 +65,14 @@ def probe_partition(path: str, part: int, parts: int) -> dict:
             "host": socket.gethostname(), "pid": os.getpid()}
 
 
-@task(name="probe-partition")
-def _probe(path: str, part: int, parts: int) -> dict:
-    return probe_partition(path, part, parts)
+@task(name="probe-workers")
+def _probe(path: str, parts: int) -> list[dict]:
+    # One Dask task per partition, from this task in the flow process: what every stage does.
+    from twinflow import runtime
+
+    with runtime.using_dask() as client:
+        return client.gather(client.map(probe_partition, [path] * parts, range(parts), [parts] * parts,
+                                        pure=False))
 
 
 @task(name="lake-probe", **IO_TASK_OPTIONS)
@@ -90,15 +95,15 @@ def _lake_probe(root: str, options: dict, run_id: str) -> str:
     return final
 
 
-@flow(name="healthcheck", task_runner=TwinflowTaskRunner(), timeout_seconds=stage_timeout("healthcheck"),
+@flow(name="healthcheck", task_runner=ThreadPoolTaskRunner(), timeout_seconds=stage_timeout("healthcheck"),
       on_failure=[on_failure], on_crashed=[on_failure])
 def healthcheck(params: HealthcheckParams = HealthcheckParams()) -> HealthReport:
     """Check that this deployment reaches the Prefect API, every Dask worker, the lake and MLflow.
 
     Steps:
         1. Validate parameters (before any cluster work) and get the runtime (``runtime.ensure``).
-        2. Send ``partitions`` Prefect tasks to the Dask cluster; each counts the rows of a slice
-           of the bundled C-MAPSS FD001 file and reports the worker it ran on.
+        2. ``probe-workers``: send ``partitions`` Dask tasks to the cluster; each counts the rows of
+           a slice of the bundled C-MAPSS FD001 file and reports the worker it ran on.
         3. Write a probe file to the lake through fsspec (temp name + rename) and read it back.
         4. Log parameters and counts to an MLflow run tagged with the Prefect flow-run id.
         5. Fail on purpose when ``params.fail`` (to test failure hooks and notifications).
@@ -113,8 +118,7 @@ def healthcheck(params: HealthcheckParams = HealthcheckParams()) -> HealthReport
     with runtime.ensure() as rt:
         settings = rt.settings
         path = str(cmapss_path("train_FD001.txt.gz"))
-        futures = [_probe.submit(path, i, params.partitions) for i in range(params.partitions)]
-        parts = [f.result() for f in futures]
+        parts = _probe(path, params.partitions)
         probe = _lake_probe(settings.lake_path, settings.lake.fsspec_options(), run_id)
         report = HealthReport(rows=sum(p["rows"] for p in parts), units=sum(p["units"] for p in parts),
                               workers=sorted({p["worker"] for p in parts}),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import runtime
 from twinflow.flows.features import features
@@ -53,7 +54,7 @@ def rank_fleet(ref: FeatureSetRef, channel: str, top: int = 5) -> list[tuple[str
     return sorted(by_asset.items(), key=lambda kv: kv[1], reverse=True)[:top]
 
 
-@flow(name="fleet-ranking", task_runner=runtime.TwinflowTaskRunner())
+@flow(name="fleet-ranking", task_runner=ThreadPoolTaskRunner())
 def fleet_ranking(landing: str, channel: str = "s4_mean_10") -> list[tuple[str, float]]:
     """Steps: 1. ingest the landing folder; 2. window features; 3. our ranking task; 4. log to MLflow."""
     result = ingest(IngestParams(landing=landing))

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import contracts
 from twinflow import runtime as rt_mod
@@ -55,7 +56,7 @@ def _summary_markdown(ref: FeatureSetRef, summary: dict, fit: ft.FitStats, secon
     return "\n".join(lines)
 
 
-@flow(name="features", task_runner=rt_mod.TwinflowTaskRunner(), validate_parameters=True)
+@flow(name="features", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
 def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
              fit_from: FeatureSetRef | None = None) -> FeatureSetRef:
     """Compute per-asset window features of a lake dataset on the Dask cluster.

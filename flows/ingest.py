@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import runtime
-from twinflow.runtime import TwinflowTaskRunner
 from twinflow.settings import Settings, get_settings
 from twinflow.tasks.ingest import (
     BatchSummary,
@@ -85,7 +85,7 @@ def _artifacts(batch_id: str, batches: list[list[SourceFile]], outcomes: list[Fi
         description="Ingest run summary")
 
 
-@flow(name="ingest", task_runner=TwinflowTaskRunner(), validate_parameters=True)
+@flow(name="ingest", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
 def ingest(params: IngestParams) -> IngestResult:
     """Ingest the landing files into the lake, incrementally and idempotently.
 

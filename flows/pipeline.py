@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twinflow import runtime
@@ -113,7 +114,7 @@ def _snapshot(result: IngestResult, dataset: str) -> LakeSnapshot:
                           f"{', '.join(sorted(result.snapshots)) or 'none'}") from None
 
 
-@flow(name="pipeline", task_runner=runtime.TwinflowTaskRunner(), validate_parameters=True)
+@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
 def pipeline(params: PipelineParams) -> PipelineResult:
     """Run the predictive-maintenance pipeline end to end.
 

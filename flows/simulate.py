@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import lake, runtime
 from twinflow.errors import ConfigError
 from twinflow.refs import FileRef, LakeSnapshot, SimulationResult
-from twinflow.runtime import TwinflowTaskRunner
+from twinflow.settings import Settings
 from twinflow.tasks.twin import (
     CostModel,
     GenerateParams,
@@ -44,14 +45,14 @@ log = logging.getLogger("twinflow.simulate")
 ARTIFACT_KEY = "twin-policy-study"
 
 
-def _settings():
+def _settings() -> Settings:
     from twinflow.settings import get_settings
 
     rt = runtime.current()
     return rt.settings if rt is not None else get_settings()
 
 
-@flow(name="simulate", task_runner=TwinflowTaskRunner(), validate_parameters=True)
+@flow(name="simulate", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
 def simulate(params: TwinParams | None = None, snapshot: LakeSnapshot | None = None) -> SimulationResult:
     """Calibrate the fleet twin and find the maintenance policy with the least expected cost.
 
@@ -73,16 +74,17 @@ def simulate(params: TwinParams | None = None, snapshot: LakeSnapshot | None = N
     Returns:
         The MLflow run id, the recommended policy, its expected cost and every policy's figures.
     """
-    from prefect.artifacts import create_markdown_artifact
-
     params = params or TwinParams()
     if snapshot is not None and lake.open_table(snapshot.lake_path, snapshot.dataset) is None:
         raise ConfigError(f"lake dataset {snapshot.dataset_path} does not exist; run ingest first")
-    settings = _settings()
-    if runtime.current() is None:
-        from twinflow.tracking import configure_mlflow
+    with runtime.ensure(_settings()) as rt:
+        return _simulate(params, snapshot, rt.settings)
 
-        configure_mlflow(settings)
+
+def _simulate(params: TwinParams, snapshot: LakeSnapshot | None, settings: Settings) -> SimulationResult:
+    # The study's tasks run in this process and send their batches to the runtime's cluster.
+    from prefect.artifacts import create_markdown_artifact
+
     logger = run_logger()
     model_fut = calibrate_twin.submit(params, snapshot)
     err_fut = load_error_model.submit(params, settings)
@@ -100,7 +102,7 @@ def simulate(params: TwinParams | None = None, snapshot: LakeSnapshot | None = N
                             policies=rows)
 
 
-@flow(name="generate", task_runner=TwinflowTaskRunner(), validate_parameters=True)
+@flow(name="generate", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
 def generate(params: GenerateParams | None = None, model: TwinModel | None = None) -> LakeSnapshot | list[FileRef]:
     """Generate a synthetic run-to-failure fleet from the twin.
 
@@ -117,11 +119,12 @@ def generate(params: GenerateParams | None = None, model: TwinModel | None = Non
         ``target="landing"``: the written landing files.
     """
     params = params or GenerateParams()
-    settings = _settings()
     model = model or default_model()
     batch_id = params.batch_id or f"gen-s{params.seed}-n{params.n_assets}"
-    root = settings.lake_path if params.target == "lake" else settings.landing_path
-    refs = write_fleet.submit(params, model, root, batch_id).result()
+    with runtime.ensure(_settings()) as rt:
+        settings = rt.settings
+        root = settings.lake_path if params.target == "lake" else settings.landing_path
+        refs = write_fleet.submit(params, model, root, batch_id).result()
     run_logger().info("generated %d assets, %d rows -> %s", params.n_assets, sum(r.rows_written for r in refs), root)
     if params.target == "landing":
         return refs

@@ -6,11 +6,11 @@ import logging
 import time
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import runtime
 from twinflow.errors import ConfigError
 from twinflow.refs import FeatureSetRef, TrainResult
-from twinflow.runtime import TwinflowTaskRunner
 from twinflow.tasks.registry import promotion_gate
 from twinflow.tasks.train import (
     RESIDUALS_ARTIFACT,
@@ -59,7 +59,7 @@ def _check_inputs(features: FeatureSetRef, params: TrainParams, test_features: F
             raise ConfigError(f"true_rul_path {params.true_rul_path} does not exist")
 
 
-@flow(name="train", task_runner=TwinflowTaskRunner(), validate_parameters=True)
+@flow(name="train", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
 def train(features: FeatureSetRef, params: TrainParams | None = None,
           test_features: FeatureSetRef | None = None) -> TrainResult:
     """Train RUL models on a feature dataset, track everything in MLflow, gate the registry.

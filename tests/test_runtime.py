@@ -10,6 +10,7 @@ import time
 import psutil
 import pytest
 from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import runtime as rt_mod
 from twinflow.cluster import dask_cluster, resolve_mode
@@ -26,6 +27,28 @@ def _where(i: int) -> tuple[int, int]:
 @flow(task_runner=rt_mod.TwinflowTaskRunner())
 def _fan_out(n: int = 6) -> list[tuple[int, int]]:
     return [f.result() for f in [_where.submit(i) for i in range(n)]]
+
+
+def _worker_view(i: int) -> tuple[int, int, str | None]:
+    return i, os.getpid(), os.environ.get("PREFECT_API_URL")
+
+
+@task(name="stage")
+def _stage(n: int) -> dict:
+    # What every twinflow stage task does: run here, send the fine work to Dask.
+    with rt_mod.using_dask() as client:
+        parts = client.gather(client.map(_worker_view, range(n), pure=False))
+    one = rt_mod.run_on_cluster(_worker_view, -1, key="one-unit")
+    return {"task_pid": os.getpid(), "parts": parts, "one": one}
+
+
+@flow(task_runner=ThreadPoolTaskRunner())
+def _staged(n: int = 6) -> dict:
+    return _stage.submit(n).result()
+
+
+def _no_prefect_env() -> None:
+    os.environ.pop("PREFECT_API_URL", None)
 
 
 def _prefect_servers_below(pid: int) -> set[int]:
@@ -84,6 +107,42 @@ def test_worker_task_runs_land_in_the_flow_runs_api_and_one_server_is_started(tm
     # The command that started the server stopped it.
     assert read_server_state(settings) is None
     assert _prefect_servers_below(os.getpid()) - before == set()
+
+
+@pytest.mark.integration
+def test_stage_tasks_run_in_the_flow_process_and_workers_need_no_prefect_api(tmp_path, monkeypatch):
+    """twinflow's pattern: Prefect task runs here, their fan-out on Dask workers that know no Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    settings = get_settings(home=tmp_path / "home", dask={"mode": "local", "n_workers": 2,
+                                                          "threads_per_worker": 1})
+    with rt_mod.start(settings) as rt:
+        rt.cluster.client.run(_no_prefect_env)  # the workers inherited it: take it away
+        state = _staged(6, return_state=True)
+        out = state.result()
+        worker_pids = set(rt.cluster.client.run(os.getpid).values())
+        assert out["task_pid"] == os.getpid()
+        assert [i for i, _, _ in out["parts"]] == list(range(6))
+        assert {pid for _, pid, _ in out["parts"]} <= worker_pids
+        assert out["one"][1] in worker_pids
+        assert all(url is None for _, _, url in [*out["parts"], out["one"]])
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        assert [r.name.split("-")[0] for r in runs] == ["stage"] and runs[0].state.is_completed()
+        assert rt_mod.gpu_resources(rt.cluster.client) is None  # CPU workers: no GPU requirement
+
+
+def test_dask_client_outside_a_runtime_is_a_clear_error():
+    import sys
+
+    # A fresh process: this one may hold other tests' Dask clients.
+    out = subprocess.run([sys.executable, "-c", "from twinflow import runtime; runtime.dask_client()"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "ConfigError: no Dask cluster to send work to" in out.stderr, out.stderr[-2000:]
 
 
 @pytest.mark.integration

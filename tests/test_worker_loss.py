@@ -3,7 +3,7 @@
 A separately started ``dask scheduler`` with two ``dask worker`` processes (as an operator runs them);
 ``twinflow run ingest`` in its own process connects by address. While an ``ingest-batch`` task is
 running on worker ``w2``, that worker's process is killed (SIGKILL: no clean shutdown). Dask reschedules
-its tasks on ``w1`` and Prefect's run continues; the checks are what an operator relies on: the flow
+the batch's Dask task on ``w1`` while its Prefect task run (in the flow's process) waits; the checks are what an operator relies on: the flow
 run is COMPLETED in the Prefect API, every input row is in the lake exactly once, the ledger holds
 every file once, and no temporary or staged file is left visible.
 """
@@ -56,7 +56,9 @@ def test_worker_killed_mid_ingest_loses_and_duplicates_nothing(prefect_server, t
     home = tmp_path / "home"
     procs = Procs(tmp_path)
     try:
-        address, workers = start_dask(procs, tmp_path / "scheduler.json", base, base)
+        # Workers get no Prefect settings: they run plain Dask tasks only.
+        worker_env = {k: v for k, v in base.items() if not k.startswith("PREFECT_")}
+        address, workers = start_dask(procs, tmp_path / "scheduler.json", base, worker_env)
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=90)
             w2_addr = next(a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()

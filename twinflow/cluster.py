@@ -114,7 +114,9 @@ def dask_cluster(settings: Settings) -> Iterator[ClusterHandle]:
             if mode == "cuda":
                 from dask_cuda import LocalCUDACluster
 
-                kwargs = {"dashboard_address": settings.dask.dashboard_address}
+                # One worker per GPU, each advertising the GPU resource that GPU work asks for
+                # (twinflow.runtime.gpu_resources): a plain keyword of every Dask worker.
+                kwargs = {"dashboard_address": settings.dask.dashboard_address, "resources": {"GPU": 1}}
                 if settings.dask.threads_per_worker:
                     kwargs["threads_per_worker"] = settings.dask.threads_per_worker
                 cluster = stack.enter_context(LocalCUDACluster(**kwargs))

@@ -7,10 +7,16 @@ Use it as a context manager around flow calls::
     with runtime.start() as rt:
         pipeline(PipelineParams())
 
-Inside, :class:`TwinflowTaskRunner` (the task runner of every twinflow flow) sends Prefect tasks to
-the runtime's Dask cluster, and the runtime's Prefect API URL is exported so that Dask workers
-report their task runs to the same API as the flow run. Flows called without a runtime (e.g. by a
-deployment) start one themselves through :func:`ensure`.
+Prefect orchestrates, Dask computes: every twinflow flow runs its stage tasks in the flow's own
+process (Prefect's thread-pool task runner, ~10 ms per task run), and each stage task sends its
+partitions, trials and batches to the runtime's Dask cluster as plain Dask tasks through
+:func:`dask_client` / :func:`using_dask` / :func:`run_on_cluster`. Dask workers therefore never talk
+to the Prefect API: they only need twinflow installed and the lake's storage reachable. Work that
+needs a GPU asks for the ``GPU`` resource (:func:`gpu_resources`), so it is placed on GPU workers.
+
+:class:`TwinflowTaskRunner` is still there for users who want whole Prefect task runs on the
+workers (each then costs ~150 ms of Prefect start-up on the worker). Flows called without a runtime
+(e.g. by a deployment) start one themselves through :func:`ensure`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ __all__ = [
     "start",
     "dask_client",
     "using_dask",
+    "run_on_cluster",
+    "gpu_resources",
     "gpu_count",
     "has_dask_cuda",
     "resolve_mode",
@@ -121,9 +129,9 @@ def start(
         if mlflow:
             rt.experiment_id = configure_mlflow(settings)
         if cluster:
+            # Workers need no Prefect settings: stage tasks run here and send them plain Dask tasks.
+            # (Prefect tasks run on workers by TwinflowTaskRunner carry their settings with them.)
             rt.cluster = stack.enter_context(dask_cluster(settings))
-            if rt.cluster.mode == "address" and rt.prefect:
-                _push_env_to_workers(rt.cluster, {"PREFECT_API_URL": rt.prefect.url})
         _CURRENT.append(rt)
         stack.callback(_CURRENT.remove, rt)
         yield rt
@@ -231,23 +239,14 @@ def _no_flow_heartbeats() -> Iterator[None]:
         yield
 
 
-def _set_env(values: dict[str, str]) -> None:
-    os.environ.update(values)
-
-
-def _push_env_to_workers(handle: ClusterHandle, values: dict[str, str]) -> None:
-    # Workers started by someone else may not know our Prefect API; settings also travel with each
-    # task's serialized context, this covers code that reads the environment directly.
-    try:
-        handle.client.run(_set_env, values)
-    except Exception as exc:  # pragma: no cover - best effort on foreign clusters
-        log.warning("could not export settings to Dask workers: %s", exc)
-
-
 class TwinflowTaskRunner(DaskTaskRunner):
     """DaskTaskRunner that finds its cluster at run time: the active runtime's, else a new one.
 
-    Flows are decorated with it once; which cluster they use is decided by settings when they run.
+    Not what twinflow's own flows use (they run stage tasks in the flow process and send the fine
+    work to Dask): use it for a flow of your own whose Prefect tasks should each run on a Dask
+    worker, e.g. ``@flow(task_runner=TwinflowTaskRunner())``. Each task run then pays Prefect's
+    start-up on the worker (~150 ms) and the workers report to the runtime's Prefect API. Which
+    cluster it uses is decided by settings when the flow runs.
     """
 
     def __init__(self, address: str | None = None, **kwargs):
@@ -271,8 +270,11 @@ class TwinflowTaskRunner(DaskTaskRunner):
 def dask_client():
     """The Dask client to submit fine-grained work to, from inside a twinflow task or flow.
 
-    On a Dask worker (a task run by :class:`TwinflowTaskRunner`) this is the worker's client;
-    in the flow process it is the runtime's client.
+    In the flow process (where twinflow's stage tasks run) this is the runtime's client; on a Dask
+    worker (a task run by :class:`TwinflowTaskRunner`) it is the worker's client.
+
+    Raises:
+        ConfigError: no runtime with a cluster is active and no Dask client exists in this process.
     """
     try:
         from distributed import get_worker
@@ -284,7 +286,14 @@ def dask_client():
             return rt.cluster.client
         from distributed import get_client
 
-        return get_client()
+        try:
+            return get_client()
+        except ValueError:
+            from twinflow.errors import ConfigError
+
+            raise ConfigError("no Dask cluster to send work to: call the flow inside "
+                              "`with twinflow.runtime.start():` (twinflow's flows do this themselves) "
+                              "or create a distributed.Client first") from None
     from distributed import worker_client
 
     # worker_client secedes from the worker's thread pool while we wait on sub-tasks.
@@ -306,3 +315,41 @@ def using_dask() -> Iterator["distributed.Client"]:
     else:
         with client as c:
             yield c
+
+
+def gpu_resources(client: "distributed.Client", wanted: bool = True) -> dict[str, float] | None:
+    """The Dask resources a GPU task should ask for on ``client``'s cluster, or None.
+
+    ``{"GPU": 1}`` when ``wanted`` and some worker advertises a ``GPU`` resource (twinflow's cuda
+    clusters do; start your own ``dask cuda worker`` with ``--resources GPU=1``), so GPU work lands
+    on GPU workers of a mixed cluster. None otherwise: a requirement that no worker can meet would
+    leave the task waiting forever.
+    """
+    if not wanted:
+        return None
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    if any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
+        return {"GPU": 1}
+    return None
+
+
+def run_on_cluster(fn, /, *args, key: str | None = None, retries: int = 0,
+                   resources: dict[str, float] | None = None, **kwargs):
+    """Run ``fn(*args, **kwargs)`` as one Dask task on the runtime's cluster and return its result.
+
+    What a coarse stage task in the flow process calls for a unit of work that should not run in
+    the flow process (CPU-bound parsing, training). A worker lost mid-task is replaced by Dask
+    recomputing it elsewhere; ``retries`` adds Dask-level retries for exceptions.
+
+    Args:
+        fn: A picklable function (module-level, importable on the workers).
+        key: Readable prefix of the Dask key (shown on the dashboard); made unique here.
+        retries: Dask retries on exceptions.
+        resources: Dask resources the task needs (see :func:`gpu_resources`).
+    """
+    import uuid
+
+    with using_dask() as client:
+        name = f"{key or getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:12]}"
+        fut = client.submit(fn, *args, key=name, pure=False, retries=retries, resources=resources, **kwargs)
+        return fut.result()

@@ -133,15 +133,23 @@ def process_files(files: list[SourceFile], params: IngestParams, staging: Path, 
 @task(name="ingest-batch", retries=2, retry_delay_seconds=[2, 10], task_run_name="ingest-batch-{index}")
 def process_batch(index: int, files: list[SourceFile], params: IngestParams, staging: str,
                   quarantine: str, batch_id: str, storage_options: dict[str, Any]) -> list[FileOutcome]:
-    """Read, validate and stage a batch of files on one Dask worker (I/O-bound: retried with backoff).
+    """Read, validate and stage a batch of files as one Dask task (I/O-bound: retried with backoff).
 
-    Each file is isolated (:func:`process_isolated`): a file that raises is quarantined (or deferred) on
-    its own; the retries are for what remains, such as losing the worker.
+    The Prefect task run lives in the flow's process; the CPU-bound reading and parsing is one plain
+    Dask task (:func:`twinflow.runtime.run_on_cluster`), recomputed elsewhere by Dask if its worker is
+    lost. Each file is isolated (:func:`process_isolated`): a file that raises is quarantined (or
+    deferred) on its own; the retries are for what remains.
     """
     from prefect import get_run_logger
 
+    from twinflow import runtime
+
     logger = get_run_logger()
-    outcomes = process_files(files, params, Path(staging), Path(quarantine), batch_id, storage_options, logger)
+    outcomes = runtime.run_on_cluster(process_files, files, params, Path(staging), Path(quarantine), batch_id,
+                                      storage_options, key=f"ingest-batch-{index}")
+    for o in outcomes:  # the worker logged these too, but its log does not reach the Prefect UI
+        if o.reason.startswith("ingest error"):
+            logger.warning("%s %s: %s (the other files of the batch went on)", o.path, o.status, o.reason)
     logger.info("batch %d: %d files, %d rows read, %d written, %d quarantined", index, len(files),
                           sum(o.rows_read for o in outcomes), sum(o.rows_written for o in outcomes),
                           sum(o.rows_quarantined for o in outcomes))
