@@ -111,6 +111,31 @@ class Bench:
         self.results[label] = res
         return out
 
+    def measure_rounds(self, candidates: dict[str, Callable[[], Any]], repeat: int = 3, warmup: int = 0,
+                       ) -> dict[str, Any]:
+        """Time several candidates round-robin: one call of each per round, ``repeat`` rounds.
+
+        On a shared machine load comes and goes; interleaving gives every candidate the same share
+        of it, so a small difference between them is not a quiet minute for one of them.
+        """
+        outs: dict[str, Any] = {}
+        for _ in range(warmup):
+            for label, fn in candidates.items():
+                outs[label] = fn()
+        times: dict[str, list[float]] = {label: [] for label in candidates}
+        peaks: dict[str, float] = {label: 0.0 for label in candidates}
+        for _ in range(repeat):
+            for label, fn in candidates.items():
+                gc.collect()
+                with _PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    outs[label] = fn()
+                    times[label].append(time.perf_counter() - t0)
+                peaks[label] = max(peaks[label], mem.peak / 2**20)
+        for label in candidates:
+            self.results[label] = Result(label, times[label], peaks[label], {"interleaved": True})
+        return outs
+
     def ratio(self, label: str, against: str | None = None) -> float:
         """Speed of ``label`` relative to ``against`` (default the baseline): t_against / t_label."""
         base = self.results[against or self.baseline]

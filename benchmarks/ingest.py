@@ -182,13 +182,15 @@ def main() -> None:
 
                 bench = Bench(f"ingest ({rows:,} rows in {n_files} files, CSV+Parquet)",
                               baseline="pyarrow read + write_to_dataset", units=rows)
-                bench.measure("pyarrow read + write_to_dataset", lambda: baseline(landing, work / "baseline"),
-                              repeat=args.repeat)
-                bench.measure("twinflow ingest (first run)", first_run, repeat=args.repeat)
-                # The same plan/parse/validate/commit in this process, without Prefect and Dask: the
+                # Round-robin, so that load on a shared machine falls on every candidate alike. The
+                # in-process stage is the same plan/parse/validate/commit without Prefect and Dask: the
                 # cost of the stage itself, so that orchestration overhead is visible.
-                bench.measure("twinflow stage in-process (no Prefect/Dask)",
-                              lambda: in_process(params, work / "lake-local", work / "q-local"), repeat=args.repeat)
+                bench.measure_rounds({
+                    "pyarrow read + write_to_dataset": lambda: baseline(landing, work / "baseline"),
+                    "twinflow ingest (first run)": first_run,
+                    "twinflow stage in-process (no Prefect/Dask)":
+                        lambda: in_process(params, work / "lake-local", work / "q-local"),
+                }, repeat=args.repeat)
                 bench.measure("twinflow re-run (nothing new)", lambda: ingest(params), repeat=args.repeat)
                 bench.report(args.json)
                 first = bench.results["twinflow ingest (first run)"]

@@ -838,7 +838,10 @@ def transform_and_write(parts: Sequence[Sequence[str]], fit: FitStats, params: F
     jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i)
             for i, p in enumerate(ddf.to_delayed())]
     with _dask() as client:
-        return client.gather(client.compute(jobs))
+        from twinflow.runtime import gpu_resources
+
+        # CuPy partitions must land on GPU workers of a mixed cluster.
+        return client.gather(client.compute(jobs, resources=gpu_resources(client, backend == "cupy")))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -147,9 +147,12 @@ def search(train: pd.DataFrame, val: pd.DataFrame, spec: DataSpec, params: Train
     if client is None:
         outcomes = [run_trial(i, hp, train, val, spec, params, target) for i, hp in enumerate(configs)]
     else:
+        from twinflow.runtime import gpu_resources
+
+        resources = gpu_resources(client, getattr(get_trainer(params.model), "uses_gpu", False))
         train_f, val_f = client.scatter([train, val], broadcast=False, hash=False)
         futures = [client.submit(run_trial, i, hp, train_f, val_f, spec, params, target, pure=False,
-                                 key=f"train-trial-{i}-{uuid.uuid4().hex[:12]}")
+                                 key=f"train-trial-{i}-{uuid.uuid4().hex[:12]}", resources=resources)
                    for i, hp in enumerate(configs)]
         outcomes = client.gather(futures)
     return sorted(outcomes, key=lambda o: (o.val_rmse, o.trial))

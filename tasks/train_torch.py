@@ -166,6 +166,8 @@ class CnnTrainer:
     """Adam on MSE of RUL / cap, early-stopped on the by-asset validation split (per epoch)."""
 
     name = "cnn"
+    #: Trials ask the cluster for a GPU worker when it has one (twinflow.runtime.gpu_resources).
+    uses_gpu = True
     default_space: dict[str, list[Any]] = {
         "lr": [1e-3, 2e-3, 5e-3],
         "channels": [32, 64],

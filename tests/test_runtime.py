@@ -468,3 +468,27 @@ def test_the_dask_dashboard_listens_on_loopback_by_default(tmp_path, monkeypatch
 
     monkeypatch.setenv("TWINFLOW_DASK__DASHBOARD_ADDRESS", "0.0.0.0:8787")  # settable, for a plant's LAN
     assert _local_kwargs(get_settings(home=tmp_path))["dashboard_address"] == "0.0.0.0:8787"
+
+
+def _worker_name() -> str:
+    from distributed import get_worker
+
+    return get_worker().name
+
+
+def test_gpu_work_lands_only_on_workers_that_advertise_a_gpu():
+    """A mixed cluster (one CPU worker, one advertising ``GPU``): work asking for it goes to the GPU one."""
+    from distributed import Client, Scheduler, SpecCluster, Worker
+
+    spec = {"cpu": {"cls": Worker, "options": {"nthreads": 1}},
+            "gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}}}}
+    with SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}}) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(2)
+        assert rt_mod.gpu_resources(client, wanted=False) is None
+        resources = rt_mod.gpu_resources(client)
+        assert resources == {"GPU": 1}
+        names = client.gather([client.submit(_worker_name, pure=False, resources=resources) for _ in range(8)])
+        assert set(names) == {"gpu"}
+        free = client.gather([client.submit(_worker_name, pure=False) for _ in range(16)])
+        assert set(free) <= {"cpu", "gpu"}

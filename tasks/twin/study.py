@@ -49,7 +49,11 @@ def run_batches(client, model: TwinModel, policies: Sequence[Policy], params: Tw
     plan = plan_batches(params.n_scenarios, params.batch_scenarios, params.seed)
     model_f, pol_f, par_f, err_f = client.scatter([model, list(policies), params, error_model], broadcast=True,
                                                    hash=False)
-    futures = [client.submit(run_batch, model_f, pol_f, par_f, n, ss, err_f, pure=False)
+    from twinflow.runtime import gpu_resources
+
+    # auto/cupy batches go to GPU workers when the cluster has any (the fused kernel runs there).
+    resources = gpu_resources(client, params.backend != "numpy")
+    futures = [client.submit(run_batch, model_f, pol_f, par_f, n, ss, err_f, pure=False, resources=resources)
                for n, ss in plan]
     parts = client.gather(futures)
     return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
