@@ -1,7 +1,8 @@
 """Point the pipeline at an existing Dask scheduler: the path for when one machine is outgrown.
 
 In production the scheduler and workers run on other machines (`dask scheduler` on one host,
-`dask worker tcp://host:8786` on each GPU/CPU box, each with PREFECT_API_URL set). Here the example
+`dask worker tcp://host:8786` on each GPU/CPU box, with twinflow installed and the lake reachable;
+they need no Prefect or MLflow settings, since stage tasks run in this process). Here the example
 starts a real `dask scheduler` and two `dask worker` processes on loopback when no address is
 given, then runs the pipeline against them purely through settings:
 ``TWINFLOW_DASK__MODE=address`` and ``TWINFLOW_DASK__ADDRESS``.
@@ -70,17 +71,11 @@ def main() -> None:
 
     from twinflow import runtime
     from twinflow.flows.pipeline import demo_params, pipeline
-    from twinflow.prefect_server import acquire_server, release_server, set_offline_env
     from twinflow.settings import get_settings
 
     with ExitStack() as stack:
-        set_offline_env()
-        base = get_settings()
-        # Workers on other machines must know the Prefect API: start (or reuse) it first and
-        # export its URL before the workers start.
-        server = acquire_server(base)
-        stack.callback(release_server, base, server)
-        os.environ["PREFECT_API_URL"] = server.url
+        # The workers are started before twinflow's Prefect API and never learn its URL: they run
+        # plain Dask tasks only.
         address = args.address or stack.enter_context(local_scheduler())
         os.environ["TWINFLOW_DASK__MODE"] = "address"
         os.environ["TWINFLOW_DASK__ADDRESS"] = address
