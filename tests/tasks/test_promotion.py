@@ -181,3 +181,18 @@ def test_the_twin_gate_promotes_when_the_challenger_is_cheaper(prefect_api, regi
     rmse = decide_promotion(_rmse(early, true), _rmse(late, true), 0.0, challenger_version="2", champion_version="1")
     assert not rmse.promote and decide_gate("twin", rmse, twin).promote
     assert isinstance(decide_gate("both", rmse, twin), Decision) and not decide_gate("both", rmse, twin).promote
+
+
+def test_probability_best_is_the_share_of_paired_scenarios_where_a_policy_is_cheapest():
+    from twinflow.tasks.twin import prob_best, summarize
+    from twinflow.tasks.twin.policies import Policy
+
+    cost = np.array([[1.0, 5.0, 2.0, 3.0],
+                     [2.0, 1.0, 2.0, 4.0],
+                     [3.0, 6.0, 9.0, 3.0]])
+    # scenario 1: policy 0; 2: policy 1; 3: tie 0/1; 4: tie 0/2
+    assert prob_best(cost).tolist() == pytest.approx([(1 + 0.5 + 0.5) / 4, (1 + 0.5) / 4, 0.5 / 4])
+    pols = [Policy("a", "predictive", 1.0), Policy("b", "predictive", 2.0), Policy("c", "predictive", 3.0)]
+    zeros = np.zeros_like(cost)
+    rows, best = summarize(pols, {"cost": cost, "downtime": zeros, "failures": zeros, "planned": zeros}, 1, 10)
+    assert best == "b" and rows[1]["p_best"] == pytest.approx(0.375) and rows[1]["cost_ci_low"] < 3.0
