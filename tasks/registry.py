@@ -124,7 +124,7 @@ def decide_gate(mode: str, rmse: Decision, twin: TwinComparison | None) -> Decis
         raise ValueError(f"unknown promotion mode {mode!r}; choose rmse, twin or both")
     out = replace(rmse, mode=mode, twin=twin)
     if rmse.champion_version is None or rmse.champion_rmse is None or mode == "rmse":
-        return out
+        return out if twin is None else replace(out, reason=f"{out.reason} {twin.reason}")
     rmse_note = f"RMSE: {rmse.reason}"
     if twin is None or twin.promote is None:
         why = "the twin comparison is unavailable" + (f" ({twin.reason})" if twin is not None else "")
@@ -250,6 +250,10 @@ def twin_comparison(challenger: tuple[Any, Any] | None, champion: tuple[Any, Any
         out.notes = notes
         return out
     reason = "; ".join(notes) or "no champion to compare against"
+    if "challenger" in costs:
+        c = costs["challenger"]
+        reason = (f"Twin: {reason}; the challenger's best policy {c.best_policy} costs {c.expected_cost:,.0f} "
+                  f"[{c.cost_ci_low:,.0f}, {c.cost_ci_high:,.0f}].")
     return TwinComparison(costs.get("challenger"), costs.get("champion"), None, reason, gate.criterion,
                           gate.margin, notes=notes)
 
@@ -394,7 +398,6 @@ def _record(client: Any, name: str, version: str, decision: Decision, features: 
             f"params digest {features.params_digest}) from lake dataset `{snap.dataset}` (snapshot {snap.digest[:16]})")
     shown = {k: challenger_metrics.get(k) for k in ("eval_rmse", "eval_score", "eval_mae", "eval_late_fraction",
                                                       "eval_asymmetry", "eval_alpha_accuracy", "eval_pi_coverage")}
-    shown.setdefault("eval_rmse", decision.challenger_rmse)
     if shown["eval_rmse"] is None:
         shown["eval_rmse"] = decision.challenger_rmse
     retry_store(client.update_model_version, name, version,
