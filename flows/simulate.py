@@ -97,7 +97,9 @@ def _simulate(params: TwinParams, snapshot: LakeSnapshot | None, settings: Setti
     run_id = log_study_run(params, model, report, error_model, rows, best, markdown, snapshot)
     create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description="Digital-twin policy study")
     best_row = next(r for r in rows if r["policy"] == best)
-    logger.info("recommended policy: %s (expected cost %.0f)", best, best_row["expected_cost"])
+    logger.info("recommended policy: %s (expected cost %.0f, 95%% CI [%.0f, %.0f], probability best %.0f%%)",
+                best, best_row["expected_cost"], best_row["cost_ci_low"], best_row["cost_ci_high"],
+                100 * best_row["p_best"])
     return SimulationResult(run_id=run_id, recommended_policy=best, expected_cost=best_row["expected_cost"],
                             policies=rows)
 

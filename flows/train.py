@@ -19,6 +19,7 @@ from twinflow.tasks.train import (
     dataset_for_mlflow,
     feature_digest,
     get_trainer,
+    log_prognostics,
     model_io_lock,
     plot_feature_importance,
     plot_learning_curve,
@@ -148,6 +149,10 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             if out.importance:
                 mlflow.log_figure(plot_feature_importance(out.importance), "plots/feature_importance.png")
                 mlflow.log_dict(out.importance, "evaluation/feature_importance.json")
+            if out.prognostics is not None:
+                log_prognostics(out.prognostics, out.val_prognostics, out.eval_true, out.eval_pred, out.val_set,
+                                out.val_pred)
+                metrics.update(out.prognostics.metrics("eval"))
             import matplotlib.pyplot as plt
 
             plt.close("all")
@@ -158,7 +163,8 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             # 5. registry and promotion gate
             if params.use_registry:
                 gate = promotion_gate(client, name, info.model_uri, m["rmse"], out.eval_name, features, params,
-                                      test_features, settings.mlflow_tracking_uri)
+                                      test_features, settings.mlflow_tracking_uri, challenger_true=out.eval_true,
+                                      challenger_pred=out.eval_pred, challenger_metrics=metrics)
                 result = result.model_copy(update={"registered_model": name, "version": gate.version,
                                                    "aliases": gate.aliases})
         log.info("train: run %s, %s v%s %s, eval RMSE %.3f", run_id, name, result.version, result.aliases,

@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
 
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from twinflow.refs import FeatureSetRef
-from twinflow.tasks.train_eval import evaluate_model_uri
+from twinflow.tasks.promotion import (
+    TwinComparison,
+    TwinGateParams,
+    compare_twin_costs,
+    error_model_of,
+    policy_costs,
+)
+from twinflow.tasks.train_eval import predict_model_uri, regression_metrics
 from twinflow.tracking import retry_store
 
 if TYPE_CHECKING:
@@ -43,17 +52,38 @@ class Decision:
     champion_rmse: float | None = None
     margin: float = 0.0
     eval_set: str = ""
+    mode: str = "rmse"
+    challenger_score: float | None = None
+    champion_score: float | None = None
+    twin: TwinComparison | None = None
+
+    def _cost(self, role: str, key: str):
+        side = None if self.twin is None else getattr(self.twin, role)
+        return None if side is None else getattr(side, key)
 
     def table(self) -> pd.DataFrame:
         """The comparison as a two-row table (challenger, champion) for ``mlflow.log_table``."""
-        rows = [{"role": CHALLENGER, "version": self.challenger_version, "eval_rmse": self.challenger_rmse},
-                {"role": CHAMPION, "version": self.champion_version, "eval_rmse": self.champion_rmse}]
+        rows = []
+        for role, version, rmse, score in ((CHALLENGER, self.challenger_version, self.challenger_rmse,
+                                            self.challenger_score),
+                                           (CHAMPION, self.champion_version, self.champion_rmse, self.champion_score)):
+            rows.append({"role": role, "version": version, "eval_rmse": rmse, "eval_score": score,
+                         **{f"twin_{k}": self._cost(role, k) for k in
+                            ("best_policy", "expected_cost", "cost_ci_low", "cost_ci_high", "p_best")}})
         df = pd.DataFrame(rows)
         df["eval_set"] = self.eval_set
         df["margin"] = self.margin
+        df["mode"] = self.mode
         df["decision"] = "promote" if self.promote else "keep champion"
         df["reason"] = self.reason
         return df
+
+    def summary(self, model_name: str) -> str:
+        """One readable line: what the gate did and why (for the Prefect log)."""
+        what = (f"promoted {model_name} v{self.challenger_version} to {CHAMPION}" if self.promote else
+                f"kept {model_name} v{self.champion_version} as {CHAMPION} (v{self.challenger_version} stays "
+                f"{CHALLENGER})")
+        return f"promotion gate ({self.mode}): {what}. {self.reason}"
 
     def markdown(self, model_name: str) -> str:
         """A Prefect markdown artifact body."""
@@ -66,7 +96,43 @@ class Decision:
             "| role | version | eval RMSE |", "|---|---|---|",
             f"| {CHALLENGER} | {fmt(self.challenger_version)} | {fmt(self.challenger_rmse)} |",
             f"| {CHAMPION} | {fmt(self.champion_version)} | {fmt(self.champion_rmse)} |",
+            "", f"Mode: `{self.mode}` (rmse: RMSE rule only; twin: maintenance cost on the fleet twin only; "
+            "both: both must agree).", "",
+            "| role | PHM08 score | twin best policy | expected cost [95% CI] | P(best) |", "|---|---|---|---|---|",
+            *[f"| {role} | {fmt(score)} | {fmt(self._cost(role, 'best_policy'))} | "
+              f"{_cost_ci(self._cost(role, 'expected_cost'), self._cost(role, 'cost_ci_low'), self._cost(role, 'cost_ci_high'))}"
+              f" | {fmt(self._cost(role, 'p_best'))} |"
+              for role, score in ((CHALLENGER, self.challenger_score), (CHAMPION, self.champion_score))],
+            *([] if self.twin is None else ["", self.twin.reason]),
         ])
+
+
+def _cost_ci(m, lo, hi) -> str:
+    return "—" if m is None else f"{m:,.0f} [{lo:,.0f}, {hi:,.0f}]"
+
+
+def decide_gate(mode: str, rmse: Decision, twin: TwinComparison | None) -> Decision:
+    """Combine the RMSE rule and the twin's verdict by ``mode`` (``rmse``, ``twin`` or ``both``).
+
+    No champion: the challenger is promoted in every mode. A champion that could not be scored,
+    or a twin study that could not run when the mode needs it, keeps the champion: the gate only
+    promotes on evidence.
+    """
+    from dataclasses import replace
+
+    if mode not in ("rmse", "twin", "both"):
+        raise ValueError(f"unknown promotion mode {mode!r}; choose rmse, twin or both")
+    out = replace(rmse, mode=mode, twin=twin)
+    if rmse.champion_version is None or rmse.champion_rmse is None or mode == "rmse":
+        return out if twin is None else replace(out, reason=f"{out.reason} {twin.reason}")
+    rmse_note = f"RMSE: {rmse.reason}"
+    if twin is None or twin.promote is None:
+        why = "the twin comparison is unavailable" + (f" ({twin.reason})" if twin is not None else "")
+        return replace(out, promote=False, reason=f"Kept: {why}. {rmse_note}")
+    if mode == "twin":
+        return replace(out, promote=twin.promote, reason=f"{twin.reason} ({rmse_note})")
+    promote = rmse.promote and twin.promote
+    return replace(out, promote=promote, reason=f"{'Both rules agree. ' if promote else ''}{rmse_note} {twin.reason}")
 
 
 def decide_promotion(challenger_rmse: float, champion_rmse: float | None, margin: float, *,
@@ -152,9 +218,60 @@ def champion_error_model(settings: Any) -> dict | None:
 
 @task(name="train-evaluate-champion", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
 def evaluate_task(model_uri: str, features: FeatureSetRef, params: TrainParams,
-                  test_features: FeatureSetRef | None, tracking_uri: str) -> dict[str, float]:
-    """Score a registered model on this run's evaluation data."""
-    return evaluate_model_uri(model_uri, features, params, test_features, tracking_uri)
+                  test_features: FeatureSetRef | None, tracking_uri: str) -> dict[str, Any]:
+    """Score a registered model on this run's evaluation data.
+
+    Returns:
+        The regression metrics (``rmse``, ``mae``, ``score``, ``bias``, ``n``) and the scored
+        ``true_rul``/``pred_rul`` lists (the twin gate builds the model's error model from them).
+    """
+    ev, pred = predict_model_uri(model_uri, features, params, test_features, tracking_uri)
+    return {**regression_metrics(pred, ev.true), "true_rul": ev.true.tolist(), "pred_rul": pred.tolist()}
+
+
+def twin_comparison(challenger: tuple[Any, Any] | None, champion: tuple[Any, Any] | None, gate: TwinGateParams,
+                    *, challenger_source: str = CHALLENGER, champion_source: str = CHAMPION,
+                    client: Any = None) -> TwinComparison:
+    """The twin gate over two models' scored ``(true_rul, pred_rul)``: the same study, same seeds.
+
+    Either side may be None (no champion yet, or no predictions): the other side's cost is still
+    studied and logged, and ``promote`` is None.
+    """
+    notes, costs = [], {}
+    for role, data, src in (("challenger", challenger, challenger_source), ("champion", champion, champion_source)):
+        if data is None:
+            continue
+        try:
+            costs[role] = policy_costs(error_model_of(data[0], data[1], src), gate, client=client)
+        except ValueError as exc:
+            notes.append(f"{role}: no error model ({exc})")
+    if len(costs) == 2:
+        out = compare_twin_costs(costs["challenger"], costs["champion"], gate.criterion, gate.margin)
+        out.notes = notes
+        return out
+    reason = "; ".join(notes) or "no champion to compare against"
+    if "challenger" in costs:
+        c = costs["challenger"]
+        reason = (f"Twin: {reason}; the challenger's best policy {c.best_policy} costs {c.expected_cost:,.0f} "
+                  f"[{c.cost_ci_low:,.0f}, {c.cost_ci_high:,.0f}].")
+    return TwinComparison(costs.get("challenger"), costs.get("champion"), None, reason, gate.criterion,
+                          gate.margin, notes=notes)
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a person opens the run: the MLflow UI URL on a tracking server, else ``runs:/`` + store."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"runs:/{run_id} (tracking store {tracking_uri}; `twinflow server` opens the MLflow UI)"
+
+
+def version_description(decision: Decision, *, run_link_text: str, data: str, metrics: dict[str, float]) -> str:
+    """The registry description of one model version: its data, metrics, the gate's decision, the run."""
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
+    verdict = "promoted to champion" if decision.promote else "not promoted (stays challenger)"
+    lines = [f"Trained on: {data}.", f"Evaluated on `{decision.eval_set}`: {shown}.",
+             f"Promotion gate ({decision.mode}): {verdict}. {decision.reason}", f"MLflow run: {run_link_text}"]
+    return "\n\n".join(lines)
 
 
 @dataclass
@@ -167,16 +284,32 @@ class GateOutcome:
     champion_rmse: float | None = None
 
 
+def _run_logger():
+    from prefect import get_run_logger
+
+    try:
+        return get_run_logger()
+    except Exception:  # noqa: BLE001 - outside a flow or task run
+        return log
+
+
 def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: float, eval_set: str,
                    features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
-                   tracking_uri: str) -> GateOutcome:
+                   tracking_uri: str, *, challenger_true=None, challenger_pred=None,
+                   challenger_metrics: dict[str, float] | None = None,
+                   champion_scorer: Callable[[str], dict[str, Any]] | None = None) -> GateOutcome:
     """Register a trained model as ``challenger`` and promote it to ``champion`` if it earns it.
 
     Runs inside the train flow, in its stage run: the current champion is scored on the same
-    evaluation data by the ``train-evaluate-champion`` task, :func:`decide_promotion` decides, and
-    the decision is written as an MLflow table (``promotion/decision.json``), tags
-    (``twinflow.promotion``, ``twinflow.registered_version``), a ``champion_eval_rmse`` metric and
-    a Prefect markdown artifact (``train-promotion``).
+    evaluation data by the ``train-evaluate-champion`` task; with ``params.promotion_mode`` ``twin``
+    or ``both`` the fleet twin's policy study runs with each model's measured error model (same
+    seeds) and compares their best policy costs (:mod:`twinflow.tasks.promotion`);
+    :func:`decide_gate` decides. The decision is written as an MLflow table
+    (``promotion/decision.json``), the twin study (``promotion/twin.json``), tags
+    (``twinflow.promotion``, ``twinflow.registered_version``), metrics (``champion_eval_rmse``,
+    ``gate_challenger_cost``/``gate_champion_cost`` with their CIs), the descriptions of the
+    registered model and of the version, a Prefect markdown artifact (``train-promotion``) and
+    one Prefect log line.
 
     Args:
         client: An ``mlflow.MlflowClient`` on the flow's tracking/registry store.
@@ -185,9 +318,15 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
         challenger_rmse: Its eval RMSE on ``eval_set``.
         eval_set: The name of the evaluation data (both models are scored on it).
         features: The run's training features (the champion is scored on the same eval data).
-        params: The run's train params (``promotion_margin``, eval-set options).
+        params: The run's train params (``promotion_margin``, ``promotion_mode``, ``twin_gate``).
         test_features: The run's test features, if any.
         tracking_uri: Where the evaluation task loads the champion from.
+        challenger_true: The challenger's scored true RUL (for its twin error model).
+        challenger_pred: Its predictions on those rows.
+        challenger_metrics: Its metrics for the version description (``eval_score`` is shown in
+            the decision).
+        champion_scorer: Scores a champion model URI like ``train-evaluate-champion`` does (the
+            default submits that task).
 
     Returns:
         The decision, the new version, its aliases after the gate and the champion's RMSE.
@@ -195,30 +334,76 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
     import mlflow
     from prefect.artifacts import create_markdown_artifact
 
+    mode = params.promotion_mode
+    challenger_metrics = dict(challenger_metrics or {})
     incumbent = champion_version(client, name)
     mv = mlflow.register_model(model_uri, name, tags={"twinflow.eval_set": eval_set})
     retry_store(client.set_registered_model_alias, name, CHALLENGER, mv.version)
-    champ_rmse, champ_err = None, None
+    champ, champ_err = None, None
     if incumbent is not None:
+        uri = f"models:/{name}/{incumbent.version}"
         try:
-            champ = evaluate_task.submit(f"models:/{name}/{incumbent.version}", features, params,
-                                         test_features, tracking_uri).result()
-            champ_rmse = champ["rmse"]
+            champ = (champion_scorer(uri) if champion_scorer is not None else
+                     evaluate_task.submit(uri, features, params, test_features, tracking_uri).result())
         except Exception as exc:  # the gate keeps the champion and records why
             champ_err = f"{exc.__class__.__name__}: {exc}"
             log.warning("champion v%s could not be scored: %s", incumbent.version, champ_err)
-    decision = decide_promotion(challenger_rmse, champ_rmse, params.promotion_margin,
-                                challenger_version=str(mv.version),
-                                champion_version=None if incumbent is None else str(incumbent.version),
-                                eval_set=eval_set, champion_error=champ_err)
+    champ_rmse = None if champ is None else champ["rmse"]
+    rmse = decide_promotion(challenger_rmse, champ_rmse, params.promotion_margin,
+                            challenger_version=str(mv.version),
+                            champion_version=None if incumbent is None else str(incumbent.version),
+                            eval_set=eval_set, champion_error=champ_err)
+    rmse.challenger_score = challenger_metrics.get("eval_score")
+    rmse.champion_score = None if champ is None else champ.get("score")
+    twin = None
+    if mode != "rmse":
+        mine = None if challenger_true is None else (challenger_true, challenger_pred)
+        theirs = None if champ is None or "true_rul" not in champ else (champ["true_rul"], champ["pred_rul"])
+        twin = twin_comparison(mine, theirs, params.twin_gate, challenger_source=f"{name} v{mv.version}",
+                               champion_source=f"{name} v{None if incumbent is None else incumbent.version}")
+    decision = decide_gate(mode, rmse, twin)
     if decision.promote:
         retry_store(client.set_registered_model_alias, name, CHAMPION, mv.version)
-    mlflow.log_table(decision.table(), "promotion/decision.json")
-    mlflow.set_tags({"twinflow.promotion": "promoted" if decision.promote else "kept",
-                     "twinflow.registered_version": str(mv.version)})
-    if champ_rmse is not None:
-        mlflow.log_metric("champion_eval_rmse", champ_rmse)
+    _record(client, name, str(mv.version), decision, features, challenger_metrics, champ_rmse, tracking_uri)
     create_markdown_artifact(decision.markdown(name), key="train-promotion",
                              description=f"promotion gate for {name} v{mv.version}")
+    _run_logger().info(decision.summary(name))
     aliases = sorted(client.get_model_version(name, mv.version).aliases)
     return GateOutcome(decision, str(mv.version), aliases, champ_rmse)
+
+
+def _record(client: Any, name: str, version: str, decision: Decision, features: FeatureSetRef,
+            challenger_metrics: dict[str, float], champ_rmse: float | None, tracking_uri: str) -> None:
+    """The decision in the active MLflow run and in the registry's descriptions."""
+    import mlflow
+
+    run = mlflow.active_run()
+    mlflow.log_table(decision.table(), "promotion/decision.json")
+    mlflow.set_tags({"twinflow.promotion": "promoted" if decision.promote else "kept",
+                     "twinflow.promotion_mode": decision.mode, "twinflow.registered_version": version})
+    metrics = {} if champ_rmse is None else {"champion_eval_rmse": champ_rmse}
+    if decision.champion_score is not None:
+        metrics["champion_eval_score"] = decision.champion_score
+    if decision.twin is not None:
+        mlflow.log_dict(decision.twin.to_dict(), "promotion/twin.json")
+        for role in (CHALLENGER, CHAMPION):
+            side = getattr(decision.twin, role)
+            if side is not None:
+                metrics |= {f"gate_{role}_cost": side.expected_cost, f"gate_{role}_cost_ci_low": side.cost_ci_low,
+                            f"gate_{role}_cost_ci_high": side.cost_ci_high, f"gate_{role}_p_best": side.p_best}
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
+    link = run_link(tracking_uri, run.info.experiment_id, run.info.run_id) if run is not None else "—"
+    snap = features.snapshot
+    data = (f"features `{features.path}` ({features.rows:,} rows, {len(features.feature_columns)} feature columns, "
+            f"params digest {features.params_digest}) from lake dataset `{snap.dataset}` (snapshot {snap.digest[:16]})")
+    shown = {k: challenger_metrics.get(k) for k in ("eval_rmse", "eval_score", "eval_mae", "eval_late_fraction",
+                                                      "eval_asymmetry", "eval_alpha_accuracy", "eval_pi_coverage")}
+    if shown["eval_rmse"] is None:
+        shown["eval_rmse"] = decision.challenger_rmse
+    retry_store(client.update_model_version, name, version,
+                description=version_description(decision, run_link_text=link, data=data, metrics=shown))
+    champ = champion_version(client, name)
+    champ_line = "no champion yet" if champ is None else f"`{CHAMPION}` is v{champ.version} (run {champ.run_id})"
+    retry_store(client.update_registered_model, name, description=(
+        "Remaining-useful-life (RUL, cycles) model of the twinflow predictive-maintenance pipeline, trained on "
+        f"C-MAPSS-style telemetry features. {champ_line}.\n\nLast gate, on v{version}: {decision.summary(name)}"))

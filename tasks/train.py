@@ -49,8 +49,13 @@ from twinflow.tasks.train_data import (
     split_by_asset,
     validation_set,
 )
+from twinflow.tasks.prognostics import PrognosticsReport
+from twinflow.tasks.promotion import PromotionMode, TwinGateParams
 from twinflow.tasks.train_eval import (
     evaluate_model_uri,
+    evaluate_prognostics,
+    log_prognostics,
+    predict_model_uri,
     phm08_score,
     plot_feature_importance,
     plot_learning_curve,
@@ -103,6 +108,9 @@ __all__ = [
     "EvalSet",
     "evaluate_model_uri",
     "evaluate_task",
+    "evaluate_prognostics",
+    "log_prognostics",
+    "predict_model_uri",
     "feature_digest",
     "FittedModel",
     "GbmModel",
@@ -160,6 +168,13 @@ class TrainParams(BaseModel):
         rul_cap: Labels and true test RUL are capped at this value (piecewise-linear RUL).
         promotion_margin: The challenger becomes champion only if its eval RMSE is lower than the
             champion's by at least this many cycles (on the same evaluation data).
+        promotion_mode: What the promotion gate decides on: ``rmse`` (the RMSE rule above),
+            ``twin`` (the fleet twin's policy study with each model's measured error: the
+            challenger's best policy must cost less, see ``twin_gate``) or ``both`` (both must
+            say promote). The first model becomes champion in every mode.
+        twin_gate: Size, seeds and rule (CI non-overlap or a relative margin) of the twin gate.
+        interval_level: Nominal coverage of the conformal prediction intervals (calibrated on
+            validation residuals, coverage reported on the evaluation data).
         true_rul_path: True RUL file of the C-MAPSS test protocol (one integer per test unit, in
             unit order), e.g. ``twinflow.data.cmapss_path("RUL_FD001.txt.gz")``. Used with the
             flow's ``test_features``.
@@ -181,6 +196,9 @@ class TrainParams(BaseModel):
     window: int = Field(30, ge=2, le=1000)
     rul_cap: float = Field(125.0, gt=0)
     promotion_margin: float = Field(0.0, ge=0.0)
+    promotion_mode: PromotionMode = "both"
+    twin_gate: TwinGateParams = Field(default_factory=TwinGateParams)
+    interval_level: float = Field(0.9, gt=0.0, lt=1.0)
     true_rul_path: str | None = None
     nan_policy: Literal["reject", "drop"] = "reject"
     use_registry: bool = True
@@ -229,6 +247,10 @@ class SearchOutcome:
     rows_val: int
     assets_train: int
     assets_val: int
+    prognostics: PrognosticsReport | None = None
+    val_prognostics: PrognosticsReport | None = None
+    val_set: EvalSet | None = None
+    val_pred: np.ndarray | None = None
 
 
 def search_and_evaluate(features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
@@ -252,12 +274,18 @@ def _evaluate_best(outcomes: list[TrialOutcome], train: pd.DataFrame, val: pd.Da
     ev = build_eval_set(features, params, test_features, val=val)
     pred = np.asarray(best.model.predict(ev.frame), dtype="float64")[ev.rows]
     metrics = regression_metrics(pred, ev.true)
+    vs = validation_set(val, spec)
+    val_pred = np.asarray(best.model.predict(vs.frame), dtype="float64")[vs.rows]
+    prog, val_prog = evaluate_prognostics(ev, pred, vs, val_pred, level=params.interval_level)
+    # The frame of the validation set stays behind: the flow plots from the scored columns only.
+    vs_small = EvalSet(vs.name, vs.frame[["asset_id", "cycle"]], vs.rows, vs.true)
     importance = best.model.feature_importance(validation_set(val, spec).frame, val[spec.label].to_numpy())
     example = train[[*spec.keys, *spec.feature_columns]].head(max(params.window, 5)).rename(
         columns={spec.asset: "asset_id", spec.cycle: "cycle"})
     return SearchOutcome(best, trials, ev.name, metrics, residuals_csv(ev, pred), ev.true, pred, ev.asset_ids,
                          importance, example, len(train), len(val),
-                         int(train[spec.asset].nunique()), int(val[spec.asset].nunique()))
+                         int(train[spec.asset].nunique()), int(val[spec.asset].nunique()),
+                         prog, val_prog, vs_small, val_pred)
 
 
 # ---------------------------------------------------------------------------------------------

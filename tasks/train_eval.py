@@ -10,6 +10,14 @@ import pandas as pd
 
 from twinflow.errors import TwinflowError
 from twinflow.refs import FeatureSetRef
+from twinflow.tasks.prognostics import (
+    PrognosticsReport,
+    plot_alpha_lambda,
+    plot_error_asymmetry,
+    plot_prediction_intervals,
+    prediction_interval,
+    prognostics_report,
+)
 from twinflow.tasks.train_data import EvalSet, build_eval_set, natural_key
 from twinflow.tasks.trainers import model_io_lock
 
@@ -41,6 +49,18 @@ def evaluate_model_uri(model_uri: str, features: FeatureSetRef, params: TrainPar
                        test_features: FeatureSetRef | None, tracking_uri: str | None = None) -> dict[str, float]:
     """Score a logged/registered model (via ``mlflow.pyfunc``) on a run's evaluation data.
 
+    Raises:
+        TwinflowError: the model needs inputs the evaluation data lacks.
+    """
+    ev, pred = predict_model_uri(model_uri, features, params, test_features, tracking_uri)
+    return regression_metrics(pred, ev.true)
+
+
+def predict_model_uri(model_uri: str, features: FeatureSetRef, params: TrainParams,
+                      test_features: FeatureSetRef | None,
+                      tracking_uri: str | None = None) -> tuple[EvalSet, np.ndarray]:
+    """A logged/registered model's predictions on the scored rows of a run's evaluation data.
+
     The model gets exactly the input columns of its signature, so models trained on other
     feature sets fail here with a clear error rather than silently mis-scoring.
 
@@ -60,7 +80,64 @@ def evaluate_model_uri(model_uri: str, features: FeatureSetRef, params: TrainPar
     if missing:
         raise TwinflowError(f"{model_uri} needs inputs {missing} that the evaluation data lacks")
     pred = np.asarray(model.predict(ev.frame[cols]), dtype="float64").reshape(-1)[ev.rows]
-    return regression_metrics(pred, ev.true)
+    return ev, pred
+
+
+def eval_cycles(ev: EvalSet) -> np.ndarray | None:
+    """The cycle of each scored row of an evaluation set (None when the frame has no cycles)."""
+    return ev.frame["cycle"].to_numpy()[ev.rows] if "cycle" in ev.frame else None
+
+
+def evaluate_prognostics(ev: EvalSet, pred: np.ndarray, val: EvalSet, val_pred: np.ndarray, *,
+                         level: float = 0.9, alpha: float = 0.2,
+                         ph_band: float = 15.0) -> tuple[PrognosticsReport, PrognosticsReport]:
+    """Prognostics metrics on the evaluation data and on the validation trajectories.
+
+    The conformal interval is calibrated on validation residuals and its coverage measured on
+    the evaluation data. When the evaluation data IS the validation set, its assets are split
+    in two (alternating in natural order): the interval is calibrated on one half and its
+    coverage measured on the other, never on the rows it was fitted to.
+
+    Returns:
+        ``(eval report, validation report)``; the validation report carries the trajectory
+        metrics (α-λ, relative accuracy at λ, prognostic horizon).
+    """
+    if ev.name == val.name:
+        assets = sorted(set(val.asset_ids), key=natural_key)
+        cal_assets = set(assets[0::2])
+        cal = np.isin(val.asset_ids, list(cal_assets))
+        if cal.all() or not cal.any():  # one asset: nothing to hold out
+            cal = np.ones_like(cal)
+        interval = prediction_interval(val.true[cal], val_pred[cal], ev.true[~cal] if (~cal).any() else ev.true,
+                                       pred[~cal] if (~cal).any() else pred, level,
+                                       calibration_set="validation (half of the assets)")
+    else:
+        interval = prediction_interval(val.true, val_pred, ev.true, pred, level, calibration_set=val.name)
+    ev_report = prognostics_report(ev.true, pred, ev.asset_ids, eval_cycles(ev), alpha=alpha, ph_band=ph_band,
+                                   interval=interval, eval_set=ev.name)
+    val_report = prognostics_report(val.true, val_pred, val.asset_ids, eval_cycles(val), alpha=alpha,
+                                    ph_band=ph_band, eval_set=val.name)
+    return ev_report, val_report
+
+
+def log_prognostics(ev_report: PrognosticsReport, val_report: PrognosticsReport, ev_true: np.ndarray,
+                    ev_pred: np.ndarray, val: EvalSet | None = None, val_pred: np.ndarray | None = None) -> None:
+    """Log the prognostics metrics (``eval_*``, ``val_*``), their JSON and figures to the active run."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_metrics({**ev_report.metrics("eval"), **val_report.metrics("val")})
+    mlflow.log_dict({"eval": ev_report.model_dump(mode="json"), "validation": val_report.model_dump(mode="json")},
+                    "evaluation/prognostics.json")
+    figs = {"plots/error_asymmetry.png": plot_error_asymmetry(ev_true, ev_pred)}
+    if ev_report.interval is not None:
+        figs["plots/prediction_intervals.png"] = plot_prediction_intervals(ev_true, ev_pred, ev_report.interval)
+    if val is not None and val_pred is not None and eval_cycles(val) is not None:
+        figs["plots/alpha_lambda.png"] = plot_alpha_lambda(val.true, val_pred, val.asset_ids, eval_cycles(val),
+                                                          alpha=val_report.alpha)
+    for path, fig in figs.items():
+        mlflow.log_figure(fig, path)
+        plt.close(fig)
 
 
 def plot_pred_vs_true(true: np.ndarray, pred: np.ndarray, title: str):

@@ -68,6 +68,7 @@ from twinflow.tasks.twin.fused import (
 )
 from twinflow.tasks.twin.study import (
     plan_batches,
+    prob_best,
     run_batch,
     run_batches,
     summarize,
@@ -110,6 +111,7 @@ __all__ = [
     "fused_kernel_results",
     "simulate_batch_fused",
     "plan_batches",
+    "prob_best",
     "run_batch",
     "run_batches",
     "summarize",

@@ -84,21 +84,26 @@ def _fmt_ci(m: float, lo: float, hi: float, digits: int = 0) -> str:
 def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: CalibrationReport,
                     error_model: RulErrorModel) -> str:
     """The policy table and the recommendation as Markdown."""
+    rec = next(r for r in rows if r["policy"] == best)
+    p_best = f", probability best {rec['p_best']:.0%}" if "p_best" in rec else ""
     lines = [
         "# Digital twin: maintenance policy study",
         "",
-        f"**Recommended policy: `{best}`** (least expected cost). {params.n_scenarios} scenarios x "
+        f"**Recommended policy: `{best}`** (least expected cost "
+        f"{_fmt_ci(rec['expected_cost'], rec['cost_ci_low'], rec['cost_ci_high'])}{p_best}: the share of the "
+        f"paired scenarios in which it is the cheapest). {params.n_scenarios} scenarios x "
         f"{params.n_assets} assets x {params.horizon} cycles; 95% confidence intervals.",
         "",
-        "| policy | expected cost | availability | failures | planned stops |",
-        "|---|---:|---:|---:|---:|",
+        "| policy | expected cost | availability | failures | planned stops | P(best) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mark = " **(recommended)**" if r["policy"] == best else ""
         lines.append(
             f"| {r['policy']}{mark} | {_fmt_ci(r['expected_cost'], r['cost_ci_low'], r['cost_ci_high'])} | "
             f"{_fmt_ci(100 * r['availability'], 100 * r['availability_ci_low'], 100 * r['availability_ci_high'], 2)} % | "
-            f"{_fmt_ci(r['failures'], r['failures_ci_low'], r['failures_ci_high'], 1)} | {r['planned']:,.1f} |")
+            f"{_fmt_ci(r['failures'], r['failures_ci_low'], r['failures_ci_high'], 1)} | {r['planned']:,.1f} | "
+            f"{r.get('p_best', float('nan')):.0%} |")
     c = params.costs
     lines += [
         "",
@@ -130,12 +135,14 @@ def log_study_run(params: TwinParams, model: TwinModel, report: CalibrationRepor
         tags["twinflow.snapshot"] = f"{snapshot.dataset}@{snapshot.digest}"
     with tracked_run("simulate", stage="simulate", params=params, tags=tags) as run:
         metrics = {"calibration_ks": report.ks_statistic, "calibration_assets": report.n_assets,
-                   "twin_b": report.b, "recommended_expected_cost": next(
-                       r["expected_cost"] for r in rows if r["policy"] == best)}
+                   "twin_b": report.b}
+        rec = next(r for r in rows if r["policy"] == best)
+        for key in ("expected_cost", "cost_ci_low", "cost_ci_high", "p_best"):
+            metrics[f"recommended_{key}"] = rec.get(key)
         for r in rows:
             for key in ("expected_cost", "cost_ci_low", "cost_ci_high", "availability", "failures",
-                        "failures_ci_low", "failures_ci_high", "planned"):
-                metrics[f"{key}.{r['policy']}"] = r[key]
+                        "failures_ci_low", "failures_ci_high", "planned", "p_best"):
+                metrics[f"{key}.{r['policy']}"] = r.get(key)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)})
         mlflow.log_dict(model.model_dump(), "twin/model.json")
         mlflow.log_dict(report.model_dump(), "twin/calibration.json")

@@ -66,14 +66,30 @@ def _mean_ci(x: np.ndarray, z: float = 1.96) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def prob_best(cost: np.ndarray) -> np.ndarray:
+    """Per policy, the share of scenarios in which it is the cheapest (ties shared equally).
+
+    The scenarios are paired (common random numbers), so this is the probability that the policy
+    is the best one on a fleet drawn like these.
+
+    Args:
+        cost: ``(n_policies, n_scenarios)`` fleet costs.
+    """
+    c = np.asarray(cost, float)
+    cheapest = c == c.min(axis=0, keepdims=True)
+    return (cheapest / cheapest.sum(axis=0, keepdims=True)).mean(axis=1)
+
+
 def summarize(policies: Sequence[Policy], results: dict[str, np.ndarray], n_assets: int,
               horizon: int) -> tuple[list[dict], str]:
-    """Per-policy expected fleet cost, availability, failures and planned stops with 95% CIs.
+    """Per-policy expected fleet cost, availability, failures and planned stops with 95% CIs, and
+    ``p_best``: the share of the (paired) scenarios in which the policy is the cheapest.
 
     Returns:
         ``(rows, recommended policy name)``: the recommendation is the least expected cost.
     """
     rows = []
+    p_best = prob_best(results["cost"])
     for i, p in enumerate(policies):
         cost = _mean_ci(results["cost"][i])
         avail = _mean_ci(1.0 - results["downtime"][i] / (n_assets * horizon))
@@ -85,6 +101,7 @@ def summarize(policies: Sequence[Policy], results: dict[str, np.ndarray], n_asse
             "failures": fails[0], "failures_ci_low": fails[1], "failures_ci_high": fails[2],
             "planned": float(np.mean(results["planned"][i])),
             "cost_per_asset_cycle": cost[0] / (n_assets * horizon),
+            "p_best": float(p_best[i]),
         })
     best = min(rows, key=lambda r: r["expected_cost"])["policy"]
     return rows, best

@@ -54,8 +54,14 @@ def test_train_tracks_registers_and_gates_promotion(runtime, data):
     assert run.data.tags["prefect.flow_run_id"]
     assert run.data.tags["twinflow.stage"] == "train" and run.data.tags["twinflow.eval_set"] == "validation"
     assert run.data.params["model"] == "gbm" and run.data.params["n_trials"] == "2"
-    for key in ("eval_rmse", "eval_mae", "eval_score", "eval_bias", "val_rmse"):
-        assert np.isfinite(run.data.metrics[key])
+    for key in ("eval_rmse", "eval_mae", "eval_score", "eval_bias", "val_rmse",
+                # prognostics metrics next to RMSE/PHM08
+                "eval_alpha_accuracy", "eval_relative_accuracy", "eval_late_fraction", "eval_asymmetry",
+                "eval_pi_half_width", "eval_pi_coverage", "val_alpha_lambda_050", "val_prognostic_horizon",
+                # the default gate (both) studies the first model on the twin too
+                "gate_challenger_cost", "gate_challenger_cost_ci_low", "gate_challenger_p_best"):
+        assert np.isfinite(run.data.metrics[key]), key
+    assert run.data.tags["twinflow.promotion_mode"] == "both"
     children = _child_runs(client, run)
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert all(c.data.tags["twinflow.trial"] in {"0", "1"} for c in children)
@@ -64,6 +70,8 @@ def test_train_tracks_registers_and_gates_promotion(runtime, data):
             for a in client.list_artifacts(first.run_id, d)}
     assert {"plots/pred_vs_true.png", "plots/residuals_per_asset.png", "plots/learning_curve.png",
             "plots/feature_importance.png", "evaluation/residuals.csv", "promotion/decision.json",
+            "plots/alpha_lambda.png", "plots/error_asymmetry.png", "plots/prediction_intervals.png",
+            "evaluation/prognostics.json", "promotion/twin.json",
             "data/lineage.json", "search/trials.json"} <= arts
     inputs = run.inputs.dataset_inputs
     assert inputs and inputs[0].dataset.digest and inputs[0].dataset.source
@@ -79,18 +87,26 @@ def test_train_tracks_registers_and_gates_promotion(runtime, data):
     cols = model.metadata.get_input_schema().input_names()
     assert np.allclose(np.asarray(model.predict(val[cols])), err["pred_rul"])
 
-    # A better model (more boosting) on the same validation assets is promoted at margin 0 ...
-    second = train(feats, TrainParams(**FAST, promotion_margin=0.0))
+    mv = client.get_model_version(name, "1")
+    assert first.run_id in mv.description and "promoted to champion" in mv.description
+    assert "v1" in client.get_registered_model(name).description
+
+    # The RMSE rule (promotion_mode=rmse): a better model (more boosting) on the same validation
+    # assets is promoted at margin 0 ...
+    second = train(feats, TrainParams(**FAST, promotion_margin=0.0, promotion_mode="rmse"))
     assert second.metrics["eval_rmse"] < first.metrics["eval_rmse"]
     assert second.version == "2" and CHAMPION in second.aliases
-    # ... and a third, with an impossible margin, stays challenger while v2 stays champion.
-    third = train(feats, TrainParams(**FAST, seed=1, promotion_margin=1000.0))
+    # ... and a third, gated by both rules with an impossible RMSE margin, stays challenger while
+    # v2 stays champion; the decision carries both models' twin costs.
+    third = train(feats, TrainParams(**FAST, seed=1, promotion_margin=1000.0, promotion_mode="both"))
     assert third.version == "3" and third.aliases == [CHALLENGER]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "2"
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{third.run_id}/promotion/decision.json"))
     decision = pd.DataFrame(table["data"], columns=table["columns"])
     assert set(decision["decision"]) == {"keep champion"}
     assert decision.set_index("role").loc[CHAMPION, "version"] == "2"
+    assert np.isfinite(decision["twin_expected_cost"].astype(float)).all() and len(decision) == 2
+    assert set(decision["mode"]) == {"both"}
     assert client.get_run(third.run_id).data.metrics["champion_eval_rmse"] == pytest.approx(
         second.metrics["eval_rmse"])
 
