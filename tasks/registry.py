@@ -225,6 +225,19 @@ def evaluate_task(model_uri: str, features: FeatureSetRef, params: TrainParams,
         The regression metrics (``rmse``, ``mae``, ``score``, ``bias``, ``n``) and the scored
         ``true_rul``/``pred_rul`` lists (the twin gate builds the model's error model from them).
     """
+    from twinflow import runtime
+
+    rt = runtime.current()
+    if rt is not None and rt.cluster is not None:
+        # Loading and scoring a model is compute: one Dask task, this task run only waits for it.
+        return runtime.run_on_cluster(score_model_uri, model_uri, features, params, test_features, tracking_uri,
+                                      key="train-evaluate-champion")
+    return score_model_uri(model_uri, features, params, test_features, tracking_uri)
+
+
+def score_model_uri(model_uri: str, features: FeatureSetRef, params: TrainParams,
+                    test_features: FeatureSetRef | None, tracking_uri: str) -> dict[str, Any]:
+    """What :func:`evaluate_task` computes: the metrics and the scored RUL lists of one model."""
     ev, pred = predict_model_uri(model_uri, features, params, test_features, tracking_uri)
     return {**regression_metrics(pred, ev.true), "true_rul": ev.true.tolist(), "pred_rul": pred.tolist()}
 
@@ -359,8 +372,12 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
     if mode != "rmse":
         mine = None if challenger_true is None else (challenger_true, challenger_pred)
         theirs = None if champ is None or "true_rul" not in champ else (champ["true_rul"], champ["pred_rul"])
+        from twinflow import runtime
+
+        rt = runtime.current()  # the study's batches run on the cluster when there is one
         twin = twin_comparison(mine, theirs, params.twin_gate, challenger_source=f"{name} v{mv.version}",
-                               champion_source=f"{name} v{None if incumbent is None else incumbent.version}")
+                               champion_source=f"{name} v{None if incumbent is None else incumbent.version}",
+                               client=rt.cluster.client if rt is not None and rt.cluster is not None else None)
     decision = decide_gate(mode, rmse, twin)
     if decision.promote:
         retry_store(client.set_registered_model_alias, name, CHAMPION, mv.version)
