@@ -68,10 +68,7 @@ def simulate_cmd(
     rows = cmapss_rows(data, units=units, max_cycles=max_cycles)
     stop = _stop_on_signals()
     if opcua:
-        from twinflow.tasks.bridge.opcua import serve_opcua_replay
-
-        serve_opcua_replay(opcua, rows, rate=rate, stop=stop, config_out=config_out)
-        return
+        raise ConfigError("the OPC UA simulator is not implemented yet; use --mqtt")
     host, _, port = mqtt.partition(":")
     n = publish_mqtt(mqtt_messages(rows, fmt), host=host, port=int(port or 1883), rate=rate, stop=stop)
     typer.echo(json.dumps({"published": n}))
