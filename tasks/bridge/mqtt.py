@@ -53,6 +53,7 @@ class MqttBridgeSource:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
         self.connected = threading.Event()
         self.received = 0
         self.source = f"mqtt://{cfg.host}:{cfg.port}"
@@ -64,6 +65,9 @@ class MqttBridgeSource:
         # Subscribing again on a resumed session keeps its queued messages (same filter, same QoS).
         client.subscribe([(t, 1) for t in self.cfg.topics])
         log.info("MQTT connected to %s (session present: %s)", self.source, flags.session_present)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, reason_codes: Any, properties: Any) -> None:
+        # Started means subscribed: messages published before a new session's SUBACK are not queued for it.
         self.connected.set()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:

@@ -55,7 +55,10 @@ def test_messages_reach_the_lake_and_bad_ones_the_quarantine(mosquitto, tmp_path
     bad_topic = "spBv1.0/plant/DDATA/gw1/unit-1" if fmt == "sparkplug" else "twinflow/telemetry/unit-1"
     msgs.append((bad_topic, b"\x00garbage\xff"))
     th, stop, out = _run_until(cfg, lake, quar, want_rows=len(msgs))
-    time.sleep(0.5)  # subscribed (run_bridge connects synchronously; the thread needs a moment)
+    deadline = time.monotonic() + 30  # run_bridge holds its lock, then subscribes before committing anything
+    while not lk.meta_path(lake, f"bridge-t-{fmt}.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.5)
     assert publish_mqtt(msgs, host=host, port=port) == len(msgs)
     th.join(90)
     assert not th.is_alive()
