@@ -22,4 +22,7 @@ test: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	# The CPU build of PyTorch (a local wheel on these machines) for the sequence-model tests.
 	$(BIN)/python -m pip install -q 'torch==2.13.0' || echo 'torch unavailable: sequence-model tests will skip'
+	# mosquitto (Debian) for the stream bridge's MQTT tests; they start their own on a loopback port.
+	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
+		{ apt-get update -qq && apt-get install -y -qq mosquitto; } || echo 'mosquitto unavailable: MQTT tests will skip'
 	eval "$$(bash .ci/postgres.sh)" && $(BIN)/python -m pytest -m ''  # '' = no marker filter: every tier

@@ -257,7 +257,10 @@ def doctor() -> None:
 
 
 def _register_extensions() -> None:
-    # Commands owned by other subpackages (serve, backfill, blocks) register themselves here.
+    # Commands owned by other subpackages (serve, backfill, blocks, stream) register themselves here.
+    from twinflow.tasks.bridge.cli import register_commands as register_stream
+
+    register_stream(app)
     try:
         from twinflow.deployments.cli import register_commands
     except ImportError:

@@ -1,0 +1,79 @@
+"""``twinflow stream``: ``run`` the bridge from a config file, ``simulate`` a plant (MQTT and/or OPC UA)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+__all__ = ["register_commands", "stream_app"]
+
+stream_app = typer.Typer(help="Plant data in real time: MQTT (JSON, Sparkplug B) and OPC UA into the lake.",
+                         no_args_is_help=True)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+@stream_app.command("run")
+def run_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="Bridge config (YAML or JSON)."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Stop after this long."),
+) -> None:
+    """Run the bridge until SIGTERM/Ctrl-C (buffered rows are committed first)."""
+    from twinflow.settings import get_settings
+    from twinflow.tasks.bridge.config import load_config
+    from twinflow.tasks.bridge.run import run_bridge
+
+    cfg = load_config(config)
+    s = get_settings()
+    stop = _stop_on_signals()
+    stats = run_bridge(cfg, cfg.lake or s.lake_path, cfg.quarantine or s.quarantine_path, stop=stop,
+                       max_seconds=max_seconds)
+    typer.echo(json.dumps({"batches": stats.batches, "messages": stats.messages, "rows_written": stats.rows_written,
+                           "rows_quarantined": stats.rows_quarantined, "redelivered": stats.redelivered}))
+
+
+@stream_app.command("simulate")
+def simulate_cmd(
+    mqtt: Optional[str] = typer.Option(None, "--mqtt", help="Broker host:port to publish to."),
+    fmt: str = typer.Option("json", "--format", help="json or sparkplug."),
+    opcua: Optional[str] = typer.Option(None, "--opcua", help="Serve OPC UA nodes at this endpoint "
+                                                             "(opc.tcp://127.0.0.1:4840)."),
+    units: int = typer.Option(5, "--units", help="C-MAPSS units to replay."),
+    max_cycles: Optional[int] = typer.Option(None, "--max-cycles", help="Cycles per unit (default all)."),
+    rate: float = typer.Option(100.0, "--rate", help="Messages (rows) per second."),
+    data: Optional[Path] = typer.Option(None, "--data", help="C-MAPSS file (default FD001 train)."),
+    config_out: Optional[Path] = typer.Option(None, "--write-config", help="With --opcua: write the node "
+                                                                         "mapping as a bridge config here."),
+) -> None:
+    """Replay C-MAPSS units as live MQTT messages and/or OPC UA nodes."""
+    from twinflow.errors import ConfigError
+    from twinflow.tasks.bridge.simulate import cmapss_rows, mqtt_messages, publish_mqtt
+
+    if not mqtt and not opcua:
+        raise ConfigError("give --mqtt host:port and/or --opcua endpoint")
+    rows = cmapss_rows(data, units=units, max_cycles=max_cycles)
+    stop = _stop_on_signals()
+    if opcua:
+        raise ConfigError("the OPC UA simulator is not implemented yet; use --mqtt")
+    host, _, port = mqtt.partition(":")
+    n = publish_mqtt(mqtt_messages(rows, fmt), host=host, port=int(port or 1883), rate=rate, stop=stop)
+    typer.echo(json.dumps({"published": n}))
+
+
+def register_commands(app: typer.Typer) -> None:
+    """Add ``twinflow stream`` to the main app."""
+    app.add_typer(stream_app, name="stream")

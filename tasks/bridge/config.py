@@ -1,0 +1,122 @@
+"""The bridge's configuration: where it reads from (MQTT, OPC UA), how sources map to assets and channels.
+
+Loaded from a YAML or JSON file (``twinflow stream run --config bridge.yaml``). Broker credentials do
+not belong in it: name a :class:`twinflow.blocks.BrokerCredentialsBlock` (``credentials_block``) or
+set ``TWINFLOW_MQTT_PASSWORD``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from twinflow import contracts as C
+from twinflow.errors import ConfigError
+
+__all__ = ["BridgeConfig", "MqttSource", "OpcuaNode", "OpcuaSource", "load_config"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSource(_Model):
+    """An MQTT broker subscription.
+
+    ``format``: ``json`` (a row object ``{"asset_id", "cycle", <channel>: value}`` or a list of them) or
+    ``sparkplug`` (Sparkplug B ``DDATA``/``NDATA``: the device, else the edge node, is the asset; metric
+    names are channels, the ``cycle`` metric is the key). Delivery is QoS 1 with a persistent session
+    (``client_id`` fixed, clean start off, session kept ``session_expiry_s``), acknowledged only after
+    the lake commit.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    topics: list[str] = Field(default_factory=lambda: ["twinflow/telemetry/#"])
+    format: Literal["json", "sparkplug"] = "json"
+    client_id: str | None = Field(None, description="Defaults to twinflow-bridge-<bridge_id>.")
+    username: str | None = None
+    password: SecretStr | None = None
+    credentials_block: str | None = None
+    session_expiry_s: int = 7 * 24 * 3600
+    receive_maximum: int = Field(20000, ge=1, le=65535,
+                                 description="Unacknowledged messages the broker may send (bounds the buffer).")
+    keepalive_s: int = 30
+
+
+class OpcuaNode(_Model):
+    """One OPC UA variable and the (asset, column) it feeds; ``column`` ``cycle`` is the row key."""
+
+    node_id: str
+    asset: str
+    column: str
+
+    @model_validator(mode="after")
+    def _known(self) -> "OpcuaNode":
+        if self.column not in {C.TIME, *C.CHANNELS}:
+            raise ValueError(f"column {self.column!r} is not a channel of the data contract")
+        return self
+
+
+class OpcuaSource(_Model):
+    """An OPC UA server subscription: data changes of mapped nodes, grouped into rows by source timestamp."""
+
+    endpoint: str = "opc.tcp://127.0.0.1:4840"
+    nodes: list[OpcuaNode] = Field(default_factory=list)
+    sampling_interval_ms: float = 0.0
+    queue_size: int = Field(10000, ge=1, description="Server-side queue per monitored item.")
+    publishing_interval_ms: float = 50.0
+
+
+class BridgeConfig(_Model):
+    """One bridge: its sources, the dataset it feeds and its micro-batching."""
+
+    bridge_id: str = Field("bridge", pattern=r"^[A-Za-z0-9_\-]+$")
+    dataset: str = "stream"
+    lake: str | None = Field(None, description="Default: the configured lake.")
+    quarantine: str | None = Field(None, description="Default: the configured quarantine.")
+    mqtt: MqttSource | None = None
+    opcua: OpcuaSource | None = None
+    batch_rows: int = Field(5000, ge=1, description="Commit when this many rows are buffered...")
+    flush_interval_s: float = Field(1.0, gt=0, description="...or this long after the first buffered row.")
+    max_buffer_rows: int = Field(50000, ge=1, description="Buffer bound: sources block beyond it (back-pressure).")
+    compact_every: int = Field(200, ge=0, description="Compact small files every N commits (0: never).")
+    emit_events: bool = True
+
+    @model_validator(mode="after")
+    def _sources(self) -> "BridgeConfig":
+        if self.mqtt is None and self.opcua is None:
+            raise ValueError("configure at least one source (mqtt or opcua)")
+        if self.max_buffer_rows < self.batch_rows:
+            raise ValueError("max_buffer_rows must be >= batch_rows")
+        return self
+
+    @property
+    def app_id(self) -> str:
+        """The Delta application-transaction id of this bridge's commits."""
+        return f"twinflow-bridge-{self.bridge_id}"
+
+
+def load_config(path: str | Path) -> BridgeConfig:
+    """Read a bridge configuration file (YAML or JSON).
+
+    Raises:
+        ConfigError: missing file or invalid content (the message names the field).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"bridge config {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+        return BridgeConfig.model_validate(data or {})
+    except Exception as exc:  # noqa: BLE001 - one readable line for the user
+        raise ConfigError(f"bridge config {p}: {exc}") from exc

@@ -1,0 +1,123 @@
+"""The MQTT source: QoS 1 subscription on a persistent session, acknowledged after the lake commit.
+
+paho-mqtt with ``manual_ack``: a message's PUBACK is sent only by its :class:`Message`'s ``ack``, which
+the committer calls after the Delta commit. The session is persistent (fixed client id, MQTT 5 clean
+start off, session expiry), so after a crash or restart the broker redelivers every message that was
+not acknowledged and queues those published meanwhile. The broker must keep enough queued messages
+for the downtime (mosquitto: ``max_queued_messages``, default 1000, drops beyond it).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from twinflow.errors import ConfigError, ServiceUnavailable
+from twinflow.tasks.bridge.buffer import Buffer, Message
+from twinflow.tasks.bridge.config import MqttSource
+from twinflow.tasks.bridge.decode import DecodeError, decode_message
+
+log = logging.getLogger("twinflow.bridge")
+
+__all__ = ["MqttBridgeSource", "mqtt_password"]
+
+
+def mqtt_password(cfg: MqttSource) -> tuple[str | None, str | None]:
+    """(username, password) from the config, its credentials block, or ``TWINFLOW_MQTT_PASSWORD``."""
+    import os
+
+    user = cfg.username
+    pw = cfg.password.get_secret_value() if cfg.password else None
+    if cfg.credentials_block:
+        from twinflow.blocks.broker import BrokerCredentialsBlock
+
+        blk = BrokerCredentialsBlock.load(cfg.credentials_block)
+        user, pw = blk.username, blk.password.get_secret_value() if blk.password else None
+    return user, pw or os.environ.get("TWINFLOW_MQTT_PASSWORD")
+
+
+class MqttBridgeSource:
+    """Subscribes ``cfg.topics`` and puts each decoded message into the buffer."""
+
+    def __init__(self, cfg: MqttSource, buffer: Buffer, client_id: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.cfg, self.buffer = cfg, buffer
+        self._mqtt = mqtt
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5, manual_ack=True)
+        user, pw = mqtt_password(cfg)
+        if user:
+            self.client.username_pw_set(user, pw)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.connected = threading.Event()
+        self.received = 0
+        self.source = f"mqtt://{cfg.host}:{cfg.port}"
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("MQTT connect refused: %s", reason_code)
+            return
+        # Subscribing again on a resumed session keeps its queued messages (same filter, same QoS).
+        client.subscribe([(t, 1) for t in self.cfg.topics])
+        log.info("MQTT connected to %s (session present: %s)", self.source, flags.session_present)
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, reason_codes: Any, properties: Any) -> None:
+        # Started means subscribed: messages published before a new session's SUBACK are not queued for it.
+        self.connected.set()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("MQTT disconnected (%s); paho reconnects", reason_code)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        data = bytes(msg.payload)
+        try:
+            rows, error = decode_message(self.cfg.format, msg.topic, data), None
+        except DecodeError as exc:
+            rows, error = [], str(exc)
+        mid, qos = msg.mid, msg.qos
+        ack = (lambda: client.ack(mid, qos)) if qos > 0 else None
+        self.received += 1
+        # Blocks while the buffer is full: the paho thread stops reading, the broker stops sending.
+        self.buffer.put(Message(source=f"{self.source}/{msg.topic}", raw=data, rows=rows, error=error, ack=ack))
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Connect (persistent session) and start the network thread.
+
+        Raises:
+            ServiceUnavailable: the broker did not accept the connection within ``timeout_s``.
+        """
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.cfg.session_expiry_s
+        props.ReceiveMaximum = self.cfg.receive_maximum
+        try:
+            self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, clean_start=False,
+                                properties=props)
+        except OSError as exc:
+            raise ServiceUnavailable(f"MQTT broker {self.source} unreachable: {exc}") from exc
+        self.client.loop_start()
+        if not self.connected.wait(timeout_s):
+            self.client.loop_stop()
+            raise ServiceUnavailable(f"MQTT broker {self.source} did not accept the connection in {timeout_s:g}s")
+
+    def stop(self) -> None:
+        """Disconnect; unacknowledged messages stay with the broker's session."""
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+def check_topics(topics: list[str]) -> None:
+    """Reject empty topic filters early (paho would fail later, less clearly)."""
+    if not topics or any(not t for t in topics):
+        raise ConfigError("mqtt.topics needs at least one non-empty topic filter")

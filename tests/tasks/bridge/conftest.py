@@ -1,0 +1,51 @@
+"""Fixtures of the bridge tests: a real mosquitto broker on a free loopback port, one per test."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+                                              if Path(p).exists()), None)
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """(host, port) of a mosquitto started for this test (not the system service)."""
+    exe = mosquitto_binary()
+    if exe is None:
+        pytest.skip("mosquitto is not installed (apt-get install -y mosquitto; `make test` does it)")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    # Queue everything for offline persistent sessions: the restart test publishes while the bridge is down.
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+                    "max_inflight_messages 0\npersistence false\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"mosquitto exited: {proc.stderr.read().decode()[:500]}")
+            time.sleep(0.05)
+    yield "127.0.0.1", port
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
