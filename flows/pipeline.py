@@ -20,6 +20,7 @@ from twinflow import runtime
 from twinflow.errors import ConfigError
 from twinflow.flows.features import features
 from twinflow.flows.ingest import ingest
+from twinflow.flows.naming import run_name
 from twinflow.flows.simulate import generate, simulate
 from twinflow.flows.train import train
 from twinflow.refs import FeatureSetRef, LakeSnapshot, SimulationResult, TrainResult
@@ -114,7 +115,8 @@ def _snapshot(result: IngestResult, dataset: str) -> LakeSnapshot:
                           f"{', '.join(sorted(result.snapshots)) or 'none'}") from None
 
 
-@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
+@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
+      flow_run_name=run_name("pipeline", lambda p: p["params"].train_dataset))
 def pipeline(params: PipelineParams) -> PipelineResult:
     """Run the predictive-maintenance pipeline end to end.
 
