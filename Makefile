@@ -16,7 +16,7 @@ demo: $(BIN)/python
 
 # Install twinflow with the test tools, start PostgreSQL for the scale-out test, run every test that
 # this machine can run: the quick tier and the `slow` integration tier (demo, serve/deploy, real
-# MLflow server, scale-out on separate Prefect/Dask/MLflow+PostgreSQL processes). GPU tests run
+# MLflow server, scale-out on separate Prefect/Dask/MLflow+PostgreSQL processes, the UIs in headless Chromium). GPU tests run
 # wherever CuPy and a GPU are present and skip cleanly elsewhere.
 test: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
@@ -25,4 +25,7 @@ test: $(BIN)/python
 	# mosquitto (Debian) for the stream bridge's MQTT tests; they start their own on a loopback port.
 	command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
 		{ apt-get update -qq && apt-get install -y -qq mosquitto; } || echo 'mosquitto unavailable: MQTT tests will skip'
+	# Headless Chromium (Debian package) for the browser test of the MLflow and Prefect UIs.
+	command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; } \
+		|| echo 'chromium unavailable: the browser test will skip'
 	eval "$$(bash .ci/postgres.sh)" && $(BIN)/python -m pytest -m ''  # '' = no marker filter: every tier

@@ -14,6 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from twinflow import contracts
 from twinflow import runtime as rt_mod
 from twinflow.errors import ConfigError
+from twinflow.flows.naming import run_name
 from twinflow.refs import FeatureSetRef, LakeSnapshot
 from twinflow.tasks import features as ft
 from twinflow.tasks.features import FeatureParams
@@ -56,7 +57,8 @@ def _summary_markdown(ref: FeatureSetRef, summary: dict, fit: ft.FitStats, secon
     return "\n".join(lines)
 
 
-@flow(name="features", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
+@flow(name="features", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
+      flow_run_name=run_name("features", lambda p: p["snapshot"].dataset))
 def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
              fit_from: FeatureSetRef | None = None) -> FeatureSetRef:
     """Compute per-asset window features of a lake dataset on the Dask cluster.

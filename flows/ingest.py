@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import runtime
+from twinflow.flows.naming import landing_name, run_name
 from twinflow.settings import Settings, get_settings
 from twinflow.tasks.ingest import (
     BatchSummary,
@@ -85,7 +86,8 @@ def _artifacts(batch_id: str, batches: list[list[SourceFile]], outcomes: list[Fi
         description="Ingest run summary")
 
 
-@flow(name="ingest", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
+@flow(name="ingest", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
+      flow_run_name=run_name("ingest", lambda p: landing_name(p["params"].landing)))
 def ingest(params: IngestParams) -> IngestResult:
     """Ingest the landing files into the lake, incrementally and idempotently.
 

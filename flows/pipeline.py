@@ -8,6 +8,8 @@ and opens the MLflow parent run under which every stage's run nests.
 from __future__ import annotations
 
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,7 @@ from twinflow import runtime
 from twinflow.errors import ConfigError
 from twinflow.flows.features import features
 from twinflow.flows.ingest import ingest
+from twinflow.flows.naming import landing_name, run_name
 from twinflow.flows.simulate import generate, simulate
 from twinflow.flows.train import train
 from twinflow.refs import FeatureSetRef, LakeSnapshot, SimulationResult, TrainResult
@@ -28,7 +31,10 @@ from twinflow.tasks.features import FeatureParams
 from twinflow.tasks.ingest import IngestParams, IngestResult
 from twinflow.tasks.train import TrainParams
 from twinflow.tasks.twin import GenerateParams, TwinParams
-from twinflow.tracking import tracked_run
+from twinflow.tasks.registry import CHAMPION
+from twinflow.tracking import configure_mlflow, retry_store, tracked_run
+
+log = logging.getLogger("twinflow.pipeline")
 
 Stage = Literal["ingest", "features", "train", "simulate"]
 STAGES: tuple[Stage, ...] = ("ingest", "features", "train", "simulate")
@@ -114,7 +120,8 @@ def _snapshot(result: IngestResult, dataset: str) -> LakeSnapshot:
                           f"{', '.join(sorted(result.snapshots)) or 'none'}") from None
 
 
-@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
+@flow(name="pipeline", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
+      flow_run_name=run_name("pipeline", lambda p: p["params"].train_dataset))
 def pipeline(params: PipelineParams) -> PipelineResult:
     """Run the predictive-maintenance pipeline end to end.
 
@@ -135,25 +142,161 @@ def pipeline(params: PipelineParams) -> PipelineResult:
     """
     logger = get_run_logger()
     with runtime.ensure() as rt:
+        configure_mlflow(rt.settings)
         with tracked_run("pipeline", stage="pipeline",
                          params={"stages": ",".join(params.stages), "train_dataset": params.train_dataset,
                                  "test_dataset": params.test_dataset}) as run:
             result = PipelineResult(mlflow_run_id=run.info.run_id)
-            result.ingest = ingest(params.ingest)
+            # Ingest and features get nested MLflow runs with their datasets as inputs, so the
+            # pipeline run shows lineage lake -> features -> model in the MLflow UI.
+            with tracked_run(f"ingest-{landing_name(params.ingest.landing)}", stage="ingest", params=params.ingest):
+                result.ingest = ingest(params.ingest)
+                _log_ingest(result.ingest)
             train_snap = _snapshot(result.ingest, params.train_dataset)
             if "features" in params.stages:
-                result.features = features(train_snap, params.features)
+                with tracked_run(f"features-{train_snap.dataset}", stage="features", params=params.features):
+                    log_lake_input(train_snap, context="source")
+                    result.features = features(train_snap, params.features)
+                    _log_features(result.features)
                 if params.test_dataset:
                     test_snap = _snapshot(result.ingest, params.test_dataset)
-                    result.test_features = features(
-                        test_snap, params.features.model_copy(update={"label": False}), fit_from=result.features)
+                    test_params = params.features.model_copy(update={"label": False})
+                    with tracked_run(f"features-{test_snap.dataset}", stage="features", params=test_params):
+                        log_lake_input(test_snap, context="source")
+                        result.test_features = features(test_snap, test_params, fit_from=result.features)
+                        _log_features(result.test_features)
             if "train" in params.stages:
                 result.train = train(result.features, params.train, test_features=result.test_features)
             if "simulate" in params.stages:
                 result.simulate = simulate(params.simulate, snapshot=train_snap)
-            logger.info("pipeline finished: %s", result.summaries())
+            report = pipeline_report(result, run.info.run_id)
+            _log_summary(result, report)
+            logger.info("pipeline finished:\n%s", "\n".join(f"  {k}: {v}" for k, v in result.summaries().items()))
             del rt
             return result
+
+
+def pipeline_metrics(result: PipelineResult) -> dict[str, float]:
+    """The pipeline run's summary metrics: what each stage produced, in numbers."""
+    out: dict[str, float] = {}
+    if result.ingest is not None:
+        i = result.ingest
+        out.update(rows_read=i.rows_read, rows_ingested=i.rows_written, rows_quarantined=i.rows_quarantined,
+                   files_unchanged=i.unchanged)
+    if result.features is not None:
+        out.update(feature_rows=result.features.rows, feature_columns=len(result.features.feature_columns))
+    if result.test_features is not None:
+        out["test_feature_rows"] = result.test_features.rows
+    if result.train is not None:
+        t = result.train
+        for key in ("eval_rmse", "eval_mae", "eval_score", "best_val_rmse", "val_rmse"):
+            if key in t.metrics:
+                out["best_val_rmse" if key == "val_rmse" else key] = t.metrics[key]
+        out["promoted"] = 1.0 if CHAMPION in t.aliases else 0.0
+        if t.version is not None:
+            out["model_version"] = float(t.version)
+    if result.simulate is not None:
+        s = result.simulate
+        row = next((r for r in s.policies if r.get("policy") == s.recommended_policy), {})
+        out["policy_expected_cost"] = s.expected_cost
+        for key in ("cost_ci_low", "cost_ci_high"):
+            if key in row and row[key] is not None and math.isfinite(row[key]):
+                out[f"policy_{key}"] = row[key]
+    return {k: float(v) for k, v in out.items()}
+
+
+def pipeline_report(result: PipelineResult, run_id: str) -> str:
+    """A Markdown report of one pipeline run (the MLflow run's ``report/pipeline.md`` and a Prefect artifact)."""
+    lines = [f"# twinflow pipeline run `{run_id}`", ""]
+    if result.ingest is not None:
+        i = result.ingest
+        lines += ["## Ingest", "", "| rows read | ingested | quarantined | files unchanged | datasets |",
+                  "|---:|---:|---:|---:|---|",
+                  f"| {i.rows_read:,} | {i.rows_written:,} | {i.rows_quarantined:,} | {i.unchanged} | "
+                  f"{', '.join(sorted(i.snapshots))} |", ""]
+    if result.features is not None:
+        lines += ["## Features", ""]
+        for what, ref in (("train", result.features), ("test", result.test_features)):
+            if ref is not None:
+                lines.append(f"- {what} `{ref.snapshot.dataset}`: {ref.rows:,} rows x {len(ref.feature_columns)} "
+                             f"features (`{ref.params_digest}`)")
+        lines.append("")
+    if result.train is not None:
+        t = result.train
+        promoted = CHAMPION in t.aliases
+        lines += ["## Model", "",
+                  f"- registered: `{t.registered_model or '(registry off)'}` v{t.version} "
+                  f"(aliases: {', '.join(t.aliases) or 'none'})",
+                  f"- evaluation: RMSE {t.metrics.get('eval_rmse', float('nan')):.2f}, "
+                  f"MAE {t.metrics.get('eval_mae', float('nan')):.2f}, "
+                  f"PHM08 score {t.metrics.get('eval_score', float('nan')):.1f}",
+                  f"- promotion: {'**promoted to champion**' if promoted else 'not promoted (champion kept)'}",
+                  f"- MLflow run: `{t.run_id}`", ""]
+    if result.simulate is not None:
+        s = result.simulate
+        row = next((r for r in s.policies if r.get("policy") == s.recommended_policy), {})
+        lo, hi = row.get("cost_ci_low"), row.get("cost_ci_high")
+        ci = f" (95% CI {lo:,.0f} to {hi:,.0f})" if lo is not None and hi is not None and math.isfinite(lo) else ""
+        lines += ["## Maintenance policy", "",
+                  f"- recommended: **{s.recommended_policy}**, expected cost {s.expected_cost:,.0f}{ci}",
+                  f"- MLflow run: `{s.run_id}`", ""]
+    return "\n".join(lines)
+
+
+def _log_summary(result: PipelineResult, report: str) -> None:
+    import mlflow
+    from prefect.artifacts import create_markdown_artifact
+
+    mlflow.log_metrics(pipeline_metrics(result))
+    tags = {}
+    if result.train is not None:
+        tags["twinflow.promoted"] = str(CHAMPION in result.train.aliases).lower()
+        tags["twinflow.model_version"] = str(result.train.version or "")
+    if result.simulate is not None:
+        tags["twinflow.recommended_policy"] = result.simulate.recommended_policy
+    mlflow.set_tags(tags)
+    mlflow.log_text(report, "report/pipeline.md")
+    create_markdown_artifact(markdown=report, key="pipeline-summary", description="twinflow pipeline run summary")
+
+
+def _log_ingest(result: IngestResult) -> None:
+    import mlflow
+
+    mlflow.log_metrics({"rows_read": result.rows_read, "rows_ingested": result.rows_written,
+                        "rows_quarantined": result.rows_quarantined, "files_unchanged": result.unchanged,
+                        "files_read": len(result.files)})
+    for snap in result.snapshots.values():
+        log_lake_input(snap, context="output")
+
+
+def _log_features(ref: FeatureSetRef) -> None:
+    import mlflow
+
+    from twinflow.tasks.train import dataset_for_mlflow, feature_digest
+
+    mlflow.log_metrics({"rows": ref.rows, "feature_columns": len(ref.feature_columns)})
+    mlflow.set_tag("twinflow.feature_path", ref.path)
+    retry_store(mlflow.log_input, dataset_for_mlflow(ref, feature_digest(ref)), context="output")
+
+
+def log_lake_input(snap: LakeSnapshot, context: str) -> None:
+    """Log a lake dataset snapshot as an MLflow dataset input of the active run (path, digest, rows)."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(snap.dataset_path)
+    except Exception as exc:  # noqa: BLE001 - lineage is informative; an unknown URI scheme must not fail the run
+        log.warning("lake dataset %s not logged as an MLflow input: %s", snap.dataset_path, exc)
+        return
+    retry_store(mlflow.log_input, MetaDataset(source, name=f"lake/{snap.dataset}", digest=snap.digest),
+                context=context, tags={"rows": str(snap.rows), "batch_id": snap.batch_id,
+                                       "table_version": str(snap.version)})
 
 
 def demo_params(settings: Settings, stages: list[str] | None = None) -> PipelineParams:

@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import lake, runtime
 from twinflow.errors import ConfigError
+from twinflow.flows.naming import run_name
 from twinflow.refs import FileRef, LakeSnapshot, SimulationResult
 from twinflow.settings import Settings
 from twinflow.tasks.twin import (
@@ -52,7 +53,8 @@ def _settings() -> Settings:
     return rt.settings if rt is not None else get_settings()
 
 
-@flow(name="simulate", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
+@flow(name="simulate", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
+      flow_run_name=run_name("simulate", lambda p: p["snapshot"].dataset if p.get("snapshot") else "bundled_fd001"))
 def simulate(params: TwinParams | None = None, snapshot: LakeSnapshot | None = None) -> SimulationResult:
     """Calibrate the fleet twin and find the maintenance policy with the least expected cost.
 
@@ -104,7 +106,8 @@ def _simulate(params: TwinParams, snapshot: LakeSnapshot | None, settings: Setti
                             policies=rows)
 
 
-@flow(name="generate", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
+@flow(name="generate", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
+      flow_run_name=run_name("generate", lambda p: p["params"] and f"{p['params'].dataset}-n{p['params'].n_assets}"))
 def generate(params: GenerateParams | None = None, model: TwinModel | None = None) -> LakeSnapshot | list[FileRef]:
     """Generate a synthetic run-to-failure fleet from the twin.
 

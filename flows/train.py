@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import time
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import runtime
 from twinflow.errors import ConfigError
+from twinflow.flows.naming import run_name
 from twinflow.refs import FeatureSetRef, TrainResult
 from twinflow.tasks.registry import promotion_gate
 from twinflow.tasks.train import (
@@ -60,7 +61,22 @@ def _check_inputs(features: FeatureSetRef, params: TrainParams, test_features: F
             raise ConfigError(f"true_rul_path {params.true_rul_path} does not exist")
 
 
-@flow(name="train", task_runner=ThreadPoolTaskRunner(), validate_parameters=True)
+def _log_trials(out, params: TrainParams) -> None:
+    """One Prefect log line per trial (best first), so the flow run's log tells the search's story."""
+    logger = get_run_logger()
+    hp_cols = [c for c in out.trials.columns if c.startswith("hp.")]
+    for rank, r in enumerate(out.trials.to_dict("records"), start=1):
+        hps = ", ".join(f"{c[3:]}={r[c]}" for c in hp_cols)
+        logger.info("trial %d (rank %d/%d): val RMSE %.3f at iteration %d in %.1f s; %s; MLflow run %s",
+                    r["trial"], rank, len(out.trials), r["val_rmse"], r["best_iteration"], r["seconds"], hps,
+                    r["run_id"])
+    logger.info("best trial %d: val RMSE %.3f (%s); evaluated on %s: RMSE %.3f, PHM08 score %.1f",
+                out.best.trial, out.best.val_rmse, params.model, out.eval_name, out.eval_metrics["rmse"],
+                out.eval_metrics["score"])
+
+
+@flow(name="train", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
+      flow_run_name=run_name("train", lambda p: f"{(p.get('params') or TrainParams()).model}-{p['features'].snapshot.dataset}"))
 def train(features: FeatureSetRef, params: TrainParams | None = None,
           test_features: FeatureSetRef | None = None) -> TrainResult:
     """Train RUL models on a feature dataset, track everything in MLflow, gate the registry.
@@ -130,7 +146,10 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                        "best_iteration": float(best.best_iteration), "n_trials": float(len(out.trials)),
                        "rows_train": float(out.rows_train), "rows_val": float(out.rows_val),
                        "assets_train": float(out.assets_train), "assets_val": float(out.assets_val)}
-            mlflow.log_metrics(metrics)
+            # val_rmse is also the learning curve's key (by step, below): logged here at step 0 it
+            # drew a stray point at the start of the curve, so the run's summary is best_val_rmse.
+            mlflow.log_metrics({("best_val_rmse" if k == "val_rmse" else k): v for k, v in metrics.items()})
+            _log_trials(out, params)
             # The chosen model's learning curve, in batches: one store write per 1000 points.
             points = [Metric(k, float(v), int(time.time() * 1000), int(h["step"]))
                       for h in best.model.history for k, v in h.items() if k != "step"]
@@ -169,5 +188,9 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                                                    "aliases": gate.aliases})
         log.info("train: run %s, %s v%s %s, eval RMSE %.3f", run_id, name, result.version, result.aliases,
                  m["rmse"])
+        get_run_logger().info("train finished: %s model, eval on %s: RMSE %.2f, MAE %.2f, PHM08 score %.1f; "
+                              "registered %s v%s aliases %s; MLflow run %s", params.model, out.eval_name,
+                              m["rmse"], m["mae"], m["score"], name if params.use_registry else "(registry off)",
+                              result.version, ", ".join(result.aliases) or "none", run_id)
         return result
 

@@ -300,7 +300,8 @@ def _trial_client():
     return runtime.using_dask()
 
 
-@task(name="train-search", cache_policy=NO_CACHE, log_prints=False)
+@task(name="train-search", cache_policy=NO_CACHE, log_prints=False,
+      task_run_name="train-search-{params.model}-{features.snapshot.dataset}")
 def search_task(features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
                 target: TrackingTarget) -> SearchOutcome:
     """Search hyperparameters with trials as Dask tasks; evaluate the best on the eval data."""

@@ -189,13 +189,19 @@ def plot_learning_curve(history: list[dict[str, float]], best_iteration: int):
     return fig
 
 
-def plot_feature_importance(importance: dict[str, float]):
-    """Horizontal bar chart of permutation importance (RMSE increase)."""
+def plot_feature_importance(importance: dict[str, float], top_n: int = 20):
+    """Horizontal bar chart of the ``top_n`` largest permutation importances (RMSE increase).
+
+    All features stay in ``evaluation/feature_importance.json``; the chart shows the few that
+    matter, so it fits a screen (every one of ~330 features made it 8,000 px tall).
+    """
     import matplotlib.pyplot as plt
 
-    items = sorted(importance.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(6, max(3, 0.25 * len(items))))
+    items = sorted(importance.items(), key=lambda kv: kv[1])[-top_n:]
+    fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(items) + 1)))
     ax.barh([k for k, _ in items], [v for _, v in items])
-    ax.set(xlabel="RMSE increase when permuted", title="feature importance")
+    shown = f"top {len(items)} of {len(importance)} features" if len(importance) > len(items) else \
+        f"all {len(items)} features"
+    ax.set(xlabel="RMSE increase when permuted", title=f"permutation importance ({shown})")
     fig.tight_layout()
     return fig

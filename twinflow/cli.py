@@ -182,42 +182,94 @@ def run(
     console.print_json(out.model_dump_json() if hasattr(out, "model_dump_json") else str(out))
 
 
-@app.command()
-def server(
-    prefect_port: int = typer.Option(4200, help="Prefect UI/API port."),
-    mlflow_port: int = typer.Option(5000, help="MLflow UI port."),
-) -> None:
-    """Start the local Prefect server and the MLflow UI in the foreground, to browse results."""
+def _mlflow_workers() -> int:
+    # One web worker per two cores (at most 4, MLflow's default): 4 workers on 2 shared cores made
+    # the UI answer ~40 s after start, and a reviewer is one user.
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def _wait_until_answers(url: str, proc: subprocess.Popen, timeout_s: float) -> bool:
     import time
 
-    from twinflow.prefect_server import acquire_server, release_server, set_offline_env, terminate_group
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+@app.command()
+def server(
+    prefect_port: int = typer.Option(
+        0, help="Prefect UI/API port; 0: this home's own port (picked once, so MLflow's Prefect links keep working)."),
+    mlflow_port: int = typer.Option(5000, help="MLflow UI port (0 picks a free one)."),
+) -> None:
+    """Start the local Prefect server and the MLflow UI in the foreground, to browse results.
+
+    Each URL is printed once it answers. The Prefect server is the home's (the one the demo's
+    runs link to); Ctrl-C stops both within seconds.
+    """
+    import signal
+    import time
+
+    from twinflow.prefect_server import (
+        STOP_GRACE_S,
+        acquire_server,
+        release_server,
+        set_offline_env,
+        terminate_group,
+    )
     from twinflow.settings import get_settings
 
     set_offline_env()
     settings = get_settings(prefect={"port": prefect_port})
     settings.home.mkdir(parents=True, exist_ok=True)
-    srv = acquire_server(settings)
-    ml = None
-    try:  # entered right after the server exists: a SIGTERM from here on still releases it
-        mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
-                      "--default-artifact-root", settings.mlflow_artifact_location,
-                      "--host", "127.0.0.1", "--port", str(mlflow_port)]
-        # Its own process group: stopping it also stops the web workers it forks.
-        ml = subprocess.Popen(mlflow_cmd, start_new_session=True)
-        console.print(f"Prefect UI: {srv.url.removesuffix('/api')}   MLflow UI: http://127.0.0.1:{mlflow_port}"
-                      "   (Ctrl-C stops)")
+    if mlflow_port == 0:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            mlflow_port = s.getsockname()[1]
+    # MLflow starts while the Prefect server does: the two start-ups overlap.
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
+                  "--default-artifact-root", settings.mlflow_artifact_location,
+                  "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", str(_mlflow_workers())]
+    # Its own process group: stopping it also stops the web workers it forks.
+    # Its output goes to a log file of the home: the terminal shows the two URLs, not its start-up.
+    with open(settings.home / "mlflow-ui.log", "ab") as ml_log:
+        ml = subprocess.Popen(mlflow_cmd, start_new_session=True, stdout=ml_log, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL)
+    srv = None
+    try:  # entered right after the processes exist: a SIGTERM from here on still stops them
+        srv = acquire_server(settings)
+        console.print(f"Prefect UI: {srv.url.removesuffix('/api')}")
+        ml_url = f"http://127.0.0.1:{mlflow_port}"
+        if not _wait_until_answers(f"{ml_url}/health", ml, timeout_s=300):
+            raise TwinflowError(f"the MLflow UI did not answer on {ml_url} (exit code {ml.poll()}; port "
+                                f"{mlflow_port} in use? log: {settings.home / 'mlflow-ui.log'})")
+        console.print(f"MLflow UI:  {ml_url}   (Ctrl-C stops)")
         while ml.poll() is None:
             time.sleep(0.5)
         raise TwinflowError(f"the MLflow UI exited with code {ml.returncode} (port {mlflow_port} in use?)")
     except KeyboardInterrupt:
         pass
     finally:
+        # Both are told to stop at once, then waited for: the stop takes one grace period, not two.
         try:
-            if ml is not None:
-                terminate_group(ml.pid)
+            os.killpg(ml.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            if srv is not None:
+                release_server(settings, srv)
         finally:
-            # Even if the MLflow UI was slow to stop: the Prefect server and its record go.
-            release_server(settings, srv)
+            terminate_group(ml.pid, timeout=STOP_GRACE_S)
 
 
 @app.command()

@@ -245,14 +245,58 @@ def _terminate_one(pid: int, timeout: float = 10.0) -> None:
         pass
 
 
+def _port_file(settings: Settings) -> Path:
+    return settings.prefect_home / "port.json"
+
+
+def home_port(settings: Settings) -> int | None:
+    """The port recorded for this home's local Prefect server, if one was ever started with port 0."""
+    try:
+        rec = json.loads(_port_file(settings).read_text())
+        return int(rec["port"]) if rec.get("host") == settings.prefect.host else None
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _choose_port(settings: Settings) -> int:
+    """The port for a new local server: the configured one, else the home's recorded one.
+
+    Prefect UI links written into MLflow runs (``prefect.flow_run_url``) name the server's port; a
+    port picked afresh on every start made each link dead once its command ended. With port 0 the
+    first start picks a free port and records it for the home, so every later start (a demo, a
+    ``twinflow server``) serves the same URLs. Only when another program holds the recorded port is
+    a new one picked and recorded. Called under the home's server lock.
+    """
+    host, port = settings.prefect.host, settings.prefect.port
+    if port:
+        if _port_in_use(host, port):
+            raise ConfigError(
+                f"port {port} on {host} is already in use; set TWINFLOW_PREFECT__PORT=0 to use this home's own port"
+            )
+        return port
+    recorded = home_port(settings)
+    if recorded and not _port_in_use(host, recorded):
+        return recorded
+    port = _free_port(host)
+    if recorded:
+        log.warning("this home's Prefect port %s is taken by another program; using %s from now on "
+                    "(Prefect links in older MLflow runs name the old port)", recorded, port)
+    settings.prefect_home.mkdir(parents=True, exist_ok=True)
+    path = _port_file(settings)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({"host": host, "port": port}))
+    os.replace(tmp, path)
+    return port
+
+
+# A Prefect server asked to stop finishes its background services first (~20 s); its state is in
+# SQLite, whose journal makes a kill safe, so it gets this long before SIGKILL.
+STOP_GRACE_S = 2.0
+
+
 def _start(settings: Settings, user: dict) -> PrefectServer:
     host = settings.prefect.host
-    port = settings.prefect.port
-    if port and _port_in_use(host, port):
-        raise ConfigError(
-            f"port {port} on {host} is already in use; set TWINFLOW_PREFECT__PORT=0 to pick a free one"
-        )
-    port = port or _free_port(host)
+    port = _choose_port(settings)
     url = f"http://{host}:{port}/api"
     home = settings.prefect_home
     home.mkdir(parents=True, exist_ok=True)
@@ -417,7 +461,7 @@ def release_server(settings: Settings, server: PrefectServer) -> None:
             log.info("left the local Prefect server running for %d other command(s)", len(others))
             return
         if _is_running(server.pid, state.get("created")):
-            terminate_group(server.pid)
+            terminate_group(server.pid, timeout=STOP_GRACE_S)
         stop_unrecorded_servers(settings)
         _state_file(settings).unlink(missing_ok=True)
     log.info("stopped local Prefect server (pid %s)", server.pid)

@@ -24,6 +24,11 @@ log = logging.getLogger("twinflow.tracking")
 PREFECT_RUN_TAG = "prefect.flow_run_id"
 PREFECT_URL_TAG = "prefect.flow_run_url"
 STAGE_TAG = "twinflow.stage"
+# MLflow 3.x's UI opens an experiment by its kind tag; without one it may infer GenAI and open the
+# traces overview. The values are the UI's ExperimentKind enum (mlflow/server/js: "genai_development",
+# "custom_model_development", ...); twinflow trains classic models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def check_reachable(uri: str) -> None:
@@ -141,6 +146,9 @@ def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
             exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
+    if exp is None or EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        # An explicit kind a user set in the UI is kept; only a missing one is written.
+        retry_store(client.set_experiment_tag, exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

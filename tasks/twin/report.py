@@ -68,7 +68,9 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("cycle since installation")
     ax.set_ylabel("health h")
-    ax.set_title(f"simulated health of {params.fan_units} units (run to failure)")
+    # fan_units sample trajectories, not the studied fleet (n_assets): the title says which.
+    ax.set_title(f"health of {params.fan_units} simulated units, run to failure\n"
+                 f"(trajectory sample; the policy study's fleet is {params.n_assets} assets)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     figs["plots/health_fan.png"] = fig

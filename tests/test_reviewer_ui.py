@@ -1,0 +1,122 @@
+"""What a reviewer sees: `twinflow server` over a pipeline's home, its pages loaded in headless Chromium (slow).
+
+One small pipeline run (the demo's landing data, fewer trials and scenarios) fills a home; then
+`twinflow server` serves it and a real browser renders the MLflow train run, the registered model
+and the Prefect flow run that the MLflow run's ``prefect.flow_run_url`` tag links to. Screenshots
+are kept under the test's tmp dir. The Debian ``chromium`` package is installed by ``make test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+SMALL = [
+    "features.windows=[10]", "features.ewm_spans=[10]", 'features.channels=["s2","s3","s4","s7","s11","s12"]',
+    "train.n_trials=2", "train.max_iter=40",
+    "simulate.n_scenarios=10", "simulate.n_assets=10", "simulate.horizon=400", "simulate.batch_scenarios=10",
+    "simulate.intervals=[100,150]", "simulate.thresholds=[20.0,40.0]", "simulate.fan_units=40",
+]
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update({"TWINFLOW_HOME": str(home), "CUDA_VISIBLE_DEVICES": ""})
+    return env
+
+
+def _browse(url: str, png: Path, budget_ms: int = 20000) -> str:
+    """Render ``url`` in headless Chromium: save a screenshot to ``png``, return the rendered DOM."""
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--hide-scrollbars", "--window-size=1400,1000", f"--virtual-time-budget={budget_ms}",
+            f"--user-data-dir={png.parent / ('chrome-' + png.stem)}"]
+    subprocess.run([*base, f"--screenshot={png}", url], capture_output=True, timeout=180, check=False)
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False)
+    return dom.stdout
+
+
+def _visible_text(dom: str) -> str:
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
+
+
+@pytest.fixture(scope="module")
+def served_home(tmp_path_factory):
+    """A home with one small pipeline run, served by `twinflow server` (Prefect on the home's port)."""
+    root = tmp_path_factory.mktemp("reviewer")
+    home = root / "home"
+    args = [a for p in SMALL for a in ("--param", p)]
+    run = subprocess.run([sys.executable, "-m", "twinflow.cli", "run", "pipeline", *args], capture_output=True,
+                         text=True, env=_env(home), cwd=root, timeout=1500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "twinflow.cli", "server", "--mlflow-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(home), cwd=root)
+    urls: dict[str, str] = {}
+    try:
+        deadline = time.monotonic() + 400
+        while len(urls) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"(Prefect|MLflow) UI:\s+(http://\S+)", line)
+            if m:
+                urls[m.group(1)] = m.group(2)
+        assert set(urls) == {"Prefect", "MLflow"}, proc.stderr.read() if proc.poll() is not None else urls
+        yield {"home": home, "root": root, "prefect": urls["Prefect"], "mlflow": urls["MLflow"]}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(2400)
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the chromium package (make test installs it)")
+def test_mlflow_and_prefect_pages_render_the_runs(served_home):
+    import mlflow
+
+    from twinflow.settings import get_settings
+
+    shots = served_home["root"] / "screenshots"
+    shots.mkdir()
+    settings = get_settings(home=served_home["home"])
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    exp = client.get_experiment_by_name(settings.mlflow.experiment)
+    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    runs = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'train'")
+    assert len(runs) == 1
+    train = runs[0]
+    pipeline_run = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'pipeline'")[0]
+    assert pipeline_run.data.metrics["rows_ingested"] > 0 and "promoted" in pipeline_run.data.metrics
+
+    # The stable link: the tag written during the run names the port `twinflow server` serves now.
+    link = train.data.tags["prefect.flow_run_url"]
+    assert urlparse(link).netloc == urlparse(served_home["prefect"]).netloc, (link, served_home["prefect"])
+
+    ml = served_home["mlflow"]
+    run_url = f"{ml}/#/experiments/{exp.experiment_id}/runs/{train.info.run_id}/artifacts"
+    text = _visible_text(_browse(run_url, shots / "mlflow_train_run.png"))
+    for name in ("pred_vs_true.png", "learning_curve.png", "feature_importance.png", "residuals_per_asset.png"):
+        assert name in text, (name, text[:2000])
+
+    model = settings.mlflow.registered_model
+    text = _visible_text(_browse(f"{ml}/#/models/{model}", shots / "mlflow_registered_model.png"))
+    assert model in text and "champion" in text, text[:2000]
+
+    text = _visible_text(_browse(link, shots / "prefect_train_flow_run.png"))
+    assert "train-gbm-train_fd001" in text, text[:2000]
+    for png in shots.glob("*.png"):
+        assert png.stat().st_size > 10_000, png  # a blank page is a few KB
+    print(json.dumps({"screenshots": sorted(str(p) for p in shots.glob("*.png"))}))
