@@ -492,3 +492,21 @@ def test_gpu_work_lands_only_on_workers_that_advertise_a_gpu():
         assert set(names) == {"gpu"}
         free = client.gather([client.submit(_worker_name, pure=False) for _ in range(16)])
         assert set(free) <= {"cpu", "gpu"}
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_server_counts_as_free():
+    """The home's recorded Prefect port stays the home's after its last server stopped (stable links)."""
+    from twinflow.prefect_server import _port_in_use
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    assert _port_in_use("127.0.0.1", port)  # a listener: in use
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = listener.accept()
+    conn.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+    client.close()
+    listener.close()
+    assert not _port_in_use("127.0.0.1", port)

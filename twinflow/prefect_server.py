@@ -86,7 +86,11 @@ def _free_port(host: str) -> int:
 
 
 def _port_in_use(host: str, port: int) -> bool:
+    """True when something listens on ``host:port`` (what would make the server's bind fail)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As uvicorn binds: connections of a server that just stopped linger in TIME_WAIT for a
+        # minute, which blocks a plain bind but not the server's.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -258,6 +262,10 @@ def home_port(settings: Settings) -> int | None:
         return None
 
 
+#: How long a new server waits for the home's recorded port to be released before picking another.
+RECORDED_PORT_WAIT_S = 20.0
+
+
 def _choose_port(settings: Settings) -> int:
     """The port for a new local server: the configured one, else the home's recorded one.
 
@@ -275,8 +283,14 @@ def _choose_port(settings: Settings) -> int:
             )
         return port
     recorded = home_port(settings)
-    if recorded and not _port_in_use(host, recorded):
-        return recorded
+    if recorded:
+        # The home's previous server may still be letting go of its port (its command just ended and
+        # stops it, or it is being killed after its grace period): wait for it before moving on.
+        deadline = time.monotonic() + RECORDED_PORT_WAIT_S
+        while _port_in_use(host, recorded) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        if not _port_in_use(host, recorded):
+            return recorded
     port = _free_port(host)
     if recorded:
         log.warning("this home's Prefect port %s is taken by another program; using %s from now on "
