@@ -317,7 +317,12 @@ def _start(settings: Settings, user: dict) -> PrefectServer:
     logfile = open(home / "server.log", "ab")
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
            "--analytics-off", "--no-late-runs"]
-    proc = subprocess.Popen(cmd, env=server_env(settings), stdout=logfile, stderr=subprocess.STDOUT,
+    env = server_env(settings)
+    # The UI's pages ask /ui-settings where the API is; its default is built from
+    # PREFECT_SERVER_API_PORT (4200), not from --port, so a server on any other port served a UI that
+    # could not reach its own API.
+    env.update({"PREFECT_UI_API_URL": url, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)})
+    proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     logfile.close()
     try:
