@@ -21,7 +21,6 @@ workers (each then costs ~150 ms of Prefect start-up on the worker). Flows calle
 
 from __future__ import annotations
 
-import logging
 import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -37,8 +36,6 @@ from twinflow.tracking import configure_mlflow
 
 if TYPE_CHECKING:  # annotations only
     import distributed
-
-log = logging.getLogger("twinflow.runtime")
 
 __all__ = [
     "Runtime",
