@@ -16,7 +16,7 @@ from twinflow import runtime as rt_mod
 from twinflow.cluster import dask_cluster, resolve_mode
 from twinflow.errors import ConfigError, ServiceUnavailable
 from twinflow.prefect_server import acquire_server, read_server_state, release_server
-from twinflow.settings import get_settings
+from twinflow.settings import Settings, get_settings
 
 
 @task
@@ -305,6 +305,26 @@ def test_explicit_prefect_heartbeat_setting_is_honoured(prefect_api, tmp_path, m
             assert _heartbeat_setting() == 45
 
 
+def test_the_local_server_yields_cpu_and_its_clients_skip_csrf_tokens(prefect_server, monkeypatch):
+    from prefect.settings import get_current_settings
+
+    # Started with the default settings: niced, so its bookkeeping yields to Dask workers.
+    assert psutil.Process(prefect_server.pid).nice() == min(19, os.nice(0) + Settings().prefect.server_nice)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", raising=False)
+
+    @flow(name="csrf-off")
+    def ping() -> int:
+        return 7
+
+    with rt_mod.start(prefect_server.settings, cluster=False, mlflow=False) as rt:
+        assert rt.prefect.pid == prefect_server.pid  # the home's local server, reused
+        assert get_current_settings().client.csrf_support_enabled is False
+        assert os.environ["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] == "false"
+        assert ping() == 7  # the local server accepts writes without a token
+    assert "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED" not in os.environ
+
+
 def test_loopback_api_clients_get_a_small_ca_file(prefect_api, tmp_path, monkeypatch):
     import ssl
 
@@ -319,6 +339,8 @@ def test_loopback_api_clients_get_a_small_ca_file(prefect_api, tmp_path, monkeyp
         assert pem.count("BEGIN CERTIFICATE") == 1
         ssl.create_default_context(cafile=path)  # a valid CA file: Prefect's clients load it
         assert _heartbeat_setting() is None  # and flows still run against the API
+        # A configured API may protect against CSRF: its clients keep asking for tokens.
+        assert get_current_settings().client.csrf_support_enabled is True
     assert "PREFECT_API_SSL_CERT_FILE" not in os.environ
 
     assert rt_mod._loopback_ca_file(settings, "https://prefect.plant.local/api") is None
@@ -417,7 +439,7 @@ _CONFIGURE_MLFLOW = """
 import sys, time
 from pathlib import Path
 import mlflow  # imported before the start line: the processes reach MLflow's first connect together
-from twinflow.settings import get_settings
+from twinflow.settings import Settings, get_settings
 from twinflow.tracking import configure_mlflow
 settings = get_settings(home=sys.argv[1])
 go = Path(sys.argv[2])

@@ -322,8 +322,10 @@ def _start(settings: Settings, user: dict) -> PrefectServer:
     # PREFECT_SERVER_API_PORT (4200), not from --port, so a server on any other port served a UI that
     # could not reach its own API.
     env.update({"PREFECT_UI_API_URL": url, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)})
+    nice = settings.prefect.server_nice
+    lower_priority = (lambda: os.nice(nice)) if nice and hasattr(os, "nice") else None
     proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=lower_priority)
     logfile.close()
     try:
         # Recorded before it is healthy: if this command dies while the server starts, the next one

@@ -120,7 +120,7 @@ def start(
             server = acquire_server(settings)
             stack.callback(release_server, settings, server)
             rt.prefect = server
-            _export_prefect(stack, settings, server.url)
+            _export_prefect(stack, settings, server.url, local=server.pid is not None)
         if not _keep_heartbeats(settings, heartbeats):
             stack.enter_context(_no_flow_heartbeats())
         if mlflow:
@@ -145,10 +145,11 @@ def ensure(settings: Settings | None = None) -> Iterator[Runtime]:
         yield rt
 
 
-def _export_prefect(stack: ExitStack, settings: Settings, url: str) -> None:
+def _export_prefect(stack: ExitStack, settings: Settings, url: str, local: bool = False) -> None:
     from prefect.settings import (
         PREFECT_API_SSL_CERT_FILE,
         PREFECT_API_URL,
+        PREFECT_CLIENT_CSRF_SUPPORT_ENABLED,
         PREFECT_LOCAL_STORAGE_PATH,
         temporary_settings,
     )
@@ -156,6 +157,12 @@ def _export_prefect(stack: ExitStack, settings: Settings, url: str) -> None:
     storage = str(settings.prefect_home / "storage")
     exported = {"PREFECT_API_URL": url, "PREFECT_LOCAL_STORAGE_PATH": storage}
     updates = {PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: storage}
+    server_csrf = os.environ.get("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", "").lower() in ("1", "true")
+    if local and not server_csrf and "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED" not in os.environ:
+        # twinflow's own loopback server runs without CSRF protection (Prefect's default), so each
+        # new client's token request (one per flow run) would buy nothing.
+        exported["PREFECT_CLIENT_CSRF_SUPPORT_ENABLED"] = "false"
+        updates[PREFECT_CLIENT_CSRF_SUPPORT_ENABLED] = False
     ca_file = _loopback_ca_file(settings, url)
     if ca_file:
         exported["PREFECT_API_SSL_CERT_FILE"] = ca_file

@@ -48,6 +48,14 @@ class PrefectSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535, description="0 picks a free port.")
     start_timeout: float = Field(180.0, gt=0)
+    server_nice: int = Field(
+        5, ge=0, le=19,
+        description=(
+            "CPU niceness of the local Prefect server twinflow starts (POSIX). Flows only wait for it "
+            "at flow-run start and end; during a stage it records task states, logs and events, which "
+            "should yield to the Dask workers when they use every core. 0 keeps the default priority."
+        ),
+    )
     flow_heartbeats: Literal["auto", "on", "off"] = Field(
         "auto",
         description=(
