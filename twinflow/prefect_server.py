@@ -315,8 +315,10 @@ def _start(settings: Settings, user: dict) -> PrefectServer:
     home = settings.prefect_home
     home.mkdir(parents=True, exist_ok=True)
     logfile = open(home / "server.log", "ab")
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
-           "--analytics-off", "--no-late-runs"]
+    # twinflow.prefect_server_main is ``prefect server start`` that retries SQLite-locked writes
+    # inside the server instead of letting clients back off for seconds (see that module).
+    cmd = [sys.executable, "-m", "twinflow.prefect_server_main", "server", "start", "--host", host,
+           "--port", str(port), "--analytics-off", "--no-late-runs"]
     env = server_env(settings)
     # The UI's pages ask /ui-settings where the API is; its default is built from
     # PREFECT_SERVER_API_PORT (4200), not from --port, so a server on any other port served a UI that

@@ -1,0 +1,135 @@
+"""The process twinflow runs as its local Prefect server: ``prefect server start`` plus one ASGI wrapper.
+
+Prefect's SQLite backend answers a write with 503 when the database is locked by one of the
+server's own background services (the task-run recorder, the event persister), which happens
+whenever a flow run starts right after another flow's task runs (PrefectHQ/prefect#18934; a
+deferred transaction that read first cannot wait for the lock, it fails at once). The client then
+backs off ``2 ** attempt`` seconds: measured here, every flow run that followed a flow of 20 task
+runs waited ~2 s of a ~0.2 s start. Such a lock clears within milliseconds, so
+:class:`RetryLockedWrites` re-runs a write that got a 503 inside the server after a short pause
+(the failed attempt's transaction was rolled back, exactly as before the client's own retry), and
+passes the 503 on only when the lock outlasts its ~1.5 s of retries.
+
+Run as ``python -m twinflow.prefect_server_main server start ...`` (the ``prefect`` CLI's arguments);
+:func:`twinflow.prefect_server.acquire_server` does. Importing this module changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any, Awaitable, Callable
+
+__all__ = ["RetryLockedWrites", "RETRY_DELAYS_S", "main"]
+
+#: Pauses before each server-side retry of a write answered 503 (about 1.5 s in all).
+RETRY_DELAYS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7)
+
+_READS = {"GET", "HEAD", "OPTIONS"}
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class RetryLockedWrites:
+    """ASGI wrapper: re-run a write request whose response is 503 (retryable), a few times, quickly.
+
+    Reads and non-HTTP scopes (lifespan, websockets) pass straight through. A write's body is read
+    once and replayed to each attempt; a 503 attempt's response is dropped, any other response (or
+    the last attempt's 503) is sent as it comes.
+
+    Args:
+        app: The ASGI application (Prefect's API app).
+        delays: Pauses before each retry.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], delays: tuple[float, ...] = RETRY_DELAYS_S) -> None:
+        self.app = app
+        self.delays = delays
+        self.retried = 0  # attempts re-run, for tests and curiosity
+
+    def __getattr__(self, name: str) -> Any:  # FastAPI attributes (state, routes) for anything that asks
+        return getattr(self.app, name)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method", "GET").upper() in _READS:
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away before sending its body
+                # A fresh copy each time: routing rewrites the scope in place (a Mount strips "/api").
+                await self.app(dict(scope), _replay([message]), send)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        for delay in (*self.delays, None):
+            dropped = False
+
+            async def send_or_drop(message: Message, last: bool = delay is None) -> None:
+                nonlocal dropped
+                if message["type"] == "http.response.start" and message["status"] == 503 and not last:
+                    dropped = True
+                if not dropped:
+                    await send(message)
+
+            try:
+                # A fresh copy each time: routing rewrites the scope in place (a Mount strips "/api").
+                await self.app(dict(scope), _replay([{"type": "http.request", "body": body, "more_body": False}]),
+                               send_or_drop)
+            except Exception:
+                # Starlette re-raises the exception behind a 500/503 after sending it (for the server's
+                # log); a dropped attempt's exception is the one being retried.
+                if not dropped:
+                    raise
+            if not dropped:
+                return
+            self.retried += 1
+            await asyncio.sleep(delay)
+
+
+def _replay(messages: list[Message]) -> Receive:
+    pending = list(messages)
+
+    async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        # After the body, an ASGI app that keeps listening only learns of a disconnect.
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}  # pragma: no cover - never reached
+
+    return receive
+
+
+def install() -> None:
+    """Make Prefect's ``create_app`` return its app wrapped in :class:`RetryLockedWrites`."""
+    import prefect.server.api.server as server
+
+    if getattr(server.create_app, "_twinflow_wrapped", False):
+        return
+    original = server.create_app
+
+    def create_app(*args: Any, **kwargs: Any) -> Any:
+        return RetryLockedWrites(original(*args, **kwargs))
+
+    create_app._twinflow_wrapped = True  # type: ignore[attr-defined]
+    server.create_app = create_app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the ``prefect`` CLI (``server start ...``) with the wrapper installed."""
+    install()
+    from prefect.cli import app
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    app()  # reads sys.argv
+
+
+if __name__ == "__main__":
+    main()
