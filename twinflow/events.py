@@ -17,8 +17,10 @@ would otherwise start an ephemeral API server in this process just to drop the e
 from __future__ import annotations
 
 import logging
+import os
 import uuid
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 log = logging.getLogger("twinflow.events")
 
@@ -40,13 +42,34 @@ def model_resource(name: str, **labels: str) -> dict[str, str]:
     return {"prefect.resource.id": f"twinflow.model.{name}", "prefect.resource.name": name, **labels}
 
 
-def _api_configured() -> bool:
+def _api_url() -> str | None:
+    """The Prefect API of this context, else of the environment.
+
+    A thread started outside Prefect's settings context sees the settings of Prefect's import time,
+    which may predate ``PREFECT_API_URL`` (twinflow exports it when it starts or finds the server).
+    """
     try:
         from prefect.settings import PREFECT_API_URL
 
-        return bool(PREFECT_API_URL.value())
+        return PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL") or None
     except Exception:  # noqa: BLE001 - no Prefect settings: no API
-        return False
+        return None
+
+
+def _api_configured() -> bool:
+    return _api_url() is not None
+
+
+@contextmanager
+def _api_context() -> Iterator[None]:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = _api_url()
+    if url and PREFECT_API_URL.value() != url:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    else:
+        yield
 
 
 def event_id(*parts: Any) -> uuid.UUID:
@@ -75,7 +98,8 @@ def emit(event: str, resource: dict[str, str], payload: dict[str, Any] | None = 
         from prefect.events import emit_event
 
         kwargs = {} if id is None else {"id": id}
-        return emit_event(event=event, resource=resource, payload=payload, related=related, **kwargs)
+        with _api_context():
+            return emit_event(event=event, resource=resource, payload=payload, related=related, **kwargs)
     except Exception as exc:  # noqa: BLE001 - what the event announces is done; the event is advisory
         log.warning("could not emit %s: %s", event, exc)
         return None
@@ -128,8 +152,8 @@ def read_events(names: list[str], resource_prefix: str | None = None, limit: int
     filt = EventFilter(event=EventNameFilter(name=exact or None, prefix=prefixes or None),
                        resource=EventResourceFilter(id_prefix=[resource_prefix]) if resource_prefix else None)
     out: list[Any] = []
-    with get_client(sync_client=True) as client:
-        page = client.read_events(filter=filt, limit=min(limit, 200))
+    with _api_context(), get_client(sync_client=True) as client:
+        page = client.read_events(filter=filt, limit=min(limit, 50))  # the API pages by <= 50
         out.extend(page.events)
         while page.next_page and len(out) < limit:
             page = client.read_events_page(page.next_page)
