@@ -115,8 +115,13 @@ class PipelineResult(BaseModel):
         return out
 
 
-def _snapshot(result: IngestResult, dataset: str, lake_path: str | None = None,
-              version: int | None = None) -> LakeSnapshot:
+def resolve_snapshot(result: IngestResult, dataset: str, lake_path: str | None = None,
+                     version: int | None = None) -> LakeSnapshot:
+    """The snapshot a stage reads: the ingest's, else (``lake_path``) the lake's; pinned at ``version``.
+
+    Raises:
+        ConfigError: the dataset is in neither, or has no such table version.
+    """
     snap = result.snapshots.get(dataset)
     if snap is None and lake_path is not None:
         # A dataset no landing file feeds (the stream bridge's): the lake's own snapshot of it.
@@ -181,7 +186,7 @@ def pipeline(params: PipelineParams) -> PipelineResult:
             with tracked_run(f"ingest-{landing_name(params.ingest.landing)}", stage="ingest", params=params.ingest):
                 result.ingest = ingest(params.ingest)
                 _log_ingest(result.ingest)
-            train_snap = _snapshot(result.ingest, params.train_dataset, rt.settings.lake_path,
+            train_snap = resolve_snapshot(result.ingest, params.train_dataset, rt.settings.lake_path,
                                    params.train_version)
             if "features" in params.stages:
                 with tracked_run(f"features-{train_snap.dataset}", stage="features", params=params.features):
@@ -189,7 +194,7 @@ def pipeline(params: PipelineParams) -> PipelineResult:
                     result.features = features(train_snap, params.features)
                     _log_features(result.features)
                 if params.test_dataset:
-                    test_snap = _snapshot(result.ingest, params.test_dataset)
+                    test_snap = resolve_snapshot(result.ingest, params.test_dataset)
                     test_params = params.features.model_copy(update={"label": False})
                     with tracked_run(f"features-{test_snap.dataset}", stage="features", params=test_params):
                         log_lake_input(test_snap, context="source")
