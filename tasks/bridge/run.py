@@ -1,8 +1,8 @@
 """The bridge's main loop: start the sources, commit micro-batches, emit events, stop cleanly.
 
 ``twinflow stream run --config bridge.yaml`` runs :func:`run_bridge` until SIGTERM/SIGINT (it then
-commits what is buffered and disconnects); :func:`stream_bridge_flow` is the same as a Prefect flow, for
-``.serve()``-ing it as a long-running process. One bridge id runs at a time per lake (a lock beside the
+commits what is buffered and disconnects); :func:`twinflow.flows.stream.stream_bridge_flow` is the same
+as a Prefect flow, served as a long-running deployment by ``twinflow stream serve``. One bridge id runs at a time per lake (a lock beside the
 tables), since its commits' transaction sequence is its own.
 """
 

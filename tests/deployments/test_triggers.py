@@ -107,3 +107,27 @@ def test_events_make_the_server_run_the_target_deployments(prefect_api, tmp_path
         assert len(_triggered_runs(client, ids["retrain-nightly"], since)) == 1
         for r in runs + sims:  # leave no scheduled runs for later tests' servers/workers
             client.delete_flow_run(r.id)
+
+
+@pytest.mark.integration
+def test_prefect_deploy_registers_the_yaml_triggers(prefect_api, dask_scheduler_address, tmp_path):
+    """`prefect deploy` with prefect.yaml creates the same automations (the event templates survive it)."""
+    from prefect.client.orchestration import get_client
+
+    from test_serve_and_deploy import _deploy
+
+    _deploy(prefect_api, dask_scheduler_address, tmp_path, ["retrain-nightly", "simulate-weekly"])
+    with get_client(sync_client=True) as client:
+        retrain = client.read_deployment_by_name("pipeline/retrain-nightly")
+        simulate = client.read_deployment_by_name("simulate/simulate-weekly")
+        owned = {a.name: a for a in client.read_automations()
+                 if a.actions and getattr(a.actions[0], "deployment_id", None) in {retrain.id, simulate.id}}
+    assert set(owned) >= {RETRAIN_ON_NEW_DATA, SIMULATE_ON_NEW_CHAMPION}
+    retrain_auto = owned[RETRAIN_ON_NEW_DATA]
+    assert retrain_auto.actions[0].deployment_id == retrain.id
+    assert retrain_auto.trigger.expect == {ev.DATA_READY}
+    params = retrain_auto.actions[0].parameters["params"]
+    assert params["train_dataset"] == "{{ event.payload.dataset }}"
+    assert params["train_version"] == "{{ event.payload.version }}"
+    assert params["ingest"]["landing"] == str(tmp_path / "plant-landing")  # the env template was rendered
+    assert owned[SIMULATE_ON_NEW_CHAMPION].actions[0].deployment_id == simulate.id
