@@ -133,7 +133,7 @@ def read_events(names: list[str], resource_prefix: str | None = None, limit: int
     """Events of these names (a trailing ``*``: a prefix) from the Prefect API, oldest first.
 
     Args:
-        names: Event names, e.g. ``["twinflow.stream.*"]``.
+        names: Event names, or prefixes (``["twinflow.stream.*"]``), not both.
         resource_prefix: Only events whose resource id starts with this (``twinflow.dataset.stream``).
         limit: Most events read (all pages).
 
@@ -149,6 +149,8 @@ def read_events(names: list[str], resource_prefix: str | None = None, limit: int
         raise ServiceUnavailable("no Prefect API configured (PREFECT_API_URL) to read events from")
     exact = [n for n in names if not n.endswith("*")]
     prefixes = [n[:-1] for n in names if n.endswith("*")]
+    if exact and prefixes:  # the API ANDs a name filter with a prefix filter
+        raise ValueError("give event names or prefixes (trailing *), not both")
     filt = EventFilter(event=EventNameFilter(name=exact or None, prefix=prefixes or None),
                        resource=EventResourceFilter(id_prefix=[resource_prefix]) if resource_prefix else None)
     out: list[Any] = []
