@@ -16,6 +16,8 @@ All schedules use one IANA timezone (``timezone=``, default UTC) so "nightly" me
 night. Every deployment runs its flow through :mod:`twinflow.deployments.entrypoints` (timeouts,
 failure hooks); heavy ones hold the ``twinflow-cluster`` global concurrency limit (1 slot) and
 each scheduled deployment has a deployment concurrency limit of 1 (runs queue, never overlap).
+``retrain-nightly`` and ``simulate-weekly`` also run on events (new stream data, a new champion):
+see :mod:`twinflow.deployments.triggers`.
 """
 
 from __future__ import annotations
@@ -182,6 +184,7 @@ def build_deployments(
     timezone: str = "UTC",
     crons: dict[str, str] | None = None,
     paused: bool = False,
+    triggers: bool = True,
 ) -> list[Any]:
     """Build the standard deployments (``RunnerDeployment`` objects) for the stages that exist.
 
@@ -191,6 +194,8 @@ def build_deployments(
         timezone: IANA timezone of every schedule.
         crons: Per-deployment cron overrides, ``{"ingest-hourly": "*/15 * * * *"}``.
         paused: Register schedules paused.
+        triggers: Attach the event triggers of :mod:`twinflow.deployments.triggers` (retrain on new
+            stream data, simulate on a new champion).
 
     Raises:
         ConfigError: unknown deployment name, invalid cron or timezone, or a requested
@@ -201,6 +206,7 @@ def build_deployments(
     from prefect.schedules import Cron
 
     from twinflow.deployments import entrypoints
+    from twinflow.deployments.triggers import deployment_triggers
 
     validate_timezone(timezone)
     crons = dict(crons or {})
@@ -230,6 +236,7 @@ def build_deployments(
             concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
             if cron else None,
             entrypoint_type=EntrypointType.MODULE_PATH,
+            triggers=deployment_triggers(s.name, settings) if triggers else None,
         )
         # The runner must load the flow with operations applied, not the bare stage flow.
         dep.entrypoint = f"{ENTRYPOINT_MODULE}.{s.stage}"

@@ -67,6 +67,9 @@ class PipelineParams(BaseModel):
     train: TrainParams = Field(default_factory=lambda: TrainParams(nan_policy="drop"))
     simulate: TwinParams = Field(default_factory=TwinParams)
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES))
+    train_version: int | None = Field(
+        None, ge=0, description="Delta table version of train_dataset to use (e.g. the version a "
+        "twinflow.stream.data.ready event names); None: the latest.")
 
     @model_validator(mode="after")
     def _prefix_closed(self) -> "PipelineParams":
@@ -112,12 +115,43 @@ class PipelineResult(BaseModel):
         return out
 
 
-def _snapshot(result: IngestResult, dataset: str) -> LakeSnapshot:
-    try:
-        return result.snapshots[dataset]
-    except KeyError:
+def resolve_snapshot(result: IngestResult, dataset: str, lake_path: str | None = None,
+                     version: int | None = None) -> LakeSnapshot:
+    """The snapshot a stage reads: the ingest's, else (``lake_path``) the lake's; pinned at ``version``.
+
+    Raises:
+        ConfigError: the dataset is in neither, or has no such table version.
+    """
+    snap = result.snapshots.get(dataset)
+    if snap is None and lake_path is not None:
+        # A dataset no landing file feeds (the stream bridge's): the lake's own snapshot of it.
+        from twinflow.lake import latest_snapshot
+
+        snap = latest_snapshot(lake_path, dataset)
+    if snap is None:
         raise ConfigError(f"dataset {dataset!r} is not in the lake after ingest; available: "
-                          f"{', '.join(sorted(result.snapshots)) or 'none'}") from None
+                          f"{', '.join(sorted(result.snapshots)) or 'none'}")
+    if version is not None and version != snap.version:
+        snap = _at_version(snap, version)
+    return snap
+
+
+def _at_version(snap: LakeSnapshot, version: int) -> LakeSnapshot:
+    """The snapshot's dataset pinned at an older table version (digest: that version's file list)."""
+    import hashlib
+
+    from twinflow.lake import open_table
+    from twinflow.refs import FileRef
+
+    try:
+        dt = open_table(snap.lake_path, snap.dataset, version=version)
+    except Exception as exc:  # noqa: BLE001 - delta-rs: no such version (vacuumed, or in the future)
+        raise ConfigError(f"dataset {snap.dataset!r} has no table version {version}: {exc}") from None
+    files = sorted(dt.file_uris())
+    ref = FileRef(path=f"delta:{snap.dataset}@{version}", sha256=hashlib.sha256("\n".join(files).encode()).hexdigest(),
+                  lake_file=None)
+    return LakeSnapshot(lake_path=snap.lake_path, dataset=snap.dataset, batch_id=f"v{version}", files=[ref],
+                        version=version)
 
 
 @flow(name="pipeline", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
@@ -152,14 +186,15 @@ def pipeline(params: PipelineParams) -> PipelineResult:
             with tracked_run(f"ingest-{landing_name(params.ingest.landing)}", stage="ingest", params=params.ingest):
                 result.ingest = ingest(params.ingest)
                 _log_ingest(result.ingest)
-            train_snap = _snapshot(result.ingest, params.train_dataset)
+            train_snap = resolve_snapshot(result.ingest, params.train_dataset, rt.settings.lake_path,
+                                   params.train_version)
             if "features" in params.stages:
                 with tracked_run(f"features-{train_snap.dataset}", stage="features", params=params.features):
                     log_lake_input(train_snap, context="source")
                     result.features = features(train_snap, params.features)
                     _log_features(result.features)
                 if params.test_dataset:
-                    test_snap = _snapshot(result.ingest, params.test_dataset)
+                    test_snap = resolve_snapshot(result.ingest, params.test_dataset)
                     test_params = params.features.model_copy(update={"label": False})
                     with tracked_run(f"features-{test_snap.dataset}", stage="features", params=test_params):
                         log_lake_input(test_snap, context="source")

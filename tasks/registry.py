@@ -19,6 +19,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from twinflow.events import emit_model_promoted
 from twinflow.refs import FeatureSetRef
 from twinflow.tasks.promotion import (
     TwinComparison,
@@ -56,6 +57,12 @@ class Decision:
     challenger_score: float | None = None
     champion_score: float | None = None
     twin: TwinComparison | None = None
+
+    def event_payload(self) -> dict[str, Any]:
+        """The decision as the ``twinflow.model.promoted`` event's ``decision`` (JSON-able, no scenarios)."""
+        return {"promote": self.promote, "mode": self.mode, "reason": self.reason, "eval_set": self.eval_set,
+                "challenger_rmse": self.challenger_rmse, "champion_version": self.champion_version,
+                "champion_rmse": self.champion_rmse, "margin": self.margin}
 
     def _cost(self, role: str, key: str):
         side = None if self.twin is None else getattr(self.twin, role)
@@ -381,6 +388,8 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
     decision = decide_gate(mode, rmse, twin)
     if decision.promote:
         retry_store(client.set_registered_model_alias, name, CHAMPION, mv.version)
+        # Advisory (deployments/triggers.py: simulate-on-new-champion); never fails the promotion.
+        emit_model_promoted(name, str(mv.version), mv.run_id, decision.event_payload())
     _record(client, name, str(mv.version), decision, features, challenger_metrics, champ_rmse, tracking_uri)
     create_markdown_artifact(decision.markdown(name), key="train-promotion",
                              description=f"promotion gate for {name} v{mv.version}")

@@ -1,4 +1,5 @@
-"""``twinflow stream``: ``run`` the bridge from a config file, ``simulate`` a plant (MQTT and/or OPC UA)."""
+"""``twinflow stream``: ``run`` the bridge from a config file, ``simulate`` a plant (MQTT and/or OPC UA),
+``serve`` the bridge as a Prefect deployment."""
 
 from __future__ import annotations
 
@@ -72,6 +73,18 @@ def simulate_cmd(
     host, _, port = mqtt.partition(":")
     n = publish_mqtt(mqtt_messages(rows, fmt), host=host, port=int(port or 1883), rate=rate, stop=stop)
     typer.echo(json.dumps({"published": n}))
+
+
+@stream_app.command("serve")
+def serve_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="Bridge config (YAML or JSON)."),
+    start: bool = typer.Option(True, "--start/--no-start", help="Start a bridge run at once."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Each run stops after this long."),
+) -> None:
+    """Serve the bridge as a long-running Prefect deployment (stream-bridge/<bridge id>) until Ctrl-C."""
+    from twinflow.flows.stream import serve_bridge
+
+    serve_bridge(config, start=start, max_seconds=max_seconds)
 
 
 def register_commands(app: typer.Typer) -> None:

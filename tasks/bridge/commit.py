@@ -162,7 +162,9 @@ class Committer:
             res.assets = {d["values"]: d["counts"] for d in counts.to_pylist()}
             res.version = lk.commit(self.lake_path, self.dataset, lake_rows, txn=(self.app_id, self.seq),
                                     metadata={"twinflow.operation": "stream", "twinflow.batch_id": batch_id,
-                                              "twinflow.messages": str(len(messages))})
+                                              "twinflow.messages": str(len(messages)),
+                                              # per-asset new cycles: the ready counts catch up from these
+                                              "twinflow.assets": json.dumps(res.assets, sort_keys=True)})
             self.seq += 1
             self.commits += 1
             if self.compact_every and self.commits % self.compact_every == 0:

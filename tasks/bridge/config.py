@@ -85,6 +85,9 @@ class BridgeConfig(_Model):
     max_buffer_rows: int = Field(50000, ge=1, description="Buffer bound: sources block beyond it (back-pressure).")
     compact_every: int = Field(200, ge=0, description="Compact small files every N commits (0: never).")
     emit_events: bool = True
+    ready_min_cycles: int = Field(50, ge=1, description="twinflow.stream.data.ready: new cycles (N) an asset "
+                                  "needs since the last such event...")
+    ready_min_assets: int = Field(5, ge=1, description="...and how many assets (M) need them.")
 
     @model_validator(mode="after")
     def _sources(self) -> "BridgeConfig":

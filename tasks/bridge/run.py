@@ -1,8 +1,8 @@
 """The bridge's main loop: start the sources, commit micro-batches, emit events, stop cleanly.
 
 ``twinflow stream run --config bridge.yaml`` runs :func:`run_bridge` until SIGTERM/SIGINT (it then
-commits what is buffered and disconnects); :func:`stream_bridge_flow` is the same as a Prefect flow, for
-``.serve()``-ing it as a long-running process. One bridge id runs at a time per lake (a lock beside the
+commits what is buffered and disconnects); :func:`twinflow.flows.stream.stream_bridge_flow` is the same
+as a Prefect flow, served as a long-running deployment by ``twinflow stream serve``. One bridge id runs at a time per lake (a lock beside the
 tables), since its commits' transaction sequence is its own.
 """
 
@@ -20,7 +20,7 @@ from twinflow.locks import hold
 from twinflow.tasks.bridge.buffer import Buffer
 from twinflow.tasks.bridge.commit import BatchResult, Committer
 from twinflow.tasks.bridge.config import BridgeConfig
-from twinflow.tasks.bridge.events import emit_batch
+from twinflow.tasks.bridge.events import ReadyTracker, emit_batch
 
 log = logging.getLogger("twinflow.bridge")
 
@@ -38,6 +38,7 @@ class BridgeStats:
     redelivered: int = 0
     backpressure_s: float = 0.0
     last: BatchResult | None = None
+    ready: ReadyTracker | None = None  # the new-data counts (None with emit_events off)
     started: float = field(default_factory=time.time)
 
 
@@ -77,6 +78,9 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
               what=f"stream bridge {cfg.bridge_id!r} on this lake"):
         committer = Committer(lake_path, quarantine_path, cfg.dataset, cfg.bridge_id, cfg.app_id,
                               compact_every=cfg.compact_every)
+        ready = ReadyTracker(lake_path, cfg.dataset, cfg.bridge_id, cfg.ready_min_cycles, cfg.ready_min_assets,
+                             emit=True) if cfg.emit_events else None
+        stats.ready = ready
         buffer = Buffer(cfg.max_buffer_rows)
         sources = _sources(cfg, buffer)
         log.info("bridge %s: dataset %s, next batch %d", cfg.bridge_id, cfg.dataset, committer.seq)
@@ -97,6 +101,8 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
                     stats.last = res
                     if cfg.emit_events and res.rows_written:
                         emit_batch(res, cfg.dataset, cfg.bridge_id)
+                    if ready is not None:
+                        ready.add(res)
                     if on_batch is not None:
                         on_batch(res)
                 elif done:

@@ -54,3 +54,33 @@ def test_pipeline_runs_every_stage_and_reruns_incrementally(runtime):
 def test_stages_must_be_a_prefix(tmp_path):
     with pytest.raises(ValueError, match="prefix"):
         PipelineParams(ingest={"landing": str(tmp_path)}, stages=["ingest", "train"])
+
+
+def test_a_dataset_no_landing_file_feeds_is_read_from_the_lake_at_the_pinned_version(tmp_path):
+    """What retrain-on-new-data runs on: the stream bridge's dataset, at the version its event names."""
+    import json
+
+    from twinflow import lake as lk
+    from twinflow.errors import ConfigError
+    from twinflow.flows.pipeline import resolve_snapshot
+    from twinflow.tasks.bridge.buffer import Message
+    from twinflow.tasks.bridge.commit import Committer
+    from twinflow.tasks.ingest import IngestResult
+
+    lake = str(tmp_path / "lake")
+    committer = Committer(lake, str(tmp_path / "q"), "stream", "b1", "twinflow-bridge-b1")
+    for first in (1, 3):
+        rows = [{"asset_id": "u1", "cycle": c, "s2": 642.0} for c in (first, first + 1)]
+        committer.commit([Message(source="t", raw=json.dumps(r).encode(), rows=[r]) for r in rows])
+    nothing_ingested = IngestResult(batch_id="b")
+    latest = resolve_snapshot(nothing_ingested, "stream", lake)
+    assert latest.version == 1 and lk.read_lake(latest, columns=["cycle"]).num_rows == 4
+    pinned = resolve_snapshot(nothing_ingested, "stream", lake, version=0)
+    assert pinned.version == 0 and sorted(lk.read_lake(pinned, columns=["cycle"]).column("cycle").to_pylist()) == [1, 2]
+    assert pinned.digest != latest.digest
+    with pytest.raises(ConfigError, match="no table version 7"):
+        resolve_snapshot(nothing_ingested, "stream", lake, version=7)
+    with pytest.raises(ConfigError, match="not in the lake after ingest"):
+        resolve_snapshot(nothing_ingested, "elsewhere", lake)
+    with pytest.raises(ValueError):
+        PipelineParams(ingest={"landing": str(tmp_path)}, train_version=-1)

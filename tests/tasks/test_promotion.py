@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import mlflow
 import numpy as np
@@ -196,3 +197,32 @@ def test_probability_best_is_the_share_of_paired_scenarios_where_a_policy_is_che
     zeros = np.zeros_like(cost)
     rows, best = summarize(pols, {"cost": cost, "downtime": zeros, "failures": zeros, "planned": zeros}, 1, 10)
     assert best == "b" and rows[1]["p_best"] == pytest.approx(0.375) and rows[1]["cost_ci_low"] < 3.0
+
+
+@pytest.mark.integration
+def test_a_new_champion_is_announced_on_the_prefect_server(prefect_api, registry, caplog):
+    from twinflow import events as ev
+
+    settings, client, name, _, _ = registry
+    kept, _ = _gate(registry, "twin", caplog)  # refused by the twin gate: no event
+    gate, run_id = _gate(registry, "rmse", caplog)
+    assert gate.decision.promote and not kept.decision.promote
+    ev.flush()
+    version_run = client.get_model_version(name, gate.version).run_id
+
+    def ours():
+        found = [e for e in ev.read_events([ev.MODEL_PROMOTED], resource_prefix=f"twinflow.model.{name}")
+                 if e.payload.get("run_id") == version_run]  # both gated versions come from this run
+        return found or None
+
+    deadline = time.monotonic() + 60
+    found = ours()
+    while found is None and time.monotonic() < deadline:
+        time.sleep(1.0)
+        found = ours()
+    assert found is not None and len(found) == 1
+    e = found[0]
+    assert e.resource.id == f"twinflow.model.{name}"
+    assert e.payload["version"] == gate.version and e.payload["model"] == name
+    assert e.payload["decision"]["promote"] is True and e.payload["decision"]["mode"] == "rmse"
+    assert e.payload["decision"]["champion_version"] == "1"
