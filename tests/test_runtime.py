@@ -129,9 +129,17 @@ def test_stage_tasks_run_in_the_flow_process_and_workers_need_no_prefect_api(tmp
         assert out["one"][1] in worker_pids
         assert all(url is None for _, _, url in [*out["parts"], out["one"]])
         with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-        assert [r.name.split("-")[0] for r in runs] == ["stage"] and runs[0].state.is_completed()
+            # Task-run states arrive as events and the server's recorder persists them a moment later.
+            deadline = time.monotonic() + 60
+            while True:
+                runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                if (runs and all(r.state and r.state.is_completed() for r in runs)) \
+                        or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        assert [r.name.split("-")[0] for r in runs] == ["stage"]
+        assert runs[0].state is not None and runs[0].state.is_completed(), runs[0].state
         assert rt_mod.gpu_resources(rt.cluster.client) is None  # CPU workers: no GPU requirement
 
 

@@ -8,7 +8,8 @@ backs off ``2 ** attempt`` seconds: measured here, every flow run that followed 
 runs waited ~2 s of a ~0.2 s start. Such a lock clears within milliseconds, so
 :class:`RetryLockedWrites` re-runs a write that got a 503 inside the server after a short pause
 (the failed attempt's transaction was rolled back, exactly as before the client's own retry), and
-passes the 503 on only when the lock outlasts its ~1.5 s of retries.
+passes the 503 on only when the lock outlasts its ~5 s of retries (CI on 2 loaded cores saw one
+outlast 1.5 s).
 
 Run as ``python -m twinflow.prefect_server_main server start ...`` (the ``prefect`` CLI's arguments);
 :func:`twinflow.prefect_server.acquire_server` does. Importing this module changes nothing.
@@ -22,8 +23,9 @@ from typing import Any, Awaitable, Callable
 
 __all__ = ["RetryLockedWrites", "RETRY_DELAYS_S", "main"]
 
-#: Pauses before each server-side retry of a write answered 503 (about 1.5 s in all).
-RETRY_DELAYS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7)
+#: Pauses before each server-side retry of a write answered 503 (about 5 s in all: still well under
+#: the client's own back-off of 2, 4, 8 ... s, and long enough for a recorder batch on a loaded box).
+RETRY_DELAYS_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.2, 1.5)
 
 _READS = {"GET", "HEAD", "OPTIONS"}
 
