@@ -16,14 +16,11 @@ map over partitions on the Dask cluster whose results are small (a sample, momen
 I/O sits at the edges (:func:`plan_partitions`, :func:`read_partition`, :func:`write_partition`);
 the thin Prefect ``@task`` wrappers at the bottom add logging and retries.
 
-The window kernels live in :mod:`twinflow.tasks.feature_kernels` (re-exported here).
-
-Why this stays one module (~890 lines): what is left is the one pipeline of the stage (params,
-regime fit, per-partition transform, I/O edges, partition jobs, their Dask drivers and the two
-Prefect tasks), whose parts share ``FeatureParams``/``FitStats`` and call each other in pass
-order. The I/O edges are being rewritten to read through :mod:`twinflow.lake`; splitting the
-regime fit and the drivers out (they need the params in a module of their own) is the next step,
-after that rewrite lands, so that the two changes do not collide.
+Where the parts live (all re-exported here, so ``from twinflow.tasks.features import ...`` keeps
+working): the parameters and fitted statistics in :mod:`twinflow.tasks.feature_params`, passes 1-2
+(regimes, normalisation moments) in :mod:`twinflow.tasks.feature_fit`, the window kernels in
+:mod:`twinflow.tasks.feature_kernels`. This module keeps pass 3 (the per-partition transform), the
+I/O edges, the partition jobs, their Dask drivers and the Prefect tasks.
 """
 
 from __future__ import annotations
@@ -35,17 +32,25 @@ import os
 import shutil
 import threading
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from twinflow import contracts
 from twinflow.errors import ConfigError
 from twinflow.refs import LakeSnapshot
+from twinflow.tasks.feature_fit import (  # passes 1-2: regimes and normalisation; re-exported
+    assign_regimes,
+    combine_moments,
+    compiled_kernels,
+    finalize_fit,
+    fit_regimes,
+    identity_fit,
+    partition_moments,
+    sample_operating_settings,
+)
 from twinflow.tasks.feature_kernels import (  # the window kernels; re-exported for callers of this module
     array_module,
     asset_shift,
@@ -57,324 +62,20 @@ from twinflow.tasks.feature_kernels import (  # the window kernels; re-exported 
     rolling_features,
     to_numpy,
 )
+from twinflow.tasks.feature_params import (  # the stage's parameters and fitted statistics; re-exported
+    EXECUTION_FIELDS,
+    FIT_FILE,
+    LABEL,
+    MANIFEST_FILE,
+    REGIME,
+    SINCE_START,
+    STATS,
+    FeatureParams,
+    FitStats,
+    Stat,
+)
 
 log = logging.getLogger("twinflow.features")
-
-STATS = ("mean", "std", "min", "max", "slope")
-Stat = Literal["mean", "std", "min", "max", "slope"]
-# Parameters that change how the stage runs, not what it computes: excluded from the cache digest.
-EXECUTION_FIELDS = frozenset({"partition_bytes", "backend", "compression"})
-FIT_FILE = "_fit.json"
-MANIFEST_FILE = "_manifest.json"
-SINCE_START = "cycle_since_start"
-REGIME = "regime"
-LABEL = "rul"
-
-
-class FeatureParams(BaseModel):
-    """What the features stage computes, validated before any work.
-
-    Attributes:
-        windows: Rolling window lengths in rows (cycles), each > 0.
-        stats: Rolling statistics per window and channel.
-        channels: Channels to use; None means every sensor channel (``s1..s21``) present.
-        ewm_spans: Spans of exponentially-weighted means (pandas ``ewm(span=...)``, adjust=True).
-        min_periods: Valid rows a window needs for a value (std and slope need 2); at most the
-            smallest window. With 1, the first rows of an asset get partial-window features.
-        regimes: Number of operating regimes (k-means on the operating settings), or ``"auto"``.
-        max_regimes: Largest k tried by ``auto``.
-        regime_tol: ``auto`` picks the smallest k whose k-means inertia is below this fraction
-            of the one-cluster inertia (discrete set points collapse to ~0; noise never does).
-        normalise: Standardise channels per regime (mean/std of the fit) before windowing.
-        drop_constant: Drop channels that are constant (within every regime) or all NaN.
-        constant_tol: Relative std below which a channel counts as constant.
-        label: Add the RUL label (run-to-failure data only; False e.g. for C-MAPSS test files).
-        rul_cap: Piecewise-linear cap of the label; None for no cap.
-        sample_rows: Rows of operating settings sampled to fit the regimes.
-        sample_files: Lake files (a random subset, by ``seed``) that sample is drawn from; all
-            of them when there are fewer. Saves a full pass over a large lake.
-        seed: Seed of the sampling and k-means.
-        partition_bytes: Target Parquet bytes per partition (whole assets are never split).
-        backend: Array module: ``auto`` (CuPy when the cluster mode is cuda), ``numpy``, ``cupy``.
-        compression: Parquet codec of the feature files. Measured on a 190k-row partition of
-            170 float32 features: ``snappy`` (default) files are ~26% smaller than ``none``,
-            which writes ~30% faster (the write is up to half of the transform on a 2-worker
-            cluster), worth it for a feature set on a fast local disk; ``zstd`` (level 1) files
-            are ~14% smaller than snappy's and ~1.5x slower to write. Like ``partition_bytes``
-            and ``backend`` it does not change the values, so it is not part of the cache key.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    windows: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 20, 30], min_length=1)
-    stats: list[Stat] = Field(default_factory=lambda: list(STATS))
-    channels: list[str] | None = None
-    ewm_spans: list[PositiveInt] = Field(default_factory=lambda: [10])
-    min_periods: PositiveInt = 1
-    regimes: PositiveInt | Literal["auto"] = "auto"
-    max_regimes: PositiveInt = 8
-    regime_tol: float = Field(1e-3, gt=0, lt=1)
-    normalise: bool = True
-    drop_constant: bool = True
-    constant_tol: float = Field(1e-6, ge=0)
-    label: bool = True
-    rul_cap: PositiveInt | None = 125
-    sample_rows: PositiveInt = 50_000
-    sample_files: PositiveInt = 256
-    seed: int = 0
-    partition_bytes: PositiveInt = 32 * 2**20
-    backend: Literal["auto", "numpy", "cupy"] = "auto"
-    compression: Literal["snappy", "lz4", "zstd", "none"] = "snappy"
-
-    @field_validator("windows", "ewm_spans", "stats")
-    @classmethod
-    def _sorted_unique(cls, v: list) -> list:
-        return sorted(set(v), key=v.index) if v and isinstance(v[0], str) else sorted(set(v))
-
-    @field_validator("channels")
-    @classmethod
-    def _channels(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and not v:
-            raise ValueError("channels must name at least one channel (or be null for all)")
-        return v if v is None else list(dict.fromkeys(v))
-
-    @model_validator(mode="after")
-    def _min_periods_fit(self) -> "FeatureParams":
-        if self.min_periods > min(self.windows):
-            raise ValueError(f"min_periods={self.min_periods} exceeds the smallest window "
-                             f"{min(self.windows)}")
-        return self
-
-    def digest_payload(self) -> dict[str, Any]:
-        """The parameters that determine the output (execution-only fields excluded)."""
-        return self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
-
-
-class FitStats(BaseModel):
-    """Normalisation statistics of a training feature set, reused to transform other data.
-
-    Attributes:
-        channels: Channels considered (before dropping).
-        kept: Channels that become features, in order.
-        dropped: Dropped channel -> reason (``constant`` or ``all-NaN``).
-        op_columns: Operating settings used for regimes (constant ones are left out).
-        op_mean, op_scale: Standardisation of ``op_columns`` before clustering.
-        centroids: k-means centroids in standardised space; empty for a single regime.
-        mean, std: Per regime (outer) and kept channel (inner).
-        rows: Rows seen by the fit.
-    """
-
-    channels: list[str]
-    kept: list[str]
-    dropped: dict[str, str] = Field(default_factory=dict)
-    op_columns: list[str] = Field(default_factory=list)
-    op_mean: list[float] = Field(default_factory=list)
-    op_scale: list[float] = Field(default_factory=list)
-    centroids: list[list[float]] = Field(default_factory=list)
-    mean: list[list[float]] = Field(default_factory=list)
-    std: list[list[float]] = Field(default_factory=list)
-    normalised: bool = True
-    rows: int = 0
-
-    @property
-    def n_regimes(self) -> int:
-        return max(1, len(self.centroids))
-
-
-# ----------------------------------------------------------------------------------------------
-# Regimes and normalisation statistics
-# ----------------------------------------------------------------------------------------------
-
-
-def sample_operating_settings(frame: pd.DataFrame, op_columns: Sequence[str], n: int,
-                              seed: int) -> np.ndarray:
-    """A uniform random sample of up to ``n`` rows of the operating settings (NaN rows dropped)."""
-    ops = frame[list(op_columns)].to_numpy(dtype=np.float64)
-    ops = ops[~np.isnan(ops).any(axis=1)]
-    if len(ops) <= n:
-        return ops
-    rng = np.random.default_rng(seed)
-    return ops[rng.choice(len(ops), size=n, replace=False)]
-
-
-def fit_regimes(sample: np.ndarray, op_columns: Sequence[str], params: FeatureParams
-                ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """Standardise the operating settings and cluster them with k-means.
-
-    Returns:
-        ``(op_columns kept, op_mean, op_scale, centroids)``; constant settings are left out and
-        ``centroids`` is empty when one regime is chosen.
-    """
-    empty = (list(op_columns), np.zeros(len(op_columns)), np.ones(len(op_columns)), np.empty((0, 0)))
-    if params.regimes == 1 or len(sample) == 0 or not len(op_columns):
-        return empty
-    mean = sample.mean(axis=0)
-    scale = sample.std(axis=0)
-    use = scale > 1e-9 * np.maximum(np.abs(mean), 1.0)
-    if not use.any():
-        return [], np.zeros(0), np.ones(0), np.empty((0, 0))
-    cols = [c for c, u in zip(op_columns, use) if u]
-    mean, scale = mean[use], scale[use]
-    z = (sample[:, use] - mean) / scale
-    from sklearn.cluster import KMeans
-
-    from threadpoolctl import threadpool_limits
-
-    def fit(k: int, data: np.ndarray, n_init: int = 3):
-        # One thread: the sample is small, and OpenMP threads on a busy host are ~20x slower.
-        with threadpool_limits(1):
-            return KMeans(n_clusters=k, n_init=n_init, random_state=params.seed).fit(data)
-
-    if params.regimes == "auto":
-        # Choosing k on a small subsample is enough: set points separate at any sample size.
-        sub = z[np.random.default_rng(params.seed).permutation(len(z))[:4000]]
-        distinct = len(np.unique(sub.round(9), axis=0))
-        base = float(((sub - sub.mean(axis=0)) ** 2).sum())
-        chosen = None
-        for k in range(2, min(params.max_regimes, distinct) + 1):
-            km = fit(k, sub, n_init=2)
-            if km.inertia_ <= params.regime_tol * base:
-                chosen = km
-                break
-        if chosen is None:
-            return cols, mean, scale, np.empty((0, 0))
-        # Refine the subsample's centroids on the whole sample (one run, already converged).
-        with threadpool_limits(1):
-            km = KMeans(n_clusters=chosen.n_clusters, init=chosen.cluster_centers_, n_init=1).fit(z)
-    else:
-        if params.regimes > len(z):
-            raise ConfigError(f"regimes={params.regimes} exceeds the {len(z)} sampled rows")
-        km = fit(params.regimes, z)
-    # Order regimes by their first coordinate so that ids are stable across refits.
-    centroids = km.cluster_centers_[np.lexsort(km.cluster_centers_.T[::-1])]
-    return cols, mean, scale, centroids
-
-
-def assign_regimes(ops, op_mean, op_scale, centroids, xp=np, compiled=None):
-    """Nearest-centroid regime per row (0 when there is a single regime).
-
-    ``compiled``: the numba kernels module (:func:`compiled_kernels`), used for NumPy input.
-    """
-    n = ops.shape[0]
-    if centroids is None or len(centroids) == 0:
-        return xp.zeros(n, dtype=xp.int64)
-    if compiled is not None and isinstance(ops, np.ndarray):
-        f64 = np.float64
-        return compiled.assign_regimes(np.ascontiguousarray(ops, dtype=f64), np.asarray(op_mean, dtype=f64),
-                                       np.asarray(op_scale, dtype=f64), np.ascontiguousarray(centroids, dtype=f64))
-    z = (ops - xp.asarray(op_mean)) / xp.asarray(op_scale)
-    z = xp.where(xp.isnan(z), 0.0, z)
-    cent = xp.asarray(centroids)
-    d = ((z[:, None, :] - cent[None, :, :]) ** 2).sum(axis=2)
-    return xp.argmin(d, axis=1)
-
-
-def partition_moments(frame: pd.DataFrame, channels: Sequence[str], op_columns: Sequence[str],
-                      op_mean, op_scale, centroids,
-                      engine: Literal["auto", "array"] = "auto") -> dict[str, np.ndarray]:
-    """Per-regime count/mean/M2 of each channel in one partition (combine with :func:`combine_moments`).
-
-    ``engine="auto"`` uses the compiled kernel when numba is installed, ``"array"`` NumPy; they
-    agree up to float64 summation order.
-    """
-    k = max(1, len(centroids))
-    y = frame[list(channels)].to_numpy(dtype=np.float64)
-    compiled = compiled_kernels() if engine != "array" else None
-    reg = assign_regimes(frame[list(op_columns)].to_numpy(dtype=np.float64), op_mean, op_scale,
-                         centroids, compiled=compiled) if len(centroids) else np.zeros(len(y), dtype=np.int64)
-    if compiled is not None:
-        # One pass per channel instead of a masked copy and three reductions per regime.
-        count, mean, m2 = compiled.regime_moments(np.ascontiguousarray(y.T), reg.astype(np.int64, copy=False), k)
-        return {"count": count, "mean": mean, "m2": m2}
-    count = np.zeros((k, y.shape[1]))
-    mean = np.zeros((k, y.shape[1]))
-    m2 = np.zeros((k, y.shape[1]))
-    for r in range(k):
-        yr = y[reg == r]
-        cnt = (~np.isnan(yr)).sum(axis=0)
-        count[r] = cnt
-        if len(yr):
-            with np.errstate(invalid="ignore"), _quiet():
-                mu = np.nanmean(yr, axis=0)
-            mu = np.where(cnt > 0, mu, 0.0)
-            mean[r] = mu
-            m2[r] = np.nansum((yr - mu) ** 2, axis=0)
-    return {"count": count, "mean": mean, "m2": m2}
-
-
-@contextmanager
-def _quiet() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-
-
-def combine_moments(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Combine per-partition moments (Chan et al.'s parallel variance; stable for large offsets)."""
-    acc = None
-    for p in parts:
-        if acc is None:
-            acc = {k: v.copy() for k, v in p.items()}
-            continue
-        na, nb = acc["count"], p["count"]
-        n = na + nb
-        with np.errstate(divide="ignore", invalid="ignore"):
-            delta = p["mean"] - acc["mean"]
-            frac = np.where(n > 0, nb / n, 0.0)
-            acc["mean"] = acc["mean"] + delta * frac
-            acc["m2"] = acc["m2"] + p["m2"] + np.where(n > 0, delta**2 * na * nb / n, 0.0)
-        acc["count"] = n
-    return acc
-
-
-def finalize_fit(moments: dict[str, np.ndarray], channels: Sequence[str], op_columns: Sequence[str],
-                 op_mean, op_scale, centroids, params: FeatureParams) -> FitStats:
-    """Per-regime mean/std and the channels to drop, from combined moments.
-
-    Raises:
-        ConfigError: when every channel is constant or all NaN.
-    """
-    count, mean, m2 = moments["count"], moments["mean"], moments["m2"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        std = np.sqrt(np.where(count > 1, m2 / (count - 1), 0.0))
-        total = count.sum(axis=0)
-        gmean = np.where(total > 0, (mean * count).sum(axis=0) / np.maximum(total, 1), 0.0)
-        gm2 = (m2 + count * (mean - gmean) ** 2).sum(axis=0)
-        gstd = np.sqrt(np.where(total > 1, gm2 / np.maximum(total - 1, 1), 0.0))
-    dropped: dict[str, str] = {}
-    for j, ch in enumerate(channels):
-        if total[j] == 0:
-            dropped[ch] = "all-NaN"
-            continue
-        if not params.drop_constant:
-            continue
-        # Normalised per regime, a channel that only moves with the regime carries nothing.
-        spread = std[:, j].max() if params.normalise else gstd[j]
-        if spread <= params.constant_tol * max(abs(gmean[j]), 1.0):
-            dropped[ch] = "constant"
-    if not params.drop_constant:
-        dropped = {k: v for k, v in dropped.items() if v == "all-NaN"}
-    kept = [c for c in channels if c not in dropped]
-    if not kept:
-        raise ConfigError("no usable channels: every channel is constant or all NaN "
-                          f"({', '.join(f'{c}={r}' for c, r in dropped.items())})")
-    keep_idx = [channels.index(c) for c in kept]
-    # A regime without data for a channel falls back to the channel's global statistics.
-    mean_k = np.where(count > 0, mean, gmean)[:, keep_idx]
-    std_k = np.where(count > 1, std, gstd)[:, keep_idx]
-    return FitStats(channels=list(channels), kept=kept, dropped=dropped, op_columns=list(op_columns),
-                    op_mean=[float(v) for v in op_mean], op_scale=[float(v) for v in op_scale],
-                    centroids=np.asarray(centroids).tolist() if len(centroids) else [],
-                    mean=mean_k.tolist(), std=std_k.tolist(), normalised=params.normalise,
-                    rows=int(count.sum(axis=0).max()) if count.size else 0)
-
-
-def identity_fit(channels: Sequence[str]) -> FitStats:
-    """A fit that keeps every channel unnormalised (no passes over the data needed)."""
-    return FitStats(channels=list(channels), kept=list(channels), mean=[[0.0] * len(channels)],
-                    std=[[1.0] * len(channels)], normalised=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,15 +96,6 @@ def feature_names(fit: FitStats, params: FeatureParams) -> list[str]:
     for span in params.ewm_spans:
         names.extend(f"{ch}_ewm_{span}" for ch in fit.kept)
     return names
-
-
-def compiled_kernels():
-    """The numba CPU kernels module (:mod:`twinflow.tasks.features_cpu`), or None without numba."""
-    try:
-        from twinflow.tasks import features_cpu
-    except ImportError:
-        return None
-    return features_cpu
 
 
 def _codes_if_ordered(frame: pd.DataFrame) -> np.ndarray | None:
@@ -697,10 +389,16 @@ def stage_digest(snapshot_digest: str, lake_fp: str, params: FeatureParams,
 
 
 def code_version(*modules: Any) -> str:
-    """Digest of the source files of the given modules (this one and its CPU kernels always included)."""
+    """Digest of the source files of the given modules (the stage's own modules always included).
+
+    The stage's own modules: this one, its parameters, the regime fit and both kernel modules, so an
+    edit to any code that shapes the output invalidates cached feature sets.
+    """
     h = hashlib.sha256()
-    kernels = str(Path(__file__).with_name("features_cpu.py"))
-    for path in sorted({__file__, kernels, *(getattr(m, "__file__", m) for m in modules)}):
+    here = Path(__file__)
+    own = [str(here.with_name(n)) for n in ("feature_params.py", "feature_fit.py", "feature_kernels.py",
+                                             "features_cpu.py")]
+    for path in sorted({__file__, *own, *(getattr(m, "__file__", m) for m in modules)}):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 

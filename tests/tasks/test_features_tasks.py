@@ -421,3 +421,18 @@ def test_feature_files_use_the_chosen_codec_with_the_same_values(tmp_path, codec
     assert files["default"].metadata.row_group(0).column(2).compression == "SNAPPY"
     assert files["chosen"].metadata.row_group(0).column(2).compression == {"none": "UNCOMPRESSED"}.get(codec, "ZSTD")
     pd.testing.assert_frame_equal(files["default"].read().to_pandas(), files["chosen"].read().to_pandas())
+
+
+def test_the_cache_key_covers_every_module_of_the_stage(monkeypatch):
+    """An edit to the regime fit, the parameters or either kernel module must invalidate cached feature sets."""
+    import sys
+    from pathlib import Path
+
+    read: list[str] = []
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or original(self))
+    ft.code_version()
+    stage_modules = {Path(m.__file__).name for name, m in sys.modules.items()
+                     if name.startswith(("twinflow.tasks.feature", "twinflow.tasks.features")) and m}
+    assert stage_modules >= {"features.py", "feature_fit.py", "feature_params.py", "feature_kernels.py"}
+    assert set(read) >= stage_modules, stage_modules - set(read)
