@@ -281,7 +281,9 @@ def twin_comparison(challenger: tuple[Any, Any] | None, champion: tuple[Any, Any
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     """Where a person opens the run: the MLflow UI URL on a tracking server, else ``runs:/`` + store."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        from twinflow.tracking import ui_link
+
+        return ui_link(tracking_uri, experiment_id=experiment_id, run_id=run_id)
     return f"runs:/{run_id} (tracking store {tracking_uri}; `twinflow server` opens the MLflow UI)"
 
 

@@ -66,15 +66,17 @@ def served_home(tmp_path_factory):
     urls: dict[str, str] = {}
     try:
         deadline = time.monotonic() + 400
-        while len(urls) < 2 and time.monotonic() < deadline:
+        while len(urls) < 3 and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
-            m = re.search(r"(Prefect|MLflow) UI:\s+(http://\S+)", line)
+            m = re.search(r"(Prefect UI|MLflow UI|Runs):\s+(http://\S+)", line)
             if m:
                 urls[m.group(1)] = m.group(2)
-        assert set(urls) == {"Prefect", "MLflow"}, proc.stderr.read() if proc.poll() is not None else urls
-        yield {"home": home, "root": root, "prefect": urls["Prefect"], "mlflow": urls["MLflow"]}
+        assert set(urls) == {"Prefect UI", "MLflow UI", "Runs"}, \
+            proc.stderr.read() if proc.poll() is not None else urls
+        yield {"home": home, "root": root, "prefect": urls["Prefect UI"], "mlflow": urls["MLflow UI"],
+               "experiment": urls["Runs"]}
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)
@@ -104,6 +106,14 @@ def test_mlflow_and_prefect_pages_render_the_runs(served_home):
     # The stable link: the tag written during the run names the port `twinflow server` serves now.
     link = train.data.tags["prefect.flow_run_url"]
     assert urlparse(link).netloc == urlparse(served_home["prefect"]).netloc, (link, served_home["prefect"])
+
+    # The experiment link `twinflow server` prints opens the classic runs table in a browser that has
+    # never visited MLflow (a fresh profile: no stored view), not the GenAI overview MLflow 3.17
+    # shows by default (checked: without the link's workflowType parameter this page is "Overview").
+    assert served_home["experiment"].endswith(f"#/experiments/{exp.experiment_id}?workflowType=machine_learning")
+    text = _visible_text(_browse(served_home["experiment"], shots / "mlflow_experiment.png"))
+    assert text.lstrip().startswith("Runs - Experiment") and "Run Name" in text, text[:2000]
+    assert "Token Usage" not in text and pipeline_run.info.run_name in text, text[:2000]
 
     ml = served_home["mlflow"]
     # Opening one plot selects it in the artifact tree, which expands its folder: every plot's name shows.

@@ -29,6 +29,40 @@ STAGE_TAG = "twinflow.stage"
 # "custom_model_development", ...); twinflow trains classic models.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The kind tag alone does not decide the view: MLflow 3.17's UI reads the view from the URL's
+# ``workflowType`` parameter first, then from the browser's localStorage (``mlflow.workflowType_v1``,
+# initially "genai"), so a first visit could still land on the GenAI overview (mlflow/mlflow#24498).
+# Every link twinflow prints or writes carries the parameter.
+WORKFLOW_PARAM = "workflowType=machine_learning"
+
+
+def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | None = None,
+            model: str | None = None, version: str | int | None = None) -> str:
+    """An MLflow UI link that opens in the classic model-training view.
+
+    The UI routes inside the URL fragment (``#/experiments/<id>/runs/<run>``), so the view parameter
+    goes after the route, where the UI's router reads its query string.
+
+    Args:
+        base_url: The MLflow UI's root, e.g. ``http://127.0.0.1:5000``.
+        experiment_id: Link to this experiment (its runs table), or with ``run_id`` to one run.
+        run_id: The run (needs ``experiment_id``).
+        model: A registered model's name; with ``version``, one of its versions.
+        version: The model version.
+
+    Returns:
+        The URL. With no experiment or model, the experiments list.
+    """
+    from urllib.parse import quote
+
+    root = base_url.rstrip("/")
+    if model is not None:
+        route = f"/models/{quote(model, safe='')}" + (f"/versions/{version}" if version is not None else "")
+    elif experiment_id is not None:
+        route = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    else:
+        route = "/experiments"
+    return f"{root}/#{route}?{WORKFLOW_PARAM}"
 
 
 def check_reachable(uri: str) -> None:
