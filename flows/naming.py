@@ -2,7 +2,8 @@
 
 Prefect names runs ``adjective-animal`` unless told otherwise, so the train and test features runs
 of one pipeline look alike in the UI. Each flow passes one of these callables as ``flow_run_name``;
-Prefect calls it inside the run's context, where the validated parameters are available.
+Prefect calls it inside the run's context, where the validated parameters are available. Task-run
+names are built the same way by :mod:`twinflow.naming` (tasks do not import flows).
 """
 
 from __future__ import annotations

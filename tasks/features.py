@@ -40,6 +40,7 @@ import pandas as pd
 
 from twinflow import contracts
 from twinflow.errors import ConfigError
+from twinflow.naming import dataset_of_parts, task_name
 from twinflow.refs import LakeSnapshot
 from twinflow.tasks.feature_fit import (  # passes 1-2: regimes and normalisation; re-exported
     assign_regimes,
@@ -550,7 +551,8 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 
-@task(name="features-fit", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(name="features-fit", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
+      task_run_name=task_name("features-fit", lambda p: dataset_of_parts(p["parts"])))
 def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str], params: FeatureParams,
              storage_options: dict | None = None) -> FitStats:
     """Fit regimes and normalisation statistics over the lake partitions (passes 1-2)."""
@@ -562,7 +564,8 @@ def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str],
     return fit
 
 
-@task(name="features-transform", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(name="features-transform", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
+      task_run_name=task_name("features-transform", lambda p: dataset_of_parts(p["parts"])))
 def transform_task(parts: list[list[str]], fit: FitStats, params: FeatureParams, backend: str,
                    out_dir: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """Compute and write the features of every partition into ``out_dir`` (pass 3)."""

@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from twinflow.events import emit_model_promoted
+from twinflow.naming import model_version_of, task_name
 from twinflow.refs import FeatureSetRef
 from twinflow.tasks.promotion import (
     TwinComparison,
@@ -223,7 +224,8 @@ def champion_error_model(settings: Any) -> dict | None:
     }
 
 
-@task(name="train-evaluate-champion", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(name="train-evaluate-champion", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
+      task_run_name=task_name("train-evaluate-champion", lambda p: model_version_of(p["model_uri"])))
 def evaluate_task(model_uri: str, features: FeatureSetRef, params: TrainParams,
                   test_features: FeatureSetRef | None, tracking_uri: str) -> dict[str, Any]:
     """Score a registered model on this run's evaluation data.

@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 
 from twinflow import runtime
 from twinflow.contracts import ASSET, CHANNELS, CMAPSS_COLUMNS, TIME
+from twinflow.naming import task_name
 from twinflow.refs import FileRef, LakeSnapshot
 from twinflow.tasks.twin.calibration import (
     CalibrationReport,
@@ -49,7 +50,8 @@ def _client():
 
 
 
-@task(name="calibrate-twin")
+@task(name="calibrate-twin", task_run_name=task_name(
+    "calibrate-twin", lambda p: p["snapshot"].dataset if p.get("snapshot") is not None else "bundled-fd001"))
 def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[TwinModel, CalibrationReport]:
     """Fit the twin to the snapshot's run-to-failure assets (the bundled FD001 without a snapshot)."""
     logger = run_logger()
@@ -81,7 +83,7 @@ def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[T
     return model, report
 
 
-@task(name="load-rul-error-model")
+@task(name="load-rul-error-model", task_run_name=task_name("load-rul-error-model"))
 def load_error_model(params: TwinParams, settings: Any) -> RulErrorModel:
     """The champion model's RUL error distribution from MLflow, else the stated Gaussian fallback."""
     logger = run_logger()
@@ -102,7 +104,8 @@ def load_error_model(params: TwinParams, settings: Any) -> RulErrorModel:
     return model
 
 
-@task(name="simulate-policies")
+@task(name="simulate-policies", task_run_name=task_name(
+    "simulate-policies", lambda p: f"{p['params'].n_scenarios}x{p['params'].n_assets}x{p['params'].horizon}"))
 def run_policy_study(model: TwinModel, params: TwinParams, error_model: RulErrorModel) -> dict[str, np.ndarray]:
     """All policies' Monte-Carlo: fixed scenario batches as Dask work (one per worker-sized chunk)."""
     policies = build_policies(params.intervals, params.thresholds)
@@ -148,7 +151,7 @@ def _write_chunk(index: int, n_assets: int, asset_offset: int, seed, model: Twin
                    status="generated")
 
 
-@task(name="write-fleet")
+@task(name="write-fleet", task_run_name=task_name("write-fleet", lambda p: p["batch_id"]))
 def write_fleet(params: GenerateParams, model: TwinModel, root: str, batch_id: str) -> list[FileRef]:
     """Generate and write the fleet in fixed chunks of assets, one Dask task per chunk."""
     n_chunks = math.ceil(params.n_assets / params.chunk_assets)

@@ -119,6 +119,13 @@ def test_fd001_features_label_summary_and_cache(runtime, fd001, fd001_features):
     with get_client(sync_client=True) as client:
         arts = client.read_latest_artifacts()
     assert any(a.key == "features-fd001" and "NaN count" in str(a.data) for a in arts)
+    # Its task runs are named after the dataset they worked on.
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    with get_client(sync_client=True) as client:
+        named = {r.name for r in client.read_task_runs(
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=f"features-%-{snap.dataset}")))}
+    assert {f"features-fit-{snap.dataset}", f"features-transform-{snap.dataset}"} <= named, named
 
     # Unchanged snapshot + params + code: skipped (same folder, files untouched).
     mtimes = {p.name: p.stat().st_mtime_ns for p in Path(ref.path).iterdir()}

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from prefect_helpers import task_run_names
 from train_fixtures import cmapss_frame, write_features
 from twinflow.data import cmapss_path
 from twinflow.errors import ConfigError, ServiceUnavailable
@@ -101,6 +102,8 @@ def test_train_tracks_registers_and_gates_promotion(runtime, data):
     third = train(feats, TrainParams(**FAST, seed=1, promotion_margin=1000.0, promotion_mode="both"))
     assert third.version == "3" and third.aliases == [CHALLENGER]
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "2"
+    # The champion's evaluation task run says which version it scored.
+    assert "train-evaluate-champion-v2" in task_run_names(client.get_run(third.run_id).data.tags["prefect.flow_run_id"])
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{third.run_id}/promotion/decision.json"))
     decision = pd.DataFrame(table["data"], columns=table["columns"])
     assert set(decision["decision"]) == {"keep champion"}
