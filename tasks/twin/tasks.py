@@ -51,7 +51,7 @@ def _client():
 
 
 @task(name="calibrate-twin", task_run_name=task_name(
-    "calibrate-twin", lambda p: p["snapshot"].dataset if p.get("snapshot") is not None else "bundled-fd001"))
+    "calibrate-twin", lambda p: p["snapshot"].dataset if p.get("snapshot") is not None else "bundled_fd001"))
 def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[TwinModel, CalibrationReport]:
     """Fit the twin to the snapshot's run-to-failure assets (the bundled FD001 without a snapshot)."""
     logger = run_logger()

@@ -51,7 +51,7 @@ def test_simulate_flow_reports_to_mlflow_and_prefect(runtime):
     assert artifacts and f"Recommended policy: `{result.recommended_policy}`" in artifacts[-1].data
     # Task runs are named from their parameters, not ``calibrate-twin-a24``.
     assert task_run_names(run.data.tags["prefect.flow_run_id"]) == {
-        "calibrate-twin-bundled-fd001", "load-rul-error-model", "simulate-policies-8x10x300"}
+        "calibrate-twin-bundled_fd001", "load-rul-error-model", "simulate-policies-8x10x300"}
 
 
 def test_results_identical_for_one_and_two_workers(runtime):
