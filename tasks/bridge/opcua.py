@@ -122,6 +122,7 @@ class RowAssembler:
         self.emit, self.source = emit, source
         self.pending: dict[str, dict[datetime, dict[str, tuple[str, Any]]]] = {a: {} for a in self.columns}
         self.last: dict[str, datetime] = {}  # asset -> source timestamp of the last emitted row
+        self.max_pending = 1000  # incomplete rows kept per asset; beyond, the oldest goes out as it is
 
     def add(self, node_id: str, dv: Any) -> None:
         """One value (an asyncua ``DataValue``) of a node."""
@@ -141,10 +142,22 @@ class RowAssembler:
             return  # delivered already (history catch-up and live overlap)
         rows = self.pending[node.asset]
         rows.setdefault(ts, {})[node.column] = (node_id, dv)
-        if len(rows[ts]) == len(self.columns[node.asset]):
-            for t in sorted(t for t in rows if t <= ts):  # older ones cannot get more values: emit as they are
-                self._finish(node.asset, t, rows.pop(t))
-            self.last[node.asset] = ts
+        if len(rows[ts]) >= len(self.columns[node.asset]):
+            self._flush(node.asset, ts)
+        elif len(rows) > self.max_pending:  # a column that stopped reporting must not hold the asset forever
+            self._flush(node.asset, min(rows))
+
+    def _flush(self, asset: str, ts: datetime) -> None:
+        rows = self.pending[asset]
+        for t in sorted(t for t in rows if t <= ts):  # older ones cannot get more values: emit as they are
+            self._finish(asset, t, rows.pop(t))
+        self.last[asset] = ts
+
+    def drop_column(self, node_id: str) -> None:
+        """Stop waiting for a node (it cannot be monitored): its asset's rows complete without it."""
+        node = self.by_id.get(node_id)
+        if node is not None and node.column != C.TIME:
+            self.columns[node.asset].discard(node.column)
 
     def _finish(self, asset: str, ts: datetime, values: dict[str, tuple[str, Any]]) -> None:
         row: dict[str, Any] = {C.ASSET: asset}
@@ -221,6 +234,8 @@ class OpcuaBridgeSource:
 
     async def _catch_up(self, client: Any) -> None:
         """Read each asset's values after its watermark from the history, through the assembler."""
+        from asyncua import ua
+
         now = datetime.now(timezone.utc) + timedelta(days=1)
         nodes_of: dict[str, dict[str, str]] = {}
         for nid, n in self.assembler.by_id.items():
@@ -231,7 +246,12 @@ class OpcuaBridgeSource:
             start = (since + timedelta(microseconds=1)) if since is not None else _EPOCH
             if C.TIME not in cols:
                 continue
-            hist = await client.get_node(cols[C.TIME]).read_raw_history(start, now)
+            try:
+                hist = await client.get_node(cols[C.TIME]).read_raw_history(start, now)
+            except ua.UaStatusCodeError as exc:  # the server keeps no history: go on live, say what is lost
+                log.error("OPC UA %s: no history for %s (%s): samples missed while disconnected are lost",
+                          self.source, cols[C.TIME], exc)
+                continue
             if since is None and asset in cycles:  # after a restart: what the lake does not hold yet
                 hist = [dv for dv in hist if isinstance(dv.Value.Value, (int, float))
                         and dv.Value.Value > cycles[asset]]
@@ -242,7 +262,10 @@ class OpcuaBridgeSource:
             values = [(cols[C.TIME], dv) for dv in hist]
             for col, nid in cols.items():
                 if col != C.TIME:
-                    values += [(nid, dv) for dv in await client.get_node(nid).read_raw_history(first, end)]
+                    try:
+                        values += [(nid, dv) for dv in await client.get_node(nid).read_raw_history(first, end)]
+                    except ua.UaStatusCodeError as exc:
+                        log.error("OPC UA %s: no history for %s (%s)", self.source, nid, exc)
             values.sort(key=lambda v: _aware(v[1].SourceTimestamp))
             for nid, dv in values:
                 self.assembler.add(nid, dv)
@@ -266,7 +289,9 @@ class OpcuaBridgeSource:
                                            sampling_interval=self.cfg.sampling_interval_ms)
             for nid, h in zip(self.assembler.by_id, handles):
                 if isinstance(h, ua.StatusCode):
-                    log.error("OPC UA %s: cannot monitor %s: %s", self.source, nid, h.name)
+                    log.error("OPC UA %s: cannot monitor %s (%s); its asset's rows go without it", self.source,
+                              nid, h.name)
+                    self.assembler.drop_column(nid)
             await self._catch_up(client)
             held, self._held = self._held, None
             for nid, dv in held:

@@ -130,6 +130,23 @@ def test_assembler_builds_rows_flushes_stale_partials_and_quarantines_bad_values
     assert "not in the bridge's node map" in out[5].error
 
 
+def test_assembler_does_not_wait_forever_for_a_silent_or_unmonitorable_column():
+    out = []
+    a = RowAssembler(BridgeConfig(opcua={"nodes": _nodes()}).opcua.nodes, out.append, "opc.tcp://t")
+    a.max_pending = 2
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for i in range(1, 4):  # s3 never reports
+        a.add("ns=2;s=u1.cycle", _dv(i, t0 + timedelta(seconds=i)))
+        a.add("ns=2;s=u1.s2", _dv(640.0 + i, t0 + timedelta(seconds=i)))
+    assert [m.rows for m in out] == [[{"asset_id": "u1", "cycle": 1, "s2": 641.0}]]
+    a.drop_column("ns=2;s=u1.s3")  # e.g. the server refused to monitor it
+    a.drop_column("ns=2;s=u1.cycle")  # the key is never dropped
+    a.add("ns=2;s=u1.cycle", _dv(4, t0 + timedelta(seconds=4)))  # 3 pending > 2: the oldest goes out
+    assert [m.rows[0]["cycle"] for m in out] == [1, 2]
+    a.add("ns=2;s=u1.s2", _dv(644.0, t0 + timedelta(seconds=4)))
+    assert [m.rows[0]["cycle"] for m in out] == [1, 2, 3, 4] and out[-1].rows[0]["s2"] == 644.0
+
+
 # --- a real server --------------------------------------------------------------------------------
 
 def _lake_rows(lake: str) -> dict[tuple[str, int], dict]:
@@ -334,3 +351,26 @@ def test_simulate_cli_serves_nodes_and_writes_the_bridge_config(tmp_path):
     snap = lk.read_lake(lk.snapshot(lake, "stream"), columns=["asset_id", "cycle", "s2", "s3"]).to_pylist()
     assert {(r["asset_id"], r["cycle"]): (r["s2"], r["s3"]) for r in snap} == \
         {(r["asset_id"], r["cycle"]): (r["s2"], r["s3"]) for r in rows}
+
+
+@pytest.mark.integration
+def test_one_bridge_runs_mqtt_and_opcua_sources_together(plant, mosquitto, tmp_path):
+    from twinflow.tasks.bridge.simulate import mqtt_messages, publish_mqtt
+
+    host, port = mosquitto
+    lake, quar = str(tmp_path / "lake"), str(tmp_path / "q")
+    opc_rows = cmapss_rows(units=3, max_cycles=10)
+    mqtt_rows = cmapss_rows(units=2, max_cycles=10, asset_prefix="mqtt-unit-")
+    cfg = BridgeConfig(bridge_id="both", opcua=plant.bridge_config(), batch_rows=20, flush_interval_s=0.2,
+                       mqtt={"host": host, "port": port, "topics": ["twinflow/telemetry/#"]}, emit_events=False)
+    th, stop, _ = _bridge_thread(cfg, lake, quar)
+    try:
+        _wait(lambda: lk.meta_path(lake, "bridge-both.lock").exists(), 30, "the bridge")
+        time.sleep(1.5)  # the MQTT session subscribes before anything is published
+        plant.publish_rows(opc_rows)
+        assert publish_mqtt(list(mqtt_messages(mqtt_rows)), host=host, port=port) == len(mqtt_rows)
+        _wait(lambda: len(_keys(lake)) >= len(opc_rows) + len(mqtt_rows), 60, "both sources' rows")
+    finally:
+        stop.set()
+        th.join(60)
+    assert sorted(_keys(lake)) == sorted((r["asset_id"], r["cycle"]) for r in opc_rows + mqtt_rows)
