@@ -203,6 +203,15 @@ class OpcuaPlant:
         self._last_ts[asset] = ts
         return ts
 
+    @staticmethod
+    async def _cancel_rest() -> None:
+        import asyncio
+
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
     # --- the caller's side ----------------------------------------------------------------------
 
     def _call(self, coro: Any, timeout: float = 60.0) -> Any:
@@ -259,6 +268,7 @@ class OpcuaPlant:
                 self._call(self._server.stop(), 10)
             finally:
                 self._server = None
+        self._call(self._cancel_rest(), 10)  # no "task destroyed but pending" warnings at exit
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
