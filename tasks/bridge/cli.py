@@ -65,7 +65,7 @@ def simulate_cmd(
     linger: bool = typer.Option(True, "--linger/--no-linger", help="With --opcua: keep serving (and the "
                                                                   "history) after the last row, until SIGTERM."),
 ) -> None:
-    """Replay C-MAPSS units as live MQTT messages and/or OPC UA nodes."""
+    """Replay C-MAPSS units as live MQTT messages or serve them as historized OPC UA nodes."""
     from twinflow.errors import ConfigError
     from twinflow.tasks.bridge.simulate import cmapss_rows, mqtt_messages, publish_mqtt
 
