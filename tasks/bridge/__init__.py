@@ -4,6 +4,6 @@ Modules, one concept each: :mod:`.config` (the mapping and batching, a pydantic 
 file), :mod:`.sparkplug` (Sparkplug B protobuf codec), :mod:`.decode` (payload -> contract rows),
 :mod:`.buffer` (bounded buffer: back-pressure), :mod:`.commit` (micro-batch -> quarantine, dedupe,
 one Delta commit with an application transaction, then acks), :mod:`.events` (Prefect events),
-:mod:`.mqtt` (the source; OPC UA: configured but not implemented yet, rejected with a clear error), :mod:`.run` (the loop), :mod:`.simulate` (C-MAPSS
-units replayed as live MQTT messages).
+:mod:`.mqtt` and :mod:`.opcua` (the sources), :mod:`.run` (the loop), :mod:`.simulate` (C-MAPSS
+units replayed as live MQTT messages or served as historized OPC UA nodes).
 """

@@ -28,6 +28,7 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+@stream_app.command("bridge", help="The same as `run`.")
 @stream_app.command("run")
 def run_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="Bridge config (YAML or JSON)."),
@@ -59,8 +60,12 @@ def simulate_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="C-MAPSS file (default FD001 train)."),
     config_out: Optional[Path] = typer.Option(None, "--write-config", help="With --opcua: write the node "
                                                                          "mapping as a bridge config here."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="With --opcua: comma-separated channels "
+                                                                   "to serve (default all)."),
+    linger: bool = typer.Option(True, "--linger/--no-linger", help="With --opcua: keep serving (and the "
+                                                                  "history) after the last row, until SIGTERM."),
 ) -> None:
-    """Replay C-MAPSS units as live MQTT messages and/or OPC UA nodes."""
+    """Replay C-MAPSS units as live MQTT messages or serve them as historized OPC UA nodes."""
     from twinflow.errors import ConfigError
     from twinflow.tasks.bridge.simulate import cmapss_rows, mqtt_messages, publish_mqtt
 
@@ -68,8 +73,27 @@ def simulate_cmd(
         raise ConfigError("give --mqtt host:port and/or --opcua endpoint")
     rows = cmapss_rows(data, units=units, max_cycles=max_cycles)
     stop = _stop_on_signals()
+    if opcua and mqtt:
+        raise ConfigError("give --mqtt or --opcua, not both (run two simulators)")
     if opcua:
-        raise ConfigError("the OPC UA simulator is not implemented yet; use --mqtt")
+        from twinflow.tasks.bridge.simulate import serve_opcua
+
+        def ready(plant) -> None:
+            section = plant.bridge_config()
+            if config_out is not None:
+                config_out.write_text(json.dumps({"bridge_id": "opcua", "opcua": section}, indent=2))
+            # The node map first, one line, so a script can read it before the rows flow.
+            typer.echo(json.dumps({"endpoint": opcua, "nodes": section["nodes"]}), nl=True)
+
+        chans = [c.strip() for c in channels.split(",") if c.strip()] if channels else None
+        from twinflow import contracts as C
+
+        unknown = sorted(set(chans or []) - set(C.CHANNELS))
+        if unknown:
+            raise ConfigError(f"--channels: {unknown} are not channels of the data contract")
+        n = serve_opcua(rows, opcua, rate=rate, channels=chans, stop=stop, on_ready=ready, linger=linger)
+        typer.echo(json.dumps({"published": n}))
+        return
     host, _, port = mqtt.partition(":")
     n = publish_mqtt(mqtt_messages(rows, fmt), host=host, port=int(port or 1883), rate=rate, stop=stop)
     typer.echo(json.dumps({"published": n}))

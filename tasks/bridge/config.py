@@ -51,7 +51,7 @@ class OpcuaNode(_Model):
     """One OPC UA variable and the (asset, column) it feeds; ``column`` ``cycle`` is the row key."""
 
     node_id: str
-    asset: str
+    asset: str = Field(min_length=1)
     column: str
 
     @model_validator(mode="after")
@@ -62,13 +62,47 @@ class OpcuaNode(_Model):
 
 
 class OpcuaSource(_Model):
-    """An OPC UA server subscription: data changes of mapped nodes, grouped into rows by source timestamp."""
+    """An OPC UA server (client side): data changes of the mapped nodes, grouped into rows by source timestamp.
 
-    endpoint: str = "opc.tcp://127.0.0.1:4840"
-    nodes: list[OpcuaNode] = Field(default_factory=list)
-    sampling_interval_ms: float = 0.0
+    Each asset needs one node with column ``cycle`` (the row key) and any channels; a node id appears
+    once. On every (re)connect the source reads what it missed with HistoryRead, so the server must
+    historize the mapped nodes (see :mod:`twinflow.tasks.bridge.opcua`).
+    """
+
+    endpoint: str = Field("opc.tcp://127.0.0.1:4840", pattern=r"^opc\.tcp://")
+    nodes: list[OpcuaNode] = Field(min_length=1)
+    sampling_interval_ms: float = Field(0.0, ge=0, description="0: every change (the server's fastest).")
     queue_size: int = Field(10000, ge=1, description="Server-side queue per monitored item.")
-    publishing_interval_ms: float = 50.0
+    publishing_interval_ms: float = Field(50.0, gt=0)
+    request_timeout_s: float = Field(4.0, gt=0)
+    health_interval_s: float = Field(1.0, gt=0, description="How often the server's clock is read (lost "
+                                     "connection detection).")
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles per failure...")
+    reconnect_max_s: float = Field(10.0, gt=0, description="...up to this.")
+
+    @model_validator(mode="after")
+    def _map(self) -> "OpcuaSource":
+        from asyncua import ua
+
+        seen: dict[str, str] = {}
+        cols: set[tuple[str, str]] = set()
+        for n in self.nodes:
+            try:
+                nid = ua.NodeId.from_string(n.node_id).to_string()
+            except Exception as exc:  # noqa: BLE001 - asyncua raises several types
+                raise ValueError(f"node id {n.node_id!r} is not an OPC UA node id ({exc})") from exc
+            if nid in seen:
+                raise ValueError(f"node {n.node_id!r} is mapped twice")
+            seen[nid] = n.asset
+            if (n.asset, n.column) in cols:
+                raise ValueError(f"asset {n.asset!r} has two nodes for column {n.column!r}")
+            cols.add((n.asset, n.column))
+        missing = sorted({a for a, _ in cols} - {a for a, c in cols if c == C.TIME})
+        if missing:
+            raise ValueError(f"asset(s) {missing} have no {C.TIME!r} node (the row key)")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
 
 
 class BridgeConfig(_Model):

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twinflow import lake as lk
-from twinflow.errors import ConfigError
 from twinflow.locks import hold
 from twinflow.tasks.bridge.buffer import Buffer
 from twinflow.tasks.bridge.commit import BatchResult, Committer
@@ -42,7 +41,7 @@ class BridgeStats:
     started: float = field(default_factory=time.time)
 
 
-def _sources(cfg: BridgeConfig, buffer: Buffer) -> list[Any]:
+def _sources(cfg: BridgeConfig, buffer: Buffer, lake_path: str) -> list[Any]:
     out: list[Any] = []
     if cfg.mqtt is not None:
         from twinflow.tasks.bridge.mqtt import MqttBridgeSource, check_topics
@@ -50,9 +49,11 @@ def _sources(cfg: BridgeConfig, buffer: Buffer) -> list[Any]:
         check_topics(cfg.mqtt.topics)
         out.append(MqttBridgeSource(cfg.mqtt, buffer, cfg.mqtt.client_id or f"twinflow-bridge-{cfg.bridge_id}"))
     if cfg.opcua is not None:
-        # The OPC UA source is not built yet (issue #17, open): say so instead of ignoring the section.
-        raise ConfigError("the OPC UA source of the stream bridge is not implemented yet; remove the "
-                          "`opcua` section (MQTT works)")
+        from twinflow.tasks.bridge.opcua import OpcuaBridgeSource, committed_cycles
+
+        # After a restart the OPC UA source reads the history from the lake's highest committed cycles on.
+        out.append(OpcuaBridgeSource(cfg.opcua, buffer,
+                                     committed=lambda assets: committed_cycles(lake_path, cfg.dataset, assets)))
     return out
 
 
@@ -82,12 +83,14 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
                              emit=True) if cfg.emit_events else None
         stats.ready = ready
         buffer = Buffer(cfg.max_buffer_rows)
-        sources = _sources(cfg, buffer)
+        sources = _sources(cfg, buffer, lake_path)
         log.info("bridge %s: dataset %s, next batch %d", cfg.bridge_id, cfg.dataset, committer.seq)
-        for s in sources:
-            s.start()
+        started = []
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
         try:
+            for s in sources:
+                s.start()
+                started.append(s)
             while True:
                 done = stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
                 batch = buffer.take(cfg.batch_rows, 0.0 if done else cfg.flush_interval_s)
@@ -108,7 +111,7 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
                 elif done:
                     break
         finally:
-            for s in sources:
+            for s in started:
                 s.stop()
             buffer.close()
         stats.backpressure_s = buffer.blocked_s

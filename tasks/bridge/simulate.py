@@ -4,6 +4,12 @@ nodes, :func:`serve_opcua`), at a chosen rate.
 Each C-MAPSS row (unit, cycle, 3 settings, 21 sensors) becomes one message: a JSON row on
 ``<prefix>/<asset>`` or a Sparkplug B ``DDATA`` on ``spBv1.0/<group>/DDATA/<edge>/<asset>``. Units are
 interleaved cycle by cycle, as a fleet reports.
+
+Over OPC UA (:class:`OpcuaPlant`) each unit is an object ``<asset>`` with one variable per column
+(node ids ``ns=<idx>;s=<asset>.<column>``: ``cycle`` Int64, channels Double); a row is written to all of
+its asset's variables with one source timestamp, and every sample goes into the server's history (the
+bridge's catch-up after a restart reads it). :meth:`OpcuaPlant.bridge_config` is the node map the
+bridge needs.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any, Iterator
 from twinflow import contracts as C
 from twinflow.tasks.bridge.sparkplug import encode_payload
 
-__all__ = ["cmapss_rows", "mqtt_messages", "publish_mqtt", "default_cmapss"]
+__all__ = ["OpcuaPlant", "cmapss_rows", "mqtt_messages", "publish_mqtt", "default_cmapss", "serve_opcua"]
 
 
 def default_cmapss() -> Path:
@@ -111,3 +117,184 @@ def publish_mqtt(messages: Iterator[tuple[str, bytes]] | list[tuple[str, bytes]]
         c.disconnect()
         c.loop_stop()
     return sent
+
+
+_OPCUA_NS = "urn:twinflow:plant-simulator"
+
+
+class OpcuaPlant:
+    """An asyncua server with C-MAPSS units as live, historized nodes; runs its own event loop in a thread.
+
+    Args:
+        endpoint: ``opc.tcp://host:port/path`` to listen on.
+        assets: The assets (objects) to create.
+        channels: Channels per asset (default all of the contract's).
+        untyped: Columns whose variables accept any type (DataType BaseDataType; tests write wrong types).
+    """
+
+    def __init__(self, endpoint: str, assets: list[str], channels: list[str] | None = None,
+                 untyped: tuple[str, ...] = ()) -> None:
+        self.endpoint, self.assets, self.untyped = endpoint, list(assets), set(untyped)
+        self.channels = list(channels) if channels is not None else list(C.CHANNELS)
+        self.nodes: dict[tuple[str, str], Any] = {}  # (asset, column) -> asyncua NodeId
+        self.published = 0
+        self._last_ts: dict[str, Any] = {}
+        self._loop = None
+        self._thread: threading.Thread | None = None
+        self._server = None
+
+    # --- the server's loop ----------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        from asyncua import Server, ua
+
+        server = Server()
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name("twinflow plant simulator")
+        idx = await server.register_namespace(_OPCUA_NS)
+        storage = server.iserver.history_manager.storage
+        waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData))
+        for asset in self.assets:
+            obj = await server.nodes.objects.add_object(ua.NodeId(asset, idx), asset)
+            for col in [C.TIME, *self.channels]:
+                vt = ua.VariantType.Int64 if col == C.TIME else ua.VariantType.Double
+                node = await obj.add_variable(ua.NodeId(f"{asset}.{col}", idx), col, ua.Variant(0, vt)
+                                              if col == C.TIME else ua.Variant(0.0, vt),
+                                              datatype=ua.ObjectIds.BaseDataType if col in self.untyped else None)
+                await node.write_attribute(ua.AttributeIds.Historizing, ua.DataValue(ua.Variant(True)))
+                await node.set_attr_bit(ua.AttributeIds.AccessLevel, ua.AccessLevel.HistoryRead)
+                await node.set_attr_bit(ua.AttributeIds.UserAccessLevel, ua.AccessLevel.HistoryRead)
+                # No value until the first sample: a subscriber's initial notification is not a reading.
+                await server.write_attribute_value(node.nodeid, waiting)
+                # Every sample into the history (historize_node_data_change would sample by value change,
+                # missing repeated values and collapsing fast writes).
+                await storage.new_historized_node(node.nodeid, None, 0)
+                self.nodes[(asset, col)] = node.nodeid
+        await server.start()
+        self._server = server
+
+    async def _write(self, asset: str, values: dict[str, Any], ts: Any) -> None:
+        from asyncua import ua
+
+        storage = self._server.iserver.history_manager.storage
+        for col, variant in values.items():
+            if not isinstance(variant, ua.Variant):
+                variant = ua.Variant(int(variant), ua.VariantType.Int64) if col == C.TIME else \
+                    ua.Variant(float(variant), ua.VariantType.Double)
+            dv = ua.DataValue(variant, SourceTimestamp=ts, ServerTimestamp=ts)
+            nid = self.nodes[(asset, col)]
+            if col in self.untyped:
+                # asyncua refuses a write whose variant type differs from the current value's unless the
+                # value is null: clear it (server internals; only test plants have untyped columns)
+                self._server.iserver.aspace._nodes[nid].attributes[ua.AttributeIds.Value].value = None
+            status = await self._server.iserver.aspace.write_attribute_value(nid, ua.AttributeIds.Value, dv)
+            if not status.is_good():
+                raise ValueError(f"{nid.to_string()}: write refused ({status.name})")
+            await storage.save_node_value(nid, dv)
+
+    def _next_ts(self, asset: str) -> Any:
+        from datetime import datetime, timedelta, timezone
+
+        ts = datetime.now(timezone.utc)
+        last = self._last_ts.get(asset)
+        if last is not None and ts <= last:
+            ts = last + timedelta(microseconds=1)
+        self._last_ts[asset] = ts
+        return ts
+
+    @staticmethod
+    async def _cancel_rest() -> None:
+        import asyncio
+
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    # --- the caller's side ----------------------------------------------------------------------
+
+    def _call(self, coro: Any, timeout: float = 60.0) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> "OpcuaPlant":
+        """Start the server (returns once it listens)."""
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="opcua-plant", daemon=True)
+        self._thread.start()
+        self._call(self._start())
+        return self
+
+    def write(self, asset: str, values: dict[str, Any]) -> None:
+        """Write values (plain numbers, or ``asyncua.ua.Variant`` as they are) with one new source timestamp."""
+        self._call(self._write(asset, values, self._next_ts(asset)))
+
+    def publish(self, row: dict[str, Any]) -> None:
+        """One contract row as a sample of its asset (the channels this plant has)."""
+        asset = row[C.ASSET]
+        self.write(asset, {c: row[c] for c in [C.TIME, *self.channels] if row.get(c) is not None})
+        self.published += 1
+
+    def publish_rows(self, rows: list[dict[str, Any]], rate: float | None = None,
+                     stop: threading.Event | None = None) -> int:
+        """Publish rows at up to ``rate`` rows/s; returns how many were published."""
+        t0, n = time.monotonic(), 0
+        for r in rows:
+            if stop is not None and stop.is_set():
+                break
+            self.publish(r)
+            n += 1
+            if rate:
+                ahead = n / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+        return n
+
+    def bridge_config(self, **extra: Any) -> dict[str, Any]:
+        """The bridge config's ``opcua`` section for this plant (``extra``: more fields of it)."""
+        return {"endpoint": self.endpoint, **extra,
+                "nodes": [{"node_id": nid.to_string(), "asset": a, "column": c} for (a, c), nid in self.nodes.items()]}
+
+    def stop(self) -> None:
+        """Stop the server and its loop."""
+        if self._loop is None:
+            return
+        if self._server is not None:
+            try:
+                self._call(self._server.stop(), 10)
+            finally:
+                self._server = None
+        self._call(self._cancel_rest(), 10)  # no "task destroyed but pending" warnings at exit
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        self._loop = None
+
+
+def serve_opcua(rows: list[dict[str, Any]], endpoint: str, rate: float | None = None,
+                channels: list[str] | None = None, stop: threading.Event | None = None,
+                on_ready: Any = None, linger: bool = True) -> int:
+    """Serve C-MAPSS rows as live OPC UA nodes: publish them at ``rate`` rows/s, then (``linger``) keep
+    serving (the history stays readable) until ``stop``.
+
+    Args:
+        on_ready: Called with the :class:`OpcuaPlant` once it listens, before publishing (write the config).
+
+    Returns:
+        The number of rows published.
+    """
+    assets = sorted({r[C.ASSET] for r in rows}, key=lambda a: (len(a), a))
+    plant = OpcuaPlant(endpoint, assets, channels).start()
+    try:
+        if on_ready is not None:
+            on_ready(plant)
+        n = plant.publish_rows(rows, rate, stop)
+        while linger and stop is not None and not stop.is_set():
+            stop.wait(0.5)
+        return n
+    finally:
+        plant.stop()

@@ -71,14 +71,3 @@ def test_conflicting_duplicate_in_one_batch_is_quarantined(tmp_path):
     q = read_quarantine(str(tmp_path / "q"), "stream").to_pylist()
     assert q[0]["reason"].startswith("duplicate key") and b"643.0" in base64.b64decode(q[0]["raw"][7:])
 
-
-def test_opcua_section_is_rejected_until_implemented(tmp_path):
-    import pytest
-
-    from twinflow.errors import ConfigError
-    from twinflow.tasks.bridge.config import BridgeConfig
-    from twinflow.tasks.bridge.run import run_bridge
-
-    cfg = BridgeConfig(opcua={"nodes": [{"node_id": "ns=2;i=2", "asset": "u1", "column": "cycle"}]})
-    with pytest.raises(ConfigError, match="OPC UA source .* not implemented"):
-        run_bridge(cfg, str(tmp_path / "lake"), str(tmp_path / "q"))
