@@ -204,3 +204,66 @@ def arg_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the summary as JSON to this path")
     p.add_argument("--repeat", type=int, default=int(os.environ.get("TWINFLOW_BENCH_REPEAT", "3")))
     return p
+
+
+# --- A private mosquitto broker (stream benchmark) -----------------------------------------------
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_mosquitto(workdir: str, port: int | None = None, timeout_s: float = 10.0) -> tuple[Any, int]:
+    """Start a mosquitto of our own on a free loopback port; returns ``(process, port)``.
+
+    Queues are unbounded (``max_queued_messages 0``) so that a persistent session that is offline for a
+    moment (bridge restart, start-up) loses nothing; no persistence file.
+
+    Raises:
+        RuntimeError: mosquitto is not installed or did not start listening within ``timeout_s``.
+    """
+    import shutil
+    import socket
+    import subprocess
+
+    exe = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+                                              if os.path.exists(p)), None)
+    if exe is None:
+        raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
+    port = port or free_port()
+    conf = os.path.join(workdir, f"mosquitto-{port}.conf")
+    with open(conf, "w") as fh:
+        fh.write(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
+                 "max_inflight_messages 0\npersistence false\n")
+    proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {proc.stderr.read().decode()[:500]}") from None
+            if time.monotonic() > deadline:
+                stop_process(proc)
+                raise RuntimeError(f"mosquitto did not listen on port {port} in {timeout_s:g}s") from None
+            time.sleep(0.05)
+
+
+def stop_process(proc: Any, timeout_s: float = 10.0) -> None:
+    """SIGTERM a child process, SIGKILL it if it does not exit in ``timeout_s``."""
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout_s)

@@ -20,7 +20,7 @@ from twinflow.tasks.bridge.decode import DecodeError, decode_message
 
 log = logging.getLogger("twinflow.bridge")
 
-__all__ = ["MqttBridgeSource", "mqtt_password"]
+__all__ = ["MqttBridgeSource", "create_session", "mqtt_password"]
 
 
 def mqtt_password(cfg: MqttSource) -> tuple[str | None, str | None]:
@@ -121,3 +121,40 @@ def check_topics(topics: list[str]) -> None:
     """Reject empty topic filters early (paho would fail later, less clearly)."""
     if not topics or any(not t for t in topics):
         raise ConfigError("mqtt.topics needs at least one non-empty topic filter")
+
+
+def create_session(cfg: MqttSource, client_id: str, timeout_s: float = 10.0) -> None:
+    """Create the bridge's persistent session on the broker (subscribed, then offline) and return.
+
+    A QoS 1 message published while no session holds a matching subscription is dropped, so a
+    publisher that may start before the bridge has subscribed (tests, benchmarks, a plant that comes up
+    first) calls this: the broker then queues everything for the bridge until it connects.
+
+    Raises:
+        ServiceUnavailable: the broker did not accept the connection or the subscription in ``timeout_s``.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    subscribed = threading.Event()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    user, pw = mqtt_password(cfg)
+    if user:
+        c.username_pw_set(user, pw)
+    c.on_connect = lambda client, *a: client.subscribe([(t, 1) for t in cfg.topics])
+    c.on_subscribe = lambda *a: subscribed.set()
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = cfg.session_expiry_s
+    try:
+        c.connect(cfg.host, cfg.port, keepalive=cfg.keepalive_s, clean_start=False, properties=props)
+    except OSError as exc:
+        raise ServiceUnavailable(f"MQTT broker {cfg.host}:{cfg.port} unreachable: {exc}") from exc
+    c.loop_start()
+    try:
+        if not subscribed.wait(timeout_s):
+            raise ServiceUnavailable(f"MQTT broker {cfg.host}:{cfg.port} did not acknowledge the subscription "
+                                     f"in {timeout_s:g}s")
+    finally:
+        c.disconnect()
+        c.loop_stop()
