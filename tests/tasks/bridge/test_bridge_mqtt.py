@@ -14,6 +14,7 @@ import pytest
 
 from twinflow import lake as lk
 from twinflow.tasks.bridge.config import BridgeConfig
+from twinflow.tasks.bridge.mqtt import create_session
 from twinflow.tasks.bridge.run import run_bridge
 from twinflow.tasks.bridge.simulate import cmapss_rows, mqtt_messages, publish_mqtt
 from twinflow.tasks.ingest.quarantine import read_quarantine
@@ -87,8 +88,10 @@ def test_kill_mid_stream_and_restart_loses_and_duplicates_nothing(mosquitto, tmp
     env = {**os.environ, "PREFECT_API_URL": ""}
     rows = cmapss_rows(units=10, max_cycles=150)  # 1500 messages
     msgs = list(mqtt_messages(rows))
+    # The session must exist on the broker before publishing (it then queues for the bridge): a
+    # bridge that had not yet subscribed when the publisher started lost the first messages once.
+    create_session(BridgeConfig.model_validate_json(config.read_text()).mqtt, "twinflow-bridge-kill")
     proc = _bridge_proc(str(config), env)
-    # The session must exist on the broker before publishing (it then queues for the bridge).
     deadline = time.monotonic() + 60
     done = threading.Event()
     sent = {"n": 0}
