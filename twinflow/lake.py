@@ -523,6 +523,37 @@ def list_files(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None = 
     return groups
 
 
+def files_for_keys(lake_path: str, dataset: str, keys: pa.Table,
+                   storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The latest version's data files that may hold any ``(asset_id, cycle)`` of ``keys``.
+
+    Decided from the Delta log alone (each file's partition and its cycle min/max statistics), so a
+    lookup opens only the files whose cycle range overlaps the keys' range for that asset: the stream
+    bridge's dedupe of each micro-batch stays proportional to the batch, not to the table. A file
+    without statistics is always included.
+    """
+    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    if dt is None or keys.num_rows == 0:
+        return []
+    ranges = {r[C.ASSET]: (r[f"{C.TIME}_min"], r[f"{C.TIME}_max"])
+              for r in keys.group_by(C.ASSET).aggregate([(C.TIME, "min"), (C.TIME, "max")]).to_pylist()}
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    cols = actions.column_names
+    n = actions.num_rows
+    lo = actions.column(f"min.{C.TIME}").to_pylist() if f"min.{C.TIME}" in cols else [None] * n
+    hi = actions.column(f"max.{C.TIME}").to_pylist() if f"max.{C.TIME}" in cols else [None] * n
+    root = dt.table_uri.rstrip("/").removeprefix("file://")
+    out = []
+    for path, asset, a, b in zip(actions.column("path").to_pylist(),
+                                 actions.column(f"partition.{PARTITION}").to_pylist(), lo, hi):
+        want = ranges.get(asset)
+        if want is None or (a is not None and b is not None and (b < want[0] or a > want[1])):
+            continue
+        rel = unquote(path)
+        out.append(rel if "://" in rel else f"{root}/{rel}")
+    return out
+
+
 def asset_of(path: str) -> str:
     """The asset whose partition folder holds a data file (as :func:`list_files` returns it)."""
     folder = path.rstrip("/").rsplit("/", 2)[-2]

@@ -117,7 +117,9 @@ class BridgeConfig(_Model):
     batch_rows: int = Field(5000, ge=1, description="Commit when this many rows are buffered...")
     flush_interval_s: float = Field(1.0, gt=0, description="...or this long after the first buffered row.")
     max_buffer_rows: int = Field(50000, ge=1, description="Buffer bound: sources block beyond it (back-pressure).")
-    compact_every: int = Field(200, ge=0, description="Compact small files every N commits (0: never).")
+    compact_every: int = Field(200, ge=0, description="Compact small files every N commits (0: never)...")
+    compact_files: int = Field(2000, ge=0, description="...or once this many files were added since the last "
+                               "compaction (each commit adds one per asset in it; 0: no such bound).")
     emit_events: bool = True
     ready_min_cycles: int = Field(50, ge=1, description="twinflow.stream.data.ready: new cycles (N) an asset "
                                   "needs since the last such event...")

@@ -78,7 +78,7 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
     with hold(lk.meta_path(lake_path, f"bridge-{cfg.bridge_id}.lock"), timeout_s=0,
               what=f"stream bridge {cfg.bridge_id!r} on this lake"):
         committer = Committer(lake_path, quarantine_path, cfg.dataset, cfg.bridge_id, cfg.app_id,
-                              compact_every=cfg.compact_every)
+                              compact_every=cfg.compact_every, compact_files=cfg.compact_files)
         ready = ReadyTracker(lake_path, cfg.dataset, cfg.bridge_id, cfg.ready_min_cycles, cfg.ready_min_assets,
                              emit=True) if cfg.emit_events else None
         stats.ready = ready
