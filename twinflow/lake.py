@@ -45,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from twinflow import contracts as C
+from twinflow.contract.model import FleetContract
 from twinflow.errors import ConfigError
 from twinflow.refs import FileRef, LakeSnapshot
 
@@ -652,7 +653,84 @@ def snapshot(lake_path: str, dataset: str, storage_options: dict[str, Any] | Non
     files = sorted(dt.file_uris())
     ref = FileRef(path=f"delta:{dataset}@{v}", sha256=hashlib.sha256("\n".join(files).encode()).hexdigest(),
                   lake_file=None)
-    return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=f"v{v}", files=[ref], version=v)
+    return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=f"v{v}", files=[ref], version=v,
+                        contract=table_contract(lake_path, dataset, storage_options))
+
+
+# --- Contracts ----------------------------------------------------------------------------------
+# Each table keeps the fleet contract of its data in ``<table>/_twinflow_contract.yaml`` (Delta readers
+# and vacuum skip names starting with ``_``). Delta's table properties cannot hold it: delta-rs refuses
+# keys outside the ``delta.*`` vocabulary.
+
+CONTRACT_FILE = "_twinflow_contract.yaml"
+
+
+def _contract_uri(lake_path: str, dataset: str) -> str:
+    return f"{table_uri(lake_path, dataset)}/{CONTRACT_FILE}"
+
+
+def table_contract(lake_path: str, dataset: str, storage_options: dict[str, Any] | None = None
+                   ) -> FleetContract | None:
+    """The fleet contract stored with a dataset's table, or None (no table, or written before contracts)."""
+    import fsspec
+    import yaml
+
+    from twinflow.contract.store import contract_from_dict
+
+    uri = _contract_uri(lake_path, dataset)
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as fh:
+        return contract_from_dict(yaml.safe_load(fh), f"of table {dataset!r}")
+
+
+def write_contract(lake_path: str, dataset: str, contract: FleetContract,
+                   storage_options: dict[str, Any] | None = None) -> None:
+    """Store ``contract`` as the table's contract (atomically replaced on a local lake)."""
+    import os
+    import tempfile
+
+    import fsspec
+
+    from twinflow.contract.store import dump_contract
+
+    text = dump_contract(contract)
+    uri = _contract_uri(lake_path, dataset)
+    if is_local(lake_path):
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".contract.")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+        return
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    with fs.open(path, "w") as fh:  # object stores replace an object atomically
+        fh.write(text)
+
+
+def check_contract(lake_path: str, dataset: str, contract: FleetContract,
+                   storage_options: dict[str, Any] | None = None) -> FleetContract | None:
+    """Refuse to read or write a table with a contract other than its own; return the table's contract.
+
+    A table belongs to one contract name. A later version of the same contract may add channels (the
+    table's schema evolves, older rows read as null) but not drop or retype the key.
+
+    Raises:
+        ConfigError: when the table was written under another contract or another clock.
+    """
+    stored = table_contract(lake_path, dataset, storage_options)
+    if stored is None:
+        return None
+    if stored.name != contract.name:
+        raise ConfigError(f"dataset {dataset!r} holds data of fleet contract {stored.name!r} v{stored.version} "
+                          f"({stored.digest}), not {contract.name!r} v{contract.version}: pass the table's "
+                          "contract (--contract) or write to another dataset")
+    if stored.clock.kind != contract.clock.kind:
+        raise ConfigError(f"dataset {dataset!r} is keyed by a {stored.clock.kind} clock; contract "
+                          f"{contract.name!r} v{contract.version} declares a {contract.clock.kind} clock")
+    return stored
 
 
 # --- Maintenance --------------------------------------------------------------------------------

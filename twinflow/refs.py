@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from twinflow.contract.model import FleetContract
+
 
 class FileRef(BaseModel):
     """One ingested source file."""
@@ -33,6 +35,8 @@ class LakeSnapshot(BaseModel):
     rows: int = 0
     version: int | None = Field(
         None, description="Delta table version the snapshot names; None reads the latest version.")
+    contract: FleetContract | None = Field(
+        None, description="The fleet contract of the table's data (what its columns, clock and units are).")
 
     @property
     def dataset_path(self) -> str:

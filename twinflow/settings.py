@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     )
 
     home: Path = Path(".twinflow")
+    # The fleet contract of the data ingested without an explicit one: a YAML path or a bundled name
+    # (``cmapss``, ``pumps``); see twinflow/contract/.
+    contract: str = "cmapss"
     lake: LakeSettings = Field(default_factory=LakeSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
     dask: DaskSettings = Field(default_factory=DaskSettings)
