@@ -223,3 +223,58 @@ def test_optimize_keeps_the_rows_and_vacuum_removes_unreferenced_files(tmp_path)
     assert stale and lake.vacuum(root, "fleet", retention_hours=0, dry_run=False) == stale
     assert lake.read_lake(lake.snapshot(root, "fleet")).num_rows == 1 + 2 + 2
     assert json.dumps(lake.history(root, "fleet", limit=1), default=str)
+
+
+# --- Fleet contracts: the table's key, schema and contract come from the data's contract -----------
+
+def _pump_rows(assets, start="2026-01-01", n=3, channel="vibration_mm_s"):
+    import pandas as pd
+
+    ts = pd.date_range(start, periods=n, freq="10min", tz="UTC")
+    return pa.table({"asset_id": [a for a in assets for _ in range(n)],
+                     "timestamp": pa.array(list(ts) * len(assets), pa.timestamp("us", tz="UTC")),
+                     channel: np.arange(n * len(assets), dtype=float)})
+
+
+def test_timestamp_contract_table_keys_on_timestamp_and_keeps_its_contract(tmp_path):
+    from twinflow.contract import load_contract
+
+    pumps = load_contract("pumps")
+    snap = lake.write_lake_table(_pump_rows(["p2", "p1"]), str(tmp_path), "pumps", "b1", contract=pumps)
+    assert snap.contract == pumps and lake.table_contract(str(tmp_path), "pumps") == pumps
+    table = lake.read_lake(snap)
+    assert "cycle" not in table.column_names and table.schema.field("timestamp").nullable is False
+    assert table.column("asset_id").to_pylist() == ["p1"] * 3 + ["p2"] * 3
+    assert lake.history(str(tmp_path), "pumps")[0]["twinflow.contract_digest"] == pumps.digest
+    # The key's statistics prune files by time, as for cycles.
+    keys = _pump_rows(["p1"], start="2030-01-01").select(["asset_id", "timestamp"])
+    assert lake.files_for_keys(str(tmp_path), "pumps", keys) == []
+    keys = _pump_rows(["p1"]).select(["asset_id", "timestamp"])
+    assert len(lake.files_for_keys(str(tmp_path), "pumps", keys)) == 1
+
+
+def test_a_contract_version_that_adds_a_channel_evolves_the_schema(tmp_path):
+    from twinflow.contract import load_contract
+    from twinflow.contract.model import Channel
+
+    v1 = load_contract("pumps")
+    lake.write_lake_table(_pump_rows(["p1"]), str(tmp_path), "pumps", "b1", contract=v1)
+    v2 = v1.model_copy(update={"version": 2, "channels": [*v1.channels, Channel(name="oil_ppm", unit="ppm")]})
+    snap = lake.write_lake_table(_pump_rows(["p2"], channel="oil_ppm"), str(tmp_path), "pumps", "b2", contract=v2)
+    table = lake.read_lake(snap)
+    assert table.num_rows == 6
+    by_asset = dict(zip(table.column("asset_id").to_pylist(), table.column("oil_ppm").to_pylist()))
+    assert by_asset["p1"] is None and by_asset["p2"] is not None  # old rows read the new channel as null
+    assert lake.table_contract(str(tmp_path), "pumps").version == 2
+
+
+def test_reading_or_writing_with_another_contract_is_a_clear_error(tmp_path):
+    from twinflow.contract import load_contract
+
+    snap = lake.write_lake_table(_pump_rows(["p1"]), str(tmp_path), "pumps", "b1", contract=load_contract("pumps"))
+    cmapss = load_contract("cmapss")
+    with pytest.raises(ConfigError, match="holds data of fleet contract 'pumps'"):
+        lake.read_lake(snap.model_copy(update={"contract": cmapss}))
+    with pytest.raises(ConfigError, match="not 'cmapss'"):
+        lake.write_lake_table(pa.table({"asset_id": ["1"], "cycle": [1]}), str(tmp_path), "pumps", "b2",
+                              contract=cmapss)
