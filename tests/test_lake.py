@@ -278,3 +278,15 @@ def test_reading_or_writing_with_another_contract_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not 'cmapss'"):
         lake.write_lake_table(pa.table({"asset_id": ["1"], "cycle": [1]}), str(tmp_path), "pumps", "b2",
                               contract=cmapss)
+
+
+def test_derived_tables_replace_their_rows_atomically(tmp_path):
+    name = lake.derived_name("pumps", "events")
+    assert name == "pumps__events" and lake.read_table(str(tmp_path), name) is None
+    first = pa.table({"source_file": ["a", "a", "b"], "x": [1, 2, 3]})
+    lake.write_table(str(tmp_path), name, first, replace={"source_file": ["a", "b"]})
+    again = pa.table({"source_file": ["a"], "x": [9]})
+    v = lake.write_table(str(tmp_path), name, again, replace={"source_file": ["a"]})
+    got = lake.read_table(str(tmp_path), name).sort_by("x")
+    assert got.column("x").to_pylist() == [3, 9] and v == 1
+    assert lake.read_table(str(tmp_path), name, version=0).num_rows == 3

@@ -826,6 +826,49 @@ def check_contract(lake_path: str, dataset: str, contract: FleetContract,
     return stored
 
 
+# --- Derived tables -----------------------------------------------------------------------------
+# Tables that are not telemetry (a fleet's events and life segments, ...) live beside the dataset they
+# describe as ``<dataset>__<kind>``, Delta tables with a schema of their own (no contract file).
+
+
+def derived_name(dataset: str, kind: str) -> str:
+    """The table name of a dataset's derived table: ``pumps`` + ``events`` -> ``pumps__events``."""
+    return f"{dataset}__{kind}"
+
+
+def write_table(lake_path: str, name: str, table: pa.Table, *, replace: dict[str, Sequence[str]] | None = None,
+                metadata: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None) -> int:
+    """Append rows to a derived table and drop the rows they replace (``{column: values}``), atomically.
+
+    Returns:
+        The table version after the commit.
+    """
+    from deltalake import CommitProperties, write_deltalake
+
+    uri = table_uri(lake_path, name)
+    dt = open_table(lake_path, name, storage_options=storage_options, migrate=False)
+    predicate = " AND ".join(f"{col} IN ({_sql_list(vals)})" for col, vals in (replace or {}).items() if vals)
+    if dt is not None and predicate and table.num_rows == 0:
+        dt.delete(predicate, commit_properties=CommitProperties(custom_metadata=metadata or None))
+        dt.update_incremental()
+        return dt.version()
+    write_deltalake(dt if dt is not None else uri, table,
+                    mode="overwrite" if predicate and dt is not None else "append",
+                    predicate=predicate if dt is not None and predicate else None, schema_mode="merge",
+                    commit_properties=CommitProperties(custom_metadata=metadata or None),
+                    storage_options=_options(storage_options))
+    return open_table(lake_path, name, storage_options=storage_options, migrate=False).version()
+
+
+def read_table(lake_path: str, name: str, version: int | None = None, filter: Any = None,
+               storage_options: dict[str, Any] | None = None) -> pa.Table | None:
+    """A derived table at ``version`` (default: latest), or None when it does not exist."""
+    dt = open_table(lake_path, name, version=version, storage_options=storage_options, migrate=False)
+    if dt is None:
+        return None
+    return _plain_strings(dt.to_pyarrow_dataset().to_table(filter=filter))
+
+
 # --- Maintenance --------------------------------------------------------------------------------
 
 
