@@ -80,3 +80,20 @@ def test_conditional_failure_probability():
     fit = weibull_fit(*censored_fleet())
     young, old = fit.conditional_failure(np.array([10.0, 250.0]), 20.0)
     assert 0.0 <= young < old <= 1.0  # wear-out: an old asset is likelier to fail in the next 20
+
+
+def test_cmapss_fd001_lives_pass_the_km_check_with_a_failure_free_period():
+    import pandas as pd
+
+    from twinflow.data import cmapss_path
+
+    frame = pd.read_csv(cmapss_path("train_FD001.txt.gz"), sep=r"\s+", header=None)
+    lives = frame.groupby(0)[1].max().to_numpy(float)  # every training engine ran to failure
+    failed = np.ones(len(lives), bool)
+    km = kaplan_meier(lives, failed)
+    three = weibull_fit(lives, failed, location=True)
+    assert 0 < three.location < lives.min()
+    assert km_check(three, km).passed
+    # No engine fails before cycle 128: a two-parameter Weibull misses that and the check says so.
+    assert not km_check(weibull_fit(lives, failed), km).passed
+    assert three.loglik > weibull_fit(lives, failed).loglik
