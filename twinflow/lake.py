@@ -32,12 +32,13 @@ split would have to import them across modules again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -46,7 +47,7 @@ import pyarrow.compute as pc
 
 from twinflow import contracts as C
 from twinflow.contract.model import FleetContract
-from twinflow.errors import ConfigError
+from twinflow.errors import ConfigError, ServiceUnavailable
 from twinflow.refs import FileRef, LakeSnapshot
 
 if TYPE_CHECKING:
@@ -101,14 +102,60 @@ def partition_dir(asset: str) -> str:
     return f"{PARTITION}={quote(asset, safe='')}"
 
 
-def _options(storage_options: dict[str, Any] | None) -> dict[str, str] | None:
-    return {k: str(v) for k, v in storage_options.items()} if storage_options else None
+def _options(storage_options: dict[str, Any] | None, uri: str = "") -> dict[str, str] | None:
+    from twinflow.storage import delta_options
+
+    return delta_options(uri, storage_options)
+
+
+def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec file system and path of a lake URI (object-store options translated for s3fs)."""
+    import fsspec
+
+    from twinflow.storage import fsspec_options
+
+    return fsspec.core.url_to_fs(uri, **fsspec_options(storage_options))
 
 
 def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
     from deltalake import DeltaTable
 
-    return DeltaTable.is_deltatable(uri, storage_options=_options(storage_options))
+    with store_errors(uri, storage_options):
+        return DeltaTable.is_deltatable(uri, storage_options=_options(storage_options, uri))
+
+
+_REFUSED = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403 Forbidden", "ExpiredToken")
+_UNREACHABLE = ("Connection refused", "tcp connect error", "dns error", "timed out", "Name or service not known",
+                "No route to host")
+
+
+@contextlib.contextmanager
+def store_errors(uri: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
+    """Turn an object store's nested error chain into one line that says what to fix.
+
+    Raises:
+        ConfigError: credentials refused, or no such bucket.
+        ServiceUnavailable: the endpoint cannot be reached.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if is_local(uri):
+            raise
+        text = str(exc)
+        endpoint = next((str(v) for k, v in (storage_options or {}).items()
+                         if k.upper() in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT")), "the default endpoint")
+        code = next((c for c in _REFUSED if c in text), None)
+        if code:
+            raise ConfigError(f"object store {endpoint} refused the credentials for {uri} ({code}): check "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the lake's storage options or block") from None
+        if "NoSuchBucket" in text:
+            bucket = uri.split("://", 1)[1].split("/", 1)[0]
+            raise ConfigError(f"bucket {bucket!r} does not exist at {endpoint}: create it first") from None
+        reason = next((r for r in _UNREACHABLE if r in text), None)
+        if reason:
+            raise ServiceUnavailable(f"object store {endpoint} is unreachable ({reason}) for {uri}") from None
+        raise
 
 
 def open_table(lake_path: str, dataset: str, version: int | None = None,
@@ -124,7 +171,8 @@ def open_table(lake_path: str, dataset: str, version: int | None = None,
     if not _exists(uri, storage_options):
         if not (migrate and is_local(lake_path) and migrate_hive(lake_path, dataset)):
             return None
-    return DeltaTable(uri, version=version, storage_options=_options(storage_options))
+    with store_errors(uri, storage_options):
+        return DeltaTable(uri, version=version, storage_options=_options(storage_options, uri))
 
 
 def datasets(lake_path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -255,7 +303,7 @@ def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader 
                     predicate=predicate if dt is not None and predicate else None,
                     writer_properties=writer, commit_properties=props,
                     schema_mode="merge" if evolve else None,
-                    storage_options=_options(storage_options))
+                    storage_options=_options(storage_options, uri))
     if evolve or dt is None:
         write_contract(lake_path, dataset, contract, storage_options)
     return open_table(lake_path, dataset, storage_options=storage_options, migrate=False).version()
@@ -662,13 +710,12 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
     file's partition folder. ``ParquetFile.read`` with one thread per file: much faster per small file
     than dataset discovery, and a Dask worker's thread count is the cluster's to decide.
     """
-    import fsspec
     import pyarrow.parquet as pq
     from fsspec.implementations.local import LocalFileSystem
 
     cols = [c for c in columns if c != PARTITION]
     want_asset = PARTITION in columns
-    fs, _ = fsspec.core.url_to_fs(paths[0], **(storage_options or {}))
+    fs, _ = _fs(paths[0], storage_options)
     tables = []
     for path in paths:
         p = fs._strip_protocol(path)
@@ -765,13 +812,12 @@ def _contract_uri(lake_path: str, dataset: str) -> str:
 def table_contract(lake_path: str, dataset: str, storage_options: dict[str, Any] | None = None
                    ) -> FleetContract | None:
     """The fleet contract stored with a dataset's table, or None (no table, or written before contracts)."""
-    import fsspec
     import yaml
 
     from twinflow.contract.store import contract_from_dict
 
     uri = _contract_uri(lake_path, dataset)
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = _fs(uri, storage_options)
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as fh:
@@ -784,7 +830,6 @@ def write_contract(lake_path: str, dataset: str, contract: FleetContract,
     import os
     import tempfile
 
-    import fsspec
 
     from twinflow.contract.store import dump_contract
 
@@ -798,7 +843,7 @@ def write_contract(lake_path: str, dataset: str, contract: FleetContract,
             fh.write(text)
         os.replace(tmp, path)
         return
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = _fs(uri, storage_options)
     with fs.open(path, "w") as fh:  # object stores replace an object atomically
         fh.write(text)
 
@@ -856,7 +901,7 @@ def write_table(lake_path: str, name: str, table: pa.Table, *, replace: dict[str
                     mode="overwrite" if predicate and dt is not None else "append",
                     predicate=predicate if dt is not None and predicate else None, schema_mode="merge",
                     commit_properties=CommitProperties(custom_metadata=metadata or None),
-                    storage_options=_options(storage_options))
+                    storage_options=_options(storage_options, uri))
     return open_table(lake_path, name, storage_options=storage_options, migrate=False).version()
 
 
