@@ -290,3 +290,19 @@ def test_derived_tables_replace_their_rows_atomically(tmp_path):
     got = lake.read_table(str(tmp_path), name).sort_by("x")
     assert got.column("x").to_pylist() == [3, 9] and v == 1
     assert lake.read_table(str(tmp_path), name, version=0).num_rows == 3
+
+
+def test_vacuum_spares_the_files_of_pinned_versions(tmp_path):
+    root = str(tmp_path)
+    for i in range(3):  # three versions, each replacing the batch's rows: v0 and v1's files become garbage
+        lake.write_lake_table(pa.table({"asset_id": ["1"], "cycle": [i + 1]}), root, "d", "b1")
+    assert lake.version(root, "d") == 2
+    would = lake.vacuum(root, "d", retention_hours=0, dry_run=True)
+    assert len(would) == 2
+    removed = lake.vacuum(root, "d", retention_hours=0, dry_run=False, keep_versions=[1])
+    assert len(removed) == 1
+    from twinflow.refs import LakeSnapshot
+
+    pinned = LakeSnapshot(lake_path=root, dataset="d", batch_id="v1", version=1)
+    assert lake.read_lake(pinned).column("cycle").to_pylist() == [2]  # the pinned snapshot still reads
+    assert lake.vacuum(root, "d", retention_hours=0, dry_run=False) != []  # unpinned: its files go too

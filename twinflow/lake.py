@@ -927,16 +927,37 @@ def optimize(lake_path: str, dataset: str, target_size: int | None = None,
 
 
 def vacuum(lake_path: str, dataset: str, retention_hours: int = 168, dry_run: bool = True,
-           storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Delete data files no version younger than ``retention_hours`` references (old snapshots then fail).
+           storage_options: dict[str, Any] | None = None, keep_versions: Iterable[int] = ()) -> list[str]:
+    """Delete data files no version younger than ``retention_hours`` references, except those that a
+    version in ``keep_versions`` still reads (pinned snapshots: the champion's training data, say).
+
+    Delta's own vacuum cannot spare an old version's files, so the candidates come from its dry run and
+    the deletion is done here, leaving out every file a pinned version references.
 
     Returns:
-        The files removed (or that would be, with ``dry_run``).
+        The files removed (or that would be, with ``dry_run``), relative to the table.
     """
     dt = open_table(lake_path, dataset, storage_options=storage_options)
     if dt is None:
         return []
-    return dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+    # Delta's dry run lists the log's tombstones, including files a pinned run already spared or that
+    # are gone: only files that exist and no pinned version reads are candidates.
+    tombstones = dt.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False)
+    root = dt.table_uri.rstrip("/")
+    fs, base = _fs(root, storage_options)
+    base = base.rstrip("/")
+    present = {p[len(base) + 1:] for p in fs.find(base)}
+    pinned: set[str] = set()
+    for v in sorted(set(keep_versions)):
+        if v > dt.version():
+            continue
+        old = open_table(lake_path, dataset, version=v, storage_options=storage_options)
+        local_root = root.removeprefix("file://")
+        pinned |= {unquote(u).removeprefix("file://").removeprefix(local_root).lstrip("/") for u in old.file_uris()}
+    doomed = [unquote(c) for c in tombstones if unquote(c) in present and unquote(c) not in pinned]
+    if not dry_run and doomed:
+        fs.rm([f"{base}/{c}" for c in doomed])
+    return doomed
 
 
 def migrate_hive(lake_path: str, dataset: str | None = None) -> list[str]:
