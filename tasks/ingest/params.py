@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from typing import Any, Literal
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 from twinflow.contract import FleetContract, resolve_contract
 from twinflow.refs import LakeSnapshot
 
@@ -135,12 +135,27 @@ class IngestParams(BaseModel):
                     "contract": contract.name, "validation": contract.validation_digest(channels)}
         return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    @model_validator(mode="after")
-    def _known_columns(self) -> "IngestParams":
-        # Header-less column names are checked against the contract at once: a typo costs a second.
-        if self.columns is not None:
-            self.fleet()
-        return self
+    # A named contract and header-less column names are checked at once: a typo costs a second, not a
+    # server start. (The settings' contract is resolved when the stage runs.)
+    @field_validator("contract")
+    @classmethod
+    def _loadable(cls, v: str | None) -> str | None:
+        if v is not None:
+            resolve_contract(v)
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is not None and "contract" in info.data:
+            contract = resolve_contract(info.data["contract"])
+            unknown = [c for c in v if c != "_" and contract.canonical_name(c) is None]
+            if unknown:
+                raise ValueError(f"unknown column name(s) {unknown}: contract {contract.name!r} v{contract.version} "
+                                 f"does not declare them (asset {contract.asset.column!r}, clock "
+                                 f"{contract.clock.key!r}, channels {', '.join(contract.channel_names[:6])}...); "
+                                 "use '_' to skip a field")
+        return v
 
     @field_validator("dataset")
     @classmethod

@@ -131,7 +131,8 @@ def all_quarantined(outcomes: list[FileOutcome], top: int = 3) -> list[str]:
                     kinds[k] = kinds.get(k, 0) + int(n)
                 else:
                     kinds[part] = kinds.get(part, 0) + max(o.rows_quarantined, 1)
-        problems.insert(0, f"the run wrote nothing: all {rows_read} rows of {len(read)} file(s) were "
+        names = ", ".join(o.source.rsplit("/", 1)[-1] for o in read[:3]) + (", ..." if len(read) > 3 else "")
+        problems.insert(0, f"the run wrote nothing: all {rows_read} rows of {len(read)} file(s) ({names}) were "
                            f"quarantined; top reasons: {summarise_kinds(kinds, top) or 'unknown'}")
     return problems
 

@@ -209,7 +209,7 @@ def test_all_quarantined_names_the_files_and_top_reasons(tmp_path):
     assert "pumps_bad.csv" in problem and "discharge_pressure_bar outside valid range [0, 40] bar x5" in problem
     only_bad = [o for o in outcomes if "bad" in o.source]
     run_level = all_quarantined(only_bad)
-    assert run_level[0].startswith("the run wrote nothing: all 5 rows of 1 file(s) were quarantined")
+    assert run_level[0].startswith("the run wrote nothing: all 5 rows of 1 file(s) (pumps_bad.csv) were quarantined")
     assert all_quarantined([o for o in outcomes if "good" in o.source]) == []
 
 
@@ -238,3 +238,12 @@ def test_contract_check_counts_per_file_and_per_reason_without_writing(tmp_path)
     # The C-MAPSS contract finds none of these headers' clock: every row of the file is unusable.
     wrong = _cli("contract", "check", "cmapss", str(landing / "pumps_a.csv"))
     assert wrong.returncode == 1 and "missing required column" in wrong.stdout and "would keep no row" in wrong.stderr
+
+
+def test_run_ingest_refuses_a_missing_contract_before_anything_starts(tmp_path):
+    out = _cli("--home", str(tmp_path / "home"), "run", "ingest", "--landing", str(tmp_path), "--contract",
+               str(tmp_path / "nope.yaml"))
+    assert out.returncode == 2 and "--param contract" in out.stderr and "does not exist" in out.stderr
+    assert not (tmp_path / "home" / "prefect").exists()
+    with pytest.raises(ValueError, match="no bundled contract"):
+        IngestParams(landing="x", contract="turbines")
