@@ -161,8 +161,44 @@ def ingest(params: IngestParams) -> IngestResult:
                              "only warns)")
     for p in problems:
         logger.warning("NOTHING WRITTEN: %s", p)
-    return IngestResult(batch_id=batch_id, snapshots=run.snapshots, batches=summaries, files=run.outcomes,
-                        unchanged=run.unchanged, skipped=run.skipped, warnings=problems)
+    logs, snapshots = _events_and_segments(run, params, contract, settings.lake_path, quarantine, so, logger)
+    return IngestResult(batch_id=batch_id, snapshots=snapshots, batches=summaries, files=run.outcomes,
+                        unchanged=run.unchanged, skipped=run.skipped, warnings=problems, events=logs)
+
+
+def _events_and_segments(run: IngestRun, params: IngestParams, contract, lake_path: str, quarantine: str,
+                         so: dict[str, Any], logger) -> tuple[list, dict]:
+    """Read the run's event logs (every run: re-validated against the telemetry) and rebuild the life
+    segments of every dataset they or the run's telemetry touch; snapshots then name the segments version.
+
+    Raises:
+        ConfigError: an event log that cannot be used at all (no telemetry for its dataset, unreadable).
+    """
+    from twinflow.errors import ConfigError
+    from twinflow.tasks.ingest.events import ingest_event_log, rebuild_segments
+    from twinflow.tasks.ingest.names import dataset_name
+    from twinflow.tasks.ingest.route import route_file
+
+    logs = []
+    touched = set(run.snapshots)
+    for path in sorted(run.skipped):
+        if route_file(path, params, contract).kind != "events":
+            continue
+        rule = contract.rule_for(path.rstrip("/").rsplit("/", 1)[-1])
+        outcome = ingest_event_log(path, rule.dataset_for(dataset_name(path)), contract, lake_path, quarantine, so)
+        if outcome.error:
+            raise ConfigError(outcome.error)
+        logger.info("event log %s -> %s__events: %d rows = %d accepted + %d quarantined%s", path,
+                    outcome.dataset, outcome.rows_read, outcome.rows_accepted, outcome.rows_quarantined,
+                    f" ({', '.join(f'{k}: {v}' for k, v in outcome.reasons.items())})" if outcome.reasons else "")
+        logs.append(outcome)
+        touched.add(outcome.dataset)
+    snapshots = dict(run.snapshots)
+    for name in sorted(touched):
+        version = rebuild_segments(lake_path, name, contract, so)
+        if name in snapshots and version is not None:
+            snapshots[name] = snapshots[name].model_copy(update={"segments": version})
+    return logs, snapshots
 
 
 def _check_landing(landing: str, storage_options: dict[str, Any]) -> None:

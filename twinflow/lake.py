@@ -882,8 +882,10 @@ def derived_name(dataset: str, kind: str) -> str:
 
 
 def write_table(lake_path: str, name: str, table: pa.Table, *, replace: dict[str, Sequence[str]] | None = None,
-                metadata: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None) -> int:
-    """Append rows to a derived table and drop the rows they replace (``{column: values}``), atomically.
+                metadata: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None,
+                overwrite: bool = False) -> int:
+    """Append rows to a derived table and drop the rows they replace (``{column: values}``), atomically;
+    with ``overwrite`` the rows replace the whole table (still one new version).
 
     Returns:
         The table version after the commit.
@@ -898,8 +900,9 @@ def write_table(lake_path: str, name: str, table: pa.Table, *, replace: dict[str
         dt.update_incremental()
         return dt.version()
     write_deltalake(dt if dt is not None else uri, table,
-                    mode="overwrite" if predicate and dt is not None else "append",
-                    predicate=predicate if dt is not None and predicate else None, schema_mode="merge",
+                    mode="overwrite" if (predicate or overwrite) and dt is not None else "append",
+                    predicate=predicate if dt is not None and predicate else None,
+                    schema_mode="overwrite" if overwrite and dt is not None else "merge",
                     commit_properties=CommitProperties(custom_metadata=metadata or None),
                     storage_options=_options(storage_options, uri))
     return open_table(lake_path, name, storage_options=storage_options, migrate=False).version()

@@ -37,6 +37,9 @@ class LakeSnapshot(BaseModel):
         None, description="Delta table version the snapshot names; None reads the latest version.")
     contract: FleetContract | None = Field(
         None, description="The fleet contract of the table's data (what its columns, clock and units are).")
+    segments: int | None = Field(
+        None, description="Version of the dataset's life-segments table (<dataset>__segments) that goes "
+        "with this snapshot; None: the dataset has none.")
 
     @property
     def dataset_path(self) -> str:

@@ -21,17 +21,19 @@ clock an asset's first life is counted from cycle ``first - 1``, so an engine wh
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import BaseModel, Field
 
 from twinflow import contracts as C
 from twinflow.contract.model import FleetContract
 from twinflow.errors import ConfigError
 
-__all__ = ["SEGMENT_END", "build_segments", "events_schema", "parse_events", "segments_schema"]
+__all__ = ["EventLogOutcome", "SEGMENT_END", "build_segments", "events_schema", "ingest_event_log",
+           "parse_events", "rebuild_segments", "segments_schema", "telemetry_extents"]
 
 SEGMENT_END = ("failure", "censored", "running")
 
@@ -273,3 +275,135 @@ def build_segments(extents: Mapping[str, tuple[int, int]], events: pa.Table | No
         "failure_mode": pa.array(rows["failure_mode"], pa.string()),
         "duration": pa.array(rows["duration"], pa.float64()),
     }, schema=segments_schema(contract))
+
+
+# --- I/O edge: event-log files into the lake, segments rebuilt ---------------------------------------
+
+
+class EventLogOutcome(BaseModel):
+    """What one event-log file became: every row accepted or quarantined."""
+
+    source: str
+    dataset: str
+    rows_read: int = 0
+    rows_accepted: int = 0
+    rows_quarantined: int = 0
+    reasons: dict[str, int] = Field(default_factory=dict)
+    error: str = ""
+
+
+def telemetry_extents(lake_path: str, dataset: str, contract: FleetContract,
+                      storage_options: dict[str, Any] | None = None) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
+    """Per asset of a telemetry dataset: (first, last) time key as int64, and the source file of its
+    last reading (which decides how its history ends: see ``DatasetRule.life_end``)."""
+    from twinflow import lake
+
+    snap = lake.snapshot(lake_path, dataset, storage_options)
+    if snap is None:
+        return {}, {}
+    snap = snap.model_copy(update={"contract": snap.contract or contract})
+    t = lake.read_lake(snap, columns=[C.ASSET, contract.key, "source_file"], storage_options=storage_options)
+    if t.num_rows == 0:
+        return {}, {}
+    assets = t.column(C.ASSET).to_numpy(zero_copy_only=False)
+    ticks = _ticks(t.column(contract.key))
+    sources = t.column("source_file").to_numpy(zero_copy_only=False)
+    # read_lake sorts by (asset, key): each asset's rows are one run, first and last at its ends.
+    starts = np.flatnonzero(np.r_[True, assets[1:] != assets[:-1]])
+    ends = np.r_[starts[1:], len(assets)] - 1
+    extents = {str(assets[s]): (int(ticks[s]), int(ticks[e])) for s, e in zip(starts, ends)}
+    last_source = {str(assets[s]): str(sources[e]) for s, e in zip(starts, ends)}
+    return extents, last_source
+
+
+def ingest_event_log(path: str, dataset: str, contract: FleetContract, lake_path: str, quarantine_path: str,
+                     storage_options: dict[str, Any] | None = None) -> EventLogOutcome:
+    """Read an event-log CSV, validate it against ``dataset``'s telemetry and write both outcomes.
+
+    The accepted events replace this file's earlier rows in ``<dataset>__events``; the rejected rows
+    replace its earlier quarantine file (``<quarantine>/rows/dataset=<dataset>__events/<file id>.parquet``),
+    so a log read again is never counted twice. Logs are re-validated on every run (they are small),
+    because an event recorded before its telemetry arrived becomes valid once it has.
+    """
+    import io
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from twinflow import lake
+    from twinflow.tasks.ingest.landing import read_file_bytes
+    from twinflow.tasks.ingest.names import file_id
+    from twinflow.tasks.ingest.parse import decompress, strip_bom
+    from twinflow.tasks.ingest.stage import atomic_write_bytes
+
+    out = EventLogOutcome(source=path, dataset=dataset)
+    extents, _ = telemetry_extents(lake_path, dataset, contract, storage_options)
+    if not extents:
+        out.error = (f"event log {path} describes dataset {dataset!r}, which has no telemetry in the lake: "
+                     "ingest its telemetry first, or set the events rule's dataset")
+        return out
+    data = strip_bom(decompress(read_file_bytes(path, storage_options or {}), path))
+    try:
+        raw = pacsv.read_csv(io.BytesIO(data), convert_options=pacsv.ConvertOptions(
+            column_types={}, strings_can_be_null=True, auto_dict_encode=False),
+            read_options=pacsv.ReadOptions(autogenerate_column_names=False))
+        raw = raw.cast(pa.schema([pa.field(n, pa.string()) for n in raw.column_names]))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        out.error = f"event log {path} is not a readable CSV: {str(exc).splitlines()[0][:200]}"
+        return out
+    events, quarantined = parse_events(raw, contract, path, extents)
+    out.rows_read = raw.num_rows
+    out.rows_accepted, out.rows_quarantined = events.num_rows, quarantined.num_rows
+    for r in quarantined.column("reason").to_pylist():
+        key = r.split(" (", 1)[0] if r.startswith("unknown event type") else r
+        key = key.split(":", 1)[0] if key.startswith("unknown asset") else key
+        out.reasons[key] = out.reasons.get(key, 0) + 1
+    qpath = lake.local_path(quarantine_path) / "rows" / f"dataset={lake.derived_name(dataset, 'events')}" / \
+        f"{file_id(path)}.parquet"
+    if quarantined.num_rows:
+        sink = pa.BufferOutputStream()
+        pq.write_table(quarantined, sink)
+        atomic_write_bytes(sink.getvalue().to_pybytes(), qpath)
+    else:
+        qpath.unlink(missing_ok=True)
+    import pyarrow.dataset as ds
+
+    name = lake.derived_name(dataset, "events")
+    before = lake.read_table(lake_path, name, filter=ds.field("source_file") == path, storage_options=storage_options)
+    if before is not None and before.select(events.column_names).sort_by("record").equals(events):
+        return out  # the same accepted events: no new version, so the segments need no rebuild
+    lake.write_table(lake_path, name, events, replace={"source_file": [path]},
+                     metadata={"twinflow.operation": "ingest_event_log"}, storage_options=storage_options)
+    return out
+
+
+def rebuild_segments(lake_path: str, dataset: str, contract: FleetContract,
+                     storage_options: dict[str, Any] | None = None) -> int | None:
+    """Recompute ``<dataset>__segments`` from the telemetry and the events, as one new table version.
+
+    Returns:
+        The segments table's version, or None when the dataset has no telemetry.
+    """
+    from twinflow import lake
+
+    name = lake.derived_name(dataset, "segments")
+    inputs = {"twinflow.telemetry_version": str(lake.version(lake_path, dataset, storage_options)),
+              "twinflow.events_version": str(lake.version(lake_path, lake.derived_name(dataset, "events"),
+                                                          storage_options)),
+              "twinflow.contract_digest": contract.digest}
+    last = lake.history(lake_path, name, limit=1, storage_options=storage_options)
+    if last and all(last[0].get(k) == v for k, v in inputs.items()):
+        return lake.version(lake_path, name, storage_options)  # built from exactly these inputs already
+    extents, last_source = telemetry_extents(lake_path, dataset, contract, storage_options)
+    if not extents:
+        return None
+    events = lake.read_table(lake_path, lake.derived_name(dataset, "events"), storage_options=storage_options)
+    life_end: dict[str, Literal["running", "failure"]] = {}
+    for asset, source in last_source.items():
+        rule = contract.rule_for(source.rstrip("/").rsplit("/", 1)[-1])
+        life_end[asset] = rule.life_end if rule is not None else "running"
+    segments = build_segments(extents, events, contract, life_end)
+    # A full rebuild replaces every row: one version = one consistent cut of the whole fleet.
+    return lake.write_table(lake_path, name, segments, overwrite=True,
+                            metadata={"twinflow.operation": "rebuild_segments", **inputs},
+                            storage_options=storage_options)

@@ -258,6 +258,8 @@ class IngestResult(BaseModel):
     skipped: dict[str, str] = Field(default_factory=dict)
     # Problems that did not fail the run (e.g. every row quarantined, with fail_on_all_quarantined=False).
     warnings: list[str] = Field(default_factory=list)
+    # Event logs read (every run: they are small and re-validated against the grown telemetry).
+    events: list["EventLogOutcome"] = Field(default_factory=list)
 
     @property
     def rows_read(self) -> int:
@@ -270,3 +272,8 @@ class IngestResult(BaseModel):
     @property
     def rows_quarantined(self) -> int:
         return sum(b.rows_quarantined for b in self.batches)
+
+
+from twinflow.tasks.ingest.events import EventLogOutcome  # noqa: E402 - events imports this module's peers
+
+IngestResult.model_rebuild()

@@ -161,6 +161,9 @@ def test_a_pump_fleet_ingests_by_its_contract_and_an_all_quarantined_run_fails(r
     snap = result.snapshots["pumps"]
     assert snap.contract is not None and snap.contract.name == "pumps"
     assert read_lake(snap).column("timestamp").null_count == 0
+    # The skipped event log is read as events, not telemetry: one neutral event, one running life.
+    assert [(e.dataset, e.rows_accepted, e.rows_quarantined) for e in result.events] == [("pumps", 1, 0)]
+    assert snap.segments is not None
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -176,3 +179,40 @@ def test_a_pump_fleet_ingests_by_its_contract_and_an_all_quarantined_run_fails(r
     (bad / "pumps_2026-01-03.csv").write_text(_pump_rows("P-3", 3, 99.0))
     warned = ingest(IngestParams(landing=str(bad), contract="pumps", dataset="bad", fail_on_all_quarantined=False))
     assert warned.rows_written == 0 and warned.warnings[0].startswith("the run wrote nothing: all 3 rows")
+
+
+def test_an_event_log_splits_lives_quarantines_bad_events_and_a_rerun_adds_nothing(runtime, tmp_path):
+    """Telemetry + a maintenance log (no truth file): lives end in failure, renewal or still running."""
+    from twinflow import lake
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "pumps_2026-01-01.csv").write_text(
+        _pump_rows("P-1", 18, 12.5) + _pump_rows("P-2", 12, 12.5).split("\n", 1)[1])
+    (landing / "events.csv").write_text("\n".join([
+        "ts,machine,event,work_order,text",
+        "2026-01-01T01:00:00Z,P-1,failure_bearing,WO-1,seized",
+        "2026-01-01T02:00:00Z,P-1,replacement,WO-2,",
+        "2026-01-01T01:00:00Z,P-2,oil_change,WO-3,",       # not in the vocabulary
+        "2026-01-01T01:00:00Z,P-9,inspection,WO-4,",       # no telemetry
+        "2026-01-01T01:30:00Z,P-2,inspection,WO-5,",
+    ]) + "\n")
+    first = ingest(IngestParams(landing=str(landing), contract="pumps"))
+    (log,) = first.events
+    assert (log.rows_read, log.rows_accepted, log.rows_quarantined) == (5, 3, 2)
+    root = runtime.settings.lake_path
+    segments = lake.read_table(root, "pumps__segments", version=first.snapshots["pumps"].segments)
+    lives = sorted((r["asset_id"], r["segment"], r["end_reason"], r["duration"]) for r in segments.to_pylist())
+    # P-1: 00:00..01:00 failed (1 h), then 01:00..02:00 replaced (1 h), then running to 02:50.
+    assert lives == [("P-1", 0, "failure", 1.0), ("P-1", 1, "censored", 1.0), ("P-1", 2, "running", 50 / 60),
+                     ("P-2", 0, "running", 110 / 60)]
+    quarantined = read_quarantine(runtime.settings.quarantine_path, "pumps__events")
+    assert sorted(quarantined.column("reason").to_pylist()) == [
+        "unknown asset 'P-9': no telemetry of it",
+        "unknown event type 'oil_change' (the contract declares failure_bearing, failure_seal, replacement, "
+        "overhaul, inspection, lubrication)"]
+    again = ingest(IngestParams(landing=str(landing), contract="pumps"))
+    assert again.unchanged == 1 and again.events[0].rows_accepted == 3
+    assert lake.read_table(root, "pumps__events").num_rows == 3
+    assert read_quarantine(runtime.settings.quarantine_path, "pumps__events").num_rows == 2
+    assert again.snapshots["pumps"].segments == first.snapshots["pumps"].segments  # nothing changed

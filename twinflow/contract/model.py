@@ -255,7 +255,8 @@ class DatasetRule(_Model):
     Attributes:
         match: File-name globs (case-insensitive; compression suffixes included, e.g. ``pump_*.csv*``).
         dataset: Dataset name, or a template over the file name: ``{stem}`` is the lower-cased name
-            without data/compression suffixes (``train_FD001.txt.gz`` -> ``train_fd001``).
+            without data/compression suffixes (``train_FD001.txt.gz`` -> ``train_fd001``). For an
+            ``events`` rule: the telemetry dataset whose assets the log describes.
         kind: ``telemetry`` (ingested into the lake), ``events`` (a maintenance/failure log: never
             parsed as telemetry), ``labels`` (read by the train stage, e.g. C-MAPSS ``RUL_*``) or
             ``ignore``.
