@@ -87,8 +87,8 @@ class PumpFleetParams(BaseModel):
         seed: Seed of every random draw: the same parameters give the same files.
         start: First day.
         interval: Nominal sampling interval (the contract's ``clock.interval``).
-        jitter_s: Standard deviation of a reading's time around its nominal slot (kept within
-            ``interval / 4``, so jitter never reads as a gap).
+        jitter_s: Standard deviation of a reading's time around its nominal slot (kept within half
+            the contract's clock tolerance, so jitter never reads as a gap).
         mean_life_days: Mean time to failure of a new pump (Weibull).
         weibull_shape: Shape of the time-to-failure distribution (>1: wear-out).
         initial_age_max: The pumps are not new when the export starts: the first life has used a
@@ -238,9 +238,10 @@ def _pump(index: int, rng: np.random.Generator, p: PumpFleetParams, contract: Fl
     failed = np.array([lf["reason"] == "failure" for lf in lives])[life]
     rul_h = np.where(failed, (ends[life] - t) / 3600.0, np.nan)
 
-    # Per-pump build: no two pumps read alike at the same state.
-    q_rated, p_rated = rng.uniform(250, 380), rng.uniform(8, 13)
-    i_rated, vib0 = rng.uniform(150, 230), rng.uniform(1.4, 2.0)
+    # One pump model across the fleet, but no two units read alike at the same state (manufacturing
+    # tolerance, piping, sensor placement).
+    q_rated, p_rated = rng.uniform(290, 350), rng.uniform(10, 11.5)
+    i_rated, vib0 = rng.uniform(175, 205), rng.uniform(1.4, 2.0)
     inlet0, bearing0 = rng.uniform(12, 24), rng.uniform(-2, 2)
 
     speed = REGIMES[regime, 0]
@@ -286,7 +287,10 @@ def _pump(index: int, rng: np.random.Generator, p: PumpFleetParams, contract: Fl
         fault[blank] = 1
         cols[ch.name] = v
 
-    jitter = np.clip(rng.normal(0, p.jitter_s, n), -dt / 4, dt / 4) if p.jitter_s else np.zeros(n)
+    # Each reading strays at most half the contract's tolerance, so two neighbours are never further
+    # apart than interval + tolerance: jitter never reads as a gap.
+    bound = min(dt / 4, contract.clock.tolerance_s / 2) if contract.clock.kind == "timestamp" else dt / 4
+    jitter = np.clip(rng.normal(0, p.jitter_s, n), -bound, bound) if p.jitter_s else np.zeros(n)
     ts = np.round(t + jitter).astype(np.int64)
     ts = np.maximum(ts, 0)
 
