@@ -204,3 +204,12 @@ def test_contract_init_command(pump_landing, tmp_path):
     assert _twinflow("contract", "init", str(landing), "-o", str(tmp_path / "fleet.yaml"), "--force").returncode == 0
     bad = _twinflow("contract", "init", str(tmp_path / "nothing.csv"), "-o", str(tmp_path / "x.yaml"))
     assert bad.returncode == 2 and "does not exist" in " ".join(bad.stderr.split()) and not (tmp_path / "x.yaml").exists()
+
+
+def test_many_files_are_read_as_an_even_spread(pump_landing):
+    landing, _ = pump_landing
+    draft = draft_contract([landing], max_files=3)
+    assert any("read 3 of 14 data files" in n for n in draft.notes)
+    assert draft.contract.channel_names == PUMPS.channel_names
+    assert draft.contract.rule_for("events.csv").kind == "events"
+    assert all(draft.contract.rule_for(p.name).kind == "telemetry" for p in landing.glob("pumps_*.csv"))

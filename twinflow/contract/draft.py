@@ -380,7 +380,8 @@ def _event_spec(df: pd.DataFrame, asset_header: str, notes: list[str]) -> Events
 
 
 def draft_contract(files: list[str | Path], *, name: str | None = None, asset: str | None = None,
-                   time: str | None = None, margin: float = 0.5, max_rows: int = 200_000) -> Draft:
+                   time: str | None = None, margin: float = 0.5, max_rows: int = 200_000,
+                   max_files: int = 24) -> Draft:
     """Draft a fleet contract from sample files (CSV, gzip CSV, header-less text, Parquet).
 
     Args:
@@ -390,6 +391,7 @@ def draft_contract(files: list[str | Path], *, name: str | None = None, asset: s
         time: The clock column's header, when the guess is wrong.
         margin: How far ranges reach beyond the 0.1 %/99.9 % quantiles, as a share of their span.
         max_rows: Rows read per file.
+        max_files: Files read at most (an even spread); every file's name shapes the routing rules.
 
     Raises:
         ConfigError: no readable sample, no telemetry, or no asset/clock column to be found.
@@ -397,7 +399,15 @@ def draft_contract(files: list[str | Path], *, name: str | None = None, asset: s
     notes: list[str] = []
     paths = _expand(files)
     telemetry, events = [], []
-    for p in paths:
+    # Many files (a year of daily exports): read an even spread of them; all of them shape the routing.
+    logs = [p for p in paths if _EVENT_FILE.search(p.name)]
+    data_files = [p for p in paths if p not in logs]
+    spread = set(np.linspace(0, len(data_files) - 1, min(len(data_files), max_files)).round().astype(int).tolist())
+    unread = [p for i, p in enumerate(data_files) if i not in spread]
+    if unread:
+        notes.append(f"read {len(data_files) - len(unread)} of {len(data_files)} data files (evenly spread); "
+                     "the rest only by name")
+    for p in [p for p in paths if p not in unread]:
         try:
             df, header = _read_sample(p, max_rows)
         except ConfigError:
@@ -578,7 +588,7 @@ def draft_contract(files: list[str | Path], *, name: str | None = None, asset: s
         notes.append(f"constant channels: {constant}")
 
     # --- files -----------------------------------------------------------------------------------------
-    rules = _rules([p for p, _, _ in telemetry], "telemetry")
+    rules = _rules([p for p, _, _ in telemetry] + unread, "telemetry")
     if headerless:
         # Header-less files name their fields by position: asset, clock, then the channels.
         columns = ["_"] * data.shape[1]
