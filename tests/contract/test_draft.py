@@ -213,3 +213,12 @@ def test_many_files_are_read_as_an_even_spread(pump_landing):
     assert draft.contract.channel_names == PUMPS.channel_names
     assert draft.contract.rule_for("events.csv").kind == "events"
     assert all(draft.contract.rule_for(p.name).kind == "telemetry" for p in landing.glob("pumps_*.csv"))
+
+
+def test_repeated_headers_stay_separate_channels(tmp_path):
+    rows = "".join(f"A,{k},{20 + k % 3},{30 + k % 5}\n" for k in range(1, 60))
+    (tmp_path / "rep.csv").write_text("unit,cycle,temp,temp\n" + rows)
+    draft = draft_contract([tmp_path / "rep.csv"])
+    assert draft.contract.channel_names == ["temp", "temp_2"]
+    assert draft.contract.channel("temp_2").range[1] >= 34  # the second column's values, not the first's
+    assert any("'temp' repeats 'temp'" in n for n in draft.notes)

@@ -433,8 +433,10 @@ def draft_contract(files: list[str | Path], *, name: str | None = None, asset: s
             seen[k] = seen.get(k, 0) + 1
             key = k if seen[k] == 1 else f"{k}#{seen[k]}"
             if seen[k] == 2:
-                notes.append(f"header {h!r} appears more than once in a file: the copies are separate channels; "
-                             "ingest cannot tell them apart, so rename them at the source")
+                first = next(c for c in df.columns if c.strip().lower() == k)
+                same = "repeats" if first == h else "differs only in case from"
+                notes.append(f"header {h!r} {same} {first!r}: drafted as separate channels, but headers match "
+                             "case-insensitively, so ingest cannot tell them apart: rename them at the source")
             keys.append(key)
             order.setdefault(key, h)
         part = df.copy()
