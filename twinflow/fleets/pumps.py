@@ -60,7 +60,6 @@ PLANT_HEADERS = {
     "motor_current_a": "motor_current [A]",
 }
 EVENT_TYPES = ("failure_bearing", "failure_seal", "replacement", "overhaul", "inspection", "lubrication")
-MODES = ("bearing", "seal")
 _TEXT = {
     "failure_bearing": ["Pump tripped on high vibration; DE bearing found damaged, bearing set replaced",
                         "Bearing seized, noise and heat at DE housing; bearings renewed",
