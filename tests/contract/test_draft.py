@@ -75,7 +75,8 @@ def test_draft_of_the_generated_pumps_matches_their_contract(pump_landing, tmp_p
     assert set(c.events.failure) == seen & set(PUMPS.events.failure) == {"failure_bearing", "failure_seal"}
     assert set(c.events.renewal) == seen & set(PUMPS.events.renewal)
     assert set(c.events.neutral) == seen & set(PUMPS.events.neutral)
-    assert (c.events.asset, c.events.time, c.events.type) == (PUMPS.events.asset, PUMPS.events.time, "event")
+    spec = ("asset", "time", "type", "work_order", "text", "mode")
+    assert [getattr(c.events, k) for k in spec] == [getattr(PUMPS.events, k) for k in spec]
     # The YAML says it is a draft, and loads back to the same contract.
     text = draft_yaml(draft)
     assert text.startswith("# DRAFT") and "REVIEW" in text
@@ -180,6 +181,12 @@ def test_unusable_samples_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         draft_contract([tmp_path / "missing.csv"])
     (tmp_path / "events.csv").write_text("machine,ts,event\nP-1,2026-01-01 00:00:00,inspection\n")
+    (tmp_path / "t.csv").write_text("machine,ts,x\n" + "".join(
+        f"P-1,2026-01-01 00:{k:02d}:00,{k % 7}.5\n" for k in range(30)))
+    routine = draft_contract([tmp_path / "t.csv", tmp_path / "events.csv"])
+    assert routine.contract.events is None  # no failure type among the events: declared by hand
+    assert routine.contract.rule_for("events.csv").kind == "events"
+    assert any("reads as a failure" in n for n in routine.notes)
     with pytest.raises(ConfigError, match="looks like telemetry"):
         draft_contract([tmp_path / "events.csv"])
     rows = "".join(f"{'xy'[k % 2]},{1 + k / 7:.3f},{2 - k / 9:.3f}\n" for k in range(40))

@@ -375,8 +375,20 @@ def _event_spec(df: pd.DataFrame, asset_header: str, notes: list[str]) -> Events
     renewal = [v for v in vocab if v not in failure and re.search(r"replac|overhaul|renew|rebuild|exchang|swap", v,
                                                                     re.I)]
     neutral = [v for v in vocab if v not in failure and v not in renewal]
+    if not failure:
+        notes.append(f"event log: none of its event types {vocab} reads as a failure; events section left out: "
+                     "declare it by hand (events.failure names the types that end a life by failure)")
+        return None
+    optional = {}
+    for field_name, hints in (("work_order", ("work_order", "workorder", "wo", "order", "wo_number", "order_id")),
+                              ("text", ("text", "description", "comment", "comments", "remarks", "notes")),
+                              ("mode", ("mode", "failure_mode", "cause", "failure_cause"))):
+        hit = next((keys[h] for h in hints if h in keys and keys[h] not in (asset, time, etype)), None)
+        if hit:
+            optional[field_name] = hit
     notes.append(f"event log: {len(vocab)} event types; failure={failure}, renewal={renewal}: check the split")
-    return EventsSpec(asset=asset, time=time, type=etype, failure=failure, renewal=renewal, neutral=neutral)
+    return EventsSpec(asset=asset, time=time, type=etype, failure=failure, renewal=renewal, neutral=neutral,
+                      **optional)
 
 
 def draft_contract(files: list[str | Path], *, name: str | None = None, asset: str | None = None,
