@@ -233,3 +233,31 @@ def test_generate_command_writes_a_landing_folder(tmp_path):
                           "--param", "n_pump=3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a parameter of the pump generator" in bad.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_the_event_log_cuts_the_histories_into_the_true_lives(fleet, landing):
+    """Through the ingest stage's event parser and life segmentation, with the bundled contract."""
+    from twinflow.tasks.ingest.events import build_segments, parse_events
+
+    names = ["machine", "ts", "event", "work_order", "text"]
+    raw = pacsv.read_csv(landing / "events.csv", convert_options=pacsv.ConvertOptions(
+        column_types={n: pa.string() for n in names}))
+    r = fleet.readings
+    us = r["ts"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
+    machine = np.asarray(r["machine"].to_pylist())
+    extents = {m: (int(us[machine == m].min()), int(us[machine == m].max())) for m in np.unique(machine)}
+    events, quarantined = parse_events(raw, PUMPS, "events.csv", extents)
+    assert quarantined.num_rows == 0, quarantined.column("reason").to_pylist()[:3]
+    assert events.num_rows == raw.num_rows
+    segments = build_segments(extents, events, PUMPS).to_pylist()
+
+    def iso(t) -> str:
+        return t.strftime("%Y-%m-%d %H:%M:%S")
+
+    got = sorted((s["asset_id"], iso(s["end"]), s["end_reason"], s["failure_mode"]) for s in segments
+                 if s["end_reason"] != "running")
+    want = sorted((lf["machine"], lf["end"], "failure" if lf["end_reason"] == "failure" else "censored",
+                   f"failure_{lf['failure_mode']}" if lf["failure_mode"] else None)
+                  for lf in fleet.lives if lf["end_reason"] != "censored")
+    assert got == want
+    assert sum(s["end_reason"] == "running" for s in segments) == len(extents)  # every pump still runs
