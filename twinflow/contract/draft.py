@@ -16,6 +16,9 @@ The draft is a guess from the data, and says so: :func:`draft_contract` detects
   as ``events`` and its vocabulary drafted).
 
 :func:`draft_yaml` renders the draft with a header comment listing every guess to check.
+
+It stays one module: the steps are one procedure read top to bottom (headers, samples, columns,
+clock, channels, routing), and they share the sampled frame and the list of notes for the reviewer.
 """
 
 from __future__ import annotations
