@@ -157,8 +157,15 @@ def run(
     param: List[str] = typer.Option([], "--param", "-p", help="Stage parameter key=value (dots for nesting)."),
     landing: Optional[str] = typer.Option(None, "--landing", help="Landing folder/URL (ingest, pipeline)."),
     generate: bool = typer.Option(False, "--generate", help="simulate: generate a synthetic fleet into the lake."),
+    contract: Optional[str] = typer.Option(
+        None, "--contract", help="Fleet contract (YAML path or bundled name: cmapss, pumps) of the landing files "
+                                 "(ingest, pipeline); default: the setting TWINFLOW_CONTRACT."),
 ) -> None:
-    """Run one stage (or the pipeline) with parameters, on the configured runtime."""
+    """Run one stage (or the pipeline) with parameters, on the configured runtime.
+
+    An ingest in which every row of a file, or of the run, is quarantined exits non-zero, naming the
+    top reasons (``--param fail_on_all_quarantined=false`` only warns).
+    """
     from pydantic import ValidationError
 
     from twinflow import runtime
@@ -172,6 +179,14 @@ def run(
         overrides["landing"] = landing
     if generate:
         overrides["generate"] = True
+    if contract:
+        if stage == "ingest":
+            overrides["contract"] = contract
+        elif stage == "pipeline":
+            overrides.setdefault("ingest", {})["contract"] = contract
+        else:
+            raise ConfigError(f"--contract applies to ingest and pipeline; {stage} reads the contract stored "
+                              "with its input data")
     # Validated before anything starts: a typo costs a second, not the servers' start-up.
     try:
         call = stage_params(stage, overrides, settings)
@@ -425,11 +440,80 @@ def generate_pumps_cmd(
                   f"{len(fleet.lives)} lives ({', '.join(f'{v} {k}' for k, v in sorted(ends.items()))})")
 
 
+def _contract_group() -> typer.Typer:
+    """The ``twinflow contract`` command group: the one already registered, else a new one."""
+    for info in app.registered_groups:
+        if info.name == "contract":
+            return info.typer_instance
+    group = typer.Typer(help="Fleet contracts: what a fleet's data is (see twinflow/contract/).",
+                        no_args_is_help=True)
+    app.add_typer(group, name="contract")
+    return group
+
+
+def contract_check(
+    contract: str = typer.Argument(..., help="Fleet contract: YAML path or bundled name (cmapss, pumps)."),
+    files: List[Path] = typer.Argument(..., help="Files or folders to check, as a landing folder is read."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Ingest parameter key=value overriding the "
+                                                            "contract's file rules (dataset, format, columns...)."),
+) -> None:
+    """Dry-run the ingest's parsing and validation of FILES against CONTRACT; writes nothing.
+
+    Prints per file the rows that would reach the lake and those that would be quarantined, then the
+    quarantined rows per reason over all files. Exits 1 when some telemetry file would keep no row.
+    Duplicate keys across files or against the lake are not checked (they need the lake).
+    """
+    from pydantic import ValidationError
+
+    from twinflow.contract import load_contract
+    from twinflow.tasks.ingest.check import check_files, reason_totals
+
+    fleet = load_contract(contract)
+    try:
+        checks = check_files([str(f) for f in files], fleet, **_parse_params(param))
+    except ValidationError as exc:
+        raise _param_error(exc, "contract check") from None
+    console.print(f"contract {fleet.summary()}")
+    table = Table(title="files")
+    for col in ("file", "dataset", "rows", "kept", "quarantined", "top reasons / why skipped"):
+        table.add_column(col, overflow="fold")
+    for c in checks:
+        name = Path(c.path).name
+        if c.kind != "telemetry":
+            table.add_row(name, "-", "-", "-", "-", f"[dim]skipped: {c.note}[/]")
+            continue
+        top = "; ".join(f"{k} x{v}" for k, v in sorted(c.reasons.items(), key=lambda kv: -kv[1])[:3])
+        style = "[red]" if c.nothing_kept else ""
+        table.add_row(name, c.dataset, str(c.rows_read), f"{style}{c.rows_ok}", str(c.rows_quarantined),
+                      c.file_error or top)
+    console.print(table)
+    totals = reason_totals(checks)
+    if totals:
+        reasons = Table(title="quarantined rows per reason")
+        reasons.add_column("reason", overflow="fold")
+        reasons.add_column("rows", justify="right")
+        for k, v in totals.items():
+            reasons.add_row(k, str(v))
+        console.print(reasons)
+    read = sum(c.rows_read for c in checks)
+    kept = sum(c.rows_ok for c in checks)
+    console.print(f"{sum(c.kind == 'telemetry' for c in checks)} telemetry file(s), {read} rows: {kept} would "
+                  f"reach the lake, {read - kept} would be quarantined; "
+                  f"{sum(c.kind != 'telemetry' for c in checks)} file(s) skipped")
+    empty = [Path(c.path).name for c in checks if c.nothing_kept]
+    if empty:
+        raise TwinflowError(f"{len(empty)} file(s) would keep no row: {', '.join(empty[:5])}"
+                            + (" ..." if len(empty) > 5 else ""))
+
+
 def _register_extensions() -> None:
     # Commands owned by other subpackages (serve, backfill, blocks, stream) register themselves here.
     from twinflow.tasks.bridge.cli import register_commands as register_stream
 
     register_stream(app)
+    group = _contract_group()
+    if not any(c.name == "check" for c in group.registered_commands):
+        group.command("check")(contract_check)
     try:
         from twinflow.deployments.cli import register_commands
     except ImportError:
