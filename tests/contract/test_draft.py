@@ -229,3 +229,19 @@ def test_repeated_headers_stay_separate_channels(tmp_path):
     assert draft.contract.channel_names == ["temp", "temp_2"]
     assert draft.contract.channel("temp_2").range[1] >= 34  # the second column's values, not the first's
     assert any("'temp' repeats 'temp'" in n for n in draft.notes)
+
+
+def test_the_draft_ingests_its_own_samples(pump_landing):
+    """The onboarding loop: init on a plant's files, then ingest's dry run with the draft keeps every clean
+    reading; only faulty rows (spikes) may be quarantined."""
+    from twinflow.tasks.ingest.check import check_files
+
+    landing, fleet = pump_landing
+    drafted = draft_contract([landing]).contract
+    checks = [c for c in check_files([landing], drafted) if c.kind == "telemetry"]
+    assert len(checks) == 14 and not any(c.file_error for c in checks)
+    clean = int((fleet.readings["fault"].to_numpy() == 0).sum())
+    faulty = fleet.readings.num_rows - clean
+    assert sum(c.rows_read for c in checks) == fleet.readings.num_rows
+    assert sum(c.rows_ok for c in checks) >= clean
+    assert 0 < sum(c.rows_quarantined for c in checks) <= faulty

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from datetime import date, timedelta
 from itertools import groupby
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -261,3 +262,22 @@ def test_the_event_log_cuts_the_histories_into_the_true_lives(fleet, landing):
                   for lf in fleet.lives if lf["end_reason"] != "censored")
     assert got == want
     assert sum(s["end_reason"] == "running" for s in segments) == len(extents)  # every pump still runs
+
+
+def test_ingest_keeps_every_reading_but_the_broken_ones(fleet, landing):
+    """A dry run of ingest with the bundled contract: only out-of-range spikes are quarantined; blanks and
+    sentinels are kept (as nulls), and no row is lost to jitter, gaps or plant headers."""
+    from twinflow.tasks.ingest.check import check_files
+
+    checks = check_files([landing], PUMPS)
+    telemetry = [c for c in checks if c.kind == "telemetry"]
+    assert len(telemetry) == 60 and {c.dataset for c in telemetry} == {"pumps"}
+    assert {Path(c.path).name for c in checks if c.kind != "telemetry"} == {"events.csv", "ground_truth.json"}
+    r = fleet.readings
+    values = np.stack([r[c].to_numpy(zero_copy_only=False) for c in PUMPS.channel_names], axis=1)
+    low = np.array([c.low for c in PUMPS.channels])
+    high = np.array([c.high for c in PUMPS.channels])
+    broken = (((values < low) | (values > high)) & ~np.isin(values, PUMPS.sentinels)).any(axis=1)
+    assert sum(c.rows_read for c in telemetry) == r.num_rows
+    assert sum(c.rows_quarantined for c in telemetry) == int(broken.sum()) > 0
+    assert all("outside valid range" in reason for c in telemetry for reason in c.reasons)
