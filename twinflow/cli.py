@@ -349,6 +349,97 @@ def doctor() -> None:
     console.print(table)
 
 
+# --- twinflow contract: onboarding a fleet -------------------------------------------------------------
+# One group for the contract commands (`init` here; `check` and others join it with
+# @contract_app.command).
+contract_app = typer.Typer(help="Fleet contracts: describe your own machines' data (draft, check).",
+                           no_args_is_help=True)
+app.add_typer(contract_app, name="contract")
+
+
+@contract_app.command("init")
+def contract_init(
+    files: List[Path] = typer.Argument(..., help="Sample files (CSV, CSV.gz, Parquet, header-less text) or folders."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the drafted contract (YAML)."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Contract name (default: from the file names)."),
+    asset: Optional[str] = typer.Option(None, "--asset", help="The asset-id column, if the guess is wrong."),
+    time: Optional[str] = typer.Option(None, "--time", help="The clock column, if the guess is wrong."),
+    margin: float = typer.Option(0.5, "--margin", min=0.0, help="Range margin beyond the 0.1/99.9 % quantiles, "
+                                                                 "as a share of their span."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
+) -> None:
+    """Draft a fleet contract from sample files, for you to review before any run uses it."""
+    from twinflow.contract.draft import draft_contract, draft_yaml
+
+    if output.exists() and not force:
+        raise ConfigError(f"{output} exists; pass --force to overwrite it")
+    draft = draft_contract(list(files), name=name, asset=asset, time=time, margin=margin)
+    text = draft_yaml(draft)
+    _write_text_atomic(output, text)
+    c = draft.contract
+    console.print(f"wrote {output}: {c.summary()}")
+    for note in draft.notes:
+        console.print(f"  - {note}", markup=False, highlight=False)
+    console.print("Review it (units, ranges, setting vs sensor), then use it with --contract or "
+                  "TWINFLOW_CONTRACT.")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- twinflow generate: example fleets as files -------------------------------------------------------
+generate_app = typer.Typer(help="Generate example fleets into a landing folder, as a plant would export them.",
+                           no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
+
+
+@generate_app.command("pumps")
+def generate_pumps_cmd(
+    landing: Path = typer.Option(..., "--landing", help="Folder the files are written to."),
+    pumps: int = typer.Option(20, "--pumps", help="Number of pumps."),
+    days: int = typer.Option(120, "--days", help="Days of 10-minute readings."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Other generator parameter key=value "
+                                                              "(see twinflow.fleets.PumpFleetParams)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="Ground-truth JSON path "
+                                                               "(default <landing>/ground_truth.json)."),
+) -> None:
+    """A centrifugal-pump fleet (contract `pumps`): daily CSVs, events.csv and the ground truth."""
+    from pydantic import ValidationError
+
+    from twinflow.fleets.pumps import PumpFleetParams, generate_pumps, write_pumps
+
+    try:
+        params = PumpFleetParams(**{**_parse_params(param), "n_pumps": pumps, "days": days, "seed": seed})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        if err.get("type") == "extra_forbidden":
+            raise ConfigError(f"--param {key}: not a parameter of the pump generator (known: "
+                              f"{', '.join(PumpFleetParams.model_fields)})") from None
+        raise ConfigError(f"{key}: {str(err.get('msg')).removeprefix('Value error, ')} "
+                          f"(got {err.get('input')!r})") from None
+    fleet = generate_pumps(params)
+    paths = write_pumps(fleet, landing, truth)
+    ends: dict[str, int] = {}
+    for life in fleet.lives:
+        ends[life["end_reason"]] = ends.get(life["end_reason"], 0) + 1
+    console.print(f"wrote {len(paths) - 2} daily files, {paths[-2].name} ({fleet.events.num_rows} events) and "
+                  f"{paths[-1]} to {landing}: {fleet.readings.num_rows} readings of {params.n_pumps} pumps, "
+                  f"{len(fleet.lives)} lives ({', '.join(f'{v} {k}' for k, v in sorted(ends.items()))})")
+
+
 def _contract_group() -> typer.Typer:
     """The ``twinflow contract`` command group: the one already registered, else a new one."""
     for info in app.registered_groups:
