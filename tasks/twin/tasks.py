@@ -167,7 +167,8 @@ def _landing_table(table, contract: FleetContract, columns: list[str] | None):
     key = contract.key
     time = table.column(key)
     if contract.clock.kind == "timestamp":
-        time = pc.strftime(time, format="%Y-%m-%dT%H:%M:%SZ")
+        # Whole seconds (generated times are whole clock units): Arrow's %S would print microseconds.
+        time = pc.strftime(time.cast(pa.timestamp("s", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
 
     def field(lake_name: str):
         if lake_name == ASSET:
