@@ -127,8 +127,8 @@ def fleet_contract(model: TwinModel, contract: FleetContract | None = None) -> F
         from twinflow.contract.store import resolve_contract
 
         contract = resolve_contract(None)
-    wrong = [s for s in model.settings if s not in contract.settings] + \
-        [s for s in model.sensors if s not in contract.sensors]
+    settings, sensors = set(contract.settings), set(contract.sensors)
+    wrong = [s for s in model.settings if s not in settings] + [s for s in model.sensors if s not in sensors]
     if wrong or contract.time_unit != model.time_unit:
         raise ConfigError(
             f"the twin ({model.source}; channels {model.settings + model.sensors}, clock unit "

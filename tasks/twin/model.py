@@ -119,8 +119,8 @@ class TwinModel(BaseModel):
             raise ValueError("a channel is listed twice in settings/sensors")
         if self.contract is not None:
             c = self.contract
-            wrong = [s for s in self.settings if s not in c.settings] + \
-                [s for s in self.sensors if s not in c.sensors]
+            settings, sensors = set(c.settings), set(c.sensors)
+            wrong = [s for s in self.settings if s not in settings] + [s for s in self.sensors if s not in sensors]
             if wrong:
                 raise ValueError(f"channels {wrong} are not declared with that kind (setting/sensor) by "
                                  f"contract {c.name!r} v{c.version}")
