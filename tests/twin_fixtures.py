@@ -15,13 +15,15 @@ import pyarrow as pa
 SENSOR_NAN_SHARE = 0.03
 
 
-def pump_fleet(n_pumps: int = 20, seed: int = 0, no_current: int = 4) -> tuple[pa.Table, np.ndarray]:
+def pump_fleet(n_pumps: int = 20, seed: int = 0, no_current: int = 4, wear: float = 1.0
+               ) -> tuple[pa.Table, np.ndarray]:
     """Rows of ``n_pumps`` pumps from installation to failure, and each pump's true life in hours.
 
     Args:
         n_pumps: Pumps in the fleet.
         seed: Random seed.
         no_current: The first pumps have no motor-current sensor (the channel is NaN for them).
+        wear: How strongly wear shows in the sensors (0: not at all).
 
     Returns:
         ``(table, lifetimes_h)``: a table with ``asset_id``, ``timestamp`` (UTC) and pump channels, and
@@ -42,7 +44,7 @@ def pump_fleet(n_pumps: int = 20, seed: int = 0, no_current: int = 4) -> tuple[p
         secs = np.sort(secs[keep])
         m = len(secs)
         age = secs / 3600.0
-        damage = (age / life_h) ** 2
+        damage = wear * (age / life_h) ** 2
         regime = (np.floor(age / 8.0) % 2).astype(int)  # the set point alternates every 8 h
         noise = rng.standard_normal((8, m))
         inlet = 20.0 + 0.5 * noise[0]

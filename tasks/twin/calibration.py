@@ -32,6 +32,8 @@ from twinflow.tasks.twin.model import (
 # More distinct operating conditions than this (each >= min_share of the rows) means the settings vary
 # continuously: the twin then models one regime whose settings scatter around their means.
 _MAX_REGIMES = 12
+# Least share of a sensor's within-regime variance that wear must explain in at least one channel.
+_MIN_TREND = 0.01
 # Share of the rows the discrete regimes must cover for the settings to count as discrete.
 _REGIME_COVERAGE = 0.9
 
@@ -309,9 +311,9 @@ def calibrate(frame, *, contract: FleetContract | None = None, process_noise: fl
         raise DegenerateCalibration(
             f"no sensor channel of {where} varies ({'; '.join(parts)}): the twin needs at least one sensor "
             "channel that trends with wear, read on two or more assets")
-    for j, s in enumerate(sensors):
-        if not informative[j]:
-            notes.append(f"sensor {s} does not vary (or has too few readings): modelled as constant")
+    flat = [s for j, s in enumerate(sensors) if not informative[j]]
+    if flat:
+        notes.append(f"sensors without variation (or with too few readings), modelled as constant: {', '.join(flat)}")
     grid = np.asarray(b_grid if b_grid is not None else np.round(np.arange(1.0, 3.01, 0.1), 2))
     log_life = np.log(life)
     log_age = np.log(np.maximum(age, 1e-12))
@@ -333,11 +335,23 @@ def calibrate(frame, *, contract: FleetContract | None = None, process_noise: fl
     noise = _column_std(resid, ok_y)
     gain[~informative] = 0.0
     noise[~informative] = 0.0
-    r2 = {}
+    r2, trend = {}, {}
     for j, s in enumerate(sensors):
         if informative[j]:
             rows = ok_y[:, j]
             r2[s] = float(1 - resid[rows, j].var() / y[rows, j].var())
+            # Share of the variance left by the regimes that wear explains: a channel that only moves
+            # with the operating regime (or only scatters) says nothing about the wear.
+            lab = labels[rows]
+            by_regime = np.bincount(lab, weights=y[rows, j], minlength=k) / np.maximum(np.bincount(lab, minlength=k), 1)
+            left = float(np.var(y[rows, j] - by_regime[lab]))
+            trend[s] = 1.0 - float(resid[rows, j].var()) / left if left > 0 else 0.0
+    if max(trend.values()) < _MIN_TREND:
+        best = max(trend, key=trend.get)
+        raise DegenerateCalibration(
+            f"no sensor channel of {where} trends with wear: the best, {best}, has {trend[best]:.2%} of its "
+            f"variance (beyond the operating regimes) explained by the wear the lifetimes imply; the twin needs at least one "
+            f"channel whose readings drift as assets approach failure")
 
     # Initial wear: weighted damage estimate from all informative sensors over each asset's first
     # steps, minus the model's damage there; its spread (less the estimation noise) is d's spread.

@@ -127,3 +127,10 @@ def test_degenerate_pump_data_is_a_clear_error(tmp_path, all_nan, match):
     snap = lake.write_lake_table(constant_pump_fleet(all_nan=all_nan), str(tmp_path), "pumps", "b1", contract=PUMPS)
     with pytest.raises(twin.DegenerateCalibration, match=match):
         calibrate_twin.fn(twin.TwinParams(), snap)
+
+
+def test_sensors_that_do_not_trend_with_wear_are_a_clear_error(tmp_path):
+    table, _ = pump_fleet(n_pumps=6, seed=2, wear=0.0)  # sensors follow the regimes and scatter, no more
+    snap = lake.write_lake_table(table, str(tmp_path), "pumps", "b1", contract=PUMPS)
+    with pytest.raises(twin.DegenerateCalibration, match="trends with wear"):
+        calibrate_twin.fn(twin.TwinParams(), snap)
