@@ -350,8 +350,8 @@ def calibrate(frame, *, contract: FleetContract | None = None, process_noise: fl
         best = max(trend, key=trend.get)
         raise DegenerateCalibration(
             f"no sensor channel of {where} trends with wear: the best, {best}, has {trend[best]:.2%} of its "
-            f"variance (beyond the operating regimes) explained by the wear the lifetimes imply; the twin needs at least one "
-            f"channel whose readings drift as assets approach failure")
+            "variance (beyond the operating regimes) explained by the wear the lifetimes imply; the twin needs "
+            "at least one channel whose readings drift as assets approach failure")
 
     # Initial wear: weighted damage estimate from all informative sensors over each asset's first
     # steps, minus the model's damage there; its spread (less the estimation noise) is d's spread.
