@@ -62,7 +62,8 @@ def simulate(params: TwinParams | None = None, snapshot: LakeSnapshot | None = N
     Steps:
         1. Validate ``params`` (Pydantic, before any cluster work) and that the snapshot exists.
         2. ``calibrate-twin``: fit the degradation/sensor model to the snapshot's run-to-failure
-           assets (the bundled FD001 training set without a snapshot); KS fit statistic.
+           assets (the bundled FD001 training set without a snapshot) by the snapshot's fleet
+           contract: its setting and sensor channels, ages in its clock's unit; KS fit statistic.
         3. ``load-rul-error-model``: the champion model's residuals from MLflow, or the stated
            Gaussian fallback (with a warning).
         4. ``simulate-policies``: scenario batches (fixed split, seeds spawned from ``params.seed``)
@@ -71,7 +72,7 @@ def simulate(params: TwinParams | None = None, snapshot: LakeSnapshot | None = N
            curve, health fan chart) and a Prefect markdown artifact with the recommendation.
 
     Args:
-        params: Study parameters (defaults: ``TwinParams()``).
+        params: Study parameters (defaults: ``TwinParams()``); durations in the contract clock's unit.
         snapshot: Lake dataset of run-to-failure telemetry to calibrate on.
 
     Returns:

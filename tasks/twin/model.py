@@ -82,7 +82,8 @@ class TwinModel(BaseModel):
     sensor_base: list[list[float]] = Field(default_factory=lambda: [[]])
     sensor_gain: list[float] = Field(default_factory=list)
     sensor_noise: list[float] = Field(default_factory=list)
-    time_unit: str = Field("cycle", description="Unit of ages, lifetimes and one simulation step.")
+    time_unit: Literal["cycle", "s", "min", "h", "d"] = Field(
+        "cycle", description="Unit of ages, lifetimes and one simulation step (the contract clock's unit).")
     contract: FleetContract | None = Field(None, description="The fleet contract the twin was calibrated on.")
     source: str = "default"
 
