@@ -131,15 +131,15 @@ def run_policy_study(model: TwinModel, params: TwinParams, error_model: RulError
 def _landing_rule(contract: FleetContract) -> tuple[str, list[str] | None]:
     """The landing file name pattern and (header-less text) field order generated files follow.
 
-    The contract's first telemetry rule with a plain ``*.txt`` or ``*.csv`` glob: files named after
-    it are routed to telemetry by the ingest stage (never to events or labels).
+    A telemetry rule with a plain ``*.txt`` or ``*.csv`` glob, so that the ingest stage routes the
+    files to telemetry (never to events or labels); one whose histories end in failure
+    (``life_end: failure``) first, because a generated fleet is run to failure.
 
     Returns:
         ``(glob, columns)``: ``columns`` lists the text fields of a ``format: text`` rule, None for CSV.
     """
-    for rule in contract.datasets:
-        if rule.kind != "telemetry":
-            continue
+    rules = [r for r in contract.datasets if r.kind == "telemetry"]
+    for rule in sorted(rules, key=lambda r: r.life_end != "failure"):
         for glob in rule.match:
             if glob.count("*") != 1 or any(ch in glob for ch in "?["):
                 continue

@@ -131,6 +131,9 @@ def test_generated_landing_files_pass_ingest(runtime):
 
     refs = generate(twin.GenerateParams(n_assets=12, seed=4, dataset="synthetic", target="landing", chunk_assets=5))
     assert len(refs) == 3 and all(r.rows_written > 0 for r in refs)
+    # Named after the contract's run-to-failure text rule: generated lives end in failure.
+    rule = load_contract("cmapss").rule_for(Path(refs[0].path).name)
+    assert rule.format == "text" and rule.life_end == "failure"
     result = ingest(IngestParams(landing=str(Path(refs[0].path).parent), dataset="synthetic"))
     assert result.rows_quarantined == 0
     assert result.rows_written == sum(r.rows_written for r in refs)
