@@ -188,6 +188,7 @@ def test_events_and_ground_truth_agree_with_the_lives(fleet, landing):
     assert np.isfinite(rul[failed]).all() and np.isnan(rul[~failed]).all() and (rul[failed] >= -0.1).all()
 
 
+@pytest.mark.slow  # ~60 s: a GBM on 24 pumps x 90 days
 def test_rul_is_learnable_from_windowed_sensor_features():
     """Hours to failure predicted from per-row rolling sensor medians on pumps the model never saw."""
     from sklearn.ensemble import HistGradientBoostingRegressor
