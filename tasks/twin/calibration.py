@@ -22,6 +22,7 @@ from twinflow.contract.model import Channel, ContractRef, FleetContract
 from twinflow.contracts import ASSET
 from twinflow.errors import ConfigError
 from twinflow.tasks.twin.fleet import sample_lifetimes
+from twinflow.tasks.twin.survival import KmCheck, WeibullFit, kaplan_meier, km_check, weibull_fit
 from twinflow.tasks.twin.model import (
     DegenerateCalibration,
     NoRunToFailureData,
@@ -36,6 +37,25 @@ _MAX_REGIMES = 12
 _MIN_TREND = 0.01
 # Share of the rows the discrete regimes must cover for the settings to count as discrete.
 _REGIME_COVERAGE = 0.9
+
+
+class LifeCheck(BaseModel):
+    """The lifetime check that stays valid with suspensions (see :mod:`twinflow.tasks.twin.survival`).
+
+    Attributes:
+        failures: Lives that ended in a failure.
+        suspensions: Lives censored by a renewal, or still running.
+        weibull: The Weibull fitted with suspensions (with a failure-free period).
+        weibull_km: How the Weibull follows the Kaplan–Meier bands.
+        twin_km: How the twin's simulated lifetimes follow the same bands (replaces the KS test, which
+            compares complete lifetimes only and is biased when lives are censored).
+    """
+
+    failures: int
+    suspensions: int
+    weibull: WeibullFit | None = None
+    weibull_km: KmCheck | None = None
+    twin_km: KmCheck | None = None
 
 
 class CalibrationReport(BaseModel):
@@ -57,6 +77,9 @@ class CalibrationReport(BaseModel):
     contract: ContractRef | None = None
     fallback: bool = False
     notes: list[str] = Field(default_factory=list)
+    # From the life segments (failures and suspensions), where the snapshot has them.
+    lives: LifeCheck | None = None
+
 
 
 def ks_statistic(x: Sequence[float], y: Sequence[float]) -> float:
@@ -426,6 +449,68 @@ def _check_finite(params: dict, where: str) -> None:
     if bad:
         raise DegenerateCalibration(f"calibration on {where} gave non-finite parameter(s) "
                                     f"{', '.join(bad)}: the data cannot determine the twin")
+
+
+def select_failure_lives(frame, segments, contract: FleetContract, min_lifetime: float):
+    """Rows of the lives that ended in an observed failure, each life its own asset.
+
+    Life segments (``<dataset>__segments``: failure, censored, running) come from the event log or the
+    dataset rule's ``life_end``; only failure-ended lives show a whole degradation path. An asset with
+    several lives (renewed after a failure) contributes each as ``<asset>#<segment>``.
+
+    Returns:
+        ``(frame of kept rows, number of lives excluded: censored, running or shorter than
+        ``min_lifetime``)``.
+    """
+    import pandas as pd
+
+    seg = segments.to_pandas()
+    key = contract.key
+    failed = seg[(seg["end_reason"] == "failure") & (seg["duration"] >= min_lifetime)]
+    excluded = len(seg) - len(failed)
+    if frame.empty or failed.empty:
+        return frame.iloc[0:0], excluded
+    multi = seg.groupby(ASSET)["segment"].transform("size") > 1
+    seg_names = np.where(multi, seg[ASSET].astype(str) + "#" + seg["segment"].astype(str), seg[ASSET].astype(str))
+    names = dict(zip(zip(seg[ASSET].astype(str), seg["segment"]), seg_names))
+    ticks = frame[key].astype("int64") if contract.clock.kind == "cycle" else \
+        pd.to_datetime(frame[key], utc=True).astype("datetime64[us, UTC]")
+    rows = frame.assign(_t=ticks).sort_values("_t", kind="stable")
+    lives = failed.assign(start=failed["start"].astype(ticks.dtype), end=failed["end"].astype(ticks.dtype))
+    lives = lives.sort_values("start", kind="stable")
+    joined = pd.merge_asof(rows, lives[[ASSET, "segment", "start", "end"]].rename(columns={"start": "_t"}),
+                           on="_t", by=ASSET, direction="backward")
+    inside = joined["segment"].notna() & (joined["_t"] <= joined["end"])
+    kept = joined[inside].copy()
+    kept[ASSET] = [names[(str(a), int(k))] for a, k in zip(kept[ASSET], kept["segment"])]
+    return kept.drop(columns=["_t", "segment", "end"]).sort_values([ASSET, key], kind="stable"), excluded
+
+
+def life_check(segments, simulated_lifetimes: Sequence[float]) -> LifeCheck:
+    """Weibull with suspensions and Kaplan–Meier over every life, and the twin's lifetimes against it."""
+    seg = segments.to_pandas()
+    durations = seg["duration"].to_numpy(float)
+    keep = durations > 0
+    durations, observed = durations[keep], (seg["end_reason"] == "failure").to_numpy()[keep]
+    check = LifeCheck(failures=int(observed.sum()), suspensions=int((~observed).sum()))
+    if check.failures < 2:
+        return check
+    km = kaplan_meier(durations, observed)
+    try:
+        check.weibull = weibull_fit(durations, observed, location=True)
+        check.weibull_km = km_check(check.weibull, km)
+    except ValueError:
+        pass
+    sim = np.sort(np.asarray(simulated_lifetimes, float))
+    if len(sim):
+        def twin_survival(t: np.ndarray) -> np.ndarray:
+            return 1.0 - np.searchsorted(sim, t, side="right") / len(sim)
+
+        try:
+            check.twin_km = km_check(twin_survival, km)
+        except ValueError:
+            pass
+    return check
 
 
 def select_run_to_failure(frame, truncated_sources: str, min_lifetime: float,

@@ -147,6 +147,7 @@ def log_study_run(params: TwinParams, model: TwinModel, report: CalibrationRepor
     with tracked_run("simulate", stage="simulate", params=params, tags=tags) as run:
         metrics = {"calibration_ks": report.ks_statistic, "calibration_assets": report.n_assets,
                    "twin_b": report.b}
+        metrics.update(lives_metrics(report))
         rec = next(r for r in rows if r["policy"] == best)
         for key in ("expected_cost", "cost_ci_low", "cost_ci_high", "p_best"):
             metrics[f"recommended_{key}"] = rec.get(key)
@@ -163,3 +164,19 @@ def log_study_run(params: TwinParams, model: TwinModel, report: CalibrationRepor
             mlflow.log_figure(fig, name)
             plt.close(fig)
         return run.info.run_id
+
+
+def lives_metrics(report) -> dict[str, float]:
+    """The lifetime check with suspensions as MLflow metrics (empty without life segments)."""
+    lives = report.lives
+    if lives is None:
+        return {}
+    out = {"lives_failures": lives.failures, "lives_suspensions": lives.suspensions}
+    if lives.weibull is not None:
+        out.update(weibull_shape=lives.weibull.shape, weibull_scale=lives.weibull.scale,
+                   weibull_location=lives.weibull.location)
+    if lives.weibull_km is not None:
+        out["weibull_km_inside"] = lives.weibull_km.inside_share
+    if lives.twin_km is not None:
+        out["calibration_km_inside"] = lives.twin_km.inside_share
+    return {k: float(v) for k, v in out.items()}

@@ -21,7 +21,7 @@ functions are pure numpy/scipy (no survival library needed for two closed-form l
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from pydantic import BaseModel
@@ -208,8 +208,10 @@ class KmCheck(BaseModel):
     threshold: float
 
 
-def km_check(fit: WeibullFit, km: KaplanMeier, threshold: float = 0.9, min_at_risk: int = 5) -> KmCheck:
-    """Share of failure times at which the Weibull survival lies inside the KM 95 % band.
+def km_check(fit: "WeibullFit | Callable[[np.ndarray], np.ndarray]", km: KaplanMeier, threshold: float = 0.9,
+             min_at_risk: int = 5) -> KmCheck:
+    """Share of failure times at which a model's survival (a Weibull fit, or any survival function of
+    time) lies inside the KM 95 % band.
 
     The tail where fewer than ``min_at_risk`` lives remain is left out: its bands are too wide to say
     anything and too few lives to judge a fit by. ``passed`` when the share is at least ``threshold``.
@@ -218,7 +220,7 @@ def km_check(fit: WeibullFit, km: KaplanMeier, threshold: float = 0.9, min_at_ri
     keep = np.asarray(km.at_risk) >= min_at_risk
     if not keep.any():
         raise ValueError("no failure time has enough lives at risk for a Kaplan-Meier check")
-    model = fit.survival(times[keep])
+    model = np.asarray(fit.survival(times[keep]) if isinstance(fit, WeibullFit) else fit(times[keep]), float)
     lo, up = np.asarray(km.lower)[keep], np.asarray(km.upper)[keep]
     inside = (model >= lo - 1e-12) & (model <= up + 1e-12)
     share = float(inside.mean())

@@ -28,6 +28,8 @@ from twinflow.tasks.twin.calibration import (
     calibrate,
     default_model,
     read_cmapss_frame,
+    life_check,
+    select_failure_lives,
     select_run_to_failure,
 )
 from twinflow.tasks.twin.fleet import fleet_contract, generate_fleet
@@ -53,6 +55,20 @@ def _client():
 
 
 
+def _lives_note(report: CalibrationReport) -> str:
+    lives = report.lives
+    if lives is None:
+        return ""
+    out = f"; {lives.failures} failures, {lives.suspensions} suspensions"
+    if lives.weibull is not None:
+        out += (f"; Weibull with suspensions: shape {lives.weibull.shape:.2f}, scale {lives.weibull.scale:.1f}, "
+                f"failure-free {lives.weibull.location:.1f}")
+    if lives.twin_km is not None:
+        out += (f"; twin lifetimes inside the Kaplan-Meier band at {lives.twin_km.inside_share:.0%} of "
+                f"failure times ({'passed' if lives.twin_km.passed else 'FAILED'})")
+    return out
+
+
 @task(name="calibrate-twin", task_run_name=task_name(
     "calibrate-twin", lambda p: p["snapshot"].dataset if p.get("snapshot") is not None else "bundled_fd001"))
 def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[TwinModel, CalibrationReport]:
@@ -63,22 +79,33 @@ def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[T
     from twinflow.contract.store import load_contract
 
     logger = run_logger()
+    segments = None
     if snapshot is None:
         contract = load_contract(BUNDLED_CONTRACT)
         frame, where = read_cmapss_frame(), "bundled train_FD001"
     else:
-        from twinflow.lake import read_lake, snapshot_contract
+        from twinflow.lake import derived_name, read_lake, read_table, snapshot_contract
 
         contract = snapshot_contract(snapshot)
         cols = [ASSET, contract.key, *contract.channel_names, "source_file"]
         frame, where = read_lake(snapshot, columns=cols).to_pandas(), f"lake dataset {snapshot.dataset!r}"
-    kept, excluded = select_run_to_failure(frame, params.truncated_sources, params.min_lifetime, contract)
+        if snapshot.segments is not None:
+            segments = read_table(snapshot.lake_path, derived_name(snapshot.dataset, "segments"),
+                                  version=snapshot.segments)
+    if segments is not None:
+        # Lives from the event log / the dataset rules: failures show whole degradation paths; censored
+        # and running lives still count in the lifetime check below.
+        kept, excluded = select_failure_lives(frame, segments, contract, params.min_lifetime)
+    else:
+        kept, excluded = select_run_to_failure(frame, params.truncated_sources, params.min_lifetime, contract)
     if kept[ASSET].nunique() >= 2:
         model, report = calibrate(kept, contract=contract, process_noise=params.process_noise, seed=params.seed)
         report.excluded_assets = excluded
-        logger.info("twin calibrated on %d run-to-failure assets of %s (contract %s v%d, lifetimes in %s; "
-                    "KS %.3f, b=%.2f)", report.n_assets, where, contract.name, contract.version,
-                    unit_label(contract.time_unit), report.ks_statistic, report.b)
+        if segments is not None:
+            report.lives = life_check(segments, report.simulated_lifetimes)
+        logger.info("twin calibrated on %d run-to-failure lives of %s (contract %s v%d, lifetimes in %s; "
+                    "KS %.3f, b=%.2f%s)", report.n_assets, where, contract.name, contract.version,
+                    unit_label(contract.time_unit), report.ks_statistic, report.b, _lives_note(report))
         return model, report
     msg = (f"{where} has no run-to-failure assets to calibrate the twin on ({excluded} truncated or "
            f"shorter than {params.min_lifetime} {unit_label(contract.time_unit)})")
