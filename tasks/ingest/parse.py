@@ -164,8 +164,6 @@ def parse_times(col: pa.ChunkedArray | pa.Array, clock: Clock) -> tuple[pa.Array
     skipped local time takes the earlier instant); times with one are converted. Blank cells are null,
     not errors (the key check quarantines them as a missing timestamp).
     """
-    import pandas as pd
-
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     utc = pa.timestamp("us", tz="UTC")
     if pa.types.is_timestamp(arr.type):

@@ -100,7 +100,9 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
             for name in sorted(names | {o.dataset for o in run.outcomes}):
                 snap = ledger.snapshot(lake_path, name)
                 if snap is not None:
-                    run.snapshots[name] = snap
+                    # A table written before contracts has none stored: it is read with this run's.
+                    run.snapshots[name] = snap if snap.contract is not None else \
+                        snap.model_copy(update={"contract": contract})
         finally:
             ledger.close()
     return run

@@ -57,16 +57,16 @@ def _hash_stream(fs: Any, path: str) -> tuple[str, int]:
 class _TextStream(io.RawIOBase):
     """The text of a landing file as :func:`parse_bytes` sees it, in line-aligned chunks.
 
-    Decompresses gzip, normalises C-MAPSS whitespace chunk by chunk (every chunk ends with a newline, so
+    Decompresses gzip, normalises the whitespace of header-less text chunk by chunk (every chunk ends with a newline, so
     this equals normalising the whole text), and checks as it goes what :func:`parse_bytes` checks on the
     whole text: gzip integrity, UTF-8 (with the same byte offset), non-blank lines. After an error it reads
     as the end of the file; :meth:`drain` reads the rest only to finish the counts and checks.
     """
 
-    def __init__(self, fh: Any, gz: bool, cmapss: bool, count: bool = False):
+    def __init__(self, fh: Any, gz: bool, text: bool, count: bool = False):
         self._src = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
         self._count = count
-        self._cmapss = cmapss
+        self._text = text  # header-less whitespace-separated text: normalise its whitespace
         self._pending: list[bytes] = []  # checked chunks read ahead (header, blank-file checks)
         self._cur = b""
         self._off = 0
@@ -106,7 +106,7 @@ class _TextStream(io.RawIOBase):
                 chunk, self._carry = self._carry, b""
             if self._first:
                 chunk, self._first = strip_bom(chunk), False
-            if self._cmapss:
+            if self._text:
                 chunk = normalise_whitespace(chunk)
             if not chunk:
                 continue
@@ -275,7 +275,7 @@ class _StreamError(Exception):
 
 def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
                  stage: _Staged, route: Route) -> tuple[int, list[str]]:
-    """Parse a CSV or C-MAPSS text file batch by batch into ``stage``; return (rows read, notes).
+    """Parse a CSV or header-less text file batch by batch into ``stage``; return (rows read, notes).
 
     Mirrors :func:`parse_bytes` decision for decision (typed read, then all-string read after a conversion
     error; the same file-level errors in the same order of precedence).

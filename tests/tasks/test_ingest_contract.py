@@ -14,7 +14,7 @@ import pytest
 
 from twinflow import contracts as C
 from twinflow import lake as lk
-from twinflow.contract import Channel, dump_contract, load_contract
+from twinflow.contract import dump_contract, load_contract
 from twinflow.errors import ConfigError
 from twinflow.tasks.ingest import IngestParams, Ledger, read_lake, read_quarantine, run_local
 from twinflow.tasks.ingest.run import all_quarantined, ingest_sequence, process_files
