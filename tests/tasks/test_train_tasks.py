@@ -170,7 +170,7 @@ def test_no_champion_means_no_error_model(tmp_path):
 
 def test_cnn_windows_fit_and_pyfunc_roundtrip(tmp_path):
     pytest.importorskip("torch")
-    from twinflow.tasks.train_torch import make_windows
+    from twinflow.tasks.train.cnn import make_windows
 
     frame = pd.DataFrame({"a": ["x"] * 3 + ["y"] * 2, "c": [1, 2, 3, 1, 2], "f": [1.0, 2, 3, 10, 20]})
     w, order = make_windows(frame.iloc[::-1].reset_index(drop=True), "a", "c", ["f"], 3, np.zeros(1), np.ones(1))

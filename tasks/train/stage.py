@@ -3,13 +3,13 @@
 Pure functions take data and typed params and return data; the thin Prefect task at the bottom
 adds I/O (reading the feature dataset by reference). The flow in ``twinflow.flows.train`` strings
 the steps together. This module holds the stage's parameters and its search-and-evaluate body;
-each concept lives in its own module (all their public names are re-exported here, so
-``from twinflow.tasks.train import X`` keeps working):
+each concept lives in its own module (all their public names are re-exported here and by the
+package, so ``from twinflow.tasks.train import X`` keeps working):
 
-- :mod:`twinflow.tasks.train_data`: the feature dataset read, checked, split by asset; eval sets.
-- :mod:`twinflow.tasks.trainers`: the model zoo (``gbm``; ``cnn`` in ``train_torch``).
-- :mod:`twinflow.tasks.train_search`: random search, one trial per Dask task.
-- :mod:`twinflow.tasks.train_eval`: metrics, scoring a logged model, report plots.
+- :mod:`twinflow.tasks.train.data`: the feature dataset read, checked, split by asset; eval sets.
+- :mod:`twinflow.tasks.train.trainers`: the model zoo (``gbm``; ``cnn`` in :mod:`twinflow.tasks.train.cnn`).
+- :mod:`twinflow.tasks.train.tuning`: random search, one trial per Dask task.
+- :mod:`twinflow.tasks.train.eval`: metrics, scoring a logged model, report plots.
 - :mod:`twinflow.tasks.registry`: the champion/challenger promotion gate.
 """
 
@@ -35,7 +35,7 @@ from twinflow.tasks.registry import (
     decide_promotion,
     evaluate_task,
 )
-from twinflow.tasks.train_data import (
+from twinflow.tasks.train.data import (
     DataSpec,
     EvalSet,
     build_eval_set,
@@ -51,7 +51,7 @@ from twinflow.tasks.train_data import (
 )
 from twinflow.tasks.prognostics import PrognosticsReport
 from twinflow.tasks.promotion import PromotionMode, TwinGateParams
-from twinflow.tasks.train_eval import (
+from twinflow.tasks.train.eval import (
     evaluate_model_uri,
     evaluate_prognostics,
     log_prognostics,
@@ -64,7 +64,7 @@ from twinflow.tasks.train_eval import (
     regression_metrics,
     residuals_csv,
 )
-from twinflow.tasks.train_search import (
+from twinflow.tasks.train.tuning import (
     TRIAL_TAG,
     TrackingTarget,
     TrialOutcome,
@@ -73,7 +73,7 @@ from twinflow.tasks.train_search import (
     sample_hparams,
     search,
 )
-from twinflow.tasks.trainers import (
+from twinflow.tasks.train.trainers import (
     TRAINERS,
     FittedModel,
     GbmModel,

@@ -16,11 +16,11 @@ map over partitions on the Dask cluster whose results are small (a sample, momen
 I/O sits at the edges (:func:`plan_partitions`, :func:`read_partition`, :func:`write_partition`);
 the thin Prefect ``@task`` wrappers at the bottom add logging and retries.
 
-Where the parts live (all re-exported here, so ``from twinflow.tasks.features import ...`` keeps
-working): the parameters and fitted statistics in :mod:`twinflow.tasks.feature_params`, passes 1-2
-(regimes, normalisation moments) in :mod:`twinflow.tasks.feature_fit`, the window kernels in
-:mod:`twinflow.tasks.feature_kernels`. This module keeps pass 3 (the per-partition transform), the
-I/O edges, the partition jobs, their Dask drivers and the Prefect tasks.
+Where the parts live (the package :mod:`twinflow.tasks.features` re-exports them all): the
+parameters and fitted statistics in :mod:`.params`, passes 1-2 (regimes, normalisation moments) in
+:mod:`.fit`, the window kernels in :mod:`.kernels` (array module) and :mod:`.cpu` (numba). This
+module keeps pass 3 (the per-partition transform), the I/O edges, the partition jobs, their Dask
+drivers and the Prefect tasks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from twinflow import contracts
 from twinflow.errors import ConfigError
 from twinflow.naming import dataset_of_parts, task_name
 from twinflow.refs import LakeSnapshot
-from twinflow.tasks.feature_fit import (  # passes 1-2: regimes and normalisation; re-exported
+from twinflow.tasks.features.fit import (  # passes 1-2: regimes and normalisation; re-exported
     assign_regimes,
     combine_moments,
     compiled_kernels,
@@ -52,7 +52,7 @@ from twinflow.tasks.feature_fit import (  # passes 1-2: regimes and normalisatio
     partition_moments,
     sample_operating_settings,
 )
-from twinflow.tasks.feature_kernels import (  # the window kernels; re-exported for callers of this module
+from twinflow.tasks.features.kernels import (  # the window kernels; re-exported for callers of this module
     array_module,
     asset_shift,
     ewm_mean,
@@ -63,7 +63,7 @@ from twinflow.tasks.feature_kernels import (  # the window kernels; re-exported 
     rolling_features,
     to_numpy,
 )
-from twinflow.tasks.feature_params import (  # the stage's parameters and fitted statistics; re-exported
+from twinflow.tasks.features.params import (  # the stage's parameters and fitted statistics; re-exported
     EXECUTION_FIELDS,
     FIT_FILE,
     LABEL,
@@ -392,14 +392,13 @@ def stage_digest(snapshot_digest: str, lake_fp: str, params: FeatureParams,
 def code_version(*modules: Any) -> str:
     """Digest of the source files of the given modules (the stage's own modules always included).
 
-    The stage's own modules: this one, its parameters, the regime fit and both kernel modules, so an
-    edit to any code that shapes the output invalidates cached feature sets.
+    The stage's own modules: every ``.py`` file of this package (the transform, its parameters, the
+    regime fit and both kernel modules), so an edit to any code that shapes the output invalidates
+    cached feature sets, and a module added to the package is covered without a list to keep.
     """
     h = hashlib.sha256()
-    here = Path(__file__)
-    own = [str(here.with_name(n)) for n in ("feature_params.py", "feature_fit.py", "feature_kernels.py",
-                                             "features_cpu.py")]
-    for path in sorted({__file__, *own, *(getattr(m, "__file__", m) for m in modules)}):
+    own = [str(p) for p in Path(__file__).parent.glob("*.py")]
+    for path in sorted({*own, *(getattr(m, "__file__", m) for m in modules)}):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 

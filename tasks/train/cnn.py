@@ -121,7 +121,7 @@ class CnnModel:
         import mlflow.pyfunc
         from mlflow.models import infer_signature
 
-        from twinflow.tasks.trainers import pip_requirements
+        from twinflow.tasks.train.trainers import pip_requirements
 
         cols = ["asset_id", "cycle", *self.columns]
         x = example.rename(columns={self.asset: "asset_id", self.cycle: "cycle"})[cols]

@@ -1,7 +1,7 @@
 """Compiled CPU window kernels: every window statistic and EWM of a channel in one pass per asset.
 
 :func:`twinflow.tasks.features.compute_features` uses these on CPU when numba is installed; the
-array-module kernels in :mod:`twinflow.tasks.features` (NumPy or CuPy) stay the GPU path and the
+array-module kernels in :mod:`twinflow.tasks.features.kernels` (NumPy or CuPy) stay the GPU path and the
 reference the tests hold these to. Both give the same values up to float64 rounding: the same
 definitions (pandas ``groupby.rolling`` semantics, NaNs skipped, sample std, least-squares slope
 against the row's time, pandas ``ewm(adjust=True)``) and the same NaN rules.

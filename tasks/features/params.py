@@ -1,6 +1,6 @@
 """What the features stage computes: its parameters, the fitted normalisation it reuses, file names.
 
-Kept apart from the stage's code so that the regime fit (:mod:`twinflow.tasks.feature_fit`), the
+Kept apart from the stage's code so that the regime fit (:mod:`twinflow.tasks.features.fit`), the
 transform and the drivers (:mod:`twinflow.tasks.features`) share one definition without importing
 each other. Everything here is re-exported by :mod:`twinflow.tasks.features`.
 """

@@ -4,7 +4,7 @@ Arrays are ``(rows, channels)`` with rows sorted by asset and time; every kernel
 over all rows and channels of a partition at once, and windows are clipped at each asset's first
 row so they never cross assets. Python loops run only over windows, doubling levels (log2 of the
 window) or EWM scan steps (log2 of the EWM horizon), never over rows or assets. These are the GPU
-path and the reference of the compiled CPU kernels in :mod:`twinflow.tasks.features_cpu`.
+path and the reference of the compiled CPU kernels in :mod:`twinflow.tasks.features.cpu`.
 """
 
 from __future__ import annotations
