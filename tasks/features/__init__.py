@@ -9,8 +9,8 @@ flow is :mod:`twinflow.flows.features`; the stage's logic lives in this package,
   per-regime normalisation moments;
 - :mod:`.kernels`: the window kernels over an array module (NumPy, or CuPy on GPU workers);
 - :mod:`.cpu`: the same kernels compiled with numba (the CPU path);
-- :mod:`.stage`: pass 3 (the per-partition transform), the I/O edges, the Dask drivers and the thin
-  Prefect tasks.
+- :mod:`.transform`: pass 3, the features of one partition (:func:`compute_features`);
+- :mod:`.stage`: the I/O edges, the partition jobs, their Dask drivers and the thin Prefect tasks.
 
 This package re-exports their public names, so ``from twinflow.tasks.features import X`` needs no
 knowledge of the split.
@@ -37,7 +37,9 @@ from twinflow.tasks.features.kernels import (  # noqa: F401
     gstart_from_pos,
     resolve_backend,
     rolling_features,
+    time_window_features,
     to_numpy,
+    window_starts,
 )
 from twinflow.tasks.features.params import (  # noqa: F401
     EXECUTION_FIELDS,
@@ -47,14 +49,19 @@ from twinflow.tasks.features.params import (  # noqa: F401
     REGIME,
     SINCE_START,
     STATS,
+    TIME_SINCE_START,
     FeatureParams,
     FitStats,
     Stat,
+    since_start_name,
+)
+from twinflow.tasks.features.transform import (  # noqa: F401
+    compute_features,
+    feature_names,
+    time_ticks,
 )
 from twinflow.tasks.features.stage import (  # noqa: F401
     code_version,
-    compute_features,
-    feature_names,
     fit_statistics,
     fit_task,
     lake_fingerprint,

@@ -178,7 +178,10 @@ class TrainParams(BaseModel):
         true_rul_path: True RUL file of the C-MAPSS test protocol (one integer per test unit, in
             unit order), e.g. ``twinflow.data.cmapss_path("RUL_FD001.txt.gz")``. Used with the
             flow's ``test_features``.
-        nan_policy: ``reject`` NaN/inf in features (error names the columns) or ``drop`` rows.
+        nan_policy: ``reject`` NaN/inf in features (error names the columns), ``drop`` those rows,
+            or ``keep`` NaN features (missing readings, e.g. a channel some assets lack, or windows
+            with too few valid readings) for the model: ``gbm`` handles them natively, ``cnn`` reads
+            a missing value as the training mean. Inf and a missing label are rejected in every mode.
         use_registry: Register the model and run the promotion gate.
         threads_per_trial: BLAS/OpenMP (and torch CPU) threads per trial. Parallelism comes from
             trials; oversubscribed OpenMP threads on a busy machine are 10-20x slower.
@@ -200,7 +203,7 @@ class TrainParams(BaseModel):
     twin_gate: TwinGateParams = Field(default_factory=TwinGateParams)
     interval_level: float = Field(0.9, gt=0.0, lt=1.0)
     true_rul_path: str | None = None
-    nan_policy: Literal["reject", "drop"] = "reject"
+    nan_policy: Literal["reject", "drop", "keep"] = "reject"
     use_registry: bool = True
     threads_per_trial: int = Field(1, ge=1, le=256)
 

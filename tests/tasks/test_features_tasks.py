@@ -347,7 +347,7 @@ def test_ordered_partitions_skip_the_sort_with_the_same_result(case):
         frame = pd.concat([frame.iloc[50:], frame.iloc[:50]])
     elif case == "time out of order":
         frame.iloc[[3, 4]] = frame.iloc[[4, 3]].to_numpy()
-    from twinflow.tasks.features.stage import _codes_if_ordered
+    from twinflow.tasks.features.transform import _codes_if_ordered
 
     assert (_codes_if_ordered(frame) is not None) == (case == "ordered")
     fit = ft.identity_fit(["s2"])
