@@ -114,8 +114,9 @@ def check_frame(frame: pd.DataFrame, spec: DataSpec, *, nan_policy: str = "rejec
             bad[:, -1] |= np.isnan(values[:, -1])
     if bad.any():
         bad_cols = [c for c, b in zip(cols, bad.any(axis=0)) if b]
-        if nan_policy == "reject":
-            raise ConfigError(f"{what} has NaN/inf in columns {bad_cols} ({int(bad.any(axis=1).sum())} rows); "
+        if nan_policy != "drop":
+            what_bad = "NaN/inf" if nan_policy == "reject" else "inf (or a missing label)"
+            raise ConfigError(f"{what} has {what_bad} in columns {bad_cols} ({int(bad.any(axis=1).sum())} rows); "
                               "clean them or pass nan_policy='drop'")
         frame = frame.loc[~bad.any(axis=1)].reset_index(drop=True)
         if frame.empty:
