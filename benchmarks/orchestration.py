@@ -74,7 +74,8 @@ def _features_candidates(rt, home: Path):
         fit = ft.fit_statistics(parts, channels, op_columns, params)
         out = Path(tempfile.mkdtemp(prefix="feat-script-", dir=home))
         try:
-            return sum(s["rows"] for s in ft.transform_and_write(parts, fit, params, "numpy", str(out)))
+            return sum(s["rows"] for s in ft.transform_and_write(parts, fit, params, "numpy", str(out),
+                                                                   clock=contract.clock))
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
