@@ -129,7 +129,15 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
         backend = ft.resolve_backend(params.backend, rt.cluster.mode if rt.cluster else None)
         ft.array_module(backend)  # fail fast when CuPy is requested but missing
 
-        digest = ft.stage_digest(snapshot.digest, ft.lake_fingerprint(groups, snapshot.dataset_path, storage),
+        lives = None
+        if params.label and snapshot.segments is not None:
+            from twinflow.tasks.features.labels import lives_frame
+
+            # Labels come from each row's own life: failure-ended lives only (see labels.py).
+            lives = lives_frame(lake.read_table(snapshot.lake_path, lake.derived_name(snapshot.dataset, "segments"),
+                                                version=snapshot.segments, storage_options=storage))
+        source_digest = snapshot.digest if lives is None else f"{snapshot.digest}+segments@{snapshot.segments}"
+        digest = ft.stage_digest(source_digest, ft.lake_fingerprint(groups, snapshot.dataset_path, storage),
                                  params, fit_from.params_digest if fit_from else None,
                                  ft.code_version(__file__), contract.digest)
         final = Path(settings.features_path) / snapshot.dataset / digest
@@ -146,7 +154,7 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
             fit = ft.fit_task(parts, channels, op_columns, params, storage)
         tmp = ft.new_temp_dir(final)
         try:
-            summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage, clock)
+            summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage, clock, lives)
             names = ft.feature_names(fit, params, clock)
             keys = [contracts.ASSET, clock.key] + ([ft.LABEL] if params.label else [])
             summary = ft.summarise(summaries, names, keys)

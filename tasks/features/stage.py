@@ -53,7 +53,7 @@ from twinflow.tasks.features.fit import (
     sample_operating_settings,
 )
 from twinflow.tasks.features.kernels import array_module
-from twinflow.tasks.features.params import FIT_FILE, MANIFEST_FILE, FeatureParams, FitStats
+from twinflow.tasks.features.params import FIT_FILE, LABEL, MANIFEST_FILE, FeatureParams, FitStats
 from twinflow.tasks.features.transform import compute_features, feature_names
 
 log = logging.getLogger("twinflow.features")
@@ -206,17 +206,30 @@ def _feature_buffer(frame: pd.DataFrame, fit: FitStats, params: FeatureParams) -
 
 
 def transform_job(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, backend: str,
-                  out_dir: str, index: int, clock: Clock | None = None) -> dict[str, Any]:
-    """Compute one partition's features and write them; return its summary (rows, NaN counts)."""
+                  out_dir: str, index: int, clock: Clock | None = None,
+                  lives: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Compute one partition's features and write them; return its summary (rows, NaN counts).
+
+    ``lives``: the dataset's life segments (:func:`~twinflow.tasks.features.labels.lives_frame`): the
+    label then comes from each row's own life, NaN where that life did not end in a failure.
+    """
     xp = array_module(backend)
     keys, feats = compute_features(frame, fit, params, xp, buffer=_feature_buffer(frame, fit, params), clock=clock)
+    unlabelled = 0
+    if lives is not None and params.label and len(keys):
+        from twinflow.tasks.features.labels import segment_labels
+
+        rul = segment_labels(keys, lives, clock or Clock(), params.rul_cap)
+        unlabelled = int(np.isnan(rul).sum())
+        # Run-to-failure data keeps its integer cycles; censored rows need NaN, hence float.
+        keys[LABEL] = rul.astype(np.int32) if unlabelled == 0 and keys[LABEL].dtype == np.int32 else rul
     names = feature_names(fit, params, clock)
     name = f"part-{index:05d}.parquet"
     if len(keys):
         write_partition(keys, feats, names, os.path.join(out_dir, name), params.compression)
     return {"file": name if len(keys) else None, "rows": len(keys),
             "assets": int(keys[contracts.ASSET].nunique()) if len(keys) else 0,
-            "nan": nan_counts(keys, feats, names)}
+            "nan": nan_counts(keys, feats, names), "unlabelled": unlabelled}
 
 
 def stage_digest(snapshot_digest: str, lake_fp: str, params: FeatureParams,
@@ -368,7 +381,7 @@ def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_c
 
 def transform_and_write(parts: Sequence[Sequence[str]], fit: FitStats, params: FeatureParams,
                         backend: str, out_dir: str, storage_options: dict | None = None,
-                        clock: Clock | None = None) -> list[dict[str, Any]]:
+                        clock: Clock | None = None, lives: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Pass 3 on the cluster: features of every partition written under ``out_dir``.
 
     ``clock``: the data's clock (the fleet contract's); default a cycle clock.
@@ -378,7 +391,7 @@ def transform_and_write(parts: Sequence[Sequence[str]], fit: FitStats, params: F
     clock = clock or Clock()
     op_columns = fit.op_columns if fit.n_regimes > 1 else []
     ddf = lake_frame(parts, [contracts.ASSET, clock.key, *op_columns, *fit.kept], storage_options)
-    jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i, clock)
+    jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i, clock, lives)
             for i, p in enumerate(ddf.to_delayed())]
     with _dask() as client:
         from twinflow.runtime import gpu_resources
@@ -412,14 +425,16 @@ def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str],
       task_run_name=task_name("features-transform", lambda p: dataset_of_parts(p["parts"])))
 def transform_task(parts: list[list[str]], fit: FitStats, params: FeatureParams, backend: str,
                    out_dir: str, storage_options: dict | None = None,
-                   clock: Clock | None = None) -> list[dict[str, Any]]:
+                   clock: Clock | None = None, lives: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Compute and write the features of every partition into ``out_dir`` (pass 3)."""
     from prefect import get_run_logger
 
     # A retry starts from an empty directory: no file of a failed attempt survives.
     for leftover in Path(out_dir).glob("part-*.parquet"):
         leftover.unlink()
-    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options, clock)
-    get_run_logger().info("features: %d rows in %d partition(s) on %s", sum(s["rows"] for s in summaries),
-                          len(summaries), backend)
+    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options, clock, lives)
+    unlabelled = sum(s.get("unlabelled", 0) for s in summaries)
+    get_run_logger().info("features: %d rows in %d partition(s) on %s%s", sum(s["rows"] for s in summaries),
+                          len(summaries), backend,
+                          f"; {unlabelled} rows of censored or running lives carry no RUL label" if unlabelled else "")
     return summaries

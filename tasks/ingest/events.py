@@ -260,7 +260,7 @@ def build_segments(extents: Mapping[str, tuple[int, int]], events: pa.Table | No
                 continue  # an event at the very start renews nothing that was observed
             add(asset, k, origin, start, t, "failure" if meaning == "failure" else "censored", mode)
             k += 1
-            origin, start = t, t + 1 if cycle else t
+            origin, start = t, t + 1  # the next life starts one tick (cycle or µs) after the event
         if k == 0 or (last > origin and last >= start):
             ends_in_failure = (life_end or {}).get(asset, "running") == "failure"
             add(asset, k, origin, start, last, "failure" if ends_in_failure else "running", None)

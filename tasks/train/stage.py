@@ -256,11 +256,28 @@ class SearchOutcome:
     val_pred: np.ndarray | None = None
 
 
+def drop_unlabelled(frame, spec: DataSpec):
+    """Rows of censored or running lives carry no RUL label (NaN, from the life segments): they are
+    left out of training and said so, never treated as failures."""
+    import logging
+
+    if spec.label not in frame.columns:
+        return frame
+    missing = frame[spec.label].isna()
+    if missing.any():
+        logging.getLogger("twinflow.train").info(
+            "training excludes %d rows of %d censored or running lives (no observed failure, so no RUL label)",
+            int(missing.sum()), frame.loc[missing, spec.asset].nunique())
+        frame = frame.loc[~missing].reset_index(drop=True)
+    return frame
+
+
 def search_and_evaluate(features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
                         target: TrackingTarget | None, client: Any = None) -> SearchOutcome:
     """Read and check the features, split by asset, run the search, evaluate the best model."""
     spec = spec_for(features)
-    frame = check_frame(read_feature_frame(features), spec, nan_policy=params.nan_policy, min_assets=2)
+    frame = drop_unlabelled(read_feature_frame(features), spec)
+    frame = check_frame(frame, spec, nan_policy=params.nan_policy, min_assets=2)
     train, val = split_by_asset(frame, spec, params.val_fraction)
     outcomes = search(train, val, spec, params, target, client)
     with limit_threads(params.threads_per_trial):
