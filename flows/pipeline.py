@@ -182,28 +182,41 @@ def pipeline(params: PipelineParams) -> PipelineResult:
                                  "test_dataset": params.test_dataset}) as run:
             result = PipelineResult(mlflow_run_id=run.info.run_id)
             # Ingest and features get nested MLflow runs with their datasets as inputs, so the
-            # pipeline run shows lineage lake -> features -> model in the MLflow UI.
+            # pipeline run shows lineage lake -> features -> model in the MLflow UI. Each stage's
+            # upstream result goes in as ``wait_for`` (results, not states: Prefect links a subflow
+            # to the flow run whose result it receives), so the run graph draws the stage edges.
             with tracked_run(f"ingest-{landing_name(params.ingest.landing)}", stage="ingest", params=params.ingest):
-                result.ingest = ingest(params.ingest)
+                state = ingest(params.ingest, return_state=True)
+                result.ingest = state.result()
+                own_flow_run(state)
                 _log_ingest(result.ingest)
             train_snap = resolve_snapshot(result.ingest, params.train_dataset, rt.settings.lake_path,
                                    params.train_version)
             if "features" in params.stages:
                 with tracked_run(f"features-{train_snap.dataset}", stage="features", params=params.features):
                     log_lake_input(train_snap, context="source")
-                    result.features = features(train_snap, params.features)
+                    state = features(train_snap, params.features, return_state=True, wait_for=[result.ingest])
+                    result.features = state.result()
+                    own_flow_run(state)
                     _log_features(result.features)
                 if params.test_dataset:
                     test_snap = resolve_snapshot(result.ingest, params.test_dataset)
                     test_params = params.features.model_copy(update={"label": False})
                     with tracked_run(f"features-{test_snap.dataset}", stage="features", params=test_params):
                         log_lake_input(test_snap, context="source")
-                        result.test_features = features(test_snap, test_params, fit_from=result.features)
+                        state = features(test_snap, test_params, fit_from=result.features, return_state=True,
+                                         wait_for=[result.ingest])
+                        result.test_features = state.result()
+                        own_flow_run(state)
                         _log_features(result.test_features)
             if "train" in params.stages:
-                result.train = train(result.features, params.train, test_features=result.test_features)
+                result.train = train(result.features, params.train, test_features=result.test_features,
+                                     wait_for=[result.ingest])
             if "simulate" in params.stages:
-                result.simulate = simulate(params.simulate, snapshot=train_snap)
+                # Simulate reads the champion the train stage just gated: it waits for it.
+                result.simulate = simulate(params.simulate, snapshot=train_snap,
+                                           wait_for=[result.train] if result.train is not None else [result.ingest])
+            _log_pipeline_inputs(result, train_snap)
             report = pipeline_report(result, run.info.run_id)
             _log_summary(result, report)
             logger.info("pipeline finished:\n%s", "\n".join(f"  {k}: {v}" for k, v in result.summaries().items()))
@@ -278,6 +291,38 @@ def pipeline_report(result: PipelineResult, run_id: str) -> str:
     return "\n".join(lines)
 
 
+def own_flow_run(state: Any) -> None:
+    """Point the active stage run at its own subflow run in Prefect, not at the pipeline's.
+
+    The stage run is opened in the pipeline flow (so it nests under the pipeline run) and took the
+    pipeline's flow-run tags; the subflow's id comes with its state.
+    """
+    import mlflow
+
+    from twinflow.tracking import PREFECT_RUN_TAG, PREFECT_URL_TAG, prefect_tags
+
+    sub = getattr(getattr(state, "state_details", None), "flow_run_id", None)
+    if sub is None:
+        return
+    tags = {PREFECT_RUN_TAG: str(sub)}
+    parent = prefect_tags()
+    if parent.get(PREFECT_URL_TAG) and parent.get(PREFECT_RUN_TAG):
+        tags[PREFECT_URL_TAG] = parent[PREFECT_URL_TAG].replace(parent[PREFECT_RUN_TAG], str(sub))
+    mlflow.set_tags(tags)
+
+
+def _log_pipeline_inputs(result: PipelineResult, train_snap: LakeSnapshot) -> None:
+    """The pipeline run lists the datasets it read and produced (lake snapshot, feature sets)."""
+    import mlflow
+
+    from twinflow.tasks.train import dataset_for_mlflow
+
+    log_lake_input(train_snap, context="source")
+    for ref, context in ((result.features, "training"), (result.test_features, "evaluation")):
+        if ref is not None:
+            retry_store(mlflow.log_input, dataset_for_mlflow(ref, ref.params_digest), context=context)
+
+
 def _log_summary(result: PipelineResult, report: str) -> None:
     import mlflow
     from prefect.artifacts import create_markdown_artifact
@@ -307,11 +352,12 @@ def _log_ingest(result: IngestResult) -> None:
 def _log_features(ref: FeatureSetRef) -> None:
     import mlflow
 
-    from twinflow.tasks.train import dataset_for_mlflow, feature_digest
+    from twinflow.tasks.train import dataset_for_mlflow
 
     mlflow.log_metrics({"rows": ref.rows, "feature_columns": len(ref.feature_columns)})
-    mlflow.set_tag("twinflow.feature_path", ref.path)
-    retry_store(mlflow.log_input, dataset_for_mlflow(ref, feature_digest(ref)), context="output")
+    # One digest per feature set: the features stage's (its folder name, the report's).
+    mlflow.set_tags({"twinflow.feature_path": ref.path, "twinflow.feature_digest": ref.params_digest})
+    retry_store(mlflow.log_input, dataset_for_mlflow(ref, ref.params_digest), context="output")
 
 
 def log_lake_input(snap: LakeSnapshot, context: str) -> None:
