@@ -261,7 +261,9 @@ def champion_error_model(settings: Any) -> dict | None:
     local = download_artifacts(run_id=mv.run_id, artifact_path=RESIDUALS_ARTIFACT, tracking_uri=uri)
     df = pd.read_csv(local, dtype={"asset_id": str})
     return {
-        "model_uri": f"models:/{name}@{CHAMPION}",
+        # The version the alias resolved to, not the alias: what a reader of the run can reopen.
+        "model_uri": f"models:/{name}/{mv.version}",
+        "model_id": getattr(mv, "model_id", None),
         "version": str(mv.version),
         "run_id": mv.run_id,
         "eval_set": run.data.tags.get("twinflow.eval_set", ""),
@@ -512,8 +514,15 @@ def _record(client: Any, name: str, version: str, decision: Decision, features: 
                                                       "eval_asymmetry", "eval_alpha_accuracy", "eval_pi_coverage")}
     if shown["eval_rmse"] is None:
         shown["eval_rmse"] = decision.challenger_rmse
+    links = None
+    if run is not None:
+        from twinflow.verdict import plot_links, prefect_flow_run_url
+
+        links = {"Prefect flow run": prefect_flow_run_url(),
+                 **plot_links(run.info.experiment_id, run.info.run_id,
+                              ["plots/pred_vs_true.png", "plots/residuals_per_asset.png"])}
     retry_store(client.update_model_version, name, version,
-                description=version_description(decision, run_link_text=link, data=data, metrics=shown))
+                description=version_description(decision, run_link_text=link, data=data, metrics=shown, links=links))
     champ = champion_version(client, name)
     champ_line = "no champion yet" if champ is None else f"`{CHAMPION}` is v{champ.version} (run {champ.run_id})"
     retry_store(client.update_registered_model, name, description=(

@@ -34,6 +34,23 @@ EXPERIMENT_KIND = "custom_model_development"
 # initially "genai"), so a first visit could still land on the GenAI overview (mlflow/mlflow#24498).
 # Every link twinflow prints or writes carries the parameter.
 WORKFLOW_PARAM = "workflowType=machine_learning"
+# The runs table shows no metric column until a person picks some (MLflow's default columns are
+# Source, Models and Dataset). A "shared view" stored as an experiment tag
+# (``mlflow.sharedViewState.<key>``, what the UI's Share button writes) opens with the headline
+# metrics selected when the link names its key; every experiment link twinflow prints does.
+SHARED_VIEW_KEY = "twinflow-headline"
+SHARED_VIEW_TAG = f"mlflow.sharedViewState.{SHARED_VIEW_KEY}"
+HEADLINE_METRICS = ("eval_rmse", "eval_score", "eval_pi_coverage", "baseline_eval_rmse", "promoted",
+                    "recommended_expected_cost", "saving_vs_fixed_interval")
+
+
+def shared_view_state() -> str:
+    """The runs-table view (JSON) stored under :data:`SHARED_VIEW_TAG`: the headline metric columns."""
+    import json
+
+    cols = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`",
+            *(f"metrics.`{m}`" for m in HEADLINE_METRICS)]
+    return json.dumps({"selectedColumns": cols, "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
 def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | None = None,
@@ -60,6 +77,8 @@ def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | No
         route = f"/models/{quote(model, safe='')}" + (f"/versions/{version}" if version is not None else "")
     elif experiment_id is not None:
         route = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+        if not run_id:  # the runs table, with the headline metric columns selected
+            return f"{root}/#{route}?viewStateShareKey={SHARED_VIEW_KEY}&{WORKFLOW_PARAM}"
     else:
         route = "/experiments"
     return f"{root}/#{route}?{WORKFLOW_PARAM}"
@@ -183,6 +202,8 @@ def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
     if exp is None or EXPERIMENT_KIND_TAG not in (exp.tags or {}):
         # An explicit kind a user set in the UI is kept; only a missing one is written.
         retry_store(client.set_experiment_tag, exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if exp is None or (exp.tags or {}).get(SHARED_VIEW_TAG) != shared_view_state():
+        retry_store(client.set_experiment_tag, exp_id, SHARED_VIEW_TAG, shared_view_state())
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -301,3 +322,23 @@ def retry_store(fn: Callable[..., Any], *args: Any, attempts: int = 6, **kwargs:
                 raise
             log.info("retrying %s after a concurrent-writer conflict: %s", getattr(fn, "__name__", fn), msg[:120])
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+
+
+def log_lake_input(snap: LakeSnapshot, context: str) -> None:
+    """Log a lake dataset snapshot as an MLflow dataset input of the active run (path, digest, rows)."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(snap.dataset_path)
+    except Exception as exc:  # noqa: BLE001 - lineage is informative; an unknown URI scheme must not fail the run
+        log.warning("lake dataset %s not logged as an MLflow input: %s", snap.dataset_path, exc)
+        return
+    retry_store(mlflow.log_input, MetaDataset(source, name=f"lake/{snap.dataset}", digest=snap.digest),
+                context=context, tags={"rows": str(snap.rows), "batch_id": snap.batch_id,
+                                       "table_version": str(snap.version)})
