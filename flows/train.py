@@ -86,7 +86,7 @@ def _describe(run_id: str, experiment_id: str, out, metrics: dict, name: str | N
         mlflow.log_metric("baseline_eval_rmse", out.baseline_metrics["rmse"])
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
     plots = [p for p in ("plots/pred_vs_true.png", "plots/residuals_per_asset.png", "plots/learning_curve.png",
-                         "plots/feature_importance.png")]
+                         "plots/feature_importance.png") if out.importance or "importance" not in p]
     set_description(train_description(
         model_name=name, version=version, decision=decision, metrics=metrics, eval_set=out.eval_name,
         experiment_id=experiment_id, run_id=run_id, plots=plots, prefect_url=prefect_flow_run_url(),
