@@ -183,31 +183,29 @@ def pipeline(params: PipelineParams) -> PipelineResult:
             result = PipelineResult(mlflow_run_id=run.info.run_id)
             # Ingest and features get nested MLflow runs with their datasets as inputs, so the
             # pipeline run shows lineage lake -> features -> model in the MLflow UI. Each stage's
-            # upstream result goes in as ``wait_for`` (results, not states: Prefect links a subflow
-            # to the flow run whose result it receives), so the run graph draws the stage edges.
+            # upstream result goes in as an argument or ``wait_for`` (the returned object itself:
+            # Prefect links a subflow to the flow run whose result it receives; a result taken out
+            # of a ``return_state`` state is not linked), so the run graph draws the stage edges.
             with tracked_run(f"ingest-{landing_name(params.ingest.landing)}", stage="ingest", params=params.ingest):
-                state = ingest(params.ingest, return_state=True)
-                result.ingest = state.result()
-                own_flow_run(state)
+                result.ingest = ingest(params.ingest)
+                own_flow_run(result.ingest)
                 _log_ingest(result.ingest)
             train_snap = resolve_snapshot(result.ingest, params.train_dataset, rt.settings.lake_path,
                                    params.train_version)
             if "features" in params.stages:
                 with tracked_run(f"features-{train_snap.dataset}", stage="features", params=params.features):
                     log_lake_input(train_snap, context="source")
-                    state = features(train_snap, params.features, return_state=True, wait_for=[result.ingest])
-                    result.features = state.result()
-                    own_flow_run(state)
+                    result.features = features(train_snap, params.features, wait_for=[result.ingest])
+                    own_flow_run(result.features)
                     _log_features(result.features)
                 if params.test_dataset:
                     test_snap = resolve_snapshot(result.ingest, params.test_dataset)
                     test_params = params.features.model_copy(update={"label": False})
                     with tracked_run(f"features-{test_snap.dataset}", stage="features", params=test_params):
                         log_lake_input(test_snap, context="source")
-                        state = features(test_snap, test_params, fit_from=result.features, return_state=True,
-                                         wait_for=[result.ingest])
-                        result.test_features = state.result()
-                        own_flow_run(state)
+                        result.test_features = features(test_snap, test_params, fit_from=result.features,
+                                                        wait_for=[result.ingest])
+                        own_flow_run(result.test_features)
                         _log_features(result.test_features)
             if "train" in params.stages:
                 result.train = train(result.features, params.train, test_features=result.test_features,
@@ -217,7 +215,7 @@ def pipeline(params: PipelineParams) -> PipelineResult:
                 result.simulate = simulate(params.simulate, snapshot=train_snap,
                                            wait_for=[result.train] if result.train is not None else [result.ingest])
             _log_pipeline_inputs(result, train_snap)
-            report = pipeline_report(result, run.info.run_id)
+            report = pipeline_report(result, run.info.run_id, params)
             _log_summary(result, report)
             _describe(result, params, run.info.experiment_id, run.info.run_id)
             logger.info("pipeline finished:\n%s", "\n".join(f"  {k}: {v}" for k, v in result.summaries().items()))
@@ -268,8 +266,11 @@ def _route(run_id: str) -> str:
     return mlflow_route(experiment_id=eid, run_id=run_id)
 
 
-def pipeline_report(result: PipelineResult, run_id: str) -> str:
-    """A Markdown report of one pipeline run (the MLflow run's ``report/pipeline.md`` and a Prefect artifact)."""
+def pipeline_report(result: PipelineResult, run_id: str, params: PipelineParams | None = None) -> str:
+    """A Markdown report of one pipeline run (the MLflow run's ``report/pipeline.md`` and a Prefect artifact).
+
+    With ``params``, costs carry their currency and the fleet/horizon they are costs of.
+    """
     lines = [f"# twinflow pipeline run `{run_id}`", ""]
     if result.ingest is not None:
         i = result.ingest
@@ -300,8 +301,11 @@ def pipeline_report(result: PipelineResult, run_id: str) -> str:
         row = next((r for r in s.policies if r.get("policy") == s.recommended_policy), {})
         lo, hi = row.get("cost_ci_low"), row.get("cost_ci_high")
         ci = f" (95% CI {lo:,.0f} to {hi:,.0f})" if lo is not None and hi is not None and math.isfinite(lo) else ""
+        cur = "" if params is None else f" {params.simulate.costs.currency}"
+        scale = "" if params is None else (f" for a fleet of {params.simulate.n_assets:,} assets over "
+                                           f"{params.simulate.horizon:,} cycles")
         lines += ["## Maintenance policy", "",
-                  f"- recommended: **{s.recommended_policy}**, expected cost {s.expected_cost:,.0f}{ci}",
+                  f"- recommended: **{s.recommended_policy}**, expected cost {s.expected_cost:,.0f}{cur}{ci}{scale}",
                   f"- MLflow run: [{s.run_id}]({_route(s.run_id)})", ""]
     return "\n".join(lines)
 
@@ -363,17 +367,19 @@ def _copy_stage_artifacts() -> None:
             create_markdown_artifact(markdown=art.data, key=new_key, description=f"{what} (copied from the stage run)")
 
 
-def own_flow_run(state: Any) -> None:
+def own_flow_run(stage_result: Any) -> None:
     """Point the active stage run at its own subflow run in Prefect, not at the pipeline's.
 
     The stage run is opened in the pipeline flow (so it nests under the pipeline run) and took the
-    pipeline's flow-run tags; the subflow's id comes with its state.
+    pipeline's flow-run tags; Prefect knows which subflow run returned ``stage_result``.
     """
     import mlflow
+    from prefect.utilities.engine import get_state_for_result
 
     from twinflow.tracking import PREFECT_RUN_TAG, PREFECT_URL_TAG, prefect_tags
 
-    sub = getattr(getattr(state, "state_details", None), "flow_run_id", None)
+    found = get_state_for_result(stage_result)
+    sub = None if found is None else found[0].state_details.flow_run_id
     if sub is None:
         return
     tags = {PREFECT_RUN_TAG: str(sub)}
