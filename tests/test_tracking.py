@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from urllib.parse import parse_qs, urlparse
 
 from twinflow.tasks.registry import run_link
-from twinflow.tracking import HEADLINE_METRICS, SHARED_VIEW_KEY, shared_view_state, ui_link
+from twinflow.tracking import ui_link
 from twinflow.verdict import metrics_line, mlflow_route, policy_verdict, trial_run_name
 
 
@@ -26,16 +25,7 @@ def test_links_name_the_route_and_the_classic_view():
     }
     for url, route in cases.items():
         assert url.startswith("http://h:5000/#/"), url
-        expected = {"workflowType": ["machine_learning"]}
-        if route == "/experiments/3":  # the runs table opens with the headline metric columns
-            expected["viewStateShareKey"] = [SHARED_VIEW_KEY]
-        assert _route_and_query(url) == (route, expected), url
-
-
-def test_the_shared_view_selects_the_headline_metrics():
-    state = json.loads(shared_view_state())
-    assert {f"metrics.`{m}`" for m in HEADLINE_METRICS} <= set(state["selectedColumns"])
-    assert "eval_rmse" in HEADLINE_METRICS and "recommended_expected_cost" in HEADLINE_METRICS
+        assert _route_and_query(url) == (route, {"workflowType": ["machine_learning"]}), url
 
 
 def test_descriptions_round_with_units_and_link_in_the_classic_view():

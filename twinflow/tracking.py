@@ -34,23 +34,10 @@ EXPERIMENT_KIND = "custom_model_development"
 # initially "genai"), so a first visit could still land on the GenAI overview (mlflow/mlflow#24498).
 # Every link twinflow prints or writes carries the parameter.
 WORKFLOW_PARAM = "workflowType=machine_learning"
-# The runs table shows no metric column until a person picks some (MLflow's default columns are
-# Source, Models and Dataset). A "shared view" stored as an experiment tag
-# (``mlflow.sharedViewState.<key>``, what the UI's Share button writes) opens with the headline
-# metrics selected when the link names its key; every experiment link twinflow prints does.
-SHARED_VIEW_KEY = "twinflow-headline"
-SHARED_VIEW_TAG = f"mlflow.sharedViewState.{SHARED_VIEW_KEY}"
+# The metrics a reviewer compares runs on (the simulate and pipeline runs use the same names, so a
+# runs-table column shows them across stages).
 HEADLINE_METRICS = ("eval_rmse", "eval_score", "eval_pi_coverage", "baseline_eval_rmse", "promoted",
                     "recommended_expected_cost", "saving_vs_fixed_interval")
-
-
-def shared_view_state() -> str:
-    """The runs-table view (JSON) stored under :data:`SHARED_VIEW_TAG`: the headline metric columns."""
-    import json
-
-    cols = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`",
-            *(f"metrics.`{m}`" for m in HEADLINE_METRICS)]
-    return json.dumps({"selectedColumns": cols, "orderByKey": "attributes.start_time", "orderByAsc": False})
 
 
 def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | None = None,
@@ -77,8 +64,6 @@ def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | No
         route = f"/models/{quote(model, safe='')}" + (f"/versions/{version}" if version is not None else "")
     elif experiment_id is not None:
         route = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-        if not run_id:  # the runs table, with the headline metric columns selected
-            return f"{root}/#{route}?viewStateShareKey={SHARED_VIEW_KEY}&{WORKFLOW_PARAM}"
     else:
         route = "/experiments"
     return f"{root}/#{route}?{WORKFLOW_PARAM}"
@@ -202,8 +187,6 @@ def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
     if exp is None or EXPERIMENT_KIND_TAG not in (exp.tags or {}):
         # An explicit kind a user set in the UI is kept; only a missing one is written.
         retry_store(client.set_experiment_tag, exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    if exp is None or (exp.tags or {}).get(SHARED_VIEW_TAG) != shared_view_state():
-        retry_store(client.set_experiment_tag, exp_id, SHARED_VIEW_TAG, shared_view_state())
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
