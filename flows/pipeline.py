@@ -32,7 +32,7 @@ from twinflow.tasks.ingest import IngestParams, IngestResult
 from twinflow.tasks.train import TrainParams
 from twinflow.tasks.twin import GenerateParams, TwinParams
 from twinflow.tasks.registry import CHAMPION
-from twinflow.tracking import configure_mlflow, retry_store, tracked_run
+from twinflow.tracking import configure_mlflow, log_lake_input, retry_store, tracked_run
 
 log = logging.getLogger("twinflow.pipeline")
 
@@ -182,30 +182,42 @@ def pipeline(params: PipelineParams) -> PipelineResult:
                                  "test_dataset": params.test_dataset}) as run:
             result = PipelineResult(mlflow_run_id=run.info.run_id)
             # Ingest and features get nested MLflow runs with their datasets as inputs, so the
-            # pipeline run shows lineage lake -> features -> model in the MLflow UI.
+            # pipeline run shows lineage lake -> features -> model in the MLflow UI. Each stage's
+            # upstream result goes in as an argument or ``wait_for`` (the returned object itself:
+            # Prefect links a subflow to the flow run whose result it receives; a result taken out
+            # of a ``return_state`` state is not linked), so the run graph draws the stage edges.
             with tracked_run(f"ingest-{landing_name(params.ingest.landing)}", stage="ingest", params=params.ingest):
                 result.ingest = ingest(params.ingest)
+                own_flow_run(result.ingest)
                 _log_ingest(result.ingest)
             train_snap = resolve_snapshot(result.ingest, params.train_dataset, rt.settings.lake_path,
                                    params.train_version)
             if "features" in params.stages:
                 with tracked_run(f"features-{train_snap.dataset}", stage="features", params=params.features):
                     log_lake_input(train_snap, context="source")
-                    result.features = features(train_snap, params.features)
+                    result.features = features(train_snap, params.features, wait_for=[result.ingest])
+                    own_flow_run(result.features)
                     _log_features(result.features)
                 if params.test_dataset:
                     test_snap = resolve_snapshot(result.ingest, params.test_dataset)
                     test_params = params.features.model_copy(update={"label": False})
                     with tracked_run(f"features-{test_snap.dataset}", stage="features", params=test_params):
                         log_lake_input(test_snap, context="source")
-                        result.test_features = features(test_snap, test_params, fit_from=result.features)
+                        result.test_features = features(test_snap, test_params, fit_from=result.features,
+                                                        wait_for=[result.ingest])
+                        own_flow_run(result.test_features)
                         _log_features(result.test_features)
             if "train" in params.stages:
-                result.train = train(result.features, params.train, test_features=result.test_features)
+                result.train = train(result.features, params.train, test_features=result.test_features,
+                                     wait_for=[result.ingest])
             if "simulate" in params.stages:
-                result.simulate = simulate(params.simulate, snapshot=train_snap)
-            report = pipeline_report(result, run.info.run_id)
+                # Simulate reads the champion the train stage just gated: it waits for it.
+                result.simulate = simulate(params.simulate, snapshot=train_snap,
+                                           wait_for=[result.train] if result.train is not None else [result.ingest])
+            _log_pipeline_inputs(result, train_snap)
+            report = pipeline_report(result, run.info.run_id, params)
             _log_summary(result, report)
+            _describe(result, params, run.info.experiment_id, run.info.run_id)
             logger.info("pipeline finished:\n%s", "\n".join(f"  {k}: {v}" for k, v in result.summaries().items()))
             del rt
             return result
@@ -234,14 +246,31 @@ def pipeline_metrics(result: PipelineResult) -> dict[str, float]:
         s = result.simulate
         row = next((r for r in s.policies if r.get("policy") == s.recommended_policy), {})
         out["policy_expected_cost"] = s.expected_cost
+        out["recommended_expected_cost"] = s.expected_cost  # the simulate run's headline name
         for key in ("cost_ci_low", "cost_ci_high"):
             if key in row and row[key] is not None and math.isfinite(row[key]):
                 out[f"policy_{key}"] = row[key]
     return {k: float(v) for k, v in out.items()}
 
 
-def pipeline_report(result: PipelineResult, run_id: str) -> str:
-    """A Markdown report of one pipeline run (the MLflow run's ``report/pipeline.md`` and a Prefect artifact)."""
+def _route(run_id: str) -> str:
+    """A link to a run in the MLflow UI (a fragment route: it works in the UI that renders the report)."""
+    import mlflow
+
+    from twinflow.verdict import mlflow_route
+
+    try:
+        eid = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link is a convenience
+        return f"runs:/{run_id}"
+    return mlflow_route(experiment_id=eid, run_id=run_id)
+
+
+def pipeline_report(result: PipelineResult, run_id: str, params: PipelineParams | None = None) -> str:
+    """A Markdown report of one pipeline run (the MLflow run's ``report/pipeline.md`` and a Prefect artifact).
+
+    With ``params``, costs carry their currency and the fleet/horizon they are costs of.
+    """
     lines = [f"# twinflow pipeline run `{run_id}`", ""]
     if result.ingest is not None:
         i = result.ingest
@@ -266,16 +295,110 @@ def pipeline_report(result: PipelineResult, run_id: str) -> str:
                   f"MAE {t.metrics.get('eval_mae', float('nan')):.2f}, "
                   f"PHM08 score {t.metrics.get('eval_score', float('nan')):.1f}",
                   f"- promotion: {'**promoted to champion**' if promoted else 'not promoted (champion kept)'}",
-                  f"- MLflow run: `{t.run_id}`", ""]
+                  f"- MLflow run: [{t.run_id}]({_route(t.run_id)})", ""]
     if result.simulate is not None:
         s = result.simulate
         row = next((r for r in s.policies if r.get("policy") == s.recommended_policy), {})
         lo, hi = row.get("cost_ci_low"), row.get("cost_ci_high")
         ci = f" (95% CI {lo:,.0f} to {hi:,.0f})" if lo is not None and hi is not None and math.isfinite(lo) else ""
+        cur = "" if params is None else f" {params.simulate.costs.currency}"
+        scale = "" if params is None else (f" for a fleet of {params.simulate.n_assets:,} assets over "
+                                           f"{params.simulate.horizon:,} cycles")
         lines += ["## Maintenance policy", "",
-                  f"- recommended: **{s.recommended_policy}**, expected cost {s.expected_cost:,.0f}{ci}",
-                  f"- MLflow run: `{s.run_id}`", ""]
+                  f"- recommended: **{s.recommended_policy}**, expected cost {s.expected_cost:,.0f}{cur}{ci}{scale}",
+                  f"- MLflow run: [{s.run_id}]({_route(s.run_id)})", ""]
     return "\n".join(lines)
+
+
+def _describe(result: PipelineResult, params: PipelineParams, experiment_id: str, run_id: str) -> None:
+    """The pipeline run's description: the model verdict and the twin's recommendation, with links."""
+    import mlflow
+
+    from twinflow.verdict import mlflow_route, pipeline_description, plot_links, prefect_flow_run_url, \
+        scale_line, set_description
+
+    client = mlflow.MlflowClient()
+    links: dict[str, str | None] = {"Prefect flow run": prefect_flow_run_url()}
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    for child in sorted(children, key=lambda r: r.info.start_time or 0):
+        links[f"{child.data.tags.get('twinflow.stage', 'stage')} run ({child.info.run_name})"] = mlflow_route(
+            experiment_id=experiment_id, run_id=child.info.run_id)
+    promoted = reason = version = name = None
+    metrics: dict[str, float] = {}
+    eval_set = ""
+    t = result.train
+    if t is not None:
+        tags = client.get_run(t.run_id).data.tags
+        eval_set = tags.get("twinflow.eval_set", "")
+        metrics = dict(t.metrics)
+        if t.version is not None:
+            promoted, name, version = CHAMPION in t.aliases, t.registered_model, t.version
+            reason = tags.get("twinflow.promotion_reason", "")
+            links[f"model version v{version}"] = mlflow_route(model=name, version=version)
+        links.update(plot_links(experiment_id, t.run_id, ["plots/pred_vs_true.png"]))
+    s = result.simulate
+    if s is not None:
+        links.update(plot_links(experiment_id, s.run_id, ["plots/cost_vs_threshold.png"]))
+    links["report"] = mlflow_route(experiment_id=experiment_id, run_id=run_id, artifact="report/pipeline.md")
+    sim = params.simulate
+    set_description(pipeline_description(
+        promoted=promoted, model_name=name, version=version, reason=reason or "", metrics=metrics, eval_set=eval_set,
+        policy=None if s is None else s.recommended_policy, rows=[] if s is None else s.policies,
+        currency=sim.costs.currency, scale=scale_line(sim.n_assets, sim.horizon, sim.n_scenarios),
+        experiment_id=experiment_id, links=links))
+
+
+def _copy_stage_artifacts() -> None:
+    """Re-publish the stages' latest reviewer artifacts under the pipeline's flow run.
+
+    Prefect shows a subflow's artifacts on the subflow run only; a reviewer opening the pipeline
+    run should find the promotion decision and the policy study there too.
+    """
+    from prefect.artifacts import Artifact, create_markdown_artifact
+
+    for key, new_key, what in (("train-promotion", "pipeline-promotion", "promotion gate decision"),
+                               ("twin-policy-study", "pipeline-policy-study", "digital-twin policy study")):
+        try:
+            art = Artifact.get(key)
+        except Exception as exc:  # noqa: BLE001 - a missing copy must not fail the pipeline
+            log.warning("artifact %s not copied to the pipeline run: %s", key, exc)
+            continue
+        if art is not None and isinstance(art.data, str):
+            create_markdown_artifact(markdown=art.data, key=new_key, description=f"{what} (copied from the stage run)")
+
+
+def own_flow_run(stage_result: Any) -> None:
+    """Point the active stage run at its own subflow run in Prefect, not at the pipeline's.
+
+    The stage run is opened in the pipeline flow (so it nests under the pipeline run) and took the
+    pipeline's flow-run tags; Prefect knows which subflow run returned ``stage_result``.
+    """
+    import mlflow
+    from prefect.utilities.engine import get_state_for_result
+
+    from twinflow.tracking import PREFECT_RUN_TAG, PREFECT_URL_TAG, prefect_tags
+
+    found = get_state_for_result(stage_result)
+    sub = None if found is None else found[0].state_details.flow_run_id
+    if sub is None:
+        return
+    tags = {PREFECT_RUN_TAG: str(sub)}
+    parent = prefect_tags()
+    if parent.get(PREFECT_URL_TAG) and parent.get(PREFECT_RUN_TAG):
+        tags[PREFECT_URL_TAG] = parent[PREFECT_URL_TAG].replace(parent[PREFECT_RUN_TAG], str(sub))
+    mlflow.set_tags(tags)
+
+
+def _log_pipeline_inputs(result: PipelineResult, train_snap: LakeSnapshot) -> None:
+    """The pipeline run lists the datasets it read and produced (lake snapshot, feature sets)."""
+    import mlflow
+
+    from twinflow.tasks.train import dataset_for_mlflow
+
+    log_lake_input(train_snap, context="source")
+    for ref, context in ((result.features, "training"), (result.test_features, "evaluation")):
+        if ref is not None:
+            retry_store(mlflow.log_input, dataset_for_mlflow(ref, ref.params_digest), context=context)
 
 
 def _log_summary(result: PipelineResult, report: str) -> None:
@@ -292,6 +415,7 @@ def _log_summary(result: PipelineResult, report: str) -> None:
     mlflow.set_tags(tags)
     mlflow.log_text(report, "report/pipeline.md")
     create_markdown_artifact(markdown=report, key="pipeline-summary", description="twinflow pipeline run summary")
+    _copy_stage_artifacts()
 
 
 def _log_ingest(result: IngestResult) -> None:
@@ -307,34 +431,15 @@ def _log_ingest(result: IngestResult) -> None:
 def _log_features(ref: FeatureSetRef) -> None:
     import mlflow
 
-    from twinflow.tasks.train import dataset_for_mlflow, feature_digest
+    from twinflow.tasks.train import dataset_for_mlflow
 
     from twinflow.refs import contract_tags
 
     mlflow.log_metrics({"rows": ref.rows, "feature_columns": len(ref.feature_columns)})
-    mlflow.set_tags({"twinflow.feature_path": ref.path, "twinflow.time_unit": ref.time_unit,
-                     **contract_tags(ref.contract)})
-    retry_store(mlflow.log_input, dataset_for_mlflow(ref, feature_digest(ref)), context="output")
-
-
-def log_lake_input(snap: LakeSnapshot, context: str) -> None:
-    """Log a lake dataset snapshot as an MLflow dataset input of the active run (path, digest, rows)."""
-    import warnings
-
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            source = resolve_dataset_source(snap.dataset_path)
-    except Exception as exc:  # noqa: BLE001 - lineage is informative; an unknown URI scheme must not fail the run
-        log.warning("lake dataset %s not logged as an MLflow input: %s", snap.dataset_path, exc)
-        return
-    retry_store(mlflow.log_input, MetaDataset(source, name=f"lake/{snap.dataset}", digest=snap.digest),
-                context=context, tags={"rows": str(snap.rows), "batch_id": snap.batch_id,
-                                       "table_version": str(snap.version)})
+    # One digest per feature set: the features stage's (its folder name, the report's).
+    mlflow.set_tags({"twinflow.feature_path": ref.path, "twinflow.feature_digest": ref.params_digest,
+                     "twinflow.time_unit": ref.time_unit, **contract_tags(ref.contract)})
+    retry_store(mlflow.log_input, dataset_for_mlflow(ref, ref.params_digest), context="output")
 
 
 def demo_params(settings: Settings, stages: list[str] | None = None) -> PipelineParams:

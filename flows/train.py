@@ -75,6 +75,26 @@ def _log_trials(out, params: TrainParams) -> None:
                 out.eval_metrics["score"])
 
 
+def _describe(run_id: str, experiment_id: str, out, metrics: dict, name: str | None, version: str | None,
+              decision, params: TrainParams) -> None:
+    """The run's description (MLflow Overview): the verdict, metrics with units, links."""
+    import mlflow
+
+    from twinflow.verdict import prefect_flow_run_url, scale_line, set_description, train_description
+
+    if out.baseline_metrics is not None:
+        mlflow.log_metric("baseline_eval_rmse", out.baseline_metrics["rmse"])
+    tags = mlflow.MlflowClient().get_run(run_id).data.tags
+    plots = [p for p in ("plots/pred_vs_true.png", "plots/residuals_per_asset.png", "plots/learning_curve.png",
+                         "plots/feature_importance.png") if out.importance or "importance" not in p]
+    set_description(train_description(
+        model_name=name, version=version, decision=decision, metrics=metrics, eval_set=out.eval_name,
+        experiment_id=experiment_id, run_id=run_id, plots=plots, prefect_url=prefect_flow_run_url(),
+        parent_run_id=tags.get("mlflow.parentRunId"), best_trial_run_id=out.best.run_id,
+        currency=params.twin_gate.costs.currency,
+        gate_scale=scale_line(params.twin_gate.n_assets, params.twin_gate.horizon, params.twin_gate.n_scenarios)))
+
+
 @flow(name="train", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
       flow_run_name=run_name("train", lambda p: f"{(p.get('params') or TrainParams()).model}-{p['features'].snapshot.dataset}"))
 def train(features: FeatureSetRef, params: TrainParams | None = None,
@@ -121,7 +141,8 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                          tags={"twinflow.model": params.model}) as run:
             run_id = run.info.run_id
             # 2. lineage
-            digest = feature_digest(features)
+            # One digest per feature set: the features stage's own (its folder name, the report's).
+            digest = features.params_digest or feature_digest(features)
             snap = features.snapshot
             retry_store(mlflow.log_input, dataset_for_mlflow(features, digest), context="training",
                         tags={"lake_snapshot_digest": snap.digest, "lake_batch_id": snap.batch_id,
@@ -130,7 +151,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                              "twinflow.time_unit": features.time_unit, **contract_tags(features.contract)})
             lineage = {"features": features.model_dump(mode="json"), "feature_digest": digest}
             if test_features is not None:
-                tdigest = feature_digest(test_features)
+                tdigest = test_features.params_digest or feature_digest(test_features)
                 retry_store(mlflow.log_input, dataset_for_mlflow(test_features, tdigest), context="evaluation",
                             tags={"lake_snapshot_digest": test_features.snapshot.digest})
                 lineage["test_features"] = test_features.model_dump(mode="json")
@@ -149,7 +170,12 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                        "assets_train": float(out.assets_train), "assets_val": float(out.assets_val)}
             # val_rmse is also the learning curve's key (by step, below): logged here at step 0 it
             # drew a stray point at the start of the curve, so the run's summary is best_val_rmse.
-            mlflow.log_metrics({("best_val_rmse" if k == "val_rmse" else k): v for k, v in metrics.items()})
+            # Headline metrics only: counts are facts about the data, logged as params so the run's
+            # metric charts and the runs table show what decides (RMSE, PHM08, coverage ...).
+            counts = ("eval_n", "n_trials", "best_iteration", "rows_train", "rows_val", "assets_train", "assets_val")
+            mlflow.log_params({f"data.{k}": int(metrics[k]) for k in counts})
+            mlflow.log_metrics({("best_val_rmse" if k == "val_rmse" else k): v for k, v in metrics.items()
+                                if k not in counts})
             _log_trials(out, params)
             # The chosen model's learning curve, in batches: one store write per 1000 points.
             points = [Metric(k, float(v), int(time.time() * 1000), int(h["step"]))
@@ -184,9 +210,12 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             if params.use_registry:
                 gate = promotion_gate(client, name, info.model_uri, m["rmse"], out.eval_name, features, params,
                                       test_features, settings.mlflow_tracking_uri, challenger_true=out.eval_true,
-                                      challenger_pred=out.eval_pred, challenger_metrics=metrics)
+                                      challenger_pred=out.eval_pred, challenger_metrics=metrics,
+                                      baseline_metrics=out.baseline_metrics)
                 result = result.model_copy(update={"registered_model": name, "version": gate.version,
                                                    "aliases": gate.aliases})
+            _describe(run_id, experiment_id, out, metrics, name if params.use_registry else None,
+                      result.version, gate.decision if params.use_registry else None, params)
         log.info("train: run %s, %s v%s %s, eval RMSE %.3f", run_id, name, result.version, result.aliases,
                  m["rmse"])
         get_run_logger().info("train finished: %s model, eval on %s: RMSE %.2f, MAE %.2f, PHM08 score %.1f; "

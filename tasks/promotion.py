@@ -175,3 +175,108 @@ def compare_twin_costs(challenger: TwinCost, champion: TwinCost, criterion: str 
     verdict = "the challenger wins" if ok else "the challenger does not win"
     return TwinComparison(challenger, champion, ok, f"Twin: {verdict}: {rule}; best policy cost {costs}.",
                           criterion, margin, saving, ci)
+
+
+# ---------------------------------------------------------------------------------------------
+# The absolute floor: what any model must reach, with or without a champion to beat
+# ---------------------------------------------------------------------------------------------
+
+BASELINE_NAME = "fleet-mean-life baseline"
+
+
+class PromotionFloor(BaseModel):
+    """The absolute bar of the promotion gate, checked before any champion comparison.
+
+    The relative rules (RMSE margin, twin cost) only say a challenger is better than the champion;
+    without a champion they say nothing. The floor says a model is good enough at all: it must beat
+    the naive fleet-mean-life predictor (RUL = mean training lifetime − current cycle) on the same
+    evaluation rows, and may be held to fixed thresholds.
+
+    Attributes:
+        beat_baseline: The model's eval RMSE must be below the naive baseline's.
+        baseline_margin: ...by at least this fraction of the baseline's RMSE (0.1 = 10% lower).
+        max_rmse: Highest acceptable eval RMSE (cycles); None: no threshold.
+        max_score: Highest acceptable PHM08 score (summed over the evaluation rows); None: none.
+        min_coverage: Lowest acceptable empirical coverage of the prediction interval on the
+            evaluation data (0..1); None: none.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    beat_baseline: bool = True
+    baseline_margin: float = Field(0.0, ge=0.0, lt=1.0)
+    max_rmse: float | None = Field(None, gt=0)
+    max_score: float | None = Field(None, gt=0)
+    min_coverage: float | None = Field(None, ge=0.0, le=1.0)
+
+
+def fleet_mean_life_predictions(mean_life: float, cycles, rul_cap: float | None = None) -> np.ndarray:
+    """The naive baseline's RUL estimates: mean fleet lifetime minus the cycle reached, at least 0.
+
+    Args:
+        mean_life: Mean lifetime (cycles) of the training assets (each ran to failure).
+        cycles: The cycle of each scored row.
+        rul_cap: The labels' piecewise-linear cap (the baseline is capped like the truth).
+    """
+    pred = np.maximum(float(mean_life) - np.asarray(cycles, dtype="float64"), 0.0)
+    return pred if rul_cap is None else np.minimum(pred, float(rul_cap))
+
+
+@dataclass
+class FloorCheck:
+    """The floor's verdict: passed, and one readable sentence per rule (failed rules first)."""
+
+    passed: bool
+    failed: list[str] = field(default_factory=list)
+    met: list[str] = field(default_factory=list)
+
+    @property
+    def reason(self) -> str:
+        """One sentence for the decision."""
+        if not self.failed:
+            return "Absolute floor met: " + "; ".join(self.met or ["no rule configured"]) + "."
+        return "Absolute floor not met: " + "; ".join(self.failed) + "."
+
+
+def check_floor(metrics: dict[str, float | None], baseline: dict[str, float] | None,
+                floor: PromotionFloor) -> FloorCheck:
+    """Check a model's eval metrics against the absolute floor.
+
+    Args:
+        metrics: The model's ``eval_rmse``, ``eval_score`` and (if any) ``eval_pi_coverage``.
+        baseline: The naive baseline's regression metrics on the same rows (``rmse``, ``score``),
+            or None when it could not be computed.
+        floor: The rules.
+
+    Returns:
+        The verdict. A configured rule whose metric is missing fails: the gate promotes on
+        evidence only.
+    """
+    failed, met = [], []
+
+    def rule(ok: bool, text: str) -> None:
+        (met if ok else failed).append(text)
+
+    rmse = metrics.get("eval_rmse")
+    if floor.beat_baseline:
+        if baseline is None or rmse is None:
+            failed.append(f"the {BASELINE_NAME} could not be scored on the evaluation data")
+        else:
+            bar = (1.0 - floor.baseline_margin) * baseline["rmse"]
+            margin = f" by {floor.baseline_margin:.0%}" if floor.baseline_margin else ""
+            rule(rmse < bar, f"RMSE {rmse:.1f} cycles {'beats' if rmse < bar else 'does not beat'} the "
+                             f"{BASELINE_NAME}'s {baseline['rmse']:.1f}{margin}")
+    for key, limit, what, fmt, lower in (("eval_rmse", floor.max_rmse, "RMSE", "{:.1f} cycles", True),
+                                         ("eval_score", floor.max_score, "PHM08 score", "{:,.0f}", True),
+                                         ("eval_pi_coverage", floor.min_coverage, "interval coverage", "{:.0%}",
+                                          False)):
+        if limit is None:
+            continue
+        value = metrics.get(key)
+        if value is None or not math.isfinite(value):
+            failed.append(f"{what} unavailable (threshold {fmt.format(limit)})")
+            continue
+        ok = value <= limit if lower else value >= limit
+        rule(ok, f"{what} {fmt.format(value)} {'within' if ok else 'outside'} the threshold "
+                 f"{'≤' if lower else '≥'} {fmt.format(limit)}")
+    return FloorCheck(not failed, failed, met)

@@ -23,7 +23,10 @@ from twinflow.events import emit_model_promoted
 from twinflow.naming import model_version_of, task_name
 from twinflow.refs import FeatureSetRef
 from twinflow.tasks.promotion import (
+    BASELINE_NAME,
+    FloorCheck,
     TwinComparison,
+    check_floor,
     TwinGateParams,
     compare_twin_costs,
     error_model_of,
@@ -58,59 +61,86 @@ class Decision:
     challenger_score: float | None = None
     champion_score: float | None = None
     twin: TwinComparison | None = None
+    floor: FloorCheck | None = None
+    baseline_rmse: float | None = None
+    baseline_score: float | None = None
+
+    @property
+    def verdict(self) -> str:
+        """``PROMOTED`` or ``NOT PROMOTED``: the headline of every description."""
+        return "PROMOTED" if self.promote else "NOT PROMOTED"
 
     def event_payload(self) -> dict[str, Any]:
         """The decision as the ``twinflow.model.promoted`` event's ``decision`` (JSON-able, no scenarios)."""
         return {"promote": self.promote, "mode": self.mode, "reason": self.reason, "eval_set": self.eval_set,
                 "challenger_rmse": self.challenger_rmse, "champion_version": self.champion_version,
-                "champion_rmse": self.champion_rmse, "margin": self.margin}
+                "champion_rmse": self.champion_rmse, "margin": self.margin,
+                "floor_passed": None if self.floor is None else self.floor.passed,
+                "baseline_rmse": self.baseline_rmse}
 
     def _cost(self, role: str, key: str):
         side = None if self.twin is None else getattr(self.twin, role)
         return None if side is None else getattr(side, key)
 
     def table(self) -> pd.DataFrame:
-        """The comparison as a two-row table (challenger, champion) for ``mlflow.log_table``."""
+        """The comparison as a table (challenger, champion if any, naive baseline) for ``mlflow.log_table``.
+
+        Without a champion there is no champion row (not a row of nulls); the baseline row holds the
+        naive fleet-mean-life predictor's scores on the same rows when they were computed.
+        """
         rows = []
-        for role, version, rmse, score in ((CHALLENGER, self.challenger_version, self.challenger_rmse,
-                                            self.challenger_score),
-                                           (CHAMPION, self.champion_version, self.champion_rmse, self.champion_score)):
+        sides = [(CHALLENGER, self.challenger_version, self.challenger_rmse, self.challenger_score)]
+        if self.champion_version is not None:
+            sides.append((CHAMPION, self.champion_version, self.champion_rmse, self.champion_score))
+        for role, version, rmse, score in sides:
             rows.append({"role": role, "version": version, "eval_rmse": rmse, "eval_score": score,
                          **{f"twin_{k}": self._cost(role, k) for k in
                             ("best_policy", "expected_cost", "cost_ci_low", "cost_ci_high", "p_best")}})
+        if self.baseline_rmse is not None:
+            rows.append({"role": "baseline", "version": BASELINE_NAME, "eval_rmse": self.baseline_rmse,
+                         "eval_score": self.baseline_score})
         df = pd.DataFrame(rows)
         df["eval_set"] = self.eval_set
         df["margin"] = self.margin
         df["mode"] = self.mode
+        df["floor_passed"] = None if self.floor is None else self.floor.passed
         df["decision"] = "promote" if self.promote else "keep champion"
         df["reason"] = self.reason
         return df
 
     def summary(self, model_name: str) -> str:
         """One readable line: what the gate did and why (for the Prefect log)."""
-        what = (f"promoted {model_name} v{self.challenger_version} to {CHAMPION}" if self.promote else
-                f"kept {model_name} v{self.champion_version} as {CHAMPION} (v{self.challenger_version} stays "
-                f"{CHALLENGER})")
+        if self.promote:
+            what = f"promoted {model_name} v{self.challenger_version} to {CHAMPION}"
+        elif self.champion_version is None:
+            what = f"refused {model_name} v{self.challenger_version} (no champion; it stays {CHALLENGER})"
+        else:
+            what = (f"kept {model_name} v{self.champion_version} as {CHAMPION} (v{self.challenger_version} stays "
+                    f"{CHALLENGER})")
         return f"promotion gate ({self.mode}): {what}. {self.reason}"
 
     def markdown(self, model_name: str) -> str:
         """A Prefect markdown artifact body."""
         fmt = lambda v: "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-        verdict = f"**promoted** v{self.challenger_version} to `{CHAMPION}`" if self.promote else \
-            f"**kept** v{self.champion_version} as `{CHAMPION}`"
+        verdict = (f"**promoted** v{self.challenger_version} to `{CHAMPION}`" if self.promote else
+                   f"**refused** v{self.challenger_version} (no champion)" if self.champion_version is None else
+                   f"**kept** v{self.champion_version} as `{CHAMPION}`")
         return "\n".join([
             f"# Promotion gate: `{model_name}`", "", f"Decision: {verdict}. {self.reason}", "",
             f"Evaluation data: `{self.eval_set}`; margin: {self.margin} RMSE cycles.", "",
             "| role | version | eval RMSE |", "|---|---|---|",
             f"| {CHALLENGER} | {fmt(self.challenger_version)} | {fmt(self.challenger_rmse)} |",
-            f"| {CHAMPION} | {fmt(self.champion_version)} | {fmt(self.champion_rmse)} |",
+            *([] if self.champion_version is None else
+              [f"| {CHAMPION} | {fmt(self.champion_version)} | {fmt(self.champion_rmse)} |"]),
+            *([] if self.baseline_rmse is None else [f"| baseline | {BASELINE_NAME} | {fmt(self.baseline_rmse)} |"]),
             "", f"Mode: `{self.mode}` (rmse: RMSE rule only; twin: maintenance cost on the fleet twin only; "
             "both: both must agree).", "",
             "| role | PHM08 score | twin best policy | expected cost [95% CI] | P(best) |", "|---|---|---|---|---|",
             *[f"| {role} | {fmt(score)} | {fmt(self._cost(role, 'best_policy'))} | "
               f"{_cost_ci(self._cost(role, 'expected_cost'), self._cost(role, 'cost_ci_low'), self._cost(role, 'cost_ci_high'))}"
               f" | {fmt(self._cost(role, 'p_best'))} |"
-              for role, score in ((CHALLENGER, self.challenger_score), (CHAMPION, self.champion_score))],
+              for role, score in ((CHALLENGER, self.challenger_score), (CHAMPION, self.champion_score))
+              if role == CHALLENGER or self.champion_version is not None],
             *([] if self.twin is None else ["", self.twin.reason]),
         ])
 
@@ -143,6 +173,25 @@ def decide_gate(mode: str, rmse: Decision, twin: TwinComparison | None) -> Decis
     return replace(out, promote=promote, reason=f"{'Both rules agree. ' if promote else ''}{rmse_note} {twin.reason}")
 
 
+def apply_floor(decision: Decision, floor: FloorCheck, baseline: dict[str, float] | None = None) -> Decision:
+    """The absolute floor over the relative verdict: a model below it is never promoted.
+
+    Without a champion the relative rules cannot refuse anything, so the floor alone decides and
+    the reason says so; with one, both must agree.
+    """
+    from dataclasses import replace
+
+    base = {} if baseline is None else {"baseline_rmse": baseline.get("rmse"), "baseline_score": baseline.get("score")}
+    if not floor.passed:
+        return replace(decision, promote=False, floor=floor, **base,
+                       reason=f"{floor.reason} (Relative rule: {decision.reason})")
+    if decision.champion_version is None:
+        return replace(decision, floor=floor, **base,
+                       reason=f"No champion yet; {floor.reason[0].lower()}{floor.reason[1:]} "
+                              f"The first model to meet it becomes champion.")
+    return replace(decision, floor=floor, **base, reason=f"{floor.reason} {decision.reason}")
+
+
 def decide_promotion(challenger_rmse: float, champion_rmse: float | None, margin: float, *,
                      challenger_version: str | None = None, champion_version: str | None = None,
                      eval_set: str = "", champion_error: str | None = None) -> Decision:
@@ -154,7 +203,8 @@ def decide_promotion(challenger_rmse: float, champion_rmse: float | None, margin
     args = dict(challenger_version=challenger_version, challenger_rmse=challenger_rmse,
                 champion_version=champion_version, champion_rmse=champion_rmse, margin=margin, eval_set=eval_set)
     if champion_version is None:
-        return Decision(True, "No champion yet: the first model becomes champion.", **args)
+        return Decision(True, "No champion yet: the first model that meets the absolute floor becomes champion.",
+                        **args)
     if champion_rmse is None:
         return Decision(False, f"The champion could not be evaluated on this data ({champion_error}).", **args)
     gain = champion_rmse - challenger_rmse
@@ -211,7 +261,9 @@ def champion_error_model(settings: Any) -> dict | None:
     local = download_artifacts(run_id=mv.run_id, artifact_path=RESIDUALS_ARTIFACT, tracking_uri=uri)
     df = pd.read_csv(local, dtype={"asset_id": str})
     return {
-        "model_uri": f"models:/{name}@{CHAMPION}",
+        # The version the alias resolved to, not the alias: what a reader of the run can reopen.
+        "model_uri": f"models:/{name}/{mv.version}",
+        "model_id": getattr(mv, "model_id", None),
         "version": str(mv.version),
         "run_id": mv.run_id,
         "eval_set": run.data.tags.get("twinflow.eval_set", ""),
@@ -289,12 +341,35 @@ def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     return f"runs:/{run_id} (tracking store {tracking_uri}; `twinflow server` opens the MLflow UI)"
 
 
-def version_description(decision: Decision, *, run_link_text: str, data: str, metrics: dict[str, float]) -> str:
-    """The registry description of one model version: its data, metrics, the gate's decision, the run."""
-    shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None)
-    verdict = "promoted to champion" if decision.promote else "not promoted (stays challenger)"
-    lines = [f"Trained on: {data}.", f"Evaluated on `{decision.eval_set}`: {shown}.",
-             f"Promotion gate ({decision.mode}): {verdict}. {decision.reason}", f"MLflow run: {run_link_text}"]
+def run_markdown_link(tracking_uri: str, experiment_id: str, run_id: str, text: str | None = None) -> str:
+    """A clickable markdown link to the run in the MLflow UI (relative to the UI that renders it on a
+    local store, so it works on whatever port `twinflow server` serves), with the ``runs:/`` URI."""
+    from twinflow.verdict import mlflow_route
+
+    url = run_link(tracking_uri, experiment_id, run_id)
+    if not url.startswith("http"):
+        url = mlflow_route(experiment_id=experiment_id, run_id=run_id)
+    return f"[{text or run_id}]({url}) (`runs:/{run_id}`)"
+
+
+def version_description(decision: Decision, *, run_link_text: str, data: str, metrics: dict[str, float],
+                        links: dict[str, str] | None = None) -> str:
+    """The registry description of one model version, written for a decision.
+
+    The verdict and the rule that made it first, then the metrics rounded with units (and the naive
+    baseline's), the data it was trained on and markdown links (run, Prefect flow run, plots).
+    """
+    from twinflow.verdict import links_line, metrics_line
+
+    verdict = "promoted to champion" if decision.promote else "not promoted: stays challenger"
+    lines = [f"**{decision.verdict}** ({verdict}). {decision.reason}",
+             f"Evaluated on `{decision.eval_set}`: {metrics_line(metrics)}."
+             + ("" if decision.baseline_rmse is None else
+                f" Naive {BASELINE_NAME}: RMSE {decision.baseline_rmse:.1f} cycles."),
+             f"Promotion mode `{decision.mode}`. Trained on: {data}.",
+             f"MLflow run: {run_link_text}"]
+    if links:
+        lines.append(links_line(links))
     return "\n\n".join(lines)
 
 
@@ -321,7 +396,8 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
                    features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
                    tracking_uri: str, *, challenger_true=None, challenger_pred=None,
                    challenger_metrics: dict[str, float] | None = None,
-                   champion_scorer: Callable[[str], dict[str, Any]] | None = None) -> GateOutcome:
+                   champion_scorer: Callable[[str], dict[str, Any]] | None = None,
+                   baseline_metrics: dict[str, float] | None = None) -> GateOutcome:
     """Register a trained model as ``challenger`` and promote it to ``champion`` if it earns it.
 
     Runs inside the train flow, in its stage run: the current champion is scored on the same
@@ -351,6 +427,8 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
             the decision).
         champion_scorer: Scores a champion model URI like ``train-evaluate-champion`` does (the
             default submits that task).
+        baseline_metrics: The naive fleet-mean-life predictor's regression metrics on the same
+            evaluation rows (``rmse``, ``score``), for the absolute floor (``params.promotion_floor``).
 
     Returns:
         The decision, the new version, its aliases after the gate and the champion's RMSE.
@@ -390,8 +468,13 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
                                champion_source=f"{name} v{None if incumbent is None else incumbent.version}",
                                client=rt.cluster.client if rt is not None and rt.cluster is not None else None)
     decision = decide_gate(mode, rmse, twin)
+    floor_metrics = {"eval_rmse": challenger_rmse, **challenger_metrics}
+    decision = apply_floor(decision, check_floor(floor_metrics, baseline_metrics, params.promotion_floor),
+                           baseline_metrics)
     if decision.promote:
         retry_store(client.set_registered_model_alias, name, CHAMPION, mv.version)
+        # One role per version: the promoted challenger is now the champion, not both.
+        retry_store(client.delete_registered_model_alias, name, CHALLENGER)
         # Advisory (deployments/triggers.py: simulate-on-new-champion); never fails the promotion.
         emit_model_promoted(name, str(mv.version), mv.run_id, decision.event_payload())
     _record(client, name, str(mv.version), decision, features, challenger_metrics, champ_rmse, tracking_uri)
@@ -410,7 +493,8 @@ def _record(client: Any, name: str, version: str, decision: Decision, features: 
     run = mlflow.active_run()
     mlflow.log_table(decision.table(), "promotion/decision.json")
     mlflow.set_tags({"twinflow.promotion": "promoted" if decision.promote else "kept",
-                     "twinflow.promotion_mode": decision.mode, "twinflow.registered_version": version})
+                     "twinflow.promotion_mode": decision.mode, "twinflow.registered_version": version,
+                     "twinflow.promotion_reason": decision.reason[:4000]})
     metrics = {} if champ_rmse is None else {"champion_eval_rmse": champ_rmse}
     if decision.champion_score is not None:
         metrics["champion_eval_score"] = decision.champion_score
@@ -422,7 +506,7 @@ def _record(client: Any, name: str, version: str, decision: Decision, features: 
                 metrics |= {f"gate_{role}_cost": side.expected_cost, f"gate_{role}_cost_ci_low": side.cost_ci_low,
                             f"gate_{role}_cost_ci_high": side.cost_ci_high, f"gate_{role}_p_best": side.p_best}
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
-    link = run_link(tracking_uri, run.info.experiment_id, run.info.run_id) if run is not None else "—"
+    link = run_markdown_link(tracking_uri, run.info.experiment_id, run.info.run_id) if run is not None else "—"
     snap = features.snapshot
     data = (f"features `{features.path}` ({features.rows:,} rows, {len(features.feature_columns)} feature columns, "
             f"params digest {features.params_digest}) from lake dataset `{snap.dataset}` (snapshot {snap.digest[:16]})")
@@ -430,8 +514,15 @@ def _record(client: Any, name: str, version: str, decision: Decision, features: 
                                                       "eval_asymmetry", "eval_alpha_accuracy", "eval_pi_coverage")}
     if shown["eval_rmse"] is None:
         shown["eval_rmse"] = decision.challenger_rmse
+    links = None
+    if run is not None:
+        from twinflow.verdict import plot_links, prefect_flow_run_url
+
+        links = {"Prefect flow run": prefect_flow_run_url(),
+                 **plot_links(run.info.experiment_id, run.info.run_id,
+                              ["plots/pred_vs_true.png", "plots/residuals_per_asset.png"])}
     retry_store(client.update_model_version, name, version,
-                description=version_description(decision, run_link_text=link, data=data, metrics=shown))
+                description=version_description(decision, run_link_text=link, data=data, metrics=shown, links=links))
     champ = champion_version(client, name)
     champ_line = "no champion yet" if champ is None else f"`{CHAMPION}` is v{champ.version} (run {champ.run_id})"
     retry_store(client.update_registered_model, name, description=(

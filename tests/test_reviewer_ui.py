@@ -37,10 +37,13 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _browse(url: str, png: Path, budget_ms: int = 20000) -> str:
-    """Render ``url`` in headless Chromium: save a screenshot to ``png``, return the rendered DOM."""
+def _browse(url: str, png: Path, budget_ms: int = 20000, width: int = 1400) -> str:
+    """Render ``url`` in headless Chromium: save a screenshot to ``png``, return the rendered DOM.
+
+    The runs table renders only the columns in view: ``width`` makes room for all of them.
+    """
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--hide-scrollbars", "--window-size=1400,1000", f"--virtual-time-budget={budget_ms}",
+            "--hide-scrollbars", f"--window-size={width},1000", f"--virtual-time-budget={budget_ms}",
             f"--user-data-dir={png.parent / ('chrome-' + png.stem)}"]
     subprocess.run([*base, f"--screenshot={png}", url], capture_output=True, timeout=180, check=False)
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False)
@@ -79,7 +82,11 @@ def served_home(tmp_path_factory):
                "experiment": urls["Runs"]}
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:  # SIGINT is ignored where pytest was started in the background
+            proc.terminate()
+            proc.wait(60)
 
 
 @pytest.mark.slow
@@ -114,15 +121,57 @@ def test_mlflow_and_prefect_pages_render_the_runs(served_home):
     text = _visible_text(_browse(served_home["experiment"], shots / "mlflow_experiment.png"))
     assert text.lstrip().startswith("Runs - Experiment") and "Run Name" in text, text[:2000]
     assert "Token Usage" not in text and pipeline_run.info.run_name in text, text[:2000]
+    # Not asserted: the runs table's default columns do not include the headline metrics. MLflow 3.17
+    # shows Source, Models and Dataset until a person picks columns; a shared view stored as the
+    # experiment tag ``mlflow.sharedViewState.<key>`` and named by ``viewStateShareKey`` in the link
+    # was tried and did not change the columns in headless Chromium (issue 29, left open).
 
+    # The pipeline run's Overview: a description with the verdict and the rule, and links that work:
+    # to the train run (a route inside this UI) and to the pipeline's own Prefect flow run.
+    desc = pipeline_run.data.tags["mlflow.note.content"]
+    assert re.search(r"\*\*(NOT )?PROMOTED\*\*", desc) and "Rule:" in desc, desc
+    assert "fleet-mean-life" in desc and "EUR" in desc and "fixed-interval" in desc, desc
     ml = served_home["mlflow"]
+    dom = _browse(f"{ml}/#/experiments/{exp.experiment_id}/runs/{pipeline_run.info.run_id}?workflowType=machine_learning",
+                  shots / "mlflow_pipeline_run.png")
+    text = _visible_text(dom)
+    assert "PROMOTED" in text and "Rule:" in text, text[:3000]
+    hrefs = re.findall(r'href="([^"]+)"', dom)
+    to_train = [h for h in hrefs if f"/runs/{train.info.run_id}?" in h]  # the description's link (the UI's own
+    assert to_train, hrefs                                               # child-run links carry no query)
+    target = to_train[0] if to_train[0].startswith("http") else f"{ml}/{to_train[0].lstrip('/')}"
+    text = _visible_text(_browse(target, shots / "mlflow_train_run_via_link.png"))
+    assert train.info.run_name in text and "PROMOTED" in text, text[:3000]
+    # The description's Prefect link is the pipeline's own flow run on the port `twinflow server` serves.
+    to_prefect = re.findall(r"\[Prefect flow run\]\((http[^)]+)\)", desc)
+    assert to_prefect == [pipeline_run.data.tags["prefect.flow_run_url"]], desc
+    assert urlparse(to_prefect[0]).netloc == urlparse(served_home["prefect"]).netloc
+    assert to_prefect[0].rstrip("/").endswith(pipeline_run.data.tags["prefect.flow_run_id"]), to_prefect
+    text = _visible_text(_browse(to_prefect[0], shots / "prefect_pipeline_via_link.png"))
+    assert "pipeline" in text, text[:2000]
+
+    # The simulate run lists its lake snapshot as a dataset input and the model version it used.
+    sim = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'simulate'")[0]
+    assert any(d.dataset.name.startswith("lake/") for d in sim.inputs.dataset_inputs), sim.inputs
+    model = settings.mlflow.registered_model
+    champion = client.get_model_version_by_alias(model, "champion")
+    assert sim.data.tags["twinflow.model_version"] == f"{model} v{champion.version}"
+    assert sim.data.tags["twinflow.model_uri"] == f"models:/{model}/{champion.version}"
+    text = _visible_text(_browse(f"{ml}/#/experiments/{exp.experiment_id}/runs/{sim.info.run_id}"
+                                 "?workflowType=machine_learning", shots / "mlflow_simulate_run.png"))
+    assert "lake/train_fd001" in text and f"v{champion.version}" in text, text[:3000]
+    # The first model of this fresh home was promoted by the absolute floor, which the reason states;
+    # a deliberately bad first model refused on a fresh home: tests/tasks/test_promotion.py
+    # (test_a_first_model_worse_than_the_naive_baseline_is_refused).
+    assert "No champion yet" in train.data.tags["twinflow.promotion_reason"]
+    assert "beats the fleet-mean-life baseline" in train.data.tags["twinflow.promotion_reason"]
+
     # Opening one plot selects it in the artifact tree, which expands its folder: every plot's name shows.
     run_url = f"{ml}/#/experiments/{exp.experiment_id}/runs/{train.info.run_id}/artifacts/plots/pred_vs_true.png"
     text = _visible_text(_browse(run_url, shots / "mlflow_train_run.png"))
     for name in ("pred_vs_true.png", "learning_curve.png", "feature_importance.png", "residuals_per_asset.png"):
         assert name in text, (name, text[:2000])
 
-    model = settings.mlflow.registered_model
     text = _visible_text(_browse(f"{ml}/#/models/{model}", shots / "mlflow_registered_model.png"))
     assert model in text and "champion" in text, text[:2000]
 

@@ -6,6 +6,7 @@ from urllib.parse import parse_qs, urlparse
 
 from twinflow.tasks.registry import run_link
 from twinflow.tracking import ui_link
+from twinflow.verdict import metrics_line, mlflow_route, policy_verdict, trial_run_name
 
 
 def _route_and_query(url: str) -> tuple[str, dict[str, list[str]]]:
@@ -25,6 +26,20 @@ def test_links_name_the_route_and_the_classic_view():
     for url, route in cases.items():
         assert url.startswith("http://h:5000/#/"), url
         assert _route_and_query(url) == (route, {"workflowType": ["machine_learning"]}), url
+
+
+def test_descriptions_round_with_units_and_link_in_the_classic_view():
+    assert metrics_line({"eval_rmse": 12.814599194242499, "eval_score": 411.62, "eval_pi_coverage": 0.8812,
+                         "other": 1.0}) == "RMSE 12.8 cycles, PHM08 score 412, interval coverage 88%"
+    assert mlflow_route(experiment_id="1", run_id="r", artifact="plots/a.png") == \
+        "#/experiments/1/runs/r/artifacts/plots/a.png?workflowType=machine_learning"
+    rows = [{"policy": "run_to_failure", "kind": "run_to_failure", "expected_cost": 3e6},
+            {"policy": "fixed_k100", "kind": "fixed_interval", "expected_cost": 2e6},
+            {"policy": "fixed_k150", "kind": "fixed_interval", "expected_cost": 2.5e6},
+            {"policy": "predictive_rul20", "kind": "predictive", "expected_cost": 1.5e6}]
+    text = policy_verdict(rows, "predictive_rul20", "EUR")
+    assert "1,500,000 EUR" in text and "500,000 EUR (25%) cheaper" in text and "`fixed_k100`" in text
+    assert trial_run_name(3, {"learning_rate": 0.05, "max_depth": 6}, 18.4231) == "val 18.42 · t03 · lr=0.05 md=6"
 
 
 def test_run_links_in_registry_descriptions_use_the_ui_link_on_a_server_and_a_runs_uri_otherwise():

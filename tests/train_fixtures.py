@@ -59,4 +59,6 @@ def write_features(df: pd.DataFrame, out: Path, *, hive: bool = False, label: st
                         files=[FileRef(path=str(raw), sha256=hashlib.sha256(raw.read_bytes()).hexdigest())],
                         rows=len(df))
     return FeatureSetRef(path=str(out), snapshot=snap, feature_columns=columns or feature_columns(),
-                         label_column=label, rows=len(df), params_digest="test")
+                         label_column=label, rows=len(df),
+                         # Like the features stage, a digest that tells feature sets apart (here: of the data).
+                         params_digest=hashlib.sha256(pd.util.hash_pandas_object(df).values.tobytes()).hexdigest()[:16])

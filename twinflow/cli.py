@@ -292,7 +292,8 @@ def server(
         console.print(f"MLflow UI:  {ml_url}   (Ctrl-C stops)")
         experiment = _experiment_link(ml_url, settings.mlflow.experiment)
         if experiment:
-            console.print(f"Runs:       {experiment}")
+            # soft_wrap: a URL longer than the console is printed whole, never folded over lines.
+            console.print(f"Runs:       {experiment}", soft_wrap=True)
         while ml.poll() is None:
             time.sleep(0.5)
         raise TwinflowError(f"the MLflow UI exited with code {ml.returncode} (port {mlflow_port} in use?)")

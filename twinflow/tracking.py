@@ -34,6 +34,10 @@ EXPERIMENT_KIND = "custom_model_development"
 # initially "genai"), so a first visit could still land on the GenAI overview (mlflow/mlflow#24498).
 # Every link twinflow prints or writes carries the parameter.
 WORKFLOW_PARAM = "workflowType=machine_learning"
+# The metrics a reviewer compares runs on (the simulate and pipeline runs use the same names, so a
+# runs-table column shows them across stages).
+HEADLINE_METRICS = ("eval_rmse", "eval_score", "eval_pi_coverage", "baseline_eval_rmse", "promoted",
+                    "recommended_expected_cost", "saving_vs_fixed_interval")
 
 
 def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | None = None,
@@ -301,3 +305,23 @@ def retry_store(fn: Callable[..., Any], *args: Any, attempts: int = 6, **kwargs:
                 raise
             log.info("retrying %s after a concurrent-writer conflict: %s", getattr(fn, "__name__", fn), msg[:120])
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+
+
+def log_lake_input(snap: LakeSnapshot, context: str) -> None:
+    """Log a lake dataset snapshot as an MLflow dataset input of the active run (path, digest, rows)."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(snap.dataset_path)
+    except Exception as exc:  # noqa: BLE001 - lineage is informative; an unknown URI scheme must not fail the run
+        log.warning("lake dataset %s not logged as an MLflow input: %s", snap.dataset_path, exc)
+        return
+    retry_store(mlflow.log_input, MetaDataset(source, name=f"lake/{snap.dataset}", digest=snap.digest),
+                context=context, tags={"rows": str(snap.rows), "batch_id": snap.batch_id,
+                                       "table_version": str(snap.version)})

@@ -151,25 +151,54 @@ def plot_pred_vs_true(true: np.ndarray, pred: np.ndarray, title: str):
     ax.scatter(true, pred, s=6, alpha=0.5)
     hi = float(max(np.max(true), np.max(pred), 1.0))
     ax.plot([0, hi], [0, hi], "k--", lw=1)
-    ax.set(xlabel="true RUL", ylabel="predicted RUL", title=title)
+    ax.set(xlabel="true RUL (cycles)", ylabel="predicted RUL (cycles)", title=title)
     fig.tight_layout()
     return fig
 
 
-def plot_residuals_per_asset(asset_ids: np.ndarray, residuals: np.ndarray):
-    """Box plot (or bar) of prediction − truth per asset, assets in natural order."""
+def plot_residuals_per_asset(asset_ids: np.ndarray, residuals: np.ndarray, label_max: int = 40):
+    """Prediction − truth per asset, legible at any fleet size (a fixed-size figure).
+
+    Up to ``label_max`` assets: one box (or bar) per asset in natural order, every asset named.
+    More: the assets ranked by mean residual (mean and range per asset), with only the most late and
+    most early ones named, next to the distribution of the per-asset means.
+    """
     import matplotlib.pyplot as plt
 
     df = pd.DataFrame({"asset": asset_ids, "res": residuals})
-    order = sorted(df["asset"].unique(), key=natural_key)
-    fig, ax = plt.subplots(figsize=(max(6, len(order) * 0.12), 4))
-    if df.groupby("asset").size().max() > 1:
-        ax.boxplot([df.loc[df.asset == a, "res"].to_numpy() for a in order], showfliers=False)
+    stats = df.groupby("asset")["res"].agg(["mean", "min", "max", "size"])
+    n = len(stats)
+    title = f"residuals per asset ({n:,} assets; > 0: late, the RUL was overestimated)"
+    if n <= label_max:
+        order = sorted(stats.index, key=natural_key)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * n + 2), 4.5))
+        if stats["size"].max() > 1:
+            ax.boxplot([df.loc[df.asset == a, "res"].to_numpy() for a in order], showfliers=False)
+        else:
+            ax.bar(range(1, n + 1), stats.loc[order, "mean"].to_numpy())
+        ax.set_xticks(range(1, n + 1), order, rotation=90, fontsize=8)
+        ax.set_xlabel("asset")
     else:
-        ax.bar(range(1, len(order) + 1), df.set_index("asset").loc[order, "res"].to_numpy())
+        ranked = stats.sort_values("mean")
+        fig, (ax, hx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
+        x = np.arange(1, n + 1)
+        ax.vlines(x, ranked["min"], ranked["max"], color="lightgrey", lw=1, label="range")
+        ax.scatter(x, ranked["mean"], s=8, label="mean")
+        # Name only the extremes, in a text box (labels on 300 points would overlap).
+        k = min(5, n // 2)
+        late = ", ".join(f"{a} ({m:+.0f})" for a, m in ranked["mean"].iloc[::-1][:k].items())
+        early = ", ".join(f"{a} ({m:+.0f})" for a, m in ranked["mean"].iloc[:k].items())
+        ax.text(0.01, 0.98, f"most late: {late}\nmost early: {early}", transform=ax.transAxes, fontsize=8,
+                va="top", bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "lightgrey"})
+        ax.set_xlabel("asset rank by mean residual (most early left, most late right)")
+        ax.legend(fontsize=8)
+        hx.hist(ranked["mean"], bins=min(40, max(10, n // 10)), orientation="horizontal")
+        hx.axhline(0, color="k", lw=1)
+        hx.set_xlabel("assets")
+        hx.set_title("per-asset mean", fontsize=10)
     ax.axhline(0, color="k", lw=1)
-    ax.set_xticks(range(1, len(order) + 1), order, rotation=90, fontsize=5)
-    ax.set(xlabel="asset", ylabel="predicted − true RUL", title="residuals per asset")
+    ax.set_ylabel("predicted − true RUL (cycles)")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -183,7 +212,7 @@ def plot_learning_curve(history: list[dict[str, float]], best_iteration: int):
     for key in ("train_rmse", "val_rmse"):
         ax.plot(steps, [h[key] for h in history], label=key)
     ax.axvline(best_iteration, color="k", ls=":", label="best")
-    ax.set(xlabel="iteration / epoch", ylabel="RMSE", title="learning curve")
+    ax.set(xlabel="iteration / epoch", ylabel="RMSE (cycles)", title="learning curve (chosen model)")
     ax.legend()
     fig.tight_layout()
     return fig

@@ -50,8 +50,9 @@ from twinflow.tasks.train.data import (
     validation_set,
 )
 from twinflow.tasks.prognostics import PrognosticsReport
-from twinflow.tasks.promotion import PromotionMode, TwinGateParams
+from twinflow.tasks.promotion import PromotionFloor, PromotionMode, TwinGateParams, fleet_mean_life_predictions
 from twinflow.tasks.train.eval import (
+    eval_cycles,
     evaluate_model_uri,
     evaluate_prognostics,
     log_prognostics,
@@ -173,6 +174,8 @@ class TrainParams(BaseModel):
             challenger's best policy must cost less, see ``twin_gate``) or ``both`` (both must
             say promote). The first model becomes champion in every mode.
         twin_gate: Size, seeds and rule (CI non-overlap or a relative margin) of the twin gate.
+        promotion_floor: The absolute bar every model must clear before any champion comparison:
+            beat the naive fleet-mean-life predictor, optional RMSE/PHM08/coverage thresholds.
         interval_level: Nominal coverage of the conformal prediction intervals (calibrated on
             validation residuals, coverage reported on the evaluation data).
         true_rul_path: True RUL file of the C-MAPSS test protocol (one integer per test unit, in
@@ -201,6 +204,7 @@ class TrainParams(BaseModel):
     promotion_margin: float = Field(0.0, ge=0.0)
     promotion_mode: PromotionMode = "both"
     twin_gate: TwinGateParams = Field(default_factory=TwinGateParams)
+    promotion_floor: PromotionFloor = Field(default_factory=PromotionFloor)
     interval_level: float = Field(0.9, gt=0.0, lt=1.0)
     true_rul_path: str | None = None
     nan_policy: Literal["reject", "drop", "keep"] = "reject"
@@ -254,6 +258,7 @@ class SearchOutcome:
     val_prognostics: PrognosticsReport | None = None
     val_set: EvalSet | None = None
     val_pred: np.ndarray | None = None
+    baseline_metrics: dict[str, float] | None = None
 
 
 def drop_unlabelled(frame, spec: DataSpec):
@@ -297,6 +302,7 @@ def _evaluate_best(outcomes: list[TrialOutcome], train: pd.DataFrame, val: pd.Da
     vs = validation_set(val, spec)
     val_pred = np.asarray(best.model.predict(vs.frame), dtype="float64")[vs.rows]
     prog, val_prog = evaluate_prognostics(ev, pred, vs, val_pred, level=params.interval_level)
+    baseline = _baseline_metrics(train, spec, ev, params.rul_cap)
     # The frame of the validation set stays behind: the flow plots from the scored columns only.
     vs_small = EvalSet(vs.name, vs.frame[["asset_id", "cycle"]], vs.rows, vs.true)
     importance = best.model.feature_importance(validation_set(val, spec).frame, val[spec.label].to_numpy())
@@ -305,7 +311,17 @@ def _evaluate_best(outcomes: list[TrialOutcome], train: pd.DataFrame, val: pd.Da
     return SearchOutcome(best, trials, ev.name, metrics, residuals_csv(ev, pred), ev.true, pred, ev.asset_ids,
                          importance, example, len(train), len(val),
                          int(train[spec.asset].nunique()), int(val[spec.asset].nunique()),
-                         prog, val_prog, vs_small, val_pred)
+                         prog, val_prog, vs_small, val_pred, baseline)
+
+
+def _baseline_metrics(train: pd.DataFrame, spec: DataSpec, ev: EvalSet, rul_cap: float) -> dict[str, float] | None:
+    """The naive fleet-mean-life predictor scored on the evaluation rows (the promotion floor's bar)."""
+    cycles = eval_cycles(ev)
+    if cycles is None or train.empty:
+        return None
+    mean_life = float(train.groupby(spec.asset)[spec.cycle].max().mean())
+    return {**regression_metrics(fleet_mean_life_predictions(mean_life, cycles, rul_cap), ev.true),
+            "mean_life": mean_life}
 
 
 # ---------------------------------------------------------------------------------------------

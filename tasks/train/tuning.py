@@ -128,6 +128,10 @@ def run_trial(trial: int, hparams: dict[str, Any], train: pd.DataFrame, val: pd.
         for i in range(0, len(metrics), 1000):  # the tracking API's limit per batch
             mlflow.MlflowClient().log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
         run_id = run.info.run_id
+        # Named once the score is known: the runs table then tells the trials apart at a glance.
+        from twinflow.verdict import trial_run_name
+
+        mlflow.MlflowClient().set_tag(run_id, "mlflow.runName", trial_run_name(trial, hparams, val_rmse))
     return TrialOutcome(trial, hparams, val_rmse, model.best_iteration, run_id, model, time.perf_counter() - t0)
 
 

@@ -146,9 +146,11 @@ class TwinModel(BaseModel):
 
 
 class CostModel(BaseModel):
-    """Costs (any currency) and downtimes of maintenance events."""
+    """Costs and downtimes of maintenance events, in ``currency``."""
 
     model_config = ConfigDict(extra="forbid")
+
+    currency: str = Field("EUR", min_length=1, max_length=8, description="Currency of every cost (shown with them).")
 
     failure: float = Field(100_000.0, ge=0, description="Cost of one unplanned failure (repair).")
     planned: float = Field(20_000.0, ge=0, description="Cost of one planned maintenance.")

@@ -20,6 +20,7 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figs = {}
     u = unit_label(model.time_unit)  # durations are in the clock unit of the twin's contract
@@ -30,6 +31,8 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
     ax[0].hist(obs, bins=bins, density=True, alpha=0.6, label=f"observed (n={len(obs)})")
     ax[0].hist(sim, bins=bins, density=True, alpha=0.6, label=f"simulated (n={len(sim)})")
     ax[0].set_xlabel(f"lifetime ({u})")
+    ax[0].set_ylabel(f"density (share of assets per {u})")
+    ax[0].set_title("lifetimes: observed vs simulated")
     ax[0].legend()
     ax[1].step(obs, np.arange(1, len(obs) + 1) / len(obs), where="post", label="observed")
     ax[1].step(sim, np.arange(1, len(sim) + 1) / len(sim), where="post", label="simulated")
@@ -40,8 +43,10 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
     fig.tight_layout()
     figs["plots/calibration_lifetimes.png"] = fig
 
-    # Cost vs policy parameter, with 95% CIs.
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    # Cost vs policy parameter, with 95% CIs; the recommended policy marked.
+    cur = params.costs.currency
+    rec = next((r for r in rows if r.get("recommended")), None)
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
     rtf = next(r for r in rows if r["kind"] == "run_to_failure")
     for a, kind, xlabel in ((ax[0], "predictive", f"RUL threshold ({u})"),
                             (ax[1], "fixed_interval", f"maintenance interval k ({u})")):
@@ -51,11 +56,20 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
             y = np.array([r["expected_cost"] for r in sel])
             err = np.array([[r["expected_cost"] - r["cost_ci_low"] for r in sel],
                             [r["cost_ci_high"] - r["expected_cost"] for r in sel]])
-            a.errorbar(x, y, yerr=err, marker="o", capsize=3, label=kind)
+            a.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{kind.replace('_', ' ')} (95% CI)")
+            best_here = min(sel, key=lambda r: r["expected_cost"])
+            if rec is not None and best_here["policy"] == rec["policy"]:
+                a.scatter([best_here["value"]], [best_here["expected_cost"]], s=180, marker="*", color="crimson",
+                          zorder=5, label=f"recommended: {rec['policy']}")
         a.axhline(rtf["expected_cost"], color="grey", ls="--", label="run to failure")
         a.set_xlabel(xlabel)
-        a.legend()
-    ax[0].set_ylabel(f"expected fleet cost over {params.horizon} {u}")
+        a.set_title(("predictive (act on the RUL estimate)" if kind == "predictive" else "fixed interval"),
+                    fontsize=10)
+        a.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        a.legend(fontsize=8)
+    ax[0].set_ylabel(f"expected fleet cost ({cur})")
+    fig.suptitle(f"Expected cost of a {params.n_assets:,}-asset fleet over {params.horizon:,} {u} by policy "
+                 f"({params.n_scenarios:,} scenarios)", fontsize=11)
     fig.tight_layout()
     figs["plots/cost_vs_threshold.png"] = fig
 
@@ -99,7 +113,7 @@ def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: Cal
         f"paired scenarios in which it is the cheapest). {params.n_scenarios} scenarios x "
         f"{params.n_assets} assets x {params.horizon} {u}; 95% confidence intervals.",
         "",
-        "| policy | expected cost | availability | failures | planned stops | P(best) |",
+        f"| policy | expected cost ({params.costs.currency}) | availability | failures | planned stops | P(best) |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -112,7 +126,8 @@ def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: Cal
     c = params.costs
     lines += [
         "",
-        f"Costs: failure {c.failure:,.0f} (+{c.failure_downtime} {u} down), planned {c.planned:,.0f} "
+        f"Costs ({c.currency}, for a fleet of {params.n_assets:,} assets over {params.horizon:,} {u}): failure "
+        f"{c.failure:,.0f} (+{c.failure_downtime} {u} down), planned {c.planned:,.0f} "
         f"(+{c.planned_downtime} {u} down), downtime {c.downtime_per_cycle:,.0f}/asset-{per}.",
         f"Calibration: {report.n_assets} run-to-failure assets"
         f"{f' (fleet contract {report.contract.name} v{report.contract.version})' if report.contract else ''}, "
@@ -134,10 +149,23 @@ def log_study_run(params: TwinParams, model: TwinModel, report: CalibrationRepor
     import matplotlib.pyplot as plt
     import mlflow
 
-    from twinflow.tracking import tracked_run
+    from twinflow.tracking import log_lake_input, tracked_run
+    from twinflow.verdict import (
+        best_fixed_interval,
+        mlflow_route,
+        plot_links,
+        prefect_flow_run_url,
+        scale_line,
+        set_description,
+        simulate_description,
+    )
 
     tags = {"twinflow.recommended_policy": best, "twinflow.twin_source": model.source,
             "twinflow.rul_error_model": f"{error_model.kind}: {error_model.source}"[:250]}
+    version = model_version_of_source(error_model.source)
+    if version is not None:
+        tags["twinflow.model_version"] = f"{version[0]} v{version[1]}"
+        tags["twinflow.model_uri"] = error_model.source
     if snapshot is not None:
         tags["twinflow.snapshot"] = f"{snapshot.dataset}@{snapshot.digest}"
     if model.contract is not None:
@@ -145,25 +173,81 @@ def log_study_run(params: TwinParams, model: TwinModel, report: CalibrationRepor
         tags.update({"twinflow.contract.name": ref.name, "twinflow.contract.version": str(ref.version),
                      "twinflow.contract.digest": ref.digest, "twinflow.contract.time_unit": model.time_unit})
     with tracked_run("simulate", stage="simulate", params=params, tags=tags) as run:
+        if snapshot is not None:
+            log_lake_input(snapshot, context="calibration")
+        if version is not None:
+            _log_model_input(*version)
+        rec = next(r for r in rows if r["policy"] == best)
+        fixed = best_fixed_interval(rows)
+        rtf = next((r for r in rows if r["kind"] == "run_to_failure"), None)
+        # Headline metrics only (the runs table shows these); every policy's numbers are in the
+        # ``twin/policies_table.json`` table artifact.
         metrics = {"calibration_ks": report.ks_statistic, "calibration_assets": report.n_assets,
                    "twin_b": report.b}
         metrics.update(lives_metrics(report))
-        rec = next(r for r in rows if r["policy"] == best)
         for key in ("expected_cost", "cost_ci_low", "cost_ci_high", "p_best"):
             metrics[f"recommended_{key}"] = rec.get(key)
-        for r in rows:
-            for key in ("expected_cost", "cost_ci_low", "cost_ci_high", "availability", "failures",
-                        "failures_ci_low", "failures_ci_high", "planned", "p_best"):
-                metrics[f"{key}.{r['policy']}"] = r.get(key)
+        if fixed is not None:
+            metrics["best_fixed_interval_cost"] = fixed["expected_cost"]
+            metrics["saving_vs_fixed_interval"] = fixed["expected_cost"] - rec["expected_cost"]
+        if rtf is not None:
+            metrics["run_to_failure_cost"] = rtf["expected_cost"]
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)})
+        import pandas as pd
+
+        table = pd.DataFrame(rows)
+        table.insert(1, "recommended", table["policy"] == best)
+        table["currency"] = params.costs.currency
+        mlflow.log_table(table, "twin/policies_table.json")
         mlflow.log_dict(model.model_dump(), "twin/model.json")
         mlflow.log_dict(report.model_dump(), "twin/calibration.json")
         mlflow.log_dict({"recommended": best, "policies": rows}, "twin/policies.json")
         mlflow.log_text(markdown, "twin/policy_study.md")
-        for name, fig in study_figures(model, report, rows, params).items():
+        marked = [{**r, "recommended": r["policy"] == best} for r in rows]
+        names = []
+        for name, fig in study_figures(model, report, marked, params).items():
             mlflow.log_figure(fig, name)
+            names.append(name)
             plt.close(fig)
-        return run.info.run_id
+        eid, rid = run.info.experiment_id, run.info.run_id
+        links = {"Prefect flow run": prefect_flow_run_url()}
+        parent = mlflow.MlflowClient().get_run(rid).data.tags.get("mlflow.parentRunId")
+        if parent:
+            links["pipeline run"] = mlflow_route(experiment_id=eid, run_id=parent)
+        if version is not None:
+            links[f"model version v{version[1]}"] = mlflow_route(model=version[0], version=version[1])
+        links.update(plot_links(eid, rid, names))
+        links["policy table"] = mlflow_route(experiment_id=eid, run_id=rid, artifact="twin/policies_table.json")
+        set_description(simulate_description(
+            rows=rows, policy=best, currency=params.costs.currency,
+            scale=scale_line(params.n_assets, params.horizon, params.n_scenarios), error_source=error_model.source,
+            model_version=None if version is None else f"{version[0]} v{version[1]}",
+            snapshot=None if snapshot is None else f"{snapshot.dataset}@{snapshot.digest[:16]}", links=links))
+        return rid
+
+
+def model_version_of_source(source: str) -> tuple[str, str] | None:
+    """``(name, version)`` from an error model's source ``models:/<name>/<version>``, else None."""
+    if not source.startswith("models:/"):
+        return None
+    name, _, version = source[len("models:/"):].rpartition("/")
+    return (name, version) if name and version.isdigit() else None
+
+
+def _log_model_input(name: str, version: str) -> None:
+    """Record the registered model version the study used as the run's model input (MLflow 3)."""
+    import logging
+
+    import mlflow
+
+    try:
+        from mlflow.entities import LoggedModelInput
+
+        mv = mlflow.MlflowClient().get_model_version(name, version)
+        if getattr(mv, "model_id", None):
+            mlflow.log_inputs(models=[LoggedModelInput(mv.model_id)])
+    except Exception as exc:  # noqa: BLE001 - lineage is informative; the tags name the version anyway
+        logging.getLogger("twinflow.simulate").warning("model input %s v%s not logged: %s", name, version, exc)
 
 
 def lives_metrics(report) -> dict[str, float]:

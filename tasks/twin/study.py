@@ -59,11 +59,34 @@ def run_batches(client, model: TwinModel, policies: Sequence[Policy], params: Tw
     return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
 
 
-def _mean_ci(x: np.ndarray, z: float = 1.96) -> tuple[float, float, float]:
+def _mean_ci(x: np.ndarray, z: float = 1.96, lo: float | None = None,
+             hi: float | None = None) -> tuple[float, float, float]:
+    """Mean and normal 95% CI, clipped to the quantity's range (a count is never negative)."""
     x = np.asarray(x, float)
     m = float(x.mean())
     half = z * float(x.std(ddof=1)) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return m, m - half, m + half
+    low, high = m - half, m + half
+    if lo is not None and math.isfinite(low):
+        low = max(low, lo)
+    if hi is not None and math.isfinite(high):
+        high = min(high, hi)
+    return m, low, high
+
+
+def wilson_ci(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion: inside [0, 1] even at 0 or n successes.
+
+    Args:
+        successes: Number of successes (may be fractional, e.g. shared ties).
+        n: Number of trials.
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def prob_best(cost: np.ndarray) -> np.ndarray:
@@ -92,8 +115,11 @@ def summarize(policies: Sequence[Policy], results: dict[str, np.ndarray], n_asse
     p_best = prob_best(results["cost"])
     for i, p in enumerate(policies):
         cost = _mean_ci(results["cost"][i])
-        avail = _mean_ci(1.0 - results["downtime"][i] / (n_assets * horizon))
-        fails = _mean_ci(results["failures"][i])
+        # Availability is a share (CI kept in [0, 1]); failures a count per fleet (CI never below 0).
+        avail = _mean_ci(1.0 - results["downtime"][i] / (n_assets * horizon), lo=0.0, hi=1.0)
+        fails = _mean_ci(results["failures"][i], lo=0.0)
+        n_sc = int(np.asarray(results["cost"]).shape[1])
+        pb_lo, pb_hi = wilson_ci(float(p_best[i]) * n_sc, n_sc)
         rows.append({
             "policy": p.name, "kind": p.kind, "value": None if math.isinf(p.value) else p.value,
             "expected_cost": cost[0], "cost_ci_low": cost[1], "cost_ci_high": cost[2],
@@ -101,7 +127,7 @@ def summarize(policies: Sequence[Policy], results: dict[str, np.ndarray], n_asse
             "failures": fails[0], "failures_ci_low": fails[1], "failures_ci_high": fails[2],
             "planned": float(np.mean(results["planned"][i])),
             "cost_per_asset_cycle": cost[0] / (n_assets * horizon),
-            "p_best": float(p_best[i]),
+            "p_best": float(p_best[i]), "p_best_ci_low": pb_lo, "p_best_ci_high": pb_hi,
         })
     best = min(rows, key=lambda r: r["expected_cost"])["policy"]
     return rows, best

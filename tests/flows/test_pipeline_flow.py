@@ -11,6 +11,32 @@ from twinflow.tasks.twin import TwinParams
 from twinflow.tracking import PREFECT_RUN_TAG, STAGE_TAG
 
 
+def _subflow_upstreams(flow_run_id: str) -> dict[str, set[str]]:
+    """Per stage (subflow name): the flow-run ids its tracking task run lists as inputs in Prefect."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    out: dict[str, set[str]] = {}
+    with get_client(sync_client=True) as client:
+        subs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        for fr in subs:
+            task = client.read_task_run(fr.parent_task_run_id)
+            ids = {str(i.id) for inputs in task.task_inputs.values() for i in inputs}
+            out.setdefault(client.read_flow(fr.flow_id).name, set()).update(ids)
+    return out
+
+
+def _artifact_keys(flow_run_id: str) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key for a in arts}
+
+
 def _small(settings, **update) -> PipelineParams:
     params = demo_params(settings)
     return params.model_copy(update={
@@ -42,6 +68,28 @@ def test_pipeline_runs_every_stage_and_reruns_incrementally(runtime):
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{first.mlflow_run_id}'")
     assert {r.data.tags.get(STAGE_TAG) for r in children} >= {"train", "simulate"}
+    stage_runs = {r.data.tags[STAGE_TAG] + r.info.run_name: r for r in children}
+    # Each stage run points at its own Prefect flow run, not the pipeline's.
+    prefect_ids = [r.data.tags[PREFECT_RUN_TAG] for r in children]
+    assert len(set(prefect_ids)) == len(children) and parent.data.tags[PREFECT_RUN_TAG] not in prefect_ids
+    # The Prefect run graph links the stages: each subflow's tracking task names its upstream flow run.
+    upstream = _subflow_upstreams(parent.data.tags[PREFECT_RUN_TAG])
+    by_stage = {r.data.tags[STAGE_TAG]: r.data.tags[PREFECT_RUN_TAG] for r in children}
+    assert by_stage["ingest"] in upstream["features"]
+    assert by_stage["features"] in upstream["train"] or by_stage["ingest"] in upstream["train"]
+    assert by_stage["train"] in upstream["simulate"]
+    # The pipeline run decides at a glance and lists its datasets; simulate names its snapshot and version.
+    desc = parent.data.tags["mlflow.note.content"]
+    assert desc.startswith("**PROMOTED**") and "Rule: No champion yet" in desc and "EUR" in desc, desc
+    assert f"/runs/{first.train.run_id}" in desc and parent.data.tags["prefect.flow_run_url"] in desc
+    assert {d.dataset.name for d in parent.inputs.dataset_inputs} >= {"lake/train_fd001", "features/train_fd001"}
+    digest = {d.dataset.digest for d in parent.inputs.dataset_inputs if d.dataset.name == "features/train_fd001"}
+    assert digest == {first.features.params_digest}
+    sim = client.get_run(first.simulate.run_id)
+    assert [d.dataset.name for d in sim.inputs.dataset_inputs] == ["lake/train_fd001"]
+    assert sim.data.tags["twinflow.model_uri"] == "models:/twinflow-rul/1" or \
+        sim.data.tags["twinflow.model_uri"].endswith("/1")
+    assert stage_runs and "pipeline-promotion" in _artifact_keys(parent.data.tags[PREFECT_RUN_TAG])
 
     # Second run: nothing new in the landing folder, features cached, a challenger trained.
     second = pipeline(_small(settings, stages=["ingest", "features", "train"]))

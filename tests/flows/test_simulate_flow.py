@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,16 @@ def test_simulate_flow_reports_to_mlflow_and_prefect(runtime):
     assert run.data.tags["twinflow.rul_error_model"].startswith("gaussian: fallback")
     assert run.data.tags["twinflow.recommended_policy"] == result.recommended_policy
     assert run.data.metrics["calibration_ks"] <= 0.15
-    assert run.data.metrics[f"expected_cost.{best['policy']}"] == pytest.approx(best["expected_cost"])
+    assert run.data.metrics["recommended_expected_cost"] == pytest.approx(best["expected_cost"])
+    # Headline metrics only; every policy's numbers are in the table artifact.
+    assert not any("." in k for k in run.data.metrics)
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{result.run_id}/twin/policies_table.json"))
+    assert len(table["data"]) == len(result.policies)
+    for r in result.policies:  # counts and shares keep their CIs inside their range
+        assert 0 <= r["failures_ci_low"] <= r["failures"] and 0 <= r["p_best_ci_low"] <= r["p_best_ci_high"] <= 1
+        assert 0 <= r["availability_ci_low"] <= r["availability_ci_high"] <= 1
+    desc = run.data.tags["mlflow.note.content"]
+    assert f"`{result.recommended_policy}`" in desc and "EUR" in desc and "fixed-interval" in desc
     assert run.data.params["n_scenarios"] == "8"
     # The run says which fleet contract the twin was calibrated on, and in which clock unit.
     cmapss = load_contract("cmapss")

@@ -50,7 +50,7 @@ def test_train_tracks_registers_and_gates_promotion(runtime, data):
 
     # An underfit first model becomes champion: there is none yet.
     first = train(feats, TrainParams(**{**FAST, "max_iter": 10}), test_features=None)
-    assert first.version == "1" and set(first.aliases) == {CHAMPION, CHALLENGER}
+    assert first.version == "1" and first.aliases == [CHAMPION]  # promoted: champion, no longer challenger
 
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
@@ -78,6 +78,16 @@ def test_train_tracks_registers_and_gates_promotion(runtime, data):
             "data/lineage.json", "search/trials.json"} <= arts
     inputs = run.inputs.dataset_inputs
     assert inputs and inputs[0].dataset.digest and inputs[0].dataset.source
+    # One digest per feature set: the features stage's, in the MLflow dataset, the tag and the path.
+    assert inputs[0].dataset.digest == feats.params_digest == run.data.tags["twinflow.feature_digest"]
+    # Headline metrics only (counts are params); trials named from their score and hyperparameters.
+    assert "assets_train" not in run.data.metrics and run.data.params["data.assets_train"]
+    assert all(c.info.run_name.startswith("val ") and "·" in c.info.run_name for c in children)
+    # The description decides: verdict and rule, metrics rounded with units, links (Prefect, plots, version).
+    desc = run.data.tags["mlflow.note.content"]
+    assert desc.startswith("**PROMOTED**") and "Rule: No champion yet" in desc and "cycles" in desc, desc
+    assert f"]({run.data.tags['prefect.flow_run_url']})" in desc and "artifacts/plots/pred_vs_true.png" in desc
+    assert "#/models/" in desc and "EUR" in desc and "20 assets over 500 cycles" in desc
     assert {t.key for t in inputs[0].tags} >= {"lake_snapshot_digest", "mlflow.data.context"}
 
     # The registered champion is served by pyfunc and reproduces the logged residuals.
@@ -110,7 +120,10 @@ def test_train_tracks_registers_and_gates_promotion(runtime, data):
     decision = pd.DataFrame(table["data"], columns=table["columns"])
     assert set(decision["decision"]) == {"keep champion"}
     assert decision.set_index("role").loc[CHAMPION, "version"] == "2"
-    assert np.isfinite(decision["twin_expected_cost"].astype(float)).all() and len(decision) == 2
+    # Challenger, champion and the naive baseline the absolute floor compared against (no twin cost).
+    assert set(decision["role"]) == {CHALLENGER, CHAMPION, "baseline"}
+    models = decision[decision["role"] != "baseline"]
+    assert np.isfinite(models["twin_expected_cost"].astype(float)).all()
     assert set(decision["mode"]) == {"both"}
     assert client.get_run(third.run_id).data.metrics["champion_eval_rmse"] == pytest.approx(
         second.metrics["eval_rmse"])
@@ -121,7 +134,7 @@ def test_train_cmapss_test_protocol(runtime, data):
     res = train(feats, TrainParams(**FAST, true_rul_path=rul), test_features=test)
     run = mlflow.MlflowClient().get_run(res.run_id)
     assert run.data.tags["twinflow.eval_set"] == "cmapss-test"
-    assert run.data.metrics["eval_n"] == len(TEST_UNITS)
+    assert run.data.params["data.eval_n"] == str(len(TEST_UNITS))  # a count: a param, not a headline metric
     contexts = {t.value for i in run.inputs.dataset_inputs for t in i.tags if t.key == "mlflow.data.context"}
     assert contexts == {"training", "evaluation"}
     err = champion_error_model(runtime.settings)

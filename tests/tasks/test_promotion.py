@@ -12,7 +12,16 @@ import pandas as pd
 import pytest
 
 from train_fixtures import cmapss_frame, write_features
-from twinflow.tasks.promotion import TwinCost, TwinGateParams, compare_twin_costs, error_model_of, policy_costs
+from twinflow.tasks.promotion import (
+    PromotionFloor,
+    TwinCost,
+    TwinGateParams,
+    check_floor,
+    compare_twin_costs,
+    error_model_of,
+    fleet_mean_life_predictions,
+    policy_costs,
+)
 from twinflow.tasks.registry import (
     CHALLENGER,
     CHAMPION,
@@ -22,6 +31,7 @@ from twinflow.tasks.registry import (
     promotion_gate,
     twin_comparison,
 )
+from twinflow.tasks.train_eval import regression_metrics
 from twinflow.tasks.train import TrainParams
 from twinflow.tracking import configure_mlflow, tracked_run
 
@@ -106,11 +116,17 @@ def registry(tmp_path):
     return settings, client, name, uris[1], feats
 
 
-def _gate(registry, mode: str, caplog):
+def _naive(true):
+    """A naive predictor's metrics on ``true``: the constant mean (what the floor's baseline stands for)."""
+    return regression_metrics(np.full_like(true, true.mean()), true)
+
+
+def _gate(registry, mode: str, caplog, *, challenger=None, floor: PromotionFloor | None = None):
     from prefect import flow
 
     settings, client, name, uri, feats = registry
-    true, challenger, champion = _predictions()
+    true, default_challenger, champion = _predictions()
+    challenger = default_challenger if challenger is None else challenger
     champ_eval = {"rmse": _rmse(champion, true), "score": 1.0, "true_rul": true.tolist(),
                   "pred_rul": champion.tolist()}
 
@@ -118,10 +134,11 @@ def _gate(registry, mode: str, caplog):
     def one_gate():
         with tracked_run(f"train-{mode}", stage="train") as run:
             out = promotion_gate(client, name, uri, _rmse(challenger, true), "test-set", feats,
-                                 TrainParams(promotion_mode=mode, twin_gate=GATE), None,
+                                 TrainParams(promotion_mode=mode, twin_gate=GATE,
+                                             promotion_floor=floor or PromotionFloor()), None,
                                  settings.mlflow_tracking_uri, challenger_true=true, challenger_pred=challenger,
                                  challenger_metrics={"eval_rmse": _rmse(challenger, true), "eval_score": 2.0},
-                                 champion_scorer=lambda model_uri: champ_eval)
+                                 champion_scorer=lambda model_uri: champ_eval, baseline_metrics=_naive(true))
             return out, run.info.run_id
 
     # The run logger's records reach Prefect's API handler, not the root logger: listen to it directly.
@@ -168,8 +185,73 @@ def test_lower_rmse_challenger_with_late_errors_is_refused_by_the_twin_gate(pref
 
     # The RMSE rule alone promotes the same challenger.
     gate, _ = _gate(registry, "rmse", caplog)
-    assert gate.decision.promote and gate.decision.twin is None and CHAMPION in gate.aliases
+    assert gate.decision.promote and gate.decision.twin is None and gate.aliases == [CHAMPION]
     assert "v4" in client.get_registered_model(name).description
+
+    # The same challenger under an absolute RMSE threshold it misses: refused whatever the relative rule says.
+    gate, _ = _gate(registry, "rmse", caplog, floor=PromotionFloor(max_rmse=1.0))
+    assert not gate.decision.promote and gate.aliases == [CHALLENGER]
+    assert "Absolute floor not met" in gate.decision.reason and "RMSE" in gate.decision.reason
+
+
+def test_the_floor_checks_the_baseline_and_each_configured_threshold():
+    true = np.linspace(0, 125, 50)
+    good = {"eval_rmse": 10.0, "eval_score": 100.0, "eval_pi_coverage": 0.9}
+    base = {"rmse": 40.0, "score": 5000.0}
+    ok = check_floor(good, base, PromotionFloor(max_rmse=20, max_score=500, min_coverage=0.8))
+    assert ok.passed and len(ok.met) == 4 and "beats" in ok.reason
+    bad = check_floor({**good, "eval_rmse": 45.0}, base, PromotionFloor())
+    assert not bad.passed and "does not beat" in bad.reason and "40.0" in bad.reason
+    assert not check_floor(good, base, PromotionFloor(baseline_margin=0.8)).passed  # 10 is not < 0.2 * 40
+    assert not check_floor(good, base, PromotionFloor(min_coverage=0.95)).passed
+    assert not check_floor({"eval_rmse": 10.0}, base, PromotionFloor(max_score=500)).passed  # no evidence
+    assert not check_floor(good, None, PromotionFloor()).passed  # the baseline could not be scored
+    assert check_floor(good, None, PromotionFloor(beat_baseline=False)).passed
+    # The baseline: mean life minus the cycle reached, never negative, capped like the labels.
+    assert fleet_mean_life_predictions(200.0, [10, 150, 250], 125.0).tolist() == [125.0, 50.0, 0.0]
+    assert fleet_mean_life_predictions(200.0, true).min() >= 0
+
+
+@pytest.fixture
+def fresh_registry(tmp_path):
+    """A real SQLite registry with no model yet, and one logged model to gate."""
+    from sklearn.dummy import DummyRegressor
+
+    from twinflow.settings import get_settings
+
+    settings = get_settings()
+    configure_mlflow(settings)
+    est = DummyRegressor().fit(np.zeros((4, 1)), np.arange(4.0))
+    with tracked_run("model-0", stage="train"):
+        uri = mlflow.sklearn.log_model(est, name="model").model_uri
+    feats = write_features(cmapss_frame("train", [1, 2]), tmp_path / "features")
+    return settings, mlflow.MlflowClient(), settings.mlflow.registered_model, uri, feats
+
+
+@pytest.mark.integration
+def test_a_first_model_worse_than_the_naive_baseline_is_refused(prefect_api, fresh_registry, caplog):
+    settings, client, name, _, _ = fresh_registry
+    true, _, _ = _predictions()
+    rng = np.random.default_rng(3)
+    bad = np.clip(true[::-1] + rng.normal(0, 30, true.size), 0, None)  # unrelated to the truth
+    assert _rmse(bad, true) > _naive(true)["rmse"]
+    gate, run_id = _gate(fresh_registry, "both", caplog, challenger=bad)
+    assert not gate.decision.promote and gate.aliases == [CHALLENGER]
+    assert "does not beat the fleet-mean-life baseline" in gate.decision.reason
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias(name, CHAMPION)
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/promotion/decision.json"))
+    df = pd.DataFrame(table["data"], columns=table["columns"])
+    assert CHAMPION not in set(df["role"]) and set(df["role"]) == {CHALLENGER, "baseline"}
+    assert not df.drop(columns=[c for c in df if c.startswith("twin_")]).isna().all(axis=1).any()
+    assert client.get_run(run_id).data.tags["twinflow.promotion"] == "kept"
+    assert "NOT PROMOTED" in client.get_model_version(name, gate.version).description
+
+    # A good model on the same fresh home: promoted, with the floor it met as the stated reason.
+    gate, run_id = _gate(fresh_registry, "both", caplog)
+    assert gate.decision.promote and gate.aliases == [CHAMPION] and gate.version == "2"
+    assert gate.decision.reason.startswith("No champion yet") and "beats the fleet-mean-life" in gate.decision.reason
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == "2"
 
 
 @pytest.mark.integration
