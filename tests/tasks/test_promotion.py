@@ -31,7 +31,7 @@ from twinflow.tasks.registry import (
     promotion_gate,
     twin_comparison,
 )
-from twinflow.tasks.train_eval import regression_metrics
+from twinflow.tasks.train.eval import regression_metrics
 from twinflow.tasks.train import TrainParams
 from twinflow.tracking import configure_mlflow, tracked_run
 
