@@ -74,7 +74,8 @@ def _dead(source: Any) -> str | None:
 
 
 def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: threading.Event | None = None,
-               on_batch: Callable[[BatchResult], None] | None = None, max_seconds: float | None = None) -> BridgeStats:
+               on_batch: Callable[[BatchResult], None] | None = None, max_seconds: float | None = None,
+               on_start: Callable[[list[Any]], None] | None = None) -> BridgeStats:
     """Run the bridge until ``stop`` is set (or ``max_seconds`` pass).
 
     Args:
@@ -84,9 +85,13 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
         stop: Set it to stop; the buffered messages are committed first.
         on_batch: Called after each committed batch (tests, benchmark).
         max_seconds: Stop after this long (None: run until ``stop``).
+        on_start: Called with the started sources (tests).
 
     Returns:
         The run's totals.
+
+    Raises:
+        SourceDied: a source's thread ended (with ``source_failure: exit``, or after the restarts).
     """
     stop = stop or threading.Event()
     lk.local_path(lake_path).mkdir(parents=True, exist_ok=True)
@@ -128,6 +133,8 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
                 s.start()
                 started.append(s)
             beat("running")
+            if on_start is not None:
+                on_start([s for _, s in sources])
             while True:
                 done = stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
                 if not done:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -49,3 +50,19 @@ def mosquitto(tmp_path):
         proc.wait(5)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+# The attack run's poison set (issue 25), as raw MQTT payloads.
+POISON = {
+    "400-digit int": b'{"asset_id": "u1", "cycle": 1, "s2": ' + b"9" * 400 + b"}",
+    "5000-digit int": b'{"asset_id": "u1", "cycle": ' + b"7" * 5000 + b"}",
+    "100k nested brackets": b"[" * 100_000 + b"]" * 100_000,
+    "cycle >= 2^63": json.dumps({"asset_id": "u1", "cycle": 2**63, "s2": 642.0}).encode(),
+    "lone surrogate asset": b'{"asset_id": "\\ud800", "cycle": 1, "s2": 642.0}',
+}
+
+
+@pytest.fixture
+def poison() -> dict[str, bytes]:
+    """The named poison messages: name -> payload."""
+    return dict(POISON)

@@ -15,16 +15,6 @@ from twinflow.tasks.bridge.commit import Committer
 from twinflow.tasks.bridge.decode import DecodeError, DecodeLimits, Decoder
 from twinflow.tasks.ingest.quarantine import read_quarantine
 
-# The attack run's poison set (issue 25), as raw MQTT payloads.
-POISON = {
-    "400-digit int": b'{"asset_id": "u1", "cycle": 1, "s2": ' + b"9" * 400 + b"}",
-    "5000-digit int": b'{"asset_id": "u1", "cycle": ' + b"7" * 5000 + b"}",
-    "100k nested brackets": b"[" * 100_000 + b"]" * 100_000,
-    "cycle >= 2^63": json.dumps({"asset_id": "u1", "cycle": 2**63, "s2": 642.0}).encode(),
-    "lone surrogate asset": b'{"asset_id": "\\ud800", "cycle": 1, "s2": 642.0}',
-}
-
-
 def _decoder(contract: str = "cmapss", **limits) -> Decoder:
     return Decoder(load_contract(contract), DecodeLimits(**limits))
 
@@ -50,17 +40,18 @@ def _lake(tmp_path, columns=("asset_id", "cycle")) -> list[dict]:
     return [] if snap is None else lk.read_lake(snap, columns=list(columns)).to_pylist()
 
 
-@pytest.mark.parametrize("name", sorted(POISON))
-def test_each_poison_message_is_a_decode_reason_not_an_exception(name):
-    with pytest.raises(DecodeError) as err:
-        rows = _decoder().decode("json", "t", POISON[name])
-        # a per-row reason is as good as a message reason: the row is quarantined, nothing raised
-        assert not rows.rows and rows.errors
-        raise DecodeError(rows.errors[0][1])
-    assert str(err.value)
+def test_each_poison_message_is_a_reason_not_an_exception(poison):
+    for name, payload in poison.items():
+        try:
+            out = _decoder().decode("json", "t", payload)
+        except DecodeError as exc:  # the whole message is quarantined with this reason
+            assert str(exc), name
+            continue
+        assert not out.rows and out.errors, name  # or its one row is, with this reason
 
 
-def test_poison_set_is_quarantined_with_raw_bytes_and_the_canary_lands(tmp_path):
+def test_poison_set_is_quarantined_with_raw_bytes_and_the_canary_lands(tmp_path, poison):
+    POISON = poison
     dec, acks = _decoder(), []
     canary = json.dumps({"asset_id": "u9", "cycle": 1, "s2": 642.0}).encode()
     msgs = [_msg(dec, p, acks) for p in POISON.values()] + [_msg(dec, canary, acks)]
