@@ -101,6 +101,19 @@ class OpcuaSource(_Model):
                                      "connection detection).")
     reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles per failure...")
     reconnect_max_s: float = Field(10.0, gt=0, description="...up to this.")
+    security_policy: Literal["None", "Basic256Sha256", "Aes128Sha256RsaOaep", "Aes256Sha256RsaPss"] = Field(
+        "None", description="OPC UA security policy of the secure channel (plants require one of the others).")
+    security_mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    certificate: str | None = Field(None, description="This client's application instance certificate (DER/PEM).")
+    private_key: str | None = Field(None, description="Its private key (PEM/DER).")
+    private_key_password: SecretStr | None = None
+    trusted_server_certificates: list[str] = Field(
+        default_factory=list, description="The trust list: server certificates (or the CAs that issued them) "
+        "this client accepts; any other server certificate is refused before credentials are sent.")
+    application_uri: str = Field("urn:twinflow:bridge", description="Must match the URI in the certificate.")
+    username: str | None = None
+    password: SecretStr | None = None
+    credentials_block: str | None = Field(None, description="A twinflow-broker-credentials block (user/password).")
 
     @model_validator(mode="after")
     def _map(self) -> "OpcuaSource":
@@ -121,6 +134,15 @@ class OpcuaSource(_Model):
             cols.add((n.asset, n.column))
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        if self.security_policy != "None":
+            if not (self.certificate and self.private_key):
+                raise ValueError(f"security_policy {self.security_policy} needs certificate and private_key")
+            if not self.trusted_server_certificates:
+                raise ValueError(f"security_policy {self.security_policy} needs trusted_server_certificates (the "
+                                 "server certificates or CAs to trust; a server is never trusted on first use)")
+        for f in [self.certificate, self.private_key, *self.trusted_server_certificates]:
+            if f is not None and not Path(f).expanduser().is_file():
+                raise ValueError(f"opcua: file {f!r} does not exist")
         return self
 
 

@@ -47,6 +47,7 @@ import math
 import queue
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from twinflow import contracts as C
@@ -112,6 +113,66 @@ def _check(column: str, value: Any) -> tuple[Any, str | None]:
     if not math.isfinite(float(value)):
         return None, f"{column}={value!r} is not a finite number"
     return float(value), None
+
+
+def opcua_credentials(cfg: OpcuaSource) -> tuple[str | None, str | None]:
+    """(username, password) from the config or its credentials block (never logged)."""
+    user = cfg.username
+    pw = cfg.password.get_secret_value() if cfg.password else None
+    if cfg.credentials_block:
+        from twinflow.blocks.broker import BrokerCredentialsBlock
+
+        blk = BrokerCredentialsBlock.load(cfg.credentials_block)
+        user, pw = blk.username, blk.password.get_secret_value() if blk.password else None
+    return user, pw
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a failed session: the OPC UA status name and meaning where there is one."""
+    from asyncua import ua
+
+    code = getattr(exc, "code", None)
+    if isinstance(exc, ua.UaStatusCodeError) and code is not None:
+        status = ua.StatusCode(code)
+        hint = {"BadUserAccessDenied": " (wrong username or password)",
+                "BadIdentityTokenInvalid": " (wrong username or password)",
+                "BadIdentityTokenRejected": " (wrong username or password)",
+                "BadCertificateUntrusted": " (the server does not trust this client's certificate: add it to the "
+                                           "server's trust list)",
+                "BadSecurityChecksFailed": " (the server does not trust this client's certificate, or the "
+                                           "security settings do not match)"}.get(status.name, "")
+        return f"{status.name}{hint}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class _TrustList:
+    """``Client.certificate_validator``: the server's certificate must be in the trust list or issued by one."""
+
+    def __init__(self, paths: list[str]) -> None:
+        from cryptography import x509
+
+        self.refused: str | None = None  # the last server certificate this list refused
+        self.trusted = []
+        for p in paths:
+            data = Path(p).expanduser().read_bytes()
+            self.trusted.append(x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+                                else x509.load_der_x509_certificate(data))
+
+    async def __call__(self, cert: Any, app_description: Any) -> None:  # noqa: ARG002 - asyncua API
+        from asyncua import ua
+        from asyncua.common.utils import ServiceError
+
+        for t in self.trusted:
+            if cert == t:
+                return
+            try:
+                cert.verify_directly_issued_by(t)
+                return
+            except Exception:  # noqa: BLE001 - not issued by this one
+                continue
+        self.refused = cert.subject.rfc4514_string()
+        raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
 
 
 class RowAssembler:
@@ -239,6 +300,8 @@ class OpcuaBridgeSource:
         self._threads: list[threading.Thread] = []
         self._held: list[tuple[str, Any]] | None = None  # live values during a catch-up
         self._first = True
+        self.last_error: str | None = None  # why the last session attempt failed (for a clear start error)
+        self._trust: _TrustList | None = None
 
     # --- asyncio side ---------------------------------------------------------------------------
 
@@ -298,10 +361,41 @@ class OpcuaBridgeSource:
             log.info("OPC UA %s: caught up %d value(s) of %s from the history", self.source, len(values), asset)
         self._first = False
 
+    async def _secure(self, client: Any) -> None:
+        """Security policy, certificates, trust list and user login of a new client, per the config."""
+        from asyncua import ua
+
+        cfg = self.cfg
+        client.application_uri = cfg.application_uri
+        if cfg.security_policy != "None":
+            from asyncua.crypto import security_policies as sp
+
+            policy = {"Basic256Sha256": sp.SecurityPolicyBasic256Sha256,
+                      "Aes128Sha256RsaOaep": sp.SecurityPolicyAes128Sha256RsaOaep,
+                      "Aes256Sha256RsaPss": sp.SecurityPolicyAes256Sha256RsaPss}[cfg.security_policy]
+            mode = ua.MessageSecurityMode.SignAndEncrypt if cfg.security_mode == "SignAndEncrypt" \
+                else ua.MessageSecurityMode.Sign
+            await client.set_security(policy, certificate=str(Path(cfg.certificate).expanduser()),
+                                      private_key=str(Path(cfg.private_key).expanduser()),
+                                      private_key_password=cfg.private_key_password.get_secret_value()
+                                      if cfg.private_key_password else None, mode=mode)
+            self._trust = client.certificate_validator = _TrustList(cfg.trusted_server_certificates)
+        user, pw = opcua_credentials(cfg)
+        if user:
+            # asyncua's client logs every request it sends at DEBUG, ActivateSession's password included:
+            # never at DEBUG while it holds a credential of ours.
+            wire = logging.getLogger("asyncua.client.ua_client")
+            if wire.getEffectiveLevel() < logging.INFO:
+                wire.setLevel(logging.INFO)
+            client.set_user(user)
+            if pw is not None:
+                client.set_password(pw)
+
     async def _session(self) -> None:
         from asyncua import Client, ua
 
         client = Client(self.cfg.endpoint, timeout=self.cfg.request_timeout_s)
+        await self._secure(client)
         await client.connect()
         try:
             sub = await client.create_subscription(self.cfg.publishing_interval_ms, _Handler(self))
@@ -342,7 +436,13 @@ class OpcuaBridgeSource:
                 await self._session()
                 delay = self.cfg.reconnect_min_s
             except Exception as exc:  # noqa: BLE001 - any failure of a session: reconnect
-                log.warning("OPC UA %s: %s; reconnecting in %.1fs", self.source, exc or type(exc).__name__, delay)
+                trust, self._trust = self._trust, None
+                if trust is not None and trust.refused:
+                    self.last_error = (f"BadCertificateUntrusted (the server's certificate {trust.refused!r} is not in "
+                                       "trusted_server_certificates)")
+                else:
+                    self.last_error = _describe(exc)
+                log.warning("OPC UA %s: %s; reconnecting in %.1fs", self.source, self.last_error, delay)
                 t_end = asyncio.get_running_loop().time() + delay
                 while not self._stop.is_set() and asyncio.get_running_loop().time() < t_end:
                     await asyncio.sleep(0.05)
@@ -370,7 +470,8 @@ class OpcuaBridgeSource:
             t.start()
         if not self.connected.wait(timeout_s):
             self.stop()
-            raise ServiceUnavailable(f"OPC UA server {self.source} did not accept a session in {timeout_s:g}s")
+            why = f": {self.last_error}" if self.last_error else ""
+            raise ServiceUnavailable(f"OPC UA server {self.source} did not accept a session in {timeout_s:g}s{why}")
 
     def alive(self) -> str | None:
         """None while the session and forwarder threads run; else why the source is dead."""

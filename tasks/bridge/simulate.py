@@ -122,6 +122,40 @@ def publish_mqtt(messages: Iterator[tuple[str, bytes]] | list[tuple[str, bytes]]
 _OPCUA_NS = "urn:twinflow:plant-simulator"
 
 
+class _Users:
+    """asyncua user manager: the configured username/password pairs, nobody else."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = dict(users)
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> Any:  # noqa: ARG002 - asyncua API
+        import hmac
+
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        if username in self.users and password is not None and \
+                hmac.compare_digest(str(self.users[username]), str(password)):
+            return User(role=UserRole.User, name=username)
+        return None
+
+
+async def _secure_server(server: Any, sec: dict[str, Any]) -> None:
+    from asyncua import ua
+    from asyncua.crypto.truststore import TrustStore
+    from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+    server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+    await server.load_certificate(str(sec["certificate"]))
+    await server.load_private_key(str(sec["private_key"]))
+    server.set_identity_tokens([ua.UserNameIdentityToken])
+    server.iserver.set_user_manager(_Users(sec.get("users", {})))
+    store = TrustStore([Path(p) for p in sec.get("trusted_clients", [])], [])
+    await store.load()
+    opts = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+    server.set_certificate_validator(CertificateValidator(opts, store))
+
+
 class OpcuaPlant:
     """An asyncua server with C-MAPSS units as live, historized nodes; runs its own event loop in a thread.
 
@@ -133,7 +167,10 @@ class OpcuaPlant:
     """
 
     def __init__(self, endpoint: str, assets: list[str], channels: list[str] | None = None,
-                 untyped: tuple[str, ...] = ()) -> None:
+                 untyped: tuple[str, ...] = (), security: dict[str, Any] | None = None) -> None:
+        # security: {"certificate", "private_key", "trusted_clients": [paths], "users": {name: password}}:
+        # Basic256Sha256 SignAndEncrypt only, username login only, client certificates from the trust list.
+        self.security = security
         self.endpoint, self.assets, self.untyped = endpoint, list(assets), set(untyped)
         self.channels = list(channels) if channels is not None else list(C.CHANNELS)
         self.nodes: dict[tuple[str, str], Any] = {}  # (asset, column) -> asyncua NodeId
@@ -152,6 +189,8 @@ class OpcuaPlant:
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("twinflow plant simulator")
+        if self.security:
+            await _secure_server(server, self.security)
         idx = await server.register_namespace(_OPCUA_NS)
         storage = server.iserver.history_manager.storage
         waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData))
