@@ -147,3 +147,57 @@ def test_a_dead_source_is_restarted_when_configured_and_status_shows_it(mosquitt
         th.join(60)
     assert "error" not in out
     assert read_status(lake, "again")["state"] == "stopped"
+
+
+@pytest.mark.slow
+def test_sigkill_with_poison_in_flight_then_restart_does_not_crash_loop(mosquitto, tmp_path, poison):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from twinflow.tasks.bridge.simulate import cmapss_rows, mqtt_messages
+
+    host, port = mosquitto
+    lake, quar = str(tmp_path / "lake"), str(tmp_path / "q")
+    config = tmp_path / "bridge.json"
+    config.write_text(json.dumps({"bridge_id": "pk", "lake": lake, "quarantine": quar, "emit_events": False,
+                                  "batch_rows": 100, "flush_interval_s": 0.2,
+                                  "mqtt": {"host": host, "port": port, "topics": ["twinflow/telemetry/#"]}}))
+    env = {**os.environ, "PREFECT_API_URL": ""}
+    rows = cmapss_rows(units=4, max_cycles=100)
+    msgs = list(mqtt_messages(rows))
+    bad = [("twinflow/telemetry/poison", p) for p in poison.values()]
+    for i, m in enumerate(bad):  # poison spread through the stream, so some is in flight at the kill
+        msgs.insert(40 + i * 70, m)
+    create_session(BridgeConfig.model_validate_json(config.read_text()).mqtt, "twinflow-bridge-pk")
+
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "twinflow.cli", "stream", "run", "--config", str(config)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    proc = start()
+    assert _wait(lambda: lk.meta_path(lake, "bridge-pk.lock").exists(), 60)
+    done = threading.Event()
+    th = threading.Thread(target=lambda: (publish_mqtt(msgs, host=host, port=port, rate=300), done.set()))
+    th.start()
+    assert _wait(lambda: len(_rows(lake, ["cycle"])) >= 100, 60)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    th.join(120)
+    assert done.is_set()
+    proc = start()  # twice in a row: a crash loop would end it with an error here
+    try:
+        assert _wait(lambda: len(_rows(lake, ["cycle"])) >= len(rows) or proc.poll() is not None, 120)
+        assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    keys = [(r["asset_id"], r["cycle"]) for r in _rows(lake, ["asset_id", "cycle"])]
+    assert sorted(keys) == sorted((r["asset_id"], r["cycle"]) for r in rows)
+    import base64
+
+    q = {base64.b64decode(r["raw"].removeprefix("base64:")) for r in read_quarantine(quar, "stream").to_pylist()}
+    assert q == set(poison.values())  # each poison quarantined (at least once), nothing else
