@@ -124,9 +124,9 @@ def simulate_cmd(
             typer.echo(json.dumps({"endpoint": opcua, "nodes": section["nodes"]}), nl=True)
 
         chans = [c.strip() for c in channels.split(",") if c.strip()] if channels else None
-        from twinflow import contracts as C
+        from twinflow.contract import load_contract
 
-        unknown = sorted(set(chans or []) - set(C.CHANNELS))
+        unknown = sorted(set(chans or []) - set(load_contract("cmapss").channel_names))
         if unknown:
             raise ConfigError(f"--channels: {unknown} are not channels of the data contract")
         n = serve_opcua(rows, opcua, rate=rate, channels=chans, stop=stop, on_ready=ready, linger=linger)

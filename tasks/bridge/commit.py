@@ -267,7 +267,8 @@ class Committer:
         q = quarantine_rows(keys, [why for _, _, why, _ in items], self.source, batch_id,
                             raw_text=[raw for _, _, _, raw in items])
         assets = pa.array([a for a, _, _, _ in items], pa.string())
-        cycles = pa.array([t if isinstance(t, int) and C.CYCLE_RANGE[0] <= t <= C.CYCLE_RANGE[1] else None
+        # the quarantine's cycle column is int64: a key outside it (the reason says which) is left null
+        cycles = pa.array([t if isinstance(t, int) and not isinstance(t, bool) and -2**63 <= t < 2**63 else None
                            for _, t, _, _ in items], pa.int64())
         q = q.set_column(q.column_names.index(C.ASSET), C.ASSET, assets)
         q = q.set_column(q.column_names.index(C.TIME), C.TIME, cycles)

@@ -38,23 +38,35 @@ def default_cmapss() -> Path:
 
 
 def cmapss_rows(path: str | Path | None = None, units: int | None = None, max_cycles: int | None = None,
-                asset_prefix: str = "unit-") -> list[dict[str, Any]]:
-    """C-MAPSS rows as contract rows, interleaved across units by cycle (``units``: the first N units)."""
+                asset_prefix: str = "unit-", contract: str = "cmapss") -> list[dict[str, Any]]:
+    """C-MAPSS rows as contract rows, interleaved across units by cycle (``units``: the first N units).
+
+    The column order of the header-less text comes from the contract's dataset rule for the file.
+    """
+    from twinflow.contract import load_contract
+
     p = Path(path) if path else default_cmapss()
+    fleet = load_contract(contract)
+    rule = fleet.rule_for(p.name)
+    if rule is None or not rule.columns:
+        raise ValueError(f"contract {fleet.name!r} declares no header-less column order for {p.name}")
+    names = [None if c == "_" else fleet.canonical_name(c) for c in rule.columns]
+    asset_at, time_at = names.index(C.ASSET), names.index(fleet.clock.key)
+    chans = [(i, n) for i, n in enumerate(names) if n in set(fleet.channel_names)]
     opener = gzip.open if p.suffix == ".gz" else open
     by_unit: dict[int, list[dict[str, Any]]] = {}
     with opener(p, "rt") as fh:
         for line in fh:
             vals = line.split()
-            if len(vals) < len(C.CMAPSS_COLUMNS):
+            if len(vals) < len(names):
                 continue
-            unit, cycle = int(vals[0]), int(vals[1])
+            unit, cycle = int(vals[asset_at]), int(vals[time_at])
             if units is not None and unit > units:
                 continue
             if max_cycles is not None and cycle > max_cycles:
                 continue
             row: dict[str, Any] = {C.ASSET: f"{asset_prefix}{unit}", C.TIME: cycle}
-            row.update({c: float(v) for c, v in zip(C.CHANNELS, vals[2:2 + len(C.CHANNELS)])})
+            row.update({n: float(vals[i]) for i, n in chans})
             by_unit.setdefault(unit, []).append(row)
     out: list[dict[str, Any]] = []
     longest = max((len(v) for v in by_unit.values()), default=0)
@@ -172,7 +184,11 @@ class OpcuaPlant:
         # Basic256Sha256 SignAndEncrypt only, username login only, client certificates from the trust list.
         self.security = security
         self.endpoint, self.assets, self.untyped = endpoint, list(assets), set(untyped)
-        self.channels = list(channels) if channels is not None else list(C.CHANNELS)
+        if channels is None:
+            from twinflow.contract import load_contract
+
+            channels = load_contract("cmapss").channel_names  # the simulator replays C-MAPSS units
+        self.channels = list(channels)
         self.nodes: dict[tuple[str, str], Any] = {}  # (asset, column) -> asyncua NodeId
         self.published = 0
         self._last_ts: dict[str, Any] = {}
