@@ -83,7 +83,9 @@ def status_cmd(
         status["reason"] = f"no heartbeat for {status['heartbeat_age_s']:g}s (process gone or hung)"
     typer.echo(json.dumps(status, indent=1, default=str))
     if status["state"] in ("failed", "stale"):
-        raise typer.Exit(1)
+        # SystemExit, not typer.Exit: twinflow's main runs click without standalone mode, which turns
+        # typer.Exit into a return value.
+        raise SystemExit(1)
 
 
 @stream_app.command("simulate")

@@ -126,6 +126,17 @@ def test_a_dead_source_ends_the_bridge_with_its_reason(mosquitto, tmp_path):
     assert "MQTT source mqtt://127.0.0.1" in str(out["error"]) and "network thread stopped" in str(out["error"])
     status = read_status(lake, "dies")
     assert status["state"] == "failed" and "network thread stopped" in status["reason"]
+    # `twinflow stream status` shows it and exits 1
+    import subprocess
+    import sys
+
+    config = tmp_path / "bridge.json"
+    config.write_text(json.dumps({"bridge_id": "dies", "lake": lake, "mqtt": {"host": host, "port": port}}))
+    proc = subprocess.run([sys.executable, "-m", "twinflow.cli", "stream", "status", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    shown = json.loads(proc.stdout)
+    assert shown["state"] == "failed" and shown["sources"][0]["kind"] == "mqtt" and not shown["sources"][0]["alive"]
 
 
 def test_a_dead_source_is_restarted_when_configured_and_status_shows_it(mosquitto, tmp_path):
