@@ -9,6 +9,7 @@ tables), since its commits' transaction sequence is its own.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -116,7 +117,7 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
 
         def beat(state: str, reason: str | None = None) -> None:
             status = {"bridge_id": cfg.bridge_id, "dataset": cfg.dataset, "state": state, "reason": reason,
-                      "pid": __import__("os").getpid(), "time": time.time(), "started": stats.started,
+                      "pid": os.getpid(), "time": time.time(), "started": stats.started,
                       "contract": contract.ref.model_dump(), "batches": stats.batches,
                       "messages": stats.messages, "rows_written": stats.rows_written,
                       "rows_quarantined": stats.rows_quarantined, "redelivered": stats.redelivered,

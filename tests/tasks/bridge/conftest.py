@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -144,7 +145,7 @@ def tls_mosquitto(tmp_path):
     if exe is None or passwd is None:
         pytest.skip("mosquitto (with mosquitto_passwd) is not installed")
     pki = make_pki(tmp_path / "pki")
-    user, pw = "bridge", "s3cret-" + __import__("os").urandom(4).hex()
+    user, pw = "bridge", "s3cret-" + os.urandom(4).hex()
     pwfile = tmp_path / "passwd"
     subprocess.run([passwd, "-b", "-c", str(pwfile), user, pw], check=True, capture_output=True)
     port = free_port()
@@ -153,7 +154,7 @@ def tls_mosquitto(tmp_path):
     # the test's private tmp folder.
     import pwd
 
-    me = pwd.getpwuid(__import__("os").geteuid()).pw_name
+    me = pwd.getpwuid(os.geteuid()).pw_name
     conf.write_text(f"user {me}\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\n"
                     f"cafile {pki['ca_cert']}\ncertfile {pki['server_cert']}\nkeyfile {pki['server_key']}\n"
                     "require_certificate true\nmax_queued_messages 0\npersistence false\n")
