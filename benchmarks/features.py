@@ -1,10 +1,20 @@
 """Benchmark of the features stage against pandas ``groupby(asset).rolling`` and polars.
 
-Run: ``python -m benchmarks.features [--quick] [--rows N] [--assets A] [--channels C] [--compression C]``.
+Run: ``python -m benchmarks.features [--quick] [--fleet cmapss|timestamp] [--rows N] [--assets A] [--channels C]
+[--compression C]``.
 
 A fleet is generated with NumPy (degrading sensors, three operating regimes) and written as a
-lake through ``twinflow.lake`` (a Delta table, one commit per 100 assets). The same features are computed by every candidate: for each
-channel and window, rolling mean/std/min/max and the least-squares slope, plus an EWM mean:
+lake through ``twinflow.lake`` (a Delta table, one commit per 100 assets), under its fleet contract:
+
+- ``--fleet cmapss`` (default): a cycle clock, the bundled C-MAPSS contract (three ``op_setting``
+  settings, ``s1..`` sensors); windows of 10 and 30 rows.
+- ``--fleet timestamp``: a timestamp clock (a contract declared here: two settings, ``ch_1..``
+  sensors), a reading every 10 minutes with +-2 minutes of jitter, two gaps of 2-12 hours per
+  asset and 1% missing readings; time windows of 1 and 6 hours, computed over the actual
+  timestamps by every candidate (pandas ``rolling("1h", on=...)``, polars ``rolling_*_by``).
+
+The same features are computed by every candidate: for each channel and window, rolling
+mean/std/min/max and the least-squares slope, plus an EWM mean:
 
 - ``pandas groupby.rolling`` (baseline): the straightforward pandas code, one chunk of 100
   assets at a time (the whole fleet's features would not fit in memory), in memory, 1 core.
@@ -48,6 +58,7 @@ from benchmarks._harness import Bench, arg_parser
 from twinflow.tasks import features as ft
 
 WINDOWS = [10, 30]
+TIME_WINDOWS = ["1h", "6h"]
 SPANS = [10]
 CHUNK_ASSETS = 100
 KERNELS = "twinflow kernels (compiled, 1 process)"
@@ -72,7 +83,40 @@ def fleet_asset(rng: np.random.Generator, asset: int, rows: int, channels: int) 
     return frame
 
 
-def write_fleet(root: Path, assets: int, rows: int, channels: int, seed: int = 0, hive: bool = False):
+def timestamp_contract(channels: int):
+    """The timestamped fleet's contract: two settings, ``channels`` sensors, a 10-minute clock in hours."""
+    from twinflow.contract.model import Channel, Clock, FleetContract
+
+    return FleetContract(name="bench-timestamp", clock=Clock(kind="timestamp", column="ts", unit="h",
+                                                             interval="10min", tolerance="3min"),
+                         channels=[Channel(name="speed", kind="setting"), Channel(name="load", kind="setting"),
+                                   *[Channel(name=f"ch_{i + 1}") for i in range(channels)]])
+
+
+def timestamp_asset(rng: np.random.Generator, asset: int, rows: int, channels: int) -> pd.DataFrame:
+    """One asset's readings on a timestamp clock: 10 min +- 2 min, two gaps of 2-12 h, 1% missing."""
+    steps = 600 + rng.integers(-120, 121, size=rows)
+    steps[0] = 0
+    steps[rng.choice(np.arange(1, rows), size=min(2, rows - 1), replace=False)] = rng.integers(2, 13, size=min(2, rows - 1)) * 3600
+    start = np.datetime64("2026-01-01T00:00:00", "us") + np.timedelta64(int(rng.integers(0, 86400)), "s")
+    ts = start + np.cumsum(steps).astype("timedelta64[s]")
+    regime = rng.integers(0, 3, size=rows)
+    ops = np.array([[1450.0, 60.0], [2900.0, 80.0], [2900.0, 100.0]])[regime] + rng.normal(scale=1e-3, size=(rows, 2))
+    health = (np.arange(1, rows + 1) / rows) ** 2
+    base = 100.0 + 10.0 * np.arange(channels)
+    sens = (base + 5.0 * regime[:, None] + health[:, None] * rng.normal(1, 0.2, size=channels)
+            + rng.normal(scale=0.5, size=(rows, channels)))
+    sens[rng.random(sens.shape) < 0.01] = np.nan
+    frame = pd.DataFrame(sens, columns=[f"ch_{i + 1}" for i in range(channels)])
+    frame.insert(0, "load", ops[:, 1])
+    frame.insert(0, "speed", ops[:, 0])
+    frame.insert(0, "timestamp", pd.DatetimeIndex(ts).tz_localize("UTC"))
+    frame.insert(0, "asset_id", f"{asset:06d}")
+    return frame
+
+
+def write_fleet(root: Path, assets: int, rows: int, channels: int, seed: int = 0, hive: bool = False,
+                fleet: str = "cmapss"):
     """Write the fleet into a lake at ``root`` through the lake API (one Delta commit per 100 assets).
 
     Returns the snapshot of the written table. With ``hive``, also write the twinflow 0.1 layout
@@ -85,17 +129,20 @@ def write_fleet(root: Path, assets: int, rows: int, channels: int, seed: int = 0
     from twinflow import lake
 
     rng = np.random.default_rng(seed)
+    contract = timestamp_contract(channels) if fleet == "timestamp" else None
+    make = timestamp_asset if fleet == "timestamp" else fleet_asset
     batch: list[pd.DataFrame] = []
     for a in range(assets):
-        frame = fleet_asset(rng, a, rows, channels)
+        frame = make(rng, a, rows, channels)
         if hive:
             out = root / "_hive" / "dataset=fleet" / f"asset={a:06d}"
             out.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), out / "part.parquet")
         batch.append(frame)
         if len(batch) == 100 or a == assets - 1:
-            table = lake.conform(pa.Table.from_pandas(pd.concat(batch), preserve_index=False), "bench", "bench")
-            lake.commit(str(root), "fleet", table)
+            table = lake.conform(pa.Table.from_pandas(pd.concat(batch), preserve_index=False), "bench", "bench",
+                                 contract=contract)
+            lake.commit(str(root), "fleet", table, contract=contract)
             batch = []
     return lake.snapshot(str(root), "fleet")
 
@@ -126,26 +173,38 @@ def read_all(groups: dict, columns: list[str], reader) -> int:
                for i in range(0, len(assets), CHUNK_ASSETS))
 
 
-def load_chunks(dataset: str, groups: dict, channels: list[str]) -> list[pd.DataFrame]:
+def load_chunks(dataset: str, groups: dict, channels: list[str], key: str = "cycle") -> list[pd.DataFrame]:
     assets = sorted(groups)
-    cols = ["asset_id", "cycle", *channels]
+    cols = ["asset_id", key, *channels]
     return [ft.read_partition([p for a in assets[i:i + CHUNK_ASSETS] for p, _ in groups[a]], cols)
             for i in range(0, len(assets), CHUNK_ASSETS)]
 
 
-def pandas_features(frame: pd.DataFrame, channels: list[str]) -> int:
-    """The straightforward pandas version of the same features; returns the cells computed."""
-    frame = frame.sort_values(["asset_id", "cycle"])
-    t = frame.groupby("asset_id").cycle.transform(lambda c: c - c.iloc[0]).astype(float)
+def pandas_features(frame: pd.DataFrame, channels: list[str], key: str = "cycle") -> int:
+    """The straightforward pandas version of the same features; returns the cells computed.
+
+    With a timestamp ``key``: time windows over the timestamps (``rolling("1h", on=key)``), time
+    in hours.
+    """
+    frame = frame.sort_values(["asset_id", key])
+    if key == "cycle":
+        t = frame.groupby("asset_id").cycle.transform(lambda c: c - c.iloc[0]).astype(float)
+        windows: list = WINDOWS
+    else:
+        t = (frame[key] - frame.groupby("asset_id")[key].transform("min")).dt.total_seconds() / 3600.0
+        windows = TIME_WINDOWS
     y = frame[channels]
     ty = y.mul(t, axis=0).add_suffix("_t")
     work = pd.concat([frame[["asset_id"]], y, ty], axis=1).assign(t=t, tt=t * t)
+    if key != "cycle":
+        work[key] = frame[key]
     g = work.groupby("asset_id", sort=False)
     cells = 0
-    for w in WINDOWS:
-        r = g[channels].rolling(w, min_periods=1)
+    for w in windows:
+        on = {} if key == "cycle" else {"on": key}
+        r = g[[*channels, *on.values()]].rolling(w, min_periods=1, **on)[channels]
         parts = [r.mean(), r.std(), r.min(), r.max()]
-        m = g[[*ty.columns, "t", "tt"]].rolling(w, min_periods=1).mean()
+        m = g[[*ty.columns, "t", "tt", *on.values()]].rolling(w, min_periods=1, **on)[[*ty.columns, "t", "tt"]].mean()
         mean_y = parts[0].to_numpy()
         with np.errstate(divide="ignore", invalid="ignore"):  # a window of one row: 0/0
             slope = ((m[list(ty.columns)].to_numpy() - m[["t"]].to_numpy() * mean_y)
@@ -156,22 +215,34 @@ def pandas_features(frame: pd.DataFrame, channels: list[str]) -> int:
     return cells
 
 
-def polars_features(frame, channels: list[str]) -> int:
-    """The same features with polars group-wise rolling expressions; returns the cells computed."""
+def polars_features(frame, channels: list[str], key: str = "cycle") -> int:
+    """The same features with polars group-wise rolling expressions; returns the cells computed.
+
+    With a timestamp ``key``: ``rolling_*_by(key, "1h")`` over the timestamps, time in hours.
+    """
     import polars as pl
 
-    df = frame.sort(["asset_id", "cycle"]).with_columns(
-        (pl.col("cycle") - pl.col("cycle").first().over("asset_id")).cast(pl.Float64).alias("t"))
+    if key == "cycle":
+        t = (pl.col("cycle") - pl.col("cycle").first().over("asset_id")).cast(pl.Float64)
+        windows: list = WINDOWS
+    else:
+        t = (pl.col(key) - pl.col(key).first().over("asset_id")).dt.total_microseconds().cast(pl.Float64) / 3.6e9
+        windows = TIME_WINDOWS
+    df = frame.sort(["asset_id", key]).with_columns(t.alias("t"))
     exprs = []
     for c in channels:
         y = pl.col(c)
-        for w in WINDOWS:
-            def roll(e, w=w):
-                return e.rolling_mean(w, min_samples=1).over("asset_id")
+        for w in windows:
+            if key == "cycle":
+                def roll(e, w=w, how="mean"):
+                    return getattr(e, f"rolling_{how}")(w, min_samples=1).over("asset_id")
+            else:
+                def roll(e, w=w, how="mean"):
+                    return getattr(e, f"rolling_{how}_by")(key, window_size=w, min_samples=1).over("asset_id")
             exprs += [roll(y).alias(f"{c}_mean_{w}"),
-                      y.rolling_std(w, min_samples=1).over("asset_id").alias(f"{c}_std_{w}"),
-                      y.rolling_min(w, min_samples=1).over("asset_id").alias(f"{c}_min_{w}"),
-                      y.rolling_max(w, min_samples=1).over("asset_id").alias(f"{c}_max_{w}"),
+                      roll(y, how="std").alias(f"{c}_std_{w}"),
+                      roll(y, how="min").alias(f"{c}_min_{w}"),
+                      roll(y, how="max").alias(f"{c}_max_{w}"),
                       ((roll(y * pl.col("t")) - roll(pl.col("t")) * roll(y))
                        / (roll(pl.col("t") ** 2) - roll(pl.col("t")) ** 2)).alias(f"{c}_slope_{w}")]
         for s in SPANS:
@@ -181,8 +252,8 @@ def polars_features(frame, channels: list[str]) -> int:
 
 
 def twinflow_kernels(frame: pd.DataFrame, fit: ft.FitStats, params: ft.FeatureParams, xp=np,
-                     engine: str = "auto") -> int:
-    _, feats = ft.compute_features(frame, fit, params, xp, engine=engine)
+                     engine: str = "auto", clock=None) -> int:
+    _, feats = ft.compute_features(frame, fit, params, xp, engine=engine, clock=clock)
     return feats.size
 
 
@@ -192,13 +263,13 @@ def _warm_kernels() -> None:
         kernels.warm_up()  # numba compiles once (then loads from its cache): not part of a run
 
 
-def twinflow_stage(parts, channels, params, out_root: Path) -> int:
+def twinflow_stage(parts, channels, params, out_root: Path, contract) -> int:
     """The work of the features flow (fit passes, transform, writes) on the default Dask client."""
     out = Path(tempfile.mkdtemp(dir=out_root))
     t0 = time.perf_counter()
-    fit = ft.fit_statistics(parts, channels, ["op_setting_1", "op_setting_2", "op_setting_3"], params)
+    fit = ft.fit_statistics(parts, channels, contract.settings, params)
     t1 = time.perf_counter()
-    summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out))
+    summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), clock=contract.clock)
     print(f"  stage: {len(parts)} partitions, {fit.n_regimes} regime(s); fit {t1 - t0:.1f} s, "
           f"transform+write {time.perf_counter() - t1:.1f} s")
     shutil.rmtree(out)
@@ -229,28 +300,38 @@ def main() -> dict:
     p.add_argument("--skip-baselines", action="store_true")
     p.add_argument("--compression", default="snappy", choices=["snappy", "lz4", "zstd", "none"],
                    help="Parquet codec of the stage's feature files (FeatureParams.compression)")
+    p.add_argument("--fleet", default="cmapss", choices=["cmapss", "timestamp"],
+                   help="cycle-clock C-MAPSS-shaped fleet, or a timestamp-clock fleet with time windows")
     p.add_argument("--flow", action="store_true",
                    help="also run the real features flow (Prefect server + its own cluster) at full size")
     args = p.parse_args()
     assets = args.assets or 1000
     rows = args.rows or (1000 if args.quick else 10_000)
-    channels = [f"s{i + 1}" for i in range(args.channels)]
+    timestamped = args.fleet == "timestamp"
+    prefix = "ch_" if timestamped else "s"
+    channels = [f"{prefix}{i + 1}" for i in range(args.channels)]
+    key = "timestamp" if timestamped else "cycle"
     total = assets * rows
     work = Path(args.workdir or tempfile.mkdtemp(prefix="twinflow-bench-features-"))
-    print(f"fleet: {assets} assets x {rows} rows = {total:,} rows, {len(channels)} channels; in {work}")
+    print(f"fleet ({args.fleet}): {assets} assets x {rows} rows = {total:,} rows, {len(channels)} channels; in {work}")
     t0 = time.perf_counter()
-    snap = write_fleet(work / "lake", assets, rows, len(channels), hive=not args.skip_baselines)
+    snap = write_fleet(work / "lake", assets, rows, len(channels), hive=not args.skip_baselines, fleet=args.fleet)
     print(f"lake written in {time.perf_counter() - t0:.1f} s")
+    from twinflow import lake
+
+    contract = lake.snapshot_contract(snap)
+    clock = contract.clock
     groups = ft.list_lake_files(snap)
     dataset = snap.dataset_path
-    params = ft.FeatureParams(windows=WINDOWS, ewm_spans=SPANS, regimes=1, normalise=False,
-                              drop_constant=False)
+    windows = {"windows": [], "time_windows": TIME_WINDOWS} if timestamped else {"windows": WINDOWS}
+    params = ft.FeatureParams(**windows, ewm_spans=SPANS, regimes=1, normalise=False, drop_constant=False)
     fit = ft.identity_fit(channels)
-    bench = Bench("features", baseline="pandas groupby.rolling", units=total)
+    bench = Bench("features" if not timestamped else "features-timestamp", baseline="pandas groupby.rolling",
+                  units=total)
     repeat = max(1, args.repeat if args.quick else 1)
 
     if not args.skip_baselines:
-        cols = ["asset_id", "cycle", *channels]
+        cols = ["asset_id", key, *channels]
         old = hive_groups(work / "lake")
         # Interleaved rounds (and a warm-up of each): the two readers differ by a few %, less than
         # a shared machine's drift between two back-to-back blocks of runs.
@@ -260,19 +341,20 @@ def main() -> dict:
         }, repeat=max(7, repeat), warmup=1)
         assert len(set(reads.values())) == 1, reads  # both read every row
         shutil.rmtree(work / "lake" / "_hive", ignore_errors=True)
-        chunks = load_chunks(dataset, groups, channels)
-        bench.measure("pandas groupby.rolling", lambda: sum(pandas_features(c, channels) for c in chunks),
+        chunks = load_chunks(dataset, groups, channels, key)
+        bench.measure("pandas groupby.rolling", lambda: sum(pandas_features(c, channels, key) for c in chunks),
                       repeat=repeat)
         import polars as pl
 
         pchunks = [pl.from_pandas(c) for c in chunks]
-        bench.measure("polars over(asset) rolling", lambda: sum(polars_features(c, channels) for c in pchunks),
+        bench.measure("polars over(asset) rolling", lambda: sum(polars_features(c, channels, key) for c in pchunks),
                       repeat=repeat)
         del pchunks
         _warm_kernels()
-        bench.measure(KERNELS, lambda: sum(twinflow_kernels(c, fit, params) for c in chunks), repeat=repeat)
+        bench.measure(KERNELS, lambda: sum(twinflow_kernels(c, fit, params, clock=clock) for c in chunks),
+                      repeat=repeat)
         bench.measure("twinflow kernels (numpy arrays, 1 process)",
-                      lambda: sum(twinflow_kernels(c, fit, params, engine="array") for c in chunks),
+                      lambda: sum(twinflow_kernels(c, fit, params, engine="array", clock=clock) for c in chunks),
                       repeat=repeat)
         try:
             import cupy
@@ -280,7 +362,7 @@ def main() -> dict:
             if cupy.cuda.runtime.getDeviceCount():
                 gchunks = chunks
                 bench.measure("twinflow kernels (cupy)",
-                              lambda: sum(twinflow_kernels(c, fit, params, cupy) for c in gchunks),
+                              lambda: sum(twinflow_kernels(c, fit, params, cupy, clock=clock) for c in gchunks),
                               repeat=repeat, warmup=1)
         except Exception as exc:  # noqa: BLE001 - no GPU here is the normal case
             print(f"(no CuPy/GPU candidate: {exc.__class__.__name__})")
@@ -289,18 +371,18 @@ def main() -> dict:
     from distributed import Client, LocalCluster
 
     # Full normalisation as in production for the stage: regimes auto, per-regime z-scores.
-    stage_params = ft.FeatureParams(windows=WINDOWS, ewm_spans=SPANS, compression=args.compression)
+    stage_params = ft.FeatureParams(**windows, ewm_spans=SPANS, compression=args.compression)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit="6GiB") as cluster, Client(cluster) as client:
         # Warm-up on two assets: worker imports and first-call costs stay out of the timings.
         client.run(_warm_kernels)
         twinflow_stage(ft.plan_partitions(dict(list(sorted(groups.items()))[:2]), stage_params.partition_bytes),
-                       channels, stage_params, work)
+                       channels, stage_params, work, contract)
         half = dict(list(sorted(groups.items()))[: assets // 2])
         for label, subset, n in (("twinflow stage (Dask, Parquet->Parquet) 1/2", half, (assets // 2) * rows),
                                  ("twinflow stage (Dask, Parquet->Parquet)", groups, total)):
             parts = ft.plan_partitions(subset, stage_params.partition_bytes, min_partitions=8)
-            bench.measure(label, lambda parts=parts: twinflow_stage(parts, channels, stage_params, work),
+            bench.measure(label, lambda parts=parts: twinflow_stage(parts, channels, stage_params, work, contract),
                           repeat=1, units=n)
     if args.flow:
         bench.measure("twinflow features flow (Prefect + Dask)",

@@ -1,7 +1,9 @@
 """Ingest benchmark: twinflow's validated, idempotent ingest vs a bare pyarrow read + write loop.
 
 Generates a landing folder of CSV and Parquet files (half each, disjoint assets per file, values inside
-the contract's ranges) and measures, in the same run:
+the contract's ranges) for each bundled fleet contract (``--fleet``): C-MAPSS-shaped (``asset_id``,
+``cycle``, 24 channels) and pump-shaped (``machine``, an ISO ``ts`` every 10 minutes, 10 channels with
+plant-unit headers such as ``casing_temp [degC]``), and measures, in the same run:
 
 * ``pyarrow read + write_to_dataset`` (baseline): for each file, ``pyarrow.csv.read_csv`` or
   ``pyarrow.parquet.read_table``, then ``pyarrow.parquet.write_to_dataset(partition_cols=["asset_id"])``,
@@ -20,7 +22,8 @@ whole (``stream_threshold_bytes`` above its size) and streamed (``--batch-rows``
 reports each process's peak RSS (``VmHWM``) above its peak after imports. Read whole, the peak follows
 the file; streamed, it stays flat as the file doubles.
 
-Run: ``python -m benchmarks.ingest [--quick] [--json benchmarks/results/<date>-ingest.json]``. Figures of
+Run: ``python -m benchmarks.ingest [--quick] [--fleet cmapss|pumps|both] [--files N ...]
+[--json benchmarks/results/<date>-ingest.json]``. Figures of
 recorded runs (machine, date, commit) are in ``benchmarks/results/``; earlier hand-recorded tables are in
 this file's git history.
 """
@@ -37,43 +40,66 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from benchmarks._harness import Bench, arg_parser
-from twinflow import contracts as C
+from twinflow.contract import FleetContract, load_contract
+
+
+def _source_names(contract: FleetContract) -> tuple[str, str, list[str]]:
+    """The header a plant's export of this fleet has: asset column, clock column, channel headers
+    (the pump fleet's first alias, e.g. ``casing_temp [degC]``; C-MAPSS's lake names)."""
+    chans = [c.aliases[0] if c.aliases and contract.clock.kind == "timestamp" else c.name for c in contract.channels]
+    return contract.asset.column, contract.clock.column or contract.key, chans
 
 
 def make_landing(root: Path, n_files: int, rows_per_file: int, assets_per_file: int = 10,
-                 seed: int = 0) -> int:
-    """Write ``n_files`` files (even: CSV with header, odd: Parquet) into ``root``; return the row count."""
+                 seed: int = 0, fleet: str = "cmapss") -> int:
+    """Write ``n_files`` files (even: CSV with header, odd: Parquet) of the ``fleet`` contract's shape into
+    ``root``; return the row count. Pump-shaped files are named ``pumps_*`` (the contract's routing)."""
+    contract = load_contract(fleet)
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    cycles = rows_per_file // assets_per_file
-    mid = np.array([(C.CHANNEL_SPECS[c].low + C.CHANNEL_SPECS[c].high) / 2 for c in C.CHANNELS])
-    spread = np.array([(C.CHANNEL_SPECS[c].high - C.CHANNEL_SPECS[c].low) / 50 for c in C.CHANNELS])
+    steps = rows_per_file // assets_per_file
+    lo = np.array([c.low for c in contract.channels])
+    hi = np.array([c.high for c in contract.channels])
+    mid, spread = (lo + hi) / 2, (hi - lo) / 50
+    asset_col, time_col, chans = _source_names(contract)
+    prefix = "pumps_" if fleet == "pumps" else ""
     total = 0
     for k in range(n_files):
-        n = cycles * assets_per_file
-        assets = np.repeat(np.arange(k * assets_per_file, (k + 1) * assets_per_file), cycles)
-        values = np.round(mid + spread * rng.standard_normal((n, len(C.CHANNELS))), 4)
-        cols = {C.ASSET: pa.array(assets.astype(str)), C.TIME: pa.array(np.tile(np.arange(1, cycles + 1), assets_per_file), pa.int32())}
-        cols |= {c: pa.array(values[:, j]) for j, c in enumerate(C.CHANNELS)}
+        n = steps * assets_per_file
+        assets = np.repeat(np.arange(k * assets_per_file, (k + 1) * assets_per_file), steps)
+        values = np.round(mid + spread * rng.standard_normal((n, len(chans))), 4)
+        step = np.tile(np.arange(1, steps + 1), assets_per_file)
+        if contract.clock.kind == "cycle":
+            t = pa.array(step, pa.int32())
+        else:  # every 10 minutes with up to a minute of jitter, from 2026-01-01 UTC
+            us = np.datetime64("2026-01-01T00:00:00", "us").astype(np.int64) + step * 600_000_000 + \
+                rng.integers(-60_000_000, 60_000_000, n)
+            t = pa.array(us, pa.timestamp("us", tz="UTC"))
+        cols = {asset_col: pa.array(assets.astype(str)), time_col: t}
+        cols |= {c: pa.array(values[:, j]) for j, c in enumerate(chans)}
         table = pa.table(cols)
         if k % 2 == 0:
-            pacsv.write_csv(table, root / f"part{k:04d}.csv")
+            pacsv.write_csv(table, root / f"{prefix}part{k:04d}.csv")
         else:
-            pq.write_table(table, root / f"part{k:04d}.parquet")
+            pq.write_table(table, root / f"{prefix}part{k:04d}.parquet")
         total += n
     return total
 
 
 def baseline(landing: Path, out: Path) -> int:
-    """The bare loop: read each file with pyarrow, write it hive-partitioned by asset."""
+    """The bare loop: read each file with pyarrow (timestamps parsed by its CSV reader), write it
+    hive-partitioned by asset."""
     shutil.rmtree(out, ignore_errors=True)
     rows = 0
     for path in sorted(landing.iterdir()):
         if path.suffix == ".csv":
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={C.ASSET: pa.string()}))
+            with path.open() as fh:
+                asset = "machine" if "machine" in fh.readline().split(",") else "asset_id"
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types={asset: pa.string()}))
         else:
             table = pq.read_table(path)
-        pq.write_to_dataset(table, out, partition_cols=[C.ASSET])
+        asset = "machine" if "machine" in table.column_names else "asset_id"
+        pq.write_to_dataset(table, out, partition_cols=[asset])
         rows += table.num_rows
     return rows
 
@@ -146,6 +172,10 @@ def main() -> None:
                         help="only the bounded-memory check: one CSV of N rows, then one of 2N rows, ingested "
                              "in-process read whole and streamed (peak RSS of a fresh process each)")
     parser.add_argument("--batch-rows", type=int, default=100_000, help="batch_rows of the streamed runs")
+    parser.add_argument("--fleet", choices=["cmapss", "pumps", "both"], default="both",
+                        help="which bundled contract's file shape to ingest (default: both, one after the other)")
+    parser.add_argument("--files", type=int, nargs="+", default=None,
+                        help="file counts of 125,000 rows to run (default: 20 and 40)")
     args = parser.parse_args()
     if args.large_file:
         large_file([args.large_file, 2 * args.large_file], args.batch_rows)
@@ -154,7 +184,8 @@ def main() -> None:
     from twinflow.flows.ingest import IngestParams, ingest
     from twinflow.settings import get_settings
 
-    sizes = [(10, 25_000), (10, 50_000)] if args.quick else [(20, 125_000), (40, 125_000)]
+    sizes = [(10, 25_000), (10, 50_000)] if args.quick else [(n, 125_000) for n in (args.files or [20, 40])]
+    fleets = ["cmapss", "pumps"] if args.fleet == "both" else [args.fleet]
     work = Path(tempfile.mkdtemp(prefix="twinflow-bench-ingest-"))
     settings = get_settings(home=work / "home", dask={"mode": "local", "n_workers": 2, "threads_per_worker": 1})
     lake = Path(settings.lake_path)
@@ -168,10 +199,11 @@ def main() -> None:
             ingest(IngestParams(landing=str(warm), dataset="warmup"))
             shutil.rmtree(warm, ignore_errors=True)
             peaks = {}
-            for n_files, rows_per_file in sizes:
-                landing = work / f"landing-{n_files}x{rows_per_file}"
-                rows = make_landing(landing, n_files, rows_per_file)
-                params = IngestParams(landing=str(landing), dataset="bench", files_per_batch=2)
+            for fleet, (n_files, rows_per_file) in [(f, s) for f in fleets for s in sizes]:
+                landing = work / f"landing-{fleet}-{n_files}x{rows_per_file}"
+                rows = make_landing(landing, n_files, rows_per_file, fleet=fleet)
+                params = IngestParams(landing=str(landing), dataset=f"bench-{fleet}", files_per_batch=2,
+                                      contract=fleet)
 
                 def first_run() -> object:
                     shutil.rmtree(lake, ignore_errors=True)
@@ -180,7 +212,7 @@ def main() -> None:
                     assert result.rows_written == rows and result.rows_quarantined == 0
                     return result
 
-                bench = Bench(f"ingest ({rows:,} rows in {n_files} files, CSV+Parquet)",
+                bench = Bench(f"ingest {fleet} ({rows:,} rows in {n_files} files, CSV+Parquet)",
                               baseline="pyarrow read + write_to_dataset", units=rows)
                 # Round-robin, so that load on a shared machine falls on every candidate alike. The
                 # in-process stage is the same plan/parse/validate/commit without Prefect and Dask: the
@@ -198,10 +230,10 @@ def main() -> None:
                 print(f"re-run / first run time: {rerun.best / first.best:.1%} (target <= 2%)")
                 print(f"first run throughput vs baseline: {bench.ratio('twinflow ingest (first run)'):.2f}x "
                       "(target >= 0.75x)")
-                peaks[rows] = first.peak_rss_mb
+                peaks[f"{fleet} {rows:,} rows"] = first.peak_rss_mb
                 shutil.rmtree(landing, ignore_errors=True)
             print("peak RSS of the first run (process + Dask workers + Prefect server): " +
-                  ", ".join(f"{r:,} rows: {mb:,.0f} MB" for r, mb in peaks.items()))
+                  ", ".join(f"{r}: {mb:,.0f} MB" for r, mb in peaks.items()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -47,7 +47,7 @@ def plain_dask(client, stages: int, partitions: int, size: int) -> float:
 
 def _features_candidates(rt, home: Path):
     """The features flow on FD001 and the same stage functions from a script, both recomputing."""
-    from twinflow import contracts
+    from twinflow import lake
     from twinflow.flows.features import features, resolve_channels
     from twinflow.tasks import features as ft
     from twinflow.tasks.features import FeatureParams
@@ -67,13 +67,15 @@ def _features_candidates(rt, home: Path):
     def script() -> int:
         groups = ft.list_lake_files(snapshot, None)
         available = ft.read_schema_columns(next(iter(groups.values()))[0][0], None)
-        channels = resolve_channels(available, params)
-        op_columns = [c for c in contracts.OP_SETTINGS if c in available]
+        contract = lake.snapshot_contract(snapshot)
+        channels = resolve_channels(available, params, contract)
+        op_columns = [c for c in contract.settings if c in available]
         parts = ft.plan_partitions(groups, params.partition_bytes, min_partitions=4 * rt.cluster.n_workers)
         fit = ft.fit_statistics(parts, channels, op_columns, params)
         out = Path(tempfile.mkdtemp(prefix="feat-script-", dir=home))
         try:
-            return sum(s["rows"] for s in ft.transform_and_write(parts, fit, params, "numpy", str(out)))
+            return sum(s["rows"] for s in ft.transform_and_write(parts, fit, params, "numpy", str(out),
+                                                                   clock=contract.clock))
         finally:
             shutil.rmtree(out, ignore_errors=True)
 

@@ -15,13 +15,16 @@ from twinflow.blocks.config import (
     settings_from_block,
     settings_from_blocks,
 )
+from twinflow.blocks.contract import FleetContractBlock, contract_from_block
 
 __all__ = [
     "BLOCK_TYPES",
     "DaskClusterBlock",
+    "FleetContractBlock",
     "LakeBlock",
     "MlflowTrackingBlock",
     "TwinflowConfigBlock",
+    "contract_from_block",
     "load_block",
     "register_block_types",
     "settings_from_block",

@@ -1,6 +1,6 @@
 """twinflow's configuration as Prefect blocks: configure once, see and edit it in the Prefect UI.
 
-Four block types:
+Five block types:
 
 * :class:`DaskClusterBlock` (``twinflow-dask-cluster``): mode, sizes, scheduler address.
 * :class:`MlflowTrackingBlock` (``twinflow-mlflow-tracking``): URI, experiment, registered model,
@@ -9,6 +9,8 @@ Four block types:
   secret fsspec options (a ``SecretDict``).
 * :class:`TwinflowConfigBlock` (``twinflow-config``): a named combination of the three (nested
   blocks are saved as references, so one cluster block can serve several configs).
+* :class:`~twinflow.blocks.contract.FleetContractBlock` (``twinflow-fleet-contract``): a fleet contract,
+  named by settings as ``contract: block:<name>``.
 
 :func:`settings_from_blocks` turns saved blocks into :class:`twinflow.settings.Settings`, so every
 command that takes settings can take a block name instead. Secrets stay ``SecretStr`` all the way
@@ -121,7 +123,13 @@ class TwinflowConfigBlock(Block):
     lake: Optional[LakeBlock] = None
 
 
-BLOCK_TYPES: tuple[type[Block], ...] = (DaskClusterBlock, MlflowTrackingBlock, LakeBlock, TwinflowConfigBlock)
+def _block_types() -> tuple[type[Block], ...]:
+    from twinflow.blocks.contract import FleetContractBlock
+
+    return (DaskClusterBlock, MlflowTrackingBlock, LakeBlock, TwinflowConfigBlock, FleetContractBlock)
+
+
+BLOCK_TYPES: tuple[type[Block], ...] = _block_types()
 
 
 def check_api() -> str:

@@ -92,7 +92,7 @@ def register_commands(app: typer.Typer) -> None:
             typer.echo(f"{r.slot.isoformat()}  {status:8s} {r.flow_run_name} {r.flow_run_id}")
         typer.echo(f"{len(runs)} slot(s); {sum(r.created for r in runs)} new run(s)")
 
-    blocks = typer.Typer(help="twinflow's Prefect blocks (Dask cluster, MLflow tracking, lake, config).",
+    blocks = typer.Typer(help="twinflow's Prefect blocks (Dask cluster, MLflow tracking, lake, config, fleet contract).",
                          no_args_is_help=True)
 
     @blocks.command("register")

@@ -8,6 +8,7 @@ retrain-nightly pipeline   ``30 1 * * *``        stages ingest, features, train 
 simulate-weekly simulate   ``0 4 * * 1``         the twin's default study                 yes
 pipeline       pipeline    on demand             all four stages on the landing folder    yes
 healthcheck    healthcheck on demand             4 probe tasks, MLflow on                 no
+lake-upkeep    upkeep      ``0 3 * * 0``         compact + vacuum (7 days), champion kept no
 ============== =========== ===================== ======================================== =======
 
 Nightly retraining runs the pipeline's ingest → features → train stages: features need a lake
@@ -80,6 +81,10 @@ def _healthcheck_params(settings: Settings) -> dict[str, Any]:
     return _model_params("healthcheck", settings)
 
 
+def _upkeep_params(settings: Settings) -> dict[str, Any]:
+    return _model_params("upkeep", settings)
+
+
 @dataclass(frozen=True)
 class DeploymentSpec:
     """One standard deployment.
@@ -127,6 +132,9 @@ STANDARD: tuple[DeploymentSpec, ...] = (
     DeploymentSpec("healthcheck", "healthcheck", None,
                    "Check the Prefect API, Dask workers, lake and MLflow are reachable, on demand.",
                    _healthcheck_params, ("on-demand",)),
+    DeploymentSpec("lake-upkeep", "upkeep", "0 3 * * 0",
+                   "Weekly: compact small lake files and vacuum old ones, keeping the champion's training snapshot.",
+                   _upkeep_params, ("scheduled",)),
 )
 
 

@@ -12,7 +12,9 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import contracts
+from twinflow import lake
 from twinflow import runtime as rt_mod
+from twinflow.contract.model import FleetContract
 from twinflow.errors import ConfigError
 from twinflow.flows.naming import run_name
 from twinflow.refs import FeatureSetRef, LakeSnapshot
@@ -22,16 +24,17 @@ from twinflow.tasks.features import FeatureParams
 __all__ = ["features", "FeatureParams", "resolve_channels"]
 
 
-def resolve_channels(available: list[str], params: FeatureParams) -> list[str]:
-    """The channels to use: the requested ones, or every sensor channel present.
+def resolve_channels(available: list[str], params: FeatureParams, contract: FleetContract) -> list[str]:
+    """The channels to use: the requested ones, or every sensor channel of the contract present.
 
     Raises:
         ConfigError: naming a requested channel the dataset does not have.
     """
     if params.channels is None:
-        chosen = [c for c in contracts.SENSORS if c in available]
+        chosen = [c for c in contract.sensors if c in available]
         if not chosen:
-            raise ConfigError("the dataset has no sensor channels (s1..s21); name them with channels=[...]")
+            raise ConfigError(f"the dataset has none of the sensor channels of contract {contract.name!r} "
+                              f"({', '.join(contract.sensors)}); name channels with channels=[...]")
         return chosen
     reserved = {contracts.ASSET, contracts.TIME, contracts.TIMESTAMP, *contracts.LINEAGE}
     usable = [c for c in available if c not in reserved]
@@ -39,6 +42,11 @@ def resolve_channels(available: list[str], params: FeatureParams) -> list[str]:
         if ch not in usable:
             raise ConfigError(f"unknown channel {ch!r}; available: {', '.join(usable)}")
     return list(params.channels)
+
+
+def _contract_text(ref: FeatureSetRef) -> str:
+    c = ref.contract
+    return "unknown" if c is None else f"{c.name} v{c.version} ({c.digest})"
 
 
 def _artifact_key(dataset: str) -> str:
@@ -50,6 +58,7 @@ def _summary_markdown(ref: FeatureSetRef, summary: dict, fit: ft.FitStats, secon
              f"- path: `{ref.path}`", f"- rows: {summary['rows']:,}; assets: {summary['assets']:,}; "
              f"files: {len(summary['files'])}", f"- feature columns: {len(ref.feature_columns)}; "
              f"label: {ref.label_column or 'none'}",
+             f"- contract: {_contract_text(ref)}; time unit: {ref.time_unit}",
              f"- regimes: {fit.n_regimes}; kept channels: {', '.join(fit.kept)}",
              f"- dropped channels: {', '.join(f'{c} ({r})' for c, r in fit.dropped.items()) or 'none'}",
              f"- seconds: {seconds:.1f}", "", "| column | NaN count |", "|---|---:|"]
@@ -67,14 +76,19 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
         1. Validate: parameters (pydantic, before anything else), the dataset's files and the
            requested channels against its schema.
         2. Cache check: the output folder is named by a digest of the snapshot, the lake file
-           listing, the parameters, ``fit_from`` and the stage's code; an existing complete
-           folder is returned without recomputing.
+           listing, the parameters, ``fit_from``, the fleet contract and the stage's code; an
+           existing complete folder is returned without recomputing.
         3. Fit (task ``features-fit``, skipped with ``fit_from``): k-means regimes on a sample of
-           the operating settings, per-regime mean/std of each channel, constant and all-NaN
-           channels to drop.
+           the contract's setting channels, per-regime mean/std of each sensor channel, constant
+           and all-NaN channels to drop.
         4. Transform (task ``features-transform``): per partition of whole assets on the Dask
-           workers (NumPy, or CuPy on a cuda cluster): normalise, rolling mean/std/min/max/slope,
-           EWM means, time since start, the RUL label; one Parquet file per partition.
+           workers (NumPy, or CuPy on a cuda cluster): normalise, rolling mean/std/min/max/slope
+           over row windows and (timestamp clocks) time windows, EWM means, time since start, the
+           RUL label in the clock's unit; one Parquet file per partition keyed by
+           (``asset_id``, the clock's key).
+
+    The fleet contract is the snapshot's (or the table's): its ``sensor`` channels are the
+    features' channels, its ``setting`` channels define the regimes, its clock the time axis.
         5. Publish: write ``_fit.json`` and ``_manifest.json``, rename the temporary folder into
            place (nothing partial is ever visible), and log the summary (columns, rows, NaN
            counts) as a Prefect artifact.
@@ -94,6 +108,11 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
     with rt_mod.ensure() as rt:
         settings = rt.settings
         storage = settings.lake.storage_options or None
+        contract = lake.snapshot_contract(snapshot, storage)
+        clock = contract.clock
+        if params.time_windows and clock.kind != "timestamp":
+            raise ConfigError(f"time_windows {params.time_windows} need a timestamp clock; contract "
+                              f"{contract.name!r} counts cycles: use windows (rows) instead")
         groups = ft.list_lake_files(snapshot, storage)
         available = ft.read_schema_columns(next(iter(groups.values()))[0][0], storage)
         fit = ft.load_fit(fit_from.path) if fit_from is not None else None
@@ -105,14 +124,14 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
                                   f"that dataset {snapshot.dataset!r} lacks")
             channels = fit.kept
         else:
-            channels = resolve_channels(available, params)
-        op_columns = [c for c in contracts.OP_SETTINGS if c in available]
+            channels = resolve_channels(available, params, contract)
+        op_columns = [c for c in contract.settings if c in available]
         backend = ft.resolve_backend(params.backend, rt.cluster.mode if rt.cluster else None)
         ft.array_module(backend)  # fail fast when CuPy is requested but missing
 
         digest = ft.stage_digest(snapshot.digest, ft.lake_fingerprint(groups, snapshot.dataset_path, storage),
                                  params, fit_from.params_digest if fit_from else None,
-                                 ft.code_version(__file__))
+                                 ft.code_version(__file__), contract.digest)
         final = Path(settings.features_path) / snapshot.dataset / digest
         manifest_path = final / ft.MANIFEST_FILE
         if manifest_path.exists():
@@ -121,20 +140,20 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
 
         workers = rt.cluster.n_workers if rt.cluster else 1
         parts = ft.plan_partitions(groups, params.partition_bytes, min_partitions=4 * max(1, workers))
-        logger.info("features of %s: %d asset(s) in %d partition(s), %d channel(s), backend %s",
-                    snapshot.dataset, len(groups), len(parts), len(channels), backend)
+        logger.info("features of %s (contract %s): %d asset(s) in %d partition(s), %d channel(s), backend %s",
+                    snapshot.dataset, contract.summary(), len(groups), len(parts), len(channels), backend)
         if fit is None:
             fit = ft.fit_task(parts, channels, op_columns, params, storage)
         tmp = ft.new_temp_dir(final)
         try:
-            summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage)
-            names = ft.feature_names(fit, params)
-            keys = [contracts.ASSET, contracts.TIME] + ([ft.LABEL] if params.label else [])
+            summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage, clock)
+            names = ft.feature_names(fit, params, clock)
+            keys = [contracts.ASSET, clock.key] + ([ft.LABEL] if params.label else [])
             summary = ft.summarise(summaries, names, keys)
             ref = FeatureSetRef(path=str(final), snapshot=snapshot, feature_columns=names,
                                 label_column=ft.LABEL if params.label else None,
-                                key_columns=[contracts.ASSET, contracts.TIME], rows=summary["rows"],
-                                params_digest=digest)
+                                key_columns=[contracts.ASSET, clock.key], rows=summary["rows"],
+                                params_digest=digest, contract=contract.ref, time_unit=clock.time_unit)
             (tmp / ft.FIT_FILE).write_text(fit.model_dump_json(indent=1))
             manifest = {"ref": ref.model_dump(mode="json"), "params": params.model_dump(mode="json"),
                         "backend": backend, "summary": summary,

@@ -23,6 +23,7 @@ from twinflow.tasks.ingest import (
     ingest_sequence,
     process_batch,
 )
+from twinflow.tasks.ingest.run import NothingWritten, all_quarantined
 
 __all__ = ["ingest", "IngestParams", "IngestResult", "new_batch_id"]
 
@@ -92,12 +93,14 @@ def ingest(params: IngestParams) -> IngestResult:
     """Ingest the landing files into the lake, incrementally and idempotently.
 
     Steps:
-        1. Resolve settings and check that the landing path exists (a one-line ``ConfigError``
-           otherwise), before any cluster work.
+        1. Resolve settings and the fleet contract (``params.contract``, else the settings'), and check
+           that the landing path exists (a one-line ``ConfigError`` otherwise), before any cluster work.
         2. Take the lake's ingest lock: a concurrent run on the same lake waits, then finds the files
            already in the ledger, so rows are never duplicated. Settle a crashed run's commit.
-        3. List the landing files and diff them against the ledger by size and mtime: unchanged files
-           are not even read.
+        3. List the landing files and route them by the contract's ``datasets`` rules (event logs, labels
+           and unmatched files are skipped, with why, in ``IngestResult.skipped``); refuse a dataset whose
+           table holds another contract's data; diff the telemetry files against the ledger by size,
+           mtime and params digest: unchanged files are not even read.
         4. Split the other files into batches of ``files_per_batch``; each batch is one Prefect task on
            the Dask cluster that reads, hashes, parses, validates and stages its files.
         5. Commit in source order: an unchanged hash or content already ingested from another file is
@@ -105,15 +108,22 @@ def ingest(params: IngestParams) -> IngestResult:
            transaction per dataset appends the rows and replaces those of sources read again, and
            the ledger records it (crash-safe: see ``tasks/ingest/commit.py``).
         6. Publish a Prefect table artifact per batch (conservation: rows read = written + quarantined)
-           and return the lake snapshots of every dataset the landing files feed.
+           and return the lake snapshots of every dataset the landing files feed (each names its contract).
+
+    Raises:
+        NothingWritten: every row of a file or of the run was quarantined, unless
+            ``fail_on_all_quarantined`` is False (then a WARNING and ``IngestResult.warnings``). The
+            commit happened first: the quarantine holds the rows and their reasons.
     """
     rt = runtime.current()
     settings = rt.settings if rt is not None else get_settings()
     so = _storage_options(settings, params)
     _check_landing(params.landing, so)
+    contract = params.fleet()
     quarantine = settings.quarantine_path
     batch_id = new_batch_id()
     logger = get_run_logger()
+    logger.info("ingest with fleet contract %s", contract.summary())
 
     def log_plan(run: IngestRun) -> None:
         logger.info("ingest %s: %d landing files, %d to read in %d batches, %d unchanged", batch_id,
@@ -141,8 +151,54 @@ def ingest(params: IngestParams) -> IngestResult:
     for s in summaries:
         if not s.conserved:  # a bug, not bad input: make it loud
             raise AssertionError(f"ingest batch {s.index} does not conserve rows: {s}")
-    return IngestResult(batch_id=batch_id, snapshots=run.snapshots, batches=summaries, files=run.outcomes,
-                        unchanged=run.unchanged)
+    for path, note in run.skipped.items():
+        logger.info("skipped %s: %s", path, note)
+    problems = all_quarantined(run.outcomes)
+    if problems and params.fail_on_all_quarantined:
+        more = f" (and {len(problems) - 1} more: see the ingest-batch artifacts)" if len(problems) > 1 else ""
+        raise NothingWritten(f"ingest {batch_id}: {problems[0]}{more}; the quarantine "
+                             f"({quarantine}) holds the rows and reasons (fail_on_all_quarantined=False "
+                             "only warns)")
+    for p in problems:
+        logger.warning("NOTHING WRITTEN: %s", p)
+    logs, snapshots = _events_and_segments(run, params, contract, settings.lake_path, quarantine, so, logger)
+    return IngestResult(batch_id=batch_id, snapshots=snapshots, batches=summaries, files=run.outcomes,
+                        unchanged=run.unchanged, skipped=run.skipped, warnings=problems, events=logs)
+
+
+def _events_and_segments(run: IngestRun, params: IngestParams, contract, lake_path: str, quarantine: str,
+                         so: dict[str, Any], logger) -> tuple[list, dict]:
+    """Read the run's event logs (every run: re-validated against the telemetry) and rebuild the life
+    segments of every dataset they or the run's telemetry touch; snapshots then name the segments version.
+
+    Raises:
+        ConfigError: an event log that cannot be used at all (no telemetry for its dataset, unreadable).
+    """
+    from twinflow.errors import ConfigError
+    from twinflow.tasks.ingest.events import ingest_event_log, rebuild_segments
+    from twinflow.tasks.ingest.names import dataset_name
+    from twinflow.tasks.ingest.route import route_file
+
+    logs = []
+    touched = set(run.snapshots)
+    for path in sorted(run.skipped):
+        if route_file(path, params, contract).kind != "events":
+            continue
+        rule = contract.rule_for(path.rstrip("/").rsplit("/", 1)[-1])
+        outcome = ingest_event_log(path, rule.dataset_for(dataset_name(path)), contract, lake_path, quarantine, so)
+        if outcome.error:
+            raise ConfigError(outcome.error)
+        logger.info("event log %s -> %s__events: %d rows = %d accepted + %d quarantined%s", path,
+                    outcome.dataset, outcome.rows_read, outcome.rows_accepted, outcome.rows_quarantined,
+                    f" ({', '.join(f'{k}: {v}' for k, v in outcome.reasons.items())})" if outcome.reasons else "")
+        logs.append(outcome)
+        touched.add(outcome.dataset)
+    snapshots = dict(run.snapshots)
+    for name in sorted(touched):
+        version = rebuild_segments(lake_path, name, contract, so)
+        if name in snapshots and version is not None:
+            snapshots[name] = snapshots[name].model_copy(update={"segments": version})
+    return logs, snapshots
 
 
 def _check_landing(landing: str, storage_options: dict[str, Any]) -> None:

@@ -309,8 +309,11 @@ def _log_features(ref: FeatureSetRef) -> None:
 
     from twinflow.tasks.train import dataset_for_mlflow, feature_digest
 
+    from twinflow.refs import contract_tags
+
     mlflow.log_metrics({"rows": ref.rows, "feature_columns": len(ref.feature_columns)})
-    mlflow.set_tag("twinflow.feature_path", ref.path)
+    mlflow.set_tags({"twinflow.feature_path": ref.path, "twinflow.time_unit": ref.time_unit,
+                     **contract_tags(ref.contract)})
     retry_store(mlflow.log_input, dataset_for_mlflow(ref, feature_digest(ref)), context="output")
 
 

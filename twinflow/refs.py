@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from twinflow.contract.model import FleetContract
+from twinflow.contract.model import ContractRef, FleetContract
 
 
 class FileRef(BaseModel):
@@ -37,6 +37,9 @@ class LakeSnapshot(BaseModel):
         None, description="Delta table version the snapshot names; None reads the latest version.")
     contract: FleetContract | None = Field(
         None, description="The fleet contract of the table's data (what its columns, clock and units are).")
+    segments: int | None = Field(
+        None, description="Version of the dataset's life-segments table (<dataset>__segments) that goes "
+        "with this snapshot; None: the dataset has none.")
 
     @property
     def dataset_path(self) -> str:
@@ -61,9 +64,22 @@ class FeatureSetRef(BaseModel):
     snapshot: LakeSnapshot
     feature_columns: list[str]
     label_column: str | None = "rul"
-    key_columns: list[str] = Field(default_factory=lambda: ["asset_id", "cycle"])
+    key_columns: list[str] = Field(default_factory=lambda: ["asset_id", "cycle"],
+                                   description="(asset_id, the clock's key: cycle or timestamp).")
     rows: int = 0
     params_digest: str = ""
+    contract: ContractRef | None = Field(
+        None, description="The fleet contract (name, version, digest) the features were computed under.")
+    time_unit: str = Field("cycle", description="Unit of the label and of every duration feature: the "
+                           "contract clock's (cycle, or s/min/h/d for a timestamp clock).")
+
+
+def contract_tags(ref: ContractRef | None) -> dict[str, str]:
+    """MLflow run tags naming the fleet contract a result was produced under (empty when unknown)."""
+    if ref is None:
+        return {}
+    return {"twinflow.contract.name": ref.name, "twinflow.contract.version": str(ref.version),
+            "twinflow.contract.digest": ref.digest}
 
 
 class TrainResult(BaseModel):

@@ -114,8 +114,8 @@ class Settings(BaseSettings):
     )
 
     home: Path = Path(".twinflow")
-    # The fleet contract of the data ingested without an explicit one: a YAML path or a bundled name
-    # (``cmapss``, ``pumps``); see twinflow/contract/.
+    # The fleet contract of the data ingested without an explicit one: a YAML path, a bundled name
+    # (``cmapss``, ``pumps``) or a saved Prefect block (``block:<name>``); see twinflow/contract/.
     contract: str = "cmapss"
     lake: LakeSettings = Field(default_factory=LakeSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)

@@ -11,6 +11,13 @@ changes replaces exactly its own rows (idempotent re-ingest) and nothing becomes
 The ledger (``<lake>/_ledger.sqlite``) maps each source to its content hash, row counts and status, and
 each (dataset, asset, source) to its cycle extent, which makes the duplicate-key check across files cheap.
 
+What a file holds and where it goes comes from the fleet contract (:mod:`twinflow.contract`,
+``IngestParams.contract``): its ``datasets`` rules route landing files (:mod:`.route`: event logs,
+labels and unmatched files are skipped with why), and its asset key, clock (cycle counter or
+timestamps), channels, units, ranges, sentinels and stuck window drive parsing and validation. Each
+table keeps its contract; a dataset of another contract is refused before anything is read.
+:mod:`.check` is the dry run behind ``twinflow contract check``.
+
 Rows that break the contract (bad keys, unparseable or out-of-range values, duplicate keys) go to the
 quarantine dataset ``<quarantine>/rows/dataset=<name>/<file_id>.parquet`` with a reason; files that cannot
 be parsed at all are copied to ``<quarantine>/files/<file_id>/`` beside a ``reason.txt``. For every file,
@@ -26,7 +33,8 @@ check; an asset whose stuck-sensor verdict needs all its rows (a varying channel
 run, or cycles that go back across batches) is re-read whole from staging once the last batch is in.
 
 Modules, one concept each: :mod:`.names` (dataset and file ids), :mod:`.params` (parameters and
-results), :mod:`.landing` (listing and reading the landing folder), :mod:`.parse`, :mod:`.validate`,
+results), :mod:`.route` (which files, which dataset, how to read them), :mod:`.landing` (listing and
+reading the landing folder), :mod:`.parse`, :mod:`.validate`,
 :mod:`.quarantine`, :mod:`.stage` (atomic staged writes), :mod:`.process` (one file read whole),
 :mod:`.stream` (one large file, batch by batch), :mod:`.ledger`, :mod:`.commit` and :mod:`.run` (the
 ingest sequence and the Prefect batch task). This package re-exports their public names.
@@ -51,6 +59,10 @@ from twinflow.tasks.ingest.params import (  # noqa: F401
     IngestParams,
     IngestResult,
     SourceFile,
+)
+from twinflow.tasks.ingest.route import (  # noqa: F401
+    Route,
+    route_file,
 )
 from twinflow.tasks.ingest.landing import (  # noqa: F401
     list_landing,
@@ -93,6 +105,8 @@ from twinflow.tasks.ingest.run import (  # noqa: F401
     ingest_sequence,
     process_files,
     STAGING_DIR,
+    NothingWritten,
+    all_quarantined,
     process_batch,
     run_local,
 )
@@ -140,4 +154,8 @@ __all__ = [
     "STAGING_DIR",
     "process_batch",
     "run_local",
+    "Route",
+    "route_file",
+    "NothingWritten",
+    "all_quarantined",
 ]

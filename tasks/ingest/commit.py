@@ -30,12 +30,13 @@ import pyarrow.parquet as pq
 
 from twinflow import contracts as C
 from twinflow import lake as lk
+from twinflow.contract import FleetContract
 from twinflow.locks import hold
 from twinflow.tasks.ingest.landing import DUPLICATE_REASON
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
 from twinflow.tasks.ingest.quarantine import publish_file_quarantine, quarantine_rows
-from twinflow.tasks.ingest.stage import atomic_write_lake_rows, atomic_write_table, staged_asset_path
+from twinflow.tasks.ingest.stage import atomic_write_lake_rows, atomic_write_table, staged_asset_path, time_extent
 
 LOCK_NAME = "_ingest.lock"
 
@@ -68,11 +69,12 @@ class _BatchKeys:
 
 
 def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, batch_id: str,
-                                batch: _BatchKeys, rereading: set[str]) -> None:
-    """Quarantine staged rows whose (asset, cycle) another source holds in the lake or earlier in this batch.
+                                batch: _BatchKeys, rereading: set[str], contract: FleetContract) -> None:
+    """Quarantine staged rows whose (asset, time) another source holds in the lake or earlier in this batch.
 
     Sources read again in this batch do not count with their lake rows: this commit replaces those.
     """
+    key = contract.key
     staged = Path(o.staged) if o.staged else None
     extra: list[pa.Table] = []
     for asset, ext in list(o.assets.items()):
@@ -81,26 +83,29 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
         earlier = batch.overlapping(o.dataset, asset, ext.tmin, ext.tmax)
         if not others and not earlier:
             continue
-        taken = [lk.read_keys(lake_path, o.dataset, asset, others)] if others else []
-        taken += [pq.read_table(p, columns=[C.TIME]).column(C.TIME).combine_chunks() for p in earlier]
+        taken = [lk.read_keys(lake_path, o.dataset, asset, others, key=key)] if others else []
+        taken += [pq.read_table(p, columns=[key]).column(key).combine_chunks() for p in earlier]
         path = staged_asset_path(staged, asset, o.file_id)
         rows = pq.read_table(path)
-        dup = pc.is_in(rows.column(C.TIME), value_set=pa.concat_arrays([t.cast(pa.int32()) for t in taken]))
+        ktype = rows.schema.field(key).type
+        dup = pc.is_in(rows.column(key), value_set=pa.concat_arrays([t.cast(ktype) for t in taken]))
         ndup = pc.sum(dup).as_py() or 0
         if not ndup:
             continue
         bad = rows.filter(dup)
-        reasons = [f"duplicate key ({C.ASSET}={asset}, {C.TIME}={c}): already in the lake from another file"
-                   for c in bad.column(C.TIME).to_pylist()]
-        keys = pa.table({C.ASSET: pa.repeat(pa.scalar(asset, pa.string()), bad.num_rows), C.TIME: bad.column(C.TIME),
+        shown = [c.isoformat().replace("+00:00", "Z") if hasattr(c, "isoformat") else c
+                 for c in bad.column(key).to_pylist()]
+        reasons = [f"duplicate key ({C.ASSET}={asset}, {key}={c}): already in the lake from another file"
+                   for c in shown]
+        keys = pa.table({C.ASSET: pa.repeat(pa.scalar(asset, pa.string()), bad.num_rows), key: bad.column(key),
                          "record": pa.nulls(bad.num_rows, pa.int64())})
         q = quarantine_rows(keys, reasons, o.source, batch_id)
         extra.append(q)
         keep = rows.filter(pc.invert(dup))
         if keep.num_rows:
-            atomic_write_lake_rows(keep, path)
-            cyc = keep.column(C.TIME)
-            o.assets[asset] = AssetExtent(rows=keep.num_rows, tmin=pc.min(cyc).as_py(), tmax=pc.max(cyc).as_py())
+            atomic_write_lake_rows(keep, path, contract)
+            lo, hi = time_extent(keep, key)
+            o.assets[asset] = AssetExtent(rows=keep.num_rows, tmin=lo, tmax=hi)
         else:
             path.unlink()
             del o.assets[asset]
@@ -114,7 +119,7 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
 
 
 def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | str, quarantine: Path,
-                    batch_id: str) -> list[FileOutcome]:
+                    batch_id: str, contract: FleetContract | None = None) -> list[FileOutcome]:
     """Publish the staged rows of a batch into the lake and record every outcome in the ledger.
 
     Per file, in source order: an unchanged hash only refreshes size/mtime; content already ingested
@@ -122,7 +127,13 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
     another source holds (in the lake, or earlier in this batch) are quarantined. Then one Delta commit
     per dataset appends the rows and replaces those of sources read again (see the module docstring for
     the crash-safe order). Deferred files are not recorded, so the next run reads them again.
+    ``contract`` is the fleet contract the rows were validated with (default: the settings'): each
+    table is written under it (:func:`twinflow.lake.commit_data_files` refuses a table of another).
     """
+    if contract is None:
+        from twinflow.contract import resolve_contract
+
+        contract = resolve_contract(None)
     lake_path = str(lake)
     known = ledger.files()
     done: list[FileOutcome] = []
@@ -159,7 +170,7 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
             o = o.model_copy(update=dict(status="duplicate", reason=f"{DUPLICATE_REASON}{twin}", rows_read=0,
                                          rows_written=0, rows_quarantined=0, assets={}, staged=None))
         elif o.status == "ingested":
-            _drop_cross_file_duplicates(o, ledger, lake_path, batch_id, batch, set(read_now))
+            _drop_cross_file_duplicates(o, ledger, lake_path, batch_id, batch, set(read_now), contract)
             batch.add(o)
             hashes[(o.sha256, o.dataset)] = o.source
         if prev:
@@ -171,12 +182,12 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
     # commits then leaves a source missing for a run (read again), never in two datasets.
     for dataset in sorted(plan, key=lambda d: (bool(plan[d][0]), d)):
         recorded, replaced = plan[dataset]
-        _commit_dataset(dataset, recorded, replaced, ledger, lake_path, quarantine, batch_id)
+        _commit_dataset(dataset, recorded, replaced, ledger, lake_path, quarantine, batch_id, contract)
     return done
 
 
 def _commit_dataset(dataset: str, recorded: list[FileOutcome], replaced: set[str], ledger: Ledger,
-                    lake_path: str, quarantine: Path, batch_id: str) -> None:
+                    lake_path: str, quarantine: Path, batch_id: str, contract: FleetContract) -> None:
     with_rows = [o for o in recorded if o.staged and o.assets]
     txn = ledger.next_txn(dataset, lk.transaction_version(lake_path, dataset))
     ledger.begin(dataset, txn, batch_id, recorded)
@@ -187,7 +198,7 @@ def _commit_dataset(dataset: str, recorded: list[FileOutcome], replaced: set[str
         lk.commit_data_files(lake_path, dataset, files, replace_sources=replaced | {o.source for o in with_rows},
                              txn=(lk.INGEST_APP_ID, txn),
                              metadata={"twinflow.operation": "ingest", "twinflow.batch_id": batch_id,
-                                       "twinflow.files": str(len(recorded))})
+                                       "twinflow.files": str(len(recorded))}, contract=contract)
     ledger.apply(dataset, txn)
     for o in recorded:
         _discard(o)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any, Iterator
 from twinflow.errors import ConfigError
 
-from twinflow.tasks.ingest.names import dataset_name
 from twinflow.tasks.ingest.params import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, IngestParams, SourceFile
 
 # Names a writer uses while a file is in flight, and bookkeeping files: never ingested.
@@ -159,18 +158,32 @@ def read_file_bytes(path: str, storage_options: dict[str, Any]) -> bytes:
 
 
 def plan_files(files: list[SourceFile], known: dict[str, dict[str, Any]],
-               params: IngestParams) -> tuple[list[SourceFile], int]:
+               params: IngestParams, routes: dict[str, Any] | None = None) -> tuple[list[SourceFile], int]:
     """Files to read: new, with another size/mtime than the ledger recorded (the hash decides later),
-    ingested under other parsing parameters, or recorded as a duplicate of a file that is read again
-    (its rows were its twin's, which may now change) or is no longer ingested.
+    ingested under other parsing parameters or another validation of the channels they hold (the
+    ledger keeps which), or recorded as a duplicate of a file that is read again (its rows were its
+    twin's, which may now change) or is no longer ingested.
+
+    Args:
+        files: The telemetry files listed.
+        known: The ledger's records by source.
+        params: The ingest parameters.
+        routes: Each file's :class:`~twinflow.tasks.ingest.route.Route` (computed when absent).
 
     Returns:
         (files to read, number of files skipped as unchanged).
     """
+    import json
+
+    from twinflow.tasks.ingest.route import route_file
+
     def same(f: SourceFile) -> bool:
         k = known.get(f.path)
-        digest = params.digest(params.dataset or dataset_name(f.path))
-        return k is not None and (k["size"], k["mtime_ns"], k["params_digest"]) == (f.size, f.mtime_ns, digest)
+        if k is None or (k["size"], k["mtime_ns"]) != (f.size, f.mtime_ns):
+            return False
+        route = (routes or {}).get(f.path) or route_file(f.path, params)
+        channels = json.loads(k["channels"]) if k.get("channels") else None
+        return k["params_digest"] == route.digest(params, channels)
 
     todo = [f for f in files if not same(f)]
     reading = {f.path for f in todo}

@@ -43,7 +43,7 @@ class Ledger:
                 source TEXT PRIMARY KEY, dataset TEXT NOT NULL, file_id TEXT NOT NULL,
                 sha256 TEXT NOT NULL, size INTEGER, mtime_ns INTEGER, batch_id TEXT NOT NULL,
                 status TEXT NOT NULL, reason TEXT, rows_read INTEGER, rows_written INTEGER,
-                rows_quarantined INTEGER, committed_at REAL, params_digest TEXT);
+                rows_quarantined INTEGER, committed_at REAL, params_digest TEXT, channels TEXT);
             CREATE INDEX IF NOT EXISTS files_sha ON files(sha256);
             CREATE INDEX IF NOT EXISTS files_dataset ON files(dataset);
             CREATE TABLE IF NOT EXISTS extents (
@@ -59,6 +59,11 @@ class Ledger:
                 PRIMARY KEY (dataset, txn));
             """
         )
+        # Ledgers written before fleet contracts lack the channels a file holds (its params digest then
+        # differs, and the file is read once more).
+        cols = {r[1] for r in self.conn.execute("PRAGMA table_info(files)").fetchall()}
+        if "channels" not in cols:
+            self.conn.execute("ALTER TABLE files ADD COLUMN channels TEXT")
 
     def close(self) -> None:
         self.conn.close()
@@ -143,9 +148,12 @@ class Ledger:
     def _record(c: sqlite3.Connection, o: FileOutcome, batch_id: str) -> None:
         """Record a file outcome and replace its extents (inside the caller's transaction)."""
         c.execute(
-            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO files (source, dataset, file_id, sha256, size, mtime_ns, batch_id, status, "
+            "reason, rows_read, rows_written, rows_quarantined, committed_at, params_digest, channels) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (o.source, o.dataset, o.file_id, o.sha256, o.size, o.mtime_ns, batch_id, o.status,
-             o.reason, o.rows_read, o.rows_written, o.rows_quarantined, time.time(), o.params_digest))
+             o.reason, o.rows_read, o.rows_written, o.rows_quarantined, time.time(), o.params_digest,
+             None if o.channels is None else json.dumps(o.channels)))
         c.execute("DELETE FROM extents WHERE file_id=?", (o.file_id,))
         c.executemany(
             "INSERT INTO extents VALUES (?,?,?,?,?,?,?)",
@@ -163,7 +171,8 @@ class Ledger:
                        sum(o.rows_written for o in outcomes), sum(o.rows_quarantined for o in outcomes), status))
 
     def snapshot(self, lake_path: str, dataset: str) -> LakeSnapshot | None:
-        """The dataset as the ledger knows it, at the table's current version (None: no file ingested)."""
+        """The dataset as the ledger knows it, at the table's current version (None: no file ingested),
+        with the fleet contract stored with its table."""
         rows = self.conn.execute(
             "SELECT source, sha256, rows_read, rows_written, rows_quarantined, status, batch_id, file_id "
             "FROM files WHERE dataset=? AND status='ingested' ORDER BY committed_at, source",
@@ -173,7 +182,8 @@ class Ledger:
         files = [FileRef(path=r[0], sha256=r[1], rows_read=r[2], rows_written=r[3], rows_quarantined=r[4],
                          status=r[5], lake_file=r[7]) for r in rows]
         return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=rows[-1][6], files=files,
-                            rows=sum(r[3] for r in rows), version=lk.version(lake_path, dataset))
+                            rows=sum(r[3] for r in rows), version=lk.version(lake_path, dataset),
+                            contract=lk.table_contract(lake_path, dataset))
 
 
 def ingested_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:

@@ -8,7 +8,9 @@ from typing import Literal
 
 
 
-Format = Literal["auto", "csv", "parquet", "cmapss"]
+# ``text``: header-less, whitespace-separated text whose columns the contract's dataset rule (or
+# ``columns``) declares, like NASA's C-MAPSS files; ``cmapss`` is its older name, kept as an alias.
+Format = Literal["auto", "csv", "parquet", "text", "cmapss"]
 
 
 COMPRESSION_SUFFIXES = (".gz", ".gzip")
@@ -45,7 +47,12 @@ def file_id(source: str) -> str:
 
 
 def detect_format(name: str, head: bytes, declared: Format = "auto") -> str:
-    """Decide how to parse a file: ``declared`` unless ``auto``, else by suffix, else by its first bytes."""
+    """Decide how to parse a file: ``declared`` unless ``auto``, else by suffix, else by its first bytes.
+
+    Returns ``csv``, ``parquet`` or ``text`` (``cmapss``, the older name of ``text``, is returned as ``text``).
+    """
+    if declared == "cmapss":
+        return "text"
     if declared != "auto":
         return declared
     lower = name.lower()
@@ -56,6 +63,6 @@ def detect_format(name: str, head: bytes, declared: Format = "auto") -> str:
     if lower.endswith((".csv", ".tsv")):
         return "csv"
     if lower.endswith((".txt", ".dat")):
-        return "cmapss"
+        return "text"
     first = head.split(b"\n", 1)[0]
-    return "csv" if b"," in first or b";" in first else "cmapss"
+    return "csv" if b"," in first or b";" in first else "text"

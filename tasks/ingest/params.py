@@ -6,12 +6,14 @@ import hashlib
 import json
 import re
 from typing import Any, Literal
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from twinflow import contracts as C
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
+from twinflow.contract import FleetContract, resolve_contract
 from twinflow.refs import LakeSnapshot
 
 from twinflow.tasks.ingest.names import COMPRESSION_SUFFIXES, DATA_SUFFIXES, Format
 
+# The file-name globs the ingest stage took before fleet contracts routed files (kept for callers of
+# :func:`~twinflow.tasks.ingest.landing.list_landing`); a contract's ``datasets`` rules now decide.
 DEFAULT_INCLUDE = tuple(f"*{d}{c}" for d in DATA_SUFFIXES for c in ("", *COMPRESSION_SUFFIXES))
 
 
@@ -21,24 +23,45 @@ DEFAULT_EXCLUDE = ("rul_*",)
 class IngestParams(BaseModel):
     """Parameters of the ingest stage.
 
+    What a landing file holds and where it goes comes from the fleet contract (``contract``): its
+    ``datasets`` rules route each file (first matching glob: dataset name or ``{stem}``, format,
+    header-less ``columns``, delimiter; kinds ``events``, ``labels`` and ``ignore`` are never parsed as
+    telemetry), and its asset key, clock, channels, ranges, sentinels and stuck window decide how rows
+    are parsed and validated. The parameters below that repeat a rule's fields override it for every
+    file.
+
     Attributes:
         landing: Landing folder, single file, or fsspec URL (``file://``, ``s3://`` ...).
-        dataset: Lake dataset for every file; None derives it per file from its name
-            (``train_FD001.txt.gz`` -> ``train_fd001``).
-        format: Source format; ``auto`` decides per file from its suffix and first bytes.
-        columns: Column names for header-less CSV files (canonical names or aliases such as ``unit``).
-        delimiter: CSV field delimiter.
+        contract: The fleet contract: a YAML path or a bundled name (``cmapss``, ``pumps``); None takes
+            the settings' ``contract`` (``TWINFLOW_CONTRACT``).
+        dataset: Lake dataset for every file; None takes the dataset of the file's contract rule.
+        format: Source format for every file; ``auto`` takes the rule's format (whose ``auto`` decides
+            per file from its suffix and first bytes). ``text``: header-less whitespace-separated text
+            (``cmapss`` is an older name of it).
+        columns: Column names of header-less files (contract names or aliases, ``_`` skips a field); None
+            takes the rule's ``columns``.
+        delimiter: CSV field delimiter; None takes the rule's.
         files_per_batch: Files per Prefect task (a batch runs on one Dask worker).
-        allow_missing_channels: Accept files that lack some channels (stored as null); by default such a
-            file is quarantined.
-        stuck_window: Consecutive identical values after which a normally varying channel is flagged stuck.
+        allow_missing_channels: Accept files that lack some of the contract's channels (stored as null,
+            with a note naming them); by default such a file is quarantined, because an export that
+            silently lost a column looks exactly like one. Plants whose files each carry a subset of the
+            channels (one file per PLC or per sensor group) set it: a file is then validated against, and
+            re-read after contract changes to, only the channels it carries.
+        stuck_window: Consecutive identical values after which a normally varying channel is flagged
+            stuck; None takes the contract's ``stuck_window``.
         settle_seconds: Files modified less than this long ago are left for the next run (still being
             written).
         lock_timeout_s: How long to wait for another ingest run on the same lake to finish.
         storage_options: fsspec options for the landing URL (merged over the settings' options).
-        include: File-name globs (case-insensitive) of the files to ingest; other files are ignored.
-        exclude: File-name globs to skip; by default C-MAPSS ground-truth ``RUL_*`` files, which are
-            labels read by the train stage, not telemetry.
+        include: File-name globs (case-insensitive) of the files to ingest; None lets the contract's rules
+            decide alone. A file that ``include`` names but no rule matches is ingested as telemetry (auto
+            format, dataset from its name); a rule of another kind still wins (an event log is never
+            telemetry).
+        exclude: File-name globs never to ingest (None: none).
+        fail_on_all_quarantined: A run in which every row of a file, or of the whole run, is quarantined
+            fails (after committing, so the quarantine keeps the reasons) with an error naming the top
+            reasons; ``twinflow run ingest`` then exits non-zero. False only logs a WARNING and lists the
+            problem in :attr:`IngestResult.warnings`.
         stream_threshold_bytes: Files larger than this (on disk, compressed or not) are hashed, parsed and
             validated in batches, so that their memory is bounded by ``batch_rows`` rather than their size;
             smaller files are read whole (faster). Does not change what the lake contains, so it is not
@@ -53,33 +76,86 @@ class IngestParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     landing: str = Field(min_length=1)
+    contract: str | None = None
     dataset: str | None = None
     format: Format = "auto"
     columns: list[str] | None = None
-    delimiter: str = ","
+    delimiter: str | None = None
     files_per_batch: int = Field(4, ge=1)
     allow_missing_channels: bool = False
-    stuck_window: int = Field(20, ge=2)
+    stuck_window: int | None = Field(None, ge=2)
     settle_seconds: float = Field(0.0, ge=0)
     lock_timeout_s: float = Field(600.0, gt=0)
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    include: list[str] = Field(default_factory=lambda: list(DEFAULT_INCLUDE))
-    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    fail_on_all_quarantined: bool = True
     stream_threshold_bytes: int = Field(64 << 20, ge=1)
     batch_rows: int = Field(1_000_000, ge=1)
     follow_external_links: bool = False
 
-    def digest(self, dataset: str) -> str:
-        """Fingerprint of everything that changes what a file of ``dataset`` parses into (params, contract).
+    _fleet: FleetContract | None = PrivateAttr(None)
+
+    def fleet(self) -> FleetContract:
+        """The fleet contract these parameters ingest with (resolved once, then carried with the params).
+
+        Raises:
+            ConfigError: the contract cannot be loaded, or ``columns`` names a column it does not declare.
+        """
+        if self._fleet is None:
+            contract = resolve_contract(self.contract)
+            if self.columns is not None:
+                unknown = [c for c in self.columns if c != "_" and contract.canonical_name(c) is None]
+                if unknown:
+                    from twinflow.errors import ConfigError
+
+                    raise ConfigError(f"unknown column name(s) {unknown}: contract {contract.name!r} "
+                                      f"v{contract.version} does not declare them (asset "
+                                      f"{contract.asset.column!r}, clock {contract.clock.key!r}, channels "
+                                      f"{', '.join(contract.channel_names[:6])}...); use '_' to skip a field")
+            self._fleet = contract
+        return self._fleet
+
+    def window(self) -> int:
+        """The stuck-sensor window: this parameter, else the contract's."""
+        return self.stuck_window or self.fleet().stuck_window
+
+    def digest(self, dataset: str, fmt: str = "auto", columns: list[str] | None = None, delimiter: str = ",",
+               channels: list[str] | None = None) -> str:
+        """Fingerprint of everything that changes what a file parses into: how it is read (its route:
+        ``fmt``, ``columns``, ``delimiter``, ``dataset``), the parameters that change validation, and the
+        contract's validation digest restricted to the ``channels`` the file holds (all: None).
 
         A file whose content is unchanged is read again when this changes (e.g. after fixing the
-        delimiter, or widening a valid range in ``twinflow/contracts.py``).
+        delimiter, or widening the valid range of a channel it carries: files without that channel stay).
         """
-        relevant = self.model_dump(include={"format", "columns", "delimiter", "allow_missing_channels",
-                                            "stuck_window"})
-        relevant["dataset"] = dataset
-        contract = [(s.name, s.low, s.high) for s in C.CHANNEL_SPECS.values()], C.SENTINELS, C.CYCLE_RANGE
-        return hashlib.sha1(json.dumps([relevant, contract], sort_keys=True, default=str).encode()).hexdigest()[:16]
+        contract = self.fleet()
+        relevant = {"format": fmt, "columns": columns, "delimiter": delimiter, "dataset": dataset,
+                    "allow_missing_channels": self.allow_missing_channels, "stuck_window": self.window(),
+                    "contract": contract.name, "validation": contract.validation_digest(channels)}
+        return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # A named contract and header-less column names are checked at once: a typo costs a second, not a
+    # server start. (The settings' contract is resolved when the stage runs.)
+    @field_validator("contract")
+    @classmethod
+    def _loadable(cls, v: str | None) -> str | None:
+        if v is not None:
+            resolve_contract(v)
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is not None and "contract" in info.data:
+            contract = resolve_contract(info.data["contract"])
+            unknown = [c for c in v if c != "_" and contract.canonical_name(c) is None]
+            if unknown:
+                raise ValueError(f"unknown column name(s) {unknown}: contract {contract.name!r} v{contract.version} "
+                                 f"does not declare them (asset {contract.asset.column!r}, clock "
+                                 f"{contract.clock.key!r}, channels {', '.join(contract.channel_names[:6])}...); "
+                                 "use '_' to skip a field")
+        return v
 
     @field_validator("dataset")
     @classmethod
@@ -91,19 +167,9 @@ class IngestParams(BaseModel):
 
     @field_validator("delimiter")
     @classmethod
-    def _one_char(cls, v: str) -> str:
-        if len(v) != 1 or v in "\r\n\"":
+    def _one_char(cls, v: str | None) -> str | None:
+        if v is not None and (len(v) != 1 or v in "\r\n\""):
             raise ValueError("delimiter must be one character other than a quote or newline")
-        return v
-
-    @field_validator("columns")
-    @classmethod
-    def _known_columns(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None:
-            unknown = [c for c in v if C.canonical_name(c) is None and c != "_"]
-            if unknown:
-                raise ValueError(f"unknown column name(s) {unknown}; use canonical names "
-                                 f"({C.ASSET}, {C.TIME}, op_setting_1..3, s1..s21) or '_' to skip a column")
         return v
 
 
@@ -116,7 +182,8 @@ class SourceFile(BaseModel):
 
 
 class AssetExtent(BaseModel):
-    """Rows and cycle range one source contributes to one asset."""
+    """Rows and time range one source contributes to one asset (cycles, or timestamps in µs since the
+    epoch for timestamp clocks)."""
 
     rows: int
     tmin: int
@@ -134,6 +201,9 @@ class FileOutcome(BaseModel):
     sha256: str = ""
     format: str = ""
     params_digest: str = ""
+    # The contract channels the file holds (None: unknown, e.g. the file could not be parsed): its
+    # params digest covers only these, so a contract change re-reads only files it affects.
+    channels: list[str] | None = None
     status: Literal["ingested", "quarantined", "deferred", "unchanged", "duplicate"] = "ingested"
     reason: str = ""
     rows_read: int = 0
@@ -183,6 +253,13 @@ class IngestResult(BaseModel):
     batches: list[BatchSummary] = Field(default_factory=list)
     files: list[FileOutcome] = Field(default_factory=list)
     unchanged: int = 0
+    # Landing files not ingested, with why: event logs, labels, ignored files, files no contract rule
+    # matches (they are not in the ledger: each run lists them again).
+    skipped: dict[str, str] = Field(default_factory=dict)
+    # Problems that did not fail the run (e.g. every row quarantined, with fail_on_all_quarantined=False).
+    warnings: list[str] = Field(default_factory=list)
+    # Event logs read (every run: they are small and re-validated against the grown telemetry).
+    events: list["EventLogOutcome"] = Field(default_factory=list)
 
     @property
     def rows_read(self) -> int:
@@ -195,3 +272,8 @@ class IngestResult(BaseModel):
     @property
     def rows_quarantined(self) -> int:
         return sum(b.rows_quarantined for b in self.batches)
+
+
+from twinflow.tasks.ingest.events import EventLogOutcome  # noqa: E402 - events imports this module's peers
+
+IngestResult.model_rebuild()

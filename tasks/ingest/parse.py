@@ -17,6 +17,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from twinflow import contracts as C
+from twinflow.contract import Clock, FleetContract, resolve_contract
 
 from twinflow.tasks.ingest.names import COMPRESSION_SUFFIXES, Format, detect_format
 
@@ -36,8 +37,11 @@ class Parsed(BaseModel):
     notes: list[str] = Field(default_factory=list)
 
 
-TYPES = {C.ASSET: pa.string(), C.TIME: pa.int64(), C.TIMESTAMP: pa.timestamp("us", tz="UTC"),
-          **{c: pa.float64() for c in C.CHANNELS}}
+def types_for(contract: FleetContract) -> dict[str, pa.DataType]:
+    """The type each canonical column is read as from text: timestamps are read as text and parsed by
+    :func:`parse_times` (the contract's format and timezone; pyarrow's reader takes neither)."""
+    return {C.ASSET: pa.string(), C.TIME: pa.int64(), C.TIMESTAMP: pa.string(),
+            **{c: pa.float64() for c in contract.channel_names}}
 
 
 NON_BLANK = re.compile(rb"\S")
@@ -105,9 +109,9 @@ def rows_note(rows: int) -> str:
     return f"rows: at least {rows}" if rows else "rows: unknown"
 
 
-def first_line_is_data(fields: list[str]) -> bool:
+def first_line_is_data(fields: list[str], contract: FleetContract) -> bool:
     """A CSV "header" that is a data row: no field names a contract column and most fields are numbers."""
-    if any(C.canonical_name(f) is not None for f in fields):
+    if any(contract.canonical_name(f) is not None for f in fields):
         return False
     tokens = [t for t in re.split(r"[,;\t ]+", ",".join(fields)) if t]
 
@@ -122,7 +126,11 @@ def first_line_is_data(fields: list[str]) -> bool:
 
 
 NO_HEADER = ("no header: the first line looks like data, not column names (a header-less CSV needs "
-             "columns=[...])")
+             "columns: in the contract's datasets rule, or columns=[...])")
+
+
+NO_COLUMNS = ("header-less text needs its column order: declare columns: in the contract's datasets rule "
+              "for this file (or pass columns=[...])")
 
 
 def decompress(data: bytes, name: str) -> bytes:
@@ -145,6 +153,87 @@ def is_utf8_error(exc: Exception) -> bool:
     return "utf8" in str(exc).lower() or "utf-8" in str(exc).lower()
 
 
+_OFFSET = r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)\s*$"
+
+
+def parse_times(col: pa.ChunkedArray | pa.Array, clock: Clock) -> tuple[pa.Array, np.ndarray]:
+    """Timestamps (text, or Parquet timestamps) as UTC µs, and a mask of cells that did not parse.
+
+    With ``clock.format`` the text is parsed with it (``strptime``); otherwise ISO 8601 and its common
+    variants. Times without an offset are local times of ``clock.timezone`` (DST: an ambiguous or
+    skipped local time takes the earlier instant); times with one are converted. Blank cells are null,
+    not errors (the key check quarantines them as a missing timestamp).
+    """
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    utc = pa.timestamp("us", tz="UTC")
+    if pa.types.is_timestamp(arr.type):
+        if arr.type.tz is None:
+            arr = pc.assume_timezone(arr.cast(pa.timestamp("us")), clock.timezone, ambiguous="earliest",
+                                     nonexistent="earliest")
+        return arr.cast(utc), np.zeros(len(arr), bool)
+    text = pc.utf8_trim_whitespace(arr.cast(pa.string()))
+    blank = pc.fill_null(pc.or_(pc.equal(text, ""), pc.is_in(text, value_set=pa.array(
+        ["nan", "NaN", "NA", "N/A", "null", "NULL", "NaT"]))), True)
+    text = pc.if_else(blank, pa.scalar(None, pa.string()), text)
+
+    def local(naive: pa.Array) -> pa.Array:
+        return pc.assume_timezone(naive, clock.timezone, ambiguous="earliest", nonexistent="earliest").cast(utc)
+
+    if clock.format:
+        out = pc.strptime(text, format=clock.format, unit="us", error_is_null=True)
+        out = out.cast(utc) if out.type.tz is not None else local(out)
+    else:
+        try:  # the usual export: every time naive (or every time with an offset) and ISO 8601
+            out = local(text.cast(pa.timestamp("us")))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            try:
+                out = text.cast(utc)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                out = _times_mixed(text, local)
+    bad = np.asarray(pc.and_(pc.is_null(out), pc.invert(blank)).to_numpy(zero_copy_only=False), bool)
+    return out, bad
+
+
+def _times_mixed(text: pa.Array, local) -> pa.Array:
+    """:func:`parse_times` of text mixing naive times, times with offsets and unparseable cells."""
+    import pandas as pd
+
+    has_off = np.asarray(pc.fill_null(pc.match_substring_regex(text, _OFFSET), False).to_numpy(
+        zero_copy_only=False), bool)
+    values = np.array(text.to_pylist(), dtype=object)
+    out = np.full(len(values), np.datetime64("NaT"), "datetime64[us]")
+    if has_off.any():
+        aware = pd.to_datetime(pd.Series(values[has_off]), format="ISO8601", utc=True, errors="coerce")
+        out[has_off] = aware.dt.tz_localize(None).to_numpy("datetime64[us]")
+    naive = ~has_off
+    result = pa.array(out, pa.timestamp("us"), mask=np.isnat(out)).cast(pa.timestamp("us", tz="UTC"))
+    if naive.any():
+        local_ts = pd.to_datetime(pd.Series(values[naive]), format="ISO8601", errors="coerce")
+        if getattr(local_ts.dt, "tz", None) is not None:  # pragma: no cover - mixed parse gave aware
+            local_ts = local_ts.dt.tz_localize(None)
+        n = local_ts.to_numpy("datetime64[us]")
+        conv = local(pa.array(n, pa.timestamp("us"), mask=np.isnat(n))).to_numpy(zero_copy_only=False)
+        merged = result.to_numpy(zero_copy_only=False).copy()
+        merged[naive] = conv
+        result = pa.array(merged, pa.timestamp("us", tz="UTC"), mask=np.isnat(merged))
+    return result
+
+
+def normalise_asset(arr: pa.Array, numeric_ok: bool) -> pa.Array:
+    """Asset ids as trimmed strings; with ``numeric_ok`` a numeric id is stored as its integer text
+    (``7``, ``7.0`` and a Parquet float 7.0 all become ``"7"``)."""
+    if pa.types.is_floating(arr.type) and numeric_ok:
+        vals = arr.to_numpy(zero_copy_only=False)
+        whole = np.isfinite(vals) & (vals == np.floor(vals)) & (np.abs(vals) < 2**53)
+        if whole.all() or not len(vals):
+            return pa.array(vals.astype(np.int64), pa.int64(), mask=np.asarray(pc.is_null(arr).to_numpy(
+                zero_copy_only=False), bool)).cast(pa.string())
+    out = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
+    if numeric_ok:
+        out = pc.replace_substring_regex(out, r"^([+-]?\d+)\.0*$", r"\1")
+    return out
+
+
 def _coerce(col: pa.ChunkedArray | pa.Array, name: str) -> tuple[pa.Array, np.ndarray]:
     """Cast a string column to its canonical type; return the values and a mask of unparseable cells."""
     import pandas as pd
@@ -154,10 +243,6 @@ def _coerce(col: pa.ChunkedArray | pa.Array, name: str) -> tuple[pa.Array, np.nd
     blank = stripped.isna() | stripped.isin(["", "nan", "NaN", "NA", "N/A", "null", "NULL", "-nan"])
     if name == C.ASSET:
         return pa.array(stripped.where(~stripped.isna(), None).tolist(), pa.string()), np.zeros(len(s), bool)
-    if name == C.TIMESTAMP:
-        ts = pd.to_datetime(stripped.where(~blank, None), utc=True, errors="coerce")
-        bad = (ts.isna() & ~blank).to_numpy()
-        return pa.array(ts, pa.timestamp("us", tz="UTC")), bad
     num = pd.to_numeric(stripped.where(~blank, None), errors="coerce").astype("float64")
     bad = (num.isna() & ~blank).to_numpy()
     if name == C.TIME:
@@ -172,14 +257,20 @@ def _coerce(col: pa.ChunkedArray | pa.Array, name: str) -> tuple[pa.Array, np.nd
 
 
 def canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_errors: bool,
-                  notes: list[str], offset: int = 0) -> tuple[pa.Table | None, dict[int, str] | None, str | None]:
-    """Rename source columns to canonical names, check required ones, cast (string fallback).
+                  notes: list[str], offset: int = 0, contract: FleetContract | None = None
+                  ) -> tuple[pa.Table | None, dict[int, str] | None, str | None]:
+    """Rename source columns to the contract's names, check required ones, cast (string fallback).
 
-    ``offset`` numbers the rows (``record``) of a batch that does not start the file."""
+    The asset column and the clock column (``cycle`` or ``timestamp``) are required; a file lacking
+    some channels is refused unless ``allow_missing``. ``offset`` numbers the rows (``record``) of a
+    batch that does not start the file."""
+    contract = contract or resolve_contract(None)
+    key = contract.key
+    types = types_for(contract)
     mapping: dict[str, str] = {}
     ignored = []
     for src in names:
-        canon = C.canonical_name(src) if src != "_" else None
+        canon = contract.canonical_name(src) if src != "_" else None
         if canon is None:
             if src != "_":
                 ignored.append(src)
@@ -187,15 +278,18 @@ def canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_er
         if canon in mapping.values():
             return None, None, f"two columns map to {canon!r}: fix the header"
         mapping[src] = canon
-    missing_keys = [k for k in (C.ASSET, C.TIME) if k not in mapping.values()]
+    missing_keys = [k for k in (C.ASSET, key) if k not in mapping.values()]
     if missing_keys:
         hint = ""
         if len(names) == 1:
             hint = f" (the header has a single column {names[0][:40]!r}: wrong delimiter?)"
-        return None, None, f"missing required column(s) {', '.join(missing_keys)}{hint}"
-    missing = [c for c in C.CHANNELS if c not in mapping.values()]
+        declared = {C.ASSET: contract.asset.names, key: contract.clock.names}
+        spelled = "; ".join(f"{k}: {' / '.join(declared[k][:4])}" for k in missing_keys)
+        return None, None, (f"missing required column(s) {', '.join(missing_keys)} (contract "
+                            f"{contract.name!r} v{contract.version} accepts {spelled}){hint}")
+    missing = [c for c in contract.channel_names if c not in mapping.values()]
     if missing and not allow_missing:
-        return None, None, (f"missing channel column(s) {', '.join(missing)} "
+        return None, None, (f"missing channel column(s) {', '.join(missing)} of contract {contract.name!r} "
                             "(set allow_missing_channels=True to accept them as null)")
     if missing:
         notes.append(f"missing channels stored as null: {', '.join(missing)}")
@@ -207,23 +301,30 @@ def canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_er
     for src, canon in mapping.items():
         col = table.column(src)
         if canon == C.ASSET:
-            arr = pc.utf8_trim_whitespace(pc.cast(col, pa.string())).combine_chunks()
+            arr = normalise_asset(col.combine_chunks(), contract.asset.numeric_ok)
+        elif canon == C.TIMESTAMP:
+            arr, bad = parse_times(col, contract.clock)
+            if bad.any():
+                raw = col.to_pylist()
+                fmt = f" (format {contract.clock.format!r})" if contract.clock.format else ""
+                for i in np.flatnonzero(bad):
+                    reasons.setdefault(int(i), f"unparseable timestamp{fmt}: {str(raw[i])[:40]!r}")
         elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or type_errors:
             if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
                 arr, bad = _coerce(col, canon)
             else:
-                arr, bad = col.combine_chunks().cast(TYPES[canon]), np.zeros(n, bool)
+                arr, bad = col.combine_chunks().cast(types[canon]), np.zeros(n, bool)
             if bad.any():
                 raw = col.to_pylist()
                 for i in np.flatnonzero(bad):
                     reasons.setdefault(int(i), f"non-numeric value in {canon}: {str(raw[i])[:40]!r}")
         else:
             try:
-                arr = pc.cast(col, TYPES[canon]) if canon != C.ASSET else pc.cast(col, pa.string())
+                arr = pc.cast(col, types[canon])
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 arr, bad = _coerce(col.cast(pa.string()), canon)
                 for i in np.flatnonzero(bad):
-                    reasons.setdefault(int(i), f"value of {canon} not convertible to {TYPES[canon]}")
+                    reasons.setdefault(int(i), f"value of {canon} not convertible to {types[canon]}")
         cols.append(arr)
         out_names.append(canon)
     cols.append(pa.array(np.arange(offset, offset + n, dtype=np.int64)))
@@ -231,11 +332,9 @@ def canonicalise(table: pa.Table, names: list[str], allow_missing: bool, type_er
     return pa.Table.from_arrays(cols, names=out_names), reasons, None
 
 
-def source_columns(names: list[str], fmt: str) -> tuple[list[str], set[str]]:
-    """A text source's column names with C-MAPSS aliases applied, and those the contract knows."""
-    names = ["cycle" if n == "cycle" else ("asset_id" if n == "unit" and fmt == "cmapss" else n)
-             for n in names]
-    return names, {n for n in names if n != "_" and C.canonical_name(n) is not None}
+def source_columns(names: list[str], contract: FleetContract) -> tuple[list[str], set[str]]:
+    """A text source's column names, and those the contract knows (the others are not read)."""
+    return list(names), {n for n in names if n != "_" and contract.canonical_name(n) is not None}
 
 
 class BadRows:
@@ -266,7 +365,8 @@ def csv_options(names: list[str], mapped: set[str], types: dict[str, pa.DataType
 
 
 def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str] | None = None,
-                delimiter: str = ",", allow_missing_channels: bool = False) -> Parsed:
+                delimiter: str = ",", allow_missing_channels: bool = False,
+                contract: FleetContract | None = None) -> Parsed:
     """Parse the bytes of one source file into canonical typed columns.
 
     Never raises for bad content: problems come back as ``file_error`` (the whole file is unusable) or
@@ -277,10 +377,12 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
         data: File content, possibly gzip-compressed.
         name: File name (for format detection and messages).
         fmt: Declared format or ``auto``.
-        columns: Column names of a header-less CSV.
+        columns: Column names of a header-less CSV or text file.
         delimiter: CSV delimiter.
         allow_missing_channels: Accept sources that lack some channels.
+        contract: The fleet contract (default: the settings').
     """
+    contract = contract or resolve_contract(None)
     if not data:
         return Parsed(file_error="empty file")
     try:
@@ -290,15 +392,18 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
                           io.BytesIO(data), name, fmt, columns)
     fmt = detect_format(name, raw[:8], fmt)
     if fmt == "parquet":
-        return _parse_parquet(raw, allow_missing_channels)
+        return _parse_parquet(raw, allow_missing_channels, contract)
     raw = strip_bom(raw)
     if not raw.strip():
         return Parsed(file_error="empty file")
+    if fmt == "text" and columns is None:  # called without a route: the contract's rule for this name
+        rule = contract.rule_for(name)
+        columns = list(rule.columns) if rule is not None and rule.columns else None
     header = fmt == "csv" and columns is None
-    if fmt == "cmapss":
-        raw, delim, names = normalise_whitespace(raw), " ", list(C.CMAPSS_COLUMNS)
-        if columns is not None:
-            names = columns
+    if fmt == "text":
+        if columns is None:
+            return Parsed(file_error=NO_COLUMNS, rows_read=count_lines(raw))
+        raw, delim, names = normalise_whitespace(raw), " ", list(columns)
     else:
         delim = delimiter
         names = columns
@@ -314,7 +419,7 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
             names = [h.strip().strip('"') for h in first.decode("utf-8").split(delim)]
         except UnicodeDecodeError:
             return Parsed(file_error="not valid UTF-8 text (header)", rows_read=max(count_lines(raw) - 1, 0))
-        if first_line_is_data(names):
+        if first_line_is_data(names, contract):
             return Parsed(file_error=NO_HEADER, rows_read=count_lines(raw))
         if NON_BLANK.search(raw, len(first) + 1) is None:
             return Parsed(file_error="no data rows (header only)")
@@ -322,7 +427,8 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
             return Parsed(file_error=f"duplicate column names in header: {names}",
                           rows_read=count_lines(raw) - 1)
     assert names is not None
-    names, mapped = source_columns(names, fmt)
+    names, mapped = source_columns(names, contract)
+    types = types_for(contract)
     on_invalid = BadRows()
     bad_rows, actual = on_invalid.rows, on_invalid.actual
 
@@ -332,10 +438,10 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
         return pacsv.read_csv(io.BytesIO(raw), **csv_options(names, mapped, types, header, delim, on_invalid,
                                                               WHOLE_BLOCK_BYTES))
 
-    canon_of = {n: C.canonical_name(n) for n in mapped}
+    canon_of = {n: contract.canonical_name(n) for n in mapped}
     type_errors = False
     try:
-        table = read({n: TYPES[canon_of[n]] for n in mapped})
+        table = read({n: types[canon_of[n]] for n in mapped})
     except pa.ArrowInvalid as exc:
         if is_utf8_error(exc):
             return Parsed(file_error="not valid UTF-8 text", rows_read=count_lines(raw) - header)
@@ -352,7 +458,8 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
         return Parsed(file_error=f"no row has the expected {len(names)} fields (the first has {actual[0]}): "
                                  "wrong delimiter or wrong format", rows_read=rows_read)
     notes: list[str] = []
-    out, reasons, err = canonicalise(table, list(names), allow_missing_channels, type_errors, notes)
+    out, reasons, err = canonicalise(table, list(names), allow_missing_channels, type_errors, notes,
+                                     contract=contract)
     if err:
         return Parsed(file_error=err, rows_read=rows_read)
     return Parsed(table=out, reasons=reasons, bad_rows=list(bad_rows), rows_read=rows_read, notes=notes)
@@ -383,7 +490,7 @@ def parquet_footer_rows(fh: Any) -> tuple[int, str]:
     return n, f"rows: {n} per the Parquet footer"
 
 
-def _parse_parquet(raw: bytes, allow_missing: bool) -> Parsed:
+def _parse_parquet(raw: bytes, allow_missing: bool, contract: FleetContract) -> Parsed:
     try:
         table = pq.read_table(io.BytesIO(raw))
     except (pa.ArrowException, OSError) as exc:
@@ -394,7 +501,7 @@ def _parse_parquet(raw: bytes, allow_missing: bool) -> Parsed:
     notes: list[str] = []
     lineage = set(C.LINEAGE)
     names = [n for n in table.column_names if n not in lineage and n not in ("asset", "dataset")]
-    out, reasons, err = canonicalise(table.select(names), names, allow_missing, False, notes)
+    out, reasons, err = canonicalise(table.select(names), names, allow_missing, False, notes, contract=contract)
     if err:
         return Parsed(file_error=err, rows_read=table.num_rows)
     return Parsed(table=out, reasons=reasons, rows_read=table.num_rows, notes=notes)

@@ -9,15 +9,15 @@ import zlib
 from pathlib import Path
 from typing import Any
 import pyarrow as pa
-import pyarrow.compute as pc
-from twinflow import contracts as C
 
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, read_file_bytes, stat_file
-from twinflow.tasks.ingest.names import dataset_name, detect_format, file_id
+from twinflow.tasks.ingest.names import detect_format, file_id
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
 from twinflow.tasks.ingest.parse import decompress, parse_bytes
 from twinflow.tasks.ingest.quarantine import quarantine_file, quarantine_rows, summarise_reasons
-from twinflow.tasks.ingest.stage import atomic_write_lake_rows, atomic_write_table, split_by_asset, staged_asset_path
+from twinflow.tasks.ingest.route import route_file
+from twinflow.tasks.ingest.stage import (atomic_write_lake_rows, atomic_write_table, split_by_asset,
+                                         staged_asset_path, time_extent)
 from twinflow.tasks.ingest.stream import process_streamed
 from twinflow.tasks.ingest.validate import validate_table
 
@@ -29,19 +29,26 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
     validated ``params.batch_rows`` rows at a time (:func:`process_streamed`), with the same result as
     reading them whole. Nothing becomes visible in the lake here: staged files are published by :func:`commit_outcomes`.
     A file whose size or modification time changed while it was read is deferred to the next run.
-    Files that cannot be parsed at all are copied to the quarantine folder with a reason.
+    Files that cannot be parsed at all are copied to the quarantine folder with a reason. The file's
+    route (dataset, format, columns) and its validation come from the fleet contract (``params.fleet()``).
+
+    Raises:
+        ValueError: the file is not telemetry under the contract (the ingest sequence never passes one).
     """
     so = storage_options or {}
-    ds_name = params.dataset or dataset_name(src.path)
+    contract = params.fleet()
+    route = route_file(src.path, params, contract)
+    if not route.telemetry:
+        raise ValueError(f"{src.path} is not telemetry: {route.note}")
     fid = file_id(src.path)
-    out = FileOutcome(source=src.path, dataset=ds_name, file_id=fid, size=src.size, mtime_ns=src.mtime_ns,
-                      params_digest=params.digest(ds_name))
+    out = FileOutcome(source=src.path, dataset=route.dataset, file_id=fid, size=src.size, mtime_ns=src.mtime_ns,
+                      params_digest=route.digest(params))
     if params.settle_seconds and src.mtime_ns and \
             time.time() - src.mtime_ns / 1e9 < params.settle_seconds:
         out.status, out.reason = "deferred", f"modified less than {params.settle_seconds:g}s ago"
         return out
     if src.size > params.stream_threshold_bytes:
-        done = process_streamed(src, params, staging, quarantine, batch_id, so, out)
+        done = process_streamed(src, params, staging, quarantine, batch_id, so, out, route)
         if done is not None:
             return done
     try:
@@ -55,14 +62,15 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
         return out
     out.sha256 = hashlib.sha256(data).hexdigest()
     base = src.path.rstrip("/").rsplit("/", 1)[-1]
-    parsed = parse_bytes(data, base, params.format, params.columns, params.delimiter,
-                         params.allow_missing_channels)
+    columns = list(route.columns) if route.columns else None
+    parsed = parse_bytes(data, base, route.format, columns, route.delimiter, params.allow_missing_channels,
+                         contract)
     out.notes = parsed.notes
     out.rows_read = parsed.rows_read
     try:
-        out.format = detect_format(base, decompress(data, base)[:8], params.format)
+        out.format = detect_format(base, decompress(data, base)[:8], route.format)
     except (OSError, EOFError, zlib.error):
-        out.format = params.format
+        out.format = route.format
     if parsed.file_error:
         out.status, out.reason = "quarantined", with_rows_note(parsed.file_error, parsed.rows_note)
         out.rows_quarantined = parsed.rows_read
@@ -72,7 +80,9 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
         quarantine_file(data, src, out.reason, folder, batch_id)
         out.staged = str(folder)
         return out
-    lake, quar, flagged = validate_table(parsed.table, parsed.reasons, src.path, batch_id, params.stuck_window)
+    out.channels = [c for c in contract.channel_names if c in parsed.table.column_names]
+    out.params_digest = route.digest(params, out.channels)
+    lake, quar, flagged = validate_table(parsed.table, parsed.reasons, src.path, batch_id, params.window(), contract)
     if parsed.bad_rows:
         extra = quarantine_rows(pa.table({}), [r for r, _ in parsed.bad_rows], src.path, batch_id,
                                  raw_text=[t for _, t in parsed.bad_rows])
@@ -81,9 +91,9 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
     if folder.exists():
         shutil.rmtree(folder)
     for asset, rows in split_by_asset(lake):
-        atomic_write_lake_rows(rows, staged_asset_path(folder, asset, fid))
-        cyc = rows.column(C.TIME)
-        out.assets[asset] = AssetExtent(rows=rows.num_rows, tmin=pc.min(cyc).as_py(), tmax=pc.max(cyc).as_py())
+        atomic_write_lake_rows(rows, staged_asset_path(folder, asset, fid), contract)
+        lo, hi = time_extent(rows, contract.key)
+        out.assets[asset] = AssetExtent(rows=rows.num_rows, tmin=lo, tmax=hi)
     if quar.num_rows:
         atomic_write_table(quar, folder / "quarantine.parquet")
     out.staged = str(folder)

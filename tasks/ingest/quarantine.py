@@ -65,7 +65,9 @@ def quarantine_rows(rows: pa.Table, reasons: list[str], source: str, batch_id: s
         raw_text = [json.dumps(r, default=str) for r in recs]
         record = rows.column("record") if rows.num_rows else pa.array([], pa.int64())
         asset = rows.column(C.ASSET).cast(pa.string()) if rows.num_rows else pa.array([], pa.string())
-        cycle = rows.column(C.TIME).cast(pa.int64()) if rows.num_rows else pa.array([], pa.int64())
+        # The ``cycle`` column holds cycle keys; rows of a timestamp clock keep their time in ``raw``.
+        cycle = rows.column(C.TIME).cast(pa.int64()) if rows.num_rows and C.TIME in rows.column_names \
+            else pa.nulls(rows.num_rows, pa.int64())
     else:
         record = pa.nulls(n, pa.int64())
         asset = pa.nulls(n, pa.string())
@@ -144,12 +146,15 @@ def quarantine_after_error(src: SourceFile, params: IngestParams, staging: Path,
     ``quarantined``, reason ``ingest error: <type>: <message>; rows: unknown``); when even that fails
     (unreadable, disk full), it is ``deferred`` with the reason, so the next run tries again.
     """
-    ds = params.dataset or dataset_name(src.path)
+    from twinflow.tasks.ingest.route import route_file
+
+    route = route_file(src.path, params)
+    ds = route.dataset or params.dataset or dataset_name(src.path)
     fid = file_id(src.path)
     reason = f"ingest error: {type(exc).__name__}: {str(exc)[:300]}"
     (logger or log).warning("%s: %s (the other files of the batch go on)", src.path, reason)
     out = FileOutcome(source=src.path, dataset=ds, file_id=fid, size=src.size, mtime_ns=src.mtime_ns,
-                      params_digest=params.digest(ds), rows_read_exact=False)
+                      params_digest=route.digest(params), rows_read_exact=False)
     folder = staging / fid
     shutil.rmtree(folder, ignore_errors=True)
     try:
@@ -169,9 +174,17 @@ def quarantine_after_error(src: SourceFile, params: IngestParams, staging: Path,
     return out
 
 
+def reason_kind(reason: str) -> str:
+    """The kind of a row's reason, without the row's values: ``discharge_pressure_bar=83.4 outside valid
+    range [0, 40] bar`` -> ``discharge_pressure_bar outside valid range [0, 40] bar``; ``duplicate key
+    (asset_id=7, ...)`` -> ``duplicate key``."""
+    r = re.sub(r"^(\w+)=\S+ (outside valid range)", r"\1 \2", reason)
+    return re.sub(r"[:(].*", "", r).strip()
+
+
 def reason_kinds(reasons: list[str], kinds: dict[str, int]) -> dict[str, int]:
     for r in reasons:
-        k = re.sub(r"[:(].*", "", r).strip()
+        k = reason_kind(r)
         kinds[k] = kinds.get(k, 0) + 1
     return kinds
 

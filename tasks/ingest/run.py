@@ -6,6 +6,7 @@ only in how batches of files are processed (Prefect tasks on the cluster, or in 
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,15 +16,18 @@ from typing import Any, Callable
 from prefect import task
 
 from twinflow import lake as lk
+from twinflow.errors import TwinflowError
 from twinflow.refs import LakeSnapshot
 from twinflow.tasks.ingest.commit import commit_outcomes, lake_lock
 from twinflow.tasks.ingest.landing import list_landing, plan_files
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import FileOutcome, IngestParams, SourceFile
 from twinflow.tasks.ingest.process import process_file
-from twinflow.tasks.ingest.quarantine import quarantine_after_error
+from twinflow.tasks.ingest.quarantine import quarantine_after_error, summarise_kinds
+from twinflow.tasks.ingest.route import route_file
 
 STAGING_DIR = "_staging"
+log = logging.getLogger("twinflow.ingest")
 
 #: Processes batches of files into outcomes, staging under the given folder; returns the outcomes of
 #: the batches that worked and the errors of those that failed (their files are not recorded).
@@ -41,6 +45,7 @@ class IngestRun:
     outcomes: list[FileOutcome] = field(default_factory=list)
     errors: list[BaseException] = field(default_factory=list)
     snapshots: dict[str, LakeSnapshot] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # landing files not ingested -> why
 
 
 def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, batch_id: str,
@@ -49,12 +54,20 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
     """Ingest the landing folder once, under the lake's ingest lock.
 
     Steps: settle a crashed run's commit (:meth:`Ledger.recover`) and its staging leftovers; list the
-    landing files and diff them against the ledger by size, mtime and params digest (unchanged files are
-    not read); process the others in batches of ``files_per_batch``; commit the outcomes of the batches
-    that worked (:func:`commit_outcomes`); record the batch; take a snapshot of every dataset the landing
-    files feed. A failed batch's files are not recorded, so the next run reads them again.
+    landing files and route them by the fleet contract (event logs, labels and files no rule matches are
+    skipped, with why, in :attr:`IngestRun.skipped`); refuse, before reading anything, a dataset whose
+    table holds another contract's data; diff the telemetry files against the ledger by size, mtime and
+    params digest (unchanged files are not read); process the others in batches of ``files_per_batch``;
+    commit the outcomes of the batches that worked (:func:`commit_outcomes`); record the batch; take a
+    snapshot of every dataset the landing files feed. A failed batch's files are not recorded, so the
+    next run reads them again.
+
+    Raises:
+        ConfigError: the contract cannot be loaded, or a dataset's table holds another contract's data
+            (nothing is read or written).
     """
     so = params.storage_options if storage_options is None else storage_options
+    contract = params.fleet()
     lake = lk.local_path(lake_path)
     quarantine = lk.local_path(quarantine_path)
     started = time.time()
@@ -63,16 +76,23 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
         try:
             ledger.recover(lake_path)
             shutil.rmtree(lake / STAGING_DIR, ignore_errors=True)  # leftovers of a crashed run
-            files = list_landing(params.landing, so, params.include, params.exclude, params.follow_external_links)
-            todo, unchanged = plan_files(files, ledger.files(), params)
+            listed = list_landing(params.landing, so, ["*"], [], params.follow_external_links)
+            routes = {f.path: route_file(f.path, params, contract) for f in listed}
+            files = [f for f in listed if routes[f.path].telemetry]
+            skipped = {f.path: routes[f.path].note for f in listed if not routes[f.path].telemetry}
+            for path, note in skipped.items():
+                log.info("ingest: %s skipped: %s", path, note)
+            for dataset in sorted({routes[f.path].dataset for f in files}):
+                lk.check_contract(lake_path, dataset, contract)
+            todo, unchanged = plan_files(files, ledger.files(), params, routes)
             n = params.files_per_batch
             run = IngestRun(batch_id=batch_id, listed=files, unchanged=unchanged,
-                            batches=[todo[i:i + n] for i in range(0, len(todo), n)])
+                            batches=[todo[i:i + n] for i in range(0, len(todo), n)], skipped=skipped)
             if on_plan is not None:
                 on_plan(run)
             staging = lake / STAGING_DIR / batch_id
             results, run.errors = process_batches(run.batches, staging) if run.batches else ([], [])
-            run.outcomes = commit_outcomes(results, ledger, lake_path, quarantine, batch_id)
+            run.outcomes = commit_outcomes(results, ledger, lake_path, quarantine, batch_id, contract)
             shutil.rmtree(staging, ignore_errors=True)
             ledger.record_batch(batch_id, started, run.outcomes, "failed" if run.errors else "completed")
             listed = {f.path for f in files}
@@ -80,10 +100,43 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
             for name in sorted(names | {o.dataset for o in run.outcomes}):
                 snap = ledger.snapshot(lake_path, name)
                 if snap is not None:
-                    run.snapshots[name] = snap
+                    # A table written before contracts has none stored: it is read with this run's.
+                    run.snapshots[name] = snap if snap.contract is not None else \
+                        snap.model_copy(update={"contract": contract})
         finally:
             ledger.close()
     return run
+
+
+class NothingWritten(TwinflowError):
+    """An ingest in which every row of a file, or of the run, was quarantined (see
+    :attr:`IngestParams.fail_on_all_quarantined`): the rows and their reasons are in the quarantine."""
+
+
+def all_quarantined(outcomes: list[FileOutcome], top: int = 3) -> list[str]:
+    """What makes a run that wrote nothing where it should have: one line per file whose every row was
+    quarantined (or which could not be parsed at all), plus one for the run when it read rows and wrote
+    none. Each line names the top reasons. Empty when every file that was read wrote rows."""
+    problems = []
+    read = [o for o in outcomes if o.status in ("ingested", "quarantined")]
+    for o in read:
+        if o.rows_written == 0 and (o.rows_read > 0 or o.status == "quarantined"):
+            problems.append(f"every row of {o.source} was quarantined ({o.rows_quarantined} rows): "
+                            f"{o.reason or 'no reason recorded'}")
+    rows_read = sum(o.rows_read for o in read)
+    if read and rows_read and not sum(o.rows_written for o in read):
+        kinds: dict[str, int] = {}
+        for o in read:
+            for part in filter(None, (o.reason or "").split("; ")):
+                k, _, n = part.rpartition(" x")
+                if k and n.isdigit():
+                    kinds[k] = kinds.get(k, 0) + int(n)
+                else:
+                    kinds[part] = kinds.get(part, 0) + max(o.rows_quarantined, 1)
+        names = ", ".join(o.source.rsplit("/", 1)[-1] for o in read[:3]) + (", ..." if len(read) > 3 else "")
+        problems.insert(0, f"the run wrote nothing: all {rows_read} rows of {len(read)} file(s) ({names}) were "
+                           f"quarantined; top reasons: {summarise_kinds(kinds, top) or 'unknown'}")
+    return problems
 
 
 def process_isolated(src: SourceFile, params: IngestParams, staging: Path, quarantine: Path, batch_id: str,

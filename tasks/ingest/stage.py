@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from twinflow import contracts as C
 from twinflow import lake as lk
+from twinflow.contract import FleetContract
 
 
 
@@ -22,7 +23,8 @@ def group_starts(codes_sorted: np.ndarray) -> np.ndarray:
 
 
 def split_by_asset(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
-    """Yield (asset_id, rows) slices of a table sorted by asset (zero-copy slices)."""
+    """Yield (asset_id, rows) slices of a table sorted by asset (zero-copy slices; a table not grouped
+    by asset is sorted by asset and time key first)."""
     if table.num_rows == 0:
         return
     asset = table.column(C.ASSET).combine_chunks()
@@ -31,7 +33,8 @@ def split_by_asset(table: pa.Table) -> Iterator[tuple[str, pa.Table]]:
     starts = group_starts(codes)
     ends = np.r_[starts[1:], len(codes)]
     if len(np.unique(codes[starts])) != len(starts):
-        order = pc.sort_indices(table, [(C.ASSET, "ascending"), (C.TIME, "ascending")])
+        key = C.TIME if C.TIME in table.column_names else C.TIMESTAMP
+        order = pc.sort_indices(table, [(C.ASSET, "ascending"), (key, "ascending")])
         yield from split_by_asset(table.take(order))
         return
     for s, e in zip(starts, ends):
@@ -99,6 +102,15 @@ def staged_asset_path(folder: Path, asset: str, fid: str) -> Path:
     return folder / "lake" / lk.partition_dir(asset) / f"{fid}.parquet"
 
 
-def atomic_write_lake_rows(rows: pa.Table, path: Path) -> None:
-    """:func:`atomic_write_table` of one asset's lake rows, as a data file of the lake's table."""
-    atomic_write_table(rows, path, writer=lk.write_data_file)
+def atomic_write_lake_rows(rows: pa.Table, path: Path, contract: FleetContract | None = None) -> None:
+    """:func:`atomic_write_table` of one asset's lake rows, as a data file of the table of ``contract``."""
+    atomic_write_table(rows, path, writer=lambda t, where: lk.write_data_file(t, where, contract=contract))
+
+
+def time_extent(rows: pa.Table, key: str) -> tuple[int, int]:
+    """(min, max) of the time key of lake rows, as integers (cycles, or µs since the epoch)."""
+    col = rows.column(key)
+    if pa.types.is_timestamp(col.type):
+        col = col.cast(pa.int64())
+    mm = pc.min_max(col)
+    return int(mm["min"].as_py()), int(mm["max"].as_py())

@@ -23,13 +23,18 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from twinflow import contracts as C
 from twinflow import lake as lk
+from twinflow.contract import FleetContract
 
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, open_fs, stat_file
 from twinflow.tasks.ingest.names import COMPRESSION_SUFFIXES, detect_format
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
-from twinflow.tasks.ingest.parse import BadRows, NON_BLANK, NO_HEADER, TYPES, WHOLE_BLOCK_BYTES, canonicalise, csv_options, count_lines, first_line_is_data, gzip_error, gzip_reason, is_utf8_error, normalise_whitespace, parquet_error, parquet_footer_rows, source_columns, strip_bom
+from twinflow.tasks.ingest.parse import (BadRows, NON_BLANK, NO_COLUMNS, NO_HEADER, WHOLE_BLOCK_BYTES, canonicalise,
+                                         count_lines, csv_options, first_line_is_data, gzip_error, gzip_reason,
+                                         is_utf8_error, normalise_whitespace, parquet_error, parquet_footer_rows,
+                                         source_columns, strip_bom, types_for)
+from twinflow.tasks.ingest.route import Route
 from twinflow.tasks.ingest.quarantine import quarantine_file_stream, quarantine_rows, reason_kinds, summarise_kinds
-from twinflow.tasks.ingest.stage import LAKE_DICT, concat_parquet, split_by_asset, staged_asset_path
+from twinflow.tasks.ingest.stage import LAKE_DICT, concat_parquet, split_by_asset, staged_asset_path, time_extent
 from twinflow.tasks.ingest.validate import FileState, stuck_quality, validate_batch
 
 CHUNK_BYTES = 8 << 20  # read size when hashing, copying and decompressing a streamed file
@@ -52,16 +57,16 @@ def _hash_stream(fs: Any, path: str) -> tuple[str, int]:
 class _TextStream(io.RawIOBase):
     """The text of a landing file as :func:`parse_bytes` sees it, in line-aligned chunks.
 
-    Decompresses gzip, normalises C-MAPSS whitespace chunk by chunk (every chunk ends with a newline, so
+    Decompresses gzip, normalises the whitespace of header-less text chunk by chunk (every chunk ends with a newline, so
     this equals normalising the whole text), and checks as it goes what :func:`parse_bytes` checks on the
     whole text: gzip integrity, UTF-8 (with the same byte offset), non-blank lines. After an error it reads
     as the end of the file; :meth:`drain` reads the rest only to finish the counts and checks.
     """
 
-    def __init__(self, fh: Any, gz: bool, cmapss: bool, count: bool = False):
+    def __init__(self, fh: Any, gz: bool, text: bool, count: bool = False):
         self._src = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
         self._count = count
-        self._cmapss = cmapss
+        self._text = text  # header-less whitespace-separated text: normalise its whitespace
         self._pending: list[bytes] = []  # checked chunks read ahead (header, blank-file checks)
         self._cur = b""
         self._off = 0
@@ -101,7 +106,7 @@ class _TextStream(io.RawIOBase):
                 chunk, self._carry = self._carry, b""
             if self._first:
                 chunk, self._first = strip_bom(chunk), False
-            if self._cmapss:
+            if self._text:
                 chunk = normalise_whitespace(chunk)
             if not chunk:
                 continue
@@ -159,8 +164,9 @@ class _Staged:
     is the same as for a file read whole.
     """
 
-    def __init__(self, folder: Path, fid: str, source: str, batch_id: str, window: int):
+    def __init__(self, folder: Path, fid: str, source: str, batch_id: str, window: int, contract: FleetContract):
         self.folder, self.fid, self.source, self.batch_id, self.window = folder, fid, source, batch_id, window
+        self.contract = contract
         self._writers: dict[str, pq.ParquetWriter] = {}
         self.reset()
 
@@ -173,18 +179,20 @@ class _Staged:
         self.rows_written = self.rows_quarantined = 0
         self.flagged: dict[str, int] = {}
         self.kinds: tuple[dict[str, int], dict[str, int]] = ({}, {})
+        self.channels: list[str] | None = None  # the contract channels the file holds
         self._k = 0
 
     def add(self, table: pa.Table, reasons: dict[int, str] | None) -> None:
-        lake, quar, flagged = validate_batch(table, reasons, self.source, self.batch_id, self.window, self.state)
+        lake, quar, flagged = validate_batch(table, reasons, self.source, self.batch_id, self.window, self.state,
+                                             self.contract)
         (self.folder / "parts").mkdir(parents=True, exist_ok=True)
         for asset, rows in split_by_asset(lake):
             path = self.folder / "parts" / f"{self._k}.parquet"  # one flat folder: no directory per asset
             self._k += 1
-            lk.write_data_file(rows, path)  # parts of the asset's data file: concatenated as they are
+            # parts of the asset's data file: concatenated as they are
+            lk.write_data_file(rows, path, contract=self.contract)
             self.parts.setdefault(asset, []).append(path)
-            cyc = rows.column(C.TIME)
-            lo, hi = pc.min(cyc).as_py(), pc.max(cyc).as_py()
+            lo, hi = time_extent(rows, self.contract.key)
             e = self.assets.get(asset)
             self.assets[asset] = AssetExtent(rows=rows.num_rows, tmin=lo, tmax=hi) if e is None else \
                 AssetExtent(rows=e.rows + rows.num_rows, tmin=min(e.tmin, lo), tmax=max(e.tmax, hi))
@@ -226,15 +234,15 @@ class _Staged:
         for asset, parts in self.parts.items():
             target = staged_asset_path(self.folder, asset, self.fid)
             target.parent.mkdir(parents=True, exist_ok=True)
-            if asset in suspects:  # the whole asset in cycle order decides (rare: stuck runs, disorder)
+            if asset in suspects:  # the whole asset in time order decides (rare: stuck runs, disorder)
                 rows = pa.concat_tables([pq.ParquetFile(p).read() for p in parts])
-                rows, n = stuck_quality(rows.take(pc.sort_indices(rows, [(C.TIME, "ascending")])),
-                                         self.window)
+                rows, n = stuck_quality(rows.take(pc.sort_indices(rows, [(self.contract.key, "ascending")])),
+                                         self.window, self.contract)
                 stuck += n
-                lk.write_data_file(rows, target)
+                lk.write_data_file(rows, target, contract=self.contract)
             elif len(parts) == 1:
                 os.replace(parts[0], target)
-            else:  # batches kept this asset's cycles in order: concatenating the parts is the sorted asset
+            else:  # batches kept this asset's times in order: concatenating the parts is the sorted asset
                 concat_parquet(parts, target, LAKE_DICT)
         if stuck:
             self.flagged["stuck"] = self.flagged.get("stuck", 0) + stuck
@@ -266,8 +274,8 @@ class _StreamError(Exception):
 
 
 def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
-                 stage: _Staged) -> tuple[int, list[str]]:
-    """Parse a CSV or C-MAPSS text file batch by batch into ``stage``; return (rows read, notes).
+                 stage: _Staged, route: Route) -> tuple[int, list[str]]:
+    """Parse a CSV or header-less text file batch by batch into ``stage``; return (rows read, notes).
 
     Mirrors :func:`parse_bytes` decision for decision (typed read, then all-string read after a conversion
     error; the same file-level errors in the same order of precedence).
@@ -275,24 +283,25 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
     Raises:
         _StreamError: the file as a whole is unusable.
     """
-    header = fmt == "csv" and params.columns is None
+    contract = stage.contract
+    columns = list(route.columns) if route.columns else None
+    header = fmt == "csv" and columns is None
     mode, block = "typed", BLOCK_BYTES
     while True:
         with fs.open(path, "rb") as fh:
-            ts = _TextStream(fh, gz, fmt == "cmapss")
+            ts = _TextStream(fh, gz, fmt == "text")
 
             def fail(reason: str | None, rows: Any = 0) -> _StreamError:
                 ts.drain()
                 stage.discard()
                 if ts.utf8_error is not None or callable(rows):  # the counts need every line: read again
                     with fs.open(path, "rb") as again:
-                        counted = _TextStream(again, gz, fmt == "cmapss", count=True)
+                        counted = _TextStream(again, gz, fmt == "text", count=True)
                         counted.drain()
                         ts.lines = counted.lines
                 if ts.gzip_error:  # counted as parse_bytes counts it: lines up to the break
                     with fs.open(path, "rb") as again:
-                        p = gzip_error(ts.gzip_error, again, path.rsplit("/", 1)[-1], params.format,
-                                       params.columns)
+                        p = gzip_error(ts.gzip_error, again, path.rsplit("/", 1)[-1], route.format, columns)
                     return _StreamError(ts.gzip_error, p.rows_read, p.rows_note)
                 if not ts.nonblank:
                     return _StreamError("empty file", 0)
@@ -304,29 +313,33 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
             text = ts.peek(lambda t: bool(t.strip()))
             if ts.failed or not text.strip():
                 raise fail(None)
-            if fmt == "cmapss":
-                delim, names = " ", list(params.columns or C.CMAPSS_COLUMNS)
+            if fmt == "text":
+                if columns is None:
+                    raise fail(NO_COLUMNS, lambda: ts.lines)
+                delim, names = " ", list(columns)
             else:
-                delim, names = params.delimiter, params.columns
+                delim, names = route.delimiter, columns
             if header:
                 first = text.split(b"\n", 1)[0].rstrip(b"\r")
                 text = ts.peek(lambda t: NON_BLANK.search(t, len(first) + 1) is not None)
                 if ts.failed:
                     raise fail(None)
                 names = [h.strip().strip('"') for h in first.decode("utf-8").split(delim)]
-                if first_line_is_data(names):
+                if first_line_is_data(names, contract):
                     raise fail(NO_HEADER, lambda: ts.lines)
                 if NON_BLANK.search(text, len(first) + 1) is None:
                     raise fail("no data rows (header only)")
                 if len(set(names)) != len(names):
                     raise fail(f"duplicate column names in header: {names}", lambda: ts.lines - 1)
             assert names is not None
-            names, mapped = source_columns(names, fmt)
-            canon_of = {n: C.canonical_name(n) for n in mapped}
+            names, mapped = source_columns(names, contract)
+            canon_of = {n: contract.canonical_name(n) for n in mapped}
+            stage.channels = [c for c in contract.channel_names if c in canon_of.values()]
+            types_ = types_for(contract)
             on_invalid = BadRows()
             bad_rows, actual = on_invalid.rows, on_invalid.actual
 
-            types = {n: (TYPES[canon_of[n]] if mode == "typed" else pa.string()) for n in mapped}
+            types = {n: (types_[canon_of[n]] if mode == "typed" else pa.string()) for n in mapped}
             rows = n_bad = 0
             notes: list[str] | None = None
             error: str | None = None
@@ -342,7 +355,8 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
                     if error is None:
                         batch_notes: list[str] = []
                         out, reasons, error = canonicalise(table, list(names), params.allow_missing_channels,
-                                                            mode == "string", batch_notes, offset=rows)
+                                                            mode == "string", batch_notes, offset=rows,
+                                                            contract=contract)
                         notes = batch_notes if notes is None else notes
                         if error is None:
                             stage.add(out, reasons)
@@ -391,7 +405,8 @@ def _stream_text(fs: Any, path: str, gz: bool, fmt: str, params: IngestParams,
             if notes is None:  # no data row at all: the header alone decides
                 notes = []
                 empty = pa.table({n: pa.array([], types[n]) for n in names if n in mapped})
-                _, _, error = canonicalise(empty, list(names), params.allow_missing_channels, mode == "string", notes)
+                _, _, error = canonicalise(empty, list(names), params.allow_missing_channels, mode == "string", notes,
+                                           contract=contract)
             if error is not None:
                 raise fail(error, rows_read)
             return rows_read, notes
@@ -413,13 +428,15 @@ def _stream_parquet(fs: Any, path: str, params: IngestParams, stage: _Staged) ->
                 raise _StreamError("no data rows (empty Parquet file)", 0)
             lineage = set(C.LINEAGE)
             names = [c for c in pf.schema_arrow.names if c not in lineage and c not in ("asset", "dataset")]
+            canon = {stage.contract.canonical_name(c) for c in names}
+            stage.channels = [c for c in stage.contract.channel_names if c in canon]
             rows = 0
             for rb in pf.iter_batches(batch_size=params.batch_rows, columns=names):
                 if error is None:
                     batch_notes: list[str] = []
                     table = pa.Table.from_batches([rb]).select(names)
                     out, reasons, error = canonicalise(table, names, params.allow_missing_channels, False,
-                                                        batch_notes, offset=rows)
+                                                        batch_notes, offset=rows, contract=stage.contract)
                     notes = batch_notes if notes is None else notes
                     if error is None:
                         stage.add(out, reasons)
@@ -439,7 +456,7 @@ def _stream_parquet(fs: Any, path: str, params: IngestParams, stage: _Staged) ->
 
 
 def process_streamed(src: SourceFile, params: IngestParams, staging: Path, quarantine: Path, batch_id: str,
-                      so: dict[str, Any], out: FileOutcome) -> FileOutcome | None:
+                      so: dict[str, Any], out: FileOutcome, route: Route) -> FileOutcome | None:
     """:func:`process_file` for a large file, with memory bounded by ``params.batch_rows``, not its size.
 
     Returns None for the one kind of file it leaves to the whole-file path: gzip-compressed Parquet
@@ -463,19 +480,19 @@ def process_streamed(src: SourceFile, params: IngestParams, staging: Path, quara
         out.status, out.reason = "deferred", CHANGED
         return out
     base = src.path.rstrip("/").rsplit("/", 1)[-1]
-    fmt = detect_format(base, head, params.format)
+    fmt = detect_format(base, head, route.format)
     if fmt == "parquet" and gz:
         return None
     out.sha256, out.format = sha, fmt
-    stage = _Staged(staging / out.file_id, out.file_id, src.path, batch_id, params.stuck_window)
+    stage = _Staged(staging / out.file_id, out.file_id, src.path, batch_id, params.window(), params.fleet())
     try:
         if fmt == "parquet":
             rows_read, notes = _stream_parquet(fs, path, params, stage)
         else:
-            rows_read, notes = _stream_text(fs, path, gz, fmt, params, stage)
+            rows_read, notes = _stream_text(fs, path, gz, fmt, params, stage, route)
     except _StreamError as exc:
         if exc.reason.startswith("corrupt gzip"):
-            out.format = params.format
+            out.format = route.format
         if stat_file(src.path, so) != (src.size, src.mtime_ns):
             out.status, out.reason = "deferred", CHANGED
             return out
@@ -494,5 +511,7 @@ def process_streamed(src: SourceFile, params: IngestParams, staging: Path, quara
         out.status, out.reason = "deferred", CHANGED
         return out
     out.notes, out.rows_read = notes, rows_read
+    out.channels = stage.channels
+    out.params_digest = route.digest(params, out.channels)
     stage.finish(out)
     return out

@@ -1,5 +1,7 @@
-"""Validation against the data contract (``twinflow/contracts.py``): keys, ranges, duplicates, quality flags.
+"""Validation against the fleet contract (:mod:`twinflow.contract`): keys, ranges, duplicates, quality flags.
 
+The contract declares the asset key, the clock (a cycle counter or UTC timestamps, with its duplicate
+and out-of-order rules), each channel's valid range and unit, the sentinels and the stuck-sensor window.
 The duplicate-key, out-of-order and stuck-sensor state is carried across batches (:class:`FileState`),
 so a file validated batch by batch gives exactly the result of validating it whole.
 """
@@ -11,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from twinflow import contracts as C
+from twinflow.contract import FleetContract, resolve_contract
 
 from twinflow.tasks.ingest.quarantine import quarantine_rows
 from twinflow.tasks.ingest.stage import group_starts
@@ -37,16 +40,21 @@ def _stuck_mask(x: np.ndarray, same: np.ndarray, starts: np.ndarray, window: int
     return judged & (run_len >= window) & ~np.isnan(x)
 
 
-def asset_checks(asset: pa.Array, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def asset_checks(asset: pa.Array, valid: np.ndarray, numeric_ok: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row: whether the (trimmed) asset id is too long for a partition folder, and its encoded length.
 
     Also clears ``valid`` (in place) where the cell is a "no value" token (``nan``, ``inf``, ``null``...,
-    :data:`twinflow.contracts.MISSING_ASSET_TOKENS`). Computed once per distinct asset id, so it costs
-    nothing per row; the whole-file and the streamed reader share it.
+    :data:`twinflow.contracts.MISSING_ASSET_TOKENS`), and returns which ids are numbers (refused when the
+    contract's ``asset.numeric_ok`` is false). Computed once per distinct asset id, so it costs nothing
+    per row; the whole-file and the streamed reader share it.
+
+    Returns:
+        (too long, encoded length, numeric id refused) per row.
     """
     n = len(asset)
     if n == 0:
-        return np.zeros(0, bool), np.zeros(0, np.int64)
+        return np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, bool)
     enc = pc.dictionary_encode(asset)
     names = enc.dictionary.to_pylist()
     missing = np.array([a.lower() in C.MISSING_ASSET_TOKENS for a in names], bool)
@@ -56,22 +64,33 @@ def asset_checks(asset: pa.Array, valid: np.ndarray) -> tuple[np.ndarray, np.nda
     if len(names):
         valid &= ~(missing[idx] & has)
         long_ = (lengths[idx] > C.ASSET_ID_MAX_ENCODED) & has
-        return long_, np.where(has, lengths[idx], 0)
-    return np.zeros(n, bool), np.zeros(n, np.int64)
+        numeric = np.zeros(len(names), bool) if numeric_ok else \
+            np.array([_is_number(a) for a in names], bool)
+        return long_, np.where(has, lengths[idx], 0), numeric[idx] & has
+    return np.zeros(n, bool), np.zeros(n, np.int64), np.zeros(n, bool)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return text.strip().lower() not in C.MISSING_ASSET_TOKENS
+    except ValueError:
+        return False
 
 
 class FileState:
     """What validating one file in batches carries from batch to batch (see :func:`validate_batch`).
 
-    Per asset (indexed in order of first appearance): the largest cycle kept so far (out-of-order check),
-    and, per channel, the last value in cycle order plus counts of steps, unchanged steps and changes
-    (which say after the last batch whether a stuck run is possible at all). The keys kept so far are one
-    sorted int64 array (asset index << 32 | cycle) with the record of each: 16 bytes per kept row, the
-    only state that grows with the file.
+    Per asset (indexed in order of first appearance): the largest time kept so far (out-of-order check),
+    and, per channel, the last value in time order plus counts of steps, unchanged steps and changes
+    (which say after the last batch whether a stuck run is possible at all). The keys kept so far are
+    two int64 arrays sorted by (asset index, time) — a cycle, or a timestamp in µs — with the record of
+    each: 24 bytes per kept row, the only state that grows with the file.
     """
 
     def __init__(self) -> None:
         self.asset_ix: dict[str, int] = {}
+        self.kcodes = np.zeros(0, np.int64)
         self.keys = np.zeros(0, np.int64)
         self.recs = np.zeros(0, np.int64)
         self.maxc = np.zeros(0, np.int64)
@@ -86,7 +105,7 @@ class FileState:
             out[i] = self.asset_ix.setdefault(a, len(self.asset_ix))
         grow = len(self.asset_ix) - len(self.maxc)
         if grow > 0:
-            self.maxc = np.r_[self.maxc, np.full(grow, -1, np.int64)]
+            self.maxc = np.r_[self.maxc, np.full(grow, np.iinfo(np.int64).min, np.int64)]
             self.rows = np.r_[self.rows, np.zeros(grow, np.int64)]
             self.disorder = np.r_[self.disorder, np.zeros(grow, bool)]
             if self.channels is not None:
@@ -107,39 +126,77 @@ class FileState:
         names = list(self.asset_ix)
         return {names[i] for i in np.flatnonzero(sus)}
 
+    def find(self, codes: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where (asset code, time) keys sorted by that pair are, or would go, among the kept keys:
+        (global insert positions, whether the key is kept already)."""
+        pos = np.zeros(len(codes), np.int64)
+        hit = np.zeros(len(codes), bool)
+        if not len(codes):
+            return pos, hit
+        lo = np.searchsorted(self.kcodes, codes, "left")
+        hi = np.searchsorted(self.kcodes, codes, "right")
+        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+        for s, e in zip(starts, np.r_[starts[1:], len(codes)]):  # one search per asset of the batch
+            a, b = lo[s], hi[s]
+            seg = self.keys[a:b]
+            p = np.searchsorted(seg, times[s:e])
+            pos[s:e] = a + p
+            if len(seg):
+                hit[s:e] = seg[np.minimum(p, len(seg) - 1)] == times[s:e]
+        return pos, hit
+
+    def keep(self, pos: np.ndarray, codes: np.ndarray, times: np.ndarray, recs: np.ndarray) -> None:
+        """Add new keys at the positions :meth:`find` gave (one linear merge per batch)."""
+        self.kcodes = np.insert(self.kcodes, pos, codes)
+        self.keys = np.insert(self.keys, pos, times)
+        self.recs = np.insert(self.recs, pos, recs)
+
 
 def validate_table(table: pa.Table, reasons: dict[int, str] | None, source: str, batch_id: str,
-                   stuck_window: int = 20) -> tuple[pa.Table, pa.Table, dict[str, int]]:
-    """Apply the data contract to a parsed table.
+                   stuck_window: int | None = None, contract: FleetContract | None = None
+                   ) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+    """Apply the fleet contract to a parsed table.
 
-    Quarantines rows with a missing/invalid key, an unparseable value (``reasons``), a value out of its
-    valid range, or a duplicate (asset, cycle) key (the first occurrence is kept). Flags, in ``quality``,
-    rows with missing or sentinel values (stored as null), rows whose cycle went backwards within the file,
-    and stuck sensors.
+    Quarantines rows with a missing/invalid key (asset id; cycle outside ``time_range`` or an
+    unparseable timestamp), an unparseable value (``reasons``), a value outside its channel's valid
+    range (the reason names the declared unit), or a duplicate (asset, time) key: the first occurrence
+    is kept, or the last with the clock's ``duplicates: keep_last``. Flags, in ``quality``, rows with
+    missing or sentinel values (stored as null), rows whose time went backwards within the file (or
+    quarantines them, with the clock's ``out_of_order: quarantine``), and stuck sensors. Gaps in time
+    are not filled.
 
     Args:
         table: Output of :func:`parse_bytes` (canonical columns present in the source plus ``record``).
         reasons: Row -> reason from parsing (cells that did not convert), or None.
         source: Source file (lineage column).
         batch_id: Ingest batch (lineage column).
-        stuck_window: Identical consecutive values that make a varying channel "stuck".
+        stuck_window: Identical consecutive values that make a varying channel "stuck" (None: the
+            contract's).
+        contract: The fleet contract (default: the settings').
 
     Returns:
-        (lake table in the canonical schema sorted by asset and cycle, quarantine table, flag counts).
+        (lake table in the contract's lake schema sorted by asset and time, quarantine table, flag counts).
     """
-    return validate_batch(table, reasons, source, batch_id, stuck_window, None)
+    return validate_batch(table, reasons, source, batch_id, stuck_window, None, contract)
 
 
 def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str, batch_id: str,
-                    stuck_window: int, state: FileState | None) -> tuple[pa.Table, pa.Table, dict[str, int]]:
+                    stuck_window: int | None, state: FileState | None, contract: FleetContract | None = None
+                    ) -> tuple[pa.Table, pa.Table, dict[str, int]]:
     """:func:`validate_table` of one batch of a file's rows (``record`` numbers rows across the file).
 
-    With ``state`` None the table is the whole file. Otherwise keys, cycles and channel statistics of
+    With ``state`` None the table is the whole file. Otherwise keys, times and channel statistics of
     earlier batches come from ``state`` (and this batch's are added): duplicate keys and out-of-order
-    cycles are judged against the whole file so far, and stuck sensors are NOT flagged here (a later batch
+    times are judged against the whole file so far, and stuck sensors are NOT flagged here (a later batch
     can extend a run or change whether a channel varies); :func:`stuck_quality` flags them over each
-    asset that :meth:`FileState.suspects` names once the last batch is in.
+    asset that :meth:`FileState.suspects` names once the last batch is in. With ``keep_last`` a key kept
+    by an earlier batch stays and the later row is quarantined (streamed files only: an earlier batch's
+    rows are already staged).
     """
+    contract = contract or resolve_contract(None)
+    clock = contract.clock
+    key = contract.key
+    stuck_window = stuck_window or contract.stuck_window
     n = table.num_rows
     st = state if state is not None else FileState()
     # Rejections are rare: a boolean mask for the vectorised checks, reason strings only for rejects.
@@ -158,33 +215,48 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
     asset_valid = pc.and_(pc.is_valid(asset), pc.not_equal(asset, "")).to_numpy(zero_copy_only=False) \
         if n else np.zeros(0, bool)
     asset_valid = np.asarray(asset_valid, bool) & ~np.asarray(pc.is_null(asset).to_numpy(zero_copy_only=False), bool)
-    too_long, encoded_len = asset_checks(asset, asset_valid)
-    cyc_arr = table.column(C.TIME).combine_chunks()
-    cyc_null = np.asarray(pc.is_null(cyc_arr).to_numpy(zero_copy_only=False), bool)
-    cycle = cyc_arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    too_long, encoded_len, numeric = asset_checks(asset, asset_valid, contract.asset.numeric_ok)
     reject(~asset_valid, "missing asset id")
     reject(too_long, lambda i: f"asset id too long: {encoded_len[i]} characters percent-encoded "
                                f"(limit {C.ASSET_ID_MAX_ENCODED})")
-    reject(cyc_null, "missing cycle")
-    lo, hi = C.CYCLE_RANGE
-    reject((cycle < lo) | (cycle > hi), lambda i: f"cycle {cycle[i]} outside [{lo}, {hi}]")
+    if numeric.any():
+        reject(numeric, lambda i: f"numeric asset id: {asset[i].as_py()!r} (contract {contract.name!r} sets "
+                                  "asset.numeric_ok: false)")
+    t_arr = table.column(key).combine_chunks()
+    t_null = np.asarray(pc.is_null(t_arr).to_numpy(zero_copy_only=False), bool)
+    if key == C.TIME:
+        times = t_arr.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        reject(t_null, "missing cycle")
+        lo, hi = contract.time_range
+        reject((times < lo) | (times > hi), lambda i: f"cycle {times[i]} outside [{lo}, {hi}]")
+    else:
+        times = t_arr.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+        reject(t_null, "missing timestamp")
+
+    def when(i: int) -> str:
+        if key == C.TIME:
+            return str(times[i])
+        return t_arr[i].as_py().isoformat().replace("+00:00", "Z")
 
     quality = np.zeros(n, np.int32)
     values: dict[str, np.ndarray] = {}
-    for ch in C.CHANNELS:
+    sentinels = np.asarray(contract.sentinels, np.float64)
+    for spec in contract.channels:
+        ch = spec.name
         if ch not in table.column_names:
             continue
         x = table.column(ch).combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64, copy=True)
-        sentinel = np.isin(x, C.SENTINELS)
-        x[sentinel] = np.nan
-        quality[sentinel] |= C.Quality.SENTINEL
+        if len(sentinels):
+            sentinel = np.isin(x, sentinels)
+            x[sentinel] = np.nan
+            quality[sentinel] |= C.Quality.SENTINEL
         quality[np.isnan(x)] |= C.Quality.MISSING
-        low, high = C.valid_range(ch)
-        with np.errstate(invalid="ignore"):
-            bad = (x < low) | (x > high)
-        if bad.any():
-            reject(bad, lambda i, ch=ch, x=x, low=low, high=high:
-                   f"{ch}={x[i]:g} outside valid range [{low:g}, {high:g}] {C.CHANNEL_SPECS[ch].unit}")
+        if spec.range is not None:
+            with np.errstate(invalid="ignore"):
+                bad = (x < spec.low) | (x > spec.high)
+            if bad.any():
+                reject(bad, lambda i, ch=ch, x=x, spec=spec:
+                       f"{ch}={x[i]:g} outside valid range {spec.range_text()}")
         values[ch] = x
 
     # Asset codes in order of first appearance in the file (a fresh state: in this table).
@@ -197,75 +269,97 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
         codes = np.zeros(0, np.int64)
 
     # Duplicate keys among rows not already rejected: keep the first occurrence in file order (a key an
-    # earlier batch kept was first seen there).
+    # earlier batch kept was first seen there), or the last with keep_last.
+    keep_last = clock.duplicates == "keep_last"
     idx = np.flatnonzero(~rejected)
-    order = idx[np.lexsort((record[idx], cycle[idx], codes[idx]))]
+    rec_order = -record[idx] if keep_last else record[idx]
+    order = idx[np.lexsort((rec_order, times[idx], codes[idx]))]
     if len(order):
-        dup = np.r_[False, (codes[order][1:] == codes[order][:-1]) & (cycle[order][1:] == cycle[order][:-1])]
-        first_rec = record[order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]]
-        keys = (codes[order] << 32) | cycle[order]
+        oc, ot = codes[order], times[order]
+        dup = np.r_[False, (oc[1:] == oc[:-1]) & (ot[1:] == ot[:-1])]
+        kept_rec = record[order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]]
+        earlier = np.zeros(len(order), bool)
         if len(st.keys):
-            pos = np.minimum(np.searchsorted(st.keys, keys), len(st.keys) - 1)
-            hit = st.keys[pos] == keys
+            pos, hit = st.find(oc, ot)
             if hit.any():
+                earlier = hit
+                kept_rec = np.where(hit, st.recs[np.minimum(pos, len(st.recs) - 1)], kept_rec)
                 dup |= hit
-                first_rec = np.where(hit, st.recs[pos], first_rec)
-        if state is not None:  # keep the new keys (sorted, unique): one linear merge per batch
+        if state is not None:  # keep the new keys (sorted, unique)
             new = ~dup
-            at = np.searchsorted(st.keys, keys[new])
-            st.keys, st.recs = np.insert(st.keys, at, keys[new]), np.insert(st.recs, at, record[order[new]])
+            pos, _ = st.find(oc[new], ot[new])
+            st.keep(pos, oc[new], ot[new], record[order[new]])
         assets_py = asset.to_pylist() if dup.any() else None
         for pos_ in np.flatnonzero(dup):
             i = int(order[pos_])
-            reason[i] = (f"duplicate key ({C.ASSET}={assets_py[i]}, {C.TIME}={cycle[i]}): "
-                         f"first seen at record {first_rec[pos_]}")
+            seen = "first seen at" if not keep_last or earlier[pos_] else "superseded by"
+            reason[i] = (f"duplicate key ({C.ASSET}={assets_py[i]}, {key}={when(i)}): "
+                         f"{seen} record {kept_rec[pos_]}")
             rejected[i] = True
     ok = ~rejected
 
-    # Out-of-order: a cycle below the running maximum of its asset, in file order (earlier batches
-    # included).
+    # Out-of-order: a time below the running maximum of its asset, in file order (earlier batches
+    # included). Times are ranked so that one running maximum over (asset, rank) serves every asset.
     idx = np.flatnonzero(ok)
     by_asset = idx[np.lexsort((record[idx], codes[idx]))]
     if len(by_asset):
-        key = codes[by_asset] * (1 << 32) + cycle[by_asset]
-        runmax = np.maximum.accumulate(key)
-        before = codes[by_asset] * (1 << 32) + st.maxc[codes[by_asset]]
-        back = key < np.maximum(np.r_[np.iinfo(np.int64).min, runmax[:-1]], before)
-        quality[by_asset[back]] |= C.Quality.OUT_OF_ORDER
+        bc, bt = codes[by_asset], times[by_asset]
+        uniq, rank = np.unique(bt, return_inverse=True)
+        width = len(uniq) + 1
+        packed = bc * width + rank.reshape(-1)
+        runmax = np.maximum.accumulate(packed)
+        prevmax = np.r_[np.iinfo(np.int64).min, runmax[:-1]]
+        within = packed < prevmax  # a running maximum below a row's is always of the same asset
+        back = within | (bt < st.maxc[bc])
+        if back.any():
+            if clock.out_of_order == "quarantine":
+                latest = np.maximum(np.where(within, uniq[np.clip(prevmax % width, 0, len(uniq) - 1)],
+                                             np.iinfo(np.int64).min), st.maxc[bc])
+                for j in np.flatnonzero(back):
+                    i = int(by_asset[j])
+                    later = str(latest[j]) if key == C.TIME else pa.scalar(
+                        int(latest[j]), pa.timestamp("us", tz="UTC")).as_py().isoformat().replace("+00:00", "Z")
+                    reason[i] = f"out of order: {key}={when(i)} after {later} of the same asset in this file"
+                    rejected[i] = True
+                ok = ~rejected
+                idx = np.flatnonzero(ok)
+            else:
+                quality[by_asset[back]] |= C.Quality.OUT_OF_ORDER
 
-    # Lake order: (asset, cycle); stuck sensors are judged along time.
-    good = idx[np.lexsort((cycle[idx], codes[idx]))]
+    # Lake order: (asset, time); stuck sensors are judged along time.
+    good = idx[np.lexsort((times[idx], codes[idx]))]
     gcodes = codes[good]
     same = np.r_[False, gcodes[1:] == gcodes[:-1]] if len(good) else np.zeros(0, bool)
     starts = group_starts(gcodes)
+    judged = {c.name for c in contract.channels if c.stuck_check}
     if state is None:
         for ch, x in values.items():
-            if len(good):
+            if len(good) and ch in judged:
                 stuck = _stuck_mask(x[good], same, starts, stuck_window)
                 quality[good[stuck]] |= C.Quality.STUCK
     elif len(good):
-        _carry_stats(st, values, good, gcodes, same, starts, cycle)
+        _carry_stats(st, {ch: x for ch, x in values.items() if ch in judged}, good, gcodes, same, starts, times)
 
-    schema = C.telemetry_schema()
+    schema = contract.lake_schema()
     cols = []
     for field in schema:
         if field.name == C.ASSET:
             cols.append(asset.take(pa.array(good)))
-        elif field.name == C.TIME:
-            cols.append(pa.array(cycle[good].astype(np.int32)))
+        elif field.name == key:
+            cols.append(t_arr.take(pa.array(good)).cast(field.type))
         elif field.name == C.TIMESTAMP:
-            cols.append(table.column(C.TIMESTAMP).combine_chunks().take(pa.array(good))
+            cols.append(table.column(C.TIMESTAMP).combine_chunks().take(pa.array(good)).cast(field.type)
                         if C.TIMESTAMP in table.column_names else pa.nulls(len(good), field.type))
         elif field.name in values:
             cols.append(pa.array(values[field.name][good], pa.float64(), from_pandas=True))
-        elif field.name in C.CHANNELS:
-            cols.append(pa.nulls(len(good), pa.float64()))
         elif field.name == "source_file":
             cols.append(pa.repeat(pa.scalar(source, pa.string()), len(good)))
         elif field.name == "batch_id":
             cols.append(pa.repeat(pa.scalar(batch_id, pa.string()), len(good)))
         elif field.name == "quality":
             cols.append(pa.array(quality[good], pa.int32()))
+        else:  # a declared channel the file does not carry
+            cols.append(pa.nulls(len(good), field.type))
     lake = pa.Table.from_arrays(cols, schema=schema)
 
     flagged = {q.name.lower(): int(((quality[good] & q) != 0).sum()) for q in C.Quality if q}
@@ -276,7 +370,7 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
 
 def _carry_stats(st: FileState, values: dict[str, np.ndarray], good: np.ndarray, gcodes: np.ndarray,
                  same: np.ndarray, starts: np.ndarray, cycle: np.ndarray) -> None:
-    """Add one batch's kept rows (``good``, in (asset, cycle) order) to the per-asset channel statistics."""
+    """Add one batch's kept rows (``good``, in (asset, time) order) to the per-asset channel statistics."""
     if st.channels is None:
         st.channels = list(values)
         a, k = len(st.maxc), len(st.channels)
@@ -302,13 +396,16 @@ def _carry_stats(st: FileState, values: dict[str, np.ndarray], good: np.ndarray,
     st.rows[ga] += np.diff(np.r_[starts, len(good)])
 
 
-def stuck_quality(rows: pa.Table, window: int) -> tuple[pa.Table, int]:
-    """Flag stuck sensors over all lake rows of one asset, in cycle order; return them and the count."""
+def stuck_quality(rows: pa.Table, window: int, contract: FleetContract | None = None) -> tuple[pa.Table, int]:
+    """Flag stuck sensors over all lake rows of one asset, in time order; return them and the count."""
+    contract = contract or resolve_contract(None)
     n = rows.num_rows
     quality = rows.column("quality").to_numpy().astype(np.int32, copy=True)
     same = np.r_[False, np.ones(max(n - 1, 0), bool)][:n]
     starts = np.zeros(1 if n else 0, np.int64)
-    for ch in C.CHANNELS:
+    for ch in [c.name for c in contract.channels if c.stuck_check]:
+        if ch not in rows.column_names:
+            continue
         col = rows.column(ch)
         if col.null_count == n:
             continue

@@ -28,26 +28,30 @@ from twinflow.tasks.twin.model import (
     failure_age,
     GenerateParams,
     make_rng,
+    DegenerateCalibration,
     model_arrays,
-    N_SENSORS,
     NoRunToFailureData,
     seed_sequence,
     to_numpy,
     TwinModel,
     TwinParams,
+    unit_label,
 )
 from twinflow.tasks.twin.fleet import (
+    fleet_contract,
     generate_fleet,
     health_fan,
     sample_lifetimes,
 )
 from twinflow.tasks.twin.calibration import (
+    asset_ages,
     bundled_fd001_model,
     calibrate,
     CalibrationReport,
     default_model,
     ks_statistic,
     read_cmapss_frame,
+    read_headerless,
     select_run_to_failure,
 )
 from twinflow.tasks.twin.rul_error import (
@@ -75,12 +79,13 @@ from twinflow.tasks.twin.study import (
 )
 
 __all__ = [
-    "N_SENSORS",
+    "DegenerateCalibration",
     "NoRunToFailureData",
     "TwinModel",
     "CostModel",
     "TwinParams",
     "GenerateParams",
+    "unit_label",
     "array_module",
     "to_numpy",
     "seed_sequence",
@@ -92,11 +97,14 @@ __all__ = [
     "damage_growth",
     "sample_lifetimes",
     "health_fan",
+    "fleet_contract",
     "generate_fleet",
     "CalibrationReport",
     "ks_statistic",
     "calibrate",
+    "asset_ages",
     "select_run_to_failure",
+    "read_headerless",
     "bundled_fd001_model",
     "read_cmapss_frame",
     "default_model",

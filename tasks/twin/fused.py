@@ -1,7 +1,8 @@
 """The fused GPU kernel (CuPy RawKernel): every policy of a batch in one launch.
 
 One thread per (policy, slot) lane keeps its state in registers; results match
-:func:`twinflow.tasks.twin.policies.simulate_batch` in distribution (not bit for bit).
+:func:`twinflow.tasks.twin.policies.simulate_batch` in distribution (not bit for bit). A step of the
+kernel's loop is one unit of the twin's clock (``TwinModel.time_unit``), as in the NumPy kernel.
 """
 
 from __future__ import annotations

@@ -2,16 +2,21 @@
 
 Pure functions over an array module ``xp`` (``numpy`` on CPU, ``cupy`` on a GPU worker).
 
+Time is the fleet contract's clock: one simulation step is one unit of ``contract.clock.time_unit``
+(a cycle for cycle clocks, e.g. an hour for a timestamp clock), and every age, lifetime, interval and
+downtime of the twin is counted in that unit (``TwinModel.time_unit``).
+
 Degradation model (the exponential damage propagation used to generate C-MAPSS): a unit installed
 with initial wear ``d`` has health ``h(tau) = 1 - d - (exp(a * tau**b) - 1)`` at effective age
-``tau`` (cycles weighted by the severity of the operating regime of each cycle). Process noise
+``tau`` (steps weighted by the severity of the operating regime of each step). Process noise
 enters the damage growth multiplicatively, ``h = 1 - d - (exp(a * tau**b + process_noise * eps) - 1)``
-with a fresh ``eps ~ N(0, 1)`` each cycle, and the unit fails at the first cycle with ``h <= 0``,
+with a fresh ``eps ~ N(0, 1)`` each step, and the unit fails at the first step with ``h <= 0``,
 i.e. ``a * tau**b + process_noise * eps >= log(2 - d)``: a comparison that needs no
-transcendental function per cycle, which keeps the kernels cheap. Per unit ``log a ~ N(log_a_mean, log_a_sd)``,
+transcendental function per step, which keeps the kernels cheap. Per unit ``log a ~ N(log_a_mean, log_a_sd)``,
 ``b ~ N(b_mean, b_sd)``, ``d = d_scale * |N(0, 1)|``: only normals are drawn (and exponentiated)
-because CuPy's ``random.Generator`` lacks e.g. ``lognormal``. Sensors are linear in damage
-``D = 1 - h`` per regime: ``s_j = base[regime, j] + gain_j * D + noise_j * eps``.
+because CuPy's ``random.Generator`` lacks e.g. ``lognormal``. The contract's ``sensor`` channels
+are linear in damage ``D = 1 - h`` per regime: ``s_j = base[regime, j] + gain_j * D + noise_j * eps``;
+its ``setting`` channels define the operating regimes (``regime_op`` per regime, plus ``op_noise``).
 """
 
 from __future__ import annotations
@@ -22,19 +27,28 @@ import re
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
-from twinflow.contracts import SENSORS
+from twinflow.contract.model import ContractRef, FleetContract
 from twinflow.errors import ConfigError, TwinflowError
 
 log = logging.getLogger("twinflow.twin")
 
-N_SENSORS = len(SENSORS)
 _TINY_AGE = 1e-9
+_UNIT_LABELS = {"cycle": "cycles"}
 
 
 class NoRunToFailureData(TwinflowError, ValueError):
     """The lake snapshot holds no run-to-failure assets to calibrate the twin on."""
+
+
+class DegenerateCalibration(TwinflowError, ValueError):
+    """The run-to-failure data cannot determine the twin (no informative channel, non-finite fit)."""
+
+
+def unit_label(time_unit: str) -> str:
+    """How reports write a duration unit: ``cycles`` for cycle clocks, else the unit (``h``, ``min``)."""
+    return _UNIT_LABELS.get(time_unit, time_unit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +57,13 @@ class NoRunToFailureData(TwinflowError, ValueError):
 
 
 class TwinModel(BaseModel):
-    """Parameter distributions of the fleet twin (see the module docstring for the model)."""
+    """Parameter distributions of the fleet twin (see the module docstring for the model).
+
+    The twin is shaped by the fleet contract it was calibrated on: ``settings`` and ``sensors`` are the
+    contract's channels it models (in contract order; ``regime_op``/``op_noise`` and the ``sensor_*``
+    vectors follow them), ``time_unit`` is the unit of its ages and lifetimes, and ``contract`` (with
+    its ``contract_ref``: name, version, digest) lets it generate rows of the same shape.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -55,29 +75,66 @@ class TwinModel(BaseModel):
     process_noise: float = Field(0.005, ge=0)
     regime_probs: list[float] = Field(default_factory=lambda: [1.0])
     regime_severity: list[float] = Field(default_factory=lambda: [1.0])
-    regime_op: list[list[float]] = Field(default_factory=lambda: [[0.0, 0.0, 100.0]])
-    op_noise: list[float] = Field(default_factory=lambda: [0.0, 0.0, 0.0])
-    sensor_base: list[list[float]] = Field(default_factory=lambda: [[0.0] * N_SENSORS])
-    sensor_gain: list[float] = Field(default_factory=lambda: [0.0] * N_SENSORS)
-    sensor_noise: list[float] = Field(default_factory=lambda: [0.0] * N_SENSORS)
+    settings: list[str] = Field(default_factory=list, description="Setting channels modelled (regimes).")
+    sensors: list[str] = Field(default_factory=list, description="Sensor channels modelled.")
+    regime_op: list[list[float]] = Field(default_factory=lambda: [[]])
+    op_noise: list[float] = Field(default_factory=list)
+    sensor_base: list[list[float]] = Field(default_factory=lambda: [[]])
+    sensor_gain: list[float] = Field(default_factory=list)
+    sensor_noise: list[float] = Field(default_factory=list)
+    time_unit: Literal["cycle", "s", "min", "h", "d"] = Field(
+        "cycle", description="Unit of ages, lifetimes and one simulation step (the contract clock's unit).")
+    contract: FleetContract | None = Field(None, description="The fleet contract the twin was calibrated on.")
     source: str = "default"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_ref(cls, data: Any) -> Any:
+        # contract_ref is derived from the contract; a dumped model carries it for readers.
+        if isinstance(data, dict) and "contract_ref" in data:
+            data = dict(data)
+            ref = data.pop("contract_ref")
+            contract = data.get("contract")
+            if ref is not None and contract is not None:
+                c = contract if isinstance(contract, FleetContract) else FleetContract.model_validate(contract)
+                if ContractRef.model_validate(ref) != c.ref:
+                    raise ValueError(f"contract_ref {ref} does not match the embedded contract ({c.ref})")
+        return data
 
     @model_validator(mode="after")
     def _shapes(self) -> "TwinModel":
-        k = len(self.regime_probs)
+        k, n_set, n_sen = len(self.regime_probs), len(self.settings), len(self.sensors)
         if k == 0 or abs(sum(self.regime_probs) - 1.0) > 1e-6 or min(self.regime_probs) < 0:
             raise ValueError("regime_probs must be non-negative and sum to 1")
         if len(self.regime_severity) != k or min(self.regime_severity) <= 0:
             raise ValueError("regime_severity needs one positive value per regime")
-        if len(self.regime_op) != k or any(len(r) != 3 for r in self.regime_op):
-            raise ValueError("regime_op needs 3 operating settings per regime")
-        if len(self.sensor_base) != k or any(len(r) != N_SENSORS for r in self.sensor_base):
-            raise ValueError(f"sensor_base needs {N_SENSORS} values per regime")
-        if len(self.sensor_gain) != N_SENSORS or len(self.sensor_noise) != N_SENSORS:
-            raise ValueError(f"sensor_gain and sensor_noise need {N_SENSORS} values")
-        if len(self.op_noise) != 3:
-            raise ValueError("op_noise needs 3 values")
+        if len(self.regime_op) != k or any(len(r) != n_set for r in self.regime_op):
+            raise ValueError(f"regime_op needs {n_set} operating settings ({self.settings}) per regime")
+        if len(self.sensor_base) != k or any(len(r) != n_sen for r in self.sensor_base):
+            raise ValueError(f"sensor_base needs {n_sen} values ({self.sensors}) per regime")
+        if len(self.sensor_gain) != n_sen or len(self.sensor_noise) != n_sen:
+            raise ValueError(f"sensor_gain and sensor_noise need {n_sen} values ({self.sensors})")
+        if len(self.op_noise) != n_set:
+            raise ValueError(f"op_noise needs {n_set} values ({self.settings})")
+        if len(set(self.settings + self.sensors)) != n_set + n_sen:
+            raise ValueError("a channel is listed twice in settings/sensors")
+        if self.contract is not None:
+            c = self.contract
+            settings, sensors = set(c.settings), set(c.sensors)
+            wrong = [s for s in self.settings if s not in settings] + [s for s in self.sensors if s not in sensors]
+            if wrong:
+                raise ValueError(f"channels {wrong} are not declared with that kind (setting/sensor) by "
+                                 f"contract {c.name!r} v{c.version}")
+            if self.time_unit != c.time_unit:
+                raise ValueError(f"time_unit {self.time_unit!r} differs from contract {c.name!r}'s "
+                                 f"clock unit {c.time_unit!r}")
         return self
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def contract_ref(self) -> ContractRef | None:
+        """Name, version and digest of the contract (recorded in ``twin/model.json``)."""
+        return None if self.contract is None else self.contract.ref
 
     @property
     def n_regimes(self) -> int:
@@ -95,43 +152,50 @@ class CostModel(BaseModel):
 
     failure: float = Field(100_000.0, ge=0, description="Cost of one unplanned failure (repair).")
     planned: float = Field(20_000.0, ge=0, description="Cost of one planned maintenance.")
-    downtime_per_cycle: float = Field(2_000.0, ge=0, description="Cost of one asset-cycle down.")
-    failure_downtime: int = Field(20, ge=0, description="Cycles down after a failure.")
-    planned_downtime: int = Field(5, ge=0, description="Cycles down for a planned maintenance.")
+    downtime_per_cycle: float = Field(2_000.0, ge=0, description="Cost of one asset down for one clock unit "
+                                      "(a cycle, or e.g. an hour for a timestamp clock).")
+    failure_downtime: int = Field(20, ge=0, description="Clock units (cycles, h, ...) down after a failure.")
+    planned_downtime: int = Field(5, ge=0, description="Clock units down for a planned maintenance.")
 
 
 class TwinParams(BaseModel):
-    """Parameters of the ``simulate`` stage (validated before any cluster work)."""
+    """Parameters of the ``simulate`` stage (validated before any cluster work).
+
+    Durations (``horizon``, ``intervals``, ``inspect_every``, ``min_lifetime``, downtimes, RUL
+    thresholds) are in the clock unit of the twin's contract: cycles for C-MAPSS, e.g. hours for a
+    timestamped fleet.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     n_scenarios: int = Field(100, gt=0, description="Monte-Carlo scenarios per policy.")
     n_assets: int = Field(100, gt=0, description="Assets in the simulated fleet.")
-    horizon: int = Field(1000, gt=0, description="Simulated cycles per scenario.")
+    horizon: int = Field(1000, gt=0, description="Simulated clock units per scenario.")
     seed: int = Field(0, ge=0, description="Root seed; batches get SeedSequence(seed).spawn(n).")
     batch_scenarios: int = Field(10, gt=0, description="Scenarios per Dask batch (fixed split, so "
                                  "results do not depend on the number of workers).")
     intervals: list[int] = Field(default_factory=lambda: [75, 100, 125, 150, 175],
-                                 description="Fixed-interval policies: maintain every k cycles.")
+                                 description="Fixed-interval policies: maintain every k clock units.")
     thresholds: list[float] = Field(default_factory=lambda: [10.0, 20.0, 30.0, 45.0, 60.0],
                                     description="Predictive policies: maintain at RUL estimate <= x.")
-    inspect_every: int = Field(10, gt=0, description="Cycles between RUL estimates.")
+    inspect_every: int = Field(10, gt=0, description="Clock units between RUL estimates.")
     costs: CostModel = Field(default_factory=CostModel)
-    process_noise: float = Field(0.005, ge=0, description="Sd of the per-cycle shock on log(1 + damage).")
+    process_noise: float = Field(0.005, ge=0, description="Sd of the per-step shock on log(1 + damage).")
     rul_error_sd: float = Field(20.0, gt=0, description="Sd of the fallback Gaussian RUL error.")
     backend: Literal["auto", "numpy", "cupy"] = "auto"
     on_no_run_to_failure: Literal["error", "defaults"] = "error"
     truncated_sources: str = Field(r"^test_", description="Regex searched in the base name of each "
                                    "source file; matching files' assets are truncated (not run to "
                                    "failure), e.g. C-MAPSS test_FD001.txt.")
-    min_lifetime: int = Field(20, gt=0, description="Assets with fewer cycles are not calibrated on.")
+    min_lifetime: int = Field(20, gt=0, description="Assets with shorter lives (clock "
+                              "units) are not calibrated on.")
     fan_units: int = Field(300, gt=0, description="Units in the health fan chart.")
 
     @field_validator("intervals")
     @classmethod
     def _positive_intervals(cls, v: list[int]) -> list[int]:
         if any(k <= 0 for k in v):
-            raise ValueError("intervals must be positive cycle counts")
+            raise ValueError("intervals must be positive durations (clock units)")
         return sorted(set(v))
 
     @field_validator("thresholds")

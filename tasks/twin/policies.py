@@ -69,6 +69,10 @@ def simulate_batch(model: TwinModel, policies: Sequence[Policy], costs: CostMode
                    error_model: RulErrorModel, *, inspect_every: int = 10, xp=np) -> dict[str, np.ndarray]:
     """Monte-Carlo of ``n_scenarios`` x ``n_assets`` x ``horizon`` cycles under every policy.
 
+    A "cycle" here is one simulation step: one unit of the twin's clock (``model.time_unit``: a
+    cycle for cycle clocks, e.g. an hour for a timestamp clock); intervals, thresholds, downtimes and
+    ``inspect_every`` are in the same unit.
+
     Vectorised over (policy, scenario, asset) lanes, stepping through cycles. The per-cycle shocks,
     regimes, RUL-estimate draws and replacement units are shared by the policies' lanes of one
     (scenario, asset) slot (common random numbers), so policy differences are not sampling noise.

@@ -10,7 +10,7 @@ import numpy as np
 from twinflow.refs import LakeSnapshot
 from twinflow.tasks.twin.calibration import CalibrationReport
 from twinflow.tasks.twin.fleet import health_fan
-from twinflow.tasks.twin.model import TwinModel, TwinParams
+from twinflow.tasks.twin.model import TwinModel, TwinParams, unit_label
 from twinflow.tasks.twin.rul_error import RulErrorModel
 
 
@@ -22,17 +22,18 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
     import matplotlib.pyplot as plt
 
     figs = {}
+    u = unit_label(model.time_unit)  # durations are in the clock unit of the twin's contract
     # Calibration: lifetime distributions, observed vs simulated.
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     obs, sim = np.sort(report.observed_lifetimes), np.sort(report.simulated_lifetimes)
     bins = np.linspace(min(obs.min(), sim.min()), max(obs.max(), sim.max()), 30)
     ax[0].hist(obs, bins=bins, density=True, alpha=0.6, label=f"observed (n={len(obs)})")
     ax[0].hist(sim, bins=bins, density=True, alpha=0.6, label=f"simulated (n={len(sim)})")
-    ax[0].set_xlabel("lifetime (cycles)")
+    ax[0].set_xlabel(f"lifetime ({u})")
     ax[0].legend()
     ax[1].step(obs, np.arange(1, len(obs) + 1) / len(obs), where="post", label="observed")
     ax[1].step(sim, np.arange(1, len(sim) + 1) / len(sim), where="post", label="simulated")
-    ax[1].set_xlabel("lifetime (cycles)")
+    ax[1].set_xlabel(f"lifetime ({u})")
     ax[1].set_ylabel("ECDF")
     ax[1].set_title(f"two-sample KS = {report.ks_statistic:.3f}")
     ax[1].legend()
@@ -42,8 +43,8 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
     # Cost vs policy parameter, with 95% CIs.
     fig, ax = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     rtf = next(r for r in rows if r["kind"] == "run_to_failure")
-    for a, kind, xlabel in ((ax[0], "predictive", "RUL threshold (cycles)"),
-                            (ax[1], "fixed_interval", "maintenance interval k (cycles)")):
+    for a, kind, xlabel in ((ax[0], "predictive", f"RUL threshold ({u})"),
+                            (ax[1], "fixed_interval", f"maintenance interval k ({u})")):
         sel = [r for r in rows if r["kind"] == kind]
         if sel:
             x = [r["value"] for r in sel]
@@ -54,7 +55,7 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
         a.axhline(rtf["expected_cost"], color="grey", ls="--", label="run to failure")
         a.set_xlabel(xlabel)
         a.legend()
-    ax[0].set_ylabel(f"expected fleet cost over {params.horizon} cycles")
+    ax[0].set_ylabel(f"expected fleet cost over {params.horizon} {u}")
     fig.tight_layout()
     figs["plots/cost_vs_threshold.png"] = fig
 
@@ -66,7 +67,7 @@ def study_figures(model: TwinModel, report: CalibrationReport, rows: list[dict],
     ax.fill_between(c, q[1], q[-2], alpha=0.4, label="25-75%")
     ax.plot(c, q[2], label="median")
     ax.axhline(0, color="k", lw=0.8)
-    ax.set_xlabel("cycle since installation")
+    ax.set_xlabel("cycle since installation" if model.time_unit == "cycle" else f"time since installation ({u})")
     ax.set_ylabel("health h")
     # fan_units sample trajectories, not the studied fleet (n_assets): the title says which.
     ax.set_title(f"health of {params.fan_units} simulated units, run to failure\n"
@@ -87,6 +88,8 @@ def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: Cal
                     error_model: RulErrorModel) -> str:
     """The policy table and the recommendation as Markdown."""
     rec = next(r for r in rows if r["policy"] == best)
+    u = unit_label(report.time_unit)  # durations are in the clock unit of the twin's contract
+    per = "cycle" if report.time_unit == "cycle" else report.time_unit
     p_best = f", probability best {rec['p_best']:.0%}" if "p_best" in rec else ""
     lines = [
         "# Digital twin: maintenance policy study",
@@ -94,7 +97,7 @@ def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: Cal
         f"**Recommended policy: `{best}`** (least expected cost "
         f"{_fmt_ci(rec['expected_cost'], rec['cost_ci_low'], rec['cost_ci_high'])}{p_best}: the share of the "
         f"paired scenarios in which it is the cheapest). {params.n_scenarios} scenarios x "
-        f"{params.n_assets} assets x {params.horizon} cycles; 95% confidence intervals.",
+        f"{params.n_assets} assets x {params.horizon} {u}; 95% confidence intervals.",
         "",
         "| policy | expected cost | availability | failures | planned stops | P(best) |",
         "|---|---:|---:|---:|---:|---:|",
@@ -109,12 +112,14 @@ def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: Cal
     c = params.costs
     lines += [
         "",
-        f"Costs: failure {c.failure:,.0f} (+{c.failure_downtime} cycles down), planned {c.planned:,.0f} "
-        f"(+{c.planned_downtime} cycles down), downtime {c.downtime_per_cycle:,.0f}/asset-cycle.",
-        f"Calibration: {report.n_assets} run-to-failure assets, lifetime KS statistic "
+        f"Costs: failure {c.failure:,.0f} (+{c.failure_downtime} {u} down), planned {c.planned:,.0f} "
+        f"(+{c.planned_downtime} {u} down), downtime {c.downtime_per_cycle:,.0f}/asset-{per}.",
+        f"Calibration: {report.n_assets} run-to-failure assets"
+        f"{f' (fleet contract {report.contract.name} v{report.contract.version})' if report.contract else ''}, "
+        f"lifetime KS statistic "
         f"{report.ks_statistic:.3f}{' (fallback parameters)' if report.fallback else ''}.",
         f"RUL estimate error: {error_model.kind} ({error_model.source}), inspections every "
-        f"{params.inspect_every} cycles.",
+        f"{params.inspect_every} {u}.",
     ]
     return "\n".join(lines)
 
@@ -135,9 +140,14 @@ def log_study_run(params: TwinParams, model: TwinModel, report: CalibrationRepor
             "twinflow.rul_error_model": f"{error_model.kind}: {error_model.source}"[:250]}
     if snapshot is not None:
         tags["twinflow.snapshot"] = f"{snapshot.dataset}@{snapshot.digest}"
+    if model.contract is not None:
+        ref = model.contract.ref
+        tags.update({"twinflow.contract.name": ref.name, "twinflow.contract.version": str(ref.version),
+                     "twinflow.contract.digest": ref.digest, "twinflow.contract.time_unit": model.time_unit})
     with tracked_run("simulate", stage="simulate", params=params, tags=tags) as run:
         metrics = {"calibration_ks": report.ks_statistic, "calibration_assets": report.n_assets,
                    "twin_b": report.b}
+        metrics.update(lives_metrics(report))
         rec = next(r for r in rows if r["policy"] == best)
         for key in ("expected_cost", "cost_ci_low", "cost_ci_high", "p_best"):
             metrics[f"recommended_{key}"] = rec.get(key)
@@ -154,3 +164,19 @@ def log_study_run(params: TwinParams, model: TwinModel, report: CalibrationRepor
             mlflow.log_figure(fig, name)
             plt.close(fig)
         return run.info.run_id
+
+
+def lives_metrics(report) -> dict[str, float]:
+    """The lifetime check with suspensions as MLflow metrics (empty without life segments)."""
+    lives = report.lives
+    if lives is None:
+        return {}
+    out = {"lives_failures": lives.failures, "lives_suspensions": lives.suspensions}
+    if lives.weibull is not None:
+        out.update(weibull_shape=lives.weibull.shape, weibull_scale=lives.weibull.scale,
+                   weibull_location=lives.weibull.location)
+    if lives.weibull_km is not None:
+        out["weibull_km_inside"] = lives.weibull_km.inside_share
+    if lives.twin_km is not None:
+        out["calibration_km_inside"] = lives.twin_km.inside_share
+    return {k: float(v) for k, v in out.items()}

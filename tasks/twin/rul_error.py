@@ -60,10 +60,10 @@ def error_model_from_champion(champion: dict | None, fallback_sd: float) -> tupl
     fallback = RulErrorModel.gaussian(fallback_sd, source=f"fallback: Gaussian(0, {fallback_sd:g})")
     if not champion:
         return fallback, (f"no champion model error distribution found; RUL estimates use the stated "
-                          f"fallback error model N(0, {fallback_sd:g}) cycles")
+                          f"fallback error model N(0, {fallback_sd:g}) in the twin's clock unit")
     try:
         src = str(champion.get("model_uri") or champion.get("run_id") or "champion")
         return RulErrorModel.from_residuals(champion["true_rul"], champion["pred_rul"], source=src), None
     except (KeyError, ValueError, TypeError) as exc:
         return fallback, (f"champion error distribution unusable ({exc}); RUL estimates use the stated "
-                          f"fallback error model N(0, {fallback_sd:g}) cycles")
+                          f"fallback error model N(0, {fallback_sd:g}) in the twin's clock unit")

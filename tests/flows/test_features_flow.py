@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pump_fixtures import pump_rows
 from twinflow import contracts, lake as lake_api
 from twinflow.data import cmapss_path
 from twinflow.errors import ConfigError
@@ -192,3 +193,45 @@ def test_bad_input_fails_clearly_and_leaves_nothing(runtime):
     with pytest.raises(Exception):
         features(snap, FeatureParams(windows=[6]))
     assert sorted(p.name for p in (feats_root / "odd").iterdir()) == before
+
+
+def test_a_timestamped_pump_fleet_gets_time_windows_hour_labels_and_its_contract(runtime):
+    """The same flow on a non-C-MAPSS contract: channels, regimes, keys and units from the contract."""
+    from twinflow.contract import load_contract
+
+    pumps = load_contract("pumps")
+    rows = pump_rows()
+    snap = lake_api.write_lake_table(pa.Table.from_pandas(rows, preserve_index=False),
+                                     runtime.settings.lake_path, "pumps", "b1", contract=pumps)
+    # Raw (unnormalised) values, so that windows compare with pandas on the lake's own numbers.
+    params = FeatureParams(windows=[3], time_windows=["1h", "6h"], ewm_spans=[6], regimes=1, normalise=False,
+                           rul_cap=None)
+    ref = features(snap, params)
+    assert ref.key_columns == ["asset_id", "timestamp"] and ref.time_unit == "h"
+    assert ref.contract == pumps.ref
+    # Sensors of the contract that the data holds become features; settings do not.
+    assert "time_since_start" in ref.feature_columns and "vibration_mm_s_mean_6h" in ref.feature_columns
+    assert not any(c.startswith(("speed_rpm", "load_pct")) for c in ref.feature_columns)
+    assert "inlet_temp_c" not in ref.feature_columns  # all null in this fleet: dropped, not a feature
+    out = pq.read_table(ref.path).to_pandas().sort_values(["asset_id", "timestamp"]).reset_index(drop=True)
+    assert len(out) == len(rows)
+    rows = rows.sort_values(["asset_id", "timestamp"]).reset_index(drop=True)
+    pd.testing.assert_series_equal(out["timestamp"], rows["timestamp"], check_names=False)
+    end = rows.groupby("asset_id")["timestamp"].transform("max")
+    np.testing.assert_allclose(out["rul"], (end - rows["timestamp"]).dt.total_seconds() / 3600)
+    # The 1-hour mean against pandas' time-based rolling over the same readings (gap and NaNs included).
+    want = (rows.groupby("asset_id").rolling("1h", on="timestamp", min_periods=1)["vibration_mm_s"]
+            .mean().to_numpy())
+    np.testing.assert_allclose(out["vibration_mm_s_mean_1h"], want, rtol=1e-5, equal_nan=True)
+    lacking = out["asset_id"] == "P-002"
+    assert out.loc[lacking, "bearing_temp_c_mean_6h"].isna().all()
+    assert out.loc[~lacking, "bearing_temp_c_mean_6h"].notna().all()
+    # Regimes come from the contract's settings (two speeds) when asked for.
+    ref2 = features(snap, params.model_copy(update={"regimes": "auto", "normalise": True}))
+    assert ref2.params_digest != ref.params_digest
+    fit = FitStats.model_validate_json((Path(ref2.path) / FIT_FILE).read_text())
+    assert fit.n_regimes == 2 and "speed_rpm" in fit.op_columns and "regime" in ref2.feature_columns
+    # Time windows on a cycle-clock table are refused, naming the remedy.
+    with pytest.raises(ConfigError, match="need a timestamp clock"):
+        features(write_lake(_read_cmapss("train_FD001.txt.gz").head(200), Path(runtime.settings.lake_path),
+                            "fd001-head"), FeatureParams(time_windows=["1h"]))

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from prefect_helpers import task_run_names
+from twin_fixtures import pump_fleet
+from twinflow.contract import load_contract
 from twinflow.refs import LakeSnapshot, SimulationResult
 from twinflow.tasks import twin
 
@@ -39,6 +41,11 @@ def test_simulate_flow_reports_to_mlflow_and_prefect(runtime):
     assert run.data.metrics["calibration_ks"] <= 0.15
     assert run.data.metrics[f"expected_cost.{best['policy']}"] == pytest.approx(best["expected_cost"])
     assert run.data.params["n_scenarios"] == "8"
+    # The run says which fleet contract the twin was calibrated on, and in which clock unit.
+    cmapss = load_contract("cmapss")
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("twinflow.contract.")} == {
+        "twinflow.contract.name": "cmapss", "twinflow.contract.version": str(cmapss.version),
+        "twinflow.contract.digest": cmapss.digest, "twinflow.contract.time_unit": "cycle"}
     arts = {a.path for d in ("plots", "twin") for a in mlflow.MlflowClient().list_artifacts(result.run_id, d)}
     assert {"plots/calibration_lifetimes.png", "plots/cost_vs_threshold.png", "plots/health_fan.png",
             "twin/model.json", "twin/policies.json"} <= arts
@@ -124,8 +131,57 @@ def test_generated_landing_files_pass_ingest(runtime):
 
     refs = generate(twin.GenerateParams(n_assets=12, seed=4, dataset="synthetic", target="landing", chunk_assets=5))
     assert len(refs) == 3 and all(r.rows_written > 0 for r in refs)
+    # Named after the contract's run-to-failure text rule: generated lives end in failure.
+    rule = load_contract("cmapss").rule_for(Path(refs[0].path).name)
+    assert rule.format == "text" and rule.life_end == "failure"
     result = ingest(IngestParams(landing=str(Path(refs[0].path).parent), dataset="synthetic"))
     assert result.rows_quarantined == 0
     assert result.rows_written == sum(r.rows_written for r in refs)
     model, report = calibrate_twin.fn(twin.TwinParams(), result.snapshots["synthetic"])
     assert report.n_assets == 12
+
+
+def test_pump_fleet_simulates_in_hours_and_generates_pump_rows(runtime, tmp_path):
+    """A timestamped, non-C-MAPSS fleet end to end: calibrate, study, report and generate by its contract."""
+    import mlflow
+    import pandas as pd
+
+    from twinflow.flows.simulate import generate, simulate
+    from twinflow.lake import read_lake, table_contract, write_lake_table
+
+    pumps = load_contract("pumps")
+    table, _ = pump_fleet(n_pumps=12, seed=1)
+    snap = write_lake_table(table, runtime.settings.lake_path, "pumps", "b1", contract=pumps)
+    params = twin.TwinParams(n_scenarios=6, batch_scenarios=3, n_assets=8, horizon=2000, intervals=[150, 300],
+                             thresholds=[24.0, 72.0], inspect_every=6, fan_units=50,
+                             costs=twin.CostModel(failure_downtime=48, planned_downtime=8))
+    result = simulate(params, snapshot=snap)
+    run = mlflow.get_run(result.run_id)
+    assert run.data.tags["twinflow.contract.name"] == "pumps"
+    assert run.data.tags["twinflow.contract.digest"] == pumps.digest
+    assert run.data.tags["twinflow.contract.time_unit"] == "h"
+    assert run.data.metrics["calibration_assets"] == 12
+    client = mlflow.MlflowClient()
+    model_json = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/twin/model.json")
+    assert model_json["contract_ref"] == pumps.ref.model_dump() and model_json["time_unit"] == "h"
+    model = twin.TwinModel.model_validate(model_json)
+    assert model.sensors and "casing_temp_c" not in model.sensors
+    study = mlflow.artifacts.load_text(f"runs:/{result.run_id}/twin/policy_study.md")
+    assert "2000 h" in study and "cycles" not in study
+    assert {a.path for a in client.list_artifacts(result.run_id, "plots")} >= {"plots/calibration_lifetimes.png"}
+
+    # The twin generates pump-shaped rows: to the lake under its contract ...
+    snap2 = generate(twin.GenerateParams(n_assets=6, seed=3, dataset="pumps_synthetic", chunk_assets=4), model=model)
+    assert snap2.contract == pumps and table_contract(runtime.settings.lake_path, "pumps_synthetic") == pumps
+    rows = read_lake(snap2)
+    assert "cycle" not in rows.column_names and rows.column("vibration_mm_s").null_count == 0
+    # ... and as landing files the pumps contract routes to telemetry (CSV with its header, ISO times).
+    refs = generate(twin.GenerateParams(n_assets=5, seed=4, dataset="pumpgen", target="landing", chunk_assets=5),
+                    model=model)
+    path = Path(refs[0].path)
+    rule = pumps.rule_for(path.name)
+    assert rule is not None and rule.kind == "telemetry"
+    landed = pd.read_csv(path)
+    assert list(landed.columns) == ["machine", "ts", *pumps.channel_names]
+    assert landed["ts"].str.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ").all()
+    assert len(landed) == refs[0].rows_written and landed["casing_temp_c"].isna().all()

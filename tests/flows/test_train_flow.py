@@ -9,9 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from prefect_helpers import task_run_names
+from pump_fixtures import pump_rows
 from train_fixtures import cmapss_frame, write_features
 from twinflow.data import cmapss_path
 from twinflow.errors import ConfigError, ServiceUnavailable
@@ -149,6 +151,35 @@ def test_single_asset_fails_the_run_cleanly(runtime, tmp_path):
     assert mlflow.active_run() is None
     runs = mlflow.search_runs(experiment_names=[runtime.settings.mlflow.experiment], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_train_on_a_timestamped_pump_fleet_with_missing_readings(runtime):
+    """Features of a non-C-MAPSS contract (hours, NaNs, a channel one pump lacks) train as they are."""
+    import pyarrow as pa
+
+    from twinflow import lake
+    from twinflow.contract import load_contract
+    from twinflow.flows.features import features
+    from twinflow.tasks.features import FeatureParams
+
+    pumps = load_contract("pumps")
+    snap = lake.write_lake_table(pa.Table.from_pandas(pump_rows(n_assets=8), preserve_index=False),
+                                 runtime.settings.lake_path, "pumps", "b1", contract=pumps)
+    feats = features(snap, FeatureParams(windows=[3], time_windows=["1h", "6h"], ewm_spans=[6], rul_cap=24))
+    assert feats.time_unit == "h" and feats.key_columns == ["asset_id", "timestamp"]
+    frame = pq.read_table(feats.path).to_pandas()
+    assert frame[feats.feature_columns].isna().any().any()  # missing readings reach the model as NaN
+    with pytest.raises(ConfigError, match="NaN"):
+        train(feats, TrainParams(**FAST, use_registry=False))  # the default still refuses them, clearly
+    result = train(feats, TrainParams(**FAST, nan_policy="keep", rul_cap=24, use_registry=False))
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["twinflow.contract.name"] == "pumps"
+    assert run.data.tags["twinflow.contract.version"] == str(pumps.version)
+    assert run.data.tags["twinflow.contract.digest"] == pumps.digest
+    assert run.data.tags["twinflow.time_unit"] == "h"
+    # Every labelled row of the held-out pumps was scored, in hours: the error is within the label's range.
+    assert 0 < run.data.metrics["eval_rmse"] < 24
 
 
 def test_tracking_server_down_is_a_clear_error(prefect_api, settings, tmp_path, monkeypatch):

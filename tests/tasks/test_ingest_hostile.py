@@ -6,6 +6,10 @@ from that source + rows quarantined from it (or, for a file quarantined whole, t
 quarantine holds them all; for a duplicate file, its twin's rows). Nothing unaccounted, no duplicate
 (asset_id, cycle) key in the lake. Results are read only through read_lake/latest_snapshot,
 read_quarantine and the returned FileOutcome counts.
+
+The suite runs under both bundled fleet contracts: C-MAPSS (the NASA lines, cycle clock) and the pump
+fleet (generated lines of the same shape: asset, ISO timestamp, ten channels in plant units, with a
+header-less text rule added to the pumps contract so that every file kind exists under it too).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import gzip
 import os
 import random
 import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +29,7 @@ import pytest
 
 from ingest_faults import plant_faults
 from twinflow import contracts as C
+from twinflow.contract import DatasetRule, FleetContract, dump_contract, load_contract
 from twinflow.data import cmapss_path
 from twinflow.tasks.ingest import IngestParams, latest_snapshot, read_lake, read_quarantine, run_local
 
@@ -36,10 +43,52 @@ PER_KIND = 53  # 1,007 files plus 106 links
 DS = "h"
 
 
-def _parquet(lines: list[list[str]], corrupt: bool = False) -> bytes:
-    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS) if j}
-    cols["unit"] = [f[0] for f in lines]
-    cols[C.TIME] = [int(float(f[1])) for f in lines]
+@dataclass
+class Fleet:
+    """One contract's version of the suite: its source lines (asset, time, channels), headers, contract."""
+
+    name: str
+    lines: list[str]
+    header: str
+    aliases: str
+    contract: FleetContract
+    names: list[str]  # source column names, in line order
+
+    def time_value(self, field: str):
+        return int(float(field)) if self.contract.key == C.TIME else field
+
+
+def _pump_fleet() -> Fleet:
+    pumps = load_contract("pumps")
+    rng = random.Random(24)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    lines = []
+    for m in range(1, 81):
+        t = start
+        for _ in range(rng.randint(120, 360)):
+            t += timedelta(minutes=10, seconds=rng.randint(-90, 90))
+            vals = [f"{rng.uniform(c.low + 0.2 * (c.high - c.low), c.high - 0.2 * (c.high - c.low)):.3f}"
+                    for c in pumps.channels]
+            lines.append(" ".join([f"P{m:03d}", t.strftime("%Y-%m-%dT%H:%M:%SZ"), *vals]))
+    source = ["machine", "ts", *pumps.channel_names]
+    text = DatasetRule(match=["*.txt", "*.txt.gz", "*.dat"], format="text", columns=source)
+    table = DatasetRule(match=["*.csv", "*.csv.gz", "*.parquet"])
+    contract = pumps.model_copy(update={"datasets": [*pumps.datasets, text, table]})
+    aliases = ["pump", "timestamp", *[(c.aliases[0] if c.aliases else c.name) for c in pumps.channels]]
+    return Fleet("pumps", lines, ",".join(source), ",".join(f'"{a}"' if " " in a else a for a in aliases),
+                 contract, source)
+
+
+def _fleet(name: str) -> Fleet:
+    if name == "cmapss":
+        return Fleet("cmapss", TRAIN_LINES, HEADER, ALIASES, load_contract("cmapss"), list(C.CMAPSS_COLUMNS))
+    return _pump_fleet()
+
+
+def _parquet(fleet: Fleet, lines: list[list[str]], corrupt: bool = False) -> bytes:
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(fleet.names) if j > 1}
+    cols[fleet.names[0]] = [f[0] for f in lines]
+    cols[fleet.names[1]] = [fleet.time_value(f[1]) for f in lines]
     buf = pa.BufferOutputStream()
     pq.write_table(pa.table(cols), buf, compression="none")
     raw = bytearray(buf.getvalue().to_pybytes())
@@ -55,7 +104,8 @@ def _nonblank(text: str) -> int:
 class Landing:
     """The generated landing folder: per real file its expected row count (None: not listed)."""
 
-    def __init__(self, root: Path, seed: int = 13):
+    def __init__(self, root: Path, fleet: Fleet, seed: int = 13):
+        self.fleet = fleet
         self.dir = root / "landing"
         self.dir.mkdir(parents=True)
         self.outside = root / "outside"
@@ -67,8 +117,9 @@ class Landing:
         self.external: list[Path] = []
 
     def rows(self, k: int, shared: bool = False) -> list[list[str]]:
-        start = self.rng.randrange(0, len(TRAIN_LINES) - 40)
-        lines = [line.split() for line in TRAIN_LINES[start:start + self.rng.randint(1, 30)]]
+        source = self.fleet.lines
+        start = self.rng.randrange(0, len(source) - 40)
+        lines = [line.split() for line in source[start:start + self.rng.randint(1, 30)]]
         if not shared:
             for f in lines:
                 f[0] = f"{k}-{f[0]}"
@@ -85,7 +136,8 @@ class Landing:
         kind, rng = k % KINDS, self.rng
         lines = self.rows(k, shared=kind == 14)
         txt = "\n".join(" ".join(f) for f in lines) + "\n"
-        csv = "\n".join([HEADER] + [",".join(f) for f in lines]) + "\n"
+        header = self.fleet.header
+        csv = "\n".join([header] + [",".join(f) for f in lines]) + "\n"
         n = len(lines)
         if kind == 0 or kind == 14:
             self.put(f"{k:05d}.txt", txt.encode(), n)
@@ -94,7 +146,7 @@ class Landing:
             text = "\n".join(plant_faults([" ".join(f) for f in lines], ops, blank="")) + "\n"
             self.put(f"{k:05d}.txt", text.encode(), _nonblank(text))
         elif kind == 2:
-            self.put(f"{k:05d}.csv", ("\n".join([ALIASES] + [",".join(f) for f in lines]) + "\n").encode(), n)
+            self.put(f"{k:05d}.csv", ("\n".join([self.fleet.aliases] + [",".join(f) for f in lines]) + "\n").encode(), n)
         elif kind == 3:
             self.put(f"{k:05d}.csv", b"\xef\xbb\xbf" + csv.encode(), n)
         elif kind == 4:
@@ -102,9 +154,9 @@ class Landing:
         elif kind == 5:  # header-less CSV: quarantined whole, every line counted
             self.put(f"{k:05d}.csv", "\n".join(",".join(f) for f in lines).encode(), n)
         elif kind == 6:
-            self.put(f"{k:05d}.parquet", _parquet(lines), n)
+            self.put(f"{k:05d}.parquet", _parquet(self.fleet, lines), n)
         elif kind == 7:
-            self.put(f"{k:05d}.parquet", _parquet(lines, corrupt=True), n)
+            self.put(f"{k:05d}.parquet", _parquet(self.fleet, lines, corrupt=True), n)
         elif kind == 8:
             self.put(f"{k:05d}.txt.gz", gzip.compress(txt.encode()), n)
         elif kind == 9:
@@ -119,11 +171,11 @@ class Landing:
         elif kind == 12:  # long and non-ASCII asset ids
             for f in lines:
                 f[0] = rng.choice([f[0], "A" * 300, "é" * 100, "é" * 33 + str(k), f"moteur-é-{k}", "x" * 199])
-            self.put(f"{k:05d}.csv", ("\n".join([HEADER] + [",".join(f) for f in lines]) + "\n").encode(), n)
+            self.put(f"{k:05d}.csv", ("\n".join([header] + [",".join(f) for f in lines]) + "\n").encode(), n)
         elif kind == 13:  # asset cells meaning "no value"
             for f in lines:
                 f[0] = rng.choice([f[0], "nan", "NaN", "inf", "-inf", "", " ", "null", "None"])
-            self.put(f"{k:05d}.csv", ("\n".join([HEADER] + [",".join(f) for f in lines]) + "\n").encode(), n)
+            self.put(f"{k:05d}.csv", ("\n".join([header] + [",".join(f) for f in lines]) + "\n").encode(), n)
         elif kind == 15:  # the same bytes as the previous plain text file
             twin = self.dir / f"{k - 15:05d}.txt"
             path = self.put(f"{k:05d}-copy.txt", twin.read_bytes(), self.expected[str(twin.resolve())])
@@ -158,16 +210,23 @@ class Landing:
 
 
 def _ingest(landing: Landing, root: Path, batch: str):
-    params = IngestParams(landing=str(landing.dir), dataset=DS, stream_threshold_bytes=3000, batch_rows=7)
+    path = root / "contract.yaml"
+    if not path.exists():
+        dump_contract(landing.fleet.contract, path)
+    params = IngestParams(landing=str(landing.dir), dataset=DS, stream_threshold_bytes=3000, batch_rows=7,
+                          contract=str(path))
     return run_local(params, str(root / "lake"), str(root / "q"), batch)
 
 
 def _account(landing: Landing, root: Path, ledger: dict[str, object]) -> dict[str, int]:
     """Check every landing file's rows against the lake and the quarantine; return the figures."""
     snap = latest_snapshot(str(root / "lake"), DS)
-    lake = read_lake(snap) if snap else C.telemetry_schema().empty_table()
-    keys = list(zip(lake.column(C.ASSET).to_pylist(), lake.column(C.TIME).to_pylist()))
-    assert len(keys) == len(set(keys)), "duplicate (asset_id, cycle) keys in the lake"
+    contract = landing.fleet.contract
+    lake = read_lake(snap) if snap else contract.lake_schema().empty_table()
+    if snap:
+        assert snap.contract is not None and snap.contract.name == contract.name
+    keys = list(zip(lake.column(C.ASSET).to_pylist(), lake.column(contract.key).to_pylist()))
+    assert len(keys) == len(set(keys)), "duplicate (asset_id, time) keys in the lake"
     in_lake = collections.Counter(lake.column("source_file").to_pylist())
     quar = read_quarantine(str(root / "q"), DS)
     in_quar = collections.Counter(quar.column("source_file").to_pylist())
@@ -206,8 +265,9 @@ def _account(landing: Landing, root: Path, ledger: dict[str, object]) -> dict[st
 
 
 @pytest.mark.slow
-def test_a_landing_of_a_thousand_malformed_files_loses_no_row(tmp_path, capsys):
-    landing = Landing(tmp_path)
+@pytest.mark.parametrize("fleet", ["cmapss", "pumps"])
+def test_a_landing_of_a_thousand_malformed_files_loses_no_row(tmp_path, capsys, fleet):
+    landing = Landing(tmp_path, _fleet(fleet))
     for k in range(KINDS * PER_KIND):
         landing.make(k)
     assert len(landing.expected) >= 1000
@@ -242,7 +302,7 @@ def test_a_landing_of_a_thousand_malformed_files_loses_no_row(tmp_path, capsys):
     with capsys.disabled():
         for label, f, statuses in (("first run", figures, figures_status),
                                    ("after modifying %d files" % len(changed), after, after_status)):
-            print(f"\nhostile landing, {label}: {f['files']} files, {f['rows_in']} rows in, "
+            print(f"\nhostile landing ({fleet}), {label}: {f['files']} files, {f['rows_in']} rows in, "
                   f"{f.get('lake', 0)} in the lake, {f.get('quarantined_rows', 0)} quarantined rows + "
                   f"{f.get('quarantined_file_rows', 0)} in {f.get('quarantined_files', 0)} quarantined files, "
                   f"{f.get('duplicate_file_rows', 0)} in duplicate files (held by their twin), "

@@ -107,7 +107,9 @@ def test_dataset_name_is_the_lower_cased_stem(name, expected):
 
 
 def test_format_detection_by_suffix_then_content():
-    assert detect_format("a.txt.gz", b"1 1 0.1") == "cmapss"
+    # Header-less whitespace text (C-MAPSS's shape) is "text"; its columns come from the contract.
+    assert detect_format("a.txt.gz", b"1 1 0.1") == "text"
+    assert detect_format("a.txt", b"1 1", declared="cmapss") == "text"  # the older name of "text"
     assert detect_format("a.csv", b"unit,cycle") == "csv"
     assert detect_format("blob", b"PAR1....") == "parquet"
     assert detect_format("blob", b"unit,cycle") == "csv"

@@ -170,7 +170,7 @@ def test_no_champion_means_no_error_model(tmp_path):
 
 def test_cnn_windows_fit_and_pyfunc_roundtrip(tmp_path):
     pytest.importorskip("torch")
-    from twinflow.tasks.train_torch import make_windows
+    from twinflow.tasks.train.cnn import make_windows
 
     frame = pd.DataFrame({"a": ["x"] * 3 + ["y"] * 2, "c": [1, 2, 3, 1, 2], "f": [1.0, 2, 3, 10, 20]})
     w, order = make_windows(frame.iloc[::-1].reset_index(drop=True), "a", "c", ["f"], 3, np.zeros(1), np.ones(1))
@@ -196,6 +196,38 @@ def test_cnn_windows_fit_and_pyfunc_roundtrip(tmp_path):
     cols = loaded.metadata.get_input_schema().input_names()
     assert cols[:2] == ["asset_id", "cycle"]
     assert np.allclose(np.asarray(loaded.predict(val[cols])), pred, atol=1e-4)
+
+
+def test_keep_policy_passes_missing_readings_to_both_trainers(small):
+    """nan_policy='keep': NaN features reach the model (a sensor one asset lacks, gaps); inf and a
+    missing label are still refused; gbm and cnn both train and predict finite RUL on such data."""
+    pytest.importorskip("torch")
+    data = small.copy()
+    rng = np.random.default_rng(0)
+    data.loc[rng.random(len(data)) < 0.1, "s7"] = np.nan
+    data.loc[data.asset_id == "FD001-2", "s11"] = np.nan  # an asset without this sensor at all
+    kept = check_frame(data, SPEC, nan_policy="keep")
+    assert len(kept) == len(data) and kept["s7"].isna().any()
+    bad = data.copy()
+    bad.loc[4, "s4_mean5"] = np.inf
+    with pytest.raises(ConfigError, match="s4_mean5"):
+        check_frame(bad, SPEC, nan_policy="keep")
+    bad = data.copy()
+    bad.loc[4, "rul"] = np.nan
+    with pytest.raises(ConfigError, match="rul"):
+        check_frame(bad, SPEC, nan_policy="keep")
+    train, val = split_by_asset(kept, SPEC, 0.25)
+    gbm = run_trial(0, {}, train, val, SPEC, FAST)
+    assert np.isfinite(gbm.val_rmse) and np.isfinite(gbm.model.predict(val)).all()
+    params = TrainParams(model="cnn", window=8, max_iter=2, early_stopping_rounds=2,
+                         search_space={"channels": [8], "batch_size": [512]})
+    cnn = run_trial(0, {"channels": 8, "batch_size": 512}, train, val, SPEC, params)
+    assert np.isfinite(cnn.val_rmse) and np.isfinite(cnn.model.predict(val)).all()
+    from twinflow.tasks.train.cnn import make_windows
+
+    frame = pd.DataFrame({"a": ["x"] * 3, "c": [1, 2, 3], "f": [1.0, np.nan, 3.0]})
+    w, _ = make_windows(frame, "a", "c", ["f"], 2, np.array([2.0]), np.array([1.0]))
+    assert w[:, -1, 0].tolist() == [-1.0, 0.0, 1.0]  # a missing reading reads as the training mean
 
 
 def test_store_writes_retry_only_concurrent_writer_conflicts():

@@ -9,9 +9,10 @@
 
 from twinflow.contract.model import (AssetKey, Channel, Clock, ContractRef, DatasetRule, EventsSpec,
                                      FleetContract, parse_duration)
-from twinflow.contract.store import (bundled_contracts, dump_contract, load_contract, resolve_contract)
+from twinflow.contract.store import (bundled_contracts, contract_from_text, dump_contract, load_contract,
+                                     resolve_contract)
 
 __all__ = [
     "AssetKey", "Channel", "Clock", "ContractRef", "DatasetRule", "EventsSpec", "FleetContract",
-    "bundled_contracts", "dump_contract", "load_contract", "parse_duration", "resolve_contract",
+    "bundled_contracts", "contract_from_text", "dump_contract", "load_contract", "parse_duration", "resolve_contract",
 ]

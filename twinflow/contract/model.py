@@ -255,7 +255,8 @@ class DatasetRule(_Model):
     Attributes:
         match: File-name globs (case-insensitive; compression suffixes included, e.g. ``pump_*.csv*``).
         dataset: Dataset name, or a template over the file name: ``{stem}`` is the lower-cased name
-            without data/compression suffixes (``train_FD001.txt.gz`` -> ``train_fd001``).
+            without data/compression suffixes (``train_FD001.txt.gz`` -> ``train_fd001``). For an
+            ``events`` rule: the telemetry dataset whose assets the log describes.
         kind: ``telemetry`` (ingested into the lake), ``events`` (a maintenance/failure log: never
             parsed as telemetry), ``labels`` (read by the train stage, e.g. C-MAPSS ``RUL_*``) or
             ``ignore``.
@@ -264,6 +265,9 @@ class DatasetRule(_Model):
         columns: For header-less files: the source column of each field, in order (asset, clock and
             channel names or aliases; ``_`` skips a field).
         delimiter: CSV field delimiter.
+        life_end: How an asset's history in these files ends where no event log says otherwise:
+            ``running`` (still in service: the last reading censors its life) or ``failure``
+            (run-to-failure records, like C-MAPSS training files: the last reading is the failure).
     """
 
     match: list[str] = Field(min_length=1)
@@ -272,6 +276,7 @@ class DatasetRule(_Model):
     format: Literal["auto", "csv", "parquet", "text"] = "auto"
     columns: list[str] | None = None
     delimiter: str = ","
+    life_end: Literal["running", "failure"] = "running"
 
     @field_validator("dataset")
     @classmethod
@@ -296,17 +301,43 @@ class EventsSpec(_Model):
         asset: Source column of the asset id.
         time: Source column of the event time (same clock kind as the telemetry).
         type: Source column of the event type.
-        failure: Event types that end a life by failure.
-        renewal: Event types that renew an asset without a failure (replacement, overhaul).
+        mode: Optional source column of the failure mode (else a failure's mode is its type).
+        work_order: Optional source column of the work-order id.
+        text: Optional source column of free text.
+        failure: Event types that end a life by failure (the asset is then restored: a new life starts).
+        renewal: Event types that renew an asset without a failure (replacement, overhaul): they end a
+            life censored.
         neutral: Event types that neither end nor renew a life (inspection, minor repair).
     """
 
     asset: str = "asset_id"
     time: str = "time"
     type: str = "event"
+    mode: str | None = None
+    work_order: str | None = None
+    text: str | None = None
     failure: list[str] = Field(default_factory=list)
     renewal: list[str] = Field(default_factory=list)
     neutral: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _vocabulary(self) -> "EventsSpec":
+        seen: dict[str, str] = {}
+        for meaning in ("failure", "renewal", "neutral"):
+            for t in getattr(self, meaning):
+                if t in seen:
+                    raise ValueError(f"event type {t!r} is declared both {seen[t]} and {meaning}")
+                seen[t] = meaning
+        if not self.failure:
+            raise ValueError("events.failure must name at least one event type that ends a life by failure")
+        return self
+
+    def meaning(self, event_type: str) -> str | None:
+        """``failure``, ``renewal``, ``neutral``, or None for a type the vocabulary does not declare."""
+        for meaning in ("failure", "renewal", "neutral"):
+            if event_type in getattr(self, meaning):
+                return meaning
+        return None
 
 
 class ContractRef(_Model):

@@ -42,15 +42,38 @@ def contract_from_dict(data: Any, where: str = "") -> FleetContract:
         raise ConfigError(_format_errors(exc, where)) from None
 
 
-def load_contract(source: str | Path) -> FleetContract:
-    """A contract from a YAML/JSON file path or a bundled name (``cmapss``, ``pumps``).
+def contract_from_text(raw: str, where: str = "") -> FleetContract:
+    """A contract from YAML (or JSON) text.
 
     Raises:
-        ConfigError: when the file is missing, is not YAML, or does not validate (every error listed).
+        ConfigError: when the text is not YAML or does not validate (every error listed).
     """
     import yaml
 
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"fleet contract {where} is not valid YAML: {exc}") from None
+    return contract_from_dict(data, where)
+
+
+def load_contract(source: str | Path) -> FleetContract:
+    """A contract from a YAML/JSON file path, a bundled name (``cmapss``, ``pumps``) or a saved Prefect
+    block (``block:<name>``, a :class:`~twinflow.blocks.contract.FleetContractBlock`).
+
+    Raises:
+        ConfigError: when the file is missing, is not YAML, or does not validate (every error listed),
+            or names an unknown block.
+        ServiceUnavailable: for ``block:<name>`` when the Prefect API is not set or does not answer.
+    """
     text = str(source)
+    if text.startswith("block:"):
+        name = text[len("block:"):].strip()
+        if not name:
+            raise ConfigError("contract 'block:' names no block: use block:<name>")
+        from twinflow.blocks.contract import contract_from_block
+
+        return contract_from_block(name)
     path = Path(text).expanduser()
     if not path.exists() and "/" not in text and not text.endswith((".yaml", ".yml", ".json")):
         if text not in bundled_contracts():
@@ -63,11 +86,7 @@ def load_contract(source: str | Path) -> FleetContract:
             raise ConfigError(f"fleet contract file {str(path)!r} does not exist")
         raw = path.read_text()
         where = str(path)
-    try:
-        data = yaml.safe_load(raw)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"fleet contract {where} is not valid YAML: {exc}") from None
-    return contract_from_dict(data, where)
+    return contract_from_text(raw, where)
 
 
 def resolve_contract(contract: FleetContract | str | Path | None = None) -> FleetContract:

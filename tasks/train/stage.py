@@ -3,13 +3,13 @@
 Pure functions take data and typed params and return data; the thin Prefect task at the bottom
 adds I/O (reading the feature dataset by reference). The flow in ``twinflow.flows.train`` strings
 the steps together. This module holds the stage's parameters and its search-and-evaluate body;
-each concept lives in its own module (all their public names are re-exported here, so
-``from twinflow.tasks.train import X`` keeps working):
+each concept lives in its own module (all their public names are re-exported here and by the
+package, so ``from twinflow.tasks.train import X`` keeps working):
 
-- :mod:`twinflow.tasks.train_data`: the feature dataset read, checked, split by asset; eval sets.
-- :mod:`twinflow.tasks.trainers`: the model zoo (``gbm``; ``cnn`` in ``train_torch``).
-- :mod:`twinflow.tasks.train_search`: random search, one trial per Dask task.
-- :mod:`twinflow.tasks.train_eval`: metrics, scoring a logged model, report plots.
+- :mod:`twinflow.tasks.train.data`: the feature dataset read, checked, split by asset; eval sets.
+- :mod:`twinflow.tasks.train.trainers`: the model zoo (``gbm``; ``cnn`` in :mod:`twinflow.tasks.train.cnn`).
+- :mod:`twinflow.tasks.train.tuning`: random search, one trial per Dask task.
+- :mod:`twinflow.tasks.train.eval`: metrics, scoring a logged model, report plots.
 - :mod:`twinflow.tasks.registry`: the champion/challenger promotion gate.
 """
 
@@ -35,7 +35,7 @@ from twinflow.tasks.registry import (
     decide_promotion,
     evaluate_task,
 )
-from twinflow.tasks.train_data import (
+from twinflow.tasks.train.data import (
     DataSpec,
     EvalSet,
     build_eval_set,
@@ -51,7 +51,7 @@ from twinflow.tasks.train_data import (
 )
 from twinflow.tasks.prognostics import PrognosticsReport
 from twinflow.tasks.promotion import PromotionMode, TwinGateParams
-from twinflow.tasks.train_eval import (
+from twinflow.tasks.train.eval import (
     evaluate_model_uri,
     evaluate_prognostics,
     log_prognostics,
@@ -64,7 +64,7 @@ from twinflow.tasks.train_eval import (
     regression_metrics,
     residuals_csv,
 )
-from twinflow.tasks.train_search import (
+from twinflow.tasks.train.tuning import (
     TRIAL_TAG,
     TrackingTarget,
     TrialOutcome,
@@ -73,7 +73,7 @@ from twinflow.tasks.train_search import (
     sample_hparams,
     search,
 )
-from twinflow.tasks.trainers import (
+from twinflow.tasks.train.trainers import (
     TRAINERS,
     FittedModel,
     GbmModel,
@@ -178,7 +178,10 @@ class TrainParams(BaseModel):
         true_rul_path: True RUL file of the C-MAPSS test protocol (one integer per test unit, in
             unit order), e.g. ``twinflow.data.cmapss_path("RUL_FD001.txt.gz")``. Used with the
             flow's ``test_features``.
-        nan_policy: ``reject`` NaN/inf in features (error names the columns) or ``drop`` rows.
+        nan_policy: ``reject`` NaN/inf in features (error names the columns), ``drop`` those rows,
+            or ``keep`` NaN features (missing readings, e.g. a channel some assets lack, or windows
+            with too few valid readings) for the model: ``gbm`` handles them natively, ``cnn`` reads
+            a missing value as the training mean. Inf and a missing label are rejected in every mode.
         use_registry: Register the model and run the promotion gate.
         threads_per_trial: BLAS/OpenMP (and torch CPU) threads per trial. Parallelism comes from
             trials; oversubscribed OpenMP threads on a busy machine are 10-20x slower.
@@ -200,7 +203,7 @@ class TrainParams(BaseModel):
     twin_gate: TwinGateParams = Field(default_factory=TwinGateParams)
     interval_level: float = Field(0.9, gt=0.0, lt=1.0)
     true_rul_path: str | None = None
-    nan_policy: Literal["reject", "drop"] = "reject"
+    nan_policy: Literal["reject", "drop", "keep"] = "reject"
     use_registry: bool = True
     threads_per_trial: int = Field(1, ge=1, le=256)
 

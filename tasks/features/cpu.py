@@ -1,7 +1,7 @@
 """Compiled CPU window kernels: every window statistic and EWM of a channel in one pass per asset.
 
 :func:`twinflow.tasks.features.compute_features` uses these on CPU when numba is installed; the
-array-module kernels in :mod:`twinflow.tasks.features` (NumPy or CuPy) stay the GPU path and the
+array-module kernels in :mod:`twinflow.tasks.features.kernels` (NumPy or CuPy) stay the GPU path and the
 reference the tests hold these to. Both give the same values up to float64 rounding: the same
 definitions (pandas ``groupby.rolling`` semantics, NaNs skipped, sample std, least-squares slope
 against the row's time, pandas ``ewm(adjust=True)``) and the same NaN rules.
@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["STAT_CODES", "rolling_into", "ewm_into", "normalise_", "regime_moments", "assign_regimes",
+__all__ = ["STAT_CODES", "rolling_into", "rolling_time_into", "ewm_into", "normalise_", "regime_moments", "assign_regimes",
            "nan_counts_rows", "warm_up"]
 
 STAT_CODES = {"mean": 0, "std": 1, "min": 2, "max": 3, "slope": 4}
@@ -179,6 +179,128 @@ def rolling_into(y, t, starts, windows, stats, min_periods, out, row0):
 
 
 @njit(cache=True, nogil=True)
+def _time_window_pass(y, t, c, a0, a1, w, mp, out, r_mean, r_std, r_min, r_max, r_slope, dq_min, dq_max):
+    """One time window over one asset's channel: rows with ``t`` in ``(t_i - w, t_i]``.
+
+    Two pointers: the window's sums slide as rows enter (every row once) and leave (when the
+    window's start passes them), rebased every ``_REBASE`` rows as in :func:`_window_pass`.
+    Extremes come from monotonic deques of row indices (each row pushed and popped at most once),
+    since the window's row count varies and the block scheme needs a fixed one.
+    """
+    nan = np.nan
+    cnt = 0.0
+    sy = 0.0
+    syy = 0.0
+    st = 0.0
+    stt = 0.0
+    sty = 0.0
+    ys = 0.0
+    ts = 0.0
+    lo = a0
+    hmin = 0
+    tmin = 0
+    hmax = 0
+    tmax = 0
+    for i in range(a0, a1):
+        v = y[c, i]
+        valid = v == v
+        while lo < i and t[lo] <= t[i] - w:
+            vj = y[c, lo]
+            if vj == vj:
+                dj = vj - ys
+                uj = t[lo] - ts
+                cnt -= 1.0
+                sy -= dj
+                syy -= dj * dj
+                st -= uj
+                stt -= uj * uj
+                sty -= dj * uj
+            lo += 1
+        if (i - a0) % _REBASE == 0:
+            if valid:
+                ys = v
+            ts = t[i]
+            cnt, sy, syy, st, stt, sty = _resum(y, t, c, lo, i, ys, ts)
+        if valid:
+            d = v - ys
+            u = t[i] - ts
+            cnt += 1.0
+            sy += d
+            syy += d * d
+            st += u
+            stt += u * u
+            sty += d * u
+            if r_min >= 0:
+                while tmin > hmin and y[c, dq_min[tmin - 1]] >= v:
+                    tmin -= 1
+                dq_min[tmin] = i
+                tmin += 1
+            if r_max >= 0:
+                while tmax > hmax and y[c, dq_max[tmax - 1]] <= v:
+                    tmax -= 1
+                dq_max[tmax] = i
+                tmax += 1
+        while hmin < tmin and dq_min[hmin] < lo:
+            hmin += 1
+        while hmax < tmax and dq_max[hmax] < lo:
+            hmax += 1
+        few = cnt < mp
+        if r_min >= 0:
+            out[r_min, i] = nan if few or hmin == tmin else y[c, dq_min[hmin]]
+        if r_max >= 0:
+            out[r_max, i] = nan if few or hmax == tmax else y[c, dq_max[hmax]]
+        if r_mean >= 0:
+            out[r_mean, i] = nan if few else sy / cnt + ys
+        if r_std >= 0:
+            if few or cnt < 2.0:
+                out[r_std, i] = nan
+            else:
+                var = (syy - sy * sy / cnt) / (cnt - 1.0)
+                out[r_std, i] = math.sqrt(var) if var > 0.0 else 0.0
+        if r_slope >= 0:
+            den = cnt * stt - st * st
+            if few or cnt < 2.0 or den <= 1e-12 * max(cnt * stt, 1.0):
+                out[r_slope, i] = nan
+            else:
+                out[r_slope, i] = (cnt * sty - st * sy) / den
+
+
+@njit(cache=True, nogil=True)
+def rolling_time_into(y, t, starts, lengths, stats, min_periods, out, row0):
+    """Rolling statistics over windows of time, written into rows of ``out``.
+
+    As :func:`rolling_into`, but window ``k`` of row ``i`` holds the rows of its asset whose time is
+    in ``(t[i] - lengths[k], t[i]]``: over a gap it holds fewer rows, never invented ones.
+
+    Args:
+        y: (channels, n) float64, C-contiguous, NaN for missing; rows sorted by asset then time.
+        t: (n,) float64 time of each row in the clock's unit (relative to its asset's start).
+        starts: (assets + 1,) int64 first row of each asset, then n.
+        lengths: (W,) float64 window lengths in the unit of ``t``.
+        stats: (S,) int64 codes from :data:`STAT_CODES`, in output order.
+        min_periods: Valid rows a value needs.
+        out: (features, n) float32; (window k, stat s, channel c) goes to row
+            ``row0 + (k * S + s) * channels + c``.
+    """
+    n_ch = y.shape[0]
+    ns = stats.shape[0]
+    longest = 1
+    for a in range(starts.shape[0] - 1):
+        longest = max(longest, starts[a + 1] - starts[a])
+    dq_min = np.empty(longest, np.int64)
+    dq_max = np.empty(longest, np.int64)
+    mp = float(min_periods)
+    for a in range(starts.shape[0] - 1):
+        for k in range(lengths.shape[0]):
+            for c in range(n_ch):
+                rows = np.full(5, -1, np.int64)
+                for s in range(ns):
+                    rows[stats[s]] = row0 + (k * ns + s) * n_ch + c
+                _time_window_pass(y, t, c, starts[a], starts[a + 1], lengths[k], mp, out,
+                                  rows[0], rows[1], rows[2], rows[3], rows[4], dq_min, dq_max)
+
+
+@njit(cache=True, nogil=True)
 def ewm_into(y, starts, spans, min_periods, out, row0):
     """Exponentially-weighted means (pandas ``ewm(span, adjust=True)``), written into ``out``.
 
@@ -329,6 +451,7 @@ def warm_up() -> None:
     out = np.empty((6, 3), np.float32)
     starts = np.array([0, 3], np.int64)
     rolling_into(y, np.arange(3.0), starts, np.array([2], np.int64), np.arange(5, dtype=np.int64), 1, out, 0)
+    rolling_time_into(y, np.arange(3.0), starts, np.array([2.0]), np.arange(5, dtype=np.int64), 1, out, 0)
     ewm_into(y, starts, np.array([2], np.int64), 1, out, 5)
     regime = np.zeros(3, np.int64)
     regime_moments(y, regime, 1)

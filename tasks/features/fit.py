@@ -16,16 +16,16 @@ import numpy as np
 import pandas as pd
 
 from twinflow.errors import ConfigError
-from twinflow.tasks.feature_params import FeatureParams, FitStats
+from twinflow.tasks.features.params import FeatureParams, FitStats
 
 __all__ = ["sample_operating_settings", "fit_regimes", "assign_regimes", "partition_moments",
            "combine_moments", "finalize_fit", "identity_fit", "compiled_kernels"]
 
 
 def compiled_kernels():
-    """The numba CPU kernels module (:mod:`twinflow.tasks.features_cpu`), or None without numba."""
+    """The numba CPU kernels module (:mod:`twinflow.tasks.features.cpu`), or None without numba."""
     try:
-        from twinflow.tasks import features_cpu
+        from twinflow.tasks.features import cpu as features_cpu
     except ImportError:
         return None
     return features_cpu

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import pandas as pd
 
-from twinflow.tasks.train_data import DataSpec
-from twinflow.tasks.trainers import get_trainer
+from twinflow.tasks.train.data import DataSpec
+from twinflow.tasks.train.trainers import get_trainer
 
 if TYPE_CHECKING:
     from twinflow.tasks.train import TrainParams

@@ -25,12 +25,18 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Which columns are keys, model inputs and label."""
+    """Which columns are keys, model inputs and label.
+
+    ``cycle`` names the time key whatever the clock (``cycle``, or ``timestamp``: read as int64
+    microseconds, which orders an asset's rows as the cycle number does); ``time_unit`` is the unit
+    of the label and of every RUL figure derived from it (``cycle``, or e.g. ``h``).
+    """
 
     feature_columns: tuple[str, ...]
     label: str
     asset: str = "asset_id"
     cycle: str = "cycle"
+    time_unit: str = "cycle"
 
     @property
     def keys(self) -> list[str]:
@@ -44,7 +50,7 @@ def spec_for(ref: FeatureSetRef) -> DataSpec:
     if len(ref.key_columns) < 2:
         raise ConfigError(f"feature set {ref.path} needs two key columns (asset, cycle), got {ref.key_columns}")
     asset, cycle = ref.key_columns[:2]
-    return DataSpec(tuple(ref.feature_columns), ref.label_column or "rul", asset, cycle)
+    return DataSpec(tuple(ref.feature_columns), ref.label_column or "rul", asset, cycle, ref.time_unit)
 
 
 def read_feature_frame(ref: FeatureSetRef, *, need_label: bool = True) -> pd.DataFrame:
@@ -74,7 +80,10 @@ def read_feature_frame(ref: FeatureSetRef, *, need_label: bool = True) -> pd.Dat
         cols.append(spec.label)
     frame = dataset.to_table(columns=cols).to_pandas()
     frame[spec.asset] = frame[spec.asset].astype(str)
-    frame[spec.cycle] = frame[spec.cycle].astype("int64")
+    key = frame[spec.cycle]
+    # A timestamp key becomes its integer microseconds: the models and metrics only order by it.
+    frame[spec.cycle] = (np.asarray(key.array.as_unit("us").asi8, dtype="int64")
+                         if pd.api.types.is_datetime64_any_dtype(key.dtype) else key.astype("int64"))
     for c in [*spec.feature_columns, *([spec.label] if spec.label in frame else [])]:
         frame[c] = frame[c].astype("float64")
     return frame.sort_values(spec.keys, kind="stable").reset_index(drop=True)
@@ -83,6 +92,10 @@ def read_feature_frame(ref: FeatureSetRef, *, need_label: bool = True) -> pd.Dat
 def check_frame(frame: pd.DataFrame, spec: DataSpec, *, nan_policy: str = "reject",
                 need_label: bool = True, min_assets: int = 1, what: str = "feature dataset") -> pd.DataFrame:
     """Reject or drop bad rows: empty data, NaN/inf features, missing labels, too few assets.
+
+    ``nan_policy``: ``reject`` any NaN/inf, ``drop`` the rows that hold one, or ``keep`` NaN
+    features for the model to handle (a missing reading or a window without enough valid ones;
+    the trainers accept NaN inputs) while still rejecting inf and a missing label.
 
     Returns:
         The frame (rows with NaN/inf dropped under ``nan_policy="drop"``).
@@ -95,10 +108,15 @@ def check_frame(frame: pd.DataFrame, spec: DataSpec, *, nan_policy: str = "rejec
     cols = list(spec.feature_columns) + ([spec.label] if need_label else [])
     values = frame[cols].to_numpy(dtype="float64")
     bad = ~np.isfinite(values)
+    if nan_policy == "keep":
+        bad &= ~np.isnan(values)
+        if need_label:
+            bad[:, -1] |= np.isnan(values[:, -1])
     if bad.any():
         bad_cols = [c for c, b in zip(cols, bad.any(axis=0)) if b]
-        if nan_policy == "reject":
-            raise ConfigError(f"{what} has NaN/inf in columns {bad_cols} ({int(bad.any(axis=1).sum())} rows); "
+        if nan_policy != "drop":
+            what_bad = "NaN/inf" if nan_policy == "reject" else "inf (or a missing label)"
+            raise ConfigError(f"{what} has {what_bad} in columns {bad_cols} ({int(bad.any(axis=1).sum())} rows); "
                               "clean them or pass nan_policy='drop'")
         frame = frame.loc[~bad.any(axis=1)].reset_index(drop=True)
         if frame.empty:

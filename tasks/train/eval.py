@@ -18,8 +18,8 @@ from twinflow.tasks.prognostics import (
     prediction_interval,
     prognostics_report,
 )
-from twinflow.tasks.train_data import EvalSet, build_eval_set, natural_key
-from twinflow.tasks.trainers import model_io_lock
+from twinflow.tasks.train.data import EvalSet, build_eval_set, natural_key
+from twinflow.tasks.train.trainers import model_io_lock
 
 if TYPE_CHECKING:
     from twinflow.tasks.train import TrainParams

@@ -16,11 +16,11 @@ map over partitions on the Dask cluster whose results are small (a sample, momen
 I/O sits at the edges (:func:`plan_partitions`, :func:`read_partition`, :func:`write_partition`);
 the thin Prefect ``@task`` wrappers at the bottom add logging and retries.
 
-Where the parts live (all re-exported here, so ``from twinflow.tasks.features import ...`` keeps
-working): the parameters and fitted statistics in :mod:`twinflow.tasks.feature_params`, passes 1-2
-(regimes, normalisation moments) in :mod:`twinflow.tasks.feature_fit`, the window kernels in
-:mod:`twinflow.tasks.feature_kernels`. This module keeps pass 3 (the per-partition transform), the
-I/O edges, the partition jobs, their Dask drivers and the Prefect tasks.
+Where the parts live (the package :mod:`twinflow.tasks.features` re-exports them all): the
+parameters and fitted statistics in :mod:`.params`, passes 1-2 (regimes, normalisation moments) in
+:mod:`.fit`, the window kernels in :mod:`.kernels` (array module) and :mod:`.cpu` (numba). pass 3,
+the per-partition transform, in :mod:`.transform`. This module keeps the I/O edges, the partition
+jobs, their Dask drivers and the Prefect tasks.
 """
 
 from __future__ import annotations
@@ -33,17 +33,17 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from twinflow import contracts
+from twinflow.contract.model import Clock
 from twinflow.errors import ConfigError
 from twinflow.naming import dataset_of_parts, task_name
 from twinflow.refs import LakeSnapshot
-from twinflow.tasks.feature_fit import (  # passes 1-2: regimes and normalisation; re-exported
-    assign_regimes,
+from twinflow.tasks.features.fit import (
     combine_moments,
     compiled_kernels,
     finalize_fit,
@@ -52,173 +52,11 @@ from twinflow.tasks.feature_fit import (  # passes 1-2: regimes and normalisatio
     partition_moments,
     sample_operating_settings,
 )
-from twinflow.tasks.feature_kernels import (  # the window kernels; re-exported for callers of this module
-    array_module,
-    asset_shift,
-    ewm_mean,
-    group_bounds,
-    group_ends,
-    gstart_from_pos,
-    resolve_backend,
-    rolling_features,
-    to_numpy,
-)
-from twinflow.tasks.feature_params import (  # the stage's parameters and fitted statistics; re-exported
-    EXECUTION_FIELDS,
-    FIT_FILE,
-    LABEL,
-    MANIFEST_FILE,
-    REGIME,
-    SINCE_START,
-    STATS,
-    FeatureParams,
-    FitStats,
-    Stat,
-)
+from twinflow.tasks.features.kernels import array_module
+from twinflow.tasks.features.params import FIT_FILE, MANIFEST_FILE, FeatureParams, FitStats
+from twinflow.tasks.features.transform import compute_features, feature_names
 
 log = logging.getLogger("twinflow.features")
-
-
-# ----------------------------------------------------------------------------------------------
-# The per-partition transform
-# ----------------------------------------------------------------------------------------------
-
-
-def feature_names(fit: FitStats, params: FeatureParams) -> list[str]:
-    """The model-input columns, in output order (grouped by feature, then channel)."""
-    names = [SINCE_START]
-    if fit.n_regimes > 1:
-        names.append(REGIME)
-    suffix = "_norm" if fit.normalised else ""
-    names.extend(f"{ch}{suffix}" for ch in fit.kept)
-    for w in params.windows:
-        for s in params.stats:
-            names.extend(f"{ch}_{s}_{w}" for ch in fit.kept)
-    for span in params.ewm_spans:
-        names.extend(f"{ch}_ewm_{span}" for ch in fit.kept)
-    return names
-
-
-def _codes_if_ordered(frame: pd.DataFrame) -> np.ndarray | None:
-    """Asset codes when ``frame`` is already in (asset, time) order with unique keys, else None.
-
-    A lake partition of whole assets usually is (its files are listed by asset and written in
-    time order), and checking costs a factorize instead of a two-key sort and a dedupe.
-    """
-    if len(frame) == 0:
-        return None
-    codes, uniques = pd.factorize(frame[contracts.ASSET], sort=False)
-    if (codes < 0).any() or not pd.Index(uniques).is_monotonic_increasing:
-        return None
-    step = np.diff(codes)
-    dt = np.diff(frame[contracts.TIME].to_numpy())
-    if (step < 0).any() or ((step == 0) & ~(dt > 0)).any():  # ~(>): a NaN time is not ordered
-        return None
-    return codes
-
-
-def compute_features(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, xp=np,
-                     engine: Literal["auto", "compiled", "array"] = "auto",
-                     buffer: np.ndarray | None = None) -> tuple[pd.DataFrame, np.ndarray]:
-    """Features of one partition of whole assets.
-
-    Args:
-        frame: Rows of whole assets with ``asset_id``, ``cycle``, the operating settings and the
-            fit's channels; any order (sorted here; a repeated (asset, cycle) keeps the last row).
-        fit: Normalisation statistics (:func:`finalize_fit` or a training set's ``_fit.json``).
-        params: What to compute.
-        xp: Array module the kernels run on.
-        engine: Window kernels: ``compiled`` (numba, CPU only), ``array`` (the ``xp`` kernels,
-            the GPU path), or ``auto``: compiled when ``xp`` is NumPy and numba is installed.
-        buffer: A flat float32 array the features are written into when it is large enough
-            (the result is then a view of it); a worker reuses one across partitions.
-
-    Returns:
-        ``(keys, features)``: a frame with ``asset_id``, ``cycle`` (and ``rul`` when
-        ``params.label``), and a float32 NumPy array (n_features, rows) in
-        :func:`feature_names` order, feature-major so each column is contiguous.
-    """
-    codes = _codes_if_ordered(frame)
-    if codes is None:
-        frame = frame.sort_values([contracts.ASSET, contracts.TIME], kind="stable")
-        frame = frame.drop_duplicates([contracts.ASSET, contracts.TIME], keep="last")
-        codes = pd.factorize(frame[contracts.ASSET], sort=False)[0]
-    n = len(frame)
-    names = feature_names(fit, params)
-    keys = pd.DataFrame({contracts.ASSET: frame[contracts.ASSET].reset_index(drop=True),
-                         contracts.TIME: frame[contracts.TIME].to_numpy(dtype=np.int32)})
-    size = len(names) * n
-    if buffer is not None and buffer.dtype == np.float32 and buffer.size >= size:
-        out = buffer[:size].reshape(len(names), n)
-    else:
-        out = np.empty((len(names), n), dtype=np.float32)
-    if n == 0:
-        if params.label:
-            keys[LABEL] = np.zeros(0, dtype=np.int32)
-        return keys, out
-    codes = xp.asarray(codes)
-    cycle = xp.asarray(frame[contracts.TIME].to_numpy(dtype=np.int64))
-    gstart, pos = group_bounds(codes, xp)
-    t = (cycle - cycle[gstart]).astype(xp.float64)
-    # Channels-first: each channel's rows are contiguous for the window kernels and the output.
-    y = xp.asarray(np.ascontiguousarray(frame[fit.kept].to_numpy(dtype=np.float64).T))
-    compiled = compiled_kernels() if engine != "array" and xp is np else None
-    if engine == "compiled" and compiled is None:
-        raise ConfigError("engine='compiled' needs numba and NumPy arrays (pip install numba)")
-    regime = None
-    if fit.n_regimes > 1:
-        ops = xp.asarray(frame[fit.op_columns].to_numpy(dtype=np.float64))
-        regime = assign_regimes(ops, fit.op_mean, fit.op_scale, fit.centroids, xp, compiled)
-    if fit.normalised:
-        mu = xp.asarray(fit.mean)
-        sd = xp.asarray(fit.std)
-        sd = xp.where(sd > 0, sd, 1.0)
-        if compiled is not None:
-            if not y.flags.owndata:  # a view of the frame's block: normalise a private copy
-                y = y.copy()
-            compiled.normalise_(y, np.zeros(n, np.int64) if regime is None else regime.astype(np.int64, copy=False),
-                                np.ascontiguousarray(mu, dtype=np.float64), np.ascontiguousarray(sd, dtype=np.float64))
-        elif regime is None:
-            y = (y - mu[0][:, None]) / sd[0][:, None]
-        else:
-            y = (y - mu.T[:, regime]) / sd.T[:, regime]
-    row = 0
-
-    def put(block) -> None:
-        nonlocal row
-        out[row: row + block.shape[0]] = to_numpy(block)
-        row += block.shape[0]
-
-    put(t[None, :])
-    if regime is not None:
-        put(regime[None, :])
-    put(y)
-    if compiled is not None:
-        # Straight into the float32 output: no per-feature temporaries.
-        y = np.ascontiguousarray(y, dtype=np.float64)
-        starts = np.append(np.flatnonzero(pos == 0), n).astype(np.int64)
-        codes = np.array([compiled.STAT_CODES[s] for s in params.stats], dtype=np.int64)
-        compiled.rolling_into(y, t, starts, np.array(params.windows, dtype=np.int64), codes,
-                              params.min_periods, out, row)
-        row += len(params.windows) * len(codes) * y.shape[0]
-        compiled.ewm_into(y, starts, np.array(params.ewm_spans, dtype=np.int64), params.min_periods, out, row)
-        row += len(params.ewm_spans) * y.shape[0]
-    else:
-        shift = asset_shift(y, gstart, xp)
-        rolled = rolling_features(y, t, gstart, params.windows, params.stats, params.min_periods, xp, shift)
-        for w in params.windows:
-            for s in params.stats:
-                put(rolled.pop((s, w)))
-        for span in params.ewm_spans:
-            put(ewm_mean(y, pos, span, params.min_periods, xp, shift))
-    assert row == len(names)
-    if params.label:
-        last = cycle[group_ends(gstart, xp)]
-        rul = last - cycle
-        if params.rul_cap is not None:
-            rul = xp.minimum(rul, params.rul_cap)
-        keys[LABEL] = to_numpy(rul).astype(np.int32)
-    return keys, out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,11 +206,11 @@ def _feature_buffer(frame: pd.DataFrame, fit: FitStats, params: FeatureParams) -
 
 
 def transform_job(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, backend: str,
-                  out_dir: str, index: int) -> dict[str, Any]:
+                  out_dir: str, index: int, clock: Clock | None = None) -> dict[str, Any]:
     """Compute one partition's features and write them; return its summary (rows, NaN counts)."""
     xp = array_module(backend)
-    keys, feats = compute_features(frame, fit, params, xp, buffer=_feature_buffer(frame, fit, params))
-    names = feature_names(fit, params)
+    keys, feats = compute_features(frame, fit, params, xp, buffer=_feature_buffer(frame, fit, params), clock=clock)
+    names = feature_names(fit, params, clock)
     name = f"part-{index:05d}.parquet"
     if len(keys):
         write_partition(keys, feats, names, os.path.join(out_dir, name), params.compression)
@@ -382,24 +220,27 @@ def transform_job(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, bac
 
 
 def stage_digest(snapshot_digest: str, lake_fp: str, params: FeatureParams,
-                 fit_from_digest: str | None, code: str) -> str:
-    """Cache key of a feature set: input snapshot, lake listing, parameters, fit source, code."""
-    payload = json.dumps({"snapshot": snapshot_digest, "lake": lake_fp, "params": params.digest_payload(),
-                          "fit_from": fit_from_digest, "code": code}, sort_keys=True)
+                 fit_from_digest: str | None, code: str, contract_digest: str | None = None) -> str:
+    """Cache key of a feature set: input snapshot, lake listing, parameters, fit source, code and the
+    fleet contract the data is read with (its channels, kinds and clock shape the features)."""
+    payload = {"snapshot": snapshot_digest, "lake": lake_fp, "params": params.digest_payload(),
+               "fit_from": fit_from_digest, "code": code}
+    if contract_digest is not None:
+        payload["contract"] = contract_digest
+    payload = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def code_version(*modules: Any) -> str:
     """Digest of the source files of the given modules (the stage's own modules always included).
 
-    The stage's own modules: this one, its parameters, the regime fit and both kernel modules, so an
-    edit to any code that shapes the output invalidates cached feature sets.
+    The stage's own modules: every ``.py`` file of this package (the transform, its parameters, the
+    regime fit and both kernel modules), so an edit to any code that shapes the output invalidates
+    cached feature sets, and a module added to the package is covered without a list to keep.
     """
     h = hashlib.sha256()
-    here = Path(__file__)
-    own = [str(here.with_name(n)) for n in ("feature_params.py", "feature_fit.py", "feature_kernels.py",
-                                             "features_cpu.py")]
-    for path in sorted({__file__, *own, *(getattr(m, "__file__", m) for m in modules)}):
+    own = [str(p) for p in Path(__file__).parent.glob("*.py")]
+    for path in sorted({*own, *(getattr(m, "__file__", m) for m in modules)}):
         h.update(Path(path).read_bytes())
     return h.hexdigest()[:16]
 
@@ -464,9 +305,8 @@ def lake_frame(parts: Sequence[Sequence[str]], columns: Sequence[str], storage_o
     """A dask DataFrame over the lake, one partition per group of whole assets."""
     import dask.dataframe as dd
 
-    meta = pd.DataFrame({c: pd.Series(dtype=object if c == contracts.ASSET else
-                                      ("int32" if c == contracts.TIME else "float64"))
-                         for c in columns})
+    dtypes = {contracts.ASSET: object, contracts.TIME: "int32", contracts.TIMESTAMP: "datetime64[us, UTC]"}
+    meta = pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "float64")) for c in columns})
     return dd.from_map(read_partition, [list(p) for p in parts], columns=list(columns),
                        storage_options=storage_options, meta=meta, label="read-lake",
                        enforce_metadata=False)
@@ -527,14 +367,18 @@ def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_c
 
 
 def transform_and_write(parts: Sequence[Sequence[str]], fit: FitStats, params: FeatureParams,
-                        backend: str, out_dir: str, storage_options: dict | None = None
-                        ) -> list[dict[str, Any]]:
-    """Pass 3 on the cluster: features of every partition written under ``out_dir``."""
+                        backend: str, out_dir: str, storage_options: dict | None = None,
+                        clock: Clock | None = None) -> list[dict[str, Any]]:
+    """Pass 3 on the cluster: features of every partition written under ``out_dir``.
+
+    ``clock``: the data's clock (the fleet contract's); default a cycle clock.
+    """
     import dask
 
+    clock = clock or Clock()
     op_columns = fit.op_columns if fit.n_regimes > 1 else []
-    ddf = lake_frame(parts, [contracts.ASSET, contracts.TIME, *op_columns, *fit.kept], storage_options)
-    jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i)
+    ddf = lake_frame(parts, [contracts.ASSET, clock.key, *op_columns, *fit.kept], storage_options)
+    jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i, clock)
             for i, p in enumerate(ddf.to_delayed())]
     with _dask() as client:
         from twinflow.runtime import gpu_resources
@@ -567,14 +411,15 @@ def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str],
 @task(name="features-transform", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
       task_run_name=task_name("features-transform", lambda p: dataset_of_parts(p["parts"])))
 def transform_task(parts: list[list[str]], fit: FitStats, params: FeatureParams, backend: str,
-                   out_dir: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
+                   out_dir: str, storage_options: dict | None = None,
+                   clock: Clock | None = None) -> list[dict[str, Any]]:
     """Compute and write the features of every partition into ``out_dir`` (pass 3)."""
     from prefect import get_run_logger
 
     # A retry starts from an empty directory: no file of a failed attempt survives.
     for leftover in Path(out_dir).glob("part-*.parquet"):
         leftover.unlink()
-    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options)
+    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options, clock)
     get_run_logger().info("features: %d rows in %d partition(s) on %s", sum(s["rows"] for s in summaries),
                           len(summaries), backend)
     return summaries

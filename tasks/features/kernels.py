@@ -4,7 +4,7 @@ Arrays are ``(rows, channels)`` with rows sorted by asset and time; every kernel
 over all rows and channels of a partition at once, and windows are clipped at each asset's first
 row so they never cross assets. Python loops run only over windows, doubling levels (log2 of the
 window) or EWM scan steps (log2 of the EWM horizon), never over rows or assets. These are the GPU
-path and the reference of the compiled CPU kernels in :mod:`twinflow.tasks.features_cpu`.
+path and the reference of the compiled CPU kernels in :mod:`twinflow.tasks.features.cpu`.
 """
 
 from __future__ import annotations
@@ -127,6 +127,19 @@ class _BlockPrefix:
         return out
 
 
+    def range_sum(self, a):
+        """Sum over rows ``a[i]..i`` of each row ``i`` (``i - a[i] < block``).
+
+        A range spans at most two blocks: this block's prefix up to ``i``, plus the tail of the
+        previous block from ``a[i]`` when the range crosses a block boundary.
+        """
+        xp, b = self.xp, self.block
+        i = xp.arange(self.n)
+        prev = xp.where((a % b == 0)[None, :], 0.0, self.flat[:, xp.maximum(a - 1, 0)])
+        cross = ((a // b) != (i // b))[None, :]
+        return self.flat[:, i] - prev + xp.where(cross, self.totals[:, a // b], 0.0)
+
+
 def _set_nan(a, cond, xp):
     """NaN where ``cond`` (broadcast to ``a``), in place; returns ``a``."""
     if bool(cond.any()):
@@ -246,6 +259,111 @@ def rolling_features(y, t, gstart, windows: Sequence[int], stats: Sequence[str],
         for s, lv in levels.items():
             op = xp.fmin if s == "min" else xp.fmax
             out[(s, w)] = _set_nan(_range_extreme(lv, w, gstart, pos, partial, op, xp), too_few, xp)
+    return out
+
+
+def window_starts(t, gstart, length: float, xp=np):
+    """Per row: the first row of its asset whose time is in ``(t_i - length, t_i]``.
+
+    Args:
+        t: (n,) float64 time relative to each asset's start (>= 0, increasing within an asset).
+        gstart: (n,) first row of each row's asset.
+        length: Window length in the unit of ``t`` (> 0).
+    """
+    n = t.shape[0]
+    if n == 0:
+        return xp.zeros(0, dtype=xp.int64)
+    # One increasing key over the partition: each asset's times shifted past the previous asset's
+    # last time plus the window, so a search never lands in another asset.
+    is_start = gstart == xp.arange(n)
+    ends = xp.concatenate([xp.nonzero(is_start)[0][1:] - 1, xp.asarray([n - 1])])
+    span = t[ends] + length + 1.0
+    offset = xp.concatenate([xp.zeros(1), xp.cumsum(span)[:-1]])
+    key = t + offset[xp.cumsum(is_start) - 1]
+    left = xp.searchsorted(key, key - length, side="right")
+    return xp.maximum(left, gstart).astype(xp.int64)
+
+
+def time_window_features(y, t, gstart, lengths: Sequence[float], stats: Sequence[str], min_periods: int,
+                         xp=np, shift=None) -> dict[tuple[str, int], Any]:
+    """Rolling mean/std/min/max/slope over windows of time, per asset.
+
+    Row ``i``'s window holds the rows of its asset whose time is in ``(t_i - length, t_i]``: over a
+    gap it holds fewer rows (none are invented), with irregular sampling as many as fell in it.
+    Matches pandas ``groupby(asset).rolling("<length>", on=time, min_periods=...)`` (std with
+    ddof=1; NaNs skipped, ``min_periods`` counts valid values); ``slope`` is the least-squares slope
+    against ``t``. Sums over a window are differences of block-local prefix sums (as in
+    :func:`rolling_features`), extremes come from the sparse table's two overlapping power-of-2
+    ranges, so the cost does not depend on how many rows a window holds.
+
+    Args:
+        y: (channels, n) float64 values, NaN for missing; rows sorted by asset then time.
+        t: (n,) float64 time per row relative to its asset's start, in the clock's unit.
+        gstart: (n,) first row of each row's asset.
+        lengths: Window lengths in the unit of ``t``.
+        stats: Subset of :data:`STATS`.
+        min_periods: Valid rows needed for a value.
+        shift: :func:`asset_shift` of ``y`` when already computed.
+
+    Returns:
+        ``{(stat, k): (channels, n) array}`` for the ``k``-th window of ``lengths``.
+    """
+    c, n = y.shape
+    if n == 0:
+        return {(s, k): xp.empty((c, 0)) for k in range(len(lengths)) for s in stats}
+    starts = [window_starts(t, gstart, float(length), xp) for length in lengths]
+    rows = xp.arange(n)
+    longest = max(int((rows - a).max()) + 1 for a in starts)
+    valid = ~xp.isnan(y)
+    has_nan = not bool(valid.all())
+    shift = asset_shift(y, gstart, xp) if shift is None else shift
+    yc = xp.where(valid, y - shift, 0.0) if has_nan else y - shift
+    block = 1 << max(6, (longest - 1).bit_length())
+    trow = t[None, :]
+    m = valid.astype(xp.float64) if has_nan else xp.ones((1, n))
+    pre: dict[str, _BlockPrefix] = {"m": _BlockPrefix(m, block, xp)}
+    if {"mean", "std", "slope"} & set(stats):
+        pre["y"] = _BlockPrefix(yc, block, xp)
+        if "std" in stats:
+            pre["yy"] = _BlockPrefix(yc * yc, block, xp)
+        if "slope" in stats:
+            pre["ty"] = _BlockPrefix(yc * trow, block, xp)
+            pre["t"] = _BlockPrefix(m * trow, block, xp)
+            pre["tt"] = _BlockPrefix(m * trow * trow, block, xp)
+    kmax = int(math.floor(math.log2(longest)))
+    levels = {s: _sparse_levels(y, kmax, xp.fmin if s == "min" else xp.fmax, xp)
+              for s in ("min", "max") if s in stats}
+    out: dict[tuple[str, int], Any] = {}
+    for k, a in enumerate(starts):
+        cnt = pre["m"].range_sum(a)
+        too_few = cnt < min_periods
+        under2 = too_few | (cnt < 2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if "y" in pre:
+                sy = pre["y"].range_sum(a)
+            if "mean" in stats:
+                out[("mean", k)] = _set_nan(sy / cnt + shift, too_few, xp)
+            if "std" in stats:
+                var = pre["yy"].range_sum(a) - sy * sy / cnt
+                var = xp.maximum(var, 0.0, out=var) / (cnt - 1)
+                out[("std", k)] = _set_nan(xp.sqrt(var, out=var), under2, xp)
+            if "slope" in stats:
+                st = pre["t"].range_sum(a)
+                stt = pre["tt"].range_sum(a)
+                den = cnt * stt - st * st
+                bad = under2 | (den <= 1e-12 * xp.maximum(cnt * stt, 1.0))
+                num = cnt * pre["ty"].range_sum(a) - st * sy
+                out[("slope", k)] = _set_nan(num / xp.where(bad, 1.0, den), bad, xp)
+        length = rows - a + 1
+        ks = _floor_log2(length, xp)
+        for s, lv in levels.items():
+            op = xp.fmin if s == "min" else xp.fmax
+            res = xp.empty_like(y)
+            for j in range(kmax + 1):
+                sel = xp.nonzero(ks == j)[0]
+                if sel.shape[0]:
+                    res[:, sel] = op(lv[j][:, sel], lv[j][:, a[sel] + 2**j - 1])
+            out[(s, k)] = _set_nan(res, too_few, xp)
     return out
 
 

@@ -1,18 +1,19 @@
 """What the features stage computes: its parameters, the fitted normalisation it reuses, file names.
 
-Kept apart from the stage's code so that the regime fit (:mod:`twinflow.tasks.feature_fit`), the
+Kept apart from the stage's code so that the regime fit (:mod:`twinflow.tasks.features.fit`), the
 transform and the drivers (:mod:`twinflow.tasks.features`) share one definition without importing
 each other. Everything here is re-exported by :mod:`twinflow.tasks.features`.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-__all__ = ["STATS", "Stat", "EXECUTION_FIELDS", "FIT_FILE", "MANIFEST_FILE", "SINCE_START", "REGIME", "LABEL",
-           "FeatureParams", "FitStats"]
+__all__ = ["STATS", "Stat", "EXECUTION_FIELDS", "FIT_FILE", "MANIFEST_FILE", "SINCE_START", "TIME_SINCE_START",
+           "REGIME", "LABEL", "FeatureParams", "FitStats", "since_start_name"]
 
 STATS = ("mean", "std", "min", "max", "slope")
 Stat = Literal["mean", "std", "min", "max", "slope"]
@@ -21,21 +22,33 @@ EXECUTION_FIELDS = frozenset({"partition_bytes", "backend", "compression"})
 FIT_FILE = "_fit.json"
 MANIFEST_FILE = "_manifest.json"
 SINCE_START = "cycle_since_start"
+# Its name for a timestamp clock: time since the asset's first row, in the clock's unit (e.g. hours).
+TIME_SINCE_START = "time_since_start"
 REGIME = "regime"
 LABEL = "rul"
+_WINDOW_NAME = re.compile(r"\d+(?:\.\d+)?[a-z]+")
 
 
 class FeatureParams(BaseModel):
     """What the features stage computes, validated before any work.
 
+    The fleet contract of the data says what the channels are: sensors (``kind: sensor``) become
+    features, settings (``kind: setting``) define the operating regimes, and its clock says what a
+    window of time and the label's unit are.
+
     Attributes:
-        windows: Rolling window lengths in rows (cycles), each > 0.
-        stats: Rolling statistics per window and channel.
-        channels: Channels to use; None means every sensor channel (``s1..s21``) present.
-        ewm_spans: Spans of exponentially-weighted means (pandas ``ewm(span=...)``, adjust=True).
+        windows: Rolling window lengths in rows (cycles, or readings of a timestamp clock), each > 0;
+            may be empty when ``time_windows`` is not.
+        time_windows: Rolling windows of time (timestamp clocks only), e.g. ``["1h", "6h"]``: a row's
+            window holds the readings of its asset with a time in ``(t - window, t]``, so over a gap
+            in the data it holds fewer rows (none are invented) and with irregular sampling the
+            count varies; ``min_periods`` valid readings are still needed for a value.
+        stats: Rolling statistics per window and channel (``slope`` is per unit of the clock).
+        channels: Channels to use; None means every sensor channel of the contract present.
+        ewm_spans: Spans of exponentially-weighted means in rows (pandas ``ewm(span=...)``, adjust=True).
         min_periods: Valid rows a window needs for a value (std and slope need 2); at most the
-            smallest window. With 1, the first rows of an asset get partial-window features.
-        regimes: Number of operating regimes (k-means on the operating settings), or ``"auto"``.
+            smallest row window. With 1, the first rows of an asset get partial-window features.
+        regimes: Number of operating regimes (k-means on the contract's setting channels), or ``"auto"``.
         max_regimes: Largest k tried by ``auto``.
         regime_tol: ``auto`` picks the smallest k whose k-means inertia is below this fraction
             of the one-cluster inertia (discrete set points collapse to ~0; noise never does).
@@ -43,7 +56,8 @@ class FeatureParams(BaseModel):
         drop_constant: Drop channels that are constant (within every regime) or all NaN.
         constant_tol: Relative std below which a channel counts as constant.
         label: Add the RUL label (run-to-failure data only; False e.g. for C-MAPSS test files).
-        rul_cap: Piecewise-linear cap of the label; None for no cap.
+        rul_cap: Piecewise-linear cap of the label, in the clock's unit (cycles, or e.g. hours);
+            None for no cap.
         sample_rows: Rows of operating settings sampled to fit the regimes.
         sample_files: Lake files (a random subset, by ``seed``) that sample is drawn from; all
             of them when there are fewer. Saves a full pass over a large lake.
@@ -60,7 +74,8 @@ class FeatureParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    windows: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 20, 30], min_length=1)
+    windows: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 20, 30])
+    time_windows: list[str] = Field(default_factory=list)
     stats: list[Stat] = Field(default_factory=lambda: list(STATS))
     channels: list[str] | None = None
     ewm_spans: list[PositiveInt] = Field(default_factory=lambda: [10])
@@ -72,7 +87,7 @@ class FeatureParams(BaseModel):
     drop_constant: bool = True
     constant_tol: float = Field(1e-6, ge=0)
     label: bool = True
-    rul_cap: PositiveInt | None = 125
+    rul_cap: PositiveInt | PositiveFloat | None = 125
     sample_rows: PositiveInt = 50_000
     sample_files: PositiveInt = 256
     seed: int = 0
@@ -85,6 +100,24 @@ class FeatureParams(BaseModel):
     def _sorted_unique(cls, v: list) -> list:
         return sorted(set(v), key=v.index) if v and isinstance(v[0], str) else sorted(set(v))
 
+    @field_validator("time_windows")
+    @classmethod
+    def _time_windows(cls, v: list[str]) -> list[str]:
+        from twinflow.contract.model import parse_duration
+
+        seen: dict[float, str] = {}
+        for w in v:
+            try:
+                seconds = parse_duration(w).total_seconds()
+            except ValueError as exc:
+                raise ValueError(f"time window {w!r}: {exc}") from None
+            if seconds <= 0:
+                raise ValueError(f"time window {w!r} must be positive")
+            if not _WINDOW_NAME.fullmatch(w):
+                raise ValueError(f"time window {w!r}: write it as a number and a unit without spaces, e.g. '6h'")
+            seen.setdefault(seconds, w)
+        return [seen[s] for s in sorted(seen)]
+
     @field_validator("channels")
     @classmethod
     def _channels(cls, v: list[str] | None) -> list[str] | None:
@@ -94,14 +127,30 @@ class FeatureParams(BaseModel):
 
     @model_validator(mode="after")
     def _min_periods_fit(self) -> "FeatureParams":
-        if self.min_periods > min(self.windows):
+        if not self.windows and not self.time_windows:
+            raise ValueError("name at least one window: windows (rows) or time_windows (e.g. ['1h'])")
+        if self.windows and self.min_periods > min(self.windows):
             raise ValueError(f"min_periods={self.min_periods} exceeds the smallest window "
                              f"{min(self.windows)}")
         return self
 
     def digest_payload(self) -> dict[str, Any]:
         """The parameters that determine the output (execution-only fields excluded)."""
-        return self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+        payload = self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+        if not payload["time_windows"]:  # keeps the cache keys of feature sets made before time windows
+            del payload["time_windows"]
+        return payload
+
+    def time_window_lengths(self, unit_seconds: float) -> list[float]:
+        """``time_windows`` in the clock's unit (``unit_seconds`` seconds each), in order."""
+        from twinflow.contract.model import parse_duration
+
+        return [parse_duration(w).total_seconds() / unit_seconds for w in self.time_windows]
+
+
+def since_start_name(clock_kind: str) -> str:
+    """The time-since-start feature's name: ``cycle_since_start`` or ``time_since_start``."""
+    return SINCE_START if clock_kind == "cycle" else TIME_SINCE_START
 
 
 class FitStats(BaseModel):

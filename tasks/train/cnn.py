@@ -30,13 +30,16 @@ def make_windows(frame: pd.DataFrame, asset: str, cycle: str, columns: list[str]
     """One standardised window per row: the ``window`` cycles of its asset ending at that row.
 
     Early rows are padded by repeating the asset's first cycle, so every row gets a prediction.
+    A missing value (NaN) becomes 0 after standardising, i.e. the training mean: the network needs
+    numbers, and the mean carries no signal either way.
 
     Returns:
         ``(windows, order)``: float32 array ``(n_rows, window, n_features)`` in the row order
         ``order`` (positions into ``frame``, sorted by asset then cycle).
     """
     order = np.lexsort((frame[cycle].to_numpy(), frame[asset].to_numpy()))
-    values = ((frame[columns].to_numpy(dtype="float64") - mean) / std).astype("float32")[order]
+    values = np.nan_to_num((frame[columns].to_numpy(dtype="float64") - mean) / std, nan=0.0)
+    values = values.astype("float32")[order]
     assets = frame[asset].to_numpy()[order]
     out = np.empty((len(frame), window, len(columns)), dtype="float32")
     bounds = np.flatnonzero(np.r_[True, assets[1:] != assets[:-1], True])
@@ -121,7 +124,7 @@ class CnnModel:
         import mlflow.pyfunc
         from mlflow.models import infer_signature
 
-        from twinflow.tasks.trainers import pip_requirements
+        from twinflow.tasks.train.trainers import pip_requirements
 
         cols = ["asset_id", "cycle", *self.columns]
         x = example.rename(columns={self.asset: "asset_id", self.cycle: "cycle"})[cols]
@@ -183,9 +186,13 @@ class CnnTrainer:
         rng = np.random.default_rng(seed)
         cols = list(spec.feature_columns)
         hp = {**{k: v[0] for k, v in self.default_space.items()}, **hparams}
-        mean = train[cols].to_numpy().mean(axis=0)
-        std = train[cols].to_numpy().std(axis=0)
-        std = np.where(std > 1e-12, std, 1.0)
+        x = train[cols].to_numpy(dtype="float64")
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: mean 0, scale 1 below
+            mean = np.nanmean(x, axis=0)
+            std = np.nanstd(x, axis=0)
+        mean = np.where(np.isfinite(mean), mean, 0.0)
+        std = np.where(np.isfinite(std) & (std > 1e-12), std, 1.0)
         scale = float(params.rul_cap)
         xtr, otr = make_windows(train, spec.asset, spec.cycle, cols, params.window, mean, std)
         ytr = (train[spec.label].to_numpy()[otr] / scale).astype("float32")

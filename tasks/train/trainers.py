@@ -2,7 +2,7 @@
 
 A trainer fits a model on train rows with early stopping on validation rows; the fitted model
 predicts on frames of keys + features and logs itself to MLflow. ``gbm`` (scikit-learn) lives
-here; ``cnn`` (PyTorch) lives in :mod:`twinflow.tasks.train_torch` and registers itself below.
+here; ``cnn`` (PyTorch) lives in :mod:`twinflow.tasks.train.cnn` and registers itself below.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from twinflow.errors import ConfigError
 
 if TYPE_CHECKING:
     from twinflow.tasks.train import TrainParams
-    from twinflow.tasks.train_data import DataSpec
+    from twinflow.tasks.train.data import DataSpec
 
 # skops (MLflow's sklearn serializer) parses Python ASTs while saving and loading, and CPython's
 # AST constructor is not safe across threads ("AST constructor recursion depth mismatch"): model
@@ -184,7 +184,7 @@ def get_trainer(name: str) -> Trainer:
 
 # The PyTorch trainer registers itself here only when its module imports cleanly; torch itself is
 # imported lazily at fit time, so listing the trainer costs nothing.
-from twinflow.tasks import train_torch as _train_torch  # noqa: E402
+from twinflow.tasks.train import cnn as _train_torch  # noqa: E402
 
 TRAINERS["cnn"] = _train_torch.CnnTrainer()
 

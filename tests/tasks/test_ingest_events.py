@@ -1,0 +1,84 @@
+"""Event logs through the contract, and life segments: every log row is accepted or quarantined with a
+reason, and histories split at renewals into failure / censored / running lives in the clock's unit."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from twinflow.contract import load_contract
+from twinflow.errors import ConfigError
+from twinflow.tasks.ingest.events import build_segments, parse_events
+
+
+def us(ts: str) -> int:
+    return int(pd.Timestamp(ts, tz="UTC").value // 1000)
+
+
+@pytest.fixture
+def pumps():
+    return load_contract("pumps")
+
+
+def log(rows):
+    return pa.table({k: [r[i] for r in rows] for i, k in enumerate(["machine", "ts", "event", "work_order", "text"])})
+
+
+EXTENTS = {"P1": (us("2026-01-01"), us("2026-03-01")), "P2": (us("2026-01-01"), us("2026-02-01"))}
+
+
+def test_bad_event_rows_are_quarantined_with_reasons_and_nothing_is_lost(pumps):
+    raw = log([
+        ["P1", "2026-01-10 08:00", "failure_bearing", "WO-1", "bearing seized"],
+        ["P1", "2026-01-10 08:00", "failure_bearing", "WO-1", "same row twice"],
+        ["P1", "2026-01-20T00:00:00Z", "replacement", "WO-2", ""],
+        ["P1", "2026-01-21", "oil_change", "WO-3", ""],        # not in the vocabulary
+        ["P9", "2026-01-21", "inspection", "WO-4", ""],        # no telemetry of P9
+        ["P2", "not a time", "inspection", "WO-5", ""],
+        ["P2", "2027-01-01", "failure_seal", "WO-6", ""],      # after P2's telemetry
+        ["", "2026-01-05", "inspection", "WO-7", ""],
+        ["P2", "2026-01-15", "lubrication", None, None],
+    ])
+    events, quarantined = parse_events(raw, pumps, "events.csv", EXTENTS)
+    assert events.num_rows + quarantined.num_rows == raw.num_rows
+    reasons = dict(zip(quarantined.column("record").to_pylist(), quarantined.column("reason").to_pylist()))
+    assert reasons[1] == "duplicate event"
+    assert reasons[3].startswith("unknown event type 'oil_change'")
+    assert reasons[4] == "unknown asset 'P9': no telemetry of it"
+    assert reasons[5].startswith("unparseable event time")
+    assert reasons[6] == "event time outside the asset's telemetry"
+    assert reasons[7] == "missing asset id"
+    assert events.column("meaning").to_pylist() == ["failure", "renewal", "neutral"]
+    assert events.column("failure_mode").to_pylist() == ["failure_bearing", None, None]
+    # Naive times are the contract's timezone (UTC here), stored as UTC.
+    assert events.column("timestamp")[0].as_py() == pd.Timestamp("2026-01-10 08:00", tz="UTC")
+    assert "P9" in quarantined.column("raw")[quarantined.column("record").to_pylist().index(4)].as_py()
+
+
+def test_a_log_without_a_declared_column_or_a_contract_without_events_is_a_clear_error(pumps):
+    with pytest.raises(ConfigError, match="lacks the event type column 'event'"):
+        parse_events(pa.table({"machine": ["P1"], "ts": ["2026-01-02"]}), pumps, "e.csv")
+    with pytest.raises(ConfigError, match="declares no event log"):
+        parse_events(pa.table({"x": [1]}), load_contract("cmapss"), "e.csv")
+
+
+def test_segments_split_at_failures_and_renewals_in_hours(pumps):
+    raw = log([["P1", "2026-01-11", "failure_bearing", "WO-1", ""],
+               ["P1", "2026-01-21", "replacement", "WO-2", ""],
+               ["P1", "2026-01-25", "inspection", "WO-3", ""]])
+    events, _ = parse_events(raw, pumps, "events.csv", EXTENTS)
+    seg = build_segments(EXTENTS, events, pumps).to_pylist()
+    p1 = [s for s in seg if s["asset_id"] == "P1"]
+    assert [s["end_reason"] for s in p1] == ["failure", "censored", "running"]
+    assert [s["duration"] for s in p1] == [240.0, 240.0, (10 + 29) * 24.0]  # hours, neutral events ignored
+    assert p1[0]["failure_mode"] == "failure_bearing"
+    p2 = [s for s in seg if s["asset_id"] == "P2"]  # no events: one running life
+    assert [(s["end_reason"], s["duration"]) for s in p2] == [("running", 31 * 24.0)]
+
+
+def test_run_to_failure_records_end_in_failure_and_count_cycles_like_cmapss():
+    cmapss = load_contract("cmapss")
+    seg = build_segments({"1": (1, 192), "2": (1, 31)}, None, cmapss, {"1": "failure"}).to_pylist()
+    assert [(s["asset_id"], s["end_reason"], s["duration"]) for s in seg] == [("1", "failure", 192.0),
+                                                                            ("2", "running", 31.0)]

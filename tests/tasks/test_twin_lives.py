@@ -1,0 +1,64 @@
+"""The twin on life segments: it calibrates on the failure-ended lives only and checks its lifetimes
+against the Kaplan–Meier estimate of every life, suspensions included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twin_fixtures import pump_fleet
+from twinflow import lake
+from twinflow.contract import load_contract
+from twinflow.tasks.ingest.events import build_segments
+from twinflow.tasks.twin import TwinParams
+from twinflow.tasks.twin.calibration import read_cmapss_frame
+from twinflow.tasks.twin.tasks import calibrate_twin
+
+
+def _with_segments(snap, extents, life_end, contract):
+    segments = build_segments(extents, None, contract, life_end)
+    version = lake.write_table(snap.lake_path, lake.derived_name(snap.dataset, "segments"), segments,
+                               overwrite=True)
+    return snap.model_copy(update={"segments": version}), segments
+
+
+def test_pump_twin_calibrates_on_failed_lives_and_checks_all_lives(tmp_path):
+    pumps = load_contract("pumps")
+    table, _ = pump_fleet(n_pumps=24, seed=3)
+    # A quarter of the pumps are still running: their telemetry stops at 60 % of their life.
+    assets = sorted(set(table.column("asset_id").to_pylist()))
+    running = set(assets[::4])
+    keep = []
+    for a in assets:
+        rows = table.filter(pc.equal(table.column("asset_id"), a))
+        if a in running:
+            rows = rows.slice(0, int(rows.num_rows * 0.6))
+        keep.append(rows)
+    table = pa.concat_tables(keep)
+    snap = lake.write_lake_table(table, str(tmp_path), "pumps", "b1", contract=pumps)
+    ts = table.column("timestamp").cast(pa.int64()).to_numpy()
+    ids = np.array(table.column("asset_id").to_pylist())
+    extents = {a: (int(ts[ids == a].min()), int(ts[ids == a].max())) for a in assets}
+    snap, segments = _with_segments(snap, extents, {a: "running" if a in running else "failure" for a in assets},
+                                    pumps)
+    model, report = calibrate_twin.fn(TwinParams(min_lifetime=50), snap)
+    assert report.n_assets == len(assets) - len(running)  # running lives never calibrate degradation
+    lives = report.lives
+    assert lives is not None and (lives.failures, lives.suspensions) == (18, 6)
+    assert lives.weibull is not None and lives.weibull.failures == 18
+    assert lives.twin_km is not None and 0.0 <= lives.twin_km.inside_share <= 1.0
+
+
+def test_fd001_twin_passes_the_kaplan_meier_check_with_unchanged_ks(tmp_path):
+    cmapss = load_contract("cmapss")
+    frame = read_cmapss_frame()
+    snap = lake.write_lake_table(pa.Table.from_pandas(frame, preserve_index=False), str(tmp_path), "train_fd001",
+                                 "b1", contract=cmapss)
+    extents = {a: (int(g.cycle.min()), int(g.cycle.max())) for a, g in frame.groupby("asset_id")}
+    with_segments, _ = _with_segments(snap, extents, {a: "failure" for a in extents}, cmapss)
+    _, report = calibrate_twin.fn(TwinParams(), with_segments)
+    _, legacy = calibrate_twin.fn(TwinParams(truncated_sources="^test_"), snap)  # the file-name rule
+    assert report.ks_statistic == legacy.ks_statistic and report.n_assets == legacy.n_assets == 100
+    assert report.lives.failures == 100 and report.lives.suspensions == 0
+    assert report.lives.weibull_km.passed and report.lives.twin_km.passed
