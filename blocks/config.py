@@ -157,10 +157,14 @@ def register_block_types() -> list[str]:
     Raises:
         ServiceUnavailable: the Prefect API is not set or does not answer.
     """
+    from twinflow.blocks.broker import BrokerCredentialsBlock
+
     check_api()
-    for block_type in BLOCK_TYPES:
+    # Every block a twinflow config can name, the bridge's broker credentials included.
+    types = (*BLOCK_TYPES, BrokerCredentialsBlock)
+    for block_type in types:
         block_type.register_type_and_schema()
-    return [b.get_block_type_slug() for b in BLOCK_TYPES]
+    return [b.get_block_type_slug() for b in types]
 
 
 def _saved_names(block_type: type[Block]) -> list[str]:

@@ -119,3 +119,87 @@ def test_a_flow_run_right_after_a_flow_of_task_runs_starts_without_client_back_o
         client_log.removeHandler(collect)
         client_log.setLevel(level)
     assert [m for m in collect.messages if "retryable status code" in m] == []
+
+
+def _request(app, method: str, headers: dict[str, str], scope_type: str = "http"):
+    from twinflow.prefect_server_main import LocalOnly  # noqa: F401 - imported for the reader
+
+    sent = []
+    pending = [{"type": "http.request", "body": b"{}", "more_body": False}] if scope_type == "http" else \
+        [{"type": "websocket.connect"}]
+
+    async def receive():
+        return pending.pop(0)
+
+    async def send(msg):
+        sent.append(msg)
+
+    scope = {"type": scope_type, "method": method, "path": "/api/flows/",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def _local_only(**env):
+    from twinflow.prefect_server_main import LocalOnly
+
+    inner = _Flaky(fails=0)
+    import os
+
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return LocalOnly.from_env(inner, host="127.0.0.1", port=4321), inner
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _status(sent):
+    return [m.get("status") for m in sent if m["type"] == "http.response.start"]
+
+
+def test_foreign_host_or_origin_is_refused_before_the_api_sees_it():
+    """DNS rebinding / cross-origin writes from a web page in a local browser (issue 25)."""
+    app, inner = _local_only()
+    assert _status(_request(app, "POST", {"host": "evil.example", "origin": "http://evil.example"})) == [403]
+    assert _status(_request(app, "POST", {"host": "127.0.0.1:4321", "origin": "http://evil.example"})) == [403]
+    assert _status(_request(app, "POST", {"host": "evil.example:4321"})) == [403]
+    # another local web app (other port) is another origin
+    assert _status(_request(app, "POST", {"host": "127.0.0.1:4321", "origin": "http://localhost:3000"})) == [403]
+    assert inner.calls == [] and app.refused == 4
+    ws = _request(app, "GET", {"host": "evil.example"}, scope_type="websocket")
+    assert ws[0]["type"] == "websocket.close" and ws[0]["code"] == 1008
+
+
+def test_the_servers_own_names_and_ui_origin_pass():
+    app, inner = _local_only()
+    for headers in ({"host": "127.0.0.1:4321"}, {"host": "localhost:4321", "origin": "http://localhost:4321"},
+                    {"host": "[::1]:4321", "origin": "http://127.0.0.1:4321"}, {}):
+        assert _status(_request(app, "POST", headers)) == [201], headers
+    assert len(inner.calls) == 4
+
+
+def test_extra_names_are_configurable():
+    app, _ = _local_only(TWINFLOW_PREFECT_ALLOWED_HOSTS="prefect.lan",
+                         TWINFLOW_PREFECT_ALLOWED_ORIGINS="https://ops.example")
+    assert _status(_request(app, "POST", {"host": "prefect.lan:4321", "origin": "https://ops.example"})) == [201]
+    assert _status(_request(app, "POST", {"host": "prefect.lan", "origin": "http://prefect.lan:4321"})) == [201]
+    assert _status(_request(app, "POST", {"host": "other.lan"})) == [403]
+
+
+def test_the_local_server_refuses_a_foreign_host_and_origin_write(prefect_api):
+    """On the real server (issue 25: a POST with Host/Origin evil.example got 201)."""
+    import httpx
+
+    body = {"name": "dns-rebinding-probe"}
+    evil = httpx.post(f"{prefect_api}/flows/", json=body,
+                      headers={"Host": "evil.example", "Origin": "http://evil.example"}, timeout=30)
+    assert evil.status_code == 403 and "not this server's" in evil.text
+    cross = httpx.post(f"{prefect_api}/flows/", json=body, headers={"Origin": "http://evil.example"}, timeout=30)
+    assert cross.status_code == 403
+    own = httpx.post(f"{prefect_api}/flows/", json=body, timeout=30)
+    assert own.status_code in (200, 201), own.text

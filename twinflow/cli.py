@@ -279,7 +279,11 @@ def server(
         # without, on 2 loaded cores; 6.1 s and 5.8 s on idle ones).
         ml_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get(
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
-        ml = subprocess.Popen(mlflow_cmd, start_new_session=True, stdout=ml_log, stderr=subprocess.STDOUT,
+        from twinflow.procguard import guarded
+
+        # Under a guard that stops the UI's process group when this process dies, even by kill -9
+        # (nothing here can clean up then; the UI and its workers used to keep running).
+        ml = subprocess.Popen(guarded(mlflow_cmd), start_new_session=True, stdout=ml_log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, env=ml_env)
     srv = None
     try:  # entered right after the processes exist: a SIGTERM from here on still stops them

@@ -323,7 +323,9 @@ def _start(settings: Settings, user: dict) -> PrefectServer:
     # The UI's pages ask /ui-settings where the API is; its default is built from
     # PREFECT_SERVER_API_PORT (4200), not from --port, so a server on any other port served a UI that
     # could not reach its own API.
-    env.update({"PREFECT_UI_API_URL": url, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port)})
+    env.update({"PREFECT_UI_API_URL": url, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port),
+                # CORS only for the server's own UI (LocalOnly in prefect_server_main refuses other origins).
+                "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": f"http://{host}:{port}"})
     nice = settings.prefect.server_nice
     lower_priority = (lambda: os.nice(nice)) if nice and hasattr(os, "nice") else None
     proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT,

@@ -27,10 +27,15 @@ class Message:
     error: str | None = None
     ack: Callable[[], None] | None = None
     received: float = field(default_factory=time.time)
+    # Rows of the message that could not be used, as (raw row text, reason): quarantined on their own.
+    row_errors: list[tuple[str, str]] = field(default_factory=list)
+    # True when ``rows`` came from the bridge's :class:`~twinflow.tasks.bridge.decode.Decoder` (already
+    # checked against the contract); rows built elsewhere are checked by the committer.
+    checked: bool = False
 
     @property
     def size(self) -> int:
-        return max(1, len(self.rows))
+        return max(1, len(self.rows) + len(self.row_errors))
 
 
 class Buffer:

@@ -48,6 +48,46 @@ def run_cmd(
                            "rows_quarantined": stats.rows_quarantined, "redelivered": stats.redelivered}))
 
 
+@stream_app.command("status")
+def status_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="Bridge config (YAML or JSON)."),
+    stale_s: Optional[float] = typer.Option(None, "--stale", help="Seconds without a heartbeat after which a "
+                                            "running bridge counts as dead (default 3 heartbeats)."),
+) -> None:
+    """Show the bridge's last heartbeat: state, per-source state, lag and last commit (JSON).
+
+    Exits 1 when the bridge failed or its heartbeat is stale, 0 otherwise.
+    """
+    import time
+
+    from twinflow.errors import ConfigError
+    from twinflow.settings import get_settings
+    from twinflow.tasks.bridge.config import load_config
+    from twinflow.tasks.bridge.events import read_status
+
+    cfg = load_config(config)
+    lake = cfg.lake or get_settings().lake_path
+    status = read_status(lake, cfg.bridge_id)
+    if status is None:
+        raise ConfigError(f"bridge {cfg.bridge_id!r} has never run on the lake {lake}")
+    now = time.time()
+    status["heartbeat_age_s"] = round(now - status["time"], 1)
+    last = status.get("last_commit") or {}
+    status["since_last_commit_s"] = None if not last.get("time") else round(now - last["time"], 1)
+    for src in status.get("sources", []):
+        lm = src.get("last_message")
+        src["lag_s"] = None if lm is None or not last.get("time") else round(max(0.0, lm - last["time"]), 1)
+    limit = stale_s if stale_s is not None else 3 * cfg.heartbeat_s
+    if status["state"] == "running" and status["heartbeat_age_s"] > limit:
+        status["state"] = "stale"
+        status["reason"] = f"no heartbeat for {status['heartbeat_age_s']:g}s (process gone or hung)"
+    typer.echo(json.dumps(status, indent=1, default=str))
+    if status["state"] in ("failed", "stale"):
+        # SystemExit, not typer.Exit: twinflow's main runs click without standalone mode, which turns
+        # typer.Exit into a return value.
+        raise SystemExit(1)
+
+
 @stream_app.command("simulate")
 def simulate_cmd(
     mqtt: Optional[str] = typer.Option(None, "--mqtt", help="Broker host:port to publish to."),
@@ -86,9 +126,9 @@ def simulate_cmd(
             typer.echo(json.dumps({"endpoint": opcua, "nodes": section["nodes"]}), nl=True)
 
         chans = [c.strip() for c in channels.split(",") if c.strip()] if channels else None
-        from twinflow import contracts as C
+        from twinflow.contract import load_contract
 
-        unknown = sorted(set(chans or []) - set(C.CHANNELS))
+        unknown = sorted(set(chans or []) - set(load_contract("cmapss").channel_names))
         if unknown:
             raise ConfigError(f"--channels: {unknown} are not channels of the data contract")
         n = serve_opcua(rows, opcua, rate=rate, channels=chans, stop=stop, on_ready=ready, linger=linger)

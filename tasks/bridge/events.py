@@ -33,10 +33,12 @@ from twinflow.tasks.bridge.commit import BatchResult
 
 log = logging.getLogger("twinflow.bridge")
 
-__all__ = ["BATCH_EVENT", "READY_EVENT", "ReadyTracker", "batch_event", "emit_batch", "ready_state_path"]
+__all__ = ["BATCH_EVENT", "HEARTBEAT_EVENT", "READY_EVENT", "ReadyTracker", "batch_event", "emit_batch",
+           "emit_heartbeat", "read_status", "ready_state_path", "status_path", "write_status"]
 
 BATCH_EVENT = ev.BATCH_COMMITTED
 READY_EVENT = ev.DATA_READY
+HEARTBEAT_EVENT = "twinflow.stream.heartbeat"
 ASSETS_METADATA = "twinflow.assets"  # commit metadata key: JSON {asset: rows written}
 
 
@@ -55,6 +57,37 @@ def batch_event(res: BatchResult, dataset: str, bridge_id: str) -> dict[str, Any
 def emit_batch(res: BatchResult, dataset: str, bridge_id: str) -> Any:
     """Emit the batch event (a no-op without a Prefect API); never fails the bridge."""
     return ev.emit(**batch_event(res, dataset, bridge_id))
+
+
+def status_path(lake_path: str, bridge_id: str) -> Path:
+    """Where a running bridge writes its state every heartbeat (read by ``twinflow stream status``)."""
+    return lk.meta_path(lake_path, f"bridge-{bridge_id}-status.json")
+
+
+def write_status(lake_path: str, bridge_id: str, status: dict[str, Any]) -> None:
+    """Replace the bridge's status file atomically (a reader never sees half of it)."""
+    path = status_path(lake_path, bridge_id)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(status, default=str, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:  # the status is for people; it must not stop the stream
+        log.warning("bridge %s: status not written (%s)", bridge_id, exc)
+
+
+def read_status(lake_path: str, bridge_id: str) -> dict[str, Any] | None:
+    """The bridge's last status (None: it never ran on this lake)."""
+    path = status_path(lake_path, bridge_id)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def emit_heartbeat(status: dict[str, Any]) -> Any:
+    """Emit ``twinflow.stream.heartbeat`` with the bridge's state (a no-op without a Prefect API)."""
+    return ev.emit(event=HEARTBEAT_EVENT,
+                   resource=ev.dataset_resource(status["dataset"], **{"twinflow.bridge": status["bridge_id"]}),
+                   payload=status)
 
 
 def ready_state_path(lake_path: str, bridge_id: str) -> Path:

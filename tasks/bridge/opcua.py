@@ -1,8 +1,10 @@
 """The OPC UA source: data-change subscription on mapped nodes, rows by source timestamp, history catch-up.
 
-The config maps node ids to (asset, column); column ``cycle`` is the asset's row key. Rows are the
-MQTT JSON rows (``{"asset_id", "cycle", <channel>: value}``), so both sources share the buffer, the
-contract checks, the quarantine and the (asset, cycle) dedupe of :mod:`.commit`.
+The config maps node ids to (asset, column); columns are the fleet contract's channels and clock. With
+a cycle clock the ``cycle`` node is the asset's row key; with a timestamp clock the values' source
+timestamp is (unless a ``timestamp`` node is mapped). Rows are the MQTT JSON rows (``{"asset_id",
+<time>, <channel>: value}``), so both sources share the buffer, the contract checks, the quarantine
+and the (asset, time) dedupe of :mod:`.commit`.
 
 **Rows.** A plant writes one sample of an asset to all of its nodes with one source timestamp (the
 simulator does; an OPC UA server's nodes of one device usually share it). :class:`RowAssembler`
@@ -45,6 +47,7 @@ import math
 import queue
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from twinflow import contracts as C
@@ -67,8 +70,9 @@ def normalize_node_id(node_id: str) -> str:
     return ua.NodeId.from_string(node_id).to_string()
 
 
-def committed_cycles(lake_path: str, dataset: str, assets: Iterable[str]) -> dict[str, int]:
-    """The highest committed cycle per asset in the dataset's latest version (assets without rows: absent)."""
+def committed_cycles(lake_path: str, dataset: str, assets: Iterable[str], key: str = C.TIME) -> dict[str, Any]:
+    """The highest committed time (``key``: cycle, or timestamp) per asset in the dataset's latest version
+    (assets without rows: absent)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
@@ -78,11 +82,13 @@ def committed_cycles(lake_path: str, dataset: str, assets: Iterable[str]) -> dic
     assets = sorted(set(assets))
     if snap is None or not assets:
         return {}
-    t = lk.read_lake(snap, columns=[C.ASSET, C.TIME], filter=ds.field(C.ASSET).isin(assets))
+    t = lk.read_lake(snap, columns=[C.ASSET, key], filter=ds.field(C.ASSET).isin(assets))
     if t.num_rows == 0:
         return {}
-    g = t.group_by(C.ASSET).aggregate([(C.TIME, "max")])
-    return dict(zip(g.column(C.ASSET).to_pylist(), pc.cast(g.column(f"{C.TIME}_max"), "int64").to_pylist()))
+    g = t.group_by(C.ASSET).aggregate([(key, "max")])
+    top = g.column(f"{key}_max")
+    return dict(zip(g.column(C.ASSET).to_pylist(),
+                    (pc.cast(top, "int64") if key == C.TIME else top).to_pylist()))
 
 
 def _aware(ts: datetime | None) -> datetime | None:
@@ -92,7 +98,11 @@ def _aware(ts: datetime | None) -> datetime | None:
 
 
 def _check(column: str, value: Any) -> tuple[Any, str | None]:
-    """(the contract value, None) or (None, why it is bad)."""
+    """(the contract value, None) or (None, why it is bad); the committer checks the contract's ranges."""
+    if column == C.TIMESTAMP:
+        if isinstance(value, datetime):
+            return _aware(value), None
+        return None, f"timestamp {value!r} is not a DateTime"
     if column == C.TIME:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or \
                 (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
@@ -105,6 +115,66 @@ def _check(column: str, value: Any) -> tuple[Any, str | None]:
     return float(value), None
 
 
+def opcua_credentials(cfg: OpcuaSource) -> tuple[str | None, str | None]:
+    """(username, password) from the config or its credentials block (never logged)."""
+    user = cfg.username
+    pw = cfg.password.get_secret_value() if cfg.password else None
+    if cfg.credentials_block:
+        from twinflow.blocks.broker import BrokerCredentialsBlock
+
+        blk = BrokerCredentialsBlock.load(cfg.credentials_block)
+        user, pw = blk.username, blk.password.get_secret_value() if blk.password else None
+    return user, pw
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a failed session: the OPC UA status name and meaning where there is one."""
+    from asyncua import ua
+
+    code = getattr(exc, "code", None)
+    if isinstance(exc, ua.UaStatusCodeError) and code is not None:
+        status = ua.StatusCode(code)
+        hint = {"BadUserAccessDenied": " (wrong username or password)",
+                "BadIdentityTokenInvalid": " (wrong username or password)",
+                "BadIdentityTokenRejected": " (wrong username or password)",
+                "BadCertificateUntrusted": " (the server does not trust this client's certificate: add it to the "
+                                           "server's trust list)",
+                "BadSecurityChecksFailed": " (the server does not trust this client's certificate, or the "
+                                           "security settings do not match)"}.get(status.name, "")
+        return f"{status.name}{hint}"
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class _TrustList:
+    """``Client.certificate_validator``: the server's certificate must be in the trust list or issued by one."""
+
+    def __init__(self, paths: list[str]) -> None:
+        from cryptography import x509
+
+        self.refused: str | None = None  # the last server certificate this list refused
+        self.trusted = []
+        for p in paths:
+            data = Path(p).expanduser().read_bytes()
+            self.trusted.append(x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data
+                                else x509.load_der_x509_certificate(data))
+
+    async def __call__(self, cert: Any, app_description: Any) -> None:  # noqa: ARG002 - asyncua API
+        from asyncua import ua
+        from asyncua.common.utils import ServiceError
+
+        for t in self.trusted:
+            if cert == t:
+                return
+            try:
+                cert.verify_directly_issued_by(t)
+                return
+            except Exception:  # noqa: BLE001 - not issued by this one
+                continue
+        self.refused = cert.subject.rfc4514_string()
+        raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+
+
 class RowAssembler:
     """Groups node values into rows per (asset, source timestamp); pure (no I/O), see the module docstring.
 
@@ -114,7 +184,10 @@ class RowAssembler:
         source: The messages' source name.
     """
 
-    def __init__(self, nodes: list[OpcuaNode], emit: Callable[[Message], None], source: str) -> None:
+    def __init__(self, nodes: list[OpcuaNode], emit: Callable[[Message], None], source: str,
+                 key: str = C.TIME) -> None:
+        # A timestamp clock without a node of its own takes the values' source timestamp as the row time.
+        self.key = key
         self.by_id = {normalize_node_id(n.node_id): n for n in nodes}
         self.columns: dict[str, set[str]] = {}
         for n in nodes:
@@ -156,7 +229,7 @@ class RowAssembler:
     def drop_column(self, node_id: str) -> None:
         """Stop waiting for a node (it cannot be monitored): its asset's rows complete without it."""
         node = self.by_id.get(node_id)
-        if node is not None and node.column != C.TIME:
+        if node is not None and node.column != self.key:
             self.columns[node.asset].discard(node.column)
 
     def _finish(self, asset: str, ts: datetime, values: dict[str, tuple[str, Any]]) -> None:
@@ -171,12 +244,15 @@ class RowAssembler:
                 errors.append(f"{node_id} ({asset}): {why}")
             else:
                 row[column] = v
-        if not errors and C.TIME not in row:
-            errors.append(f"{asset}: no cycle value at source timestamp {ts.isoformat()}")
+        if not errors and self.key not in row:
+            if self.key == C.TIMESTAMP:
+                row[C.TIMESTAMP] = ts
+            else:
+                errors.append(f"{asset}: no cycle value at source timestamp {ts.isoformat()}")
         if errors:
             self.emit(self._bad(asset, ts, {nid: dv for nid, dv in values.values()}, "; ".join(errors)))
         else:
-            self.emit(Message(source=self.source, raw=json.dumps(row).encode(), rows=[row]))
+            self.emit(Message(source=self.source, raw=json.dumps(row, default=str).encode(), rows=[row]))
 
     def _bad(self, asset: str | None, ts: datetime | None, values: dict[str, Any], why: str) -> Message:
         raw = {"asset": asset, "source_timestamp": None if ts is None else ts.isoformat(), "values": {
@@ -209,12 +285,13 @@ class OpcuaBridgeSource:
     """
 
     def __init__(self, cfg: OpcuaSource, buffer: Buffer,
-                 committed: Callable[[list[str]], dict[str, int]] | None = None) -> None:
+                 committed: Callable[[list[str]], dict[str, Any]] | None = None, key: str = C.TIME) -> None:
         self.cfg, self.buffer = cfg, buffer
         self.committed = committed or (lambda assets: {})
         self.source = cfg.endpoint
+        self.key = key
         self._out: queue.Queue[Message | None] = queue.Queue()
-        self.assembler = RowAssembler(cfg.nodes, self._out.put, cfg.endpoint)
+        self.assembler = RowAssembler(cfg.nodes, self._out.put, cfg.endpoint, key=key)
         self.connected = threading.Event()
         self.connects = 0
         self.caught_up = 0  # values read from the history
@@ -223,6 +300,8 @@ class OpcuaBridgeSource:
         self._threads: list[threading.Thread] = []
         self._held: list[tuple[str, Any]] | None = None  # live values during a catch-up
         self._first = True
+        self.last_error: str | None = None  # why the last session attempt failed (for a clear start error)
+        self._trust: _TrustList | None = None
 
     # --- asyncio side ---------------------------------------------------------------------------
 
@@ -244,24 +323,33 @@ class OpcuaBridgeSource:
         for asset, cols in sorted(nodes_of.items()):
             since = self.assembler.last.get(asset)
             start = (since + timedelta(microseconds=1)) if since is not None else _EPOCH
-            if C.TIME not in cols:
+            # The node whose history says which rows were missed: the clock's, else (a timestamp clock
+            # keyed by source timestamps) the asset's first node.
+            lead = self.key if self.key in cols else (sorted(cols)[0] if self.key == C.TIMESTAMP else None)
+            if lead is None:
                 continue
             try:
-                hist = await client.get_node(cols[C.TIME]).read_raw_history(start, now)
+                hist = await client.get_node(cols[lead]).read_raw_history(start, now)
             except ua.UaStatusCodeError as exc:  # the server keeps no history: go on live, say what is lost
                 log.error("OPC UA %s: no history for %s (%s): samples missed while disconnected are lost",
-                          self.source, cols[C.TIME], exc)
+                          self.source, cols[lead], exc)
                 continue
             if since is None and asset in cycles:  # after a restart: what the lake does not hold yet
-                hist = [dv for dv in hist if isinstance(dv.Value.Value, (int, float))
-                        and dv.Value.Value > cycles[asset]]
+                if lead == C.TIME:
+                    hist = [dv for dv in hist if isinstance(dv.Value.Value, (int, float))
+                            and dv.Value.Value > cycles[asset]]
+                elif lead == C.TIMESTAMP:
+                    hist = [dv for dv in hist if isinstance(dv.Value.Value, datetime)
+                            and _aware(dv.Value.Value) > _aware(cycles[asset])]
+                else:
+                    hist = [dv for dv in hist if _aware(dv.SourceTimestamp) > _aware(cycles[asset])]
             if not hist:
                 continue
             first = min(_aware(dv.SourceTimestamp) for dv in hist)
             end = max(_aware(dv.SourceTimestamp) for dv in hist)
-            values = [(cols[C.TIME], dv) for dv in hist]
+            values = [(cols[lead], dv) for dv in hist]
             for col, nid in cols.items():
-                if col != C.TIME:
+                if col != lead:
                     try:
                         values += [(nid, dv) for dv in await client.get_node(nid).read_raw_history(first, end)]
                     except ua.UaStatusCodeError as exc:
@@ -273,10 +361,41 @@ class OpcuaBridgeSource:
             log.info("OPC UA %s: caught up %d value(s) of %s from the history", self.source, len(values), asset)
         self._first = False
 
+    async def _secure(self, client: Any) -> None:
+        """Security policy, certificates, trust list and user login of a new client, per the config."""
+        from asyncua import ua
+
+        cfg = self.cfg
+        client.application_uri = cfg.application_uri
+        if cfg.security_policy != "None":
+            from asyncua.crypto import security_policies as sp
+
+            policy = {"Basic256Sha256": sp.SecurityPolicyBasic256Sha256,
+                      "Aes128Sha256RsaOaep": sp.SecurityPolicyAes128Sha256RsaOaep,
+                      "Aes256Sha256RsaPss": sp.SecurityPolicyAes256Sha256RsaPss}[cfg.security_policy]
+            mode = ua.MessageSecurityMode.SignAndEncrypt if cfg.security_mode == "SignAndEncrypt" \
+                else ua.MessageSecurityMode.Sign
+            await client.set_security(policy, certificate=str(Path(cfg.certificate).expanduser()),
+                                      private_key=str(Path(cfg.private_key).expanduser()),
+                                      private_key_password=cfg.private_key_password.get_secret_value()
+                                      if cfg.private_key_password else None, mode=mode)
+            self._trust = client.certificate_validator = _TrustList(cfg.trusted_server_certificates)
+        user, pw = opcua_credentials(cfg)
+        if user:
+            # asyncua's client logs every request it sends at DEBUG, ActivateSession's password included:
+            # never at DEBUG while it holds a credential of ours.
+            wire = logging.getLogger("asyncua.client.ua_client")
+            if wire.getEffectiveLevel() < logging.INFO:
+                wire.setLevel(logging.INFO)
+            client.set_user(user)
+            if pw is not None:
+                client.set_password(pw)
+
     async def _session(self) -> None:
         from asyncua import Client, ua
 
         client = Client(self.cfg.endpoint, timeout=self.cfg.request_timeout_s)
+        await self._secure(client)
         await client.connect()
         try:
             sub = await client.create_subscription(self.cfg.publishing_interval_ms, _Handler(self))
@@ -317,7 +436,13 @@ class OpcuaBridgeSource:
                 await self._session()
                 delay = self.cfg.reconnect_min_s
             except Exception as exc:  # noqa: BLE001 - any failure of a session: reconnect
-                log.warning("OPC UA %s: %s; reconnecting in %.1fs", self.source, exc or type(exc).__name__, delay)
+                trust, self._trust = self._trust, None
+                if trust is not None and trust.refused:
+                    self.last_error = (f"BadCertificateUntrusted (the server's certificate {trust.refused!r} is not in "
+                                       "trusted_server_certificates)")
+                else:
+                    self.last_error = _describe(exc)
+                log.warning("OPC UA %s: %s; reconnecting in %.1fs", self.source, self.last_error, delay)
                 t_end = asyncio.get_running_loop().time() + delay
                 while not self._stop.is_set() and asyncio.get_running_loop().time() < t_end:
                     await asyncio.sleep(0.05)
@@ -345,7 +470,19 @@ class OpcuaBridgeSource:
             t.start()
         if not self.connected.wait(timeout_s):
             self.stop()
-            raise ServiceUnavailable(f"OPC UA server {self.source} did not accept a session in {timeout_s:g}s")
+            why = f": {self.last_error}" if self.last_error else ""
+            raise ServiceUnavailable(f"OPC UA server {self.source} did not accept a session in {timeout_s:g}s{why}")
+
+    def alive(self) -> str | None:
+        """None while the session and forwarder threads run; else why the source is dead."""
+        if not self._threads or not all(t.is_alive() for t in self._threads):
+            return f"OPC UA source {self.source}: its thread stopped"
+        return None
+
+    def state(self) -> dict[str, Any]:
+        """Per-source state for the heartbeat and ``twinflow stream status``."""
+        return {"source": self.source, "connected": self.connected.is_set(), "connects": self.connects,
+                "caught_up": self.caught_up, "pending_rows": self._out.qsize()}
 
     def stop(self) -> None:
         """End the session; rows already assembled reach the buffer, pending ones are read again next start."""

@@ -38,23 +38,35 @@ def default_cmapss() -> Path:
 
 
 def cmapss_rows(path: str | Path | None = None, units: int | None = None, max_cycles: int | None = None,
-                asset_prefix: str = "unit-") -> list[dict[str, Any]]:
-    """C-MAPSS rows as contract rows, interleaved across units by cycle (``units``: the first N units)."""
+                asset_prefix: str = "unit-", contract: str = "cmapss") -> list[dict[str, Any]]:
+    """C-MAPSS rows as contract rows, interleaved across units by cycle (``units``: the first N units).
+
+    The column order of the header-less text comes from the contract's dataset rule for the file.
+    """
+    from twinflow.contract import load_contract
+
     p = Path(path) if path else default_cmapss()
+    fleet = load_contract(contract)
+    rule = fleet.rule_for(p.name)
+    if rule is None or not rule.columns:
+        raise ValueError(f"contract {fleet.name!r} declares no header-less column order for {p.name}")
+    names = [None if c == "_" else fleet.canonical_name(c) for c in rule.columns]
+    asset_at, time_at = names.index(C.ASSET), names.index(fleet.clock.key)
+    chans = [(i, n) for i, n in enumerate(names) if n in set(fleet.channel_names)]
     opener = gzip.open if p.suffix == ".gz" else open
     by_unit: dict[int, list[dict[str, Any]]] = {}
     with opener(p, "rt") as fh:
         for line in fh:
             vals = line.split()
-            if len(vals) < len(C.CMAPSS_COLUMNS):
+            if len(vals) < len(names):
                 continue
-            unit, cycle = int(vals[0]), int(vals[1])
+            unit, cycle = int(vals[asset_at]), int(vals[time_at])
             if units is not None and unit > units:
                 continue
             if max_cycles is not None and cycle > max_cycles:
                 continue
             row: dict[str, Any] = {C.ASSET: f"{asset_prefix}{unit}", C.TIME: cycle}
-            row.update({c: float(v) for c, v in zip(C.CHANNELS, vals[2:2 + len(C.CHANNELS)])})
+            row.update({n: float(vals[i]) for i, n in chans})
             by_unit.setdefault(unit, []).append(row)
     out: list[dict[str, Any]] = []
     longest = max((len(v) for v in by_unit.values()), default=0)
@@ -122,6 +134,40 @@ def publish_mqtt(messages: Iterator[tuple[str, bytes]] | list[tuple[str, bytes]]
 _OPCUA_NS = "urn:twinflow:plant-simulator"
 
 
+class _Users:
+    """asyncua user manager: the configured username/password pairs, nobody else."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self.users = dict(users)
+
+    def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                 certificate: Any = None) -> Any:  # noqa: ARG002 - asyncua API
+        import hmac
+
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        if username in self.users and password is not None and \
+                hmac.compare_digest(str(self.users[username]), str(password)):
+            return User(role=UserRole.User, name=username)
+        return None
+
+
+async def _secure_server(server: Any, sec: dict[str, Any]) -> None:
+    from asyncua import ua
+    from asyncua.crypto.truststore import TrustStore
+    from asyncua.crypto.validator import CertificateValidator, CertificateValidatorOptions
+
+    server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt])
+    await server.load_certificate(str(sec["certificate"]))
+    await server.load_private_key(str(sec["private_key"]))
+    server.set_identity_tokens([ua.UserNameIdentityToken])
+    server.iserver.set_user_manager(_Users(sec.get("users", {})))
+    store = TrustStore([Path(p) for p in sec.get("trusted_clients", [])], [])
+    await store.load()
+    opts = CertificateValidatorOptions.TRUSTED_VALIDATION | CertificateValidatorOptions.PEER_CLIENT
+    server.set_certificate_validator(CertificateValidator(opts, store))
+
+
 class OpcuaPlant:
     """An asyncua server with C-MAPSS units as live, historized nodes; runs its own event loop in a thread.
 
@@ -133,9 +179,16 @@ class OpcuaPlant:
     """
 
     def __init__(self, endpoint: str, assets: list[str], channels: list[str] | None = None,
-                 untyped: tuple[str, ...] = ()) -> None:
+                 untyped: tuple[str, ...] = (), security: dict[str, Any] | None = None) -> None:
+        # security: {"certificate", "private_key", "trusted_clients": [paths], "users": {name: password}}:
+        # Basic256Sha256 SignAndEncrypt only, username login only, client certificates from the trust list.
+        self.security = security
         self.endpoint, self.assets, self.untyped = endpoint, list(assets), set(untyped)
-        self.channels = list(channels) if channels is not None else list(C.CHANNELS)
+        if channels is None:
+            from twinflow.contract import load_contract
+
+            channels = load_contract("cmapss").channel_names  # the simulator replays C-MAPSS units
+        self.channels = list(channels)
         self.nodes: dict[tuple[str, str], Any] = {}  # (asset, column) -> asyncua NodeId
         self.published = 0
         self._last_ts: dict[str, Any] = {}
@@ -152,6 +205,8 @@ class OpcuaPlant:
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("twinflow plant simulator")
+        if self.security:
+            await _secure_server(server, self.security)
         idx = await server.register_namespace(_OPCUA_NS)
         storage = server.iserver.history_manager.storage
         waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData))

@@ -111,7 +111,13 @@ def test_flow_runs_with_block_settings_and_no_secret_leaks(saved_config, prefect
 
 
 def test_unknown_block_name_is_a_clear_error(prefect_api):
-    register_block_types()
+    slugs = register_block_types()
+    # every block a config can name, the stream bridge's broker credentials included (issue 25)
+    assert "twinflow-broker-credentials" in slugs
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        assert client.read_block_type_by_slug("twinflow-broker-credentials").slug == "twinflow-broker-credentials"
     with pytest.raises(ConfigError, match="unknown twinflow-config block 'no-such-plant'"):
         settings_from_block("no-such-plant")
     with pytest.raises(ConfigError, match="unknown twinflow-lake block"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -44,6 +46,129 @@ def mosquitto(tmp_path):
                 pytest.fail(f"mosquitto exited: {proc.stderr.read().decode()[:500]}")
             time.sleep(0.05)
     yield "127.0.0.1", port
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# The attack run's poison set (issue 25), as raw MQTT payloads.
+POISON = {
+    "400-digit int": b'{"asset_id": "u1", "cycle": 1, "s2": ' + b"9" * 400 + b"}",
+    "5000-digit int": b'{"asset_id": "u1", "cycle": ' + b"7" * 5000 + b"}",
+    "100k nested brackets": b"[" * 100_000 + b"]" * 100_000,
+    "cycle >= 2^63": json.dumps({"asset_id": "u1", "cycle": 2**63, "s2": 642.0}).encode(),
+    "lone surrogate asset": b'{"asset_id": "\\ud800", "cycle": 1, "s2": 642.0}',
+}
+
+
+@pytest.fixture
+def poison() -> dict[str, bytes]:
+    """The named poison messages: name -> payload."""
+    return dict(POISON)
+
+
+def make_pki(where: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for ``hosts`` and a client certificate, as PEM files.
+
+    Also an OPC UA-style application certificate pair (DER) for each side; all generated with
+    ``cryptography``, nothing downloaded.
+    """
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    where.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def key():
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = key()
+    ca = (x509.CertificateBuilder().subject_name(name("twinflow test CA")).issuer_name(name("twinflow test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(cn, usage, sans):
+        k = key()
+        b = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca.subject).public_key(k.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+             .not_valid_after(now + dt.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return k, b.sign(ca_key, hashes.SHA256())
+
+    sans = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    out = {}
+
+    def write(stem, k, cert):
+        out[f"{stem}_key"] = where / f"{stem}.key"
+        out[f"{stem}_cert"] = where / f"{stem}.crt"
+        out[f"{stem}_key"].write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+        out[f"{stem}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    write("ca", ca_key, ca)
+    write("server", *leaf("twinflow test broker", ExtendedKeyUsageOID.SERVER_AUTH, sans))
+    write("client", *leaf("twinflow bridge", ExtendedKeyUsageOID.CLIENT_AUTH, []))
+    return out
+
+
+@pytest.fixture
+def pki_factory():
+    """:func:`make_pki` for tests that need a second, unrelated PKI."""
+    return make_pki
+
+
+@pytest.fixture
+def tls_mosquitto(tmp_path):
+    """A mosquitto requiring TLS (generated CA), a client certificate and a password: (host, port, pki, user, pw)."""
+    exe = mosquitto_binary()
+    passwd = shutil.which("mosquitto_passwd")
+    if exe is None or passwd is None:
+        pytest.skip("mosquitto (with mosquitto_passwd) is not installed")
+    pki = make_pki(tmp_path / "pki")
+    user, pw = "bridge", "s3cret-" + os.urandom(4).hex()
+    pwfile = tmp_path / "passwd"
+    subprocess.run([passwd, "-b", "-c", str(pwfile), user, pw], check=True, capture_output=True)
+    port = free_port()
+    conf = tmp_path / "mosquitto-tls.conf"
+    # Run as this user: mosquitto started as root otherwise drops to user "mosquitto", which cannot read
+    # the test's private tmp folder.
+    import pwd
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    conf.write_text(f"user {me}\nlistener {port} 127.0.0.1\nallow_anonymous false\npassword_file {pwfile}\n"
+                    f"cafile {pki['ca_cert']}\ncertfile {pki['server_cert']}\nkeyfile {pki['server_key']}\n"
+                    "require_certificate true\nmax_queued_messages 0\npersistence false\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"mosquitto exited: {proc.stderr.read().decode()[:500]}")
+            time.sleep(0.05)
+    yield "127.0.0.1", port, pki, user, pw
     proc.terminate()
     try:
         proc.wait(5)

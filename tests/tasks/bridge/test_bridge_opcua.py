@@ -374,3 +374,37 @@ def test_one_bridge_runs_mqtt_and_opcua_sources_together(plant, mosquitto, tmp_p
         stop.set()
         th.join(60)
     assert sorted(_keys(lake)) == sorted((r["asset_id"], r["cycle"]) for r in opc_rows + mqtt_rows)
+
+
+def test_a_pumps_fleet_maps_node_columns_through_its_contract_and_keys_rows_by_source_timestamp(tmp_path):
+    """Issue 24: OPC UA node columns are contract channels (aliases allowed); a timestamp clock needs no
+    time node, the values' source timestamp is the row's time, and the rows commit under the contract."""
+    from twinflow.tasks.bridge.commit import Committer
+    from twinflow.tasks.bridge.decode import Decoder
+
+    nodes = [{"node_id": "ns=2;s=P-101.casing", "asset": "P-101", "column": "casing_temp [degC]"},
+             {"node_id": "ns=2;s=P-101.flow", "asset": "P-101", "column": "flow"}]
+    cfg = BridgeConfig(contract="pumps", opcua={"nodes": nodes})
+    assert [n.column for n in cfg.opcua.nodes] == ["casing_temp_c", "flow_m3h"]
+    with pytest.raises(ValueError, match="is not a channel \\(or the clock\\) of fleet contract 'pumps'"):
+        BridgeConfig(contract="pumps", opcua={"nodes": [{"node_id": "ns=2;s=x", "asset": "P-1", "column": "s2"}]})
+    out = []
+    a = RowAssembler(cfg.opcua.nodes, out.append, "opc.tcp://t", key="timestamp")
+    t0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+    a.add("ns=2;s=P-101.casing", _dv(61.5, t0))
+    a.add("ns=2;s=P-101.flow", _dv(250.0, t0))
+    a.add("ns=2;s=P-101.casing", _dv(400.0, t0 + timedelta(minutes=10)))  # outside [-20, 160] degC
+    a.add("ns=2;s=P-101.flow", _dv(251.0, t0 + timedelta(minutes=10)))
+    assert [m.rows for m in out] == [[{"asset_id": "P-101", "casing_temp_c": 61.5, "flow_m3h": 250.0,
+                                       "timestamp": t0}],
+                                     [{"asset_id": "P-101", "casing_temp_c": 400.0, "flow_m3h": 251.0,
+                                       "timestamp": t0 + timedelta(minutes=10)}]]
+    c = Committer(str(tmp_path / "lake"), str(tmp_path / "q"), "stream", "o", "twinflow-bridge-o",
+                  decoder=Decoder(cfg.fleet_contract()))
+    res = c.commit(out)
+    assert (res.rows_written, res.rows_quarantined) == (1, 1)
+    got = lk.read_lake(lk.snapshot(str(tmp_path / "lake"), "stream"),
+                       columns=["asset_id", "timestamp", "casing_temp_c"]).to_pylist()
+    assert got == [{"asset_id": "P-101", "timestamp": t0, "casing_temp_c": 61.5}]
+    assert read_quarantine(str(tmp_path / "q"), "stream").column("reason").to_pylist() == [
+        "casing_temp_c=400 outside valid range [-20, 160] degC"]
