@@ -103,7 +103,7 @@ def drift_table(frame: pd.DataFrame, baseline: pd.DataFrame | None, contract: An
                 params: HealthParams) -> pd.DataFrame | None:
     """PSI/KS per channel (and regime) between each asset's last ``window`` readings and the training data."""
     from twinflow.tasks.health import drift as dr
-    from twinflow.tasks.health.score import _regimes, fleet_frame, standardised
+    from twinflow.tasks.health.score import regimes, fleet_frame, standardised
 
     if baseline is None or champion is None:
         return None
@@ -112,7 +112,7 @@ def drift_table(frame: pd.DataFrame, baseline: pd.DataFrame | None, contract: An
         return None
     ff, bf = fleet_frame(frame, contract), fleet_frame(baseline, contract)
     recent = ff.frame.groupby(C.ASSET, sort=False).cumcount(ascending=False).to_numpy() < params.window
-    fr, br = _regimes(ff, champion.fit), _regimes(bf, champion.fit)
+    fr, br = regimes(ff, champion.fit), regimes(bf, champion.fit)
     z, bz = standardised(ff, channels, champion.fit, fr), standardised(bf, channels, champion.fit, br)
     return dr.drift_table(bz, br, z[recent], fr[recent], channels)
 

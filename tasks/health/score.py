@@ -55,13 +55,14 @@ def fleet_frame(frame: pd.DataFrame, contract: Any) -> FleetFrame:
     return FleetFrame(frame, key, contract.time_unit, 1.0, frame[key].to_numpy(dtype="float64"), False)
 
 
-def _regimes(ff: FleetFrame, fit: Any) -> np.ndarray:
+def regimes(ff: FleetFrame, fit: Any) -> np.ndarray:
+    """Operating regime of each reading (the fit's nearest centroid; 0 without regimes)."""
     from twinflow.tasks.features import assign_regimes
 
     if fit is None or fit.n_regimes <= 1:
         return np.zeros(len(ff.frame), dtype=np.int64)
     ops = ff.frame[fit.op_columns].to_numpy(dtype="float64")
-    return np.asarray(assign_regimes(ops, fit.op_mean, fit.op_scale, fit.centroids), dtype=np.int64)
+    return np.asarray(assignregimes(ops, fit.op_mean, fit.op_scale, fit.centroids), dtype=np.int64)
 
 
 def standardised(ff: FleetFrame, channels: list[str], fit: Any, regime: np.ndarray) -> np.ndarray:
@@ -211,7 +212,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
                               f"{newest - rows['last_time'].iat[i]:.1f} {ff.time_unit} older than the fleet's newest")
 
     # --- label-free: anomaly score and health index -------------------------------------------------
-    regime = _regimes(ff, fit)
+    regime = regimes(ff, fit)
     n_regimes = fit.n_regimes if fit is not None else 1
     score = np.full(n, np.nan)
     hi = np.full(n, np.nan)
@@ -221,8 +222,8 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
         z = standardised(ff, channels, fit, regime)
         if baseline_frame is not None and len(baseline_frame):
             bf = fleet_frame(baseline_frame, contract)
-            bz = standardised(bf, channels, fit, _regimes(bf, fit))
-            b_codes, b_regime = an.codes_of(bf.frame[C.ASSET]), _regimes(bf, fit)
+            bz = standardised(bf, channels, fit, regimes(bf, fit))
+            b_codes, b_regime = an.codes_of(bf.frame[C.ASSET]), regimes(bf, fit)
             base_src = "the champion's training fleet"
         else:
             bz, b_codes, b_regime, base_src = z, an.codes_of(ff.frame[C.ASSET]), regime, "the scored fleet itself"
