@@ -27,6 +27,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("twinflow.flows.train", "train"),
     "simulate": ("twinflow.flows.simulate", "simulate"),
     "pipeline": ("twinflow.flows.pipeline", "pipeline"),
+    "health": ("twinflow.flows.health", "health"),
 }
 #: Stages that use the cluster heavily (GPU when there is one): one run at a time.
 HEAVY = frozenset({"train", "simulate", "pipeline"})

@@ -59,6 +59,7 @@ STAGE_TIMEOUTS: dict[str, float] = {
     "train": 4 * 60 * 60,
     "simulate": 2 * 60 * 60,
     "pipeline": 8 * 60 * 60,
+    "health": 30 * 60,
 }
 
 _TRANSIENT = (ConnectionError, TimeoutError, OSError)

@@ -8,6 +8,7 @@ retrain-nightly pipeline   ``30 1 * * *``        stages ingest, features, train 
 simulate-weekly simulate   ``0 4 * * 1``         the twin's default study                 yes
 pipeline       pipeline    on demand             all four stages on the landing folder    yes
 healthcheck    healthcheck on demand             4 probe tasks, MLflow on                 no
+health-hourly  health      ``15 * * * *``        the running fleet's dataset (health)     no
 ============== =========== ===================== ======================================== =======
 
 Nightly retraining runs the pipeline's ingest → features → train stages: features need a lake
@@ -16,7 +17,8 @@ All schedules use one IANA timezone (``timezone=``, default UTC) so "nightly" me
 night. Every deployment runs its flow through :mod:`twinflow.deployments.entrypoints` (timeouts,
 failure hooks); heavy ones hold the ``twinflow-cluster`` global concurrency limit (1 slot) and
 each scheduled deployment has a deployment concurrency limit of 1 (runs queue, never overlap).
-``retrain-nightly`` and ``simulate-weekly`` also run on events (new stream data, a new champion):
+``retrain-nightly``, ``simulate-weekly`` and ``health-hourly`` also run on events (new stream data, a new
+champion):
 see :mod:`twinflow.deployments.triggers`.
 """
 
@@ -80,6 +82,10 @@ def _healthcheck_params(settings: Settings) -> dict[str, Any]:
     return _model_params("healthcheck", settings)
 
 
+def _health_params(settings: Settings) -> dict[str, Any]:
+    return _model_params("health", settings)
+
+
 @dataclass(frozen=True)
 class DeploymentSpec:
     """One standard deployment.
@@ -127,6 +133,9 @@ STANDARD: tuple[DeploymentSpec, ...] = (
     DeploymentSpec("healthcheck", "healthcheck", None,
                    "Check the Prefect API, Dask workers, lake and MLflow are reachable, on demand.",
                    _healthcheck_params, ("on-demand",)),
+    DeploymentSpec("health-hourly", "health", "15 * * * *",
+                   "Score every running asset (RUL, P(failure), health index, action, due-by), export work "
+                   "orders and announce assets at risk, every hour after ingest.", _health_params, ("scheduled",)),
 )
 
 

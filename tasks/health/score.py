@@ -79,7 +79,8 @@ def standardised(ff: FleetFrame, channels: list[str], fit: Any, regime: np.ndarr
     return an.standardise(y, regime, np.nan_to_num(mean), np.nan_to_num(std))
 
 
-def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str]) -> pd.DataFrame:
+def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str],
+                  chunk_assets: int = 2000) -> pd.DataFrame:
     """The model inputs at each asset's last reading, computed with the training fit.
 
     Histories are cut to the rows the windows and EWMs can see (:data:`EWM_MEMORY_SPANS`), then
@@ -104,12 +105,25 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
     # The kernels key on an integer time; a timestamp clock enters as whole time units since its start.
     sub[C.TIME] = np.round(ff.t[tail] - (ff.t[starts].min() if len(starts) else 0)).astype(np.int64) \
         if ff.timestamp_clock else f.loc[tail, ff.time_key].to_numpy(dtype=np.int64)
-    keys, out = compute_features(sub, fit, fp)
-    last = np.r_[np.flatnonzero(keys[C.ASSET].to_numpy()[1:] != keys[C.ASSET].to_numpy()[:-1]), len(keys) - 1]
     feat_names = feature_names(fit, fp)
-    live = pd.DataFrame(out[:, last].T.astype("float64"), columns=feat_names)
-    live.insert(0, C.ASSET, keys[C.ASSET].to_numpy()[last])
-    live.insert(1, "cycle", keys[C.TIME].to_numpy()[last])
+    # Whole assets per chunk: the kernels' output is (features x rows) float32, bounded by the chunk.
+    sub_codes = codes[tail]
+    bounds = np.searchsorted(sub_codes, np.arange(0, int(sub_codes[-1]) + chunk_assets + 1, chunk_assets)) \
+        if len(sub_codes) else np.array([0])
+    parts = []
+    buffer = None
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi <= lo:
+            continue
+        keys, out = compute_features(sub.iloc[lo:hi], fit, fp, buffer=buffer)
+        buffer = out.reshape(-1) if out.base is None else out.base  # reused by the next chunk
+        a = keys[C.ASSET].to_numpy()
+        last = np.r_[np.flatnonzero(a[1:] != a[:-1]), len(keys) - 1]
+        part = pd.DataFrame(out[:, last].T.astype("float64"), columns=feat_names)
+        part.insert(0, C.ASSET, a[last])
+        part.insert(1, "cycle", keys[C.TIME].to_numpy()[last])
+        parts.append(part)
+    live = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[C.ASSET, "cycle", *feat_names])
     if "cycle_since_start" in live:
         first_t = pd.Series(ff.t[starts], index=f[C.ASSET].to_numpy()[starts])
         last_t = pd.Series(ff.t[ends - 1], index=f[C.ASSET].to_numpy()[starts])

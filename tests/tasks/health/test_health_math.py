@@ -124,3 +124,21 @@ def test_work_orders_validate_against_the_schema_and_export_atomically(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work_order.schema.json", "work_orders.csv",
                                                           "work_orders.json"]
     assert pd.read_csv(c).asset.astype(str).tolist() == ["7"]
+
+
+def test_drift_flags_the_shifted_channel_per_regime():
+    from twinflow.tasks.health import drift
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(0, 1, (4000, 3))
+    ref_regime = rng.integers(0, 2, 4000)
+    cur = rng.normal(0, 1, (1000, 3))
+    cur_regime = rng.integers(0, 2, 1000)
+    cur[cur_regime == 1, 2] += 1.0  # channel c shifts in regime 1 only
+    table = drift.drift_table(ref, ref_regime, cur, cur_regime, ["a", "b", "c"])
+    assert set(table.regime) == {"all", "0", "1"}
+    bad = drift.drifted(table, psi_threshold=0.25)
+    assert set(zip(bad.channel, bad.regime)) == {("c", "1")} or set(bad.channel) == {"c"}
+    assert ("c", "1") in set(zip(bad.channel, bad.regime))
+    assert table.set_index(["channel", "regime"]).loc[("a", "all"), "psi"] < 0.05
+    assert drift.psi(ref[:, 0], ref[:, 0]) == pytest.approx(0.0, abs=1e-12)
