@@ -125,6 +125,28 @@ def register_commands(app: typer.Typer) -> None:
 
     app.add_typer(blocks, name="blocks")
 
+    notify = typer.Typer(help="Notifications the Prefect server sends on twinflow's events.", no_args_is_help=True)
+
+    @notify.command("at-risk")
+    def notify_at_risk(
+        webhook: Optional[str] = typer.Option(None, "--webhook", help="POST {subject, text} JSON to this URL."),
+        block: Optional[str] = typer.Option(None, "--block", help="An existing notification block: SLUG/NAME."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Only this dataset's assets (default: all)."),
+    ) -> None:
+        """Notify through a block on each twinflow.asset.at_risk event (a server-side automation)."""
+        from twinflow.blocks.config import check_api
+        from twinflow.deployments.notify import register_at_risk_notification, webhook_block
+        from twinflow.errors import ConfigError
+
+        if bool(webhook) == bool(block):
+            raise ConfigError("give exactly one of --webhook URL or --block SLUG/NAME")
+        check_api()
+        ref = webhook_block(webhook) if webhook else block
+        auto = register_at_risk_notification(ref, dataset=dataset)
+        typer.echo(f"automation notify-asset-at-risk ({auto}) sends through {ref}")
+
+    app.add_typer(notify, name="notify")
+
 
 def main() -> None:
     """Run the commands standalone: ``python -m twinflow.deployments serve|backfill|blocks``."""

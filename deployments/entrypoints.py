@@ -28,6 +28,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "simulate": ("twinflow.flows.simulate", "simulate"),
     "pipeline": ("twinflow.flows.pipeline", "pipeline"),
     "upkeep": ("twinflow.deployments.upkeep", "upkeep"),
+    "health": ("twinflow.flows.health", "health"),
 }
 #: Stages that use the cluster heavily (GPU when there is one): one run at a time.
 HEAVY = frozenset({"train", "simulate", "pipeline"})

@@ -60,6 +60,7 @@ STAGE_TIMEOUTS: dict[str, float] = {
     "simulate": 2 * 60 * 60,
     "pipeline": 8 * 60 * 60,
     "upkeep": 2 * 60 * 60,
+    "health": 30 * 60,
 }
 
 _TRANSIENT = (ConnectionError, TimeoutError, OSError)

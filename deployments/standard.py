@@ -9,6 +9,7 @@ simulate-weekly simulate   ``0 4 * * 1``         the twin's default study       
 pipeline       pipeline    on demand             all four stages on the landing folder    yes
 healthcheck    healthcheck on demand             4 probe tasks, MLflow on                 no
 lake-upkeep    upkeep      ``0 3 * * 0``         compact + vacuum (7 days), champion kept no
+health-hourly  health      ``15 * * * *``        the running fleet's dataset (health)     no
 ============== =========== ===================== ======================================== =======
 
 Nightly retraining runs the pipeline's ingest → features → train stages: features need a lake
@@ -17,7 +18,8 @@ All schedules use one IANA timezone (``timezone=``, default UTC) so "nightly" me
 night. Every deployment runs its flow through :mod:`twinflow.deployments.entrypoints` (timeouts,
 failure hooks); heavy ones hold the ``twinflow-cluster`` global concurrency limit (1 slot) and
 each scheduled deployment has a deployment concurrency limit of 1 (runs queue, never overlap).
-``retrain-nightly`` and ``simulate-weekly`` also run on events (new stream data, a new champion):
+``retrain-nightly``, ``simulate-weekly`` and ``health-hourly`` also run on events (new stream data, a new
+champion):
 see :mod:`twinflow.deployments.triggers`.
 """
 
@@ -83,6 +85,8 @@ def _healthcheck_params(settings: Settings) -> dict[str, Any]:
 
 def _upkeep_params(settings: Settings) -> dict[str, Any]:
     return _model_params("upkeep", settings)
+def _health_params(settings: Settings) -> dict[str, Any]:
+    return _model_params("health", settings)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,9 @@ STANDARD: tuple[DeploymentSpec, ...] = (
     DeploymentSpec("lake-upkeep", "upkeep", "0 3 * * 0",
                    "Weekly: compact small lake files and vacuum old ones, keeping the champion's training snapshot.",
                    _upkeep_params, ("scheduled",)),
+    DeploymentSpec("health-hourly", "health", "15 * * * *",
+                   "Score every running asset (RUL, P(failure), health index, action, due-by), export work "
+                   "orders and announce assets at risk, every hour after ingest.", _health_params, ("scheduled",)),
 )
 
 

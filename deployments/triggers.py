@@ -3,6 +3,9 @@
 - ``retrain-on-new-data`` on ``twinflow.stream.data.ready`` (any ``twinflow.dataset.*``) runs
   ``retrain-nightly`` (pipeline: ingest, features, train) on the event's dataset at the event's table
   version (``params.train_dataset`` / ``params.train_version`` from the event's payload).
+- ``health-on-new-data`` on ``twinflow.stream.data.ready`` runs ``health-hourly`` on the event's dataset
+  at the event's table version (``params.dataset`` / ``params.version``): the fleet's health table is
+  current minutes after new data, not at the next hour.
 - ``simulate-on-new-champion`` on ``twinflow.model.promoted`` (``twinflow.model.<registered model>``)
   runs ``simulate-weekly`` with its default parameters (the twin reads the new champion's error model
   from the registry).
@@ -28,11 +31,12 @@ from typing import Any, Callable
 from twinflow.events import DATA_READY, MODEL_PROMOTED
 from twinflow.settings import Settings
 
-__all__ = ["RETRAIN_ON_NEW_DATA", "SIMULATE_ON_NEW_CHAMPION", "TRIGGERS", "deployment_triggers",
+__all__ = ["HEALTH_ON_NEW_DATA", "RETRAIN_ON_NEW_DATA", "SIMULATE_ON_NEW_CHAMPION", "TRIGGERS", "deployment_triggers",
            "retrain_on_new_data", "simulate_on_new_champion"]
 
 RETRAIN_ON_NEW_DATA = "retrain-on-new-data"
 SIMULATE_ON_NEW_CHAMPION = "simulate-on-new-champion"
+HEALTH_ON_NEW_DATA = "health-on-new-data"
 
 #: Templates the server renders from the triggering event (one-expression templates keep their type).
 EVENT_DATASET = "{{ event.payload.dataset }}"
@@ -71,6 +75,33 @@ def retrain_on_new_data(settings: Settings) -> Any:
     )
 
 
+def health_parameters(settings: Settings) -> dict[str, Any]:
+    """The health run's parameters: the deployment's defaults on the event's dataset and table version."""
+    from twinflow.deployments.standard import default_parameters
+
+    params = dict(default_parameters("health-hourly", settings)["params"])
+    params.update({"dataset": EVENT_DATASET, "version": EVENT_VERSION})
+    return {"params": params}
+
+
+def health_on_new_data(settings: Settings) -> Any:
+    """``health-on-new-data``: a ``twinflow.stream.data.ready`` event re-scores that dataset's running fleet."""
+    from prefect.events import DeploymentEventTrigger
+
+    return DeploymentEventTrigger(
+        name=HEALTH_ON_NEW_DATA,
+        description="Score the running fleet of a dataset the stream bridge says has enough new data, at the "
+                    "table version the event names.",
+        expect={DATA_READY},
+        match={"prefect.resource.id": "twinflow.dataset.*"},
+        for_each={"prefect.resource.id"},
+        posture="Reactive",
+        threshold=1,
+        within=0,
+        parameters=health_parameters(settings),
+    )
+
+
 def simulate_on_new_champion(settings: Settings) -> Any:
     """``simulate-on-new-champion``: a new champion of the configured model runs the twin's policy study."""
     from prefect.events import DeploymentEventTrigger
@@ -91,6 +122,7 @@ def simulate_on_new_champion(settings: Settings) -> Any:
 TRIGGERS: dict[str, tuple[Callable[[Settings], Any], ...]] = {
     "retrain-nightly": (retrain_on_new_data,),
     "simulate-weekly": (simulate_on_new_champion,),
+    "health-hourly": (health_on_new_data,),
 }
 
 

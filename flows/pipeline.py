@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from twinflow import runtime
 from twinflow.errors import ConfigError
 from twinflow.flows.features import features
+from twinflow.flows.health import HealthResult, health
 from twinflow.flows.ingest import ingest
 from twinflow.flows.naming import landing_name, run_name
 from twinflow.flows.simulate import generate, simulate
@@ -28,6 +29,7 @@ from twinflow.flows.train import train
 from twinflow.refs import FeatureSetRef, LakeSnapshot, SimulationResult, TrainResult
 from twinflow.settings import Settings, get_settings
 from twinflow.tasks.features import FeatureParams
+from twinflow.tasks.health import HealthParams
 from twinflow.tasks.ingest import IngestParams, IngestResult
 from twinflow.tasks.train import TrainParams
 from twinflow.tasks.twin import GenerateParams, TwinParams
@@ -67,6 +69,8 @@ class PipelineParams(BaseModel):
     train: TrainParams = Field(default_factory=lambda: TrainParams(nan_policy="drop"))
     simulate: TwinParams = Field(default_factory=TwinParams)
     stages: list[Stage] = Field(default_factory=lambda: list(STAGES))
+    health: HealthParams | None = Field(
+        None, description="Score the running fleet (health.dataset) with the champion after train; None: skip.")
     train_version: int | None = Field(
         None, ge=0, description="Delta table version of train_dataset to use (e.g. the version a "
         "twinflow.stream.data.ready event names); None: the latest.")
@@ -89,6 +93,7 @@ class PipelineResult(BaseModel):
     test_features: FeatureSetRef | None = None
     train: TrainResult | None = None
     simulate: SimulationResult | None = None
+    health: HealthResult | None = None
 
     def summaries(self) -> dict[str, str]:
         """One line per stage that ran, for the CLI."""
@@ -108,6 +113,10 @@ class PipelineResult(BaseModel):
             metrics = ", ".join(f"{k}={v:.2f}" for k, v in sorted(t.metrics.items()) if "rmse" in k or "score" in k)
             out["train"] = (f"{t.registered_model} v{t.version} aliases={t.aliases} {metrics} "
                             f"(MLflow run {t.run_id})")
+        if self.health is not None:
+            h = self.health
+            out["health"] = (f"{h.assets} assets of {h.dataset}: " + ", ".join(f"{b} {n}" for b, n in h.bands.items())
+                             + f"; {h.work_orders} work order(s) (MLflow run {h.mlflow_run_id})")
         if self.simulate is not None:
             s = self.simulate
             out["simulate"] = (f"recommended policy: {s.recommended_policy} "
@@ -210,6 +219,8 @@ def pipeline(params: PipelineParams) -> PipelineResult:
             if "train" in params.stages:
                 result.train = train(result.features, params.train, test_features=result.test_features,
                                      wait_for=[result.ingest])
+                if params.health is not None:
+                    result.health = health(params.health)
             if "simulate" in params.stages:
                 # Simulate reads the champion the train stage just gated: it waits for it.
                 result.simulate = simulate(params.simulate, snapshot=train_snap,
@@ -296,6 +307,11 @@ def pipeline_report(result: PipelineResult, run_id: str, params: PipelineParams 
                   f"PHM08 score {t.metrics.get('eval_score', float('nan')):.1f}",
                   f"- promotion: {'**promoted to champion**' if promoted else 'not promoted (champion kept)'}",
                   f"- MLflow run: [{t.run_id}]({_route(t.run_id)})", ""]
+    if result.health is not None:
+        h = result.health
+        lines += ["## Fleet health", "", f"- `{h.dataset}`: {h.assets} assets; " + ", ".join(
+            f"{b} {n}" for b, n in h.bands.items()) + f"; {h.work_orders} work order(s)",
+                  f"- MLflow run: [{h.mlflow_run_id}]({_route(h.mlflow_run_id)})", ""]
     if result.simulate is not None:
         s = result.simulate
         row = next((r for r in s.policies if r.get("policy") == s.recommended_policy), {})
@@ -463,6 +479,8 @@ def demo_params(settings: Settings, stages: list[str] | None = None) -> Pipeline
     return PipelineParams(
         ingest=IngestParams(landing=str(landing)),
         train=TrainParams(true_rul_path=str(cmapss_path("RUL_FD001.txt.gz")), nan_policy="drop"),
+        # The test units are the demo's running fleet; their truth file checks the health flags.
+        health=HealthParams(dataset="test_fd001", true_rul_path=str(cmapss_path("RUL_FD001.txt.gz"))),
         stages=stages or list(STAGES),
     )
 
@@ -541,6 +559,8 @@ def stage_params(stage: str, overrides: dict[str, Any], settings: Settings | Non
         dataset = _dataset_arg(overrides.pop("dataset", "train_fd001"))
         model = FeatureParams if stage == "features" else TrainParams
         return StageCall(stage, model.model_validate(overrides), dataset=dataset)
+    if stage == "health":
+        return StageCall(stage, HealthParams.model_validate(overrides), dataset=overrides.get("dataset"))
     if stage == "simulate":
         if overrides.pop("generate", False):
             return StageCall(stage, GenerateParams.model_validate(overrides), generate=True)
@@ -567,6 +587,8 @@ def run_stage(stage: str, overrides: dict[str, Any] | StageCall, settings: Setti
         return features(_lake_snapshot(settings, call.dataset), call.params)
     if call.stage == "train":
         return train(_latest_features(settings, call.dataset), call.params)
+    if call.stage == "health":
+        return health(call.params)
     if call.generate:
         return generate(call.params)
     snap = _lake_snapshot(settings, call.dataset) if call.dataset else None

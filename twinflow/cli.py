@@ -153,7 +153,7 @@ def _print_result(result) -> None:
 
 @app.command()
 def run(
-    stage: str = typer.Argument(..., help="ingest | features | train | simulate | pipeline"),
+    stage: str = typer.Argument(..., help="ingest | features | train | simulate | health | pipeline"),
     param: List[str] = typer.Option([], "--param", "-p", help="Stage parameter key=value (dots for nesting)."),
     landing: Optional[str] = typer.Option(None, "--landing", help="Landing folder/URL (ingest, pipeline)."),
     generate: bool = typer.Option(False, "--generate", help="simulate: generate a synthetic fleet into the lake."),
@@ -171,8 +171,8 @@ def run(
     from twinflow import runtime
     from twinflow.flows.pipeline import STAGES, run_stage, stage_params
 
-    if stage not in (*STAGES, "pipeline"):
-        raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join((*STAGES, 'pipeline'))}")
+    if stage not in (*STAGES, "health", "pipeline"):
+        raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join((*STAGES, 'health', 'pipeline'))}")
     settings = _settings()
     overrides = _parse_params(param)
     if landing:
@@ -195,6 +195,42 @@ def run(
     with runtime.start(settings):
         out = run_stage(stage, call, settings)
     console.print_json(out.model_dump_json() if hasattr(out, "model_dump_json") else str(out))
+
+
+@app.command("health")
+def health_cmd(
+    dataset: str = typer.Option("test_fd001", "--dataset", "-d", help="Lake dataset of the running fleet."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Health parameter key=value (dots for nesting)."),
+    latest: bool = typer.Option(False, "--latest", help="Show the latest stored scores; run nothing."),
+    top: int = typer.Option(25, "--top", help="Rows to print."),
+) -> None:
+    """Which running machines need maintenance, and by when: score the fleet now and print the ranking."""
+    from pydantic import ValidationError
+
+    from twinflow.tasks.health.console import health_table, latest_rows
+
+    settings = _settings()
+    if latest:
+        rows = latest_rows(settings.lake_path, dataset)
+        if rows is None:
+            raise ConfigError(f"dataset {dataset!r} has no health scores yet; run `twinflow health -d {dataset}`")
+        console.print(health_table(rows, f"fleet health of {dataset} ({rows.run_key.iloc[0]}, scored "
+                                         f"{rows.scored_at.iloc[0]})", top))
+        return
+    from twinflow import runtime
+    from twinflow.flows.pipeline import run_stage, stage_params
+
+    try:
+        call = stage_params("health", {**_parse_params(param), "dataset": dataset}, settings)
+    except ValidationError as exc:
+        raise _param_error(exc, "health") from None
+    with runtime.start(settings):
+        result = run_stage("health", call, settings)
+    console.print(health_table(latest_rows(settings.lake_path, dataset), f"fleet health of {dataset} ({result.run_key})",
+                               top))
+    console.print(f"{result.assets} assets; bands: " + ", ".join(f"{b} {n}" for b, n in result.bands.items())
+                  + f"; work orders: {result.work_orders} -> {result.work_orders_json}; announced: "
+                  + (", ".join(result.announced) or "none") + f"; MLflow run {result.mlflow_run_id}")
 
 
 def _mlflow_workers() -> int:

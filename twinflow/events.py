@@ -7,6 +7,13 @@
 - ``twinflow.model.promoted`` on ``twinflow.model.<registered name>``: a new champion; payload model,
   version, run_id, decision (mode, reason, RMSEs, previous champion).
 
+- ``twinflow.asset.at_risk`` on ``twinflow.asset.<dataset>.<asset>``: an asset entered a risk band at or
+  above the alert band (once per band rise, see :mod:`twinflow.tasks.health.alerts`); payload dataset,
+  asset, band, p_failure, horizon, due_by, action, run_key.
+- ``twinflow.model.drift`` on ``twinflow.model.<registered name>``: recent channel distributions of a
+  dataset moved away from the champion's training data; payload dataset, version, model, model_version,
+  channels (channel -> PSI/KS), threshold.
+
 The bridge emits the first two (:mod:`twinflow.tasks.bridge.events`), the promotion gate the third
 (:mod:`twinflow.tasks.registry`); :mod:`twinflow.deployments.triggers` turns the last two into runs.
 Events are advisory: the lake commit or the registry write they announce has already happened, so
@@ -24,12 +31,14 @@ from typing import Any, Iterator
 
 log = logging.getLogger("twinflow.events")
 
-__all__ = ["BATCH_COMMITTED", "DATA_READY", "MODEL_PROMOTED", "dataset_resource", "emit", "emit_model_promoted", "event_id",
+__all__ = ["ASSET_AT_RISK", "BATCH_COMMITTED", "DATA_READY", "MODEL_DRIFT", "MODEL_PROMOTED", "asset_resource", "dataset_resource", "emit", "emit_model_promoted", "event_id",
            "flush", "model_resource", "read_events"]
 
 BATCH_COMMITTED = "twinflow.stream.batch.committed"
 DATA_READY = "twinflow.stream.data.ready"
 MODEL_PROMOTED = "twinflow.model.promoted"
+ASSET_AT_RISK = "twinflow.asset.at_risk"
+MODEL_DRIFT = "twinflow.model.drift"
 
 
 def dataset_resource(dataset: str, **labels: str) -> dict[str, str]:
@@ -40,6 +49,12 @@ def dataset_resource(dataset: str, **labels: str) -> dict[str, str]:
 def model_resource(name: str, **labels: str) -> dict[str, str]:
     """The event resource of a registered model (``twinflow.model.<name>``)."""
     return {"prefect.resource.id": f"twinflow.model.{name}", "prefect.resource.name": name, **labels}
+
+
+def asset_resource(dataset: str, asset: str, **labels: str) -> dict[str, str]:
+    """The event resource of one asset of a dataset (``twinflow.asset.<dataset>.<asset>``)."""
+    return {"prefect.resource.id": f"twinflow.asset.{dataset}.{asset}", "prefect.resource.name": asset,
+            "twinflow.dataset": dataset, **labels}
 
 
 def _api_url() -> str | None:

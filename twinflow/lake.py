@@ -1016,3 +1016,58 @@ def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
     from twinflow.tasks.ingest.ledger import ingested_snapshot
 
     return ingested_snapshot(lake_path, dataset) or snapshot(lake_path, dataset)
+
+
+# --- Result tables ------------------------------------------------------------------------------
+# Tables a stage derives (e.g. ``fleet_health``) live under ``<lake>/_results/<name>``: Delta tables
+# any reader opens, kept out of the dataset namespace (``datasets()`` lists no ``_`` folder) so a
+# stage result is never ingested, featurised or trained on as telemetry. History is kept: each run
+# appends, and a re-run with the same ``key`` replaces its own rows in one transaction.
+
+RESULTS_DIR = "_results"
+
+
+def results_uri(lake_path: str, name: str) -> str:
+    """Where the result table ``name`` lives."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", name):
+        raise ConfigError(f"result table {name!r} must be lower-case letters, digits, '_' or '-'")
+    return f"{lake_path.rstrip('/')}/{RESULTS_DIR}/{name}"
+
+
+def write_results(lake_path: str, name: str, table: pa.Table, *, key_column: str, key: str,
+                  metadata: dict[str, str] | None = None, storage_options: dict[str, Any] | None = None) -> int:
+    """Append a run's rows to a result table, replacing earlier rows with the same ``key`` (idempotent).
+
+    Every row must have ``key_column == key``. The schema may gain columns (merged).
+
+    Returns:
+        The table version after the commit.
+    """
+    from deltalake import CommitProperties, write_deltalake
+
+    if table.num_rows and pc.any(pc.not_equal(table.column(key_column), key)).as_py():
+        raise ValueError(f"every row written under key {key!r} must have {key_column} = {key!r}")
+    uri = results_uri(lake_path, name)
+    exists = _exists(uri, storage_options)
+    props = CommitProperties(custom_metadata={"twinflow.key": key, **(metadata or {})})
+    predicate = f"{key_column} = '{key.replace(chr(39), chr(39) * 2)}'"
+    write_deltalake(uri, table, mode="overwrite" if exists else "append",
+                    predicate=predicate if exists else None, schema_mode="merge" if exists else None,
+                    commit_properties=props, storage_options=_options(storage_options))
+    from deltalake import DeltaTable
+
+    return DeltaTable(uri, storage_options=_options(storage_options)).version()
+
+
+def read_results(lake_path: str, name: str, columns: list[str] | None = None, filter: Any = None,
+                 version: int | None = None, storage_options: dict[str, Any] | None = None) -> pa.Table | None:
+    """Read a result table (at ``version``); None when it does not exist yet."""
+    from deltalake import DeltaTable
+
+    uri = results_uri(lake_path, name)
+    if not _exists(uri, storage_options):
+        return None
+    dt = DeltaTable(uri, version=version, storage_options=_options(storage_options))
+    ds = dt.to_pyarrow_dataset()
+    cols = [c for c in columns if c in ds.schema.names] if columns else None
+    return _plain_strings(ds.to_table(columns=cols, filter=filter))

@@ -52,7 +52,8 @@ def _small(settings, **update) -> PipelineParams:
 def test_pipeline_runs_every_stage_and_reruns_incrementally(runtime):
     settings = runtime.settings
     first = pipeline(_small(settings))
-    assert set(first.summaries()) == {"ingest", "features", "features (test)", "train", "simulate"}
+    assert set(first.summaries()) == {"ingest", "features", "features (test)", "train", "health", "simulate"}
+    assert first.health.assets == 100 and first.health.dataset == "test_fd001"
     ing = first.ingest
     assert ing.rows_read == 20_631 + 13_096
     assert ing.rows_read == ing.rows_written + ing.rows_quarantined

@@ -1,0 +1,293 @@
+"""The ``health`` stage flow: every running asset scored at a lake snapshot, ranked, acted on, announced."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from twinflow import contracts as C
+from twinflow import runtime
+from twinflow.errors import ConfigError
+from twinflow.flows.naming import run_name
+from twinflow.refs import LakeSnapshot
+from twinflow.tasks.health import HealthParams
+from twinflow.tasks.health.params import BANDS
+
+log = logging.getLogger("twinflow.health")
+
+__all__ = ["health", "HealthParams", "HealthResult", "FLEET_HEALTH"]
+
+FLEET_HEALTH = "fleet_health"
+
+
+class HealthResult(BaseModel):
+    """What one health run produced."""
+
+    run_key: str
+    dataset: str
+    dataset_version: int | None = None
+    table_version: int | None = Field(None, description="fleet_health table version written.")
+    mlflow_run_id: str | None = None
+    model: str | None = None
+    assets: int = 0
+    bands: dict[str, int] = Field(default_factory=dict)
+    skipped: int = 0
+    announced: list[str] = Field(default_factory=list)
+    drifted: list[str] = Field(default_factory=list)
+    work_orders: int = 0
+    work_orders_json: str | None = None
+    work_orders_csv: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+def _snapshot(settings: Any, params: HealthParams) -> LakeSnapshot:
+    from twinflow import lake
+
+    snap = lake.latest_snapshot(settings.lake_path, params.dataset)
+    if snap is None:
+        raise ConfigError(f"dataset {params.dataset!r} is not in the lake at {settings.lake_path}; "
+                          "ingest it first")
+    if params.version is not None and params.version != snap.version:
+        if lake.open_table(settings.lake_path, params.dataset, version=params.version) is None:
+            raise ConfigError(f"dataset {params.dataset!r} has no table version {params.version}")
+        snap = snap.model_copy(update={"version": params.version, "batch_id": f"v{params.version}"})
+    if snap.version is None:
+        snap = snap.model_copy(update={"version": lake.version(settings.lake_path, params.dataset)})
+    return snap
+
+
+def _read(snap: LakeSnapshot, contract: Any, channels: list[str] | None = None) -> pd.DataFrame:
+    from twinflow import lake
+
+    cols = [C.ASSET, contract.key, *(channels or contract.channel_names)]
+    schema = contract.lake_schema().names
+    return lake.read_lake(snap, columns=[c for c in dict.fromkeys(cols) if c in schema]).to_pandas()
+
+
+@task(name="health-score", cache_policy=NO_CACHE)
+def score_task(params: HealthParams, snap: LakeSnapshot, settings: Any) -> tuple[Any, Any, Any, Any]:
+    """Read the fleet, load the champion, score every asset; returns (FleetScore, champion, contract, frames)."""
+    from twinflow import lake
+    from twinflow.tasks.health.champion import load_champion
+    from twinflow.tasks.health.score import score_fleet
+
+    contract = lake.snapshot_contract(snap)
+    champion = load_champion(settings, params.interval_level) if params.use_champion else None
+    frame = _read(snap, contract)
+    baseline = None
+    if champion is not None:
+        tsnap = champion.features.snapshot
+        try:
+            tcontract = lake.snapshot_contract(tsnap)
+            if tcontract.digest == contract.digest or tcontract.name == contract.name:
+                baseline = _read(tsnap, contract)
+        except Exception as exc:  # noqa: BLE001 - the baseline falls back to the scored fleet, and says so
+            log.warning("champion's training data %s not readable (%s): baseline from the scored fleet",
+                        tsnap.dataset_path, exc)
+    scored = score_fleet(frame, contract, params, champion, baseline_frame=baseline,
+                         scored_at=pd.Timestamp.now(tz="UTC").isoformat())
+    return scored, champion, contract, (frame, baseline)
+
+
+def drift_table(frame: pd.DataFrame, baseline: pd.DataFrame | None, contract: Any, champion: Any,
+                params: HealthParams) -> pd.DataFrame | None:
+    """PSI/KS per channel (and regime) between each asset's last ``window`` readings and the training data."""
+    from twinflow.tasks.health import drift as dr
+    from twinflow.tasks.health.score import regimes, fleet_frame, standardised
+
+    if baseline is None or champion is None:
+        return None
+    channels = [c for c in champion.fit.kept if c in frame.columns and c in baseline.columns]
+    if not channels:
+        return None
+    ff, bf = fleet_frame(frame, contract), fleet_frame(baseline, contract)
+    recent = ff.frame.groupby(C.ASSET, sort=False).cumcount(ascending=False).to_numpy() < params.window
+    fr, br = regimes(ff, champion.fit), regimes(bf, champion.fit)
+    z, bz = standardised(ff, channels, champion.fit, fr), standardised(bf, channels, champion.fit, br)
+    return dr.drift_table(bz, br, z[recent], fr[recent], channels)
+
+
+def _history(settings: Any) -> pd.DataFrame | None:
+    from twinflow import lake
+
+    t = lake.read_results(settings.lake_path, FLEET_HEALTH,
+                          columns=["asset_id", "dataset", "run_key", "scored_at", "announced_band", "health_index",
+                                   "p_fail", "risk_band"])
+    return None if t is None else t.to_pandas()
+
+
+def _prefect_links() -> dict[str, str]:
+    try:
+        from prefect.runtime import flow_run
+
+        url = flow_run.ui_url
+        return {"prefect_flow_run": url} if url else {}
+    except Exception:  # noqa: BLE001 - links are informative
+        return {}
+
+
+@flow(name="health", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
+      flow_run_name=run_name("health", lambda p: (p.get("params") or HealthParams()).dataset))
+def health(params: HealthParams | None = None) -> HealthResult:
+    """Score every running asset of a lake dataset and tell people what to do, and by when.
+
+    Steps:
+        1. Resolve the snapshot (the dataset's latest table version, or ``params.version``) and
+           load the champion with its training context (:mod:`twinflow.tasks.health.champion`).
+        2. Score (task ``health-score``): live features with the training fit, the RUL estimate with
+           its conformal interval, P(failure within H) from the lifetime model conditioned on age
+           combined with the estimate and its error distribution, health index and anomaly score
+           against the healthy baseline, risk band, action, due-by, cost, evidence; a reason row
+           per asset that cannot be scored.
+        3. Drift: PSI/KS per channel and regime against the champion's training data;
+           ``twinflow.model.drift`` above ``params.drift_psi``.
+        4. Alerts: ``twinflow.asset.at_risk`` per asset whose band rose to or above the alert band
+           since it was last announced (state in the ``fleet_health`` table).
+        5. Write the rows to the versioned ``fleet_health`` lake table (history kept; a re-run on the
+           same snapshot and champion replaces its own rows), the work orders (CSV + JSON), the
+           MLflow run (metrics, plots, tables) and the Prefect table and markdown artifacts.
+
+    Args:
+        params: What to score and how to decide; defaults to :class:`HealthParams`.
+
+    Returns:
+        A :class:`HealthResult` (counts, announced assets, drifted channels, file paths).
+    """
+    import matplotlib.pyplot as plt
+    import mlflow
+    import pyarrow as pa
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from twinflow import events, lake
+    from twinflow.tasks.health import alerts, report, workorders
+    from twinflow.tasks.health.drift import drifted
+    from twinflow.tracking import configure_mlflow, tracked_run
+
+    params = params or HealthParams()
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    with runtime.ensure() as rt:
+        settings = rt.settings
+        configure_mlflow(settings)
+        snap = _snapshot(settings, params)
+        scored, champion, contract, (frame, baseline) = score_task(params, snap, settings)
+        table = scored.table
+        model = f"{champion.name} v{champion.version}" if champion is not None else None
+        run_key = f"{params.dataset}@v{snap.version}:{model or 'no-model'}"
+        table.insert(0, "dataset", params.dataset)
+        table.insert(1, "dataset_version", int(snap.version) if snap.version is not None else -1)
+        table.insert(2, "run_key", run_key)
+        table["model"] = model or ""
+
+        drift = drift_table(frame, baseline, contract, champion, params)
+        bad = drifted(drift, params.drift_psi, params.drift_ks) if drift is not None else None
+
+        history = _history(settings)
+        # A re-run of the same snapshot and champion sees its own earlier rows as the state: it
+        # announces nothing they announced (and its events would carry the same ids anyway).
+        previous = alerts.latest_per_asset(history, params.dataset) if history is not None else None
+        fire, stored = alerts.announce(table, previous, params.alert_band)
+        table["announced_band"] = stored.astype("int64")
+        table["announced"] = fire
+
+        with tracked_run(f"health-{params.dataset}", stage="health", params=params,
+                         tags={"twinflow.dataset": params.dataset, "twinflow.model_version": champion.version
+                               if champion else "", "twinflow.run_key": run_key}) as run:
+            run_id = run.info.run_id
+            links = {"mlflow_run": f"{settings.mlflow_tracking_uri}#/runs/{run_id}", **_prefect_links(),
+                     "fleet_health_table": lake.results_uri(settings.lake_path, FLEET_HEALTH)}
+            table["mlflow_run_id"] = run_id
+            version = lake.write_results(settings.lake_path, FLEET_HEALTH, pa.Table.from_pandas(table, preserve_index=False),
+                                         key_column="run_key", key=run_key,
+                                         metadata={"twinflow.dataset": params.dataset, "twinflow.mlflow_run": run_id})
+            metrics: dict[str, float] = {"assets": len(table), "skipped": float((table.status == "skipped").sum()),
+                                         "partial": float((table.status == "partial").sum()),
+                                         "announced": float(fire.sum()), "fleet_health_version": float(version),
+                                         **{f"band_{b}": float((table.risk_band == b).sum()) for b in BANDS},
+                                         "mean_p_fail": float(np.nanmean(table.p_fail)) if table.p_fail.notna().any() else -1.0}
+            if drift is not None and len(drift):
+                metrics["drift_max_psi"] = float(np.nanmax(drift.psi))
+                metrics["drift_channels"] = float(len(set(bad.channel)))
+            if params.true_rul_path:
+                from twinflow.tasks.health.evaluate import evaluate_against_truth
+                from twinflow.tasks.train_data import natural_key, read_true_rul
+
+                truth = read_true_rul(params.true_rul_path)
+                ids = sorted(table.asset_id, key=natural_key)
+                if len(ids) != len(truth):
+                    raise ConfigError(f"{params.true_rul_path} has {len(truth)} values for {len(ids)} assets")
+                metrics.update(evaluate_against_truth(table, pd.Series(truth, index=ids),
+                                                      cap=champion.rul_cap if champion else None))
+            finite = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
+            mlflow.log_metrics(finite)
+            mlflow.log_table(table.drop(columns=["p_fail_by_horizon"]), "health/fleet_health.json")
+            if drift is not None:
+                mlflow.log_table(drift, "health/drift.json")
+            if scored.lifetime is not None:
+                mlflow.log_dict(scored.lifetime.model_dump(), "health/lifetime_model.json")
+            if scored.baseline is not None:
+                mlflow.log_dict(scored.baseline.to_dict(), "health/baseline.json")
+            mlflow.log_figure(report.plot_risk_ranking(table), "plots/risk_ranking.png")
+            if scored.posterior:
+                mlflow.log_figure(report.plot_rul_fans(scored.grid, scored.posterior, table), "plots/rul_fans.png")
+            hist_all = lake.read_results(settings.lake_path, FLEET_HEALTH,
+                                         columns=["asset_id", "dataset", "scored_at", "health_index", "p_fail"]).to_pandas()
+            hist_all = hist_all[hist_all.dataset == params.dataset]
+            mlflow.log_figure(report.plot_health_trends(hist_all, table.asset_id.head(6).tolist()),
+                              "plots/health_trends.png")
+            plt.close("all")
+
+            orders = workorders.work_orders(table, dataset=params.dataset, run_key=run_key, links=links)
+            folder = Path(params.export_dir or Path(settings.home) / "health" / params.dataset)
+            jpath, cpath = workorders.export(orders, folder, meta={
+                "generated_at": table.scored_at.iat[0] if len(table) else "", "dataset": params.dataset,
+                "dataset_version": snap.version, "model": model, "run_key": run_key})
+            mlflow.log_artifact(str(jpath), "work_orders")
+            mlflow.log_artifact(str(cpath), "work_orders")
+            announced = table.asset_id[fire].astype(str).tolist()
+            md = report.summary_markdown(table, dataset=params.dataset, version=snap.version, model=model or "none",
+                                         run_id=run_id, drift=drift, announced=announced, notes=scored.notes,
+                                         links={"work orders": str(jpath)})
+            mlflow.log_text(md, "report/health.md")
+        key = f"fleet-health-{params.dataset}".replace("_", "-").lower()
+        create_table_artifact(report.artifact_rows(table), key=key,
+                              description=f"fleet health of {params.dataset}, ranked by risk")
+        create_markdown_artifact(md, key=f"{key}-summary", description=f"fleet health summary of {params.dataset}")
+
+        # Events last: the table they describe is committed (an alert never points at nothing).
+        for r in table[fire].itertuples(index=False):
+            events.emit(events.ASSET_AT_RISK, events.asset_resource(params.dataset, str(r.asset_id)),
+                        {"dataset": params.dataset, "asset": str(r.asset_id), "band": r.risk_band,
+                         "p_failure": None if pd.isna(r.p_fail) else float(r.p_fail), "horizon": params.alert_horizon,
+                         "due_by": r.due_by, "action": r.action, "run_key": run_key, "mlflow_run_id": run_id},
+                        id=events.event_id(events.ASSET_AT_RISK, params.dataset, r.asset_id, r.risk_band, run_key))
+        drifted_channels = sorted(set(bad.channel)) if bad is not None else []
+        if drifted_channels and champion is not None:
+            worst = bad.sort_values("psi", ascending=False).drop_duplicates("channel")
+            events.emit(events.MODEL_DRIFT, events.model_resource(champion.name),
+                        {"dataset": params.dataset, "version": snap.version, "model": champion.name,
+                         "model_version": champion.version, "threshold": params.drift_psi,
+                         "channels": {r.channel: {"psi": float(r.psi), "ks": float(r.ks), "regime": r.regime}
+                                      for r in worst.itertuples(index=False)}},
+                        id=events.event_id(events.MODEL_DRIFT, run_key))
+        events.flush(5.0)
+        result = HealthResult(run_key=run_key, dataset=params.dataset, dataset_version=snap.version,
+                              table_version=version, mlflow_run_id=run_id, model=model, assets=len(table),
+                              bands={b: int((table.risk_band == b).sum()) for b in BANDS},
+                              skipped=int((table.status == "skipped").sum()), announced=announced,
+                              drifted=drifted_channels, work_orders=len(orders), work_orders_json=str(jpath),
+                              work_orders_csv=str(cpath), metrics=finite)
+        logger.info("health of %s v%s: %d assets (%s), %d work order(s), announced %s, drift %s; %.1f s",
+                    params.dataset, snap.version, len(table), ", ".join(f"{b} {n}" for b, n in result.bands.items()),
+                    len(orders), announced or "none", drifted_channels or "none", time.perf_counter() - t0)
+        return result

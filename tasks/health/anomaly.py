@@ -1,0 +1,161 @@
+"""A health index and an anomaly score that need no failure labels.
+
+Each channel is standardised per operating regime (the champion's feature fit, or the data's own
+statistics), and the per-regime mean of each asset's *early life* (its first ``baseline_fraction``
+of readings, when machines are assumed healthy) is the healthy reference. The baseline's spread is
+the covariance of ``window``-reading means over those early-life windows, across assets (so it holds
+the unit-to-unit differences a healthy fleet has). An asset's anomaly score is the Mahalanobis
+distance of the mean of its last ``window`` readings from the healthy reference; its health index is
+the share of healthy baseline windows that lie farther away (1: as healthy as new machines, 0: beyond
+all of them). Each channel's contribution ``delta_j * (Sigma^-1 delta)_j`` sums to the squared
+distance; the largest ones are the evidence a planner sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Baseline:
+    """The healthy reference: per-regime offsets, the window-mean covariance, baseline distances."""
+
+    channels: list[str]
+    regime_mean: np.ndarray  # (regimes, channels), in standardised units
+    precision: np.ndarray  # inverse covariance of window means
+    distances: np.ndarray  # sorted distances of the baseline windows themselves
+    window: int
+    n_windows: int
+
+    def to_dict(self) -> dict:
+        return {"channels": self.channels, "window": self.window, "n_windows": self.n_windows,
+                "regime_mean": self.regime_mean.tolist(),
+                "distance_quantiles": {q: float(np.quantile(self.distances, q)) for q in (0.5, 0.9, 0.99)}}
+
+
+def standardise(values: np.ndarray, regime: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(values - mean[regime]) / std[regime]`` with zero spreads left unscaled."""
+    sd = np.where(std > 0, std, 1.0)
+    return (values - mean[regime]) / sd[regime]
+
+
+def _window_means(z: np.ndarray, starts: np.ndarray, ends: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """Means of consecutive ``window``-row blocks inside each [start, end) range (NaN-aware)."""
+    import warnings
+
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN channel in a window: NaN, dropped below
+        for s, e in zip(starts, ends):
+            for a in range(s, e - window + 1, stride):
+                out.append(np.nanmean(z[a:a + window], axis=0))
+    return np.asarray(out).reshape(-1, z.shape[1])
+
+
+def fit_baseline(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, channels: list[str], *,
+                 n_regimes: int, window: int = 10, baseline_fraction: float = 0.25,
+                 shrinkage: float = 0.05) -> Baseline:
+    """Fit the healthy reference from standardised readings of whole histories (time-ordered per asset).
+
+    Args:
+        z: (rows, channels) standardised readings, rows grouped by asset in time order.
+        regime: Regime of each row.
+        asset_codes: Asset code of each row (contiguous groups).
+        channels: Channel names (columns of ``z``).
+        n_regimes: Number of regimes.
+        window: Readings per window.
+        baseline_fraction: Share of each asset's first readings taken as healthy.
+        shrinkage: Share of the diagonal mixed into the covariance (keeps it invertible).
+
+    Raises:
+        ValueError: no asset has a full early-life window.
+    """
+    starts = np.flatnonzero(np.r_[True, asset_codes[1:] != asset_codes[:-1]])
+    ends = np.r_[starts[1:], len(asset_codes)]
+    n_early = np.maximum((baseline_fraction * (ends - starts)).astype(int), 1)
+    early = np.zeros(len(z), dtype=bool)
+    for s, n in zip(starts, n_early):
+        early[s:s + n] = True
+    regime_mean = np.zeros((n_regimes, z.shape[1]))
+    for r in range(n_regimes):
+        rows = early & (regime == r)
+        if rows.any():
+            regime_mean[r] = np.nan_to_num(np.nanmean(z[rows], axis=0))
+    centred = z - regime_mean[regime]
+    means = _window_means(centred, starts, starts + n_early, window, stride=max(1, window // 2))
+    means = means[np.isfinite(means).all(axis=1)]
+    if len(means) < 2:
+        raise ValueError(f"no asset has {window} early-life readings to form a healthy baseline")
+    cov = np.cov(means, rowvar=False).reshape(z.shape[1], z.shape[1])
+    cov = (1 - shrinkage) * cov + shrinkage * np.diag(np.diag(cov) + 1e-9)
+    precision = np.linalg.pinv(cov)
+    dist = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", means, precision, means), 0.0))
+    return Baseline(channels, regime_mean, precision, np.sort(dist), window, len(means))
+
+
+def score_recent(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, baseline: Baseline
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Anomaly score, health index and channel contributions of each asset's last ``window`` readings.
+
+    Returns:
+        ``(score, health_index, contributions (assets, channels), readings used)``, one row per
+        asset group of ``asset_codes`` in order of appearance. An asset without a finite reading
+        gets NaN.
+    """
+    starts = np.flatnonzero(np.r_[True, asset_codes[1:] != asset_codes[:-1]])
+    ends = np.r_[starts[1:], len(asset_codes)]
+    centred = z - baseline.regime_mean[regime]
+    n = len(starts)
+    recent = np.full((n, z.shape[1]), np.nan)
+    used = np.zeros(n, dtype=int)
+    # Vectorised window means: cumulative sums of values and of finite counts.
+    finite = np.isfinite(centred)
+    csum = np.vstack([np.zeros(z.shape[1]), np.cumsum(np.where(finite, centred, 0.0), axis=0)])
+    ccnt = np.vstack([np.zeros(z.shape[1]), np.cumsum(finite, axis=0)])
+    lo = np.maximum(ends - baseline.window, starts)
+    tot = csum[ends] - csum[lo]
+    cnt = ccnt[ends] - ccnt[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recent = tot / cnt
+    used = ends - lo
+    # A channel with no finite reading in the window contributes its healthy mean (0).
+    delta = np.where(np.isfinite(recent), recent, 0.0)
+    none = ~np.isfinite(recent).any(axis=1)
+    pd_ = delta @ baseline.precision
+    contrib = delta * pd_
+    d2 = contrib.sum(axis=1)
+    score = np.sqrt(np.maximum(d2, 0.0))
+    hi = 1.0 - np.searchsorted(baseline.distances, score, side="right") / len(baseline.distances)
+    score[none] = np.nan
+    hi = hi.astype("float64")
+    hi[none] = np.nan
+    contrib[none] = np.nan
+    return score, hi, contrib, used
+
+
+def top_channels(contrib: np.ndarray, recent_sign: np.ndarray | None, channels: list[str], k: int = 3) -> list[str]:
+    """The ``k`` channels with the largest contributions per asset, as ``name (+x.x)`` strings."""
+    out = []
+    for i in range(contrib.shape[0]):
+        row = contrib[i]
+        if not np.isfinite(row).any():
+            out.append("")
+            continue
+        order = np.argsort(-np.nan_to_num(row, nan=-np.inf))[:k]
+        total = np.nansum(np.maximum(row, 0.0)) or 1.0
+        parts = []
+        for j in order:
+            if row[j] <= 0:
+                continue
+            sign = "" if recent_sign is None else ("↑" if recent_sign[i, j] > 0 else "↓")
+            parts.append(f"{channels[j]}{sign} {100 * row[j] / total:.0f}%")
+        out.append(", ".join(parts))
+    return out
+
+
+def codes_of(assets: pd.Series) -> np.ndarray:
+    """Contiguous group codes of a time-ordered asset column."""
+    return pd.factorize(assets, sort=False)[0]

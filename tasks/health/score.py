@@ -1,0 +1,349 @@
+"""Scoring a running fleet: per asset, the last reading, RUL with interval, P(failure within H),
+health index, anomaly score, risk band, recommended action with due-by and cost, evidence.
+
+Pure functions over frames; the flow (``flows/health.py``) reads the lake and the registry and
+writes the results. An asset that cannot be scored (too few readings, no recent data, features the
+model needs that are missing) gets a row with ``status`` and ``reason`` instead of failing the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from twinflow import contracts as C
+from twinflow.tasks.health import anomaly as an
+from twinflow.tasks.health.lifetime import WeibullFit, fit_weibull, prob_within, quantiles, remaining_life_posterior
+from twinflow.tasks.health.params import BANDS, HealthParams, band_of
+
+#: Rows a sequence-free live feature needs before the last reading: the longest window plus the
+#: EWM's memory (weight (1 - 2/(span+1))**k < 1e-9 beyond 10 spans), so truncating histories there
+#: changes no feature beyond float32 rounding. ``cycle_since_start`` is restored from the full history.
+EWM_MEMORY_SPANS = 10
+
+SCORED, PARTIAL, SKIPPED = "scored", "partial", "skipped"
+
+
+@dataclass
+class FleetFrame:
+    """Readings of the running fleet in (asset, time) order with the clock as a float time axis."""
+
+    frame: pd.DataFrame
+    time_key: str
+    time_unit: str
+    step: float  # one reading's duration added to an age (1 cycle; 0 for timestamps)
+    t: np.ndarray  # time in time units (cycle, or seconds since epoch / unit)
+    timestamp_clock: bool
+
+
+def fleet_frame(frame: pd.DataFrame, contract: Any) -> FleetFrame:
+    """Order readings by (asset, time) and derive a numeric time axis in the contract's time unit."""
+    key = contract.key
+    frame = frame.sort_values([C.ASSET, key], kind="stable").reset_index(drop=True)
+    frame[C.ASSET] = frame[C.ASSET].astype(str)
+    if contract.clock.kind == "timestamp":
+        ts = pd.to_datetime(frame[key], utc=True)
+        # Seconds from the epoch whatever the frame's resolution (ns, or pandas 3's us).
+        secs = (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+        t = (secs / contract.clock.unit_seconds).to_numpy(dtype="float64")
+        return FleetFrame(frame, key, contract.time_unit, 0.0, t, True)
+    return FleetFrame(frame, key, contract.time_unit, 1.0, frame[key].to_numpy(dtype="float64"), False)
+
+
+def regimes(ff: FleetFrame, fit: Any) -> np.ndarray:
+    """Operating regime of each reading (the fit's nearest centroid; 0 without regimes)."""
+    from twinflow.tasks.features import assign_regimes
+
+    if fit is None or fit.n_regimes <= 1:
+        return np.zeros(len(ff.frame), dtype=np.int64)
+    ops = ff.frame[fit.op_columns].to_numpy(dtype="float64")
+    return np.asarray(assignregimes(ops, fit.op_mean, fit.op_scale, fit.centroids), dtype=np.int64)
+
+
+def standardised(ff: FleetFrame, channels: list[str], fit: Any, regime: np.ndarray) -> np.ndarray:
+    """Channels standardised per regime with the fit's statistics (or the data's own without a fit)."""
+    y = ff.frame[channels].to_numpy(dtype="float64")
+    if fit is not None and fit.mean:
+        idx = [fit.kept.index(c) for c in channels]
+        mean = np.asarray(fit.mean, dtype="float64")[:, idx]
+        std = np.asarray(fit.std, dtype="float64")[:, idx]
+    else:
+        k = int(regime.max()) + 1 if len(regime) else 1
+        mean = np.vstack([np.nanmean(y[regime == r], axis=0) for r in range(k)])
+        std = np.vstack([np.nanstd(y[regime == r], axis=0) for r in range(k)])
+    return an.standardise(y, regime, np.nan_to_num(mean), np.nan_to_num(std))
+
+
+def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str],
+                  chunk_assets: int = 2000) -> pd.DataFrame:
+    """The model inputs at each asset's last reading, computed with the training fit.
+
+    Histories are cut to the rows the windows and EWMs can see (:data:`EWM_MEMORY_SPANS`), then
+    ``cycle_since_start`` is set from the asset's first reading. One row per asset, in asset order.
+    """
+    from twinflow.tasks.features import compute_features, feature_names
+
+    fp = feature_params.model_copy(update={"label": False})
+    keep = max(fp.windows) + EWM_MEMORY_SPANS * max(fp.ewm_spans or [1]) + 1
+    f = ff.frame
+    codes = an.codes_of(f[C.ASSET])
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    ends = np.r_[starts[1:], len(codes)]
+    pos = np.arange(len(codes)) - np.repeat(starts, ends - starts)
+    length = np.repeat(ends - starts, ends - starts)
+    tail = pos >= length - keep
+    cols = [C.ASSET, *dict.fromkeys([*fit.kept, *(fit.op_columns if fit.n_regimes > 1 else [])])]
+    sub = f.loc[tail, [c for c in cols if c in f.columns]].copy()
+    missing = [c for c in fit.kept if c not in f.columns]
+    for c in missing:
+        sub[c] = np.nan
+    # The kernels key on an integer time; a timestamp clock enters as whole time units since its start.
+    sub[C.TIME] = np.round(ff.t[tail] - (ff.t[starts].min() if len(starts) else 0)).astype(np.int64) \
+        if ff.timestamp_clock else f.loc[tail, ff.time_key].to_numpy(dtype=np.int64)
+    feat_names = feature_names(fit, fp)
+    # Whole assets per chunk: the kernels' output is (features x rows) float32, bounded by the chunk.
+    sub_codes = codes[tail]
+    bounds = np.searchsorted(sub_codes, np.arange(0, int(sub_codes[-1]) + chunk_assets + 1, chunk_assets)) \
+        if len(sub_codes) else np.array([0])
+    parts = []
+    buffer = None
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi <= lo:
+            continue
+        keys, out = compute_features(sub.iloc[lo:hi], fit, fp, buffer=buffer)
+        buffer = out.reshape(-1) if out.base is None else out.base  # reused by the next chunk
+        a = keys[C.ASSET].to_numpy()
+        last = np.r_[np.flatnonzero(a[1:] != a[:-1]), len(keys) - 1]
+        part = pd.DataFrame(out[:, last].T.astype("float64"), columns=feat_names)
+        part.insert(0, C.ASSET, a[last])
+        part.insert(1, "cycle", keys[C.TIME].to_numpy()[last])
+        parts.append(part)
+    live = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[C.ASSET, "cycle", *feat_names])
+    if "cycle_since_start" in live:
+        first_t = pd.Series(ff.t[starts], index=f[C.ASSET].to_numpy()[starts])
+        last_t = pd.Series(ff.t[ends - 1], index=f[C.ASSET].to_numpy()[starts])
+        live["cycle_since_start"] = (last_t - first_t).reindex(live[C.ASSET]).to_numpy()
+    return live[[C.ASSET, "cycle", *[n for n in names if n in live.columns and n not in (C.ASSET, "cycle")]]]
+
+
+@dataclass
+class FleetScore:
+    """The scored fleet and what the report needs beside it."""
+
+    table: pd.DataFrame
+    grid: np.ndarray | None = None
+    posterior: dict[str, np.ndarray] = field(default_factory=dict)  # riskiest assets' posteriors
+    lifetime: WeibullFit | None = None
+    baseline: an.Baseline | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _last_reading(ff: FleetFrame) -> pd.DataFrame:
+    f = ff.frame
+    codes = an.codes_of(f[C.ASSET])
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    ends = np.r_[starts[1:], len(codes)]
+    out = pd.DataFrame({C.ASSET: f[C.ASSET].to_numpy()[starts], "readings": ends - starts,
+                        "last_time": ff.t[ends - 1], "age": ff.t[ends - 1] - ff.t[starts] + ff.step})
+    if ff.timestamp_clock:
+        out["last_reading"] = pd.to_datetime(f[ff.time_key].to_numpy()[ends - 1], utc=True).astype(str)
+    else:
+        out["last_reading"] = [f"{ff.time_key} {int(v)}" for v in f[ff.time_key].to_numpy()[ends - 1]]
+    return out
+
+
+def recommend(p_by_h: dict[float, float], q_due: float, params: HealthParams) -> tuple[str, float, float]:
+    """Action, due-in and expected cost for one asset.
+
+    The due time is the posterior quantile of the remaining life at ``q = planned / failure`` cost:
+    maintaining then costs the planned price for sure, waiting longer risks a failure with a
+    probability above the cost ratio, where waiting costs more in expectation than maintaining.
+    """
+    c = params.costs
+    fail = c.failure + c.failure_downtime * c.downtime_per_cycle
+    plan = c.planned + c.planned_downtime * c.downtime_per_cycle
+    if not math.isfinite(q_due):
+        return "no estimate", float("nan"), float("nan")
+    if q_due <= params.next_run:
+        due = max(q_due, 0.0)
+        action = "maintain now" if due < 1 else f"maintain within {due:.0f}"
+    elif q_due <= max(params.horizons):
+        due = q_due
+        action = f"schedule maintenance within {due:.0f}"
+    else:
+        due = q_due
+        action = "no action before the next run"
+    q = c.planned / c.failure if c.failure > 0 else 0.0
+    expected = q * fail + (1 - q) * plan if due <= max(params.horizons) else \
+        p_by_h[max(params.horizons)] * fail
+    return action, float(due), float(expected)
+
+
+def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champion: Any | None = None, *,
+                baseline_frame: pd.DataFrame | None = None, lifetime: WeibullFit | None = None,
+                scored_at: str | None = None) -> FleetScore:
+    """Score every asset of ``frame`` (lake rows of the running fleet).
+
+    Args:
+        frame: Lake rows (``asset_id``, the clock's key, channels).
+        contract: The fleet contract of the rows.
+        params: Health parameters.
+        champion: A :class:`~twinflow.tasks.health.champion.Champion`, or None for label-free scores.
+        baseline_frame: Healthy-baseline readings (whole histories, e.g. the champion's training
+            data); default: the scored fleet's own early lives.
+        lifetime: Lifetime model (default: the champion's; without either, no failure probability).
+        scored_at: Timestamp recorded with the rows.
+    """
+    notes: list[str] = []
+    ff = fleet_frame(frame, contract)
+    rows = _last_reading(ff)
+    n = len(rows)
+    status = np.full(n, SCORED, dtype=object)
+    reasons: list[list[str]] = [[] for _ in range(n)]
+    fit = champion.fit if champion is not None else None
+    channels = [c for c in (fit.kept if fit is not None else contract.sensors) if c in ff.frame.columns]
+    absent = [c for c in (fit.kept if fit is not None else []) if c not in ff.frame.columns]
+    if absent:
+        notes.append(f"dataset lacks channel(s) the champion uses: {', '.join(absent)}")
+
+    few = rows["readings"].to_numpy() < params.min_readings
+    for i in np.flatnonzero(few):
+        reasons[i].append(f"only {rows['readings'].iat[i]} reading(s) (< {params.min_readings})")
+    stale = np.zeros(n, dtype=bool)
+    if params.max_staleness and ff.timestamp_clock:
+        from twinflow.contract.model import parse_duration
+
+        limit = parse_duration(params.max_staleness).total_seconds() / contract.clock.unit_seconds
+        newest = float(rows["last_time"].max())
+        stale = rows["last_time"].to_numpy() < newest - limit
+        for i in np.flatnonzero(stale):
+            reasons[i].append(f"no recent data: last reading {rows['last_reading'].iat[i]} is "
+                              f"{newest - rows['last_time'].iat[i]:.1f} {ff.time_unit} older than the fleet's newest")
+
+    # --- label-free: anomaly score and health index -------------------------------------------------
+    regime = regimes(ff, fit)
+    n_regimes = fit.n_regimes if fit is not None else 1
+    score = np.full(n, np.nan)
+    hi = np.full(n, np.nan)
+    evidence = [""] * n
+    base = None
+    if channels:
+        z = standardised(ff, channels, fit, regime)
+        if baseline_frame is not None and len(baseline_frame):
+            bf = fleet_frame(baseline_frame, contract)
+            bz = standardised(bf, channels, fit, regimes(bf, fit))
+            b_codes, b_regime = an.codes_of(bf.frame[C.ASSET]), regimes(bf, fit)
+            base_src = "the champion's training fleet"
+        else:
+            bz, b_codes, b_regime, base_src = z, an.codes_of(ff.frame[C.ASSET]), regime, "the scored fleet itself"
+        try:
+            base = an.fit_baseline(bz, b_regime, b_codes, channels, n_regimes=n_regimes, window=params.window,
+                                   baseline_fraction=params.baseline_fraction)
+            score, hi, contrib, _ = an.score_recent(z, regime, an.codes_of(ff.frame[C.ASSET]), base)
+            evidence = an.top_channels(contrib, None, channels, params.top_channels)
+            notes.append(f"healthy baseline: first {params.baseline_fraction:.0%} of each asset's readings "
+                         f"of {base_src} ({base.n_windows} windows of {params.window})")
+        except ValueError as exc:
+            notes.append(f"no anomaly score: {exc}")
+    else:
+        notes.append("no sensor channels to score")
+
+    # --- model: RUL, interval, failure probabilities ---------------------------------------------------
+    rul = np.full(n, np.nan)
+    if champion is not None:
+        names = champion.input_names
+        live = None if absent else live_features(ff, fit, champion.feature_params, names)
+        lacking = absent or [c for c in names if c not in live.columns]
+        if lacking:
+            what = "channel(s)" if absent else "feature(s)"
+            for i in range(n):
+                reasons[i].append(f"model needs {what} the data lacks: {', '.join(lacking[:5])}"
+                                  + (f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""))
+        else:
+            feats = live[[c for c in names if c not in (C.ASSET, "cycle")]].to_numpy(dtype="float64")
+            bad = ~np.isfinite(feats).all(axis=1)
+            ok = ~bad & ~few & ~stale
+            if ok.any() and not champion.needs_history:
+                rul[ok] = champion.predict(live.loc[ok])
+            elif ok.any():
+                hist = ff.frame.rename(columns={ff.time_key: "cycle"})
+                pred_all = champion.predict(hist)
+                last_idx = np.r_[np.flatnonzero(np.diff(an.codes_of(hist[C.ASSET]))), len(hist) - 1]
+                rul[ok] = pred_all[last_idx][ok]
+            names_only = [c for c in names if c not in (C.ASSET, "cycle")]
+            for i in np.flatnonzero(bad & ~few & ~stale):
+                miss = [names_only[j] for j in np.flatnonzero(~np.isfinite(feats[i]))]
+                reasons[i].append(f"features missing at the last reading: {', '.join(miss[:5])}"
+                                  + (f" and {len(miss) - 5} more" if len(miss) > 5 else ""))
+        notes.extend(champion.notes)
+    lifetime = lifetime or (champion.lifetime if champion is not None else None)
+
+    cols: dict[str, Any] = {}
+    grid, post = None, None
+    p_by = {h: np.full(n, np.nan) for h in params.horizons}
+    q_low = q_med = q_high = q_due = np.full(n, np.nan)
+    can_risk = ~few & ~stale
+    if lifetime is not None and can_risk.any():
+        idx = np.flatnonzero(can_risk)
+        grid, post = remaining_life_posterior(rows["age"].to_numpy()[idx], rul[idx], lifetime,
+                                              champion.errors if champion is not None else None,
+                                              cap=champion.rul_cap if champion is not None else None)
+        for h in params.horizons:
+            p_by[h][idx] = prob_within(grid, post, h)
+        c = params.costs
+        q_cost = c.planned / c.failure if c.failure > 0 else 0.5
+        qs = quantiles(grid, post, [0.1, 0.5, 0.9, q_cost])
+        q_low, q_med, q_high, q_due = (np.full(n, np.nan) for _ in range(4))
+        q_low[idx], q_med[idx], q_high[idx], q_due[idx] = qs.T
+    half = champion.half_width if champion is not None else float("nan")
+    p_alert = p_by[params.alert_horizon]
+    bands = np.array([band_of(p, params.band_thresholds) for p in p_alert])
+    actions, due_in, cost = [], np.full(n, np.nan), np.full(n, np.nan)
+    for i in range(n):
+        a, d, e = recommend({h: p_by[h][i] for h in params.horizons}, q_due[i], params)
+        actions.append(a)
+        due_in[i], cost[i] = d, e
+    for i in range(n):
+        if reasons[i]:
+            status[i] = SKIPPED if (few[i] or stale[i] or not np.isfinite(score[i])) else PARTIAL
+    last_time = rows["last_time"].to_numpy()
+    if ff.timestamp_clock:
+        due_by = [str(pd.Timestamp((lt + d) * contract.clock.unit_seconds, unit="s", tz="UTC")) if np.isfinite(d) else ""
+                  for lt, d in zip(last_time, due_in)]
+    else:
+        due_by = [f"{ff.time_key} {int(math.floor(lt + d))}" if np.isfinite(d) else "" for lt, d in zip(last_time, due_in)]
+    table = pd.DataFrame({
+        C.ASSET: rows[C.ASSET], "status": status, "reason": ["; ".join(r) for r in reasons],
+        "last_reading": rows["last_reading"], "readings": rows["readings"].astype("int64"),
+        "age": rows["age"], "time_unit": ff.time_unit,
+        "rul_estimate": rul,
+        "rul_low": np.maximum(rul - half, 0.0), "rul_high": rul + half,
+        "interval_level": champion.interval_level if champion is not None else float("nan"),
+        "rul_p10": q_low, "rul_p50": q_med, "rul_p90": q_high,
+        "p_fail": p_alert, "alert_horizon": params.alert_horizon,
+        "p_fail_by_horizon": [json.dumps({f"{h:g}": (None if not np.isfinite(p_by[h][i]) else round(float(p_by[h][i]), 6))
+                                          for h in params.horizons}) for i in range(n)],
+        "flag": np.nan_to_num(p_alert, nan=0.0) >= params.flag_probability,
+        "risk_band": [BANDS[b] for b in bands], "band_rank": bands.astype("int64"),
+        "health_index": hi, "anomaly_score": score, "evidence": evidence,
+        "action": actions, "due_in": due_in, "due_by": due_by, "expected_cost": cost,
+        "scored_at": scored_at or pd.Timestamp.now(tz="UTC").isoformat(),
+    })
+    # Risk order: failure probability when there is one, else the label-free score.
+    key_p = np.nan_to_num(p_alert, nan=-1.0)
+    key_s = np.nan_to_num(score, nan=-1.0)
+    order = np.lexsort((-key_s, -key_p))
+    table = table.iloc[order].reset_index(drop=True)
+    table.insert(1, "risk_rank", np.arange(1, n + 1, dtype="int64"))
+    fans = {}
+    if post is not None and params.fan_assets:
+        pos = {a: j for j, a in enumerate(rows[C.ASSET].to_numpy()[can_risk])}
+        for a in table[C.ASSET].head(params.fan_assets):
+            if a in pos:
+                fans[a] = post[pos[a]]
+    return FleetScore(table, grid, fans, lifetime, base, notes)

@@ -1,0 +1,144 @@
+"""The health stage's pure parts: censored lifetimes, the Bayesian combination, the label-free score,
+alert de-duplication and the work-order schema."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from twinflow.errors import TwinflowError
+from twinflow.tasks.health import alerts, anomaly, workorders
+from twinflow.tasks.health.evaluate import spearman
+from twinflow.tasks.health.lifetime import ErrorDensity, fit_weibull, prob_within, quantiles, remaining_life_posterior
+
+
+def test_censored_weibull_recovers_the_truth_where_treating_suspensions_as_failures_does_not():
+    rng = np.random.default_rng(0)
+    life = 200.0 * rng.weibull(3.0, 4000)
+    stop = rng.uniform(50, 400, life.size)  # preventive replacements / still running
+    t, censored = np.minimum(life, stop), stop < life
+    assert 0.15 < censored.mean() < 0.6
+    fit = fit_weibull(t, censored)
+    assert fit.shape == pytest.approx(3.0, rel=0.08) and fit.scale == pytest.approx(200.0, rel=0.04)
+    assert fit.n_censored == int(censored.sum())
+    naive = fit_weibull(t)  # every end counted as a failure: lives look shorter
+    assert naive.scale < 0.9 * 200.0
+
+
+def test_weibull_needs_failures():
+    with pytest.raises(TwinflowError, match="2 observed failures"):
+        fit_weibull([10.0, 20.0], [True, False])
+
+
+def test_prior_alone_is_the_conditional_survival():
+    fit = fit_weibull(200.0 * np.random.default_rng(1).weibull(3.0, 3000))
+    ages = np.array([50.0, 150.0, 250.0])
+    grid, post = remaining_life_posterior(ages, np.full(3, np.nan), fit, None, cap=None, grid_step=0.5)
+    np.testing.assert_allclose(post.sum(axis=1), 1.0)
+    for a, p in zip(ages, prob_within(grid, post, 30.0)):
+        exact = 1 - fit.survival(a + 30) / fit.survival(a)
+        assert p == pytest.approx(exact, abs=2e-3)
+    # An older asset is more likely to fail within the horizon (increasing hazard, shape > 1).
+    p = prob_within(grid, post, 30.0)
+    assert p[0] < p[1] < p[2]
+
+
+def test_a_precise_model_moves_the_posterior_to_its_estimate_and_a_capped_one_defers_to_the_prior():
+    rng = np.random.default_rng(2)
+    true = rng.uniform(0, 125, 5000)
+    errors = ErrorDensity.from_residuals(true, true + rng.normal(0, 5, true.size))
+    fit = fit_weibull(200.0 * rng.weibull(3.0, 3000))
+    grid, post = remaining_life_posterior([150.0, 150.0], [12.0, 125.0], fit, errors, cap=125.0)
+    q = quantiles(grid, post, [0.05, 0.5, 0.95])
+    assert 5 < q[0, 1] < 20 and q[0, 2] - q[0, 0] < 25  # near 12, about +-2 sd
+    p = prob_within(grid, post, 30.0)
+    assert p[0] > 0.95 and p[1] < 0.05
+    assert q[1, 1] > 110  # at the cap: "at least ~125" is all the model says, the prior says the rest
+
+
+def _fleet(n_assets=40, seed=0):
+    """Standardised readings: healthy noise with a per-asset offset; the second half of each history
+    drifts along a fixed direction by an amount that grows with the asset's degradation."""
+    rng = np.random.default_rng(seed)
+    rows, codes, degr = [], [], rng.uniform(0, 1, n_assets)
+    direction = np.array([1.0, -0.5, 0.8, 0.0])
+    for i in range(n_assets):
+        n = 80
+        z = rng.normal(0, 1, (n, 4)) + rng.normal(0, 0.2, 4)
+        z[n // 2:] += np.linspace(0, 3 * degr[i], n - n // 2)[:, None] * direction
+        rows.append(z)
+        codes += [i] * n
+    return np.vstack(rows), np.array(codes), degr
+
+
+def test_anomaly_score_ranks_degradation_without_labels_and_names_the_channels():
+    z, codes, degr = _fleet()
+    regime = np.zeros(len(z), dtype=np.int64)
+    base = anomaly.fit_baseline(z, regime, codes, ["a", "b", "c", "d"], n_regimes=1, window=10)
+    score, hi, contrib, used = anomaly.score_recent(z, regime, codes, base)
+    assert spearman(score, degr) > 0.8 and spearman(hi, degr) < -0.6
+    np.testing.assert_allclose(contrib.sum(axis=1), score ** 2, rtol=1e-9)
+    ev = anomaly.top_channels(contrib, None, ["a", "b", "c", "d"], k=2)
+    worst = int(np.argmax(degr))
+    assert ev[worst].split()[0] in {"a", "c"} and (used == 10).all()
+
+
+def test_at_risk_is_announced_once_per_band_rise_and_again_after_recovery():
+    def run(bands, previous):
+        cur = pd.DataFrame({"asset_id": ["x", "y"], "band_rank": bands})
+        fire, stored = alerts.announce(cur, previous, "high")
+        return fire.tolist(), pd.DataFrame({"asset_id": ["x", "y"], "announced_band": stored})
+
+    fire, state = run([2, 1], None)  # x high: announced; y elevated: below the alert band
+    assert fire == [True, False]
+    fire, state = run([2, 2], state)  # x still high: quiet; y rose to high: announced
+    assert fire == [False, True]
+    fire, state = run([3, 2], state)  # x worsened to critical: announced again
+    assert fire == [True, False]
+    fire, state = run([2, 0], state)  # x eased to high (still at risk): quiet; y recovered
+    assert fire == [False, False]
+    fire, state = run([2, 2], state)  # y at risk again after recovering: announced
+    assert fire == [False, True]
+
+
+def _scored_rows():
+    return pd.DataFrame({
+        "asset_id": ["7", "9"], "action": ["maintain within 4", "no action before the next run"],
+        "due_by": ["cycle 120", ""], "due_in": [4.0, 80.0], "time_unit": ["cycle", "cycle"],
+        "risk_band": ["critical", "low"], "p_fail": [0.9, 0.01], "alert_horizon": [30.0, 30.0],
+        "rul_estimate": [9.0, 110.0], "rul_low": [0.0, 80.0], "rul_high": [30.0, 140.0],
+        "health_index": [0.0, 0.9], "expected_cost": [40000.0, 1000.0], "anomaly_score": [7.5, 1.0],
+        "evidence": ["s11↑ 40%, s4↑ 30%", ""]})
+
+
+def test_work_orders_validate_against_the_schema_and_export_atomically(tmp_path):
+    orders = workorders.work_orders(_scored_rows(), dataset="test_fd001", run_key="k1",
+                                    links={"mlflow_run": "http://mlflow/#/runs/r"})
+    assert [o["asset"] for o in orders] == ["7"] and workorders.validate(orders) == []
+    bad = [{**orders[0], "priority": "urgent"}, {k: v for k, v in orders[0].items() if k != "due_by"},
+           {**orders[0], "p_failure": 1.5}]
+    errs = workorders.validate(bad)
+    assert any("urgent" in e for e in errs) and any("due_by" in e for e in errs) and any("1.5" in e for e in errs)
+    j, c = workorders.export(orders, tmp_path, meta={"dataset": "test_fd001"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work_order.schema.json", "work_orders.csv",
+                                                          "work_orders.json"]
+    assert pd.read_csv(c).asset.astype(str).tolist() == ["7"]
+
+
+def test_drift_flags_the_shifted_channel_per_regime():
+    from twinflow.tasks.health import drift
+
+    rng = np.random.default_rng(3)
+    ref = rng.normal(0, 1, (4000, 3))
+    ref_regime = rng.integers(0, 2, 4000)
+    cur = rng.normal(0, 1, (1000, 3))
+    cur_regime = rng.integers(0, 2, 1000)
+    cur[cur_regime == 1, 2] += 1.0  # channel c shifts in regime 1 only
+    table = drift.drift_table(ref, ref_regime, cur, cur_regime, ["a", "b", "c"])
+    assert set(table.regime) == {"all", "0", "1"}
+    bad = drift.drifted(table, psi_threshold=0.25)
+    assert set(zip(bad.channel, bad.regime)) == {("c", "1")} or set(bad.channel) == {"c"}
+    assert ("c", "1") in set(zip(bad.channel, bad.regime))
+    assert table.set_index(["channel", "regime"]).loc[("a", "all"), "psi"] < 0.05
+    assert drift.psi(ref[:, 0], ref[:, 0]) == pytest.approx(0.0, abs=1e-12)

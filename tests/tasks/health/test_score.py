@@ -1,0 +1,111 @@
+"""Scoring a fleet in-process: a real (small) model on C-MAPSS FD001, bad inputs giving per-asset
+reasons, and the label-free path on a timestamped pump fleet of the bundled ``pumps`` contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from health_fixtures import pumps_frame as _pumps
+from twinflow.contract.store import load_contract
+from twinflow.data import cmapss_path
+from twinflow.tasks.features import FeatureParams, compute_features, feature_names
+from twinflow.tasks.feature_fit import identity_fit
+from twinflow.tasks.health import HealthParams
+from twinflow.tasks.health.champion import Champion, lifetimes_from_keys
+from twinflow.tasks.health.evaluate import evaluate_against_truth, spearman
+from twinflow.tasks.health.lifetime import ErrorDensity, fit_weibull
+from twinflow.tasks.health.score import PARTIAL, SCORED, SKIPPED, score_fleet
+
+CHANNELS = ["s2", "s3", "s4", "s7", "s11", "s12", "s15", "s20", "s21"]
+COLS = ["asset_id", "cycle", "op_setting_1", "op_setting_2", "op_setting_3", *[f"s{i}" for i in range(1, 22)]]
+
+
+def _read(split: str) -> pd.DataFrame:
+    df = pd.read_csv(cmapss_path(f"{split}_FD001.txt.gz"), sep=r"\s+", header=None, names=COLS)
+    df["asset_id"] = df["asset_id"].astype(str)
+    return df
+
+
+class _Linear:
+    def __init__(self, names, coef, intercept):
+        self.names, self.coef, self.intercept = names, coef, intercept
+
+    def predict(self, frame):
+        return np.clip(frame[self.names].to_numpy() @ self.coef + self.intercept, 0, 125)
+
+
+@pytest.fixture(scope="module")
+def champion() -> Champion:
+    """A ridge model on FD001 train features (unit-split validation gives its error model)."""
+    from sklearn.linear_model import Ridge
+
+    train = _read("train")
+    fit, fp = identity_fit(CHANNELS), FeatureParams(windows=[5, 20], ewm_spans=[10], label=True, channels=CHANNELS)
+    keys, x = compute_features(train, fit, fp)
+    names = feature_names(fit, fp)
+    frame = pd.DataFrame(x.T.astype("float64"), columns=names).fillna(0.0)
+    units = keys.asset_id.astype(int).to_numpy()
+    val = units % 5 == 0
+    y = keys.rul.to_numpy(dtype="float64")
+    reg = Ridge(alpha=1.0).fit(frame[~val], y[~val])
+    model = _Linear(names, reg.coef_, reg.intercept_)
+    pred = model.predict(frame[val])
+    return Champion(name="m", version="1", run_id="r", model_uri="models:/m@champion", model=model, input_names=names,
+                    features=None, feature_params=fp, fit=fit, rul_cap=125.0, interval_level=0.9,
+                    half_width=float(np.quantile(np.abs(pred - y[val]), 0.9)),
+                    errors=ErrorDensity.from_residuals(y[val], pred),
+                    lifetime=fit_weibull(lifetimes_from_keys(train, "asset_id", "cycle")), val_true=y[val], val_pred=pred)
+
+
+def test_fd001_test_units_are_scored_against_the_truth(champion):
+    test = _read("test")
+    contract = load_contract("cmapss")
+    out = score_fleet(test, contract, HealthParams(), champion, baseline_frame=_read("train"))
+    t = out.table
+    assert len(t) == 100 and (t.status == SCORED).all() and t.risk_rank.tolist() == list(range(1, 101))
+    truth = pd.Series(np.loadtxt(cmapss_path("RUL_FD001.txt.gz")), index=[str(i) for i in range(1, 101)])
+    m = evaluate_against_truth(t, truth, cap=125.0)
+    # A linear model is weaker than the champion of the flow test; floors for it:
+    assert m["health_flag_precision"] >= 0.6 and m["health_flag_recall"] >= 0.5, m
+    assert m["health_pi_coverage"] >= 0.75, m
+    assert m["health_anomaly_spearman"] <= -0.5, m
+    # Ranked by risk; actions follow the probabilities.
+    assert t.p_fail.is_monotonic_decreasing
+    assert t.action.iloc[0].startswith("maintain") and t.evidence.iloc[0]
+    assert all(0 <= p <= 1 for p in t.p_fail)
+
+
+def test_bad_inputs_give_per_asset_reasons_not_a_failed_run(champion):
+    test = _read("test")
+    test = test[test.asset_id.isin(["1", "2", "3", "4"])].copy()
+    lone = test[test.asset_id == "1"].head(1).assign(asset_id="lonely")  # one reading only
+    test.loc[test.asset_id == "2", "s11"] = np.nan  # a channel the model needs, gone for one asset
+    t = score_fleet(pd.concat([test, lone]), load_contract("cmapss"), HealthParams(), champion,
+                    baseline_frame=_read("train")).table.set_index("asset_id")
+    assert t.loc["lonely", "status"] == SKIPPED and "only 1 reading" in t.loc["lonely", "reason"]
+    assert t.loc["2", "status"] == PARTIAL and "features missing at the last reading: s11" in t.loc["2", "reason"]
+    assert np.isnan(t.loc["2", "rul_estimate"]) and np.isfinite(t.loc["2", "p_fail"])  # the prior still speaks
+    assert (t.loc[["1", "3", "4"], "status"] == SCORED).all()
+
+    # A dataset without a channel the model's features need: every asset says so, the run goes on.
+    t = score_fleet(test.drop(columns=["s4"]), load_contract("cmapss"), HealthParams(), champion).table
+    assert (t.status == PARTIAL).all() and t.reason.str.contains("model needs channel\\(s\\) the data lacks: s4").all()
+    assert t.anomaly_score.notna().all()
+
+
+def test_a_pump_fleet_without_failures_still_gets_a_ranked_list():
+    df, wear = _pumps()
+    t = score_fleet(df, load_contract("pumps"), HealthParams(max_staleness="6h", horizons=[24.0], alert_horizon=24.0),
+                    None).table
+    assert (t.time_unit == "h").all() and t.p_fail.isna().all() and t.action.eq("no estimate").all()
+    stale = t.set_index("asset_id").loc["p-00"]
+    assert stale.status == SKIPPED and "no recent data" in stale.reason
+    live = t[t.asset_id != "p-00"].set_index("asset_id")
+    assert (live.status == SCORED).all()
+    assert spearman(live.anomaly_score, wear.reindex(live.index)) > 0.7
+    top = live.sort_values("anomaly_score").iloc[-1]
+    assert {"vibration_mm_s", "bearing_temp_c"} & {e.split("↑")[0].split()[0] for e in top.evidence.split(", ")}
+    assert t.risk_rank.tolist() == list(range(1, len(t) + 1))
+    assert t.set_index("asset_id").loc[top.name, "risk_rank"] == 1
