@@ -220,7 +220,7 @@ def health(params: HealthParams | None = None) -> HealthResult:
                 metrics["drift_channels"] = float(len(set(bad.channel)))
             if params.true_rul_path:
                 from twinflow.tasks.health.evaluate import evaluate_against_truth
-                from twinflow.tasks.train_data import natural_key, read_true_rul
+                from twinflow.tasks.train.data import natural_key, read_true_rul
 
                 truth = read_true_rul(params.true_rul_path)
                 ids = sorted(table.asset_id, key=natural_key)

@@ -458,13 +458,24 @@ def _log_features(ref: FeatureSetRef) -> None:
     retry_store(mlflow.log_input, dataset_for_mlflow(ref, ref.params_digest), context="output")
 
 
-def demo_params(settings: Settings, stages: list[str] | None = None) -> PipelineParams:
-    """Pipeline parameters for ``twinflow demo``: the bundled C-MAPSS FD001 files as landing folder.
+DEMO_FLEETS = ("cmapss", "pumps")
 
-    The bundled files are copied into ``<home>/landing/cmapss`` (only when missing or different),
-    so the demo reads a landing folder exactly as a plant's would be.
+
+def demo_params(settings: Settings, stages: list[str] | None = None, fleet: str = "cmapss") -> PipelineParams:
+    """Pipeline parameters for ``twinflow demo``: a bundled example fleet as the landing folder.
+
+    ``cmapss``: NASA's C-MAPSS FD001 files, copied into ``<home>/landing/cmapss`` (only when missing or
+    different). ``pumps``: a generated centrifugal-pump fleet (``twinflow.fleets.pumps``: timestamped
+    readings, plant units, a maintenance log with failures, replacements and running pumps) written
+    into ``<home>/landing/pumps`` once. Either way the demo reads a landing folder exactly as a plant's
+    would be, through the fleet's contract.
     """
     import shutil
+
+    if fleet == "pumps":
+        return _pumps_demo_params(settings, stages)
+    if fleet != "cmapss":
+        raise ConfigError(f"unknown demo fleet {fleet!r}; choose one of: {', '.join(DEMO_FLEETS)}")
 
     from twinflow.data import cmapss_path
 
@@ -481,6 +492,32 @@ def demo_params(settings: Settings, stages: list[str] | None = None) -> Pipeline
         train=TrainParams(true_rul_path=str(cmapss_path("RUL_FD001.txt.gz")), nan_policy="drop"),
         # The test units are the demo's running fleet; their truth file checks the health flags.
         health=HealthParams(dataset="test_fd001", true_rul_path=str(cmapss_path("RUL_FD001.txt.gz"))),
+        stages=stages or list(STAGES),
+    )
+
+
+def _pumps_demo_params(settings: Settings, stages: list[str] | None) -> PipelineParams:
+    """The pump fleet's demo: the same pipeline, configured by durations in hours (its clock's unit)."""
+    from twinflow.fleets.pumps import PumpFleetParams, generate_pumps, write_pumps
+    from twinflow.tasks.twin.model import CostModel
+
+    landing = Path(settings.landing_path) / "pumps"
+    if not any(landing.glob("pumps_*.csv")):  # deterministic: generated once, then ingested incrementally
+        landing.mkdir(parents=True, exist_ok=True)
+        write_pumps(generate_pumps(PumpFleetParams(n_pumps=30, days=120, seed=0)), landing)
+    return PipelineParams(
+        ingest=IngestParams(landing=str(landing), contract="pumps"),
+        train_dataset="pumps", test_dataset=None,
+        # Row windows over 10-minute readings plus time windows over the real timestamps (gaps stay gaps).
+        features=FeatureParams(windows=[6, 36], time_windows=["1h", "6h"], ewm_spans=[36], rul_cap=240),
+        # Missing readings stay NaN for the model (sensor dropouts are real); rows of censored or running
+        # lives carry no label and are left out (see tasks/features/labels.py).
+        train=TrainParams(nan_policy="keep"),
+        simulate=TwinParams(n_assets=30, n_scenarios=40, horizon=2160, intervals=[240, 480, 720, 960],
+                            thresholds=[24.0, 48.0, 96.0, 168.0], inspect_every=6, min_lifetime=24,
+                            costs=CostModel(failure=40_000.0, planned=6_000.0, downtime_per_cycle=150.0,
+                                            failure_downtime=48, planned_downtime=8)),
+        health=None,
         stages=stages or list(STAGES),
     )
 

@@ -149,6 +149,9 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                               "feature_params_digest": features.params_digest})
             mlflow.set_tags({"twinflow.feature_digest": digest, "twinflow.lake_snapshot_digest": snap.digest,
                              "twinflow.time_unit": features.time_unit, **contract_tags(features.contract)})
+            if snap.version is not None:
+                # The lake upkeep keeps this table version's files while this model is champion.
+                mlflow.set_tags({"twinflow.lake.dataset": snap.dataset, "twinflow.lake.version": str(snap.version)})
             lineage = {"features": features.model_dump(mode="json"), "feature_digest": digest}
             if test_features is not None:
                 tdigest = test_features.params_digest or feature_digest(test_features)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twinflow import contracts as C
+import cmapss_names as CM
 
 
 def plant_faults(lines: list[str], ops: list[tuple[str, int, int]], blank: str = "  ") -> list[str]:
@@ -42,7 +42,7 @@ def plant_faults(lines: list[str], ops: list[tuple[str, int, int]], blank: str =
             f[2 + j % (len(f) - 2)] = "NaN"
             out[i] = " ".join(f)
         elif op == "sentinel" and len(f) > 2:
-            f[2 + j % (len(f) - 2)] = str(C.SENTINELS[0])
+            f[2 + j % (len(f) - 2)] = str(CM.SENTINELS[0])
             out[i] = " ".join(f)
         elif op == "string" and f:
             f[j % len(f)] = "x" + str(j)

@@ -26,3 +26,35 @@ def test_demo_runs_end_to_end_twice(tmp_path):
     assert "0 rows read" in out.stdout and "v2" in out.stdout
     # The demo's own Prefect server was stopped when it ended.
     assert not (tmp_path / "home" / "prefect" / "server.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(1200)
+def test_demo_runs_the_pump_fleet_from_its_contract_alone(tmp_path):
+    """The same pipeline on a fleet that is not a turbofan: timestamps, plant units, a maintenance log."""
+    import mlflow
+    import pyarrow.compute as pc
+
+    from twinflow import lake
+
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    env.update({"TWINFLOW_HOME": str(home), "CUDA_VISIBLE_DEVICES": ""})
+    out = subprocess.run([sys.executable, "-m", "twinflow.cli", "demo", "--fleet", "pumps"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "recommended policy" in out.stdout and "datasets: pumps" in out.stdout
+    root = str(home / "lake")
+    snap = lake.snapshot(root, "pumps")
+    assert snap.contract.name == "pumps" and "timestamp" in lake.read_lake(snap, columns=["timestamp"]).column_names
+    segments = lake.read_table(root, "pumps__segments")
+    reasons = set(segments.column("end_reason").to_pylist())
+    assert reasons == {"failure", "censored", "running"}  # the log's failures, replacements, running pumps
+    assert pc.min(segments.column("duration")).as_py() >= 0
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = {r.data.tags.get("twinflow.stage"): r for r in client.search_runs(
+        [client.get_experiment_by_name("twinflow").experiment_id])}
+    assert runs["train"].data.tags["twinflow.contract.name"] == "pumps"
+    assert runs["train"].data.tags["twinflow.time_unit"] == "h"
+    assert runs["simulate"].data.metrics["lives_suspensions"] > 0

@@ -114,8 +114,11 @@ def _model_fields(title: str) -> list[str]:
 @app.command()
 def demo(
     stages: Optional[List[str]] = typer.Option(None, "--stage", help="Run only these stages (repeatable)."),
+    fleet: str = typer.Option("cmapss", "--fleet", help="Example fleet: cmapss (NASA turbofans, bundled) or "
+                              "pumps (a generated pump fleet with a maintenance log)."),
 ) -> None:
-    """Run the whole pipeline on the embedded defaults over the bundled NASA C-MAPSS FD001 data.
+    """Run the whole pipeline on the embedded defaults over a bundled example fleet (default: NASA
+    C-MAPSS FD001; ``--fleet pumps``: a generated pump fleet, timestamped, with its maintenance log).
 
     Starts a local Prefect server (SQLite), a Dask LocalCluster (or LocalCUDACluster on a GPU
     machine) and MLflow on SQLite, all under the twinflow home; prints progress per stage and,
@@ -127,7 +130,7 @@ def demo(
 
     settings = _settings()
     with exclusive(settings.home / "demo.lock", "twinflow demo"):
-        params: PipelineParams = demo_params(settings, stages=stages or None)
+        params: PipelineParams = demo_params(settings, stages=stages or None, fleet=fleet)
         console.rule("[bold]twinflow demo")
         console.print(f"home: {settings.home}")
         with runtime.start(settings) as rt:

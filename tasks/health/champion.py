@@ -77,8 +77,8 @@ def load_champion(settings: Any, interval_level: float | None = None, alias: str
     from twinflow.tasks import features as ft
     from twinflow.tasks.prognostics import conformal_half_width
     from twinflow.tasks.registry import champion_version
-    from twinflow.tasks.train_data import check_frame, read_feature_frame, spec_for, split_by_asset
-    from twinflow.tasks.trainers import model_io_lock
+    from twinflow.tasks.train.data import check_frame, read_feature_frame, spec_for, split_by_asset
+    from twinflow.tasks.train.trainers import model_io_lock
     from twinflow.tracking import check_reachable
 
     uri = settings.mlflow_tracking_uri

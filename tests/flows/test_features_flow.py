@@ -19,6 +19,7 @@ from twinflow.errors import ConfigError
 from twinflow.flows.features import features
 from twinflow.refs import FileRef, LakeSnapshot
 from twinflow.tasks.features import FIT_FILE, MANIFEST_FILE, FeatureParams, FitStats
+import cmapss_names as CM
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ SMALL = dict(windows=[5, 30], ewm_spans=[10], partition_bytes=512 * 1024)
 
 def _read_cmapss(name: str) -> pd.DataFrame:
     raw = pd.read_csv(cmapss_path(name), sep=r"\s+", header=None)
-    raw.columns = contracts.CMAPSS_COLUMNS
+    raw.columns = CM.CMAPSS_COLUMNS
     return raw
 
 
@@ -98,10 +99,10 @@ def test_fd001_features_label_summary_and_cache(runtime, fd001, fd001_features):
     rul = expected.groupby("asset_id").cycle.transform("max") - expected.cycle
     np.testing.assert_array_equal(out["rul"].to_numpy(), np.minimum(rul.to_numpy(), 125))
 
-    constant = {c for c in contracts.SENSORS if fd001[c].nunique() == 1}
+    constant = {c for c in CM.SENSORS if fd001[c].nunique() == 1}
     assert constant, "FD001 has constant sensors"
     fit = FitStats.model_validate_json((Path(ref.path) / FIT_FILE).read_text())
-    assert set(fit.dropped) == constant and set(fit.kept) == set(contracts.SENSORS) - constant
+    assert set(fit.dropped) == constant and set(fit.kept) == set(CM.SENSORS) - constant
     assert fit.n_regimes == 1  # FD001 runs in a single operating condition
     assert not any(c.startswith(tuple(f"{s}_" for s in constant)) for c in ref.feature_columns)
     assert set(ref.feature_columns) <= set(out.columns) and "rul" not in ref.feature_columns

@@ -14,6 +14,7 @@ from twinflow.data import cmapss_dir, cmapss_path
 from twinflow.errors import ConfigError
 from twinflow.flows.ingest import IngestParams, ingest
 from twinflow.tasks.ingest import read_lake, read_quarantine
+import cmapss_names as CM
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ def test_bundled_fd001_lands_complete_and_a_rerun_adds_nothing(runtime):
     assert train.rows == 20631 and result.rows_quarantined == 0
     lake = read_lake(train)
     assert lake.num_rows == 20631 and len(set(lake.column(C.ASSET).to_pylist())) == 100
-    assert lake.schema.equals(C.telemetry_schema())
+    assert lake.schema.equals(CM.telemetry_schema())
     assert result.snapshots["test_fd001"].rows == 13096
     assert read_quarantine(runtime.settings.quarantine_path).num_rows == 0
     assert all(b.conserved for b in result.batches)

@@ -32,10 +32,11 @@ from twinflow import contracts as C
 from twinflow.contract import DatasetRule, FleetContract, dump_contract, load_contract
 from twinflow.data import cmapss_path
 from twinflow.tasks.ingest import IngestParams, latest_snapshot, read_lake, read_quarantine, run_local
+import cmapss_names as CM
 
 TRAIN_LINES = [line for line in gzip.decompress(cmapss_path("train_FD001.txt.gz").read_bytes()).decode()
                .splitlines() if line.strip()]
-HEADER = "unit,cycle," + ",".join(C.CMAPSS_COLUMNS[2:])
+HEADER = "unit,cycle," + ",".join(CM.CMAPSS_COLUMNS[2:])
 ALIASES = "engine,time_cycles,setting_1,setting_2,setting_3," + ",".join(f"sensor_{i}" for i in range(1, 22))
 OPS = ["drop_field", "string", "dup", "swap", "range", "nan", "truncate", "extra", "blank", "sentinel"]
 KINDS = 20
@@ -81,7 +82,7 @@ def _pump_fleet() -> Fleet:
 
 def _fleet(name: str) -> Fleet:
     if name == "cmapss":
-        return Fleet("cmapss", TRAIN_LINES, HEADER, ALIASES, load_contract("cmapss"), list(C.CMAPSS_COLUMNS))
+        return Fleet("cmapss", TRAIN_LINES, HEADER, ALIASES, load_contract("cmapss"), list(CM.CMAPSS_COLUMNS))
     return _pump_fleet()
 
 

@@ -23,11 +23,12 @@ from twinflow.lake import latest_snapshot, list_files
 from twinflow.tasks import ingest as I
 from twinflow.tasks.ingest import stream
 from twinflow.tasks.ingest import IngestParams, read_lake, read_quarantine, run_local
+import cmapss_names as CM
 
 TRAIN_LINES = [line for line in gzip.decompress(cmapss_path("train_FD001.txt.gz").read_bytes()).decode()
                .splitlines() if line.strip()]
 # Unit 1 has 192 cycles: windows around row 192 hold two assets.
-HEADER = "unit,cycle," + ",".join(C.CMAPSS_COLUMNS[2:])
+HEADER = "unit,cycle," + ",".join(CM.CMAPSS_COLUMNS[2:])
 
 
 @contextlib.contextmanager
@@ -115,7 +116,7 @@ def test_streamed_files_give_exactly_what_whole_files_give(tmp_path_factory, ops
 def test_streamed_parquet_gives_exactly_what_whole_parquet_gives(tmp_path_factory, ops, start, n, batch_rows,
                                                                  row_group):
     lines = [line.split() for line in plant_faults(TRAIN_LINES[start:start + n], ops)]
-    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(CM.CMAPSS_COLUMNS)}
     cols["unit"] = [str(int(v)) for v in cols["unit"]]
     cols[C.TIME] = [int(v) for v in cols[C.TIME]]
     tmp = tmp_path_factory.mktemp("p")
@@ -171,7 +172,7 @@ def test_file_level_errors_are_the_same_streamed(tmp_path, name, content):
 
 def _corrupt_parquet(pages: bool) -> bytes:
     lines = [line.split() for line in TRAIN_LINES[:80]]
-    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(CM.CMAPSS_COLUMNS)}
     buf = pa.BufferOutputStream()
     pq.write_table(pa.table(cols), buf, compression="none", row_group_size=30)
     raw = bytearray(buf.getvalue().to_pybytes())

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
+import cmapss_names as CM
 from ingest_faults import plant_faults
 from twinflow import contracts as C
 from twinflow.data import cmapss_path
@@ -74,7 +75,7 @@ class Home:
 
     def lake_rows(self, dataset: str) -> pa.Table:
         snap = latest_snapshot(str(self.lake), dataset)
-        return C.telemetry_schema().empty_table() if snap is None else read_lake(snap)
+        return CM.telemetry_schema().empty_table() if snap is None else read_lake(snap)
 
     def quarantined(self, dataset: str | None = None) -> pa.Table:
         return read_quarantine(str(self.quarantine), dataset)
@@ -134,7 +135,7 @@ def test_fd001_train_parses_into_the_contract_without_rejects():
     lake, quarantine, flagged = validate_table(parsed.table, parsed.reasons, "train", "b")
     assert parsed.rows_read == len(TRAIN_LINES) == lake.num_rows
     assert quarantine.num_rows == 0
-    assert lake.schema.equals(C.telemetry_schema())
+    assert lake.schema.equals(CM.telemetry_schema())
     assert len(set(lake.column(C.ASSET).to_pylist())) == 100
     # FD001's constant setpoints (s1, s5, s10, s16, s18, s19) are by design, not stuck sensors.
     assert flagged["stuck"] == 0 and flagged["missing"] == 0
@@ -144,10 +145,10 @@ def test_fd001_train_parses_into_the_contract_without_rejects():
 
 def test_contract_declares_units_and_ranges_that_admit_fd001():
     raw = np.array([line.split() for line in TRAIN_LINES], dtype=float)
-    for j, ch in enumerate(C.CHANNELS):
-        lo, hi = C.valid_range(ch)
+    for j, ch in enumerate(CM.CHANNELS):
+        lo, hi = CM.valid_range(ch)
         assert lo <= raw[:, 2 + j].min() and raw[:, 2 + j].max() <= hi, ch
-        assert C.CHANNEL_SPECS[ch].unit
+        assert CM.unit(ch)
 
 
 # --- bad input: whole files ---------------------------------------------------------------------
@@ -298,14 +299,14 @@ def test_csv_with_aliases_and_header_less_csv_with_configured_columns(home):
     assert o.status == "ingested" and o.rows_written == 5
     other = home.landing.parent / "landing2"
     _write(other, "nohdr.csv", "\n".join(";".join(l.split()) for l in _lines(5)) + "\n")
-    params = IngestParams(landing=str(other), format="csv", delimiter=";", columns=list(C.CMAPSS_COLUMNS))
+    params = IngestParams(landing=str(other), format="csv", delimiter=";", columns=list(CM.CMAPSS_COLUMNS))
     (o,) = run_local(params, str(home.lake), str(home.quarantine), "b9")
     assert o.status == "ingested" and o.rows_written == 5
 
 
 def test_parquet_sources_are_validated_like_text(home):
     lines = [line.split() for line in _lines(10)]
-    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(CM.CMAPSS_COLUMNS)}
     cols["unit"] = [str(int(v)) for v in cols["unit"]]
     cols[C.TIME] = [int(v) for v in cols[C.TIME]]
     cols["s7"][3] = -5.0  # out of range
@@ -520,7 +521,7 @@ def test_landing_can_be_an_fsspec_url(tmp_path):
 
 
 def _csv(lines: list[str], header: bool = True) -> str:
-    head = ["unit,cycle," + ",".join(C.CMAPSS_COLUMNS[2:])] if header else []
+    head = ["unit,cycle," + ",".join(CM.CMAPSS_COLUMNS[2:])] if header else []
     return "\n".join(head + [",".join(line.split()) for line in lines]) + "\n"
 
 
@@ -569,7 +570,7 @@ def test_corrupt_gzip_and_unreadable_parquet_count_what_could_be_read(home):
     flipped[len(data) // 2] ^= 0xFF
     _write(home.landing, "flipped.txt.gz", bytes(flipped))
     lines = [line.split() for line in _lines(10)]
-    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(C.CMAPSS_COLUMNS)}
+    cols = {name: [float(f[j]) for f in lines] for j, name in enumerate(CM.CMAPSS_COLUMNS)}
     buf = pa.BufferOutputStream()
     pq.write_table(pa.table(cols), buf, compression="none")
     raw = bytearray(buf.getvalue().to_pybytes())

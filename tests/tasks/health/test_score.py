@@ -11,7 +11,7 @@ from health_fixtures import pumps_frame as _pumps
 from twinflow.contract.store import load_contract
 from twinflow.data import cmapss_path
 from twinflow.tasks.features import FeatureParams, compute_features, feature_names
-from twinflow.tasks.feature_fit import identity_fit
+from twinflow.tasks.features.fit import identity_fit
 from twinflow.tasks.health import HealthParams
 from twinflow.tasks.health.champion import Champion, lifetimes_from_keys
 from twinflow.tasks.health.evaluate import evaluate_against_truth, spearman
