@@ -218,11 +218,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mosquitto(workdir: str, port: int | None = None, timeout_s: float = 10.0) -> tuple[Any, int]:
+def start_mosquitto(workdir: str, port: int | None = None, timeout_s: float = 10.0,
+                    tls: dict[str, Any] | None = None) -> tuple[Any, int]:
     """Start a mosquitto of our own on a free loopback port; returns ``(process, port)``.
 
     Queues are unbounded (``max_queued_messages 0``) so that a persistent session that is offline for a
     moment (bridge restart, start-up) loses nothing; no persistence file.
+
+    ``tls``: also listen on ``tls["port"]`` with TLS, a client certificate required (``ca``, ``cert``,
+    ``key`` files) and a password (``passwd``: a mosquitto_passwd file); the plain listener stays
+    (publishers use it).
 
     Raises:
         RuntimeError: mosquitto is not installed or did not start listening within ``timeout_s``.
@@ -238,8 +243,17 @@ def start_mosquitto(workdir: str, port: int | None = None, timeout_s: float = 10
     port = port or free_port()
     conf = os.path.join(workdir, f"mosquitto-{port}.conf")
     with open(conf, "w") as fh:
+        fh.write("per_listener_settings true\n" if tls else "")
         fh.write(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n"
                  "max_inflight_messages 0\npersistence false\n")
+        if tls:
+            import pwd
+
+            # Run as this user: started as root, mosquitto drops to "mosquitto", who cannot read the keys.
+            fh.write(f"user {pwd.getpwuid(os.geteuid()).pw_name}\n"
+                     f"listener {tls['port']} 127.0.0.1\nallow_anonymous false\npassword_file {tls['passwd']}\n"
+                     f"cafile {tls['ca']}\ncertfile {tls['cert']}\nkeyfile {tls['key']}\n"
+                     "require_certificate true\n")
     proc = subprocess.Popen([exe, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout_s
     while True:

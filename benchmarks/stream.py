@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from benchmarks._harness import Bench, Result, _PeakRSS, arg_parser, start_mosquitto, stop_process, write_json
+from benchmarks._harness import (Bench, Result, _PeakRSS, arg_parser, free_port, start_mosquitto, stop_process,
+                                 write_json)
 
 TOPICS = {"json": ["twinflow/telemetry/#"], "sparkplug": ["spBv1.0/#"]}
 WARMUP_ASSET = "warmup-0"
@@ -44,6 +45,19 @@ def _warmup_message(fmt: str) -> tuple[str, bytes]:
 
     row = {"asset_id": WARMUP_ASSET, "cycle": 1, "setting1": 0.0, "setting2": 0.0, "setting3": 100.0}
     return next(mqtt_messages([row], fmt))
+
+
+# With --tls: how subscribers (the bare one and the bridge) connect — TLS with a client certificate and
+# a password on the broker's second listener; publishers keep the plain one. None: plain for everyone.
+TLS: dict[str, Any] | None = None
+
+
+def _subscriber_mqtt(host: str, port: int) -> dict[str, Any]:
+    """The bridge's ``mqtt`` settings for a subscriber (TLS ones under --tls)."""
+    if TLS is None:
+        return {"host": host, "port": port}
+    return {"host": host, "port": TLS["port"], "tls": True, "ca_file": str(TLS["ca"]), "cert_file": str(TLS["cert_c"]),
+            "key_file": str(TLS["key_c"]), "username": TLS["user"], "password": TLS["password"]}
 
 
 def bare_subscriber(host: str, port: int, fmt: str, msgs: list[tuple[str, bytes]]) -> dict[str, Any]:
@@ -71,7 +85,14 @@ def bare_subscriber(host: str, port: int, fmt: str, msgs: list[tuple[str, bytes]
     c.on_connect = lambda client, *a: client.subscribe([(t, 1) for t in TOPICS[fmt]])
     c.on_subscribe = lambda *a: subscribed.set()
     c.on_message = on_message
-    c.connect(host, port)
+    sub = _subscriber_mqtt(host, port)
+    if TLS is not None:  # the same TLS session setup as the bridge's (twinflow.tasks.bridge.mqtt.apply_tls)
+        from twinflow.tasks.bridge.config import MqttSource
+        from twinflow.tasks.bridge.mqtt import apply_tls
+
+        apply_tls(c, MqttSource(**sub))
+        c.username_pw_set(TLS["user"], TLS["password"])
+    c.connect(host, sub["port"])
     c.loop_start()
     try:
         assert subscribed.wait(10), "bare subscriber: no SUBACK"
@@ -102,7 +123,7 @@ class _BridgeRun:
         shutil.rmtree(self.lake, ignore_errors=True)
         shutil.rmtree(self.quar, ignore_errors=True)
         self.cfg = BridgeConfig(bridge_id=bridge_id, emit_events=False,
-                                mqtt={"host": host, "port": port, "topics": TOPICS[fmt], "format": fmt}, **settings)
+                                mqtt={**_subscriber_mqtt(host, port), "topics": TOPICS[fmt], "format": fmt}, **settings)
         create_session(self.cfg.mqtt, f"twinflow-bridge-{bridge_id}")
         self.host, self.port, self.fmt = host, port, fmt
         self.stop = threading.Event()
@@ -341,6 +362,24 @@ def soak(host: str, port: int, rows: list[dict[str, Any]], work: Path, seconds: 
     return summary
 
 
+def _tls_setup(work: Path) -> dict[str, Any]:
+    """A throwaway PKI and password file for the broker's TLS listener; sets :data:`TLS`."""
+    import secrets
+
+    from twinflow.tasks.bridge.testpki import make_pki
+
+    global TLS
+    pki = make_pki(work / "pki")
+    user, password = "bench", secrets.token_hex(8)
+    passwd = work / "passwd"
+    subprocess.run([shutil.which("mosquitto_passwd") or "mosquitto_passwd", "-b", "-c", str(passwd), user, password],
+                   check=True, capture_output=True)
+    TLS = {"port": free_port(), "ca": pki["ca_cert"], "cert": pki["server_cert"], "key": pki["server_key"],
+           "cert_c": pki["client_cert"], "key_c": pki["client_key"], "passwd": passwd, "user": user,
+           "password": password}
+    return TLS
+
+
 def main() -> None:
     parser = arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--soak", type=float, default=None, metavar="SECONDS",
@@ -350,12 +389,15 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=None, help="soak: RSS samples before this are ignored "
                         "(default: a fifth of the soak)")
     parser.add_argument("--conditions", default=None, help="free text recorded in the JSON (load, nice, ...)")
+    parser.add_argument("--tls", action="store_true", help="subscribers (bare and bridge) connect over TLS with a "
+                        "client certificate and a password (generated throwaway PKI); publishers stay plain")
     args = parser.parse_args()
 
     from twinflow.tasks.bridge.simulate import cmapss_rows, mqtt_messages
 
     work = Path(tempfile.mkdtemp(prefix="twinflow-bench-stream-"))
-    broker, port = start_mosquitto(str(work))
+    tls = _tls_setup(work) if args.tls else None
+    broker, port = start_mosquitto(str(work), tls=tls)
     host = "127.0.0.1"
     load = os.getloadavg()
     try:
@@ -389,6 +431,7 @@ def main() -> None:
             s["load_avg_1_5_15_at_start"] = load
             s["load_avg_1_5_15_at_end"] = os.getloadavg()
             s["conditions"] = args.conditions
+            s["subscribers_over_tls"] = bool(args.tls)
             if args.json:
                 write_json(args.json, s)
     finally:
