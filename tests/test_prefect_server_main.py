@@ -183,6 +183,15 @@ def test_the_servers_own_names_and_ui_origin_pass():
     assert len(inner.calls) == 4
 
 
+def test_prefects_own_in_process_clients_pass():
+    """The server's trigger/action services call the API in-process under these Host names: refusing
+    them stopped every automation from creating its flow run."""
+    app, inner = _local_only()
+    for host in ("prefect-in-memory", "ephemeral-prefect"):
+        assert _status(_request(app, "POST", {"host": host})) == [201], host
+    assert len(inner.calls) == 2
+
+
 def test_extra_names_are_configurable():
     app, _ = _local_only(TWINFLOW_PREFECT_ALLOWED_HOSTS="prefect.lan",
                          TWINFLOW_PREFECT_ALLOWED_ORIGINS="https://ops.example")

@@ -103,6 +103,10 @@ class RetryLockedWrites:
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# The Host names of Prefect's own in-process clients (ASGI transport, never on a network): the server's
+# trigger and action services create flow runs through them. A browser cannot send them for a page
+# it loaded from elsewhere, so allowing them opens nothing to DNS rebinding.
+_IN_PROCESS = ("prefect-in-memory", "ephemeral-prefect")
 
 
 def _split_host(value: str) -> tuple[str, int | None]:
@@ -127,7 +131,7 @@ class LocalOnly:
 
     def __init__(self, app: Callable[..., Awaitable[None]], hosts: set[str], origins: set[str]) -> None:
         self.app = app
-        self.hosts = {h.lower().strip("[]") for h in hosts} | set(_LOOPBACK)
+        self.hosts = {h.lower().strip("[]") for h in hosts} | set(_LOOPBACK) | set(_IN_PROCESS)
         self.origins = {o.lower().rstrip("/") for o in origins}
         self.refused = 0
 
