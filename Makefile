@@ -19,7 +19,8 @@ demo: $(BIN)/python
 # MLflow server, scale-out on separate Prefect/Dask/MLflow+PostgreSQL processes, the UIs in headless Chromium). GPU tests run
 # wherever CuPy and a GPU are present and skip cleanly elsewhere.
 test: $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	# -c: the S3 stack pinned to a set that resolves (boto3 and aiobotocore both pin botocore).
+	$(BIN)/python -m pip install -q -e '.[dev]' -c .ci/constraints.txt
 	# The CPU build of PyTorch (a local wheel on these machines) for the sequence-model tests.
 	$(BIN)/python -m pip install -q 'torch==2.13.0' || echo 'torch unavailable: sequence-model tests will skip'
 	# mosquitto (Debian) for the stream bridge's MQTT tests; they start their own on a loopback port.
