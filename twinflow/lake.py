@@ -903,14 +903,20 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
     cols = [c for c in columns if c != PARTITION]
     want_asset = PARTITION in columns
     fs, _ = _fs(paths[0], storage_options)
+    local = isinstance(fs, LocalFileSystem)
+    blobs: dict[str, bytes] = {}
+    if not local:
+        # One concurrent fetch of the whole files: opening each and reading its footer, then its
+        # column chunks, costs several sequential round trips per file (S3 reads ran at ~0.1x of local).
+        with store_errors(paths[0], storage_options):
+            blobs = fs.cat([fs._strip_protocol(p) for p in paths], on_error="raise")
     tables = []
     for path in paths:
         p = fs._strip_protocol(path)
-        if isinstance(fs, LocalFileSystem):
+        if local:
             t = pq.ParquetFile(p, pre_buffer=False).read(columns=cols, use_threads=False)
         else:
-            with fs.open(p, "rb") as fh:
-                t = pq.ParquetFile(fh).read(columns=cols, use_threads=False)
+            t = pq.ParquetFile(pa.BufferReader(blobs.pop(p))).read(columns=cols, use_threads=False)
         if want_asset:
             t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset_of(path), pa.string()), t.num_rows))
         tables.append(t)
