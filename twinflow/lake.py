@@ -1200,7 +1200,8 @@ def read_quarantine(quarantine_path: str, dataset: str | None = None) -> pa.Tabl
     return _read(quarantine_path, dataset)
 
 
-def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
+def latest_snapshot(lake_path: str, dataset: str,
+                    storage_options: dict[str, Any] | None = None) -> LakeSnapshot | None:
     """The dataset's latest version with its ingest lineage (landing files and hashes) when ingest wrote it.
 
     Falls back to :func:`snapshot` for tables written otherwise (e.g. :func:`write_lake_table`). Returns
@@ -1208,7 +1209,8 @@ def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
     """
     from twinflow.tasks.ingest.ledger import ingested_snapshot
 
-    return ingested_snapshot(lake_path, dataset) or snapshot(lake_path, dataset)
+    return (ingested_snapshot(lake_path, dataset, storage_options)
+            or snapshot(lake_path, dataset, storage_options))
 
 
 # --- Result tables ------------------------------------------------------------------------------

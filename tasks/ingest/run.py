@@ -18,7 +18,7 @@ from typing import Any, Callable
 from prefect import task
 
 from twinflow import lake as lk
-from twinflow.errors import TwinflowError
+from twinflow.errors import ConfigError, TwinflowError
 from twinflow.refs import LakeSnapshot
 from twinflow.tasks.ingest.commit import commit_outcomes, lake_lock
 from twinflow.tasks.ingest.landing import list_landing, plan_files
@@ -76,7 +76,7 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
     so = params.storage_options if storage_options is None else storage_options
     contract = params.fleet()
     remote = not lk.is_local(lake_path)
-    quarantine = lk.local_path(quarantine_path)
+    quarantine = local_quarantine(quarantine_path)
     started = time.time()
     with contextlib.ExitStack() as stack:
         lease = stack.enter_context(lake_lock(lake_path, params.lock_timeout_s, so, params.lease_ttl_s))
@@ -117,6 +117,18 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
                 run.snapshots[name] = snap if snap.contract is not None else \
                     snap.model_copy(update={"contract": contract})
     return run
+
+
+def local_quarantine(quarantine_path: str) -> Path:
+    """The quarantine folder, which must be local for now (the lake itself may be on an object store).
+
+    Raises:
+        ConfigError: ``quarantine_path`` is an object-store URL.
+    """
+    if not lk.is_local(quarantine_path):
+        raise ConfigError(f"the quarantine must be a local path for now, got {quarantine_path!r} (the lake may "
+                          "be on an object store; set TWINFLOW_LAKE__QUARANTINE to a local folder)")
+    return lk.local_path(quarantine_path)
 
 
 class NothingWritten(TwinflowError):
@@ -170,7 +182,7 @@ def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_
     The same :func:`ingest_sequence` as the ``ingest`` flow. Raises the first batch error after
     committing the files that worked.
     """
-    quarantine = lk.local_path(quarantine_path)
+    quarantine = local_quarantine(quarantine_path)
 
     def sequential(batches: list[list[SourceFile]], staging: Path):
         outcomes, errors = [], []

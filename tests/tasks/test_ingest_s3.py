@@ -100,6 +100,10 @@ def test_ingest_into_an_s3_lake_keeps_its_ledger_in_the_lake(s3, tmp_path):
     snap = ingested_snapshot(lake_url, "fleet", so)
     assert snap is not None and snap.rows == rows.num_rows and len(snap.files) == 2
     assert lk.read_lake(snap, storage_options=so).num_rows == rows.num_rows
+    assert lk.latest_snapshot(lake_url, "fleet", so) == snap
+    # The quarantine stays local for now: an object-store URL is refused before anything is read.
+    with pytest.raises(ConfigError, match="quarantine must be a local path"):
+        run_local(params, lake_url, s3.url("quarantine"), "b3")
 
 
 def test_lease_is_exclusive_expires_and_fences_a_lost_holder(s3):
