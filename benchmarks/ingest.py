@@ -22,7 +22,12 @@ whole (``stream_threshold_bytes`` above its size) and streamed (``--batch-rows``
 reports each process's peak RSS (``VmHWM``) above its peak after imports. Read whole, the peak follows
 the file; streamed, it stays flat as the file doubles.
 
-Run: ``python -m benchmarks.ingest [--quick] [--fleet cmapss|pumps|both] [--files N ...]
+``--lake s3`` runs only the object-store comparison: the in-process ingest stage (plan, parse, validate,
+stage, commit, ledger) of the same landing into a local lake (baseline) and into an ``s3://`` lake on a
+SeaweedFS S3 gateway this run starts on loopback (lease, ledger and data files in the bucket), round-robin;
+the ratio is local time / S3 time (goal >= 0.5x), with the peak RSS of each at two sizes.
+
+Run: ``python -m benchmarks.ingest [--quick] [--fleet cmapss|pumps|both] [--files N ...] [--lake local|s3]
 [--json benchmarks/results/<date>-ingest.json]``. Figures of
 recorded runs (machine, date, commit) are in ``benchmarks/results/``; earlier hand-recorded tables are in
 this file's git history.
@@ -166,6 +171,49 @@ def large_file(rows_list: list[int], batch_rows: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def s3_lake(args) -> None:
+    """The same in-process ingest into a local lake and into an S3 lake, round-robin (``--lake s3``)."""
+    import uuid
+
+    from benchmarks._harness import start_s3
+    from twinflow.tasks.ingest import IngestParams, run_local
+
+    sizes = [(10, 25_000), (10, 50_000)] if args.quick else [(n, 125_000) for n in (args.files or [20, 40])]
+    fleets = ["cmapss", "pumps"] if args.fleet == "both" else [args.fleet]
+    work = Path(tempfile.mkdtemp(prefix="twinflow-bench-ingest-s3-"))
+    store = start_s3(work / "seaweedfs")
+    try:
+        so = store.options()
+        for fleet, (n_files, rows_per_file) in [(f, s) for f in fleets for s in sizes]:
+            landing = work / f"landing-{fleet}-{n_files}x{rows_per_file}"
+            rows = make_landing(landing, n_files, rows_per_file, fleet=fleet)
+            params = IngestParams(landing=str(landing), dataset=f"bench-{fleet}", contract=fleet)
+
+            def on_s3() -> int:
+                # A fresh prefix per round: an empty lake, as the local candidate's.
+                root = store.url(f"lake-{uuid.uuid4().hex[:8]}")
+                quarantine = work / "q-s3"
+                shutil.rmtree(quarantine, ignore_errors=True)
+                out = run_local(params.model_copy(update={"storage_options": so}), root, str(quarantine), "s3")
+                written = sum(o.rows_written for o in out)
+                assert written == rows, (written, rows)
+                return written
+
+            bench = Bench(f"ingest {fleet} into an S3 lake ({rows:,} rows in {n_files} files, CSV+Parquet)",
+                          baseline="local lake (in-process ingest)", units=rows)
+            bench.measure_rounds({
+                "local lake (in-process ingest)": lambda: in_process(params, work / "lake-local", work / "q-local"),
+                "S3 lake, SeaweedFS loopback (in-process)": on_s3,
+            }, repeat=args.repeat)
+            bench.report(args.json.replace(".json", f"-{fleet}-{rows}.json") if args.json else None)
+            print(f"S3 / local lake throughput: {bench.ratio('S3 lake, SeaweedFS loopback (in-process)'):.2f}x "
+                  "(goal >= 0.5x)")
+            shutil.rmtree(landing, ignore_errors=True)
+    finally:
+        store.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = arg_parser(__doc__.splitlines()[0])
     parser.add_argument("--large-file", type=int, default=None, metavar="N",
@@ -176,9 +224,15 @@ def main() -> None:
                         help="which bundled contract's file shape to ingest (default: both, one after the other)")
     parser.add_argument("--files", type=int, nargs="+", default=None,
                         help="file counts of 125,000 rows to run (default: 20 and 40)")
+    parser.add_argument("--lake", choices=["local", "s3"], default="local",
+                        help="s3: only the in-process ingest into an S3 lake (SeaweedFS on loopback) against "
+                             "a local lake")
     args = parser.parse_args()
     if args.large_file:
         large_file([args.large_file, 2 * args.large_file], args.batch_rows)
+        return
+    if args.lake == "s3":
+        s3_lake(args)
         return
     from twinflow import runtime
     from twinflow.flows.ingest import IngestParams, ingest

@@ -16,6 +16,7 @@ from twinflow.blocks.config import (
     settings_from_blocks,
 )
 from twinflow.blocks.contract import FleetContractBlock, contract_from_block
+from twinflow.blocks.storage import S3CredentialsBlock
 
 __all__ = [
     "BLOCK_TYPES",
@@ -23,6 +24,7 @@ __all__ = [
     "FleetContractBlock",
     "LakeBlock",
     "MlflowTrackingBlock",
+    "S3CredentialsBlock",
     "TwinflowConfigBlock",
     "contract_from_block",
     "load_block",

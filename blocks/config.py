@@ -1,6 +1,6 @@
 """twinflow's configuration as Prefect blocks: configure once, see and edit it in the Prefect UI.
 
-Five block types:
+Six block types:
 
 * :class:`DaskClusterBlock` (``twinflow-dask-cluster``): mode, sizes, scheduler address.
 * :class:`MlflowTrackingBlock` (``twinflow-mlflow-tracking``): URI, experiment, registered model,
@@ -11,6 +11,8 @@ Five block types:
   blocks are saved as references, so one cluster block can serve several configs).
 * :class:`~twinflow.blocks.contract.FleetContractBlock` (``twinflow-fleet-contract``): a fleet contract,
   named by settings as ``contract: block:<name>``.
+* :class:`~twinflow.blocks.storage.S3CredentialsBlock` (``twinflow-s3-credentials``): an object store's
+  endpoint and keys, named by settings as ``lake.credentials: block:<name>``.
 
 :func:`settings_from_blocks` turns saved blocks into :class:`twinflow.settings.Settings`, so every
 command that takes settings can take a block name instead. Secrets stay ``SecretStr`` all the way
@@ -102,6 +104,8 @@ class LakeBlock(Block):
     secret_options: Optional[SecretDict] = Field(
         None, description="Secret fsspec options (keys, tokens), e.g. {\"secret\": \"...\"}."
     )
+    credentials: Optional[str] = Field(
+        None, description="block:<name> of a twinflow-s3-credentials block holding the store's endpoint and keys.")
 
     def settings_section(self) -> dict[str, Any]:
         """The ``lake`` section of :class:`~twinflow.settings.Settings` this block describes."""
@@ -125,8 +129,10 @@ class TwinflowConfigBlock(Block):
 
 def _block_types() -> tuple[type[Block], ...]:
     from twinflow.blocks.contract import FleetContractBlock
+    from twinflow.blocks.storage import S3CredentialsBlock
 
-    return (DaskClusterBlock, MlflowTrackingBlock, LakeBlock, TwinflowConfigBlock, FleetContractBlock)
+    return (DaskClusterBlock, MlflowTrackingBlock, LakeBlock, TwinflowConfigBlock, FleetContractBlock,
+            S3CredentialsBlock)
 
 
 BLOCK_TYPES: tuple[type[Block], ...] = _block_types()

@@ -107,7 +107,7 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
     t0 = time.perf_counter()
     with rt_mod.ensure() as rt:
         settings = rt.settings
-        storage = settings.lake.storage_options or None
+        storage = settings.lake.fsspec_options() or None  # secrets and the credentials block too
         contract = lake.snapshot_contract(snapshot, storage)
         clock = contract.clock
         if params.time_windows and clock.kind != "timestamp":

@@ -97,6 +97,169 @@ def meta_path(lake_path: str, name: str) -> Path:
     return local_path(lake_path) / f"_{name.lstrip('_')}"
 
 
+def meta_uri(lake_path: str, name: str) -> str:
+    """A writer's bookkeeping object or prefix beside the tables (``<lake>/_<name>``), on any lake root."""
+    return f"{lake_path.rstrip('/')}/_{name.lstrip('_')}"
+
+
+class LeaseLost(ServiceUnavailable):
+    """A writer's lease on an object-store lake expired or was taken over before its work was done."""
+
+
+class _Lease:
+    """A held writer lease on an object-store lake (see :func:`writer_lease`)."""
+
+    def __init__(self, fs: Any, root: str, generation: int, ttl_s: float, owner: str):
+        import threading
+
+        self.fs, self.root, self.generation, self.ttl_s, self.owner = fs, root, generation, ttl_s, owner
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name="twinflow-lease", daemon=True)
+
+    def _path(self, generation: int) -> str:
+        return f"{self.root}/{generation:012d}.json"
+
+    def _write(self, released: bool = False) -> None:
+        import json
+        import time
+
+        body = {"owner": self.owner, "expires": time.time() + self.ttl_s, "released": released}
+        self.fs.pipe_file(self._path(self.generation), json.dumps(body).encode())
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.check()
+                self._write()
+            except Exception as exc:  # noqa: BLE001 - recorded; check() raises it in the writer's thread
+                self.lost = self.lost or f"lease renewal failed: {exc}"
+
+    def check(self) -> None:
+        """Raise :class:`LeaseLost` when another writer took the lease over (call before a commit).
+
+        Raises:
+            LeaseLost: a later generation exists, or renewing failed.
+        """
+        if self.lost is None and _lease_generations(self.fs, self.root)[-1:] != [self.generation]:
+            self.lost = f"another writer took over lease generation {self.generation}"
+        if self.lost is not None:
+            raise LeaseLost(f"{self.root}: {self.lost}; this writer stops before committing")
+
+    def release(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.lost is None:
+            with contextlib.suppress(Exception):  # an unreleased lease expires on its own after ttl_s
+                self._write(released=True)
+
+
+def _lease_generations(fs: Any, root: str) -> list[int]:
+    try:
+        names = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return []
+    return sorted(int(n.rsplit("/", 1)[-1][:-5]) for n in names
+                  if n.endswith(".json") and n.rsplit("/", 1)[-1][:-5].isdigit())
+
+
+@contextlib.contextmanager
+def writer_lease(lake_path: str, name: str, *, timeout_s: float, what: str, ttl_s: float = 60.0,
+                 storage_options: dict[str, Any] | None = None) -> Iterator[Any]:
+    """Hold the lake's ``name`` lease for the block: one writer of that kind per lake at a time.
+
+    A local lake uses a lock file (``<lake>/_<name>``, :func:`twinflow.locks.hold`): the kernel frees it
+    when its holder dies. An object-store lake has no locks, so the lease is a sequence of generation
+    objects under ``<lake>/_<name>/``: a writer takes the next generation with a conditional put
+    (``If-None-Match: *``; of two writers on two hosts exactly one creates it), renews it every
+    ``ttl_s / 3`` and marks it released at the end. A generation whose holder died (``kill -9``, a lost
+    host) expires ``ttl_s`` after its last renewal, judged by the waiting host's clock (hosts need
+    clocks synchronised to well under ``ttl_s``). No DynamoDB and no local file is involved.
+
+    Yields:
+        None for a local lake; on an object store the lease, whose ``check()`` raises
+        :class:`LeaseLost` if another writer has taken it over (call it before committing).
+
+    Raises:
+        AlreadyRunning: the lease was still held after ``timeout_s``.
+    """
+    import json
+    import os
+    import socket
+    import time
+
+    from twinflow.errors import AlreadyRunning
+
+    if is_local(lake_path):
+        from twinflow.locks import hold
+
+        with hold(meta_path(lake_path, name), timeout_s=timeout_s, what=what):
+            yield None
+        return
+    uri = meta_uri(lake_path, name)
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            gens = _lease_generations(fs, root)
+            holder = None
+            if gens:
+                try:
+                    state = json.loads(fs.cat_file(f"{root}/{gens[-1]:012d}.json"))
+                except FileNotFoundError:
+                    continue  # cleaned up between listing and reading: list again
+                if not state.get("released") and time.time() < float(state.get("expires", 0)):
+                    holder = state.get("owner", "?")
+            if holder is None:
+                lease = _Lease(fs, root, (gens[-1] + 1) if gens else 0, ttl_s, owner)
+                body = {"owner": owner, "expires": time.time() + ttl_s, "released": False}
+                try:
+                    fs.pipe_file(lease._path(lease.generation), json.dumps(body).encode(), mode="create")
+                    break
+                except (FileExistsError, OSError) as exc:
+                    if not isinstance(exc, FileExistsError) and "condition" not in str(exc).lower():
+                        raise
+                    continue  # another writer created this generation first
+            if time.monotonic() > deadline:
+                raise AlreadyRunning(f"{what}: the lease {uri} is held by {holder} (it expires {ttl_s:.0f} s "
+                                     "after its holder's last renewal)")
+            time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        for g in gens[:-1]:  # history nobody needs: the latest generation alone decides
+            with contextlib.suppress(Exception):
+                fs.rm_file(f"{root}/{g:012d}.json")
+    lease._thread.start()
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def fetch_meta_file(lake_path: str, name: str, dest: Path, storage_options: dict[str, Any] | None = None) -> bool:
+    """Copy a writer's bookkeeping file ``<lake>/_<name>`` of an object-store lake to ``dest``.
+
+    Returns:
+        False when the lake has no such file yet (``dest`` is left alone).
+    """
+    uri = meta_uri(lake_path, name)
+    with store_errors(uri, storage_options):
+        fs, path = _fs(uri, storage_options)
+        try:
+            fs.get_file(path, str(dest))
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def publish_meta_file(src: Path, lake_path: str, name: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Upload a writer's bookkeeping file to ``<lake>/_<name>`` (one PUT: readers see the old object or the
+    new one, never part of it)."""
+    uri = meta_uri(lake_path, name)
+    with store_errors(uri, storage_options):
+        fs, path = _fs(uri, storage_options)
+        fs.put_file(str(src), path)
+
+
 def partition_dir(asset: str) -> str:
     """The partition folder name of an asset, as delta-rs writes it (percent-encoded value)."""
     return f"{PARTITION}={quote(asset, safe='')}"
@@ -126,7 +289,7 @@ def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
 
 _REFUSED = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "403 Forbidden", "ExpiredToken")
 _UNREACHABLE = ("Connection refused", "tcp connect error", "dns error", "timed out", "Name or service not known",
-                "No route to host")
+                "No route to host", "Could not connect")
 
 
 @contextlib.contextmanager
@@ -139,13 +302,18 @@ def store_errors(uri: str, storage_options: dict[str, Any] | None) -> Iterator[N
     """
     try:
         yield
-    except OSError as exc:
-        if is_local(uri):
+    except Exception as exc:
+        # delta-rs raises OSError; s3fs mostly too, but botocore's connection errors are its own.
+        if is_local(uri) or not (isinstance(exc, OSError)
+                                 or type(exc).__module__.startswith(("botocore", "aiobotocore"))):
             raise
         text = str(exc)
         endpoint = next((str(v) for k, v in (storage_options or {}).items()
                          if k.upper() in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT")), "the default endpoint")
         code = next((c for c in _REFUSED if c in text), None)
+        if code is None and isinstance(exc, PermissionError):
+            # s3fs (the lake's bookkeeping objects) says it in words, without the S3 error code.
+            code = "SignatureDoesNotMatch" if "signature" in text.lower() else "AccessDenied"
         if code:
             raise ConfigError(f"object store {endpoint} refused the credentials for {uri} ({code}): check "
                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the lake's storage options or block") from None
@@ -439,7 +607,8 @@ def _single_source_files(dt: "DeltaTable", sources: set[str]) -> tuple[list[tupl
 
 def commit_data_files(lake_path: str, dataset: str, files: Sequence[tuple[str | Path, str]], *,
                       replace_sources: Iterable[str] = (), txn: tuple[str, int] | None = None,
-                      metadata: dict[str, str] | None = None, contract: FleetContract | None = None) -> int:
+                      metadata: dict[str, str] | None = None, contract: FleetContract | None = None,
+                      storage_options: dict[str, Any] | None = None) -> int:
     """Add data files (written with :func:`write_data_file`, one asset each) to a table and remove the
     rows of ``replace_sources``, in one Delta transaction, without rewriting a byte.
 
@@ -447,7 +616,9 @@ def commit_data_files(lake_path: str, dataset: str, files: Sequence[tuple[str | 
     commit's add actions; the replaced sources' files are named in its remove actions. Where a file
     holds rows of a replaced source and of others (after :func:`optimize`, or a converted 0.1 lake),
     the commit instead streams the new files through :func:`commit` with a ``source_file IN (...)``
-    predicate: still one transaction, at the cost of rewriting. Local lakes only.
+    predicate: still one transaction, at the cost of rewriting. On an object store the files are
+    uploaded to their partition folders first: until the commit names them no reader sees them, and a
+    crash before it leaves only unreferenced files (:func:`vacuum` removes them).
 
     Returns:
         The table version after the commit.
@@ -460,26 +631,38 @@ def commit_data_files(lake_path: str, dataset: str, files: Sequence[tuple[str | 
     from deltalake.transaction import AddAction, RemoveAction
 
     sources = set(replace_sources)
-    contract = _contract(contract, lake_path, dataset)
-    dt = open_table(lake_path, dataset)
-    evolve = _prepare_contract(lake_path, dataset, contract, dt, None)
+    so = storage_options
+    uri = table_uri(lake_path, dataset)
+    contract = _contract(contract, lake_path, dataset, so)
+    dt = open_table(lake_path, dataset, storage_options=so)
+    evolve = _prepare_contract(lake_path, dataset, contract, dt, so)
     if dt is None:
-        dt = DeltaTable.create(table_uri(lake_path, dataset), schema=contract.lake_schema(), partition_by=[PARTITION])
-        write_contract(lake_path, dataset, contract)
+        with store_errors(uri, so):
+            dt = DeltaTable.create(uri, schema=contract.lake_schema(), partition_by=[PARTITION],
+                                   storage_options=_options(so, uri))
+        write_contract(lake_path, dataset, contract, so)
     removes, mixed = _single_source_files(dt, sources)
     if mixed or evolve:
         # Rewriting through write_deltalake also merges the new channels into the table's schema.
         v = commit_files(lake_path, dataset, [p for p, _ in files], replace={"source_file": sorted(sources)},
-                         txn=txn, metadata=metadata, contract=contract, assets=[a for _, a in files])
+                         txn=txn, metadata=metadata, contract=contract, assets=[a for _, a in files],
+                         storage_options=so)
         return v if v is not None else dt.version()
-    root = local_path(lake_path) / dataset
     now = int(time.time() * 1000)
     actions: list[Any] = []
+    remote = None if is_local(lake_path) else _fs(uri, so)
     for path, asset in files:
         rel = f"{partition_dir(asset)}/part-{uuid.uuid4()}-c000.snappy.parquet"
-        dest = root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, dest)
+        if remote is None:
+            dest = local_path(lake_path) / dataset / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+        else:
+            dest = Path(path)
+            fs, root = remote
+            with store_errors(uri, so):
+                # Same object name as the local layout's file name (see the local branch above).
+                fs.put_file(str(dest), f"{root}/{rel}")
         actions.append(AddAction(rel, dest.stat().st_size, {PARTITION: asset}, now, True,
                                  _file_stats(dest, contract.key)))
     actions += [RemoveAction(p, True, now, size, {PARTITION: asset}) for p, size, asset in removes]
@@ -487,9 +670,13 @@ def commit_data_files(lake_path: str, dataset: str, files: Sequence[tuple[str | 
         return dt.version()
     props = CommitProperties(custom_metadata={**(metadata or {}), **_contract_metadata(contract)},
                              app_transactions=[Transaction(app_id=txn[0], version=txn[1])] if txn else None)
-    dt.create_write_transaction(actions, mode="append", schema=contract.lake_schema(), partition_by=[PARTITION],
-                                commit_properties=props)
-    dt.update_incremental()
+    with store_errors(uri, so):
+        dt.create_write_transaction(actions, mode="append", schema=contract.lake_schema(),
+                                    partition_by=[PARTITION], commit_properties=props)
+        dt.update_incremental()
+    if remote is not None:
+        for path, _ in files:
+            Path(path).unlink(missing_ok=True)
     return dt.version()
 
 
@@ -716,14 +903,20 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
     cols = [c for c in columns if c != PARTITION]
     want_asset = PARTITION in columns
     fs, _ = _fs(paths[0], storage_options)
+    local = isinstance(fs, LocalFileSystem)
+    blobs: dict[str, bytes] = {}
+    if not local:
+        # One concurrent fetch of the whole files: opening each and reading its footer, then its
+        # column chunks, costs several sequential round trips per file (S3 reads ran at ~0.1x of local).
+        with store_errors(paths[0], storage_options):
+            blobs = fs.cat([fs._strip_protocol(p) for p in paths], on_error="raise")
     tables = []
     for path in paths:
         p = fs._strip_protocol(path)
-        if isinstance(fs, LocalFileSystem):
+        if local:
             t = pq.ParquetFile(p, pre_buffer=False).read(columns=cols, use_threads=False)
         else:
-            with fs.open(p, "rb") as fh:
-                t = pq.ParquetFile(fh).read(columns=cols, use_threads=False)
+            t = pq.ParquetFile(pa.BufferReader(blobs.pop(p))).read(columns=cols, use_threads=False)
         if want_asset:
             t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset_of(path), pa.string()), t.num_rows))
         tables.append(t)
@@ -1007,7 +1200,8 @@ def read_quarantine(quarantine_path: str, dataset: str | None = None) -> pa.Tabl
     return _read(quarantine_path, dataset)
 
 
-def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
+def latest_snapshot(lake_path: str, dataset: str,
+                    storage_options: dict[str, Any] | None = None) -> LakeSnapshot | None:
     """The dataset's latest version with its ingest lineage (landing files and hashes) when ingest wrote it.
 
     Falls back to :func:`snapshot` for tables written otherwise (e.g. :func:`write_lake_table`). Returns
@@ -1015,7 +1209,8 @@ def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
     """
     from twinflow.tasks.ingest.ledger import ingested_snapshot
 
-    return ingested_snapshot(lake_path, dataset) or snapshot(lake_path, dataset)
+    return (ingested_snapshot(lake_path, dataset, storage_options)
+            or snapshot(lake_path, dataset, storage_options))
 
 
 # --- Result tables ------------------------------------------------------------------------------

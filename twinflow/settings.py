@@ -36,9 +36,25 @@ class LakeSettings(_Section):
         default_factory=dict, description="fsspec options that are secrets (keys, tokens): masked in logs."
     )
 
+    credentials: str | None = Field(
+        None, description="block:<name> of a twinflow-s3-credentials Prefect block: its endpoint and keys are "
+                          "storage options (those given here win).")
+
     def fsspec_options(self) -> dict[str, str]:
-        """``storage_options`` plus the revealed ``secret_options``: pass this to fsspec, never log it."""
-        return {**self.storage_options, **{k: v.get_secret_value() for k, v in self.secret_options.items()}}
+        """The ``credentials`` block's options, then ``storage_options``, then the revealed
+        ``secret_options``: pass this to fsspec or delta-rs, never log it.
+
+        Raises:
+            ConfigError: ``credentials`` names no saved block.
+            ServiceUnavailable: ``credentials`` is set and the Prefect API does not answer.
+        """
+        base: dict[str, str] = {}
+        if self.credentials:
+            from twinflow.blocks.storage import options_from_block
+
+            base = options_from_block(self.credentials)
+        return {**base, **self.storage_options,
+                **{k: v.get_secret_value() for k, v in self.secret_options.items()}}
 
 
 class PrefectSettings(_Section):

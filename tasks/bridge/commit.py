@@ -97,13 +97,13 @@ def _us(v: Any) -> int | None:
 
 
 def committed_rows(lake_path: str, dataset: str, keys: dict[str, tuple[Any, Any]], key: str,
-                   columns: list[str]) -> pa.Table | None:
+                   columns: list[str], storage_options: dict[str, Any] | None = None) -> pa.Table | None:
     """Rows of the latest version whose asset is in ``keys`` and whose ``key`` lies in its (min, max).
 
     Only the files whose Delta statistics overlap are read, so a micro-batch's lookup stays proportional
     to the batch, not to the table (a file without statistics is always read).
     """
-    dt = lk.open_table(lake_path, dataset)
+    dt = lk.open_table(lake_path, dataset, storage_options=storage_options)
     if dt is None or not keys:
         return None
     actions = pa.table(dt.get_add_actions(flatten=True))
@@ -129,17 +129,18 @@ def committed_rows(lake_path: str, dataset: str, keys: dict[str, tuple[Any, Any]
         files.append(rel if "://" in rel else f"{root}/{rel}")
     if not files:
         return None
-    return lk.read_files(files, [C.ASSET, key, *columns])
+    return lk.read_files(files, [C.ASSET, key, *columns], storage_options)
 
 
-def existing_keys(lake_path: str, dataset: str, keys: pa.Table, key: str = C.TIME) -> set[tuple[str, Any]]:
+def existing_keys(lake_path: str, dataset: str, keys: pa.Table, key: str = C.TIME,
+                  storage_options: dict[str, Any] | None = None) -> set[tuple[str, Any]]:
     """The (asset, time) pairs of ``keys`` that the dataset's latest version already holds."""
     assets, times = keys.column(C.ASSET).to_pylist(), keys.column(key).to_pylist()
     ranges: dict[str, tuple[Any, Any]] = {}
     for a, t in zip(assets, times):
         lo_hi = ranges.get(a)
         ranges[a] = (t, t) if lo_hi is None else (min(lo_hi[0], t), max(lo_hi[1], t))
-    have = committed_rows(lake_path, dataset, ranges, key, [])
+    have = committed_rows(lake_path, dataset, ranges, key, [], storage_options)
     if have is None:
         return set()
     wanted = set(zip(assets, times))
@@ -169,8 +170,12 @@ class Committer:
 
     def __init__(self, lake_path: str, quarantine_path: str, dataset: str, bridge_id: str, app_id: str,
                  compact_every: int = 0, compact_files: int = 0, contract: FleetContract | None = None,
-                 decoder: Decoder | None = None) -> None:
+                 decoder: Decoder | None = None, storage_options: dict[str, Any] | None = None) -> None:
         from twinflow.contract.store import resolve_contract
+
+        # The lake may be on an object store (s3://): every lake call takes its options; commits are
+        # then conditional puts, and the application transaction still makes a redelivery idempotent.
+        self.storage_options = storage_options
 
         self.lake_path, self.quarantine_path, self.dataset = lake_path, quarantine_path, dataset
         self.bridge_id, self.app_id, self.compact_every = bridge_id, app_id, compact_every
@@ -184,9 +189,9 @@ class Committer:
         self.channels = self.contract.channel_names
         self.specs = {c.name: c for c in self.contract.channels}
         self.sentinels = frozenset(float(x) for x in self.contract.sentinels)
-        self.contract_stored = lk.check_contract(lake_path, dataset, self.contract) is not None
+        self.contract_stored = lk.check_contract(lake_path, dataset, self.contract, storage_options) is not None
         self.source = f"stream:{bridge_id}"
-        last = lk.transaction_version(lake_path, dataset, app_id=app_id)
+        last = lk.transaction_version(lake_path, dataset, app_id=app_id, storage_options=storage_options)
         self.seq = (last or 0) + 1
         self.commits = 0
 
@@ -333,13 +338,14 @@ class Committer:
             res.assets = {d["values"]: d["counts"] for d in counts.to_pylist()}
             reader = pa.RecordBatchReader.from_batches(table.schema, table.to_batches())
             res.version = lk.commit(self.lake_path, self.dataset, reader, txn=(self.app_id, self.seq),
+                                    storage_options=self.storage_options,
                                     metadata={"twinflow.operation": "stream", "twinflow.batch_id": batch_id,
                                               "twinflow.messages": str(len(messages)),
                                               "twinflow.contract": self.contract.ref.model_dump_json(),
                                               # per-asset new rows: the ready counts catch up from these
                                               "twinflow.assets": json.dumps(res.assets, sort_keys=True)})
             if not self.contract_stored:
-                lk.write_contract(self.lake_path, self.dataset, self.contract)
+                lk.write_contract(self.lake_path, self.dataset, self.contract, self.storage_options)
                 self.contract_stored = True
             self.seq += 1
             self.commits += 1
@@ -359,7 +365,7 @@ class Committer:
             lo_hi = ranges.get(a)
             ranges[a] = (t, t) if lo_hi is None else (min(lo_hi[0], t), max(lo_hi[1], t))
         cols = [c for c in self.channels]
-        have = committed_rows(self.lake_path, self.dataset, ranges, key, cols)
+        have = committed_rows(self.lake_path, self.dataset, ranges, key, cols, self.storage_options)
         keep = [True] * len(rows)
         if have is None or have.num_rows == 0:
             return keep
@@ -413,7 +419,7 @@ class Committer:
         """Compact the dataset's small files (each micro-batch adds one file per asset)."""
         self.files_since_compact = 0
         try:
-            out = lk.optimize(self.lake_path, self.dataset)
+            out = lk.optimize(self.lake_path, self.dataset, storage_options=self.storage_options)
             log.info("bridge %s: compacted %s", self.bridge_id, {k: out.get(k) for k in ("numFilesAdded", "numFilesRemoved")})
             return out
         except Exception as exc:  # noqa: BLE001 - a concurrent writer won; compaction is retried next time

@@ -12,6 +12,10 @@ new ones, never both or neither (:func:`twinflow.lake.commit_data_files`). Order
 4. the ledger applies the intent (files, extents, the table's txn) and deletes it, in one SQLite
    transaction.
 
+On an object-store lake the same steps run under the lake's writer lease (:func:`twinflow.lake.writer_lease`),
+each ledger step is uploaded before the next (:meth:`Ledger.publish`), and the lease is checked once
+more just before the Delta commit (``before_commit``).
+
 :meth:`Ledger.recover` runs before each ingest: an intent whose txn the table already has is applied
 (crash between 3 and 4: no row is written twice), any other is dropped (crash before 3: its files were
 never recorded, so they are read again). Must run under :func:`lake_lock`.
@@ -22,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +35,6 @@ import pyarrow.parquet as pq
 from twinflow import contracts as C
 from twinflow import lake as lk
 from twinflow.contract import FleetContract
-from twinflow.locks import hold
 from twinflow.tasks.ingest.landing import DUPLICATE_REASON
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
@@ -42,15 +45,20 @@ LOCK_NAME = "_ingest.lock"
 
 
 @contextlib.contextmanager
-def lake_lock(lake: Path, timeout_s: float) -> Iterator[None]:
+def lake_lock(lake: Path | str, timeout_s: float, storage_options: dict[str, Any] | None = None,
+              lease_ttl_s: float = 60.0) -> Iterator[Any]:
     """Hold the lake's ingest lock (one ingest run per lake at a time); wait up to ``timeout_s``.
 
+    A local lake's is the lock file ``<lake>/_ingest.lock``; an object-store lake's is a lease under
+    ``<lake>/_ingest.lock/`` (:func:`twinflow.lake.writer_lease`), which yields the lease.
+
     Raises:
-        AlreadyRunning: the lock was not released in time (naming the holder's pid).
+        AlreadyRunning: the lock was not released in time (naming the holder).
     """
-    with hold(lake / LOCK_NAME, timeout_s=timeout_s, what="ingest run on this lake (raise lock_timeout_s "
-                                                         "to wait longer)"):
-        yield
+    with lk.writer_lease(str(lake), LOCK_NAME, timeout_s=timeout_s, ttl_s=lease_ttl_s,
+                         what="ingest run on this lake (raise lock_timeout_s to wait longer)",
+                         storage_options=storage_options) as lease:
+        yield lease
 
 
 class _BatchKeys:
@@ -83,7 +91,8 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
         earlier = batch.overlapping(o.dataset, asset, ext.tmin, ext.tmax)
         if not others and not earlier:
             continue
-        taken = [lk.read_keys(lake_path, o.dataset, asset, others, key=key)] if others else []
+        taken = [lk.read_keys(lake_path, o.dataset, asset, others, storage_options=ledger.storage_options,
+                              key=key)] if others else []
         taken += [pq.read_table(p, columns=[key]).column(key).combine_chunks() for p in earlier]
         path = staged_asset_path(staged, asset, o.file_id)
         rows = pq.read_table(path)
@@ -119,7 +128,8 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
 
 
 def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | str, quarantine: Path,
-                    batch_id: str, contract: FleetContract | None = None) -> list[FileOutcome]:
+                    batch_id: str, contract: FleetContract | None = None,
+                    before_commit: Callable[[], None] | None = None) -> list[FileOutcome]:
     """Publish the staged rows of a batch into the lake and record every outcome in the ledger.
 
     Per file, in source order: an unchanged hash only refreshes size/mtime; content already ingested
@@ -129,6 +139,8 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
     the crash-safe order). Deferred files are not recorded, so the next run reads them again.
     ``contract`` is the fleet contract the rows were validated with (default: the settings'): each
     table is written under it (:func:`twinflow.lake.commit_data_files` refuses a table of another).
+    ``before_commit`` runs before each Delta commit (the object-store lease's check); the lake's
+    object-store options are the ledger's.
     """
     if contract is None:
         from twinflow.contract import resolve_contract
@@ -182,23 +194,29 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
     # commits then leaves a source missing for a run (read again), never in two datasets.
     for dataset in sorted(plan, key=lambda d: (bool(plan[d][0]), d)):
         recorded, replaced = plan[dataset]
-        _commit_dataset(dataset, recorded, replaced, ledger, lake_path, quarantine, batch_id, contract)
+        _commit_dataset(dataset, recorded, replaced, ledger, lake_path, quarantine, batch_id, contract,
+                        before_commit)
     return done
 
 
 def _commit_dataset(dataset: str, recorded: list[FileOutcome], replaced: set[str], ledger: Ledger,
-                    lake_path: str, quarantine: Path, batch_id: str, contract: FleetContract) -> None:
+                    lake_path: str, quarantine: Path, batch_id: str, contract: FleetContract,
+                    before_commit: Callable[[], None] | None = None) -> None:
     with_rows = [o for o in recorded if o.staged and o.assets]
-    txn = ledger.next_txn(dataset, lk.transaction_version(lake_path, dataset))
+    so = ledger.storage_options
+    txn = ledger.next_txn(dataset, lk.transaction_version(lake_path, dataset, storage_options=so))
     ledger.begin(dataset, txn, batch_id, recorded)
     for o in recorded:
         _publish_quarantine(o, quarantine)
     if with_rows or replaced:
         files = [(staged_asset_path(Path(o.staged), asset, o.file_id), asset) for o in with_rows for asset in o.assets]
+        if before_commit is not None:
+            before_commit()
         lk.commit_data_files(lake_path, dataset, files, replace_sources=replaced | {o.source for o in with_rows},
                              txn=(lk.INGEST_APP_ID, txn),
                              metadata={"twinflow.operation": "ingest", "twinflow.batch_id": batch_id,
-                                       "twinflow.files": str(len(recorded))}, contract=contract)
+                                       "twinflow.files": str(len(recorded))}, contract=contract,
+                             storage_options=so)
     ledger.apply(dataset, txn)
     for o in recorded:
         _discard(o)

@@ -4,6 +4,13 @@
 It also holds the commit *intents* that make a Delta commit and its ledger records one step (see
 ``commit.py``): :meth:`Ledger.begin` before the commit, :meth:`Ledger.apply` after, and
 :meth:`Ledger.recover` at the next run for a crash in between.
+
+On an object-store lake the ledger is the same SQLite file, kept as the object ``<lake>/_ledger.sqlite``
+(:func:`open_ledger`): the ingest run that holds the lake's writer lease downloads it, and uploads it
+after every step that must survive a crash (an intent written, applied or dropped; the batch recorded),
+so a run on any host starts from what the last one committed. Why not a Delta table of ledger rows: the
+lease already serialises ingest runs (they must not plan the same files at once), and under it one
+SQLite file keeps the intent protocol, its indexes and its tests exactly as on a local lake.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from twinflow.refs import FileRef, LakeSnapshot
 
 from twinflow import lake as lk
@@ -29,9 +36,19 @@ class Ledger:
     Only the ingest flow process writes it, while it holds the lake lock; readers may open it any time.
     """
 
-    def __init__(self, lake: Path):
+    def __init__(self, lake: Path, publish: Callable[[Path], None] | None = None,
+                 storage_options: dict[str, Any] | None = None):
+        """Open (or create) the ledger file in the folder ``lake``.
+
+        Args:
+            lake: The folder of ``_ledger.sqlite`` (a local lake's root, or a working copy's folder).
+            publish: Called with the file after each durable step (object-store lakes: the upload).
+            storage_options: The lake's object-store options, for the table look-ups.
+        """
         lake.mkdir(parents=True, exist_ok=True)
         self.path = lake / LEDGER_NAME
+        self._publish_to = publish
+        self.storage_options = storage_options
         self.conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL survives process crashes (the failure we design for); only power loss can drop
@@ -68,6 +85,13 @@ class Ledger:
     def close(self) -> None:
         self.conn.close()
 
+    def publish(self) -> None:
+        """Make the ledger's committed state durable where other hosts read it (no-op on a local lake)."""
+        if self._publish_to is not None:
+            # The upload is the main file alone: fold the WAL into it first.
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._publish_to(self.path)
+
     def files(self) -> dict[str, dict[str, Any]]:
         cur = self.conn.execute("SELECT * FROM files")
         cols = [d[0] for d in cur.description]
@@ -98,6 +122,7 @@ class Ledger:
         payload = json.dumps([o.model_dump(exclude={"staged"}) for o in outcomes])
         with self.transaction() as c:
             c.execute("INSERT OR REPLACE INTO intents VALUES (?,?,?,?)", (dataset, txn, batch_id, payload))
+        self.publish()
 
     def apply(self, dataset: str, txn: int) -> None:
         """Record an intent's outcomes and the table's txn, and drop the intent, in one transaction."""
@@ -111,6 +136,7 @@ class Ledger:
                 self._record(c, o, batch_id)
             c.execute("INSERT OR REPLACE INTO tables VALUES (?, ?)", (dataset, txn))
             c.execute("DELETE FROM intents WHERE dataset=? AND txn=?", (dataset, txn))
+        self.publish()
 
     def recover(self, lake_path: str) -> list[tuple[str, int, str]]:
         """Settle the intents a crashed run left: apply those the table committed, drop the others.
@@ -120,12 +146,14 @@ class Ledger:
         """
         out = []
         for dataset, txn in self.conn.execute("SELECT dataset, txn FROM intents ORDER BY dataset, txn").fetchall():
-            committed = (lk.transaction_version(lake_path, dataset) or 0) >= txn
+            committed = (lk.transaction_version(lake_path, dataset, storage_options=self.storage_options)
+                         or 0) >= txn
             if committed:
                 self.apply(dataset, txn)
             else:
                 with self.transaction() as c:
                     c.execute("DELETE FROM intents WHERE dataset=? AND txn=?", (dataset, txn))
+                self.publish()
             verdict = "applied" if committed else "dropped"
             log.warning("ingest: an earlier run stopped during its commit to %s (txn %d): its records were %s",
                         dataset, txn, "applied (the table has the commit)" if committed else
@@ -169,6 +197,7 @@ class Ledger:
             c.execute("INSERT OR REPLACE INTO batches VALUES (?,?,?,?,?,?,?,?)",
                       (batch_id, started, time.time(), len(outcomes), sum(o.rows_read for o in outcomes),
                        sum(o.rows_written for o in outcomes), sum(o.rows_quarantined for o in outcomes), status))
+        self.publish()
 
     def snapshot(self, lake_path: str, dataset: str) -> LakeSnapshot | None:
         """The dataset as the ledger knows it, at the table's current version (None: no file ingested),
@@ -182,11 +211,13 @@ class Ledger:
         files = [FileRef(path=r[0], sha256=r[1], rows_read=r[2], rows_written=r[3], rows_quarantined=r[4],
                          status=r[5], lake_file=r[7]) for r in rows]
         return LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=rows[-1][6], files=files,
-                            rows=sum(r[3] for r in rows), version=lk.version(lake_path, dataset),
-                            contract=lk.table_contract(lake_path, dataset))
+                            rows=sum(r[3] for r in rows),
+                            version=lk.version(lake_path, dataset, self.storage_options),
+                            contract=lk.table_contract(lake_path, dataset, self.storage_options))
 
 
-def ingested_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
+def ingested_snapshot(lake_path: str, dataset: str,
+                      storage_options: dict[str, Any] | None = None) -> LakeSnapshot | None:
     """The ingested state of a lake dataset from its ledger, without ingesting anything.
 
     For stages run on their own (``twinflow run features --param dataset=...``): the snapshot lists the
@@ -194,16 +225,53 @@ def ingested_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:
     table version it describes. Returns None when the lake has no ledger or the dataset no ingested
     file (e.g. data written by :func:`twinflow.lake.write_lake_table`).
     """
-    if not lk.is_local(lake_path):
-        return None
-    lake = lk.local_path(lake_path)
-    if not (lake / LEDGER_NAME).exists():
-        return None
-    ledger = Ledger(lake)
-    try:
-        return ledger.snapshot(lake_path, dataset)
-    finally:
-        ledger.close()
+    with open_ledger(lake_path, storage_options, create=False) as ledger:
+        return None if ledger is None else ledger.snapshot(lake_path, dataset)
+
+
+@contextlib.contextmanager
+def open_ledger(lake_path: str, storage_options: dict[str, Any] | None = None, create: bool = True,
+                check: Callable[[], None] | None = None) -> Iterator[Ledger | None]:
+    """The lake's ledger for the block: in place on a local lake, a working copy of ``<lake>/_ledger.sqlite``
+    on an object store (published after each durable step; only the holder of the lake's ingest lease
+    may open it with ``create=True`` and write).
+
+    Args:
+        check: Called before each upload (the lease's ``check``: a writer that lost its lease must not
+            overwrite the ledger of the one that took it over).
+
+    Yields:
+        The ledger, or None when ``create`` is False and the lake has none.
+    """
+    import tempfile
+
+    if lk.is_local(lake_path):
+        lake = lk.local_path(lake_path)
+        if not create and not (lake / LEDGER_NAME).exists():
+            yield None
+            return
+        ledger = Ledger(lake, storage_options=storage_options)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+        return
+    with tempfile.TemporaryDirectory(prefix="twinflow-ledger-") as work:
+        folder = Path(work)
+        if not lk.fetch_meta_file(lake_path, LEDGER_NAME, folder / LEDGER_NAME, storage_options) and not create:
+            yield None
+            return
+
+        def publish(path: Path) -> None:
+            if check is not None:
+                check()
+            lk.publish_meta_file(path, lake_path, LEDGER_NAME, storage_options)
+
+        ledger = Ledger(folder, publish=publish if create else None, storage_options=storage_options)
+        try:
+            yield ledger
+        finally:
+            ledger.close()
 
 
 def latest_snapshot(lake_path: str, dataset: str) -> LakeSnapshot | None:

@@ -52,6 +52,8 @@ class IngestParams(BaseModel):
         settle_seconds: Files modified less than this long ago are left for the next run (still being
             written).
         lock_timeout_s: How long to wait for another ingest run on the same lake to finish.
+        lease_ttl_s: On an object-store lake, how long the ingest lease outlives its holder's last
+            renewal (renewed every third of it): a run killed mid-ingest holds the lake this long.
         storage_options: fsspec options for the landing URL (merged over the settings' options).
         include: File-name globs (case-insensitive) of the files to ingest; None lets the contract's rules
             decide alone. A file that ``include`` names but no rule matches is ingested as telemetry (auto
@@ -86,6 +88,7 @@ class IngestParams(BaseModel):
     stuck_window: int | None = Field(None, ge=2)
     settle_seconds: float = Field(0.0, ge=0)
     lock_timeout_s: float = Field(600.0, gt=0)
+    lease_ttl_s: float = Field(60.0, gt=0)
     storage_options: dict[str, Any] = Field(default_factory=dict)
     include: list[str] | None = None
     exclude: list[str] | None = None

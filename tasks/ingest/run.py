@@ -6,8 +6,10 @@ only in how batches of files are processed (Prefect tasks on the cluster, or in 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +18,11 @@ from typing import Any, Callable
 from prefect import task
 
 from twinflow import lake as lk
-from twinflow.errors import TwinflowError
+from twinflow.errors import ConfigError, TwinflowError
 from twinflow.refs import LakeSnapshot
 from twinflow.tasks.ingest.commit import commit_outcomes, lake_lock
 from twinflow.tasks.ingest.landing import list_landing, plan_files
-from twinflow.tasks.ingest.ledger import Ledger
+from twinflow.tasks.ingest.ledger import open_ledger
 from twinflow.tasks.ingest.params import FileOutcome, IngestParams, SourceFile
 from twinflow.tasks.ingest.process import process_file
 from twinflow.tasks.ingest.quarantine import quarantine_after_error, summarise_kinds
@@ -53,6 +55,11 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
                     on_plan: Callable[[IngestRun], None] | None = None) -> IngestRun:
     """Ingest the landing folder once, under the lake's ingest lock.
 
+    The lake may be local or on an object store (``s3://``; ``storage_options`` in delta-rs keys):
+    there the lock is a lease in the lake and the ledger a file in the lake (see :func:`lake_lock`,
+    :func:`~twinflow.tasks.ingest.ledger.open_ledger`), so ingest runs on several hosts take turns and
+    each starts from what the last one committed; staging is then a temporary folder of this host.
+
     Steps: settle a crashed run's commit (:meth:`Ledger.recover`) and its staging leftovers; list the
     landing files and route them by the fleet contract (event logs, labels and files no rule matches are
     skipped, with why, in :attr:`IngestRun.skipped`); refuse, before reading anything, a dataset whose
@@ -68,44 +75,60 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
     """
     so = params.storage_options if storage_options is None else storage_options
     contract = params.fleet()
-    lake = lk.local_path(lake_path)
-    quarantine = lk.local_path(quarantine_path)
+    remote = not lk.is_local(lake_path)
+    quarantine = local_quarantine(quarantine_path)
     started = time.time()
-    with lake_lock(lake, params.lock_timeout_s):
-        ledger = Ledger(lake)
-        try:
-            ledger.recover(lake_path)
-            shutil.rmtree(lake / STAGING_DIR, ignore_errors=True)  # leftovers of a crashed run
-            listed = list_landing(params.landing, so, ["*"], [], params.follow_external_links)
-            routes = {f.path: route_file(f.path, params, contract) for f in listed}
-            files = [f for f in listed if routes[f.path].telemetry]
-            skipped = {f.path: routes[f.path].note for f in listed if not routes[f.path].telemetry}
-            for path, note in skipped.items():
-                log.info("ingest: %s skipped: %s", path, note)
-            for dataset in sorted({routes[f.path].dataset for f in files}):
-                lk.check_contract(lake_path, dataset, contract)
-            todo, unchanged = plan_files(files, ledger.files(), params, routes)
-            n = params.files_per_batch
-            run = IngestRun(batch_id=batch_id, listed=files, unchanged=unchanged,
-                            batches=[todo[i:i + n] for i in range(0, len(todo), n)], skipped=skipped)
-            if on_plan is not None:
-                on_plan(run)
-            staging = lake / STAGING_DIR / batch_id
-            results, run.errors = process_batches(run.batches, staging) if run.batches else ([], [])
-            run.outcomes = commit_outcomes(results, ledger, lake_path, quarantine, batch_id, contract)
-            shutil.rmtree(staging, ignore_errors=True)
-            ledger.record_batch(batch_id, started, run.outcomes, "failed" if run.errors else "completed")
-            listed = {f.path for f in files}
-            names = {row["dataset"] for src, row in ledger.files().items() if src in listed}
-            for name in sorted(names | {o.dataset for o in run.outcomes}):
-                snap = ledger.snapshot(lake_path, name)
-                if snap is not None:
-                    # A table written before contracts has none stored: it is read with this run's.
-                    run.snapshots[name] = snap if snap.contract is not None else \
-                        snap.model_copy(update={"contract": contract})
-        finally:
-            ledger.close()
+    with contextlib.ExitStack() as stack:
+        lease = stack.enter_context(lake_lock(lake_path, params.lock_timeout_s, so, params.lease_ttl_s))
+        check = lease.check if lease is not None else None
+        ledger = stack.enter_context(open_ledger(lake_path, so, check=check))
+        # An object-store lake's staging is this host's (the workers that process the batches write
+        # there and the commit uploads it); a local lake's lives beside its tables.
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twinflow-ingest-"))) if remote \
+            else lk.local_path(lake_path)
+        ledger.recover(lake_path)
+        shutil.rmtree(root / STAGING_DIR, ignore_errors=True)  # leftovers of a crashed run
+        listed = list_landing(params.landing, so, ["*"], [], params.follow_external_links)
+        routes = {f.path: route_file(f.path, params, contract) for f in listed}
+        files = [f for f in listed if routes[f.path].telemetry]
+        skipped = {f.path: routes[f.path].note for f in listed if not routes[f.path].telemetry}
+        for path, note in skipped.items():
+            log.info("ingest: %s skipped: %s", path, note)
+        for dataset in sorted({routes[f.path].dataset for f in files}):
+            lk.check_contract(lake_path, dataset, contract, so)
+        todo, unchanged = plan_files(files, ledger.files(), params, routes)
+        n = params.files_per_batch
+        run = IngestRun(batch_id=batch_id, listed=files, unchanged=unchanged,
+                        batches=[todo[i:i + n] for i in range(0, len(todo), n)], skipped=skipped)
+        if on_plan is not None:
+            on_plan(run)
+        staging = root / STAGING_DIR / batch_id
+        results, run.errors = process_batches(run.batches, staging) if run.batches else ([], [])
+        run.outcomes = commit_outcomes(results, ledger, lake_path, quarantine, batch_id, contract,
+                                       before_commit=check)
+        shutil.rmtree(staging, ignore_errors=True)
+        ledger.record_batch(batch_id, started, run.outcomes, "failed" if run.errors else "completed")
+        listed = {f.path for f in files}
+        names = {row["dataset"] for src, row in ledger.files().items() if src in listed}
+        for name in sorted(names | {o.dataset for o in run.outcomes}):
+            snap = ledger.snapshot(lake_path, name)
+            if snap is not None:
+                # A table written before contracts has none stored: it is read with this run's.
+                run.snapshots[name] = snap if snap.contract is not None else \
+                    snap.model_copy(update={"contract": contract})
     return run
+
+
+def local_quarantine(quarantine_path: str) -> Path:
+    """The quarantine folder, which must be local for now (the lake itself may be on an object store).
+
+    Raises:
+        ConfigError: ``quarantine_path`` is an object-store URL.
+    """
+    if not lk.is_local(quarantine_path):
+        raise ConfigError(f"the quarantine must be a local path for now, got {quarantine_path!r} (the lake may "
+                          "be on an object store; set TWINFLOW_LAKE__QUARANTINE to a local folder)")
+    return lk.local_path(quarantine_path)
 
 
 class NothingWritten(TwinflowError):
@@ -159,7 +182,7 @@ def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_
     The same :func:`ingest_sequence` as the ``ingest`` flow. Raises the first batch error after
     committing the files that worked.
     """
-    quarantine = lk.local_path(quarantine_path)
+    quarantine = local_quarantine(quarantine_path)
 
     def sequential(batches: list[list[SourceFile]], staging: Path):
         outcomes, errors = [], []
