@@ -30,7 +30,7 @@ def test_links_name_the_route_and_the_classic_view():
 
 def test_descriptions_round_with_units_and_link_in_the_classic_view():
     assert metrics_line({"eval_rmse": 12.814599194242499, "eval_score": 411.62, "eval_pi_coverage": 0.8812,
-                         "other": 1.0}) == "RMSE 12.8 cycles, PHM08 score 412, interval coverage 88%"
+                         "other": 1.0}, time_unit="cycle") == "RMSE 12.8 cycles, PHM08 score 412, interval coverage 88%"
     assert mlflow_route(experiment_id="1", run_id="r", artifact="plots/a.png") == \
         "#/experiments/1/runs/r/artifacts/plots/a.png?workflowType=machine_learning"
     rows = [{"policy": "run_to_failure", "kind": "run_to_failure", "expected_cost": 3e6},
