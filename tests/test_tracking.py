@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlparse
 
 from twinflow.tasks.registry import run_link
-from twinflow.tracking import ui_link
+from twinflow.tracking import HEADLINE_METRICS, HEADLINE_VIEW_ID, HEADLINE_VIEW_TAG, configure_mlflow, ui_link
 from twinflow.verdict import metrics_line, mlflow_route, policy_verdict, trial_run_name
 
 
@@ -17,7 +17,7 @@ def _route_and_query(url: str) -> tuple[str, dict[str, list[str]]]:
 
 def test_links_name_the_route_and_the_classic_view():
     cases = {
-        ui_link("http://h:5000/", experiment_id="3"): "/experiments/3",
+        ui_link("http://h:5000/", experiment_id="3", view=None): "/experiments/3/runs",
         ui_link("http://h:5000", experiment_id="3", run_id="abc"): "/experiments/3/runs/abc",
         ui_link("http://h:5000", model="twinflow rul"): "/models/twinflow%20rul",
         ui_link("http://h:5000", model="m", version=2): "/models/m/versions/2",
@@ -26,6 +26,31 @@ def test_links_name_the_route_and_the_classic_view():
     for url, route in cases.items():
         assert url.startswith("http://h:5000/#/"), url
         assert _route_and_query(url) == (route, {"workflowType": ["machine_learning"]}), url
+    # The runs table opens with the headline-metrics view: its key on the runs tab's own route (the
+    # experiment route redirects there and drops the query).
+    assert _route_and_query(ui_link("http://h:5000", experiment_id="3")) == \
+        ("/experiments/3/runs", {"viewStateShareKey": [HEADLINE_VIEW_ID], "workflowType": ["machine_learning"]})
+
+
+def test_the_experiment_carries_the_headline_view_as_a_saved_view():
+    import json
+
+    import mlflow
+
+    from twinflow.settings import get_settings
+
+    exp_id = configure_mlflow(get_settings())
+    client = mlflow.MlflowClient()
+    value = client.get_experiment(exp_id).tags[HEADLINE_VIEW_TAG]
+    envelope = json.loads(value)  # the UI lists it under Views by name and applies its state
+    assert envelope["name"] and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    assert [f"metrics.`{m}`" for m in HEADLINE_METRICS] == \
+        [c for c in state["selectedColumns"] if c.startswith("metrics.")]
+    assert {"eval_rmse", "eval_score", "promoted", "recommended_expected_cost"} <= set(HEADLINE_METRICS)
+    # Written once: configuring again keeps the tag (and its creation time) as it is.
+    assert configure_mlflow(get_settings()) == exp_id
+    assert client.get_experiment(exp_id).tags[HEADLINE_VIEW_TAG] == value
 
 
 def test_descriptions_round_with_units_and_link_in_the_classic_view():
