@@ -517,7 +517,11 @@ def demo_params(settings: Settings, stages: list[str] | None = None, fleet: str 
 def _pumps_demo_params(settings: Settings, stages: list[str] | None) -> PipelineParams:
     """The pump fleet's demo: the same pipeline, configured by durations in hours (its clock's unit)."""
     from twinflow.fleets.pumps import PumpFleetParams, generate_pumps, write_pumps
+    from twinflow.tasks.promotion import TwinGateParams
     from twinflow.tasks.twin.model import CostModel
+
+    costs = CostModel(failure=40_000.0, planned=6_000.0, downtime_per_cycle=150.0, failure_downtime=48,
+                      planned_downtime=8)
 
     landing = Path(settings.landing_path) / "pumps"
     if not any(landing.glob("pumps_*.csv")):  # deterministic: generated once, then ingested incrementally
@@ -530,11 +534,11 @@ def _pumps_demo_params(settings: Settings, stages: list[str] | None) -> Pipeline
         features=FeatureParams(windows=[6, 36], time_windows=["1h", "6h"], ewm_spans=[36], rul_cap=240),
         # Missing readings stay NaN for the model (sensor dropouts are real); rows of censored or running
         # lives carry no label and are left out (see tasks/features/labels.py).
-        train=TrainParams(nan_policy="keep"),
+        # The twin gate studies the pump fleet's own twin, so its durations are hours too.
+        train=TrainParams(nan_policy="keep", twin_gate=TwinGateParams(
+            horizon=2160, thresholds=[24.0, 48.0, 96.0, 168.0], inspect_every=6, min_lifetime=24, costs=costs)),
         simulate=TwinParams(n_assets=30, n_scenarios=40, horizon=2160, intervals=[240, 480, 720, 960],
-                            thresholds=[24.0, 48.0, 96.0, 168.0], inspect_every=6, min_lifetime=24,
-                            costs=CostModel(failure=40_000.0, planned=6_000.0, downtime_per_cycle=150.0,
-                                            failure_downtime=48, planned_downtime=8)),
+                            thresholds=[24.0, 48.0, 96.0, 168.0], inspect_every=6, min_lifetime=24, costs=costs),
         health=None,
         stages=stages or list(STAGES),
     )

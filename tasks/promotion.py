@@ -43,7 +43,9 @@ class TwinGateParams(BaseModel):
             entirely below the champion's (no overlap); ``margin``: when its expected best cost is
             lower by at least ``margin`` (a fraction of the champion's cost).
         margin: Relative margin of the ``margin`` criterion (0.02 = 2% cheaper).
-        process_noise: The twin's process noise (the twin is the bundled FD001 calibration).
+        process_noise: The twin's process noise (the twin is calibrated on the training data's own
+            fleet: its lake snapshot and fleet contract).
+        min_lifetime: Lives shorter than this (clock units) are left out of the twin's calibration.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -58,13 +60,15 @@ class TwinGateParams(BaseModel):
     criterion: Literal["ci", "margin"] = "ci"
     margin: float = Field(0.0, ge=0.0, lt=1.0)
     process_noise: float = Field(0.005, ge=0)
+    min_lifetime: int = Field(20, gt=0)
 
     def twin_params(self) -> TwinParams:
         """The policy-study parameters (CPU backend: the result must not depend on the worker)."""
         return TwinParams(n_scenarios=self.n_scenarios, n_assets=self.n_assets, horizon=self.horizon,
                           seed=self.seed, batch_scenarios=min(10, self.n_scenarios), intervals=[],
                           thresholds=self.thresholds, inspect_every=self.inspect_every, costs=self.costs,
-                          process_noise=self.process_noise, backend="numpy")
+                          process_noise=self.process_noise, min_lifetime=self.min_lifetime, backend="numpy",
+                          on_no_run_to_failure="error")
 
 
 class TwinCost(BaseModel):
@@ -98,7 +102,8 @@ def policy_costs(error_model: RulErrorModel, gate: TwinGateParams, model: TwinMo
     Args:
         error_model: The model's measured RUL error.
         gate: Study size, seeds and costs.
-        model: The twin (default: calibrated on the bundled FD001 training set).
+        model: The twin of the fleet the models predict for (the gate passes the one calibrated on
+            the training snapshot); None: the bundled FD001 calibration, a C-MAPSS twin.
         client: A Dask client to run the batches on; without one they run in this process
             (same batches and seeds: the same numbers).
     """

@@ -309,20 +309,41 @@ def score_model_uri(model_uri: str, features: FeatureSetRef, params: TrainParams
     return {**regression_metrics(pred, ev.true), "true_rul": ev.true.tolist(), "pred_rul": pred.tolist()}
 
 
+def gate_twin(gate: TwinGateParams, snapshot: Any) -> tuple[Any, str | None]:
+    """The twin the gate studies: the fleet's own, calibrated on the training features' lake snapshot.
+
+    The models predict remaining life for this fleet, in its contract's clock unit; a twin of another
+    fleet (the bundled FD001 one) would turn an error in hours into costs of cycles.
+
+    Returns:
+        ``(twin, None)``, or ``(None, why)`` when the snapshot cannot determine a twin (no
+        run-to-failure lives, degenerate data): the gate then has no twin evidence, and says so.
+    """
+    from twinflow.tasks.twin.model import DegenerateCalibration, NoRunToFailureData
+    from twinflow.tasks.twin.tasks import calibrate_twin
+
+    try:
+        model, _ = calibrate_twin.fn(gate.twin_params(), snapshot)
+    except (NoRunToFailureData, DegenerateCalibration) as exc:
+        return None, f"no twin of fleet dataset {snapshot.dataset!r} ({exc})"
+    return model, None
+
+
 def twin_comparison(challenger: tuple[Any, Any] | None, champion: tuple[Any, Any] | None, gate: TwinGateParams,
                     *, challenger_source: str = CHALLENGER, champion_source: str = CHAMPION,
-                    client: Any = None) -> TwinComparison:
+                    client: Any = None, model: Any = None) -> TwinComparison:
     """The twin gate over two models' scored ``(true_rul, pred_rul)``: the same study, same seeds.
 
     Either side may be None (no champion yet, or no predictions): the other side's cost is still
-    studied and logged, and ``promote`` is None.
+    studied and logged, and ``promote`` is None. ``model`` is the twin to study on (see
+    :func:`gate_twin`; None: the bundled FD001 twin).
     """
     notes, costs = [], {}
     for role, data, src in (("challenger", challenger, challenger_source), ("champion", champion, champion_source)):
         if data is None:
             continue
         try:
-            costs[role] = policy_costs(error_model_of(data[0], data[1], src), gate, client=client)
+            costs[role] = policy_costs(error_model_of(data[0], data[1], src), gate, model=model, client=client)
         except ValueError as exc:
             notes.append(f"{role}: no error model ({exc})")
     if len(costs) == 2:
@@ -470,9 +491,15 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
         from twinflow import runtime
 
         rt = runtime.current()  # the study's batches run on the cluster when there is one
-        twin = twin_comparison(mine, theirs, params.twin_gate, challenger_source=f"{name} v{mv.version}",
-                               champion_source=f"{name} v{None if incumbent is None else incumbent.version}",
-                               client=rt.cluster.client if rt is not None and rt.cluster is not None else None)
+        fleet_twin, no_twin = gate_twin(params.twin_gate, features.snapshot)
+        if fleet_twin is None:
+            twin = TwinComparison(None, None, None, f"Twin: {no_twin}.", params.twin_gate.criterion,
+                                  params.twin_gate.margin, notes=[no_twin])
+        else:
+            twin = twin_comparison(mine, theirs, params.twin_gate, challenger_source=f"{name} v{mv.version}",
+                                   champion_source=f"{name} v{None if incumbent is None else incumbent.version}",
+                                   client=rt.cluster.client if rt is not None and rt.cluster is not None else None,
+                                   model=fleet_twin)
     decision = decide_gate(mode, rmse, twin)
     floor_metrics = {"eval_rmse": challenger_rmse, **challenger_metrics}
     decision = apply_floor(decision, check_floor(floor_metrics, baseline_metrics, params.promotion_floor,

@@ -12,6 +12,9 @@ import pandas as pd
 import pytest
 
 from train_fixtures import cmapss_frame, write_features
+from twin_fixtures import pump_fleet
+from twinflow import lake
+from twinflow.contract import load_contract
 from twinflow.tasks.promotion import (
     PromotionFloor,
     TwinCost,
@@ -28,6 +31,7 @@ from twinflow.tasks.registry import (
     Decision,
     decide_gate,
     decide_promotion,
+    gate_twin,
     promotion_gate,
     twin_comparison,
 )
@@ -268,6 +272,27 @@ def test_the_twin_gate_promotes_when_the_challenger_is_cheaper(prefect_api, regi
                             time_unit="cycle")
     assert not rmse.promote and decide_gate("twin", rmse, twin).promote
     assert isinstance(decide_gate("both", rmse, twin), Decision) and not decide_gate("both", rmse, twin).promote
+
+
+def test_the_twin_gate_studies_the_fleets_own_twin(tmp_path):
+    """An hour-clock pump fleet's models are costed on the pump twin (hours), not the FD001 default."""
+    pumps = load_contract("pumps")
+    table, lives = pump_fleet(n_pumps=12, seed=0)
+    snap = lake.write_lake_table(table, str(tmp_path / "lake"), "pumps", "b1", contract=pumps)
+    gate = TwinGateParams(n_scenarios=6, n_assets=8, horizon=2000, thresholds=[24.0, 96.0], inspect_every=6,
+                          min_lifetime=24)
+    twin, why = gate_twin(gate, snap)
+    assert why is None and twin.contract == pumps and twin.time_unit == "h"
+    true = np.concatenate([np.linspace(float(life), 0.0, 20) for life in lives[:6]])
+    pred = true + np.random.default_rng(0).normal(0.0, 24.0, true.size)
+    out = twin_comparison((true, pred), None, gate, model=twin)
+    assert out.challenger is not None and out.challenger.time_unit == "h" and out.promote is None
+    # The same error on the FD001 twin (lives of ~200 cycles, not ~500 h) is a different study.
+    fd001 = twin_comparison((true, pred), None, gate)
+    assert fd001.challenger.time_unit == "cycle" and fd001.challenger.expected_cost != out.challenger.expected_cost
+    # A fleet snapshot that cannot determine a twin: no twin evidence, said so, no stand-in from another fleet.
+    none, why = gate_twin(gate.model_copy(update={"min_lifetime": 100_000}), snap)
+    assert none is None and "pumps" in why and "run-to-failure" in why
 
 
 def test_probability_best_is_the_share_of_paired_scenarios_where_a_policy_is_cheapest():
