@@ -65,6 +65,9 @@ def test_descriptions_round_with_units_and_link_in_the_classic_view():
     text = policy_verdict(rows, "predictive_rul20", "EUR")
     assert "1,500,000 EUR" in text and "500,000 EUR (25%) cheaper" in text and "`fixed_k100`" in text
     assert trial_run_name(3, {"learning_rate": 0.05, "max_depth": 6}, 18.4231) == "val 18.42 · t03 · lr=0.05 md=6"
+    # Initials that would name two hyperparameters are spelled out.
+    assert trial_run_name(1, {"learning_rate": 0.03, "l2_regularization": 0.0, "max_leaf_nodes": 15}, 28.77) == \
+        "val 28.77 · t01 · l2_regularization=0 learning_rate=0.03 mln=15"
 
 
 def test_run_links_in_registry_descriptions_use_the_ui_link_on_a_server_and_a_runs_uri_otherwise():

@@ -221,9 +221,18 @@ def trial_run_name(trial: int, hparams: Mapping[str, Any], val_rmse: float) -> s
     ``val 18.42 · t03 · lr=0.05 depth=6``: long hyperparameter names are shortened to their
     initials so the name fits the runs table's column.
     """
-    def short(k: str) -> str:
+    def initials(k: str) -> str:
         parts = k.split("_")
         return k if len(parts) == 1 else "".join(p[0] for p in parts)
+
+    # Initials only where they name one hyperparameter: learning_rate and l2_regularization are both
+    # "lr", and "lr=0 lr=0.03" in a run name says nothing.
+    counts: dict[str, int] = {}
+    for k in hparams:
+        counts[initials(k)] = counts.get(initials(k), 0) + 1
+
+    def short(k: str) -> str:
+        return initials(k) if counts[initials(k)] == 1 else k
 
     def val(v: Any) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
