@@ -19,6 +19,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twinflow import runtime
+from twinflow.contract import resolve_contract
+from twinflow.contract.model import unit_label
 from twinflow.errors import ConfigError
 from twinflow.flows.features import features
 from twinflow.flows.health import HealthResult, health
@@ -226,9 +228,11 @@ def pipeline(params: PipelineParams) -> PipelineResult:
                 result.simulate = simulate(params.simulate, snapshot=train_snap,
                                            wait_for=[result.train] if result.train is not None else [result.ingest])
             _log_pipeline_inputs(result, train_snap)
-            report = pipeline_report(result, run.info.run_id, params)
+            # A snapshot without a contract is read under the settings' contract (as the lake does).
+            time_unit = resolve_contract(train_snap.contract).time_unit
+            report = pipeline_report(result, run.info.run_id, params, time_unit=time_unit)
             _log_summary(result, report)
-            _describe(result, params, run.info.experiment_id, run.info.run_id)
+            _describe(result, params, run.info.experiment_id, run.info.run_id, time_unit)
             logger.info("pipeline finished:\n%s", "\n".join(f"  {k}: {v}" for k, v in result.summaries().items()))
             del rt
             return result
@@ -247,7 +251,8 @@ def pipeline_metrics(result: PipelineResult) -> dict[str, float]:
         out["test_feature_rows"] = result.test_features.rows
     if result.train is not None:
         t = result.train
-        for key in ("eval_rmse", "eval_mae", "eval_score", "best_val_rmse", "val_rmse"):
+        for key in ("eval_rmse", "eval_mae", "eval_score", "eval_pi_coverage", "baseline_eval_rmse", "best_val_rmse",
+                    "val_rmse"):
             if key in t.metrics:
                 out["best_val_rmse" if key == "val_rmse" else key] = t.metrics[key]
         out["promoted"] = 1.0 if CHAMPION in t.aliases else 0.0
@@ -261,6 +266,11 @@ def pipeline_metrics(result: PipelineResult) -> dict[str, float]:
         for key in ("cost_ci_low", "cost_ci_high"):
             if key in row and row[key] is not None and math.isfinite(row[key]):
                 out[f"policy_{key}"] = row[key]
+        from twinflow.verdict import best_fixed_interval
+
+        fixed = best_fixed_interval(s.policies)
+        if fixed is not None:  # the simulate run's headline name, so one runs-table column shows both
+            out["saving_vs_fixed_interval"] = fixed["expected_cost"] - s.expected_cost
     return {k: float(v) for k, v in out.items()}
 
 
@@ -277,11 +287,14 @@ def _route(run_id: str) -> str:
     return mlflow_route(experiment_id=eid, run_id=run_id)
 
 
-def pipeline_report(result: PipelineResult, run_id: str, params: PipelineParams | None = None) -> str:
+def pipeline_report(result: PipelineResult, run_id: str, params: PipelineParams | None = None, *,
+                    time_unit: str) -> str:
     """A Markdown report of one pipeline run (the MLflow run's ``report/pipeline.md`` and a Prefect artifact).
 
-    With ``params``, costs carry their currency and the fleet/horizon they are costs of.
+    With ``params``, costs carry their currency and the fleet/horizon they are costs of. ``time_unit``
+    is the clock unit of the snapshot's fleet contract: the unit of the errors and of the horizon.
     """
+    u = unit_label(time_unit)
     lines = [f"# twinflow pipeline run `{run_id}`", ""]
     if result.ingest is not None:
         i = result.ingest
@@ -302,8 +315,8 @@ def pipeline_report(result: PipelineResult, run_id: str, params: PipelineParams 
         lines += ["## Model", "",
                   f"- registered: `{t.registered_model or '(registry off)'}` v{t.version} "
                   f"(aliases: {', '.join(t.aliases) or 'none'})",
-                  f"- evaluation: RMSE {t.metrics.get('eval_rmse', float('nan')):.2f}, "
-                  f"MAE {t.metrics.get('eval_mae', float('nan')):.2f}, "
+                  f"- evaluation: RMSE {t.metrics.get('eval_rmse', float('nan')):.2f} {u}, "
+                  f"MAE {t.metrics.get('eval_mae', float('nan')):.2f} {u}, "
                   f"PHM08 score {t.metrics.get('eval_score', float('nan')):.1f}",
                   f"- promotion: {'**promoted to champion**' if promoted else 'not promoted (champion kept)'}",
                   f"- MLflow run: [{t.run_id}]({_route(t.run_id)})", ""]
@@ -319,15 +332,20 @@ def pipeline_report(result: PipelineResult, run_id: str, params: PipelineParams 
         ci = f" (95% CI {lo:,.0f} to {hi:,.0f})" if lo is not None and hi is not None and math.isfinite(lo) else ""
         cur = "" if params is None else f" {params.simulate.costs.currency}"
         scale = "" if params is None else (f" for a fleet of {params.simulate.n_assets:,} assets over "
-                                           f"{params.simulate.horizon:,} cycles")
+                                           f"{params.simulate.horizon:,} {u}")
         lines += ["## Maintenance policy", "",
                   f"- recommended: **{s.recommended_policy}**, expected cost {s.expected_cost:,.0f}{cur}{ci}{scale}",
                   f"- MLflow run: [{s.run_id}]({_route(s.run_id)})", ""]
     return "\n".join(lines)
 
 
-def _describe(result: PipelineResult, params: PipelineParams, experiment_id: str, run_id: str) -> None:
-    """The pipeline run's description: the model verdict and the twin's recommendation, with links."""
+def _describe(result: PipelineResult, params: PipelineParams, experiment_id: str, run_id: str,
+              time_unit: str) -> None:
+    """The pipeline run's description: the model verdict and the twin's recommendation, with links.
+
+    ``time_unit`` is the clock unit of the snapshot's fleet contract: the unit of the model's errors
+    and of the twin's horizon (the twin is calibrated on the same snapshot).
+    """
     import mlflow
 
     from twinflow.verdict import mlflow_route, pipeline_description, plot_links, prefect_flow_run_url, \
@@ -360,8 +378,8 @@ def _describe(result: PipelineResult, params: PipelineParams, experiment_id: str
     set_description(pipeline_description(
         promoted=promoted, model_name=name, version=version, reason=reason or "", metrics=metrics, eval_set=eval_set,
         policy=None if s is None else s.recommended_policy, rows=[] if s is None else s.policies,
-        currency=sim.costs.currency, scale=scale_line(sim.n_assets, sim.horizon, sim.n_scenarios),
-        experiment_id=experiment_id, links=links))
+        currency=sim.costs.currency, scale=scale_line(sim.n_assets, sim.horizon, sim.n_scenarios, time_unit=time_unit),
+        experiment_id=experiment_id, links=links, time_unit=time_unit))
 
 
 def _copy_stage_artifacts() -> None:
@@ -499,7 +517,11 @@ def demo_params(settings: Settings, stages: list[str] | None = None, fleet: str 
 def _pumps_demo_params(settings: Settings, stages: list[str] | None) -> PipelineParams:
     """The pump fleet's demo: the same pipeline, configured by durations in hours (its clock's unit)."""
     from twinflow.fleets.pumps import PumpFleetParams, generate_pumps, write_pumps
+    from twinflow.tasks.promotion import TwinGateParams
     from twinflow.tasks.twin.model import CostModel
+
+    costs = CostModel(failure=40_000.0, planned=6_000.0, downtime_per_cycle=150.0, failure_downtime=48,
+                      planned_downtime=8)
 
     landing = Path(settings.landing_path) / "pumps"
     if not any(landing.glob("pumps_*.csv")):  # deterministic: generated once, then ingested incrementally
@@ -512,11 +534,11 @@ def _pumps_demo_params(settings: Settings, stages: list[str] | None) -> Pipeline
         features=FeatureParams(windows=[6, 36], time_windows=["1h", "6h"], ewm_spans=[36], rul_cap=240),
         # Missing readings stay NaN for the model (sensor dropouts are real); rows of censored or running
         # lives carry no label and are left out (see tasks/features/labels.py).
-        train=TrainParams(nan_policy="keep"),
+        # The twin gate studies the pump fleet's own twin, so its durations are hours too.
+        train=TrainParams(nan_policy="keep", twin_gate=TwinGateParams(
+            horizon=2160, thresholds=[24.0, 48.0, 96.0, 168.0], inspect_every=6, min_lifetime=24, costs=costs)),
         simulate=TwinParams(n_assets=30, n_scenarios=40, horizon=2160, intervals=[240, 480, 720, 960],
-                            thresholds=[24.0, 48.0, 96.0, 168.0], inspect_every=6, min_lifetime=24,
-                            costs=CostModel(failure=40_000.0, planned=6_000.0, downtime_per_cycle=150.0,
-                                            failure_downtime=48, planned_downtime=8)),
+                            thresholds=[24.0, 48.0, 96.0, 168.0], inspect_every=6, min_lifetime=24, costs=costs),
         health=None,
         stages=stages or list(STAGES),
     )

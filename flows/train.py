@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from twinflow import runtime
+from twinflow.contract.model import unit_label
 from twinflow.errors import ConfigError
 from twinflow.flows.naming import run_name
 from twinflow.refs import FeatureSetRef, TrainResult, contract_tags
@@ -76,23 +77,28 @@ def _log_trials(out, params: TrainParams) -> None:
 
 
 def _describe(run_id: str, experiment_id: str, out, metrics: dict, name: str | None, version: str | None,
-              decision, params: TrainParams) -> None:
-    """The run's description (MLflow Overview): the verdict, metrics with units, links."""
+              decision, params: TrainParams, time_unit: str) -> None:
+    """The run's description (MLflow Overview): the verdict, metrics with units, links.
+
+    ``time_unit`` is the fleet contract's clock unit (the features'): the unit of RMSE, MAE and bias.
+    """
     import mlflow
 
     from twinflow.verdict import prefect_flow_run_url, scale_line, set_description, train_description
 
-    if out.baseline_metrics is not None:
-        mlflow.log_metric("baseline_eval_rmse", out.baseline_metrics["rmse"])
     tags = mlflow.MlflowClient().get_run(run_id).data.tags
     plots = [p for p in ("plots/pred_vs_true.png", "plots/residuals_per_asset.png", "plots/learning_curve.png",
                          "plots/feature_importance.png") if out.importance or "importance" not in p]
+    gate = params.twin_gate
+    twin = None if decision is None or decision.twin is None else decision.twin.challenger
     set_description(train_description(
         model_name=name, version=version, decision=decision, metrics=metrics, eval_set=out.eval_name,
         experiment_id=experiment_id, run_id=run_id, plots=plots, prefect_url=prefect_flow_run_url(),
         parent_run_id=tags.get("mlflow.parentRunId"), best_trial_run_id=out.best.run_id,
-        currency=params.twin_gate.costs.currency,
-        gate_scale=scale_line(params.twin_gate.n_assets, params.twin_gate.horizon, params.twin_gate.n_scenarios)))
+        currency=gate.costs.currency, time_unit=time_unit,
+        # The gate's horizon is in the unit of the twin it ran on.
+        gate_scale=scale_line(gate.n_assets, gate.horizon, gate.n_scenarios,
+                              time_unit=time_unit if twin is None else twin.time_unit)))
 
 
 @flow(name="train", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
@@ -171,6 +177,8 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                        "best_iteration": float(best.best_iteration), "n_trials": float(len(out.trials)),
                        "rows_train": float(out.rows_train), "rows_val": float(out.rows_val),
                        "assets_train": float(out.assets_train), "assets_val": float(out.assets_val)}
+            if out.baseline_metrics is not None:  # the naive predictor the floor compares with, same rows
+                metrics["baseline_eval_rmse"] = out.baseline_metrics["rmse"]
             # val_rmse is also the learning curve's key (by step, below): logged here at step 0 it
             # drew a stray point at the start of the curve, so the run's summary is best_val_rmse.
             # Headline metrics only: counts are facts about the data, logged as params so the run's
@@ -190,17 +198,20 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                              "twinflow.device": getattr(best.model, "device", "cpu")})
             mlflow.log_table(out.trials, "search/trials.json")
             mlflow.log_text(out.residuals_csv, RESIDUALS_ARTIFACT)
-            mlflow.log_figure(plot_pred_vs_true(out.eval_true, out.eval_pred, f"{out.eval_name} (RMSE {m['rmse']:.2f})"),
-                              "plots/pred_vs_true.png")
-            mlflow.log_figure(plot_residuals_per_asset(out.eval_assets, out.eval_pred - out.eval_true),
+            unit = features.time_unit  # every plotted duration is in the fleet contract's clock unit
+            mlflow.log_figure(plot_pred_vs_true(out.eval_true, out.eval_pred,
+                                                f"{out.eval_name} (RMSE {m['rmse']:.2f} {unit_label(unit)})",
+                                                time_unit=unit), "plots/pred_vs_true.png")
+            mlflow.log_figure(plot_residuals_per_asset(out.eval_assets, out.eval_pred - out.eval_true, time_unit=unit),
                               "plots/residuals_per_asset.png")
-            mlflow.log_figure(plot_learning_curve(best.model.history, best.best_iteration), "plots/learning_curve.png")
+            mlflow.log_figure(plot_learning_curve(best.model.history, best.best_iteration, time_unit=unit),
+                              "plots/learning_curve.png")
             if out.importance:
                 mlflow.log_figure(plot_feature_importance(out.importance), "plots/feature_importance.png")
                 mlflow.log_dict(out.importance, "evaluation/feature_importance.json")
             if out.prognostics is not None:
                 log_prognostics(out.prognostics, out.val_prognostics, out.eval_true, out.eval_pred, out.val_set,
-                                out.val_pred)
+                                out.val_pred, time_unit=unit)
                 metrics.update(out.prognostics.metrics("eval"))
             import matplotlib.pyplot as plt
 
@@ -218,7 +229,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
                 result = result.model_copy(update={"registered_model": name, "version": gate.version,
                                                    "aliases": gate.aliases})
             _describe(run_id, experiment_id, out, metrics, name if params.use_registry else None,
-                      result.version, gate.decision if params.use_registry else None, params)
+                      result.version, gate.decision if params.use_registry else None, params, features.time_unit)
         log.info("train: run %s, %s v%s %s, eval RMSE %.3f", run_id, name, result.version, result.aliases,
                  m["rmse"])
         get_run_logger().info("train finished: %s model, eval on %s: RMSE %.2f, MAE %.2f, PHM08 score %.1f; "

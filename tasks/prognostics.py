@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from twinflow.contract.model import unit_label
+
 LAMBDAS = (0.25, 0.5, 0.75)
 
 
@@ -175,7 +177,7 @@ def prognostics_report(true, pred, asset_ids=None, cycles=None, *, alpha: float 
         cycles: Cycle per row.
         alpha: Half-width of the α cone as a fraction of the true RUL.
         lambdas: Fractions of each asset's scored window for α-λ and RA at λ.
-        ph_band: Half-width (cycles) of the prognostic-horizon band.
+        ph_band: Half-width of the prognostic-horizon band, in the clock unit of the RUL.
         interval: A prediction interval already evaluated on these rows (:func:`prediction_interval`).
         eval_set: Name of the evaluation data.
 
@@ -214,8 +216,9 @@ def prognostics_report(true, pred, asset_ids=None, cycles=None, *, alpha: float 
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_alpha_lambda(true, pred, asset_ids, cycles, alpha: float = 0.2, max_assets: int = 12):
-    """Predicted vs true RUL over each asset's scored window with the ``(1 ± α)`` cone."""
+def plot_alpha_lambda(true, pred, asset_ids, cycles, alpha: float = 0.2, max_assets: int = 12, *, time_unit: str):
+    """Predicted vs true RUL (in the clock unit ``time_unit``) over each asset's scored window with the
+    ``(1 ± α)`` cone."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -230,15 +233,15 @@ def plot_alpha_lambda(true, pred, asset_ids, cycles, alpha: float = 0.2, max_ass
         ax.plot(x, pr, lw=0.8, alpha=0.7, label="predicted" if k == 0 else None)
         ax.plot(x, tr, "k-", lw=0.6, alpha=0.4, label="true" if k == 0 else None)
         ax.fill_between(x, (1 - alpha) * tr, (1 + alpha) * tr, color="grey", alpha=0.05)
-    ax.set(xlabel="λ (fraction of the asset's scored window)", ylabel="RUL (cycles)",
+    ax.set(xlabel="λ (fraction of the asset's scored window)", ylabel=f"RUL ({unit_label(time_unit)})",
            title=f"α-λ: predictions and the ±{alpha:.0%} cone ({min(len(traj), max_assets)} assets)")
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def plot_error_asymmetry(true, pred):
-    """Histogram of pred − true: early (left of 0) vs late (right of 0) errors."""
+def plot_error_asymmetry(true, pred, *, time_unit: str):
+    """Histogram of pred − true (in the clock unit ``time_unit``): early (left of 0) vs late (right of 0) errors."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -252,15 +255,15 @@ def plot_error_asymmetry(true, pred):
     ax.hist(d[d <= 0], bins=bins, color="tab:blue", alpha=0.7, label=f"early ({a['early_fraction']:.0%})")
     ax.hist(d[d > 0], bins=bins, color="tab:red", alpha=0.7, label=f"late ({a['late_fraction']:.0%})")
     ax.axvline(0, color="k", lw=1)
-    ax.set(xlabel="predicted − true RUL (cycles)", ylabel="rows",
+    ax.set(xlabel=f"predicted − true RUL ({unit_label(time_unit)})", ylabel="rows",
            title=f"early/late errors (asymmetry {a['asymmetry']:+.2f})")
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def plot_prediction_intervals(true, pred, interval: PredictionInterval):
-    """Evaluation rows sorted by true RUL with the conformal interval and the truth."""
+def plot_prediction_intervals(true, pred, interval: PredictionInterval, *, time_unit: str):
+    """Evaluation rows sorted by true RUL with the conformal interval and the truth (RUL in ``time_unit``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -276,7 +279,7 @@ def plot_prediction_intervals(true, pred, interval: PredictionInterval):
     ax.plot(x, p[order], ".", ms=3, label="predicted")
     ax.plot(x, t[order], "k.", ms=3, label="true")
     cov = "" if interval.coverage is None else f", coverage {interval.coverage:.0%}"
-    ax.set(xlabel="evaluation rows (sorted by true RUL)", ylabel="RUL (cycles)",
+    ax.set(xlabel="evaluation rows (sorted by true RUL)", ylabel=f"RUL ({unit_label(time_unit)})",
            title=f"prediction intervals on {interval.n_evaluated} rows{cov}")
     ax.legend()
     fig.tight_layout()

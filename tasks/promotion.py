@@ -34,16 +34,18 @@ class TwinGateParams(BaseModel):
     Attributes:
         n_scenarios: Monte-Carlo scenarios (paired across the two models).
         n_assets: Assets per simulated fleet.
-        horizon: Simulated cycles per scenario.
+        horizon: Simulated steps per scenario, in the twin's clock unit (cycles, hours ...).
         seed: Root seed of the study, the same for both models.
         thresholds: Predictive policies: maintain at RUL estimate <= x.
-        inspect_every: Cycles between RUL estimates.
+        inspect_every: Time between RUL estimates, in the same unit.
         costs: Failure/planned/downtime costs.
         criterion: ``ci``: promote only when the challenger's 95% CI of its best policy cost lies
             entirely below the champion's (no overlap); ``margin``: when its expected best cost is
             lower by at least ``margin`` (a fraction of the champion's cost).
         margin: Relative margin of the ``margin`` criterion (0.02 = 2% cheaper).
-        process_noise: The twin's process noise (the twin is the bundled FD001 calibration).
+        process_noise: The twin's process noise (the twin is calibrated on the training data's own
+            fleet: its lake snapshot and fleet contract).
+        min_lifetime: Lives shorter than this (clock units) are left out of the twin's calibration.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -58,13 +60,15 @@ class TwinGateParams(BaseModel):
     criterion: Literal["ci", "margin"] = "ci"
     margin: float = Field(0.0, ge=0.0, lt=1.0)
     process_noise: float = Field(0.005, ge=0)
+    min_lifetime: int = Field(20, gt=0)
 
     def twin_params(self) -> TwinParams:
         """The policy-study parameters (CPU backend: the result must not depend on the worker)."""
         return TwinParams(n_scenarios=self.n_scenarios, n_assets=self.n_assets, horizon=self.horizon,
                           seed=self.seed, batch_scenarios=min(10, self.n_scenarios), intervals=[],
                           thresholds=self.thresholds, inspect_every=self.inspect_every, costs=self.costs,
-                          process_noise=self.process_noise, backend="numpy")
+                          process_noise=self.process_noise, min_lifetime=self.min_lifetime, backend="numpy",
+                          on_no_run_to_failure="error")
 
 
 class TwinCost(BaseModel):
@@ -78,6 +82,7 @@ class TwinCost(BaseModel):
     p_best: float = Field(description="Share of the paired scenarios in which the best policy is cheapest.")
     scenario_costs: list[float] = Field(description="The best policy's cost per scenario (paired).")
     policies: list[dict[str, Any]] = Field(default_factory=list)
+    time_unit: str = Field("cycle", description="The twin's clock unit: the unit of the study's horizon.")
 
 
 def error_model_of(true_rul, pred_rul, source: str) -> RulErrorModel:
@@ -97,7 +102,8 @@ def policy_costs(error_model: RulErrorModel, gate: TwinGateParams, model: TwinMo
     Args:
         error_model: The model's measured RUL error.
         gate: Study size, seeds and costs.
-        model: The twin (default: calibrated on the bundled FD001 training set).
+        model: The twin of the fleet the models predict for (the gate passes the one calibrated on
+            the training snapshot); None: the bundled FD001 calibration, a C-MAPSS twin.
         client: A Dask client to run the batches on; without one they run in this process
             (same batches and seeds: the same numbers).
     """
@@ -117,7 +123,7 @@ def policy_costs(error_model: RulErrorModel, gate: TwinGateParams, model: TwinMo
     r = rows[i]
     return TwinCost(source=error_model.source, best_policy=best, expected_cost=r["expected_cost"],
                     cost_ci_low=r["cost_ci_low"], cost_ci_high=r["cost_ci_high"], p_best=r["p_best"],
-                    scenario_costs=[float(c) for c in res["cost"][i]], policies=rows)
+                    scenario_costs=[float(c) for c in res["cost"][i]], policies=rows, time_unit=model.time_unit)
 
 
 @dataclass
@@ -195,7 +201,8 @@ class PromotionFloor(BaseModel):
     Attributes:
         beat_baseline: The model's eval RMSE must be below the naive baseline's.
         baseline_margin: ...by at least this fraction of the baseline's RMSE (0.1 = 10% lower).
-        max_rmse: Highest acceptable eval RMSE (cycles); None: no threshold.
+        max_rmse: Highest acceptable eval RMSE, in the fleet contract's clock unit (cycles, hours ...);
+            None: no threshold.
         max_score: Highest acceptable PHM08 score (summed over the evaluation rows); None: none.
         min_coverage: Lowest acceptable empirical coverage of the prediction interval on the
             evaluation data (0..1); None: none.
@@ -214,8 +221,9 @@ def fleet_mean_life_predictions(mean_life: float, cycles, rul_cap: float | None 
     """The naive baseline's RUL estimates: mean fleet lifetime minus the cycle reached, at least 0.
 
     Args:
-        mean_life: Mean lifetime (cycles) of the training assets (each ran to failure).
-        cycles: The cycle of each scored row.
+        mean_life: Mean lifetime of the training assets (each ran to failure), in the clock's unit.
+        cycles: The time reached by each scored row (cycle, or time since the asset's first reading),
+            in the same unit.
         rul_cap: The labels' piecewise-linear cap (the baseline is capped like the truth).
     """
     pred = np.maximum(float(mean_life) - np.asarray(cycles, dtype="float64"), 0.0)
@@ -239,7 +247,7 @@ class FloorCheck:
 
 
 def check_floor(metrics: dict[str, float | None], baseline: dict[str, float] | None,
-                floor: PromotionFloor) -> FloorCheck:
+                floor: PromotionFloor, *, time_unit: str) -> FloorCheck:
     """Check a model's eval metrics against the absolute floor.
 
     Args:
@@ -247,12 +255,17 @@ def check_floor(metrics: dict[str, float | None], baseline: dict[str, float] | N
         baseline: The naive baseline's regression metrics on the same rows (``rmse``, ``score``),
             or None when it could not be computed.
         floor: The rules.
+        time_unit: The fleet contract's clock unit (``contract.clock.time_unit``): the unit of the
+            RMSEs and of ``floor.max_rmse``, written into the reasons.
 
     Returns:
         The verdict. A configured rule whose metric is missing fails: the gate promotes on
         evidence only.
     """
+    from twinflow.contract.model import unit_label
+
     failed, met = [], []
+    dur = "{:.1f} " + unit_label(time_unit)
 
     def rule(ok: bool, text: str) -> None:
         (met if ok else failed).append(text)
@@ -264,9 +277,9 @@ def check_floor(metrics: dict[str, float | None], baseline: dict[str, float] | N
         else:
             bar = (1.0 - floor.baseline_margin) * baseline["rmse"]
             margin = f" by {floor.baseline_margin:.0%}" if floor.baseline_margin else ""
-            rule(rmse < bar, f"RMSE {rmse:.1f} cycles {'beats' if rmse < bar else 'does not beat'} the "
-                             f"{BASELINE_NAME}'s {baseline['rmse']:.1f}{margin}")
-    for key, limit, what, fmt, lower in (("eval_rmse", floor.max_rmse, "RMSE", "{:.1f} cycles", True),
+            rule(rmse < bar, f"RMSE {dur.format(rmse)} {'beats' if rmse < bar else 'does not beat'} the "
+                             f"{BASELINE_NAME}'s {dur.format(baseline['rmse'])}{margin}")
+    for key, limit, what, fmt, lower in (("eval_rmse", floor.max_rmse, "RMSE", dur, True),
                                          ("eval_score", floor.max_score, "PHM08 score", "{:,.0f}", True),
                                          ("eval_pi_coverage", floor.min_coverage, "interval coverage", "{:.0%}",
                                           False)):

@@ -19,6 +19,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from twinflow.contract.model import unit_label
 from twinflow.events import emit_model_promoted
 from twinflow.naming import model_version_of, task_name
 from twinflow.refs import FeatureSetRef
@@ -64,6 +65,7 @@ class Decision:
     floor: FloorCheck | None = None
     baseline_rmse: float | None = None
     baseline_score: float | None = None
+    time_unit: str = "cycle"  # the fleet contract's clock unit: the unit of every RMSE above
 
     @property
     def verdict(self) -> str:
@@ -127,7 +129,7 @@ class Decision:
                    f"**kept** v{self.champion_version} as `{CHAMPION}`")
         return "\n".join([
             f"# Promotion gate: `{model_name}`", "", f"Decision: {verdict}. {self.reason}", "",
-            f"Evaluation data: `{self.eval_set}`; margin: {self.margin} RMSE cycles.", "",
+            f"Evaluation data: `{self.eval_set}`; margin: {self.margin:g} {unit_label(self.time_unit)} of RMSE.", "",
             "| role | version | eval RMSE |", "|---|---|---|",
             f"| {CHALLENGER} | {fmt(self.challenger_version)} | {fmt(self.challenger_rmse)} |",
             *([] if self.champion_version is None else
@@ -194,14 +196,17 @@ def apply_floor(decision: Decision, floor: FloorCheck, baseline: dict[str, float
 
 def decide_promotion(challenger_rmse: float, champion_rmse: float | None, margin: float, *,
                      challenger_version: str | None = None, champion_version: str | None = None,
-                     eval_set: str = "", champion_error: str | None = None) -> Decision:
+                     eval_set: str = "", champion_error: str | None = None, time_unit: str) -> Decision:
     """Promote when there is no champion, or the challenger beats it by at least ``margin``.
 
     A champion that could not be evaluated on this data (``champion_error``) is kept: the gate
-    only promotes on evidence.
+    only promotes on evidence. ``time_unit`` is the fleet contract's clock unit, the unit of the
+    RMSEs and of ``margin``.
     """
+    u = unit_label(time_unit)
     args = dict(challenger_version=challenger_version, challenger_rmse=challenger_rmse,
-                champion_version=champion_version, champion_rmse=champion_rmse, margin=margin, eval_set=eval_set)
+                champion_version=champion_version, champion_rmse=champion_rmse, margin=margin, eval_set=eval_set,
+                time_unit=time_unit)
     if champion_version is None:
         return Decision(True, "No champion yet: the first model that meets the absolute floor becomes champion.",
                         **args)
@@ -209,9 +214,10 @@ def decide_promotion(challenger_rmse: float, champion_rmse: float | None, margin
         return Decision(False, f"The champion could not be evaluated on this data ({champion_error}).", **args)
     gain = champion_rmse - challenger_rmse
     if gain > 0 and gain >= margin:
-        return Decision(True, f"The challenger is better by {gain:.3f} RMSE (margin {margin}).", **args)
-    return Decision(False, f"The challenger is not better by the margin (gain {gain:.3f} < {margin} "
-                           "or no improvement).", **args)
+        return Decision(True, f"The challenger is better by {gain:.3f} {u} of RMSE (margin {margin:g} {u}).",
+                        **args)
+    return Decision(False, f"The challenger is not better by the margin (gain {gain:.3f} {u} of RMSE < "
+                           f"{margin:g} {u}, or no improvement).", **args)
 
 
 def champion_version(client: Any, name: str, alias: str = CHAMPION):
@@ -303,20 +309,41 @@ def score_model_uri(model_uri: str, features: FeatureSetRef, params: TrainParams
     return {**regression_metrics(pred, ev.true), "true_rul": ev.true.tolist(), "pred_rul": pred.tolist()}
 
 
+def gate_twin(gate: TwinGateParams, snapshot: Any) -> tuple[Any, str | None]:
+    """The twin the gate studies: the fleet's own, calibrated on the training features' lake snapshot.
+
+    The models predict remaining life for this fleet, in its contract's clock unit; a twin of another
+    fleet (the bundled FD001 one) would turn an error in hours into costs of cycles.
+
+    Returns:
+        ``(twin, None)``, or ``(None, why)`` when the snapshot cannot determine a twin (no
+        run-to-failure lives, degenerate data): the gate then has no twin evidence, and says so.
+    """
+    from twinflow.tasks.twin.model import DegenerateCalibration, NoRunToFailureData
+    from twinflow.tasks.twin.tasks import calibrate_twin
+
+    try:
+        model, _ = calibrate_twin.fn(gate.twin_params(), snapshot)
+    except (NoRunToFailureData, DegenerateCalibration) as exc:
+        return None, f"no twin of fleet dataset {snapshot.dataset!r} ({exc})"
+    return model, None
+
+
 def twin_comparison(challenger: tuple[Any, Any] | None, champion: tuple[Any, Any] | None, gate: TwinGateParams,
                     *, challenger_source: str = CHALLENGER, champion_source: str = CHAMPION,
-                    client: Any = None) -> TwinComparison:
+                    client: Any = None, model: Any = None) -> TwinComparison:
     """The twin gate over two models' scored ``(true_rul, pred_rul)``: the same study, same seeds.
 
     Either side may be None (no champion yet, or no predictions): the other side's cost is still
-    studied and logged, and ``promote`` is None.
+    studied and logged, and ``promote`` is None. ``model`` is the twin to study on (see
+    :func:`gate_twin`; None: the bundled FD001 twin).
     """
     notes, costs = [], {}
     for role, data, src in (("challenger", challenger, challenger_source), ("champion", champion, champion_source)):
         if data is None:
             continue
         try:
-            costs[role] = policy_costs(error_model_of(data[0], data[1], src), gate, client=client)
+            costs[role] = policy_costs(error_model_of(data[0], data[1], src), gate, model=model, client=client)
         except ValueError as exc:
             notes.append(f"{role}: no error model ({exc})")
     if len(costs) == 2:
@@ -359,13 +386,13 @@ def version_description(decision: Decision, *, run_link_text: str, data: str, me
     The verdict and the rule that made it first, then the metrics rounded with units (and the naive
     baseline's), the data it was trained on and markdown links (run, Prefect flow run, plots).
     """
-    from twinflow.verdict import links_line, metrics_line
+    from twinflow.verdict import duration, links_line, metrics_line
 
     verdict = "promoted to champion" if decision.promote else "not promoted: stays challenger"
     lines = [f"**{decision.verdict}** ({verdict}). {decision.reason}",
-             f"Evaluated on `{decision.eval_set}`: {metrics_line(metrics)}."
+             f"Evaluated on `{decision.eval_set}`: {metrics_line(metrics, time_unit=decision.time_unit)}."
              + ("" if decision.baseline_rmse is None else
-                f" Naive {BASELINE_NAME}: RMSE {decision.baseline_rmse:.1f} cycles."),
+                f" Naive {BASELINE_NAME}: RMSE {duration(decision.baseline_rmse, decision.time_unit)}."),
              f"Promotion mode `{decision.mode}`. Trained on: {data}.",
              f"MLflow run: {run_link_text}"]
     if links:
@@ -454,7 +481,7 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
     rmse = decide_promotion(challenger_rmse, champ_rmse, params.promotion_margin,
                             challenger_version=str(mv.version),
                             champion_version=None if incumbent is None else str(incumbent.version),
-                            eval_set=eval_set, champion_error=champ_err)
+                            eval_set=eval_set, champion_error=champ_err, time_unit=features.time_unit)
     rmse.challenger_score = challenger_metrics.get("eval_score")
     rmse.champion_score = None if champ is None else champ.get("score")
     twin = None
@@ -464,13 +491,19 @@ def promotion_gate(client: Any, name: str, model_uri: str, challenger_rmse: floa
         from twinflow import runtime
 
         rt = runtime.current()  # the study's batches run on the cluster when there is one
-        twin = twin_comparison(mine, theirs, params.twin_gate, challenger_source=f"{name} v{mv.version}",
-                               champion_source=f"{name} v{None if incumbent is None else incumbent.version}",
-                               client=rt.cluster.client if rt is not None and rt.cluster is not None else None)
+        fleet_twin, no_twin = gate_twin(params.twin_gate, features.snapshot)
+        if fleet_twin is None:
+            twin = TwinComparison(None, None, None, f"Twin: {no_twin}.", params.twin_gate.criterion,
+                                  params.twin_gate.margin, notes=[no_twin])
+        else:
+            twin = twin_comparison(mine, theirs, params.twin_gate, challenger_source=f"{name} v{mv.version}",
+                                   champion_source=f"{name} v{None if incumbent is None else incumbent.version}",
+                                   client=rt.cluster.client if rt is not None and rt.cluster is not None else None,
+                                   model=fleet_twin)
     decision = decide_gate(mode, rmse, twin)
     floor_metrics = {"eval_rmse": challenger_rmse, **challenger_metrics}
-    decision = apply_floor(decision, check_floor(floor_metrics, baseline_metrics, params.promotion_floor),
-                           baseline_metrics)
+    decision = apply_floor(decision, check_floor(floor_metrics, baseline_metrics, params.promotion_floor,
+                                                 time_unit=features.time_unit), baseline_metrics)
     if decision.promote:
         retry_store(client.set_registered_model_alias, name, CHAMPION, mv.version)
         # One role per version: the promoted challenger is now the champion, not both.
@@ -525,6 +558,8 @@ def _record(client: Any, name: str, version: str, decision: Decision, features: 
                 description=version_description(decision, run_link_text=link, data=data, metrics=shown, links=links))
     champ = champion_version(client, name)
     champ_line = "no champion yet" if champ is None else f"`{CHAMPION}` is v{champ.version} (run {champ.run_id})"
+    contract = "" if features.contract is None else f" of fleet contract `{features.contract.name}`"
     retry_store(client.update_registered_model, name, description=(
-        "Remaining-useful-life (RUL, cycles) model of the twinflow predictive-maintenance pipeline, trained on "
-        f"C-MAPSS-style telemetry features. {champ_line}.\n\nLast gate, on v{version}: {decision.summary(name)}"))
+        f"Remaining-useful-life (RUL, {unit_label(features.time_unit)}) model of the twinflow predictive-maintenance "
+        f"pipeline, trained on the telemetry features{contract}. {champ_line}.\n\n"
+        f"Last gate, on v{version}: {decision.summary(name)}"))

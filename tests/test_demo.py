@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -57,4 +58,10 @@ def test_demo_runs_the_pump_fleet_from_its_contract_alone(tmp_path):
         [client.get_experiment_by_name("twinflow").experiment_id])}
     assert runs["train"].data.tags["twinflow.contract.name"] == "pumps"
     assert runs["train"].data.tags["twinflow.time_unit"] == "h"
+    # A reviewer reads hours on an hour clock: descriptions and reasons, and the twin gate studied the
+    # pump fleet's own twin (its horizon in hours), not the C-MAPSS one.
+    for stage in ("train", "pipeline"):
+        text = runs[stage].data.tags["mlflow.note.content"] + runs["train"].data.tags["twinflow.promotion_reason"]
+        assert re.search(r"RMSE [\d.]+ h\b", text) and not re.search(r"\bcycles?\b", text), text
+    assert "over 2,160 h" in runs["train"].data.tags["mlflow.note.content"]
     assert runs["simulate"].data.metrics["lives_suspensions"] > 0

@@ -1,6 +1,9 @@
 """What a reviewer sees: `twinflow server` over a pipeline's home, its pages loaded in headless Chromium (slow).
 
-One small pipeline run (the demo's landing data, fewer trials and scenarios) fills a home; then
+Two small pipeline runs (the demo's landing data, fewer trials and scenarios) fill a fresh home: first
+a deliberately bad model (trained on labels capped at 5 cycles, so it can never predict a longer
+life: worse than the naive fleet-mean-life baseline), which the gate must refuse although there is no
+champion; then a sound one, promoted with the floor it met as the stated reason. Then
 `twinflow server` serves it and a real browser renders the MLflow train run, the registered model
 and the Prefect flow run that the MLflow run's ``prefect.flow_run_url`` tag links to. Screenshots
 are kept under the test's tmp dir. The Debian ``chromium`` package is installed by ``make test``.
@@ -21,6 +24,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+from twinflow.tracking import HEADLINE_METRICS, HEADLINE_VIEW_ID
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 SMALL = [
@@ -29,6 +34,11 @@ SMALL = [
     "simulate.n_scenarios=10", "simulate.n_assets=10", "simulate.horizon=400", "simulate.batch_scenarios=10",
     "simulate.intervals=[100,150]", "simulate.thresholds=[20.0,40.0]", "simulate.fan_units=40",
 ]
+
+
+# Labels capped at 5 (train.rul_cap keeps the evaluation truth capped at 125): a model that never
+# predicts more than ~5 cycles of life. Train only: the refusal is what this run is for.
+BAD = ["features.rul_cap=5", 'stages=["ingest","features","train"]']
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -50,6 +60,13 @@ def _browse(url: str, png: Path, budget_ms: int = 20000, width: int = 1400) -> s
     return dom.stdout
 
 
+def _number(cell: str) -> float:
+    try:
+        return float(cell.replace(",", "").strip())
+    except ValueError:
+        return float("nan")
+
+
 def _visible_text(dom: str) -> str:
     text = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S | re.I)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", text))
@@ -57,13 +74,14 @@ def _visible_text(dom: str) -> str:
 
 @pytest.fixture(scope="module")
 def served_home(tmp_path_factory):
-    """A home with one small pipeline run, served by `twinflow server` (Prefect on the home's port)."""
+    """A fresh home with a refused bad model's pipeline run, then a promoted one's, served by `twinflow server`."""
     root = tmp_path_factory.mktemp("reviewer")
     home = root / "home"
-    args = [a for p in SMALL for a in ("--param", p)]
-    run = subprocess.run([sys.executable, "-m", "twinflow.cli", "run", "pipeline", *args], capture_output=True,
-                         text=True, env=_env(home), cwd=root, timeout=1500)
-    assert run.returncode == 0, run.stderr[-3000:]
+    for extra in (BAD, []):
+        args = [a for p in (*SMALL, *extra) for a in ("--param", p)]
+        run = subprocess.run([sys.executable, "-m", "twinflow.cli", "run", "pipeline", *args], capture_output=True,
+                             text=True, env=_env(home), cwd=root, timeout=1500)
+        assert run.returncode == 0, run.stderr[-3000:]
     proc = subprocess.Popen([sys.executable, "-m", "twinflow.cli", "server", "--mlflow-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(home), cwd=root)
     urls: dict[str, str] = {}
@@ -104,11 +122,12 @@ def test_mlflow_and_prefect_pages_render_the_runs(served_home):
     client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
     exp = client.get_experiment_by_name(settings.mlflow.experiment)
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
-    runs = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'train'")
-    assert len(runs) == 1
-    train = runs[0]
-    pipeline_run = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'pipeline'")[0]
-    assert pipeline_run.data.metrics["rows_ingested"] > 0 and "promoted" in pipeline_run.data.metrics
+    oldest_first = ["attributes.start_time ASC"]
+    bad_train, train = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'train'",
+                                          order_by=oldest_first)
+    bad_pipeline, pipeline_run = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'pipeline'",
+                                                    order_by=oldest_first)
+    assert bad_pipeline.data.metrics["rows_ingested"] > 0 and pipeline_run.data.metrics["promoted"] == 1.0
 
     # The stable link: the tag written during the run names the port `twinflow server` serves now.
     link = train.data.tags["prefect.flow_run_url"]
@@ -117,14 +136,23 @@ def test_mlflow_and_prefect_pages_render_the_runs(served_home):
     # The experiment link `twinflow server` prints opens the classic runs table in a browser that has
     # never visited MLflow (a fresh profile: no stored view), not the GenAI overview MLflow 3.17
     # shows by default (checked: without the link's workflowType parameter this page is "Overview").
-    assert served_home["experiment"].endswith(f"#/experiments/{exp.experiment_id}?workflowType=machine_learning")
-    text = _visible_text(_browse(served_home["experiment"], shots / "mlflow_experiment.png"))
+    assert served_home["experiment"].endswith(f"#/experiments/{exp.experiment_id}/runs?viewStateShareKey="
+                                              f"{HEADLINE_VIEW_ID}&workflowType=machine_learning")
+    dom = _browse(served_home["experiment"], shots / "mlflow_experiment.png", width=2800)
+    text = _visible_text(dom)
     assert text.lstrip().startswith("Runs - Experiment") and "Run Name" in text, text[:2000]
     assert "Token Usage" not in text and pipeline_run.info.run_name in text, text[:2000]
-    # Not asserted: the runs table's default columns do not include the headline metrics. MLflow 3.17
-    # shows Source, Models and Dataset until a person picks columns; a shared view stored as the
-    # experiment tag ``mlflow.sharedViewState.<key>`` and named by ``viewStateShareKey`` in the link
-    # was tried and did not change the columns in headless Chromium (issue 29, left open).
+    # The runs table opens with the headline metric columns, no column picked by hand: a header cell
+    # per headline metric the pipeline runs carry, and the pipeline run's values in them.
+    shown = [m for m in HEADLINE_METRICS if m in pipeline_run.data.metrics]
+    assert {"eval_rmse", "eval_score", "baseline_eval_rmse", "promoted", "recommended_expected_cost",
+            "saving_vs_fixed_interval"} <= set(shown), pipeline_run.data.metrics
+    for metric in shown:
+        assert f'col-id="metrics.`{metric}`"' in dom and metric in text, (metric, text[:3000])
+    for metric in ("eval_rmse", "baseline_eval_rmse", "recommended_expected_cost"):
+        cells = re.findall(rf'id="cell-metrics\.`{metric}`-[^"]*" class="ag-cell-value">([^<]*)<', dom)
+        want = pipeline_run.data.metrics[metric]
+        assert any(abs(_number(c) - want) <= max(0.01 * abs(want), 0.05) for c in cells), (metric, want, cells)
 
     # The pipeline run's Overview: a description with the verdict and the rule, and links that work:
     # to the train run (a route inside this UI) and to the pipeline's own Prefect flow run.
@@ -149,6 +177,26 @@ def test_mlflow_and_prefect_pages_render_the_runs(served_home):
     assert to_prefect[0].rstrip("/").endswith(pipeline_run.data.tags["prefect.flow_run_id"]), to_prefect
     text = _visible_text(_browse(to_prefect[0], shots / "prefect_pipeline_via_link.png"))
     assert "pipeline" in text, text[:2000]
+
+    # The bad first model of this fresh home: refused although there was no champion, and its
+    # pipeline and train runs' Overviews say so and why (the naive baseline it does not beat).
+    assert bad_train.data.tags["twinflow.promotion"] == "kept"
+    assert bad_train.data.metrics["eval_rmse"] > bad_train.data.metrics["baseline_eval_rmse"], bad_train.data.metrics
+    for run, png in ((bad_pipeline, "mlflow_refused_pipeline_run.png"), (bad_train, "mlflow_refused_train_run.png")):
+        desc = run.data.tags["mlflow.note.content"]
+        assert desc.startswith("**NOT PROMOTED**") and "Absolute floor not met" in desc, desc
+        text = _visible_text(_browse(f"{ml}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+                                     "?workflowType=machine_learning", shots / png))
+        assert "NOT PROMOTED" in text and "does not beat the fleet-mean-life baseline" in text, text[:3000]
+    assert "stays challenger" in bad_pipeline.data.tags["mlflow.note.content"]
+    # The sound one after it: promoted, the reason stated on its Overview.
+    for run in (pipeline_run, train):
+        desc = run.data.tags["mlflow.note.content"]
+        assert desc.startswith("**PROMOTED**") and "No champion yet" in desc, desc
+    text = _visible_text(_browse(f"{ml}/#/experiments/{exp.experiment_id}/runs/{train.info.run_id}"
+                                 "?workflowType=machine_learning", shots / "mlflow_promoted_train_run.png"))
+    assert "PROMOTED" in text and "NOT PROMOTED" not in text and "beats the fleet-mean-life baseline" in text, \
+        text[:3000]
 
     # The simulate run lists its lake snapshot as a dataset input and the model version it used.
     sim = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'simulate'")[0]

@@ -40,6 +40,22 @@ def feature_columns() -> list[str]:
     return [*SENSORS, *[f"{s}_mean5" for s in ROLLED]]
 
 
+def fd001_lake(lake_path: str, dataset: str) -> LakeSnapshot:
+    """The bundled FD001 training fleet as a lake dataset (written once per lake): the snapshot a
+    feature set names is real, so what reads it (the promotion gate's twin of the fleet) can."""
+    import pyarrow as pa
+
+    from twinflow import lake
+    from twinflow.contract import load_contract
+    from twinflow.tasks.twin.calibration import read_cmapss_frame
+
+    existing = lake.latest_snapshot(lake_path, dataset)
+    if existing is not None:
+        return existing
+    return lake.write_lake_table(pa.Table.from_pandas(read_cmapss_frame(), preserve_index=False), lake_path,
+                                 dataset, "fd001", contract=load_contract("cmapss"))
+
+
 def write_features(df: pd.DataFrame, out: Path, *, hive: bool = False, label: str | None = "rul",
                    columns: list[str] | None = None) -> FeatureSetRef:
     """Write ``df`` as a Parquet dataset (one file, or hive-partitioned by asset) and reference it."""
@@ -55,9 +71,10 @@ def write_features(df: pd.DataFrame, out: Path, *, hive: bool = False, label: st
     else:
         pq.write_table(table, out / "part-0.parquet")
     raw = cmapss_path("train_FD001.txt.gz")
+    written = fd001_lake(str(out.parent / "lake"), "cmapss")
     snap = LakeSnapshot(lake_path=str(out.parent / "lake"), dataset="cmapss", batch_id="test-batch",
                         files=[FileRef(path=str(raw), sha256=hashlib.sha256(raw.read_bytes()).hexdigest())],
-                        rows=len(df))
+                        rows=len(df), version=written.version, contract=written.contract)
     return FeatureSetRef(path=str(out), snapshot=snap, feature_columns=columns or feature_columns(),
                          label_column=label, rows=len(df),
                          # Like the features stage, a digest that tells feature sets apart (here: of the data).

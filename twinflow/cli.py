@@ -271,7 +271,13 @@ def _experiment_link(ml_url: str, name: str) -> str | None:
         return None
     if r.status_code != 200:
         return None  # no such experiment yet: nothing has run on this home
-    return ui_link(ml_url, experiment_id=r.json()["experiment"]["experiment_id"])
+    from twinflow.tracking import HEADLINE_VIEW_TAG
+
+    exp = r.json()["experiment"]
+    # A home last run before the headline view existed has no such tag: a key the UI cannot find
+    # would end on an error notice, so the link then opens the plain runs table.
+    has_view = any(t.get("key") == HEADLINE_VIEW_TAG for t in exp.get("tags", []))
+    return ui_link(ml_url, experiment_id=exp["experiment_id"], **({} if has_view else {"view": None}))
 
 
 @app.command()

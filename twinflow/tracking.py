@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
@@ -38,10 +39,47 @@ WORKFLOW_PARAM = "workflowType=machine_learning"
 # runs-table column shows them across stages).
 HEADLINE_METRICS = ("eval_rmse", "eval_score", "eval_pi_coverage", "baseline_eval_rmse", "promoted",
                     "recommended_expected_cost", "saving_vs_fixed_interval")
+# MLflow 3.17's runs table starts with the columns Source, Models and Dataset: its default UI state
+# (ExperimentPageUIState.getDefaultSelectedColumns) is fixed in the UI, and a browser keeps a
+# person's choice in its localStorage; no server-side setting changes it. What the UI does read from
+# the server is a saved view: an experiment tag ``mlflow.sharedViewState.<id>`` holding the envelope
+# ``{"name", "createdAt", "state"}`` (savedViewEnvelope.ts), listed under the runs table's *Views*
+# and applied when the runs tab's URL names it (``#/experiments/<id>/runs?viewStateShareKey=<id>``,
+# useSharedExperimentViewState). The key must be on the ``/runs`` route: the bare experiment route
+# redirects there and drops the query, which is why a link to ``#/experiments/<id>?viewStateShareKey=``
+# showed the default columns. Every experiment link twinflow prints opens this view.
+HEADLINE_VIEW_ID = "twinflow-headline"
+HEADLINE_VIEW_TAG = f"mlflow.sharedViewState.{HEADLINE_VIEW_ID}"
+HEADLINE_VIEW_NAME = "twinflow: headline metrics"
+
+
+def headline_view_state() -> dict:
+    """The saved view's state: the UI's default columns plus the headline metrics, newest run first."""
+    cols = ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`",
+            *(f"metrics.`{m}`" for m in HEADLINE_METRICS)]
+    return {"selectedColumns": cols, "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def headline_view_tag(created_at_ms: int) -> str:
+    """The experiment tag value of the headline view (a saved-view envelope with a plain-JSON state)."""
+    import json
+
+    return json.dumps({"name": HEADLINE_VIEW_NAME, "createdAt": int(created_at_ms),
+                       "state": json.dumps(headline_view_state(), sort_keys=True)})
+
+
+def _headline_view_is_current(value: str | None) -> bool:
+    import json
+
+    try:
+        env = json.loads(value or "")
+        return env.get("name") == HEADLINE_VIEW_NAME and json.loads(env["state"]) == headline_view_state()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | None = None,
-            model: str | None = None, version: str | int | None = None) -> str:
+            model: str | None = None, version: str | int | None = None, view: str | None = HEADLINE_VIEW_ID) -> str:
     """An MLflow UI link that opens in the classic model-training view.
 
     The UI routes inside the URL fragment (``#/experiments/<id>/runs/<run>``), so the view parameter
@@ -53,6 +91,8 @@ def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | No
         run_id: The run (needs ``experiment_id``).
         model: A registered model's name; with ``version``, one of its versions.
         version: The model version.
+        view: With ``experiment_id`` alone: the saved view the runs table opens with (default: the
+            headline metrics view :func:`configure_mlflow` writes); None: the UI's default columns.
 
     Returns:
         The URL. With no experiment or model, the experiments list.
@@ -62,8 +102,13 @@ def ui_link(base_url: str, *, experiment_id: str | None = None, run_id: str | No
     root = base_url.rstrip("/")
     if model is not None:
         route = f"/models/{quote(model, safe='')}" + (f"/versions/{version}" if version is not None else "")
+    elif experiment_id is not None and run_id:
+        route = f"/experiments/{experiment_id}/runs/{run_id}"
     elif experiment_id is not None:
-        route = f"/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+        # The runs tab itself, not the experiment route: its redirect drops the view's key.
+        route = f"/experiments/{experiment_id}/runs"
+        if view:
+            return f"{root}/#{route}?viewStateShareKey={quote(view, safe='')}&{WORKFLOW_PARAM}"
     else:
         route = "/experiments"
     return f"{root}/#{route}?{WORKFLOW_PARAM}"
@@ -184,9 +229,12 @@ def configure_mlflow(settings: Settings, experiment: str | None = None) -> str:
             exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
-    if exp is None or EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+    tags = {} if exp is None else (exp.tags or {})
+    if EXPERIMENT_KIND_TAG not in tags:
         # An explicit kind a user set in the UI is kept; only a missing one is written.
         retry_store(client.set_experiment_tag, exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if not _headline_view_is_current(tags.get(HEADLINE_VIEW_TAG)):
+        retry_store(client.set_experiment_tag, exp_id, HEADLINE_VIEW_TAG, headline_view_tag(time.time() * 1000))
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 

@@ -17,16 +17,21 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
+from twinflow.contract.model import unit_label
 from twinflow.tracking import WORKFLOW_PARAM
 
 NOTE_TAG = "mlflow.note.content"
 
+# The unit of a duration metric: the fleet contract's clock unit, filled in when it is written
+# (cycles for C-MAPSS, hours for a timestamp clock ...), never a fixed word.
+DURATION = "{time}"
+
 # metric key -> (label, unit, format); the order is the order shown.
 METRIC_FORMATS: dict[str, tuple[str, str, str]] = {
-    "eval_rmse": ("RMSE", " cycles", "{:.1f}"),
-    "eval_mae": ("MAE", " cycles", "{:.1f}"),
+    "eval_rmse": ("RMSE", DURATION, "{:.1f}"),
+    "eval_mae": ("MAE", DURATION, "{:.1f}"),
     "eval_score": ("PHM08 score", "", "{:,.0f}"),
-    "eval_bias": ("bias", " cycles", "{:+.1f}"),
+    "eval_bias": ("bias", DURATION, "{:+.1f}"),
     "eval_late_fraction": ("late estimates", "", "{:.0%}"),
     "eval_alpha_accuracy": ("α-λ accuracy", "", "{:.0%}"),
     "eval_pi_coverage": ("interval coverage", "", "{:.0%}"),
@@ -38,15 +43,30 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def fmt_metric(key: str, value: float | None) -> str:
-    """One metric as ``label value unit`` (``RMSE 14.2 cycles``); ``label —`` when missing."""
+def duration(value: float, time_unit: str, fmt: str = "{:.1f}") -> str:
+    """A duration with the clock's unit: ``14.2 cycles``, ``28.0 h``."""
+    return f"{fmt.format(value)} {unit_label(time_unit)}"
+
+
+def fmt_metric(key: str, value: float | None, *, time_unit: str) -> str:
+    """One metric as ``label value unit`` (``RMSE 14.2 cycles``, ``RMSE 28.0 h``); ``label —`` when missing.
+
+    Args:
+        key: The metric key (``eval_rmse`` ...); unknown keys are written as they are.
+        value: Its value.
+        time_unit: The fleet contract's clock unit (``contract.clock.time_unit``): the unit of the
+            duration metrics (RMSE, MAE, bias).
+    """
     label, unit, fmt = METRIC_FORMATS.get(key, (key, "", "{:.3g}"))
-    return f"{label} {fmt.format(value)}{unit}" if _finite(value) else f"{label} —"
+    if not _finite(value):
+        return f"{label} —"
+    return f"{label} {duration(value, time_unit, fmt)}" if unit == DURATION else f"{label} {fmt.format(value)}{unit}"
 
 
-def metrics_line(metrics: Mapping[str, float | None]) -> str:
-    """The known metrics present in ``metrics``, rounded with units, in a stable order."""
-    shown = [fmt_metric(k, metrics[k]) for k in METRIC_FORMATS if k in metrics and _finite(metrics[k])]
+def metrics_line(metrics: Mapping[str, float | None], *, time_unit: str) -> str:
+    """The known metrics present in ``metrics``, rounded with units (durations in ``time_unit``), in a stable order."""
+    shown = [fmt_metric(k, metrics[k], time_unit=time_unit) for k in METRIC_FORMATS
+             if k in metrics and _finite(metrics[k])]
     return ", ".join(shown) or "no metrics"
 
 
@@ -86,9 +106,10 @@ def plot_links(experiment_id: str, run_id: str, plots: Iterable[str]) -> dict[st
             mlflow_route(experiment_id=experiment_id, run_id=run_id, artifact=p) for p in plots}
 
 
-def scale_line(n_assets: int, horizon: int, n_scenarios: int, time_unit: str = "cycles") -> str:
-    """What a cost is a cost of: the fleet size, the horizon and how many scenarios averaged it."""
-    return (f"expected cost of a fleet of {n_assets:,} assets over {horizon:,} {time_unit} "
+def scale_line(n_assets: int, horizon: int, n_scenarios: int, *, time_unit: str) -> str:
+    """What a cost is a cost of: the fleet size, the horizon (in the twin's clock unit) and how many
+    scenarios averaged it."""
+    return (f"expected cost of a fleet of {n_assets:,} assets over {horizon:,} {unit_label(time_unit)} "
             f"(mean of {n_scenarios:,} simulated scenarios, 95% CI)")
 
 
@@ -145,7 +166,7 @@ def train_description(*, model_name: str | None, version: str | None, decision: 
                       eval_set: str, experiment_id: str, run_id: str, plots: Iterable[str],
                       prefect_url: str | None = None, parent_run_id: str | None = None,
                       best_trial_run_id: str | None = None, gate_scale: str | None = None,
-                      currency: str = "") -> str:
+                      currency: str = "", time_unit: str) -> str:
     """The train run's description: the promotion verdict and rule, metrics with units, links.
 
     Args:
@@ -162,14 +183,16 @@ def train_description(*, model_name: str | None, version: str | None, decision: 
         best_trial_run_id: The best trial's child run.
         gate_scale: What the twin gate's costs are costs of (fleet, horizon, scenarios).
         currency: The twin gate's currency.
+        time_unit: The fleet contract's clock unit (the unit of RMSE, MAE and bias).
     """
     if decision is None:
         head = "**NO VERDICT** (registry off: the model was logged, not gated)."
     else:
         head = f"**{decision.verdict}**: {model_name} v{version}. Rule: {decision.reason}"
-    body = [head, f"Evaluated on `{eval_set}`: {metrics_line(metrics)}."]
+    body = [head, f"Evaluated on `{eval_set}`: {metrics_line(metrics, time_unit=time_unit)}."]
     if decision is not None and decision.baseline_rmse is not None:
-        body.append(f"Naive fleet-mean-life baseline on the same rows: RMSE {decision.baseline_rmse:.1f} cycles.")
+        body.append("Naive fleet-mean-life baseline on the same rows: "
+                    f"RMSE {duration(decision.baseline_rmse, time_unit)}.")
     twin = None if decision is None else decision.twin
     if twin is not None and twin.challenger is not None:
         c = twin.challenger
@@ -198,9 +221,18 @@ def trial_run_name(trial: int, hparams: Mapping[str, Any], val_rmse: float) -> s
     ``val 18.42 · t03 · lr=0.05 depth=6``: long hyperparameter names are shortened to their
     initials so the name fits the runs table's column.
     """
-    def short(k: str) -> str:
+    def initials(k: str) -> str:
         parts = k.split("_")
         return k if len(parts) == 1 else "".join(p[0] for p in parts)
+
+    # Initials only where they name one hyperparameter: learning_rate and l2_regularization are both
+    # "lr", and "lr=0 lr=0.03" in a run name says nothing.
+    counts: dict[str, int] = {}
+    for k in hparams:
+        counts[initials(k)] = counts.get(initials(k), 0) + 1
+
+    def short(k: str) -> str:
+        return initials(k) if counts[initials(k)] == 1 else k
 
     def val(v: Any) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
@@ -211,8 +243,12 @@ def trial_run_name(trial: int, hparams: Mapping[str, Any], val_rmse: float) -> s
 
 def pipeline_description(*, promoted: bool | None, model_name: str | None, version: str | None, reason: str,
                          metrics: Mapping[str, float], eval_set: str, policy: str | None, rows: list[dict],
-                         currency: str, scale: str, experiment_id: str, links: Mapping[str, str | None]) -> str:
-    """The pipeline run's description: is the model good enough, and what does the twin recommend?"""
+                         currency: str, scale: str, experiment_id: str, links: Mapping[str, str | None],
+                         time_unit: str) -> str:
+    """The pipeline run's description: is the model good enough, and what does the twin recommend?
+
+    ``time_unit`` is the fleet contract's clock unit: the unit of the RMSE, MAE and bias shown.
+    """
     if promoted is None:
         head = "**NO MODEL VERDICT** (the train stage did not run or the registry is off)."
     else:
@@ -220,7 +256,7 @@ def pipeline_description(*, promoted: bool | None, model_name: str | None, versi
                 f"{' is the new champion' if promoted else ' stays challenger'}. Rule: {reason}")
     body = [head]
     if metrics:
-        body.append(f"Evaluated on `{eval_set}`: {metrics_line(metrics)}.")
+        body.append(f"Evaluated on `{eval_set}`: {metrics_line(metrics, time_unit=time_unit)}.")
     if policy is not None:
         body.append(f"{policy_verdict(rows, policy, currency)} Costs are the {scale}.")
     body.append(links_line(links))

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from twinflow.contract.model import unit_label
 from twinflow.errors import TwinflowError
 from twinflow.refs import FeatureSetRef
 from twinflow.tasks.prognostics import (
@@ -121,27 +122,32 @@ def evaluate_prognostics(ev: EvalSet, pred: np.ndarray, val: EvalSet, val_pred: 
 
 
 def log_prognostics(ev_report: PrognosticsReport, val_report: PrognosticsReport, ev_true: np.ndarray,
-                    ev_pred: np.ndarray, val: EvalSet | None = None, val_pred: np.ndarray | None = None) -> None:
-    """Log the prognostics metrics (``eval_*``, ``val_*``), their JSON and figures to the active run."""
+                    ev_pred: np.ndarray, val: EvalSet | None = None, val_pred: np.ndarray | None = None, *,
+                    time_unit: str) -> None:
+    """Log the prognostics metrics (``eval_*``, ``val_*``), their JSON and figures to the active run.
+
+    ``time_unit`` is the fleet contract's clock unit: the unit of the RUL axes of the figures.
+    """
     import matplotlib.pyplot as plt
     import mlflow
 
     mlflow.log_metrics({**ev_report.metrics("eval"), **val_report.metrics("val")})
     mlflow.log_dict({"eval": ev_report.model_dump(mode="json"), "validation": val_report.model_dump(mode="json")},
                     "evaluation/prognostics.json")
-    figs = {"plots/error_asymmetry.png": plot_error_asymmetry(ev_true, ev_pred)}
+    figs = {"plots/error_asymmetry.png": plot_error_asymmetry(ev_true, ev_pred, time_unit=time_unit)}
     if ev_report.interval is not None:
-        figs["plots/prediction_intervals.png"] = plot_prediction_intervals(ev_true, ev_pred, ev_report.interval)
+        figs["plots/prediction_intervals.png"] = plot_prediction_intervals(ev_true, ev_pred, ev_report.interval,
+                                                                           time_unit=time_unit)
     if val is not None and val_pred is not None and eval_cycles(val) is not None:
         figs["plots/alpha_lambda.png"] = plot_alpha_lambda(val.true, val_pred, val.asset_ids, eval_cycles(val),
-                                                          alpha=val_report.alpha)
+                                                          alpha=val_report.alpha, time_unit=time_unit)
     for path, fig in figs.items():
         mlflow.log_figure(fig, path)
         plt.close(fig)
 
 
-def plot_pred_vs_true(true: np.ndarray, pred: np.ndarray, title: str):
-    """Scatter of predicted vs true RUL with the identity line."""
+def plot_pred_vs_true(true: np.ndarray, pred: np.ndarray, title: str, *, time_unit: str):
+    """Scatter of predicted vs true RUL (in the clock unit ``time_unit``) with the identity line."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -151,13 +157,14 @@ def plot_pred_vs_true(true: np.ndarray, pred: np.ndarray, title: str):
     ax.scatter(true, pred, s=6, alpha=0.5)
     hi = float(max(np.max(true), np.max(pred), 1.0))
     ax.plot([0, hi], [0, hi], "k--", lw=1)
-    ax.set(xlabel="true RUL (cycles)", ylabel="predicted RUL (cycles)", title=title)
+    u = unit_label(time_unit)
+    ax.set(xlabel=f"true RUL ({u})", ylabel=f"predicted RUL ({u})", title=title)
     fig.tight_layout()
     return fig
 
 
-def plot_residuals_per_asset(asset_ids: np.ndarray, residuals: np.ndarray, label_max: int = 40):
-    """Prediction − truth per asset, legible at any fleet size (a fixed-size figure).
+def plot_residuals_per_asset(asset_ids: np.ndarray, residuals: np.ndarray, label_max: int = 40, *, time_unit: str):
+    """Prediction − truth per asset (in the clock unit ``time_unit``), legible at any fleet size.
 
     Up to ``label_max`` assets: one box (or bar) per asset in natural order, every asset named.
     More: the assets ranked by mean residual (mean and range per asset), with only the most late and
@@ -197,14 +204,14 @@ def plot_residuals_per_asset(asset_ids: np.ndarray, residuals: np.ndarray, label
         hx.set_xlabel("assets")
         hx.set_title("per-asset mean", fontsize=10)
     ax.axhline(0, color="k", lw=1)
-    ax.set_ylabel("predicted − true RUL (cycles)")
+    ax.set_ylabel(f"predicted − true RUL ({unit_label(time_unit)})")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def plot_learning_curve(history: list[dict[str, float]], best_iteration: int):
-    """Train and validation RMSE by iteration/epoch of the chosen model."""
+def plot_learning_curve(history: list[dict[str, float]], best_iteration: int, *, time_unit: str):
+    """Train and validation RMSE (in the clock unit ``time_unit``) by iteration/epoch of the chosen model."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -212,7 +219,7 @@ def plot_learning_curve(history: list[dict[str, float]], best_iteration: int):
     for key in ("train_rmse", "val_rmse"):
         ax.plot(steps, [h[key] for h in history], label=key)
     ax.axvline(best_iteration, color="k", ls=":", label="best")
-    ax.set(xlabel="iteration / epoch", ylabel="RMSE (cycles)", title="learning curve (chosen model)")
+    ax.set(xlabel="iteration / epoch", ylabel=f"RMSE ({unit_label(time_unit)})", title="learning curve (chosen model)")
     ax.legend()
     fig.tight_layout()
     return fig

@@ -29,13 +29,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
-from twinflow.contract.model import ContractRef, FleetContract
+from twinflow.contract.model import ContractRef, FleetContract, unit_label  # noqa: F401 - re-exported
 from twinflow.errors import ConfigError, TwinflowError
 
 log = logging.getLogger("twinflow.twin")
 
 _TINY_AGE = 1e-9
-_UNIT_LABELS = {"cycle": "cycles"}
 
 
 class NoRunToFailureData(TwinflowError, ValueError):
@@ -44,11 +43,6 @@ class NoRunToFailureData(TwinflowError, ValueError):
 
 class DegenerateCalibration(TwinflowError, ValueError):
     """The run-to-failure data cannot determine the twin (no informative channel, non-finite fit)."""
-
-
-def unit_label(time_unit: str) -> str:
-    """How reports write a duration unit: ``cycles`` for cycle clocks, else the unit (``h``, ``min``)."""
-    return _UNIT_LABELS.get(time_unit, time_unit)
 
 
 # ---------------------------------------------------------------------------------------------

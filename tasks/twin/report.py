@@ -220,7 +220,8 @@ def log_study_run(params: TwinParams, model: TwinModel, report: CalibrationRepor
         links["policy table"] = mlflow_route(experiment_id=eid, run_id=rid, artifact="twin/policies_table.json")
         set_description(simulate_description(
             rows=rows, policy=best, currency=params.costs.currency,
-            scale=scale_line(params.n_assets, params.horizon, params.n_scenarios), error_source=error_model.source,
+            scale=scale_line(params.n_assets, params.horizon, params.n_scenarios, time_unit=model.time_unit),
+            error_source=error_model.source,
             model_version=None if version is None else f"{version[0]} v{version[1]}",
             snapshot=None if snapshot is None else f"{snapshot.dataset}@{snapshot.digest[:16]}", links=links))
         return rid

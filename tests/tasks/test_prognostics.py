@@ -87,3 +87,19 @@ def test_report_point_and_trajectory_metrics():
     assert rep.metrics("val")["val_alpha_lambda_050"] == 0.5
     with pytest.raises(ValueError, match="differ in length"):
         prognostics_report([1.0, 2.0], [1.0])
+
+
+def test_the_figures_label_rul_in_the_clock_unit():
+    from twinflow.tasks.prognostics import plot_alpha_lambda, plot_error_asymmetry, plot_prediction_intervals
+
+    true = np.array([30.0, 20.0, 10.0, 0.0, 25.0, 15.0, 5.0, 0.0])
+    pred = true + np.array([2.0, -1.0, 3.0, 1.0, -2.0, 0.0, 1.0, 2.0])
+    assets = np.array(["a"] * 4 + ["b"] * 4)
+    times = np.array([1.0, 11.0, 21.0, 31.0, 1.0, 11.0, 21.0, 26.0])
+    interval = prediction_interval(true, pred, true, pred, 0.9)
+    figs = [plot_alpha_lambda(true, pred, assets, times, time_unit="h"),
+            plot_error_asymmetry(true, pred, time_unit="h"),
+            plot_prediction_intervals(true, pred, interval, time_unit="h")]
+    labels = [f.axes[0].get_xlabel() + " | " + f.axes[0].get_ylabel() for f in figs]
+    assert all("(h)" in lab and "cycle" not in lab for lab in labels), labels
+    assert "(cycles)" in plot_error_asymmetry(true, pred, time_unit="cycle").axes[0].get_xlabel()

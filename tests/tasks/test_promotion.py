@@ -12,6 +12,9 @@ import pandas as pd
 import pytest
 
 from train_fixtures import cmapss_frame, write_features
+from twin_fixtures import pump_fleet
+from twinflow import lake
+from twinflow.contract import load_contract
 from twinflow.tasks.promotion import (
     PromotionFloor,
     TwinCost,
@@ -28,6 +31,7 @@ from twinflow.tasks.registry import (
     Decision,
     decide_gate,
     decide_promotion,
+    gate_twin,
     promotion_gate,
     twin_comparison,
 )
@@ -66,19 +70,20 @@ def test_twin_rule_ci_and_margin():
 
 
 def test_modes_combine_the_rmse_rule_and_the_twin():
-    rmse_yes = decide_promotion(10.0, 12.0, 0.0, challenger_version="2", champion_version="1")
+    rmse_yes = decide_promotion(10.0, 12.0, 0.0, challenger_version="2", champion_version="1", time_unit="cycle")
     twin_no = compare_twin_costs(_cost(120, 110, 130), _cost(100, 95, 105))
     twin_yes = compare_twin_costs(_cost(80, 75, 85), _cost(100, 95, 105))
     assert decide_gate("rmse", rmse_yes, twin_no).promote
     assert not decide_gate("twin", rmse_yes, twin_no).promote
     assert not decide_gate("both", rmse_yes, twin_no).promote
     assert decide_gate("both", rmse_yes, twin_yes).promote
-    rmse_no = decide_promotion(13.0, 12.0, 0.0, challenger_version="2", champion_version="1")
+    rmse_no = decide_promotion(13.0, 12.0, 0.0, challenger_version="2", champion_version="1", time_unit="cycle")
     assert decide_gate("twin", rmse_no, twin_yes).promote and not decide_gate("both", rmse_no, twin_yes).promote
     # No evidence from the twin: the champion stays; no champion at all: the first model is promoted.
     unavailable = twin_comparison(None, None, GATE)
     assert unavailable.promote is None and not decide_gate("twin", rmse_yes, unavailable).promote
-    assert decide_gate("both", decide_promotion(10.0, None, 0.0, challenger_version="1"), unavailable).promote
+    assert decide_gate("both", decide_promotion(10.0, None, 0.0, challenger_version="1",
+                                                time_unit="cycle"), unavailable).promote
     with pytest.raises(ValueError, match="promotion mode"):
         decide_gate("cost", rmse_yes, twin_yes)
     table = decide_gate("both", rmse_yes, twin_no).table().set_index("role")
@@ -198,15 +203,17 @@ def test_the_floor_checks_the_baseline_and_each_configured_threshold():
     true = np.linspace(0, 125, 50)
     good = {"eval_rmse": 10.0, "eval_score": 100.0, "eval_pi_coverage": 0.9}
     base = {"rmse": 40.0, "score": 5000.0}
-    ok = check_floor(good, base, PromotionFloor(max_rmse=20, max_score=500, min_coverage=0.8))
+    ok = check_floor(good, base, PromotionFloor(max_rmse=20, max_score=500, min_coverage=0.8), time_unit="cycle")
     assert ok.passed and len(ok.met) == 4 and "beats" in ok.reason
-    bad = check_floor({**good, "eval_rmse": 45.0}, base, PromotionFloor())
+    bad = check_floor({**good, "eval_rmse": 45.0}, base, PromotionFloor(), time_unit="cycle")
     assert not bad.passed and "does not beat" in bad.reason and "40.0" in bad.reason
-    assert not check_floor(good, base, PromotionFloor(baseline_margin=0.8)).passed  # 10 is not < 0.2 * 40
-    assert not check_floor(good, base, PromotionFloor(min_coverage=0.95)).passed
-    assert not check_floor({"eval_rmse": 10.0}, base, PromotionFloor(max_score=500)).passed  # no evidence
-    assert not check_floor(good, None, PromotionFloor()).passed  # the baseline could not be scored
-    assert check_floor(good, None, PromotionFloor(beat_baseline=False)).passed
+    assert not check_floor(good, base, PromotionFloor(baseline_margin=0.8),
+                           time_unit="cycle").passed  # 10 is not < 0.2 * 40
+    assert not check_floor(good, base, PromotionFloor(min_coverage=0.95), time_unit="cycle").passed
+    assert not check_floor({"eval_rmse": 10.0}, base, PromotionFloor(max_score=500),
+                           time_unit="cycle").passed  # no evidence
+    assert not check_floor(good, None, PromotionFloor(), time_unit="cycle").passed  # the baseline could not be scored
+    assert check_floor(good, None, PromotionFloor(beat_baseline=False), time_unit="cycle").passed
     # The baseline: mean life minus the cycle reached, never negative, capped like the labels.
     assert fleet_mean_life_predictions(200.0, [10, 150, 250], 125.0).tolist() == [125.0, 50.0, 0.0]
     assert fleet_mean_life_predictions(200.0, true).min() >= 0
@@ -261,9 +268,31 @@ def test_the_twin_gate_promotes_when_the_challenger_is_cheaper(prefect_api, regi
     true, late, early = _predictions()
     twin = twin_comparison((true, early), (true, late), GATE)
     assert twin.promote and twin.paired_saving > 0
-    rmse = decide_promotion(_rmse(early, true), _rmse(late, true), 0.0, challenger_version="2", champion_version="1")
+    rmse = decide_promotion(_rmse(early, true), _rmse(late, true), 0.0, challenger_version="2", champion_version="1",
+                            time_unit="cycle")
     assert not rmse.promote and decide_gate("twin", rmse, twin).promote
     assert isinstance(decide_gate("both", rmse, twin), Decision) and not decide_gate("both", rmse, twin).promote
+
+
+def test_the_twin_gate_studies_the_fleets_own_twin(tmp_path):
+    """An hour-clock pump fleet's models are costed on the pump twin (hours), not the FD001 default."""
+    pumps = load_contract("pumps")
+    table, lives = pump_fleet(n_pumps=12, seed=0)
+    snap = lake.write_lake_table(table, str(tmp_path / "lake"), "pumps", "b1", contract=pumps)
+    gate = TwinGateParams(n_scenarios=6, n_assets=8, horizon=2000, thresholds=[24.0, 96.0], inspect_every=6,
+                          min_lifetime=24)
+    twin, why = gate_twin(gate, snap)
+    assert why is None and twin.contract == pumps and twin.time_unit == "h"
+    true = np.concatenate([np.linspace(float(life), 0.0, 20) for life in lives[:6]])
+    pred = true + np.random.default_rng(0).normal(0.0, 24.0, true.size)
+    out = twin_comparison((true, pred), None, gate, model=twin)
+    assert out.challenger is not None and out.challenger.time_unit == "h" and out.promote is None
+    # The same error on the FD001 twin (lives of ~200 cycles, not ~500 h) is a different study.
+    fd001 = twin_comparison((true, pred), None, gate)
+    assert fd001.challenger.time_unit == "cycle" and fd001.challenger.expected_cost != out.challenger.expected_cost
+    # A fleet snapshot that cannot determine a twin: no twin evidence, said so, no stand-in from another fleet.
+    none, why = gate_twin(gate.model_copy(update={"min_lifetime": 100_000}), snap)
+    assert none is None and "pumps" in why and "run-to-failure" in why
 
 
 def test_probability_best_is_the_share_of_paired_scenarios_where_a_policy_is_cheapest():

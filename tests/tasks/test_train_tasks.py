@@ -110,13 +110,29 @@ def test_hparam_sampling_is_seeded_and_distinct():
 
 
 def test_promotion_gate():
-    assert decide_promotion(20.0, None, 1.0, challenger_version="1").promote
-    assert decide_promotion(18.0, 20.0, 1.0, challenger_version="2", champion_version="1").promote
-    kept = decide_promotion(19.5, 20.0, 1.0, challenger_version="2", champion_version="1")
+    assert decide_promotion(20.0, None, 1.0, challenger_version="1", time_unit="cycle").promote
+    assert decide_promotion(18.0, 20.0, 1.0, challenger_version="2", champion_version="1", time_unit="cycle").promote
+    kept = decide_promotion(19.5, 20.0, 1.0, challenger_version="2", champion_version="1", time_unit="cycle")
     assert not kept.promote and kept.table().set_index("role").loc["champion", "version"] == "1"
-    assert not decide_promotion(20.0, 20.0, 0.0, champion_version="1").promote  # a tie is no evidence
-    assert not decide_promotion(1.0, None, 0.0, champion_version="1", champion_error="bad inputs").promote
+    assert not decide_promotion(20.0, 20.0, 0.0, champion_version="1",
+                                time_unit="cycle").promote  # a tie is no evidence
+    assert not decide_promotion(1.0, None, 0.0, champion_version="1", champion_error="bad inputs",
+                                time_unit="cycle").promote
     assert "kept" in kept.markdown("m")
+
+
+def test_the_evaluation_plots_label_durations_in_the_clock_unit():
+    from twinflow.tasks.train import plot_learning_curve, plot_pred_vs_true, plot_residuals_per_asset
+
+    true = np.array([30.0, 20.0, 10.0, 25.0])
+    pred = np.array([28.0, 23.0, 9.0, 20.0])
+    history = [{"step": 1, "train_rmse": 9.0, "val_rmse": 10.0}, {"step": 2, "train_rmse": 7.0, "val_rmse": 8.0}]
+    figs = [plot_pred_vs_true(true, pred, "val", time_unit="h"),
+            plot_residuals_per_asset(np.array(["a", "a", "b", "b"]), pred - true, time_unit="h"),
+            plot_learning_curve(history, 2, time_unit="h")]
+    labels = [f.axes[0].get_xlabel() + " | " + f.axes[0].get_ylabel() for f in figs]
+    assert all("(h)" in lab and "cycle" not in lab for lab in labels), labels
+    assert plot_pred_vs_true(true, pred, "val", time_unit="cycle").axes[0].get_xlabel() == "true RUL (cycles)"
 
 
 def test_gbm_early_stops_on_the_validation_assets(small):

@@ -8,11 +8,12 @@
 """
 
 from twinflow.contract.model import (AssetKey, Channel, Clock, ContractRef, DatasetRule, EventsSpec,
-                                     FleetContract, parse_duration)
+                                     FleetContract, parse_duration, unit_label)
 from twinflow.contract.store import (bundled_contracts, contract_from_text, dump_contract, load_contract,
                                      resolve_contract)
 
 __all__ = [
     "AssetKey", "Channel", "Clock", "ContractRef", "DatasetRule", "EventsSpec", "FleetContract",
     "bundled_contracts", "contract_from_text", "dump_contract", "load_contract", "parse_duration", "resolve_contract",
+    "unit_label",
 ]

@@ -37,6 +37,18 @@ _DURATION_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 6
 RESERVED = frozenset({C.ASSET, C.TIME, C.TIMESTAMP, *C.LINEAGE, "record", "dataset", "rul", "label"})
 
 
+_UNIT_LABELS = {"cycle": "cycles"}
+
+
+def unit_label(time_unit: str) -> str:
+    """How reports write a duration unit: ``cycles`` for cycle clocks, else the unit (``h``, ``min``).
+
+    Every duration a person reads (RMSE, horizons, thresholds, plot axes) is in the fleet contract's
+    clock unit (:attr:`Clock.time_unit`); this is its written form.
+    """
+    return _UNIT_LABELS.get(time_unit, time_unit)
+
+
 def parse_duration(text: str | float | int) -> timedelta:
     """A duration from ``"10min"``, ``"1h"``, ``"500ms"``, ``"2d"`` or a number of seconds.
 
