@@ -462,28 +462,23 @@ def select_failure_lives(frame, segments, contract: FleetContract, min_lifetime:
         ``(frame of kept rows, number of lives excluded: censored, running or shorter than
         ``min_lifetime``)``.
     """
-    import pandas as pd
+    from twinflow.tasks.ingest.events import rows_in_lives
 
     seg = segments.to_pandas()
-    key = contract.key
-    failed = seg[(seg["end_reason"] == "failure") & (seg["duration"] >= min_lifetime)]
-    excluded = len(seg) - len(failed)
-    if frame.empty or failed.empty:
+    failed = (seg["end_reason"] == "failure") & (seg["duration"] >= min_lifetime)
+    excluded = int(len(seg) - failed.sum())
+    if frame.empty or not failed.any():
         return frame.iloc[0:0], excluded
     multi = seg.groupby(ASSET)["segment"].transform("size") > 1
     seg_names = np.where(multi, seg[ASSET].astype(str) + "#" + seg["segment"].astype(str), seg[ASSET].astype(str))
-    names = dict(zip(zip(seg[ASSET].astype(str), seg["segment"]), seg_names))
-    ticks = frame[key].astype("int64") if contract.clock.kind == "cycle" else \
-        pd.to_datetime(frame[key], utc=True).astype("datetime64[us, UTC]")
-    rows = frame.assign(_t=ticks).sort_values("_t", kind="stable")
-    lives = failed.assign(start=failed["start"].astype(ticks.dtype), end=failed["end"].astype(ticks.dtype))
-    lives = lives.sort_values("start", kind="stable")
-    joined = pd.merge_asof(rows, lives[[ASSET, "segment", "start", "end"]].rename(columns={"start": "_t"}),
-                           on="_t", by=ASSET, direction="backward")
-    inside = joined["segment"].notna() & (joined["_t"] <= joined["end"])
-    kept = joined[inside].copy()
-    kept[ASSET] = [names[(str(a), int(k))] for a, k in zip(kept[ASSET], kept["segment"])]
-    return kept.drop(columns=["_t", "segment", "end"]).sort_values([ASSET, key], kind="stable"), excluded
+    names = {k: v for k, v, ok in zip(zip(seg[ASSET].astype(str), seg["segment"].astype(int)), seg_names, failed)
+             if ok}
+    where = rows_in_lives(frame, segments, contract.clock)
+    life = [names.get((str(a), int(k))) for a, k in zip(frame[ASSET], where["segment"])]
+    inside = np.array([n is not None for n in life], bool)
+    kept = frame.loc[inside].copy()
+    kept[ASSET] = [n for n in life if n is not None]
+    return kept.sort_values([ASSET, contract.key], kind="stable"), excluded
 
 
 def life_check(segments, simulated_lifetimes: Sequence[float]) -> LifeCheck:
