@@ -18,6 +18,7 @@ from twinflow.tasks.train import (
     TrackingTarget,
     TrainParams,
     dataset_for_mlflow,
+    eval_protocol,
     feature_digest,
     get_trainer,
     log_prognostics,
@@ -50,6 +51,7 @@ def _check_inputs(features: FeatureSetRef, params: TrainParams, test_features: F
             raise ConfigError(f"{what} reference lists no feature_columns")
     if features.label_column is None:
         raise ConfigError(f"features {features.path} carry no label column; training needs labels")
+    eval_protocol(params, test_features)  # a contradictory protocol fails before any cluster work
     if test_features is not None:
         if sorted(test_features.feature_columns) != sorted(features.feature_columns):
             raise ConfigError("test_features must have the same feature_columns as features")
@@ -186,6 +188,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             for i in range(0, len(points), 1000):
                 retry_store(client.log_batch, run_id, metrics=points[i:i + 1000])
             mlflow.log_params({f"best.{k}": v for k, v in best.hparams.items()})
+            mlflow.log_param("data.eval_protocol", eval_protocol(params, test_features))  # ``auto`` resolved
             mlflow.set_tags({"twinflow.eval_set": out.eval_name, "twinflow.best_trial_run_id": best.run_id or "",
                              "twinflow.device": getattr(best.model, "device", "cpu")})
             mlflow.log_table(out.trials, "search/trials.json")

@@ -57,4 +57,8 @@ def test_demo_runs_the_pump_fleet_from_its_contract_alone(tmp_path):
         [client.get_experiment_by_name("twinflow").experiment_id])}
     assert runs["train"].data.tags["twinflow.contract.name"] == "pumps"
     assert runs["train"].data.tags["twinflow.time_unit"] == "h"
+    # No truth file: scored on held-out failed lives cut at random points, with interval coverage.
+    assert runs["train"].data.params["data.eval_protocol"] == "truncated"
+    assert runs["train"].data.tags["twinflow.eval_set"] == "truncated-lives"
+    assert {"eval_rmse", "eval_score", "eval_pi_coverage"} <= set(runs["train"].data.metrics)
     assert runs["simulate"].data.metrics["lives_suspensions"] > 0

@@ -42,11 +42,16 @@ from twinflow.tasks.train.data import (
     check_frame,
     cmapss_test_set,
     dataset_for_mlflow,
+    drop_unlabelled,
+    eval_protocol,
     feature_digest,
+    hold_out_assets,
     read_feature_frame,
     read_true_rul,
     spec_for,
     split_by_asset,
+    split_for_training,
+    truncated_lives_set,
     validation_set,
 )
 from twinflow.tasks.prognostics import PrognosticsReport
@@ -137,6 +142,11 @@ __all__ = [
     "search",
     "spec_for",
     "split_by_asset",
+    "split_for_training",
+    "truncated_lives_set",
+    "drop_unlabelled",
+    "eval_protocol",
+    "hold_out_assets",
     "TrackingTarget",
     "Trainer",
     "TRAINERS",
@@ -181,6 +191,15 @@ class TrainParams(BaseModel):
         true_rul_path: True RUL file of the C-MAPSS test protocol (one integer per test unit, in
             unit order), e.g. ``twinflow.data.cmapss_path("RUL_FD001.txt.gz")``. Used with the
             flow's ``test_features``.
+        eval_protocol: How the model is scored (logged, and the run's ``twinflow.eval_set`` tag):
+            ``truth_file`` (the C-MAPSS test protocol: ``test_features`` scored at each unit's last
+            cycle against ``true_rul_path``, comparable with the literature), ``truncated`` (the same
+            protocol for any fleet: assets holding ``eval_fraction`` of the fleet are set aside before
+            training, and each of their failure-ended lives is cut at ``eval_truncations`` random
+            points, scored against its own label; no truth file), ``validation`` (every row of the
+            validation assets) or ``auto`` (``truth_file`` with test features, else ``validation``).
+        eval_fraction: Fraction of assets held out by the ``truncated`` protocol.
+        eval_truncations: Random truncation points per held-out life (``truncated``; seeded by ``seed``).
         nan_policy: ``reject`` NaN/inf in features (error names the columns), ``drop`` those rows,
             or ``keep`` NaN features (missing readings, e.g. a channel some assets lack, or windows
             with too few valid readings) for the model: ``gbm`` handles them natively, ``cnn`` reads
@@ -207,6 +226,9 @@ class TrainParams(BaseModel):
     promotion_floor: PromotionFloor = Field(default_factory=PromotionFloor)
     interval_level: float = Field(0.9, gt=0.0, lt=1.0)
     true_rul_path: str | None = None
+    eval_protocol: Literal["auto", "truth_file", "truncated", "validation"] = "auto"
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    eval_truncations: int = Field(1, ge=1, le=1000)
     nan_policy: Literal["reject", "drop", "keep"] = "reject"
     use_registry: bool = True
     threads_per_trial: int = Field(1, ge=1, le=256)
@@ -261,42 +283,26 @@ class SearchOutcome:
     baseline_metrics: dict[str, float] | None = None
 
 
-def drop_unlabelled(frame, spec: DataSpec):
-    """Rows of censored or running lives carry no RUL label (NaN, from the life segments): they are
-    left out of training and said so, never treated as failures."""
-    import logging
-
-    if spec.label not in frame.columns:
-        return frame
-    missing = frame[spec.label].isna()
-    if missing.any():
-        logging.getLogger("twinflow.train").info(
-            "training excludes %d rows of %d censored or running lives (no observed failure, so no RUL label)",
-            int(missing.sum()), frame.loc[missing, spec.asset].nunique())
-        frame = frame.loc[~missing].reset_index(drop=True)
-    return frame
-
-
 def search_and_evaluate(features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
                         target: TrackingTarget | None, client: Any = None) -> SearchOutcome:
     """Read and check the features, split by asset, run the search, evaluate the best model."""
     spec = spec_for(features)
     frame = drop_unlabelled(read_feature_frame(features), spec)
     frame = check_frame(frame, spec, nan_policy=params.nan_policy, min_assets=2)
-    train, val = split_by_asset(frame, spec, params.val_fraction)
+    train, val, held = split_for_training(frame, spec, params, test_features)
     outcomes = search(train, val, spec, params, target, client)
     with limit_threads(params.threads_per_trial):
-        return _evaluate_best(outcomes, train, val, spec, features, params, test_features)
+        return _evaluate_best(outcomes, train, val, spec, features, params, test_features, held)
 
 
 def _evaluate_best(outcomes: list[TrialOutcome], train: pd.DataFrame, val: pd.DataFrame, spec: DataSpec,
                    features: FeatureSetRef, params: TrainParams,
-                   test_features: FeatureSetRef | None) -> SearchOutcome:
+                   test_features: FeatureSetRef | None, held: pd.DataFrame | None = None) -> SearchOutcome:
     best = outcomes[0]
     trials = pd.DataFrame([{"trial": o.trial, "run_id": o.run_id, "val_rmse": o.val_rmse,
                             "best_iteration": o.best_iteration, "seconds": o.seconds,
                             **{f"hp.{k}": v for k, v in o.hparams.items()}} for o in outcomes])
-    ev = build_eval_set(features, params, test_features, val=val)
+    ev = build_eval_set(features, params, test_features, val=val, held=held)
     pred = np.asarray(best.model.predict(ev.frame), dtype="float64")[ev.rows]
     metrics = regression_metrics(pred, ev.true)
     vs = validation_set(val, spec)
