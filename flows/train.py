@@ -20,7 +20,6 @@ from twinflow.tasks.train import (
     dataset_for_mlflow,
     eval_protocol,
     feature_digest,
-    get_trainer,
     log_prognostics,
     model_io_lock,
     plot_feature_importance,
@@ -28,6 +27,7 @@ from twinflow.tasks.train import (
     plot_pred_vs_true,
     plot_residuals_per_asset,
     search_task,
+    trainer_for,
 )
 from twinflow.tracking import configure_mlflow, retry_store, tracked_run
 
@@ -40,7 +40,7 @@ def _check_inputs(features: FeatureSetRef, params: TrainParams, test_features: F
     """Cheap checks before any cluster or tracking work."""
     import fsspec
 
-    get_trainer(params.model)  # unknown name / missing torch
+    trainer_for(params)  # unknown name / missing torch or XGBoost
     for ref, what in ((features, "features"), (test_features, "test_features")):
         if ref is None:
             continue

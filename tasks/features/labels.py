@@ -16,7 +16,7 @@ import pandas as pd
 from twinflow.contract.model import Clock
 from twinflow.tasks.ingest.events import rows_in_lives, time_ticks
 
-__all__ = ["lives_frame", "segment_labels"]
+__all__ = ["lives_frame", "segment_labels", "segment_targets"]
 
 
 def lives_frame(segments) -> pd.DataFrame:
@@ -42,12 +42,28 @@ def segment_labels(keys: pd.DataFrame, lives: pd.DataFrame, clock: Clock, rul_ca
     Returns:
         float64 labels aligned with ``keys``.
     """
-    if len(keys) == 0 or lives.empty:
-        return np.full(len(keys), np.nan)
+    return segment_targets(keys, lives, clock, rul_cap)[0]
+
+
+def segment_targets(keys: pd.DataFrame, lives: pd.DataFrame, clock: Clock,
+                    rul_cap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's label (as :func:`segment_labels`) and its lower bound.
+
+    The lower bound is the end of the row's life minus its time whatever ended that life: an asset
+    replaced preventively, or still running at its last reading, lived at least that long after the
+    row. It equals the label in failure-ended lives, and is NaN only for rows outside every life.
+
+    Returns:
+        ``(label, lower)``, float64, aligned with ``keys``, both capped at ``rul_cap``.
+    """
+    n = len(keys)
+    if n == 0 or lives.empty:
+        return np.full(n, np.nan), np.full(n, np.nan)
     where = rows_in_lives(keys, lives, clock)
     scale = 1.0 if clock.kind == "cycle" else 1e-6 / clock.unit_seconds
-    rul = (where["end"].to_numpy(np.float64) - where["t"].to_numpy(np.float64)) * scale
-    rul = np.where((where["end_reason"] == "failure").to_numpy(), rul, np.nan)
+    lower = (where["end"].to_numpy(np.float64) - where["t"].to_numpy(np.float64)) * scale
+    lower = np.where((where["segment"] >= 0).to_numpy(), lower, np.nan)
     if rul_cap is not None:
-        rul = np.minimum(rul, float(rul_cap))  # NaN stays NaN
-    return rul
+        lower = np.minimum(lower, float(rul_cap))  # NaN stays NaN
+    rul = np.where((where["end_reason"] == "failure").to_numpy(), lower, np.nan)
+    return rul, lower

@@ -71,6 +71,8 @@ __all__ = [
     "spec_for",
     "split_by_asset",
     "split_for_training",
+    "trainer_for",
+    "AftTrainer",
     "truncated_lives_set",
     "drop_unlabelled",
     "eval_protocol",

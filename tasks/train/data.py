@@ -78,13 +78,17 @@ def read_feature_frame(ref: FeatureSetRef, *, need_label: bool = True) -> pd.Dat
     cols = [*spec.keys, *spec.feature_columns]
     if spec.label in names:
         cols.append(spec.label)
+    from twinflow.tasks.features.params import LOWER
+
+    if LOWER in names and LOWER not in cols:
+        cols.append(LOWER)  # the lower bound of censored rows' remaining life (censored="aft")
     frame = dataset.to_table(columns=cols).to_pandas()
     frame[spec.asset] = frame[spec.asset].astype(str)
     key = frame[spec.cycle]
     # A timestamp key becomes its integer microseconds: the models and metrics only order by it.
     frame[spec.cycle] = (np.asarray(key.array.as_unit("us").asi8, dtype="int64")
                          if pd.api.types.is_datetime64_any_dtype(key.dtype) else key.astype("int64"))
-    for c in [*spec.feature_columns, *([spec.label] if spec.label in frame else [])]:
+    for c in [*spec.feature_columns, *(c for c in (spec.label, LOWER) if c in frame)]:
         frame[c] = frame[c].astype("float64")
     return frame.sort_values(spec.keys, kind="stable").reset_index(drop=True)
 
