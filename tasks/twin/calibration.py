@@ -49,12 +49,14 @@ class LifeCheck(BaseModel):
         weibull_km: How the Weibull follows the Kaplan–Meier bands.
         twin_km: How the twin's simulated lifetimes follow the same bands (replaces the KS test, which
             compares complete lifetimes only and is biased when lives are censored).
+        unobserved_start: Lives left out because they began before the records (``life_start: unknown``).
     """
 
     failures: int
     suspensions: int
     weibull: WeibullFit | None = None
     weibull_km: KmCheck | None = None
+    unobserved_start: int = 0
     twin_km: KmCheck | None = None
 
 
@@ -451,21 +453,35 @@ def _check_finite(params: dict, where: str) -> None:
                                     f"{', '.join(bad)}: the data cannot determine the twin")
 
 
-def select_failure_lives(frame, segments, contract: FleetContract, min_lifetime: float):
+def observed_lives(seg, contract: FleetContract, dataset: str | None) -> np.ndarray:
+    """Which segments' starts were observed: every life after an event, and an asset's first life
+    unless the dataset's rule says its records began mid-life (``life_start: unknown``)."""
+    first = seg["segment"].to_numpy() == 0
+    if dataset is None or contract.first_life_observed(dataset):
+        return np.ones(len(seg), bool)
+    return ~first
+
+
+def select_failure_lives(frame, segments, contract: FleetContract, min_lifetime: float,
+                         dataset: str | None = None):
     """Rows of the lives that ended in an observed failure, each life its own asset.
 
     Life segments (``<dataset>__segments``: failure, censored, running) come from the event log or the
     dataset rule's ``life_end``; only failure-ended lives show a whole degradation path. An asset with
     several lives (renewed after a failure) contributes each as ``<asset>#<segment>``.
 
+    A life whose start was not observed (:func:`observed_lives`) shows only the end of its degradation
+    path; calibrated as a whole life it would make the twin's lives too short, so it is left out.
+
     Returns:
-        ``(frame of kept rows, number of lives excluded: censored, running or shorter than
-        ``min_lifetime``)``.
+        ``(frame of kept rows, number of lives excluded: censored, running, shorter than
+        ``min_lifetime`` or of unobserved start)``.
     """
     from twinflow.tasks.ingest.events import rows_in_lives
 
     seg = segments.to_pandas()
-    failed = (seg["end_reason"] == "failure") & (seg["duration"] >= min_lifetime)
+    failed = (seg["end_reason"] == "failure") & (seg["duration"] >= min_lifetime) & \
+        observed_lives(seg, contract, dataset)
     excluded = int(len(seg) - failed.sum())
     if frame.empty or not failed.any():
         return frame.iloc[0:0], excluded
@@ -481,13 +497,22 @@ def select_failure_lives(frame, segments, contract: FleetContract, min_lifetime:
     return kept.sort_values([ASSET, contract.key], kind="stable"), excluded
 
 
-def life_check(segments, simulated_lifetimes: Sequence[float]) -> LifeCheck:
-    """Weibull with suspensions and Kaplan–Meier over every life, and the twin's lifetimes against it."""
+def life_check(segments, simulated_lifetimes: Sequence[float], contract: FleetContract | None = None,
+               dataset: str | None = None) -> LifeCheck:
+    """Weibull with suspensions and Kaplan–Meier over every life whose start was observed, and the
+    twin's lifetimes against it.
+
+    A life that began before the records did (``life_start: unknown``) is left out: its length from
+    the first reading is a residual life, not a lifetime, and the age it had then is unknown (left
+    truncation without an entry age, which no likelihood can correct).
+    """
     seg = segments.to_pandas()
     durations = seg["duration"].to_numpy(float)
-    keep = durations > 0
+    started = observed_lives(seg, contract, dataset) if contract is not None else np.ones(len(seg), bool)
+    keep = (durations > 0) & started
     durations, observed = durations[keep], (seg["end_reason"] == "failure").to_numpy()[keep]
-    check = LifeCheck(failures=int(observed.sum()), suspensions=int((~observed).sum()))
+    check = LifeCheck(failures=int(observed.sum()), suspensions=int((~observed).sum()),
+                      unobserved_start=int((~started).sum()))
     if check.failures < 2:
         return check
     km = kaplan_meier(durations, observed)
