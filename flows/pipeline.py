@@ -514,7 +514,8 @@ def _pumps_demo_params(settings: Settings, stages: list[str] | None) -> Pipeline
         # lives carry no label and are left out (see tasks/features/labels.py).
         # No truth file exists for a plant: a fifth of the pumps is held out and each of their failed
         # lives cut at random points (the C-MAPSS test protocol generalised; see tasks/train/data.py).
-        train=TrainParams(nan_policy="keep", eval_protocol="truncated", eval_truncations=5),
+        # rul_cap as the features': the naive baseline and the promotion floor cap like the labels.
+        train=TrainParams(nan_policy="keep", eval_protocol="truncated", eval_truncations=5, rul_cap=240),
         simulate=TwinParams(n_assets=30, n_scenarios=40, horizon=2160, intervals=[240, 480, 720, 960],
                             thresholds=[24.0, 48.0, 96.0, 168.0], inspect_every=6, min_lifetime=24,
                             costs=CostModel(failure=40_000.0, planned=6_000.0, downtime_per_cycle=150.0,

@@ -208,21 +208,21 @@ def life_ids(frame: pd.DataFrame, spec: DataSpec) -> np.ndarray:
     return np.char.add(np.char.add(asset.astype(str), "#"), (starts - first).astype(str))
 
 
-def truncated_lives_set(frame: pd.DataFrame, spec: DataSpec, rul_cap: float, per_life: int = 1,
-                        seed: int = 0) -> EvalSet:
+def truncated_lives_set(frame: pd.DataFrame, spec: DataSpec, per_life: int = 1, seed: int = 0) -> EvalSet:
     """The C-MAPSS test protocol generalised: held-out failed lives cut at random points.
 
     C-MAPSS truncates each test engine at a random cycle before its failure and publishes the true
     RUL at that cycle. Any fleet with failure-ended lives can do the same without a truth file: for
     each held-out life, ``per_life`` distinct rows drawn uniformly (seeded) are the truncation points,
-    and the row's label (end of life minus its time, capped like the training labels) is the truth.
-    Predictions at a row only use that row's features (and for sequence models the rows before it),
+    and the row's label (end of life minus its time, under the features' cap like every training
+    label) is the truth. It is not capped again at ``TrainParams.rul_cap``: as in the validation
+    protocol, truth and labels share one cap (a second, lower one would count every prediction above
+    it as an error; only an uncapped truth file is capped at ``rul_cap``). Predictions at a row only use that row's features (and for sequence models the rows before it),
     so the rows after the truncation point stay unseen as in the original protocol.
 
     Args:
         frame: Labelled rows of the held-out assets (:func:`hold_out_assets`).
         spec: Column roles.
-        rul_cap: Cap of the truth (as the training labels).
         per_life: Truncation points per life (1 = the C-MAPSS protocol; more = a steadier estimate).
         seed: Seed of the draw; the same seed scores the same rows.
 
@@ -242,7 +242,7 @@ def truncated_lives_set(frame: pd.DataFrame, spec: DataSpec, rul_cap: float, per
         idx = np.flatnonzero(lives == life)
         rows.append(np.sort(rng.choice(idx, size=min(per_life, len(idx)), replace=False)))
     rows = np.concatenate(rows)
-    true = np.minimum(frame[spec.label].to_numpy(dtype="float64")[rows], rul_cap)
+    true = frame[spec.label].to_numpy(dtype="float64")[rows]
     return EvalSet("truncated-lives", frame.rename(columns={spec.asset: "asset_id", spec.cycle: "cycle"}), rows, true)
 
 
@@ -361,7 +361,7 @@ def build_eval_set(features: FeatureSetRef, params: TrainParams, test_features: 
         frame = check_frame(frame, spec, nan_policy=params.nan_policy, min_assets=2)
         _, val, held = split_for_training(frame, spec, params, test_features)
     if protocol == "truncated":
-        return truncated_lives_set(held, spec, params.rul_cap, params.eval_truncations, params.seed)
+        return truncated_lives_set(held, spec, params.eval_truncations, params.seed)
     return validation_set(val, spec)
 
 

@@ -35,18 +35,19 @@ def test_held_out_lives_are_disjoint_and_cut_inside_each_life(small):
     assets = [set(f.asset_id) for f in (train, val, held)]
     assert not (assets[0] & assets[1]) and not (assets[0] & assets[2]) and not (assets[1] & assets[2])
     assert len(held.asset_id.unique()) == 5 and len(train) + len(val) + len(held) == len(small)
-    ev = truncated_lives_set(held, SPEC, rul_cap=125.0, per_life=1, seed=0)
+    ev = truncated_lives_set(held, SPEC, per_life=1, seed=0)
     assert ev.name == "truncated-lives" and len(ev.rows) == 5 and len(set(ev.asset_ids)) == 5
     scored = ev.frame.iloc[ev.rows]
-    # The truth is each row's own label (end of its life minus its cycle, capped), never a file.
+    # The truth is each row's own label (end of its life minus its cycle, under the features' cap of
+    # 125), never a file, and not capped again at TrainParams.rul_cap.
     life = held.groupby("asset_id")["cycle"].max()
     expected = np.minimum(life.loc[scored.asset_id].to_numpy() - scored.cycle.to_numpy(), 125.0)
     assert np.array_equal(ev.true, expected)
     # Truncation points are drawn, not each life's last row, and the same seed draws the same rows.
-    many = truncated_lives_set(held, SPEC, 125.0, per_life=20, seed=0)
+    many = truncated_lives_set(held, SPEC, per_life=20, seed=0)
     assert len(many.rows) == 100 and (many.true > 0).mean() > 0.9 and many.true.std() > 10
-    assert np.array_equal(truncated_lives_set(held, SPEC, 125.0, 20, seed=0).rows, many.rows)
-    assert not np.array_equal(truncated_lives_set(held, SPEC, 125.0, 20, seed=1).rows, many.rows)
+    assert np.array_equal(truncated_lives_set(held, SPEC, 20, seed=0).rows, many.rows)
+    assert not np.array_equal(truncated_lives_set(held, SPEC, 20, seed=1).rows, many.rows)
 
 
 def test_an_asset_with_two_failed_lives_is_truncated_once_per_life(small):
@@ -56,7 +57,7 @@ def test_an_asset_with_two_failed_lives_is_truncated_once_per_life(small):
     ids = life_ids(both, SPEC)
     assert list(pd.unique(ids)) == ["FD001-1#0", "FD001-1#1"]
     assert (ids == "FD001-1#0").sum() == len(one)
-    ev = truncated_lives_set(both, SPEC, 125.0, per_life=1, seed=3)
+    ev = truncated_lives_set(both, SPEC, per_life=1, seed=3)
     assert len(ev.rows) == 2 and ev.rows[0] < len(one) <= ev.rows[1]
 
 
