@@ -19,8 +19,8 @@ from twinflow.tasks.train import (
     TrackingTarget,
     TrainParams,
     dataset_for_mlflow,
+    eval_protocol,
     feature_digest,
-    get_trainer,
     log_prognostics,
     model_io_lock,
     plot_feature_importance,
@@ -28,6 +28,7 @@ from twinflow.tasks.train import (
     plot_pred_vs_true,
     plot_residuals_per_asset,
     search_task,
+    trainer_for,
 )
 from twinflow.tracking import configure_mlflow, retry_store, tracked_run
 
@@ -40,7 +41,7 @@ def _check_inputs(features: FeatureSetRef, params: TrainParams, test_features: F
     """Cheap checks before any cluster or tracking work."""
     import fsspec
 
-    get_trainer(params.model)  # unknown name / missing torch
+    trainer_for(params)  # unknown name / missing torch or XGBoost
     for ref, what in ((features, "features"), (test_features, "test_features")):
         if ref is None:
             continue
@@ -51,6 +52,7 @@ def _check_inputs(features: FeatureSetRef, params: TrainParams, test_features: F
             raise ConfigError(f"{what} reference lists no feature_columns")
     if features.label_column is None:
         raise ConfigError(f"features {features.path} carry no label column; training needs labels")
+    eval_protocol(params, test_features)  # a contradictory protocol fails before any cluster work
     if test_features is not None:
         if sorted(test_features.feature_columns) != sorted(features.feature_columns):
             raise ConfigError("test_features must have the same feature_columns as features")
@@ -194,6 +196,7 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             for i in range(0, len(points), 1000):
                 retry_store(client.log_batch, run_id, metrics=points[i:i + 1000])
             mlflow.log_params({f"best.{k}": v for k, v in best.hparams.items()})
+            mlflow.log_param("data.eval_protocol", eval_protocol(params, test_features))  # ``auto`` resolved
             mlflow.set_tags({"twinflow.eval_set": out.eval_name, "twinflow.best_trial_run_id": best.run_id or "",
                              "twinflow.device": getattr(best.model, "device", "cpu")})
             mlflow.log_table(out.trials, "search/trials.json")

@@ -64,4 +64,8 @@ def test_demo_runs_the_pump_fleet_from_its_contract_alone(tmp_path):
         text = runs[stage].data.tags["mlflow.note.content"] + runs["train"].data.tags["twinflow.promotion_reason"]
         assert re.search(r"RMSE [\d.]+ h\b", text) and not re.search(r"\bcycles?\b", text), text
     assert "over 2,160 h" in runs["train"].data.tags["mlflow.note.content"]
+    # No truth file: scored on held-out failed lives cut at random points, with interval coverage.
+    assert runs["train"].data.params["data.eval_protocol"] == "truncated"
+    assert runs["train"].data.tags["twinflow.eval_set"] == "truncated-lives"
+    assert {"eval_rmse", "eval_score", "eval_pi_coverage"} <= set(runs["train"].data.metrics)
     assert runs["simulate"].data.metrics["lives_suspensions"] > 0

@@ -417,13 +417,19 @@ def contract_init(
     margin: float = typer.Option(0.5, "--margin", min=0.0, help="Range margin beyond the 0.1/99.9 % quantiles, "
                                                                  "as a share of their span."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing output file."),
+    events: Optional[List[Path]] = typer.Option(
+        None, "--events", "-e", help="A sample maintenance/failure event log (CSV): drafts the contract's events "
+                                     "section (columns, each event type with a proposed meaning). Repeatable."),
 ) -> None:
     """Draft a fleet contract from sample files, for you to review before any run uses it."""
     from twinflow.contract.draft import draft_contract, draft_yaml
 
     if output.exists() and not force:
         raise ConfigError(f"{output} exists; pass --force to overwrite it")
-    draft = draft_contract(list(files), name=name, asset=asset, time=time, margin=margin)
+    for log in events or []:
+        if not log.is_file():
+            raise ConfigError(f"--events {log}: no such file")
+    draft = draft_contract(list(files), name=name, asset=asset, time=time, margin=margin, events=events or None)
     text = draft_yaml(draft)
     _write_text_atomic(output, text)
     c = draft.contract

@@ -13,30 +13,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from twinflow import contracts
 from twinflow.contract.model import Clock
+from twinflow.tasks.ingest.events import rows_in_lives, time_ticks
 
-__all__ = ["lives_frame", "segment_labels"]
+__all__ = ["lives_frame", "segment_labels", "segment_targets"]
 
 
 def lives_frame(segments) -> pd.DataFrame:
-    """The columns of a segments table the labels need, with times as int64 ticks (cycles or µs)."""
-    import pyarrow as pa
+    """The columns of a segments table the labels need, with times as int64 ticks (cycles or µs).
 
-    cols = {}
-    for name in ("start", "end"):
-        col = segments.column(name)
-        if pa.types.is_timestamp(col.type):
-            col = col.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-        cols[name] = col.to_numpy(zero_copy_only=False).astype(np.int64)
-    return pd.DataFrame({contracts.ASSET: segments.column(contracts.ASSET).to_pylist(), **cols,
-                         "failed": (np.array(segments.column("end_reason").to_pylist()) == "failure")})
-
-
-def _ticks(values: pd.Series, clock: Clock) -> np.ndarray:
-    if clock.kind == "cycle":
-        return values.to_numpy(dtype=np.int64)
-    return pd.to_datetime(values, utc=True).astype("datetime64[us, UTC]").array.asi8
+    Read once per dataset and shipped to every partition's job, so it is small and plain pandas.
+    """
+    return pd.DataFrame({"asset_id": [str(a) for a in segments.column("asset_id").to_pylist()],
+                         "segment": segments.column("segment").to_numpy(zero_copy_only=False).astype(np.int64),
+                         "start": time_ticks(segments.column("start")), "end": time_ticks(segments.column("end")),
+                         "end_reason": segments.column("end_reason").to_pylist()})
 
 
 def segment_labels(keys: pd.DataFrame, lives: pd.DataFrame, clock: Clock, rul_cap: float | None = None) -> np.ndarray:
@@ -51,21 +42,28 @@ def segment_labels(keys: pd.DataFrame, lives: pd.DataFrame, clock: Clock, rul_ca
     Returns:
         float64 labels aligned with ``keys``.
     """
+    return segment_targets(keys, lives, clock, rul_cap)[0]
+
+
+def segment_targets(keys: pd.DataFrame, lives: pd.DataFrame, clock: Clock,
+                    rul_cap: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's label (as :func:`segment_labels`) and its lower bound.
+
+    The lower bound is the end of the row's life minus its time whatever ended that life: an asset
+    replaced preventively, or still running at its last reading, lived at least that long after the
+    row. It equals the label in failure-ended lives, and is NaN only for rows outside every life.
+
+    Returns:
+        ``(label, lower)``, float64, aligned with ``keys``, both capped at ``rul_cap``.
+    """
     n = len(keys)
-    out = np.full(n, np.nan)
     if n == 0 or lives.empty:
-        return out
-    t = _ticks(keys[clock.key], clock)
-    left = pd.DataFrame({contracts.ASSET: keys[contracts.ASSET].astype(str).to_numpy(), "_t": t,
-                         "_row": np.arange(n)}).sort_values("_t", kind="stable")
-    right = lives.assign(**{contracts.ASSET: lives[contracts.ASSET].astype(str)}).rename(columns={"start": "_t"})
-    joined = pd.merge_asof(left, right.sort_values("_t", kind="stable"), on="_t", by=contracts.ASSET,
-                           direction="backward")
-    inside = joined["end"].notna() & (joined["_t"] <= joined["end"]) & joined["failed"].fillna(False).astype(bool)
+        return np.full(n, np.nan), np.full(n, np.nan)
+    where = rows_in_lives(keys, lives, clock)
     scale = 1.0 if clock.kind == "cycle" else 1e-6 / clock.unit_seconds
-    rul = (joined["end"].to_numpy(dtype=np.float64) - joined["_t"].to_numpy(dtype=np.float64)) * scale
-    rul = np.where(inside.to_numpy(), rul, np.nan)
+    lower = (where["end"].to_numpy(np.float64) - where["t"].to_numpy(np.float64)) * scale
+    lower = np.where((where["segment"] >= 0).to_numpy(), lower, np.nan)
     if rul_cap is not None:
-        rul = np.minimum(rul, float(rul_cap))  # NaN stays NaN
-    out[joined["_row"].to_numpy()] = rul
-    return out
+        lower = np.minimum(lower, float(rul_cap))  # NaN stays NaN
+    rul = np.where((where["end_reason"] == "failure").to_numpy(), lower, np.nan)
+    return rul, lower

@@ -26,6 +26,10 @@ SINCE_START = "cycle_since_start"
 TIME_SINCE_START = "time_since_start"
 REGIME = "regime"
 LABEL = "rul"
+#: Beside the label when life segments are known: the least remaining life each row is known to have
+#: had (its life's end minus its time, capped). Equal to the label in failure-ended lives; in censored
+#: or running lives it is what a censored objective (``TrainParams.censored="aft"``) learns from.
+LOWER = "rul_lower"
 _WINDOW_NAME = re.compile(r"\d+(?:\.\d+)?[a-z]+")
 
 

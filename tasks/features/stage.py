@@ -53,7 +53,7 @@ from twinflow.tasks.features.fit import (
     sample_operating_settings,
 )
 from twinflow.tasks.features.kernels import array_module
-from twinflow.tasks.features.params import FIT_FILE, LABEL, MANIFEST_FILE, FeatureParams, FitStats
+from twinflow.tasks.features.params import FIT_FILE, LABEL, LOWER, MANIFEST_FILE, FeatureParams, FitStats
 from twinflow.tasks.features.transform import compute_features, feature_names
 
 log = logging.getLogger("twinflow.features")
@@ -217,12 +217,14 @@ def transform_job(frame: pd.DataFrame, fit: FitStats, params: FeatureParams, bac
     keys, feats = compute_features(frame, fit, params, xp, buffer=_feature_buffer(frame, fit, params), clock=clock)
     unlabelled = 0
     if lives is not None and params.label and len(keys):
-        from twinflow.tasks.features.labels import segment_labels
+        from twinflow.tasks.features.labels import segment_targets
 
-        rul = segment_labels(keys, lives, clock or Clock(), params.rul_cap)
+        rul, lower = segment_targets(keys, lives, clock or Clock(), params.rul_cap)
         unlabelled = int(np.isnan(rul).sum())
         # Run-to-failure data keeps its integer cycles; censored rows need NaN, hence float.
         keys[LABEL] = rul.astype(np.int32) if unlabelled == 0 and keys[LABEL].dtype == np.int32 else rul
+        # Written in every partition (not only those with censored rows): one schema for the dataset.
+        keys[LOWER] = lower
     names = feature_names(fit, params, clock)
     name = f"part-{index:05d}.parquet"
     if len(keys):

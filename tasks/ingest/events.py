@@ -33,7 +33,8 @@ from twinflow.contract.model import FleetContract
 from twinflow.errors import ConfigError
 
 __all__ = ["EventLogOutcome", "SEGMENT_END", "build_segments", "events_schema", "ingest_event_log",
-           "parse_events", "rebuild_segments", "segments_schema", "telemetry_extents"]
+           "parse_events", "rebuild_segments", "rows_in_lives", "segments_schema", "telemetry_extents",
+           "time_ticks"]
 
 SEGMENT_END = ("failure", "censored", "running")
 
@@ -211,10 +212,95 @@ def parse_events(raw: pa.Table, contract: FleetContract, source_file: str,
     return events, quarantined
 
 
-def _ticks(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    if pa.types.is_timestamp(col.type):
-        col = pc.cast(col, pa.timestamp("us", tz="UTC")).cast(pa.int64())
-    return np.asarray(col.to_numpy(zero_copy_only=False), np.int64)
+def time_ticks(values) -> np.ndarray:
+    """A time key column as int64 ticks: cycles as they are, timestamps as µs since the epoch (UTC).
+
+    The one conversion every life computation shares, so that telemetry rows, events and segment
+    bounds compare on the same integer axis whatever the clock.
+
+    Args:
+        values: An Arrow array/chunked array or a pandas Series (or array) of cycles or timestamps;
+            naive timestamps are read as UTC (the lake stores UTC).
+
+    Returns:
+        int64 ticks, one per value.
+    """
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        if pa.types.is_timestamp(values.type):
+            values = pc.cast(values, pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        return np.asarray(values.to_numpy(zero_copy_only=False), np.int64)
+    import pandas as pd
+
+    s = values if isinstance(values, pd.Series) else pd.Series(values)
+    if pd.api.types.is_numeric_dtype(s.dtype):
+        return s.to_numpy(dtype=np.int64)
+    return np.asarray(pd.to_datetime(s, utc=True).astype("datetime64[us, UTC]").array.asi8, np.int64)
+
+
+def rows_in_lives(keys, segments, clock) -> "pd.DataFrame":
+    """Which life segment each row belongs to.
+
+    A row belongs to the segment of its asset whose ``start`` is the latest at or before the row's
+    time, provided the row is not after that segment's ``end`` (rows between a life's end and the
+    next life's start, or before the first one, belong to none). Labels, the twin's choice of
+    failure lives and health's segment ages all need exactly this assignment.
+
+    Args:
+        keys: pandas DataFrame with ``asset_id`` and the clock's key column (``clock.key``), any order.
+        segments: The segments (:func:`segments_schema`, an Arrow table as read from the lake) or a
+            pandas frame with ``asset_id``, ``segment``, ``start``, ``end`` (int64 ticks or
+            timestamps) and ``end_reason``.
+        clock: The data's clock (``twinflow.contract.model.Clock``).
+
+    Returns:
+        A frame aligned with ``keys`` (same length and order, a fresh RangeIndex): ``t`` (the row's
+        ticks), ``segment`` (int64, -1 outside every life), ``start``, ``end`` (int64 ticks, -1
+        outside) and ``end_reason`` (``failure``/``censored``/``running``, None outside).
+    """
+    import pandas as pd
+
+    n = len(keys)
+    t = time_ticks(keys[clock.key]) if n else np.zeros(0, np.int64)
+    out = pd.DataFrame({"t": t, "segment": np.full(n, -1, np.int64), "start": np.full(n, -1, np.int64),
+                        "end": np.full(n, -1, np.int64), "end_reason": pd.Series([None] * n, dtype=object)})
+    lives = _lives_ticks(segments)
+    if n == 0 or lives.empty:
+        return out
+    left = pd.DataFrame({C.ASSET: keys[C.ASSET].astype(str).to_numpy(), "_t": t, "_row": np.arange(n)})
+    right = lives.rename(columns={"start": "_t"})
+    joined = pd.merge_asof(left.sort_values("_t", kind="stable"), right.sort_values("_t", kind="stable"),
+                           on="_t", by=C.ASSET, direction="backward")
+    inside = (joined["end"].notna() & (joined["_t"] <= joined["end"])).to_numpy()
+    rows = joined["_row"].to_numpy()[inside]
+    hit = joined.loc[inside]
+    out.loc[rows, "segment"] = hit["segment"].to_numpy(np.int64)
+    out.loc[rows, "start"] = hit["_start"].to_numpy(np.int64)
+    out.loc[rows, "end"] = hit["end"].to_numpy(np.int64)
+    out.loc[rows, "end_reason"] = hit["end_reason"].to_numpy(object)
+    return out
+
+
+def _lives_ticks(segments) -> "pd.DataFrame":
+    """Segments as a pandas frame with int64 tick bounds (``_start`` keeps the start after the join)."""
+    import pandas as pd
+
+    if isinstance(segments, pa.Table):
+        frame = pd.DataFrame({
+            C.ASSET: segments.column(C.ASSET).to_pylist(),
+            "segment": segments.column("segment").to_numpy(zero_copy_only=False).astype(np.int64),
+            "start": time_ticks(segments.column("start")), "end": time_ticks(segments.column("end")),
+            "end_reason": segments.column("end_reason").to_pylist()})
+    else:
+        frame = pd.DataFrame({
+            C.ASSET: segments[C.ASSET].to_numpy(),
+            "segment": (segments["segment"] if "segment" in segments else pd.Series(np.arange(len(segments)))
+                        ).to_numpy(np.int64),
+            "start": time_ticks(segments["start"]), "end": time_ticks(segments["end"]),
+            "end_reason": (segments["end_reason"].to_numpy(object) if "end_reason" in segments else
+                           np.where(segments["failed"].to_numpy(bool), "failure", "censored").astype(object))})
+    frame[C.ASSET] = frame[C.ASSET].astype(str)
+    frame["_start"] = frame["start"]
+    return frame
 
 
 def build_segments(extents: Mapping[str, tuple[int, int]], events: pa.Table | None, contract: FleetContract,
@@ -234,7 +320,7 @@ def build_segments(extents: Mapping[str, tuple[int, int]], events: pa.Table | No
     per_asset: dict[str, list[tuple[int, str, str | None]]] = {}
     if events is not None and events.num_rows:
         ends = events.filter(pc.is_in(events.column("meaning"), pa.array(["failure", "renewal"])))
-        for a, t, m, fm in zip(ends.column(C.ASSET).to_pylist(), _ticks(ends.column(contract.key)),
+        for a, t, m, fm in zip(ends.column(C.ASSET).to_pylist(), time_ticks(ends.column(contract.key)),
                                ends.column("meaning").to_pylist(), ends.column("failure_mode").to_pylist()):
             per_asset.setdefault(a, []).append((int(t), m, fm))
     cycle = contract.clock.kind == "cycle"
@@ -306,7 +392,7 @@ def telemetry_extents(lake_path: str, dataset: str, contract: FleetContract,
     if t.num_rows == 0:
         return {}, {}
     assets = t.column(C.ASSET).to_numpy(zero_copy_only=False)
-    ticks = _ticks(t.column(contract.key))
+    ticks = time_ticks(t.column(contract.key))
     sources = t.column("source_file").to_numpy(zero_copy_only=False)
     # read_lake sorts by (asset, key): each asset's rows are one run, first and last at its ends.
     starts = np.flatnonzero(np.r_[True, assets[1:] != assets[:-1]])

@@ -78,13 +78,17 @@ def read_feature_frame(ref: FeatureSetRef, *, need_label: bool = True) -> pd.Dat
     cols = [*spec.keys, *spec.feature_columns]
     if spec.label in names:
         cols.append(spec.label)
+    from twinflow.tasks.features.params import LOWER
+
+    if LOWER in names and LOWER not in cols:
+        cols.append(LOWER)  # the lower bound of censored rows' remaining life (censored="aft")
     frame = dataset.to_table(columns=cols).to_pandas()
     frame[spec.asset] = frame[spec.asset].astype(str)
     key = frame[spec.cycle]
     # A timestamp key becomes its integer microseconds: the models and metrics only order by it.
     frame[spec.cycle] = (np.asarray(key.array.as_unit("us").asi8, dtype="int64")
                          if pd.api.types.is_datetime64_any_dtype(key.dtype) else key.astype("int64"))
-    for c in [*spec.feature_columns, *([spec.label] if spec.label in frame else [])]:
+    for c in [*spec.feature_columns, *(c for c in (spec.label, LOWER) if c in frame)]:
         frame[c] = frame[c].astype("float64")
     return frame.sort_values(spec.keys, kind="stable").reset_index(drop=True)
 
@@ -145,6 +149,126 @@ def split_by_asset(frame: pd.DataFrame, spec: DataSpec, val_fraction: float) -> 
     val_ids = set(assets[:n_val])
     is_val = frame[spec.asset].isin(val_ids).to_numpy()
     return frame.loc[~is_val].reset_index(drop=True), frame.loc[is_val].reset_index(drop=True)
+
+
+def drop_unlabelled(frame: pd.DataFrame, spec: DataSpec) -> pd.DataFrame:
+    """Rows of censored or running lives carry no RUL label (NaN, from the life segments): they are
+    left out of training and evaluation and said so, never treated as failures."""
+    import logging
+
+    if spec.label not in frame.columns:
+        return frame
+    missing = frame[spec.label].isna()
+    if missing.any():
+        logging.getLogger("twinflow.train").info(
+            "training excludes %d rows of %d censored or running lives (no observed failure, so no RUL label)",
+            int(missing.sum()), frame.loc[missing, spec.asset].nunique())
+        frame = frame.loc[~missing].reset_index(drop=True)
+    return frame
+
+
+def hold_out_assets(frame: pd.DataFrame, spec: DataSpec, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Set aside whole assets for the truncated-lives evaluation, before the train/validation split.
+
+    A different hash than :func:`split_by_asset`'s, still a function of the asset id alone, so the
+    champion is re-scored on exactly the lives the challenger was scored on, and neither the trials
+    nor early stopping ever saw them. At least two assets stay for training and validation.
+
+    Returns:
+        ``(rest, held_out)``.
+
+    Raises:
+        ConfigError: fewer than three assets (one to hold out, two to train and validate on).
+    """
+    assets = sorted(frame[spec.asset].unique(),
+                    key=lambda a: hashlib.sha256(f"twinflow-eval:{a}".encode()).hexdigest())
+    if len(assets) < 3:
+        raise ConfigError(f"the truncated-lives evaluation needs at least 3 assets with a failed life "
+                          f"(one held out, two to train and validate on); the data has {len(assets)}")
+    n = min(max(1, round(fraction * len(assets))), len(assets) - 2)
+    held = frame[spec.asset].isin(set(assets[:n])).to_numpy()
+    return frame.loc[~held].reset_index(drop=True), frame.loc[held].reset_index(drop=True)
+
+
+def life_ids(frame: pd.DataFrame, spec: DataSpec) -> np.ndarray:
+    """Which life of its asset each labelled row belongs to: ``<asset>#<k>``.
+
+    Within one failure-ended life the label (end of life minus time, capped) never rises; it rises
+    where an asset's next life begins. The feature set carries no segment column, and the labels
+    alone say where lives split, whatever the clock or the contract. ``frame`` must be sorted by
+    (asset, time) with its labels present.
+    """
+    asset = frame[spec.asset].astype(str).to_numpy()
+    label = frame[spec.label].to_numpy(dtype="float64")
+    new_asset = np.r_[True, asset[1:] != asset[:-1]]
+    new_life = new_asset | np.r_[False, label[1:] > label[:-1]]
+    # Number lives within each asset: count of life starts so far minus the count at the asset's start.
+    starts = np.cumsum(new_life)
+    first = np.maximum.accumulate(np.where(new_asset, starts, 0))
+    return np.char.add(np.char.add(asset.astype(str), "#"), (starts - first).astype(str))
+
+
+def truncated_lives_set(frame: pd.DataFrame, spec: DataSpec, per_life: int = 1, seed: int = 0) -> EvalSet:
+    """The C-MAPSS test protocol generalised: held-out failed lives cut at random points.
+
+    C-MAPSS truncates each test engine at a random cycle before its failure and publishes the true
+    RUL at that cycle. Any fleet with failure-ended lives can do the same without a truth file: for
+    each held-out life, ``per_life`` distinct rows drawn uniformly (seeded) are the truncation points,
+    and the row's label (end of life minus its time, under the features' cap like every training
+    label) is the truth. It is not capped again at ``TrainParams.rul_cap``: as in the validation
+    protocol, truth and labels share one cap (a second, lower one would count every prediction above
+    it as an error; only an uncapped truth file is capped at ``rul_cap``). Predictions at a row only use that row's features (and for sequence models the rows before it),
+    so the rows after the truncation point stay unseen as in the original protocol.
+
+    Args:
+        frame: Labelled rows of the held-out assets (:func:`hold_out_assets`).
+        spec: Column roles.
+        per_life: Truncation points per life (1 = the C-MAPSS protocol; more = a steadier estimate).
+        seed: Seed of the draw; the same seed scores the same rows.
+
+    Returns:
+        An :class:`EvalSet` named ``truncated-lives`` scoring one row per (life, truncation point).
+
+    Raises:
+        ConfigError: no labelled rows to truncate.
+    """
+    if frame.empty or spec.label not in frame or frame[spec.label].isna().all():
+        raise ConfigError("the truncated-lives evaluation found no failed life among the held-out assets")
+    frame = frame.loc[frame[spec.label].notna()].sort_values(spec.keys, kind="stable").reset_index(drop=True)
+    lives = life_ids(frame, spec)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for life in sorted(set(lives.tolist()), key=lambda k: (natural_key(k.rsplit("#", 1)[0]), int(k.rsplit("#", 1)[1]))):
+        idx = np.flatnonzero(lives == life)
+        rows.append(np.sort(rng.choice(idx, size=min(per_life, len(idx)), replace=False)))
+    rows = np.concatenate(rows)
+    true = frame[spec.label].to_numpy(dtype="float64")[rows]
+    return EvalSet("truncated-lives", frame.rename(columns={spec.asset: "asset_id", spec.cycle: "cycle"}), rows, true)
+
+
+def eval_protocol(params: TrainParams, test_features: FeatureSetRef | None) -> str:
+    """The evaluation protocol a run uses: ``auto`` resolved (the truth file with test features, else
+    the validation assets); ``truncated`` with test features is a contradiction and refused."""
+    p = params.eval_protocol
+    if p == "auto":
+        return "truth_file" if test_features is not None else "validation"
+    if p == "truncated" and test_features is not None:
+        raise ConfigError("eval_protocol='truncated' holds out lives of the training features; "
+                          "do not also pass test_features (or choose eval_protocol='truth_file')")
+    if p == "truth_file" and test_features is None:
+        raise ConfigError("eval_protocol='truth_file' needs test_features (and params.true_rul_path)")
+    return p
+
+
+def split_for_training(frame: pd.DataFrame, spec: DataSpec, params: TrainParams,
+                       test_features: FeatureSetRef | None = None
+                       ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """``(train, validation, held-out assets or None)``: the one split every run and re-scoring uses."""
+    held = None
+    if eval_protocol(params, test_features) == "truncated":
+        frame, held = hold_out_assets(frame, spec, params.eval_fraction)
+    train, val = split_by_asset(frame, spec, params.val_fraction)
+    return train, val, held
 
 
 def natural_key(asset_id: str) -> tuple:
@@ -208,11 +332,17 @@ def validation_set(val_frame: pd.DataFrame, spec: DataSpec) -> EvalSet:
 
 
 def build_eval_set(features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
-                   val: pd.DataFrame | None = None) -> EvalSet:
-    """The evaluation data of a run: the C-MAPSS test protocol when test features are given,
-    else the held-out validation assets of ``features``."""
+                   val: pd.DataFrame | None = None, held: pd.DataFrame | None = None) -> EvalSet:
+    """The evaluation data of a run, by :func:`eval_protocol`: the C-MAPSS truth-file protocol on
+    test features, held-out failed lives truncated at random points (``truncated``), or every row
+    of the held-out validation assets of ``features``.
+
+    ``val``/``held``: the run's own split (:func:`split_for_training`); recomputed from ``features``
+    when absent (re-scoring a champion), which gives the same rows since the split is by asset hash.
+    """
     spec = spec_for(features)
-    if test_features is not None:
+    protocol = eval_protocol(params, test_features)
+    if protocol == "truth_file":
         tspec = spec_for(test_features)
         has_label = test_features.label_column is not None
         frame = read_feature_frame(test_features, need_label=False)
@@ -226,9 +356,12 @@ def build_eval_set(features: FeatureSetRef, params: TrainParams, test_features: 
         else:
             raise ConfigError("test_features need params.true_rul_path (or a label column) to be scored")
         return cmapss_test_set(frame, tspec, true, params.rul_cap)
-    if val is None:
-        frame = check_frame(read_feature_frame(features), spec, nan_policy=params.nan_policy, min_assets=2)
-        _, val = split_by_asset(frame, spec, params.val_fraction)
+    if val is None or (protocol == "truncated" and held is None):
+        frame = drop_unlabelled(read_feature_frame(features), spec)
+        frame = check_frame(frame, spec, nan_policy=params.nan_policy, min_assets=2)
+        _, val, held = split_for_training(frame, spec, params, test_features)
+    if protocol == "truncated":
+        return truncated_lives_set(held, spec, params.eval_truncations, params.seed)
     return validation_set(val, spec)
 
 

@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from twinflow.errors import ConfigError
 from twinflow.refs import FeatureSetRef
 from twinflow.tasks.registry import (
     CHALLENGER,
@@ -42,11 +43,16 @@ from twinflow.tasks.train.data import (
     check_frame,
     cmapss_test_set,
     dataset_for_mlflow,
+    drop_unlabelled,
+    eval_protocol,
     feature_digest,
+    hold_out_assets,
     read_feature_frame,
     read_true_rul,
     spec_for,
     split_by_asset,
+    split_for_training,
+    truncated_lives_set,
     validation_set,
 )
 from twinflow.tasks.prognostics import PrognosticsReport
@@ -75,7 +81,9 @@ from twinflow.tasks.train.tuning import (
     search,
 )
 from twinflow.tasks.train.trainers import (
+    CENSORED_TRAINERS,
     TRAINERS,
+    AftTrainer,
     FittedModel,
     GbmModel,
     GbmTrainer,
@@ -85,6 +93,7 @@ from twinflow.tasks.train.trainers import (
     get_trainer,
     model_io_lock,
     pip_requirements,
+    trainer_for,
 )
 from twinflow.tracking import retry_store
 
@@ -137,6 +146,13 @@ __all__ = [
     "search",
     "spec_for",
     "split_by_asset",
+    "split_for_training",
+    "trainer_for",
+    "AftTrainer",
+    "truncated_lives_set",
+    "drop_unlabelled",
+    "eval_protocol",
+    "hold_out_assets",
     "TrackingTarget",
     "Trainer",
     "TRAINERS",
@@ -181,6 +197,20 @@ class TrainParams(BaseModel):
         true_rul_path: True RUL file of the C-MAPSS test protocol (one integer per test unit, in
             unit order), e.g. ``twinflow.data.cmapss_path("RUL_FD001.txt.gz")``. Used with the
             flow's ``test_features``.
+        eval_protocol: How the model is scored (logged, and the run's ``twinflow.eval_set`` tag):
+            ``truth_file`` (the C-MAPSS test protocol: ``test_features`` scored at each unit's last
+            cycle against ``true_rul_path``, comparable with the literature), ``truncated`` (the same
+            protocol for any fleet: assets holding ``eval_fraction`` of the fleet are set aside before
+            training, and each of their failure-ended lives is cut at ``eval_truncations`` random
+            points, scored against its own label; no truth file), ``validation`` (every row of the
+            validation assets) or ``auto`` (``truth_file`` with test features, else ``validation``).
+        eval_fraction: Fraction of assets held out by the ``truncated`` protocol.
+        eval_truncations: Random truncation points per held-out life (``truncated``; seeded by ``seed``).
+        censored: What training does with rows of lives that did not end in an observed failure
+            (preventive replacements, assets still running): ``exclude`` them (their RUL is unknown;
+            the count is logged), or ``aft``: fit gradient-boosted trees on XGBoost's censored
+            accelerated-failure-time objective, where such a row says "at least this long remained"
+            (the features' ``rul_lower``) instead of nothing. Logged as a param.
         nan_policy: ``reject`` NaN/inf in features (error names the columns), ``drop`` those rows,
             or ``keep`` NaN features (missing readings, e.g. a channel some assets lack, or windows
             with too few valid readings) for the model: ``gbm`` handles them natively, ``cnn`` reads
@@ -207,6 +237,10 @@ class TrainParams(BaseModel):
     promotion_floor: PromotionFloor = Field(default_factory=PromotionFloor)
     interval_level: float = Field(0.9, gt=0.0, lt=1.0)
     true_rul_path: str | None = None
+    eval_protocol: Literal["auto", "truth_file", "truncated", "validation"] = "auto"
+    eval_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    eval_truncations: int = Field(1, ge=1, le=1000)
+    censored: Literal["exclude", "aft"] = "exclude"
     nan_policy: Literal["reject", "drop", "keep"] = "reject"
     use_registry: bool = True
     threads_per_trial: int = Field(1, ge=1, le=256)
@@ -220,7 +254,11 @@ class TrainParams(BaseModel):
 
     @model_validator(mode="after")
     def _known_space(self) -> "TrainParams":
-        known = TRAINERS[self.model].default_space
+        known = (CENSORED_TRAINERS.get(self.model) or TRAINERS[self.model]).default_space \
+            if self.censored == "aft" else TRAINERS[self.model].default_space
+        if self.censored == "aft" and self.model not in CENSORED_TRAINERS:
+            raise ValueError(f"censored='aft' is available for model(s) {', '.join(sorted(CENSORED_TRAINERS))}, "
+                             f"not {self.model!r}")
         unknown = sorted(set(self.search_space) - set(known))
         if unknown:
             raise ValueError(f"search_space keys {unknown} unknown to model {self.model!r}; "
@@ -261,42 +299,54 @@ class SearchOutcome:
     baseline_metrics: dict[str, float] | None = None
 
 
-def drop_unlabelled(frame, spec: DataSpec):
-    """Rows of censored or running lives carry no RUL label (NaN, from the life segments): they are
-    left out of training and said so, never treated as failures."""
-    import logging
-
-    if spec.label not in frame.columns:
-        return frame
-    missing = frame[spec.label].isna()
-    if missing.any():
-        logging.getLogger("twinflow.train").info(
-            "training excludes %d rows of %d censored or running lives (no observed failure, so no RUL label)",
-            int(missing.sum()), frame.loc[missing, spec.asset].nunique())
-        frame = frame.loc[~missing].reset_index(drop=True)
-    return frame
-
-
 def search_and_evaluate(features: FeatureSetRef, params: TrainParams, test_features: FeatureSetRef | None,
                         target: TrackingTarget | None, client: Any = None) -> SearchOutcome:
     """Read and check the features, split by asset, run the search, evaluate the best model."""
     spec = spec_for(features)
-    frame = drop_unlabelled(read_feature_frame(features), spec)
-    frame = check_frame(frame, spec, nan_policy=params.nan_policy, min_assets=2)
-    train, val = split_by_asset(frame, spec, params.val_fraction)
+    frame = read_feature_frame(features)
+    if params.censored == "aft":
+        frame = _censored_rows_kept(frame, spec)
+    else:
+        frame = drop_unlabelled(frame, spec)
+    frame = check_frame(frame, spec, nan_policy=params.nan_policy, min_assets=2,
+                        need_label=params.censored != "aft")
+    train, val, held = split_for_training(frame, spec, params, test_features)
+    if params.censored == "aft":
+        # Validation and evaluation score against known remaining lives: failure-ended rows only.
+        val = val.loc[val[spec.label].notna()].reset_index(drop=True)
+        if val.empty:
+            raise ConfigError("the validation assets have no failure-ended life to early-stop on")
     outcomes = search(train, val, spec, params, target, client)
     with limit_threads(params.threads_per_trial):
-        return _evaluate_best(outcomes, train, val, spec, features, params, test_features)
+        return _evaluate_best(outcomes, train, val, spec, features, params, test_features, held)
+
+
+def _censored_rows_kept(frame: pd.DataFrame, spec: DataSpec) -> pd.DataFrame:
+    """For ``censored="aft"``: keep censored and running rows (their lower bound is their target),
+    drop only rows outside every life (no bound at all), and say how many rows are censored."""
+    import logging
+
+    from twinflow.tasks.features.params import LOWER
+
+    if LOWER not in frame:
+        raise ConfigError(f"censored='aft' needs the features' {LOWER!r} column (features computed from life "
+                          "segments); these features have none: recompute them, or use censored='exclude'")
+    frame = frame.loc[frame[LOWER].notna() | frame[spec.label].notna()].reset_index(drop=True)
+    censored = frame[spec.label].isna()
+    logging.getLogger("twinflow.train").info(
+        "censored='aft': training uses %d rows of censored or running lives as lower bounds of the remaining "
+        "life, beside %d rows of failure-ended lives", int(censored.sum()), int((~censored).sum()))
+    return frame
 
 
 def _evaluate_best(outcomes: list[TrialOutcome], train: pd.DataFrame, val: pd.DataFrame, spec: DataSpec,
                    features: FeatureSetRef, params: TrainParams,
-                   test_features: FeatureSetRef | None) -> SearchOutcome:
+                   test_features: FeatureSetRef | None, held: pd.DataFrame | None = None) -> SearchOutcome:
     best = outcomes[0]
     trials = pd.DataFrame([{"trial": o.trial, "run_id": o.run_id, "val_rmse": o.val_rmse,
                             "best_iteration": o.best_iteration, "seconds": o.seconds,
                             **{f"hp.{k}": v for k, v in o.hparams.items()}} for o in outcomes])
-    ev = build_eval_set(features, params, test_features, val=val)
+    ev = build_eval_set(features, params, test_features, val=val, held=held)
     pred = np.asarray(best.model.predict(ev.frame), dtype="float64")[ev.rows]
     metrics = regression_metrics(pred, ev.true)
     vs = validation_set(val, spec)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from twinflow.tasks.train.data import DataSpec
-from twinflow.tasks.train.trainers import get_trainer
+from twinflow.tasks.train.trainers import trainer_for
 
 if TYPE_CHECKING:
     from twinflow.tasks.train import TrainParams
@@ -103,7 +103,7 @@ def run_trial(trial: int, hparams: dict[str, Any], train: pd.DataFrame, val: pd.
     """
     import time
 
-    trainer = get_trainer(params.model)
+    trainer = trainer_for(params)
     t0 = time.perf_counter()
     if target is None:
         with limit_threads(params.threads_per_trial):
@@ -146,14 +146,14 @@ def search(train: pd.DataFrame, val: pd.DataFrame, spec: DataSpec, params: Train
     Returns:
         The outcomes sorted best (lowest validation RMSE) first.
     """
-    space = {**get_trainer(params.model).default_space, **params.search_space}
+    space = {**trainer_for(params).default_space, **params.search_space}
     configs = sample_hparams(space, params.n_trials, params.seed)
     if client is None:
         outcomes = [run_trial(i, hp, train, val, spec, params, target) for i, hp in enumerate(configs)]
     else:
         from twinflow.runtime import gpu_resources
 
-        resources = gpu_resources(client, getattr(get_trainer(params.model), "uses_gpu", False))
+        resources = gpu_resources(client, getattr(trainer_for(params), "uses_gpu", False))
         train_f, val_f = client.scatter([train, val], broadcast=False, hash=False)
         futures = [client.submit(run_trial, i, hp, train_f, val_f, spec, params, target, pure=False,
                                  key=f"train-trial-{i}-{uuid.uuid4().hex[:12]}", resources=resources)

@@ -49,12 +49,14 @@ class LifeCheck(BaseModel):
         weibull_km: How the Weibull follows the Kaplan–Meier bands.
         twin_km: How the twin's simulated lifetimes follow the same bands (replaces the KS test, which
             compares complete lifetimes only and is biased when lives are censored).
+        unobserved_start: Lives left out because they began before the records (``life_start: unknown``).
     """
 
     failures: int
     suspensions: int
     weibull: WeibullFit | None = None
     weibull_km: KmCheck | None = None
+    unobserved_start: int = 0
     twin_km: KmCheck | None = None
 
 
@@ -451,48 +453,66 @@ def _check_finite(params: dict, where: str) -> None:
                                     f"{', '.join(bad)}: the data cannot determine the twin")
 
 
-def select_failure_lives(frame, segments, contract: FleetContract, min_lifetime: float):
+def observed_lives(seg, contract: FleetContract, dataset: str | None) -> np.ndarray:
+    """Which segments' starts were observed: every life after an event, and an asset's first life
+    unless the dataset's rule says its records began mid-life (``life_start: unknown``)."""
+    first = seg["segment"].to_numpy() == 0
+    if dataset is None or contract.first_life_observed(dataset):
+        return np.ones(len(seg), bool)
+    return ~first
+
+
+def select_failure_lives(frame, segments, contract: FleetContract, min_lifetime: float,
+                         dataset: str | None = None):
     """Rows of the lives that ended in an observed failure, each life its own asset.
 
     Life segments (``<dataset>__segments``: failure, censored, running) come from the event log or the
     dataset rule's ``life_end``; only failure-ended lives show a whole degradation path. An asset with
     several lives (renewed after a failure) contributes each as ``<asset>#<segment>``.
 
+    A life whose start was not observed (:func:`observed_lives`) shows only the end of its degradation
+    path; calibrated as a whole life it would make the twin's lives too short, so it is left out.
+
     Returns:
-        ``(frame of kept rows, number of lives excluded: censored, running or shorter than
-        ``min_lifetime``)``.
+        ``(frame of kept rows, number of lives excluded: censored, running, shorter than
+        ``min_lifetime`` or of unobserved start)``.
     """
-    import pandas as pd
+    from twinflow.tasks.ingest.events import rows_in_lives
 
     seg = segments.to_pandas()
-    key = contract.key
-    failed = seg[(seg["end_reason"] == "failure") & (seg["duration"] >= min_lifetime)]
-    excluded = len(seg) - len(failed)
-    if frame.empty or failed.empty:
+    failed = (seg["end_reason"] == "failure") & (seg["duration"] >= min_lifetime) & \
+        observed_lives(seg, contract, dataset)
+    excluded = int(len(seg) - failed.sum())
+    if frame.empty or not failed.any():
         return frame.iloc[0:0], excluded
     multi = seg.groupby(ASSET)["segment"].transform("size") > 1
     seg_names = np.where(multi, seg[ASSET].astype(str) + "#" + seg["segment"].astype(str), seg[ASSET].astype(str))
-    names = dict(zip(zip(seg[ASSET].astype(str), seg["segment"]), seg_names))
-    ticks = frame[key].astype("int64") if contract.clock.kind == "cycle" else \
-        pd.to_datetime(frame[key], utc=True).astype("datetime64[us, UTC]")
-    rows = frame.assign(_t=ticks).sort_values("_t", kind="stable")
-    lives = failed.assign(start=failed["start"].astype(ticks.dtype), end=failed["end"].astype(ticks.dtype))
-    lives = lives.sort_values("start", kind="stable")
-    joined = pd.merge_asof(rows, lives[[ASSET, "segment", "start", "end"]].rename(columns={"start": "_t"}),
-                           on="_t", by=ASSET, direction="backward")
-    inside = joined["segment"].notna() & (joined["_t"] <= joined["end"])
-    kept = joined[inside].copy()
-    kept[ASSET] = [names[(str(a), int(k))] for a, k in zip(kept[ASSET], kept["segment"])]
-    return kept.drop(columns=["_t", "segment", "end"]).sort_values([ASSET, key], kind="stable"), excluded
+    names = {k: v for k, v, ok in zip(zip(seg[ASSET].astype(str), seg["segment"].astype(int)), seg_names, failed)
+             if ok}
+    where = rows_in_lives(frame, segments, contract.clock)
+    life = [names.get((str(a), int(k))) for a, k in zip(frame[ASSET], where["segment"])]
+    inside = np.array([n is not None for n in life], bool)
+    kept = frame.loc[inside].copy()
+    kept[ASSET] = [n for n in life if n is not None]
+    return kept.sort_values([ASSET, contract.key], kind="stable"), excluded
 
 
-def life_check(segments, simulated_lifetimes: Sequence[float]) -> LifeCheck:
-    """Weibull with suspensions and Kaplan–Meier over every life, and the twin's lifetimes against it."""
+def life_check(segments, simulated_lifetimes: Sequence[float], contract: FleetContract | None = None,
+               dataset: str | None = None) -> LifeCheck:
+    """Weibull with suspensions and Kaplan–Meier over every life whose start was observed, and the
+    twin's lifetimes against it.
+
+    A life that began before the records did (``life_start: unknown``) is left out: its length from
+    the first reading is a residual life, not a lifetime, and the age it had then is unknown (left
+    truncation without an entry age, which no likelihood can correct).
+    """
     seg = segments.to_pandas()
     durations = seg["duration"].to_numpy(float)
-    keep = durations > 0
+    started = observed_lives(seg, contract, dataset) if contract is not None else np.ones(len(seg), bool)
+    keep = (durations > 0) & started
     durations, observed = durations[keep], (seg["end_reason"] == "failure").to_numpy()[keep]
-    check = LifeCheck(failures=int(observed.sum()), suspensions=int((~observed).sum()))
+    check = LifeCheck(failures=int(observed.sum()), suspensions=int((~observed).sum()),
+                      unobserved_start=int((~started).sum()))
     if check.failures < 2:
         return check
     km = kaplan_meier(durations, observed)

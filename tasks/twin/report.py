@@ -256,7 +256,8 @@ def lives_metrics(report) -> dict[str, float]:
     lives = report.lives
     if lives is None:
         return {}
-    out = {"lives_failures": lives.failures, "lives_suspensions": lives.suspensions}
+    out = {"lives_failures": lives.failures, "lives_suspensions": lives.suspensions,
+           "lives_unobserved_start": lives.unobserved_start}
     if lives.weibull is not None:
         out.update(weibull_shape=lives.weibull.shape, weibull_scale=lives.weibull.scale,
                    weibull_location=lives.weibull.location)

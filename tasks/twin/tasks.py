@@ -60,6 +60,8 @@ def _lives_note(report: CalibrationReport) -> str:
     if lives is None:
         return ""
     out = f"; {lives.failures} failures, {lives.suspensions} suspensions"
+    if lives.unobserved_start:
+        out += f" ({lives.unobserved_start} lives of unobserved start left out)"
     if lives.weibull is not None:
         out += (f"; Weibull with suspensions: shape {lives.weibull.shape:.2f}, scale {lives.weibull.scale:.1f}, "
                 f"failure-free {lives.weibull.location:.1f}")
@@ -95,14 +97,14 @@ def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[T
     if segments is not None:
         # Lives from the event log / the dataset rules: failures show whole degradation paths; censored
         # and running lives still count in the lifetime check below.
-        kept, excluded = select_failure_lives(frame, segments, contract, params.min_lifetime)
+        kept, excluded = select_failure_lives(frame, segments, contract, params.min_lifetime, snapshot.dataset)
     else:
         kept, excluded = select_run_to_failure(frame, params.truncated_sources, params.min_lifetime, contract)
     if kept[ASSET].nunique() >= 2:
         model, report = calibrate(kept, contract=contract, process_noise=params.process_noise, seed=params.seed)
         report.excluded_assets = excluded
         if segments is not None:
-            report.lives = life_check(segments, report.simulated_lifetimes)
+            report.lives = life_check(segments, report.simulated_lifetimes, contract, snapshot.dataset)
         logger.info("twin calibrated on %d run-to-failure lives of %s (contract %s v%d, lifetimes in %s; "
                     "KS %.3f, b=%.2f%s)", report.n_assets, where, contract.name, contract.version,
                     unit_label(contract.time_unit), report.ks_statistic, report.b, _lives_note(report))

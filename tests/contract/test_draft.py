@@ -245,3 +245,59 @@ def test_the_draft_ingests_its_own_samples(pump_landing):
     assert sum(c.rows_read for c in checks) == fleet.readings.num_rows
     assert sum(c.rows_ok for c in checks) >= clean
     assert 0 < sum(c.rows_quarantined for c in checks) <= faulty
+
+
+CMMS = (
+    "Equipment,Reported At,Activity,WO Number,Remarks,Failure Cause\n"
+    "P-101,2026-01-03 10:00,Seal failure,WO-1,leaking seal,seal\n"
+    "P-102,2026-01-04 08:30,Bearing breakdown,WO-2,noisy bearing,bearing\n"
+    "P-101,2026-01-05 12:00,Pump replaced,WO-3,new unit,\n"
+    "P-103,2026-01-05 13:00,Lubrication,WO-4,grease,\n"
+    "P-102,2026-01-06 09:00,Vendor visit,WO-5,,\n"
+)
+
+
+def test_contract_init_drafts_the_events_section_from_a_named_log(pump_landing, tmp_path):
+    """``--events`` names the log whatever its file name: its columns are found, every distinct event
+    type gets a proposed meaning with a reason in the draft's header, and the log is routed to the
+    telemetry dataset whose assets it describes."""
+    landing, _ = pump_landing
+    (tmp_path / "cmms_export_2026.csv").write_text(CMMS)
+    telemetry = sorted(str(p) for p in landing.glob("pumps_*.csv*"))
+    out = _twinflow("contract", "init", *telemetry, "--events", str(tmp_path / "cmms_export_2026.csv"),
+                    "-o", str(tmp_path / "fleet.yaml"))
+    assert out.returncode == 0, out.stderr
+    c = load_contract(tmp_path / "fleet.yaml")
+    e = c.events
+    assert (e.asset, e.time, e.type, e.work_order, e.text, e.mode) == (
+        "Equipment", "Reported At", "Activity", "WO Number", "Remarks", "Failure Cause")
+    assert (e.failure, e.renewal) == (["Bearing breakdown", "Seal failure"], ["Pump replaced"])
+    assert e.neutral == ["Lubrication", "Vendor visit"]
+    rule = c.rule_for("cmms_export_2026.csv")
+    assert rule.kind == "events" and rule.dataset_for("cmms_export_2026") == "pumps"
+    text = (tmp_path / "fleet.yaml").read_text()
+    header = text[: text.index("\nname:")]
+    assert "'Seal failure' (1 in the sample): failure" in header
+    assert "'Vendor visit' (1 in the sample): neutral (not recognised: CHECK whether it ends a life)" in header
+    # The drafted section reads the log it came from: every row accepted.
+    import pyarrow.csv as pacsv
+
+    from twinflow.tasks.ingest.events import parse_events
+
+    events, bad = parse_events(pacsv.read_csv(tmp_path / "cmms_export_2026.csv"), c, "cmms_export_2026.csv")
+    assert events.num_rows == 5 and bad.num_rows == 0
+    assert events.column("failure_mode").to_pylist()[:2] == ["seal", "bearing"]
+
+
+def test_a_named_log_that_cannot_be_drafted_is_a_clear_error(pump_landing, tmp_path):
+    landing, _ = pump_landing
+    telemetry = sorted(landing.glob("pumps_*.csv*"))[:2]
+    (tmp_path / "log.csv").write_text("Equipment,Reported At,Remarks\nP-101,2026-01-03 10:00,seal\n")
+    with pytest.raises(ConfigError, match=r"log.csv: could not tell its asset/time/event-type columns"):
+        draft_contract(telemetry, events=[tmp_path / "log.csv"])
+    (tmp_path / "log.csv").write_text("Equipment,Reported At,Activity\nP-101,2026-01-03 10:00,Inspection\n")
+    with pytest.raises(ConfigError, match="none of its event types"):
+        draft_contract(telemetry, events=[tmp_path / "log.csv"])
+    (tmp_path / "log.csv").write_text("Equipment,Time,Activity\nP-101,morning,failure\n")
+    with pytest.raises(ConfigError, match="holds no timestamps"):
+        draft_contract(telemetry, events=[tmp_path / "log.csv"])

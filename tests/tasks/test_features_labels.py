@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from twinflow.contract import load_contract
-from twinflow.tasks.features.labels import lives_frame, segment_labels
+from twinflow.tasks.features.labels import lives_frame, segment_labels, segment_targets
 from twinflow.tasks.ingest.events import build_segments, parse_events
 
 
@@ -33,6 +33,11 @@ def test_labels_follow_each_rows_own_life_in_hours():
     assert np.isnan(rul[2:]).all()
     capped = segment_labels(keys, lives, pumps.clock, rul_cap=1.5)
     assert capped[0] == 1.5
+    # The lower bound is known in every life: P1's censored life ends at the replacement (06:00), its
+    # running life and P2's at their last readings (09:00, 05:00); it equals the label where P1 failed.
+    rul, lower = segment_targets(keys, lives, pumps.clock)
+    assert np.array_equal(rul, segment_labels(keys, lives, pumps.clock), equal_nan=True)
+    assert lower.tolist() == [2.0, 0.0, 2.0, 1.0, 3.0]
 
 
 def test_run_to_failure_cycles_keep_the_classic_label():

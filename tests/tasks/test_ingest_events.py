@@ -82,3 +82,29 @@ def test_run_to_failure_records_end_in_failure_and_count_cycles_like_cmapss():
     seg = build_segments({"1": (1, 192), "2": (1, 31)}, None, cmapss, {"1": "failure"}).to_pylist()
     assert [(s["asset_id"], s["end_reason"], s["duration"]) for s in seg] == [("1", "failure", 192.0),
                                                                             ("2", "running", 31.0)]
+
+
+def test_rows_in_lives_assigns_each_row_its_own_life_or_none(pumps):
+    from twinflow.tasks.ingest.events import rows_in_lives
+
+    events, _ = parse_events(log([["P1", "2026-01-10", "failure_seal", "", ""],
+                                  ["P1", "2026-02-01", "replacement", "", ""]]), pumps, "events.csv", EXTENTS)
+    segments = build_segments(EXTENTS, events, pumps)
+    # Out of order on purpose: the result is aligned with the input rows, not sorted.
+    keys = pd.DataFrame({"asset_id": ["P1", "P2", "P1", "P1", "P1", "P3"],
+                         "timestamp": pd.to_datetime(["2026-01-20", "2026-01-05", "2026-01-10", "2026-01-02",
+                                                      "2026-02-15", "2026-01-05"], utc=True)})
+    where = rows_in_lives(keys, segments, pumps.clock)
+    assert where["segment"].tolist() == [1, 0, 0, 0, 2, -1]
+    assert where["end_reason"].tolist() == ["censored", "running", "failure", "failure", "running", None]
+    assert where["end"].iloc[2] == us("2026-01-10") and where["t"].iloc[3] == us("2026-01-02")
+    # A row after a life's end and before the next life's start belongs to no life.
+    cmapss = load_contract("cmapss")
+    lives = pd.DataFrame({"asset_id": ["7", "7"], "segment": [0, 1], "start": [1, 8], "end": [5, 10],
+                          "end_reason": ["failure", "running"]})
+    gap = pd.DataFrame({"asset_id": ["7"] * 4, cmapss.key: [5, 6, 8, 11]})
+    assert rows_in_lives(gap, lives, cmapss.clock)["segment"].tolist() == [0, -1, 1, -1]
+    # The same assignment from the lives frame the features ship to their jobs.
+    from twinflow.tasks.features.labels import lives_frame
+
+    assert rows_in_lives(keys, lives_frame(segments), pumps.clock)["segment"].tolist() == [1, 0, 0, 0, 2, -1]

@@ -361,7 +361,34 @@ def _rules(paths: list[Path], kind: str) -> list[DatasetRule]:
     return rules
 
 
-def _event_spec(df: pd.DataFrame, asset_header: str, notes: list[str]) -> EventsSpec | None:
+_FAILURE_WORDS = re.compile(r"fail|break|trip|seiz|fault|burst|crash|leak", re.I)
+_RENEWAL_WORDS = re.compile(r"replac|overhaul|renew|rebuild|exchang|swap|refurb", re.I)
+_NEUTRAL_WORDS = re.compile(r"inspect|lubric|grease|check|clean|calibrat|service|minor|adjust|test", re.I)
+
+
+def _proposed_meaning(event_type: str) -> tuple[str, str]:
+    """``(meaning, why)`` for one event type: a guess from its name, for a person to confirm."""
+    if _FAILURE_WORDS.search(event_type):
+        return "failure", "its name reads as a failure"
+    if _RENEWAL_WORDS.search(event_type):
+        return "renewal", "its name reads as a replacement or overhaul"
+    if _NEUTRAL_WORDS.search(event_type):
+        return "neutral", "its name reads as routine maintenance"
+    return "neutral", "not recognised: CHECK whether it ends a life"
+
+
+def _event_spec(df: pd.DataFrame, asset_header: str, notes: list[str], clock: Clock | None = None,
+                source: str = "event log", required: bool = False) -> EventsSpec | None:
+    """The events section drafted from one sample log: its columns and, per distinct event type, a
+    proposed meaning (failure / renewal / neutral) with the reason, listed in ``notes`` for review.
+
+    ``required`` (a log named with ``--events``): what cannot be drafted is an error, not a note.
+    """
+    def give_up(message: str) -> None:
+        if required:
+            raise ConfigError(f"{source}: {message}")
+        notes.append(f"{source}: {message}; events section left out")
+
     cols = list(df.columns)
     keys = {_identifier(c): c for c in cols}
     asset = next((c for c in cols if c.strip().lower() == asset_header.strip().lower()), None) or next(
@@ -370,17 +397,25 @@ def _event_spec(df: pd.DataFrame, asset_header: str, notes: list[str]) -> Events
         (c for c in cols if _hint(c, _TIME_HINTS + _CYCLE_HINTS)), None)
     etype = next((keys[k] for k in _EVENT_TYPE_COLS if k in keys), None)
     if not (asset and time and etype):
-        notes.append(f"event log: could not tell its asset/time/event columns (found {asset}, {time}, {etype}); "
-                     "events section left out")
+        give_up(f"could not tell its asset/time/event-type columns (found asset={asset}, time={time}, "
+                f"type={etype}; it has {', '.join(map(str, cols[:12]))})")
         return None
-    vocab = sorted({str(v).strip() for v in df[etype] if str(v).strip()})
-    failure = [v for v in vocab if re.search(r"fail|break|trip|seiz|fault|burst", v, re.I)]
-    renewal = [v for v in vocab if v not in failure and re.search(r"replac|overhaul|renew|rebuild|exchang|swap", v,
-                                                                    re.I)]
-    neutral = [v for v in vocab if v not in failure and v not in renewal]
+    if clock is not None and clock.kind == "timestamp" and _timestamps(df[time]) is None:
+        give_up(f"its time column {time!r} holds no timestamps, but the telemetry's clock is a timestamp")
+        return None
+    if clock is not None and clock.kind == "cycle" and _numeric(df[time]).notna().mean() < 0.95:
+        give_up(f"its time column {time!r} is not numeric, but the telemetry's clock counts cycles")
+        return None
+    types = df[etype].map(lambda v: str(v).strip() if v is not None and not pd.isna(v) else "")
+    counts = types[types != ""].value_counts()
+    vocab = sorted(counts.index)
+    proposed = {v: _proposed_meaning(v) for v in vocab}
+    failure = [v for v in vocab if proposed[v][0] == "failure"]
+    renewal = [v for v in vocab if proposed[v][0] == "renewal"]
+    neutral = [v for v in vocab if proposed[v][0] == "neutral"]
     if not failure:
-        notes.append(f"event log: none of its event types {vocab} reads as a failure; events section left out: "
-                     "declare it by hand (events.failure names the types that end a life by failure)")
+        give_up(f"none of its event types {vocab} reads as a failure: declare it by hand "
+                "(events.failure names the types that end a life by failure)")
         return None
     optional = {}
     for field_name, hints in (("work_order", ("work_order", "workorder", "wo", "order", "wo_number", "order_id")),
@@ -389,14 +424,19 @@ def _event_spec(df: pd.DataFrame, asset_header: str, notes: list[str]) -> Events
         hit = next((keys[h] for h in hints if h in keys and keys[h] not in (asset, time, etype)), None)
         if hit:
             optional[field_name] = hit
-    notes.append(f"event log: {len(vocab)} event types; failure={failure}, renewal={renewal}: check the split")
+    notes.append(f"{source}: columns asset={asset!r}, time={time!r}, type={etype!r}"
+                 + "".join(f", {k}={v!r}" for k, v in optional.items())
+                 + f"; {len(vocab)} event types; failure={failure}, renewal={renewal}: check the split")
+    for v in vocab:
+        meaning, why = proposed[v]
+        notes.append(f"event type {v!r} ({int(counts[v])} in the sample): {meaning} ({why})")
     return EventsSpec(asset=asset, time=time, type=etype, failure=failure, renewal=renewal, neutral=neutral,
                       **optional)
 
 
 def draft_contract(files: list[str | Path], *, name: str | None = None, asset: str | None = None,
                    time: str | None = None, margin: float = 0.5, max_rows: int = 200_000,
-                   max_files: int = 24) -> Draft:
+                   max_files: int = 24, events: list[str | Path] | None = None) -> Draft:
     """Draft a fleet contract from sample files (CSV, gzip CSV, header-less text, Parquet).
 
     Args:
@@ -407,15 +447,19 @@ def draft_contract(files: list[str | Path], *, name: str | None = None, asset: s
         margin: How far ranges reach beyond the 0.1 %/99.9 % quantiles, as a share of their span.
         max_rows: Rows read per file.
         max_files: Files read at most (an even spread); every file's name shapes the routing rules.
+        events: Sample event logs (CMMS exports: asset, time, event type...), read as event logs
+            whatever their names; the first drafts the ``events`` section, each distinct event type
+            with a proposed meaning in the notes. Logs among ``files`` are recognised by name or shape.
 
     Raises:
         ConfigError: no readable sample, no telemetry, or no asset/clock column to be found.
     """
     notes: list[str] = []
-    paths = _expand(files)
+    named_logs = _expand(events) if events else []
+    paths = [p for p in _expand(files) if p not in named_logs] + named_logs
     telemetry, events = [], []
     # Many files (a year of daily exports): read an even spread of them; all of them shape the routing.
-    logs = [p for p in paths if _EVENT_FILE.search(p.name)]
+    logs = [p for p in paths if _EVENT_FILE.search(p.name) or p in named_logs]
     data_files = [p for p in paths if p not in logs]
     spread = set(np.linspace(0, len(data_files) - 1, min(len(data_files), max_files)).round().astype(int).tolist())
     unread = [p for i, p in enumerate(data_files) if i not in spread]
@@ -429,7 +473,7 @@ def draft_contract(files: list[str | Path], *, name: str | None = None, asset: s
             raise
         except Exception as exc:  # noqa: BLE001 - any parse failure is the file's, said in one line
             raise ConfigError(f"{p}: could not read a sample ({exc.__class__.__name__}: {exc})") from None
-        (events if _is_event_log(p, df) else telemetry).append((p, df, header))
+        (events if p in named_logs or _is_event_log(p, df) else telemetry).append((p, df, header))
     if not telemetry:
         raise ConfigError("none of the sample files looks like telemetry (only event logs)")
     headerless = {h for _, _, h in telemetry} == {False}
@@ -623,8 +667,18 @@ def draft_contract(files: list[str | Path], *, name: str | None = None, asset: s
         notes.append("header-less files: fields are named by position (field_N); rename the channels")
     events_spec = None
     if events:
-        rules = _rules([p for p, _, _ in events], "events") + rules
-        events_spec = _event_spec(events[0][1], order[asset_key], notes)
+        log_rules = _rules([p for p, _, _ in events], "events")
+        # An event log describes a telemetry dataset's assets: route it to that dataset (its own name
+        # would be a dataset without telemetry, which ingest refuses).
+        datasets = {r.dataset for r in rules if r.kind == "telemetry"}
+        if len(datasets) == 1 and "{" not in next(iter(datasets)):
+            log_rules = [r.model_copy(update={"dataset": next(iter(datasets))}) for r in log_rules]
+        else:
+            notes.append("event log rule: set its dataset to the telemetry dataset whose assets it describes")
+        rules = log_rules + rules
+        first = next(((p, df) for p, df, _ in events if p in named_logs), (events[0][0], events[0][1]))
+        events_spec = _event_spec(first[1], order[asset_key], notes, clock, source=f"event log {first[0].name}",
+                                  required=first[0] in named_logs)
 
     if name is None:
         first = next((r.dataset for r in rules if r.kind == "telemetry" and "{" not in r.dataset), None)

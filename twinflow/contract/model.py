@@ -280,6 +280,12 @@ class DatasetRule(_Model):
         life_end: How an asset's history in these files ends where no event log says otherwise:
             ``running`` (still in service: the last reading censors its life) or ``failure``
             (run-to-failure records, like C-MAPSS training files: the last reading is the failure).
+        life_start: How an asset's history in these files starts: ``new`` (its first reading is the
+            start of its first life, as in run-to-failure records) or ``unknown`` (the asset was already
+            in service when the records begin: its first life's start, so its length and the start of
+            its degradation path, was not observed). Lives with an unknown start are left out of the
+            lifetime fit, the Kaplan-Meier check and the twin's degradation calibration: counted from
+            the first reading they are too short (left truncation with an unknown entry age).
     """
 
     match: list[str] = Field(min_length=1)
@@ -289,6 +295,7 @@ class DatasetRule(_Model):
     columns: list[str] | None = None
     delimiter: str = ","
     life_end: Literal["running", "failure"] = "running"
+    life_start: Literal["new", "unknown"] = "new"
 
     @field_validator("dataset")
     @classmethod
@@ -415,6 +422,9 @@ class FleetContract(_Model):
         data = self.model_dump(mode="json", exclude={"description"})
         for ch in data["channels"]:
             ch.pop("description", None)
+        for rule in data.get("datasets", []):
+            if rule.get("life_start") == "new":
+                rule.pop("life_start")  # the default, added later: contracts that omit it keep their digest
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -482,6 +492,11 @@ class FleetContract(_Model):
         return {**{_header_key(k): v for k, v in m.items()}, **m}
 
     # --- files --------------------------------------------------------------------------------------
+
+    def first_life_observed(self, dataset: str) -> bool:
+        """False when a telemetry rule of ``dataset`` declares ``life_start: unknown`` (see DatasetRule)."""
+        return not any(r.kind == "telemetry" and r.life_start == "unknown" and r.dataset in (dataset, "{stem}")
+                       for r in self.datasets)
 
     def rule_for(self, filename: str) -> DatasetRule | None:
         """The first dataset rule matching a landing file's name, or None (the file is not ingested)."""

@@ -179,8 +179,12 @@ def _lives(rng: np.random.Generator, p: PumpFleetParams, horizon_s: float) -> li
         power = rng.uniform(1.6, 2.6)
         end, reason = t + (ttf - age0), "failure"
         if rng.random() < p.p_preventive:
-            at = rng.uniform(0.35, 0.9) * ttf
-            if at > age0 + 3600:
+            # A planned replacement is due at an age set by the maintenance plan (a share of the fleet's
+            # characteristic life), not by this pump's own time to failure, which nobody knows: so it
+            # only censors the lives that would have lasted longer. Tied to the life's own failure time,
+            # the censoring was informative and biased every censored-lifetime estimate (KM, Weibull).
+            at = rng.uniform(0.35, 0.9) * scale_s
+            if age0 + 3600 < at < ttf:
                 end, reason = t + (at - age0), ("overhaul" if rng.random() < 0.3 else "replacement")
         end = float(np.round(end))
         if end >= horizon_s:
