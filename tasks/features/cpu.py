@@ -337,6 +337,11 @@ def rolling_time_into(y, t, starts, lengths, stats, min_periods, out, row0):
 def ewm_into(y, starts, spans, min_periods, out, row0):
     """Exponentially-weighted means (pandas ``ewm(span, adjust=True)``), written into ``out``.
 
+    Every channel of a row in the inner loop: one channel's recurrence (``num = num * beta + v``) is
+    a chain of dependent multiply-adds, so a loop over one channel at a time waits on their latency;
+    the channels' chains are independent and overlap. Per channel the operations and their order
+    are those of a channel at a time, so the values are the same.
+
     Args:
         y: (channels, n) float64, C-contiguous; NaNs are skipped but still age the weights.
         starts: (assets + 1,) int64 first row of each asset, then n.
@@ -346,26 +351,28 @@ def ewm_into(y, starts, spans, min_periods, out, row0):
     """
     n_ch = y.shape[0]
     nan = np.nan
+    num = np.empty(n_ch)
+    den = np.empty(n_ch)
+    seen = np.empty(n_ch, np.int64)
     for p in range(spans.shape[0]):
         beta = 1.0 - 2.0 / (spans[p] + 1.0)
+        r0 = row0 + p * n_ch
         for a in range(starts.shape[0] - 1):
-            for c in range(n_ch):
-                r = row0 + p * n_ch + c
-                num = 0.0
-                den = 0.0
-                seen = 0
-                for i in range(starts[a], starts[a + 1]):
+            num[:] = 0.0
+            den[:] = 0.0
+            seen[:] = 0
+            for i in range(starts[a], starts[a + 1]):
+                for c in range(n_ch):
                     v = y[c, i]
-                    num *= beta
-                    den *= beta
+                    nu = num[c] * beta
+                    de = den[c] * beta
                     if v == v:
-                        num += v
-                        den += 1.0
-                        seen += 1
-                    if den == 0.0 or seen < min_periods:
-                        out[r, i] = nan
-                    else:
-                        out[r, i] = num / den
+                        nu += v
+                        de += 1.0
+                        seen[c] += 1
+                    num[c] = nu
+                    den[c] = de
+                    out[r0 + c, i] = nan if de == 0.0 or seen[c] < min_periods else nu / de
 
 
 @njit(cache=True, nogil=True)
