@@ -91,6 +91,8 @@ class Bench:
         self.units = units
         self.unit_name = unit_name
         self.results: dict[str, Result] = {}
+        # Ratios on a shared machine move with its load: every summary says what the load was.
+        self.load_start = os.getloadavg()
 
     def measure(self, label: str, fn: Callable[[], Any], repeat: int = 3, warmup: int = 0,
                 units: float | None = None, **extra: Any) -> Any:
@@ -148,7 +150,10 @@ class Bench:
         print(f"\n== benchmark: {self.name} (baseline: {self.baseline}; ratio = baseline time / time) ==")
         print(f"{'candidate':<42} {'best s':>9} {'median s':>9} {self.unit_name + '/s':>14} "
               f"{'peak RSS MB':>12} {'ratio':>8}")
-        summary: dict[str, Any] = {"benchmark": self.name, "baseline": self.baseline, "results": {}}
+        summary: dict[str, Any] = {"benchmark": self.name, "baseline": self.baseline,
+                                   "load_avg_1_5_15": {"start": [round(v, 2) for v in self.load_start],
+                                                       "end": [round(v, 2) for v in os.getloadavg()]},
+                                   "results": {}}
         for label, res in self.results.items():
             units = res.extra.get("units", self.units)
             per_s = units / res.best if units else None
@@ -158,6 +163,7 @@ class Bench:
             print(f"{label:<42} {res.best:>9.3f} {res.median:>9.3f} {rate:>14} {res.peak_rss_mb:>12.0f} "
                   f"{ratio:>7.2f}x")
             summary["results"][label] = {"best_s": res.best, "median_s": res.median, "ratio": ratio,
+                                         "ratio_median": self.results[self.baseline].median / res.median,
                                          "peak_rss_mb": res.peak_rss_mb, **res.extra}
         if json_path:
             write_json(json_path, summary)

@@ -1,7 +1,7 @@
 """Benchmark of the features stage against pandas ``groupby(asset).rolling`` and polars.
 
-Run: ``python -m benchmarks.features [--quick] [--fleet cmapss|timestamp] [--rows N] [--assets A] [--channels C]
-[--compression C]``.
+Run: ``python -m benchmarks.features [--quick] [--fleet cmapss|timestamp] [--rows N | --years Y] [--assets A]
+[--channels C] [--interval MIN] [--compression C] [--segments]``.
 
 A fleet is generated with NumPy (degrading sensors, three operating regimes) and written as a
 lake through ``twinflow.lake`` (a Delta table, one commit per 100 assets), under its fleet contract:
@@ -9,9 +9,10 @@ lake through ``twinflow.lake`` (a Delta table, one commit per 100 assets), under
 - ``--fleet cmapss`` (default): a cycle clock, the bundled C-MAPSS contract (three ``op_setting``
   settings, ``s1..`` sensors); windows of 10 and 30 rows.
 - ``--fleet timestamp``: a timestamp clock (a contract declared here: two settings, ``ch_1..``
-  sensors), a reading every 10 minutes with +-2 minutes of jitter, two gaps of 2-12 hours per
-  asset and 1% missing readings; time windows of 1 and 6 hours, computed over the actual
+  sensors), a reading every 10 minutes (``--interval``) with +-20% of jitter, two gaps of 2-12 hours
+  per asset and 1% missing readings; time windows of 1 and 6 hours, computed over the actual
   timestamps by every candidate (pandas ``rolling("1h", on=...)``, polars ``rolling_*_by``).
+  ``--years Y`` sets the rows per asset to Y years of readings at that interval.
 
 The same features are computed by every candidate: for each channel and window, rolling
 mean/std/min/max and the least-squares slope, plus an EWM mean:
@@ -33,6 +34,16 @@ mean/std/min/max and the least-squares slope, plus an EWM mean:
   same lake, as a command runs it: ``runtime.start`` (a Prefect server, a fresh 2-worker cluster),
   the flow run and its tasks.
 - ``twinflow kernels (cupy)`` when CuPy and a GPU are present.
+
+- with ``--segments`` (issue 26: segments and labels must stay a small share of the stage): an
+  event log for the fleet (per asset 0-4 failures or preventive replacements at random times,
+  written as ``fleet__events``), then ``segments: rebuild_segments`` (read the telemetry's extents
+  and the events from the lake, cut the lives, write ``fleet__segments``: what the ingest flow does
+  after new data) and ``labels: segment_labels`` (the segments read as ``lives_frame``, then every
+  partition's keys labelled from their own life, as the stage's transform does; the keys are read
+  beforehand, since the stage reads them anyway). The stage then labels from those segments, as the
+  flow runs it. The JSON's ``segments_share`` is (segments + labels) / stage on the same data, with
+  the fleet's scale (assets, rows, readings' interval).
 
 - ``lake read: twinflow.lake (Delta)`` against ``lake read: hive Parquet reader (twinflow 0.1)``:
   every partition read through the lake API (the files of the snapshot's table version, the asset
@@ -87,19 +98,23 @@ def fleet_asset(rng: np.random.Generator, asset: int, rows: int, channels: int) 
     return frame
 
 
-def timestamp_contract(channels: int):
-    """The timestamped fleet's contract: two settings, ``channels`` sensors, a 10-minute clock in hours."""
-    from twinflow.contract.model import Channel, Clock, FleetContract
+def timestamp_contract(channels: int, interval_min: int = 10):
+    """The timestamped fleet's contract: two settings, ``channels`` sensors, a clock in hours, an event log."""
+    from twinflow.contract.model import Channel, Clock, EventsSpec, FleetContract
 
     return FleetContract(name="bench-timestamp", clock=Clock(kind="timestamp", column="ts", unit="h",
-                                                             interval="10min", tolerance="3min"),
+                                                             interval=f"{interval_min}min",
+                                                             tolerance=f"{max(1, interval_min * 3 // 10)}min"),
                          channels=[Channel(name="speed", kind="setting"), Channel(name="load", kind="setting"),
-                                   *[Channel(name=f"ch_{i + 1}") for i in range(channels)]])
+                                   *[Channel(name=f"ch_{i + 1}") for i in range(channels)]],
+                         events=EventsSpec(failure=["failure"], renewal=["replacement"], neutral=["inspection"]))
 
 
-def timestamp_asset(rng: np.random.Generator, asset: int, rows: int, channels: int) -> pd.DataFrame:
-    """One asset's readings on a timestamp clock: 10 min +- 2 min, two gaps of 2-12 h, 1% missing."""
-    steps = 600 + rng.integers(-120, 121, size=rows)
+def timestamp_asset(rng: np.random.Generator, asset: int, rows: int, channels: int,
+                    interval_min: int = 10) -> pd.DataFrame:
+    """One asset's readings on a timestamp clock: the interval +- 20%, two gaps of 2-12 h, 1% missing."""
+    step = 60 * interval_min
+    steps = step + rng.integers(-step // 5, step // 5 + 1, size=rows)
     steps[0] = 0
     steps[rng.choice(np.arange(1, rows), size=min(2, rows - 1), replace=False)] = rng.integers(2, 13, size=min(2, rows - 1)) * 3600
     start = np.datetime64("2026-01-01T00:00:00", "us") + np.timedelta64(int(rng.integers(0, 86400)), "s")
@@ -120,7 +135,7 @@ def timestamp_asset(rng: np.random.Generator, asset: int, rows: int, channels: i
 
 
 def write_fleet(root: Path, assets: int, rows: int, channels: int, seed: int = 0, hive: bool = False,
-                fleet: str = "cmapss"):
+                fleet: str = "cmapss", interval_min: int = 10):
     """Write the fleet into a lake at ``root`` through the lake API (one Delta commit per 100 assets).
 
     Returns the snapshot of the written table. With ``hive``, also write the twinflow 0.1 layout
@@ -133,11 +148,11 @@ def write_fleet(root: Path, assets: int, rows: int, channels: int, seed: int = 0
     from twinflow import lake
 
     rng = np.random.default_rng(seed)
-    contract = timestamp_contract(channels) if fleet == "timestamp" else None
-    make = timestamp_asset if fleet == "timestamp" else fleet_asset
+    contract = timestamp_contract(channels, interval_min) if fleet == "timestamp" else None
     batch: list[pd.DataFrame] = []
     for a in range(assets):
-        frame = make(rng, a, rows, channels)
+        frame = (timestamp_asset(rng, a, rows, channels, interval_min) if fleet == "timestamp"
+                 else fleet_asset(rng, a, rows, channels))
         if hive:
             out = root / "_hive" / "dataset=fleet" / f"asset={a:06d}"
             out.mkdir(parents=True, exist_ok=True)
@@ -267,13 +282,80 @@ def _warm_kernels() -> None:
         kernels.warm_up()  # numba compiles once (then loads from its cache): not part of a run
 
 
-def twinflow_stage(parts, channels, params, out_root: Path, contract) -> int:
-    """The work of the features flow (fit passes, transform, writes) on the default Dask client."""
+def write_event_log(lake_path: str, dataset: str, contract, seed: int = 0) -> int:
+    """An event log for the written fleet, as ``<dataset>__events``; returns its rows.
+
+    Per asset 0-4 events at random times within its telemetry: 70% failures, 30% preventive
+    replacements (a censored life each), so that lives end in failures, censorings and running.
+    """
+    import pyarrow as pa
+
+    from twinflow import lake
+    from twinflow.tasks.ingest.events import events_schema, telemetry_extents
+
+    extents, _ = telemetry_extents(lake_path, dataset, contract)
+    rng = np.random.default_rng(seed)
+    assets, times = [], []
+    for asset in sorted(extents):
+        first, last = extents[asset]
+        k = int(rng.integers(0, 5))
+        if k and last > first + 1:
+            picked = np.unique(rng.integers(first + 1, last, size=k))
+            assets += [asset] * len(picked)
+            times += picked.tolist()
+    n = len(assets)
+    failed = rng.random(n) < 0.7
+    schema = events_schema(contract)
+    table = pa.table({
+        "asset_id": pa.array(assets, pa.string()),
+        contract.key: pa.array(times, pa.int64()).cast(schema.field(contract.key).type),
+        "event": pa.array(np.where(failed, "failure", "replacement").tolist(), pa.string()),
+        "meaning": pa.array(np.where(failed, "failure", "renewal").tolist(), pa.string()),
+        "failure_mode": pa.nulls(n, pa.string()), "work_order": pa.nulls(n, pa.string()),
+        "text": pa.nulls(n, pa.string()), "source_file": pa.array(["bench-events.csv"] * n, pa.string()),
+        "record": pa.array(np.arange(n), pa.int64()),
+    }, schema=schema)
+    lake.write_table(lake_path, lake.derived_name(dataset, "events"), table, overwrite=True)
+    return n
+
+
+def build_segments_from_lake(lake_path: str, dataset: str, contract) -> int:
+    """``rebuild_segments`` from scratch (its table removed first: it skips a rebuild of unchanged inputs)."""
+    from twinflow import lake
+    from twinflow.tasks.ingest.events import rebuild_segments
+
+    shutil.rmtree(lake.local_path(lake.table_uri(lake_path, lake.derived_name(dataset, "segments"))),
+                  ignore_errors=True)
+    return rebuild_segments(lake_path, dataset, contract)
+
+
+def read_lives(lake_path: str, dataset: str):
+    """The segments as the features flow reads them (``lives_frame`` of ``<dataset>__segments``)."""
+    from twinflow import lake
+    from twinflow.tasks.features.labels import lives_frame
+
+    return lives_frame(lake.read_table(lake_path, lake.derived_name(dataset, "segments")))
+
+
+def label_partitions(lake_path: str, dataset: str, keys: list[pd.DataFrame], clock, rul_cap) -> int:
+    """The segments read, then every partition's keys labelled from their own life; returns labelled rows."""
+    from twinflow.tasks.features.labels import segment_labels
+
+    lives = read_lives(lake_path, dataset)
+    return sum(int((~np.isnan(segment_labels(k, lives, clock, rul_cap))).sum()) for k in keys)
+
+
+def twinflow_stage(parts, channels, params, out_root: Path, contract, lives=None) -> int:
+    """The work of the features flow (fit passes, transform, writes) on the default Dask client.
+
+    ``lives``: the dataset's segments (``lives_frame``): labels from each row's own life, as the
+    flow does when its snapshot names segments.
+    """
     out = Path(tempfile.mkdtemp(dir=out_root))
     t0 = time.perf_counter()
     fit = ft.fit_statistics(parts, channels, contract.settings, params)
     t1 = time.perf_counter()
-    summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), clock=contract.clock)
+    summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), clock=contract.clock, lives=lives)
     print(f"  stage: {len(parts)} partitions, {fit.n_regimes} regime(s); fit {t1 - t0:.1f} s, "
           f"transform+write {time.perf_counter() - t1:.1f} s")
     shutil.rmtree(out)
@@ -334,6 +416,11 @@ def main() -> dict:
     p = arg_parser(__doc__.splitlines()[0])
     p.add_argument("--assets", type=int, default=None)
     p.add_argument("--rows", type=int, default=None, help="rows per asset")
+    p.add_argument("--years", type=float, default=None,
+                   help="rows per asset as this many years of readings at --interval (timestamp fleet)")
+    p.add_argument("--interval", type=int, default=10, help="minutes between readings (timestamp fleet)")
+    p.add_argument("--segments", action="store_true",
+                   help="also time building the life segments and the labels from them, against the stage")
     p.add_argument("--channels", type=int, default=14)
     p.add_argument("--workdir", default=None)
     p.add_argument("--skip-baselines", action="store_true")
@@ -347,8 +434,11 @@ def main() -> dict:
                    help="also run the real features flow (Prefect server + its own cluster) at full size")
     args = p.parse_args()
     assets = args.assets or 1000
-    rows = args.rows or (1000 if args.quick else 10_000)
     timestamped = args.fleet == "timestamp"
+    if args.years is not None and not timestamped:
+        p.error("--years needs --fleet timestamp (a cycle clock has no calendar)")
+    rows = (round(args.years * 365 * 24 * 60 / args.interval) if args.years is not None
+            else args.rows or (1000 if args.quick else 10_000))
     prefix = "ch_" if timestamped else "s"
     channels = [f"{prefix}{i + 1}" for i in range(args.channels)]
     key = "timestamp" if timestamped else "cycle"
@@ -356,7 +446,8 @@ def main() -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="twinflow-bench-features-"))
     print(f"fleet ({args.fleet}): {assets} assets x {rows} rows = {total:,} rows, {len(channels)} channels; in {work}")
     t0 = time.perf_counter()
-    snap = write_fleet(work / "lake", assets, rows, len(channels), hive=not args.skip_baselines, fleet=args.fleet)
+    snap = write_fleet(work / "lake", assets, rows, len(channels), hive=not args.skip_baselines, fleet=args.fleet,
+                       interval_min=args.interval)
     print(f"lake written in {time.perf_counter() - t0:.1f} s")
     from twinflow import lake
 
@@ -411,10 +502,27 @@ def main() -> dict:
             print(f"(no CuPy/GPU candidate: {exc.__class__.__name__})")
         del chunks
 
-    from distributed import Client, LocalCluster
-
     # Full normalisation as in production for the stage: regimes auto, per-regime z-scores.
     stage_params = ft.FeatureParams(**windows, ewm_spans=SPANS, compression=args.compression)
+    lives = None
+    if args.segments:
+        lake_path = str(work / "lake")
+        events = write_event_log(lake_path, "fleet", contract)
+        parts_full = ft.plan_partitions(groups, stage_params.partition_bytes, min_partitions=8)
+        keys = [ft.read_partition(p, ["asset_id", key]) for p in parts_full]
+        bench.measure("segments: rebuild_segments",
+                      lambda: build_segments_from_lake(lake_path, "fleet", contract), repeat=max(3, repeat), units=total)
+        labelled = bench.measure("labels: segment_labels",
+                                 lambda: label_partitions(lake_path, "fleet", keys, clock, stage_params.rul_cap),
+                                 repeat=max(3, repeat), units=total)
+        del keys
+        lives = read_lives(lake_path, "fleet")
+        reasons = lives["failed"].value_counts().to_dict()
+        print(f"  segments: {len(lives):,} lives of {assets:,} assets from {events:,} events "
+              f"({reasons.get(True, 0):,} ended in failure); {labelled:,} of {total:,} rows labelled")
+
+    from distributed import Client, LocalCluster
+
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit="6GiB") as cluster, Client(cluster) as client:
         # Warm-up on two assets: worker imports and first-call costs stay out of the timings.
@@ -425,8 +533,9 @@ def main() -> dict:
         for label, subset, n in (("twinflow stage (Dask, Parquet->Parquet) 1/2", half, (assets // 2) * rows),
                                  ("twinflow stage (Dask, Parquet->Parquet)", groups, total)):
             parts = ft.plan_partitions(subset, stage_params.partition_bytes, min_partitions=8)
-            bench.measure(label, lambda parts=parts: twinflow_stage(parts, channels, stage_params, work, contract),
-                          repeat=1, units=n)
+            bench.measure(label, lambda parts=parts: twinflow_stage(parts, channels, stage_params, work, contract,
+                                                                    lives),
+                          repeat=repeat, units=n)
     if args.flow:
         bench.measure("twinflow features flow (Prefect + Dask)",
                       lambda: twinflow_flow(snap, stage_params, Path(tempfile.mkdtemp(dir=work))),
@@ -440,12 +549,35 @@ def main() -> dict:
     if args.skip_baselines:
         bench.baseline = stage + " 1/2"
     summary = bench.report(None)
+    if "polars over(asset) rolling" in res:
+        # Medians as well as the table's best-of ratios: on a shared machine one quiet repeat can
+        # flatter a candidate, the median of interleaved-in-time repeats less so.
+        summary["median_ratios"] = {
+            f"{a} vs {b}": res[b].median / res[a].median
+            for a in (stage, KERNELS) for b in ("pandas groupby.rolling", "polars over(asset) rolling")}
+        for k, v in summary["median_ratios"].items():
+            print(f"median ratio {k}: {v:.2f}x")
     if "lake read: twinflow.lake (Delta)" in res:
         new, old_r = res["lake read: twinflow.lake (Delta)"], res["lake read: hive Parquet reader (twinflow 0.1)"]
         summary["lake_api_vs_hive_reader"] = {"best": old_r.best / new.best, "median": old_r.median / new.median,
                                               "rounds": len(new.seconds)}
         print(f"lake API reader vs the 0.1 hive reader (interleaved): best {old_r.best / new.best:.2f}x, "
               f"median {old_r.median / new.median:.2f}x (> 1: the lake API is faster)")
+    summary["scale"] = {"fleet": args.fleet, "assets": assets, "rows_per_asset": rows, "rows": total,
+                        "channels": len(channels),
+                        **({"interval_min": args.interval, "years": round(rows * args.interval / (365 * 24 * 60), 3)}
+                           if timestamped else {})}
+    if args.segments:
+        seg, lab = res["segments: rebuild_segments"], res["labels: segment_labels"]
+        st = res[stage]
+        summary["segments_share"] = {
+            "segments_median_s": seg.median, "labels_median_s": lab.median, "stage_s": st.median,
+            "share": (seg.median + lab.median) / st.median, "segments_share": seg.median / st.median,
+            "labels_share": lab.median / st.median,
+            "note": "(segments + labels) / features stage on the same fleet; the stage labels from the segments"}
+        print(f"segments + labels vs the features stage at {assets:,} assets x {rows:,} rows: "
+              f"{seg.median:.2f} s + {lab.median:.2f} s = {100 * (seg.median + lab.median) / st.median:.1f}% "
+              f"of the stage's {st.median:.1f} s")
     if args.json:
         from benchmarks._harness import write_json
 

@@ -179,15 +179,34 @@ def rolling_into(y, t, starts, windows, stats, min_periods, out, row0):
 
 
 @njit(cache=True, nogil=True)
-def _time_window_pass(y, t, c, a0, a1, w, mp, out, r_mean, r_std, r_min, r_max, r_slope, dq_min, dq_max):
-    """One time window over one asset's channel: rows with ``t`` in ``(t_i - w, t_i]``.
+def _time_bounds(t, a0, a1, w, left):
+    """``left[i - a0]``: the first row of the asset inside row i's window ``(t[i] - w, t[i]]``.
 
-    Two pointers: the window's sums slide as rows enter (every row once) and leave (when the
-    window's start passes them), rebased every ``_REBASE`` rows as in :func:`_window_pass`.
-    Extremes come from monotonic deques of row indices (each row pushed and popped at most once),
-    since the window's row count varies and the block scheme needs a fixed one.
+    Computed once per asset and window and shared by every channel: the window's rows do not
+    depend on the channel, only its valid readings do.
+    """
+    lo = a0
+    for i in range(a0, a1):
+        while lo < i and t[lo] <= t[i] - w:
+            lo += 1
+        left[i - a0] = lo
+
+
+@njit(cache=True, nogil=True)
+def _time_window_pass(y, t, c, a0, a1, left, mp, out, r_mean, r_std, r_min, r_max, r_slope, smin, smax):
+    """One time window over one asset's channel: rows ``left[i - a0]..i`` (see :func:`_time_bounds`).
+
+    Sums slide as rows enter (every row once) and leave (when the window's start passes them),
+    rebased every ``_REBASE`` rows as in :func:`_window_pass`. Extremes use the two-stack queue,
+    the van Herk / Gil-Werman scheme with block edges that follow the window: the window is a
+    front part ``[lo, mid)`` whose suffix extremes were computed when it was cut off, plus a back
+    part ``[mid, i]`` with running extremes. When the start passes ``mid`` the rows ``[lo, i]``
+    become the new front (one backward scan). Every row is scanned in at most one such cut, so
+    the cost is O(1) per row whatever the window's varying row count, and the loop has no
+    data-dependent branch, unlike a monotonic deque on noisy data.
     """
     nan = np.nan
+    inf = np.inf
     cnt = 0.0
     sy = 0.0
     syy = 0.0
@@ -197,14 +216,15 @@ def _time_window_pass(y, t, c, a0, a1, w, mp, out, r_mean, r_std, r_min, r_max, 
     ys = 0.0
     ts = 0.0
     lo = a0
-    hmin = 0
-    tmin = 0
-    hmax = 0
-    tmax = 0
+    mid = a0
+    pmin = inf
+    pmax = -inf
+    extremes = r_min >= 0 or r_max >= 0
     for i in range(a0, a1):
         v = y[c, i]
         valid = v == v
-        while lo < i and t[lo] <= t[i] - w:
+        start = left[i - a0]
+        while lo < start:
             vj = y[c, lo]
             if vj == vj:
                 dj = vj - ys
@@ -230,25 +250,30 @@ def _time_window_pass(y, t, c, a0, a1, w, mp, out, r_mean, r_std, r_min, r_max, 
             st += u
             stt += u * u
             sty += d * u
-            if r_min >= 0:
-                while tmin > hmin and y[c, dq_min[tmin - 1]] >= v:
-                    tmin -= 1
-                dq_min[tmin] = i
-                tmin += 1
-            if r_max >= 0:
-                while tmax > hmax and y[c, dq_max[tmax - 1]] <= v:
-                    tmax -= 1
-                dq_max[tmax] = i
-                tmax += 1
-        while hmin < tmin and dq_min[hmin] < lo:
-            hmin += 1
-        while hmax < tmax and dq_max[hmax] < lo:
-            hmax += 1
         few = cnt < mp
-        if r_min >= 0:
-            out[r_min, i] = nan if few or hmin == tmin else y[c, dq_min[hmin]]
-        if r_max >= 0:
-            out[r_max, i] = nan if few or hmax == tmax else y[c, dq_max[hmax]]
+        if extremes:
+            # NaN as +-inf: it never wins, and the scans stay free of branches.
+            pmin = min(pmin, v if valid else inf)
+            pmax = max(pmax, v if valid else -inf)
+            if lo >= mid:
+                m1 = inf
+                m2 = -inf
+                for j in range(i, lo - 1, -1):
+                    vj = y[c, j]
+                    ok = vj == vj
+                    m1 = min(m1, vj if ok else inf)
+                    m2 = max(m2, vj if ok else -inf)
+                    smin[j - a0] = m1
+                    smax[j - a0] = m2
+                mid = i + 1
+                pmin = inf
+                pmax = -inf
+            # No valid reading in the window (cnt == 0) is NaN even where min_periods allows it.
+            empty = few or cnt == 0.0
+            if r_min >= 0:
+                out[r_min, i] = nan if empty else min(smin[lo - a0], pmin)
+            if r_max >= 0:
+                out[r_max, i] = nan if empty else max(smax[lo - a0], pmax)
         if r_mean >= 0:
             out[r_mean, i] = nan if few else sy / cnt + ys
         if r_std >= 0:
@@ -269,14 +294,16 @@ def _time_window_pass(y, t, c, a0, a1, w, mp, out, r_mean, r_std, r_min, r_max, 
 def rolling_time_into(y, t, starts, lengths, stats, min_periods, out, row0):
     """Rolling statistics over windows of time, written into rows of ``out``.
 
-    As :func:`rolling_into`, but window ``k`` of row ``i`` holds the rows of its asset whose time is
-    in ``(t[i] - lengths[k], t[i]]``: over a gap it holds fewer rows, never invented ones.
+    As :func:`rolling_into`, but window ``k`` of row ``i`` holds the rows of its asset up to ``i``
+    whose time is in ``(t[i] - lengths[k], t[i]]``: over a gap it holds fewer rows, never invented
+    ones.
 
     Args:
         y: (channels, n) float64, C-contiguous, NaN for missing; rows sorted by asset then time.
-        t: (n,) float64 time of each row in the clock's unit (relative to its asset's start).
+        t: (n,) float64 time of each row in the clock's unit (relative to its asset's start),
+            non-decreasing within an asset.
         starts: (assets + 1,) int64 first row of each asset, then n.
-        lengths: (W,) float64 window lengths in the unit of ``t``.
+        lengths: (W,) float64 window lengths (> 0) in the unit of ``t``.
         stats: (S,) int64 codes from :data:`STAT_CODES`, in output order.
         min_periods: Valid rows a value needs.
         out: (features, n) float32; (window k, stat s, channel c) goes to row
@@ -287,22 +314,33 @@ def rolling_time_into(y, t, starts, lengths, stats, min_periods, out, row0):
     longest = 1
     for a in range(starts.shape[0] - 1):
         longest = max(longest, starts[a + 1] - starts[a])
-    dq_min = np.empty(longest, np.int64)
-    dq_max = np.empty(longest, np.int64)
+    # One set of scratch arrays for the whole call: no allocation per asset, window or channel.
+    left = np.empty(longest, np.int64)
+    smin = np.empty(longest)
+    smax = np.empty(longest)
+    rows = np.empty(5, np.int64)
     mp = float(min_periods)
     for a in range(starts.shape[0] - 1):
+        a0 = starts[a]
+        a1 = starts[a + 1]
         for k in range(lengths.shape[0]):
+            _time_bounds(t, a0, a1, lengths[k], left)
             for c in range(n_ch):
-                rows = np.full(5, -1, np.int64)
+                rows[:] = -1
                 for s in range(ns):
                     rows[stats[s]] = row0 + (k * ns + s) * n_ch + c
-                _time_window_pass(y, t, c, starts[a], starts[a + 1], lengths[k], mp, out,
-                                  rows[0], rows[1], rows[2], rows[3], rows[4], dq_min, dq_max)
+                _time_window_pass(y, t, c, a0, a1, left, mp, out,
+                                  rows[0], rows[1], rows[2], rows[3], rows[4], smin, smax)
 
 
 @njit(cache=True, nogil=True)
 def ewm_into(y, starts, spans, min_periods, out, row0):
     """Exponentially-weighted means (pandas ``ewm(span, adjust=True)``), written into ``out``.
+
+    Every channel of a row in the inner loop: one channel's recurrence (``num = num * beta + v``) is
+    a chain of dependent multiply-adds, so a loop over one channel at a time waits on their latency;
+    the channels' chains are independent and overlap. Per channel the operations and their order
+    are those of a channel at a time, so the values are the same.
 
     Args:
         y: (channels, n) float64, C-contiguous; NaNs are skipped but still age the weights.
@@ -313,26 +351,28 @@ def ewm_into(y, starts, spans, min_periods, out, row0):
     """
     n_ch = y.shape[0]
     nan = np.nan
+    num = np.empty(n_ch)
+    den = np.empty(n_ch)
+    seen = np.empty(n_ch, np.int64)
     for p in range(spans.shape[0]):
         beta = 1.0 - 2.0 / (spans[p] + 1.0)
+        r0 = row0 + p * n_ch
         for a in range(starts.shape[0] - 1):
-            for c in range(n_ch):
-                r = row0 + p * n_ch + c
-                num = 0.0
-                den = 0.0
-                seen = 0
-                for i in range(starts[a], starts[a + 1]):
+            num[:] = 0.0
+            den[:] = 0.0
+            seen[:] = 0
+            for i in range(starts[a], starts[a + 1]):
+                for c in range(n_ch):
                     v = y[c, i]
-                    num *= beta
-                    den *= beta
+                    nu = num[c] * beta
+                    de = den[c] * beta
                     if v == v:
-                        num += v
-                        den += 1.0
-                        seen += 1
-                    if den == 0.0 or seen < min_periods:
-                        out[r, i] = nan
-                    else:
-                        out[r, i] = num / den
+                        nu += v
+                        de += 1.0
+                        seen[c] += 1
+                    num[c] = nu
+                    den[c] = de
+                    out[r0 + c, i] = nan if de == 0.0 or seen[c] < min_periods else nu / de
 
 
 @njit(cache=True, nogil=True)
