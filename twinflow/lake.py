@@ -849,6 +849,65 @@ def list_files(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None = 
     return groups
 
 
+def time_extents(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Each asset's first and last time key and the source file of its last reading, at the
+    snapshot's version: a table ``(asset_id, first, last, last_source)`` sorted by asset.
+
+    The Delta log's per-file min/max statistics decide which files can hold an asset's first or last
+    reading, and only those are read (two columns). Statistics only narrow the read, never give the
+    answer, because delta-rs truncates them (timestamps to the millisecond, strings to a prefix): an
+    asset's history ingested in many batches costs two file reads here, not a scan of its history.
+    """
+    contract = snapshot_contract(snapshot, storage_options)
+    key = contract.key
+    out_schema = pa.schema([(PARTITION, pa.string()), ("first", contract.lake_schema().field(key).type),
+                            ("last", contract.lake_schema().field(key).type), ("last_source", pa.string())])
+    dt = open_table(snapshot.lake_path, snapshot.dataset, version=snapshot.version,
+                    storage_options=storage_options)
+    if dt is None:
+        return out_schema.empty_table()
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return out_schema.empty_table()
+    n = actions.num_rows
+    cols = actions.column_names
+
+    def ticks(name: str) -> np.ndarray:
+        if name not in cols:
+            return np.full(n, np.nan)
+        col = actions.column(name)
+        if pa.types.is_timestamp(col.type):
+            col = col.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        return col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+    lo, hi = ticks(f"min.{key}"), ticks(f"max.{key}")
+    # Truncation slack of the statistics, in the key's int64 ticks (µs for timestamps).
+    slack = 1000.0 if key == C.TIMESTAMP else 0.0
+    assets = np.asarray(actions.column(f"partition.{PARTITION}").to_pylist(), dtype=object)
+    root = dt.table_uri.rstrip("/").removeprefix("file://")
+    paths = [rel if "://" in rel else f"{root}/{rel}" for rel in map(unquote, actions.column("path").to_pylist())]
+    import pandas as pd
+
+    df = pd.DataFrame({"asset": assets, "lo": lo, "hi": hi})
+    g = df.groupby("asset", sort=False)
+    unknown = df[["lo", "hi"]].isna().any(axis=1).groupby(df["asset"]).transform("any")
+    first_min, last_max = g["lo"].transform("min"), g["hi"].transform("max")
+    keep = unknown | (df["lo"] <= first_min + slack) | (df["hi"] >= last_max - slack)
+    chosen = [p for p, k in zip(paths, keep.to_numpy()) if k]
+    table = read_files(chosen, [PARTITION, key, "source_file"], storage_options)
+    table = _plain_strings(table).sort_by([(PARTITION, "ascending"), (key, "ascending")])
+    a = table.column(PARTITION).to_numpy(zero_copy_only=False)
+    if len(a) == 0:
+        return out_schema.empty_table()
+    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
+    ends = np.r_[starts[1:], len(a)] - 1
+    return pa.table({PARTITION: pa.array(a[starts], pa.string()),
+                     "first": table.column(key).take(pa.array(starts)),
+                     "last": table.column(key).take(pa.array(ends)),
+                     "last_source": table.column("source_file").take(pa.array(ends)).cast(pa.string())},
+                    schema=out_schema)
+
+
 def files_for_keys(lake_path: str, dataset: str, keys: pa.Table,
                    storage_options: dict[str, Any] | None = None) -> list[str]:
     """The latest version's data files that may hold any ``(asset_id, cycle)`` of ``keys``.

@@ -388,17 +388,13 @@ def telemetry_extents(lake_path: str, dataset: str, contract: FleetContract,
     if snap is None:
         return {}, {}
     snap = snap.model_copy(update={"contract": snap.contract or contract})
-    t = lake.read_lake(snap, columns=[C.ASSET, contract.key, "source_file"], storage_options=storage_options)
+    t = lake.time_extents(snap, storage_options)
     if t.num_rows == 0:
         return {}, {}
-    assets = t.column(C.ASSET).to_numpy(zero_copy_only=False)
-    ticks = time_ticks(t.column(contract.key))
-    sources = t.column("source_file").to_numpy(zero_copy_only=False)
-    # read_lake sorts by (asset, key): each asset's rows are one run, first and last at its ends.
-    starts = np.flatnonzero(np.r_[True, assets[1:] != assets[:-1]])
-    ends = np.r_[starts[1:], len(assets)] - 1
-    extents = {str(assets[s]): (int(ticks[s]), int(ticks[e])) for s, e in zip(starts, ends)}
-    last_source = {str(assets[s]): str(sources[e]) for s, e in zip(starts, ends)}
+    assets = t.column(C.ASSET).to_pylist()
+    first, last = time_ticks(t.column("first")), time_ticks(t.column("last"))
+    extents = {str(a): (int(f), int(l)) for a, f, l in zip(assets, first, last)}
+    last_source = dict(zip(map(str, assets), map(str, t.column("last_source").to_pylist())))
     return extents, last_source
 
 
