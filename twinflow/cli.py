@@ -172,7 +172,8 @@ def run(
     from pydantic import ValidationError
 
     from twinflow import runtime
-    from twinflow.flows.pipeline import STAGES, run_stage, stage_params
+    from twinflow.flows.pipeline import STAGES
+    from twinflow.flows.stages import run_stage, stage_params
 
     if stage not in (*STAGES, "health", "pipeline"):
         raise ConfigError(f"unknown stage {stage!r}; choose one of: {', '.join((*STAGES, 'health', 'pipeline'))}")
@@ -221,7 +222,7 @@ def health_cmd(
                                          f"{rows.scored_at.iloc[0]})", top))
         return
     from twinflow import runtime
-    from twinflow.flows.pipeline import run_stage, stage_params
+    from twinflow.flows.stages import run_stage, stage_params
 
     try:
         call = stage_params("health", {**_parse_params(param), "dataset": dataset}, settings)
