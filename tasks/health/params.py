@@ -16,7 +16,8 @@ class HealthParams(BaseModel):
     """What the health stage scores and how it decides.
 
     Attributes:
-        dataset: Lake dataset of the running fleet (each asset's last reading is "now").
+        dataset: Lake dataset of the running fleet (each asset's last reading is "now"); None: the
+            snapshot the flow is given (the pipeline passes the running fleet's, as to every stage).
         version: Delta table version to score (None: the latest).
         horizons: Horizons H (the clock's time unit) at which P(failure within H) is reported.
         alert_horizon: The horizon whose probability sets the risk band, flags and alerts.
@@ -45,7 +46,7 @@ class HealthParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = "test_fd001"
+    dataset: str | None = None
     version: int | None = Field(None, ge=0)
     horizons: list[float] = Field(default_factory=lambda: [10.0, 30.0, 50.0], min_length=1)
     alert_horizon: float = Field(30.0, gt=0)
