@@ -274,12 +274,20 @@ def health(params: HealthParams | None = None, snapshot: LakeSnapshot | None = N
                 from twinflow.tasks.health.evaluate import evaluate_against_truth
                 from twinflow.tasks.train.data import natural_key, read_true_rul
 
-                truth = read_true_rul(params.true_rul_path)
-                ids = sorted(table.asset_id, key=natural_key)
-                if len(ids) != len(truth):
-                    raise ConfigError(f"{params.true_rul_path} has {len(truth)} values for {len(ids)} assets")
-                metrics.update(evaluate_against_truth(table, pd.Series(truth, index=ids),
-                                                      cap=champion.rul_cap if champion else None))
+                if params.true_rul_path.endswith(".json"):
+                    # A fleet generator's ground truth (every life, the running ones' hidden failure times).
+                    from twinflow.tasks.health.evaluate import true_rul_from_lives
+
+                    lives = json.loads(Path(params.true_rul_path).read_text())["lives"]
+                    true = true_rul_from_lives(lives, contract.clock.unit_seconds / 3600
+                                               if contract.clock.kind == "timestamp" else 1.0)
+                else:
+                    truth = read_true_rul(params.true_rul_path)
+                    ids = sorted(table.asset_id, key=natural_key)
+                    if len(ids) != len(truth):
+                        raise ConfigError(f"{params.true_rul_path} has {len(truth)} values for {len(ids)} assets")
+                    true = pd.Series(truth, index=ids)
+                metrics.update(evaluate_against_truth(table, true, cap=champion.rul_cap if champion else None))
             finite = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
             mlflow.log_metrics(finite)
             mlflow.log_table(table.drop(columns=["p_fail_by_horizon"]), "health/fleet_health.json")

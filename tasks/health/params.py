@@ -40,7 +40,8 @@ class HealthParams(BaseModel):
         fan_assets: Riskiest assets drawn in the RUL fan chart.
         export_dir: Folder of the work-order files (default ``<home>/health/<dataset>/``).
         true_rul_path: Optional truth (C-MAPSS ``RUL_FD00x.txt``: one remaining life per asset, in
-            natural order of the ids): flags, interval coverage and the anomaly ranking are then
+            natural order of the ids; or a fleet generator's ``ground_truth.json``: the running
+            lives' hidden failure times): flags, interval coverage and the anomaly ranking are then
             checked against it and logged (``health_*`` metrics).
     """
 

@@ -153,3 +153,18 @@ def test_an_assets_age_counts_from_its_last_renewal_and_a_new_life_says_so(champ
     assert np.isnan(t.loc["2", "rul_estimate"]) and np.isfinite(t.loc["2", "p_fail"])
     # A renewed asset is younger: the lifetime model gives it a lower failure probability.
     assert t.loc["1", "p_fail"] <= plain.loc["1", "p_fail"]
+
+
+def test_the_pump_generators_truth_gives_each_running_pumps_remaining_life():
+    from twinflow.fleets.pumps import PumpFleetParams, generate_pumps
+    from twinflow.tasks.health.evaluate import true_rul_from_lives
+
+    lives = generate_pumps(PumpFleetParams(n_pumps=6, days=90, seed=2)).lives
+    running = true_rul_from_lives(lives)
+    assert set(running.index) == {lf["machine"] for lf in lives if lf["end_reason"] == "censored"}
+    assert (running > 0).all()
+    # The same arithmetic on lives that did fail puts their failure at their end: nothing left.
+    failed = {lf["machine"]: dict(lf, end_reason="censored") for lf in lives if lf["end_reason"] == "failure"}
+    assert failed and np.allclose(true_rul_from_lives(list(failed.values())), 0.0, atol=0.01)
+    # In the clock's unit (e.g. days).
+    assert np.allclose(true_rul_from_lives(lives, time_unit_hours=24.0), running / 24.0)
