@@ -50,9 +50,23 @@ class HealthResult(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
-def _snapshot(settings: Any, params: HealthParams) -> LakeSnapshot:
+def _snapshot(settings: Any, params: HealthParams, given: LakeSnapshot | None = None) -> LakeSnapshot:
     from twinflow import lake
 
+    if given is not None:
+        if params.dataset is not None and params.dataset != given.dataset:
+            raise ConfigError(f"health params name dataset {params.dataset!r} but the snapshot is of "
+                              f"{given.dataset!r}; leave params.dataset unset to score the snapshot's")
+        if params.version is not None and given.version is not None and params.version != given.version:
+            raise ConfigError(f"health params pin version {params.version} but the snapshot is version {given.version}")
+        snap = given if given.version is not None or params.version is None else \
+            given.model_copy(update={"version": params.version, "batch_id": f"v{params.version}"})
+        if snap.version is None:
+            snap = snap.model_copy(update={"version": lake.version(snap.lake_path, snap.dataset)})
+        return snap
+    if params.dataset is None:
+        raise ConfigError("health needs a dataset: set params.dataset (e.g. `twinflow health -d <dataset>`) "
+                          "or pass the lake snapshot of the running fleet")
     snap = lake.latest_snapshot(settings.lake_path, params.dataset)
     if snap is None:
         raise ConfigError(f"dataset {params.dataset!r} is not in the lake at {settings.lake_path}; "
@@ -74,6 +88,39 @@ def _read(snap: LakeSnapshot, contract: Any, channels: list[str] | None = None) 
     return lake.read_lake(snap, columns=[c for c in dict.fromkeys(cols) if c in schema]).to_pandas()
 
 
+def _columns(contract: Any) -> list[str]:
+    schema = contract.lake_schema().names
+    return [c for c in dict.fromkeys([C.ASSET, contract.key, *contract.channel_names]) if c in schema]
+
+
+def _segments(snap: LakeSnapshot) -> pd.DataFrame | None:
+    """The dataset's life segments at the snapshot's segments version (the latest when it names none)."""
+    from twinflow import lake
+
+    t = lake.read_table(snap.lake_path, lake.derived_name(snap.dataset, "segments"), version=snap.segments)
+    return None if t is None or t.num_rows == 0 else t.to_pandas()
+
+
+def read_fleet(snap: LakeSnapshot, contract: Any, params: HealthParams, champion: Any,
+               whole: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The running fleet's rows to score and :func:`~twinflow.tasks.health.score.life_frame`.
+
+    Only each asset's recent rows are read (:func:`twinflow.lake.read_recent`: what the live features,
+    the anomaly window and the drift sample see), unless ``whole`` (a label-free baseline from the
+    fleet's own early lives, or a model that predicts from whole histories).
+    """
+    from twinflow import lake
+    from twinflow.tasks.health.score import life_frame, rows_needed
+
+    segments = _segments(snap)
+    if whole or (champion is not None and champion.needs_history):
+        return _read(snap, contract), life_frame(None, contract, segments)
+    rows = max(params.window, params.min_readings,
+               rows_needed(champion.feature_params) if champion is not None else 0)
+    recent, extents = lake.read_recent(snap, rows, _columns(contract))
+    return recent.to_pandas(), life_frame(extents.to_pandas(), contract, segments)
+
+
 @task(name="health-score", cache_policy=NO_CACHE)
 def score_task(params: HealthParams, snap: LakeSnapshot, settings: Any) -> tuple[Any, Any, Any, Any]:
     """Read the fleet, load the champion, score every asset; returns (FleetScore, champion, contract, frames)."""
@@ -83,7 +130,6 @@ def score_task(params: HealthParams, snap: LakeSnapshot, settings: Any) -> tuple
 
     contract = lake.snapshot_contract(snap)
     champion = load_champion(settings, params.interval_level) if params.use_champion else None
-    frame = _read(snap, contract)
     baseline = None
     if champion is not None:
         tsnap = champion.features.snapshot
@@ -94,8 +140,10 @@ def score_task(params: HealthParams, snap: LakeSnapshot, settings: Any) -> tuple
         except Exception as exc:  # noqa: BLE001 - the baseline falls back to the scored fleet, and says so
             log.warning("champion's training data %s not readable (%s): baseline from the scored fleet",
                         tsnap.dataset_path, exc)
+    # Without the training data the healthy baseline is the scored fleet's own early lives: whole histories.
+    frame, lives = read_fleet(snap, contract, params, champion, whole=baseline is None)
     scored = score_fleet(frame, contract, params, champion, baseline_frame=baseline,
-                         scored_at=pd.Timestamp.now(tz="UTC").isoformat())
+                         scored_at=pd.Timestamp.now(tz="UTC").isoformat(), lives=lives)
     return scored, champion, contract, (frame, baseline)
 
 
@@ -137,8 +185,9 @@ def _prefect_links() -> dict[str, str]:
 
 
 @flow(name="health", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
-      flow_run_name=run_name("health", lambda p: (p.get("params") or HealthParams()).dataset))
-def health(params: HealthParams | None = None) -> HealthResult:
+      flow_run_name=run_name("health", lambda p: (p.get("params") or HealthParams()).dataset
+                             or (p.get("snapshot").dataset if p.get("snapshot") else None)))
+def health(params: HealthParams | None = None, snapshot: LakeSnapshot | None = None) -> HealthResult:
     """Score every running asset of a lake dataset and tell people what to do, and by when.
 
     Steps:
@@ -159,6 +208,8 @@ def health(params: HealthParams | None = None) -> HealthResult:
 
     Args:
         params: What to score and how to decide; defaults to :class:`HealthParams`.
+        snapshot: The running fleet's lake snapshot (the pipeline passes its own, as to the other
+            stages); None: the latest snapshot of ``params.dataset``.
 
     Returns:
         A :class:`HealthResult` (counts, announced assets, drifted channels, file paths).
@@ -179,7 +230,8 @@ def health(params: HealthParams | None = None) -> HealthResult:
     with runtime.ensure() as rt:
         settings = rt.settings
         configure_mlflow(settings)
-        snap = _snapshot(settings, params)
+        snap = _snapshot(settings, params, snapshot)
+        params = params.model_copy(update={"dataset": snap.dataset})
         scored, champion, contract, (frame, baseline) = score_task(params, snap, settings)
         table = scored.table
         model = f"{champion.name} v{champion.version}" if champion is not None else None
@@ -222,12 +274,20 @@ def health(params: HealthParams | None = None) -> HealthResult:
                 from twinflow.tasks.health.evaluate import evaluate_against_truth
                 from twinflow.tasks.train.data import natural_key, read_true_rul
 
-                truth = read_true_rul(params.true_rul_path)
-                ids = sorted(table.asset_id, key=natural_key)
-                if len(ids) != len(truth):
-                    raise ConfigError(f"{params.true_rul_path} has {len(truth)} values for {len(ids)} assets")
-                metrics.update(evaluate_against_truth(table, pd.Series(truth, index=ids),
-                                                      cap=champion.rul_cap if champion else None))
+                if params.true_rul_path.endswith(".json"):
+                    # A fleet generator's ground truth (every life, the running ones' hidden failure times).
+                    from twinflow.tasks.health.evaluate import true_rul_from_lives
+
+                    lives = json.loads(Path(params.true_rul_path).read_text())["lives"]
+                    true = true_rul_from_lives(lives, contract.clock.unit_seconds / 3600
+                                               if contract.clock.kind == "timestamp" else 1.0)
+                else:
+                    truth = read_true_rul(params.true_rul_path)
+                    ids = sorted(table.asset_id, key=natural_key)
+                    if len(ids) != len(truth):
+                        raise ConfigError(f"{params.true_rul_path} has {len(truth)} values for {len(ids)} assets")
+                    true = pd.Series(truth, index=ids)
+                metrics.update(evaluate_against_truth(table, true, cap=champion.rul_cap if champion else None))
             finite = {k: v for k, v in metrics.items() if v is not None and np.isfinite(v)}
             mlflow.log_metrics(finite)
             mlflow.log_table(table.drop(columns=["p_fail_by_horizon"]), "health/fleet_health.json")

@@ -220,7 +220,13 @@ def pipeline(params: PipelineParams) -> PipelineResult:
                 result.train = train(result.features, params.train, test_features=result.test_features,
                                      wait_for=[result.ingest])
                 if params.health is not None:
-                    result.health = health(params.health)
+                    # The running fleet: the health params' dataset, else the test set, else the
+                    # training dataset itself (a plant's fleet trains on its past lives and scores
+                    # its running ones); its snapshot comes from this run's ingest, as every stage's.
+                    running = params.health.dataset or params.test_dataset or params.train_dataset
+                    health_snap = resolve_snapshot(result.ingest, running, rt.settings.lake_path)
+                    result.health = health(params.health.model_copy(update={"dataset": None}),
+                                           snapshot=health_snap, wait_for=[result.train])
             if "simulate" in params.stages:
                 # Simulate reads the champion the train stage just gated: it waits for it.
                 result.simulate = simulate(params.simulate, snapshot=train_snap,
@@ -507,7 +513,7 @@ def demo_params(settings: Settings, stages: list[str] | None = None, fleet: str 
         ingest=IngestParams(landing=str(landing)),
         train=TrainParams(true_rul_path=str(cmapss_path("RUL_FD001.txt.gz")), nan_policy="drop"),
         # The test units are the demo's running fleet; their truth file checks the health flags.
-        health=HealthParams(dataset="test_fd001", true_rul_path=str(cmapss_path("RUL_FD001.txt.gz"))),
+        health=HealthParams(true_rul_path=str(cmapss_path("RUL_FD001.txt.gz"))),
         stages=stages or list(STAGES),
     )
 

@@ -306,3 +306,38 @@ def test_vacuum_spares_the_files_of_pinned_versions(tmp_path):
     pinned = LakeSnapshot(lake_path=root, dataset="d", batch_id="v1", version=1)
     assert lake.read_lake(pinned).column("cycle").to_pylist() == [2]  # the pinned snapshot still reads
     assert lake.vacuum(root, "d", retention_hours=0, dry_run=False) != []  # unpinned: its files go too
+
+
+def test_read_recent_reads_each_assets_tail_from_the_files_that_hold_it(tmp_path):
+    root = str(tmp_path / "lake")
+
+    def rows(asset: str, cycles: list[int]) -> pa.Table:
+        return pa.table({C.ASSET: [asset] * len(cycles), C.TIME: pa.array(cycles, pa.int32()),
+                         "s2": np.asarray(cycles, dtype="float64")})
+
+    lake.write_lake_table(pa.concat_tables([rows("a", list(range(1, 51))), rows("b", [1, 2, 3])]), root, "fleet", "g1")
+    lake.write_lake_table(rows("a", list(range(51, 61))), root, "fleet", "g2")
+    # Two files whose time ranges interleave: the tail needs both.
+    lake.write_lake_table(rows("a", [62, 64, 66, 68]), root, "fleet", "g3")
+    snap = lake.write_lake_table(rows("a", [61, 63, 65, 67]), root, "fleet", "g4")
+    cols = [C.ASSET, C.TIME, "s2"]
+
+    recent, extents = lake.read_recent(snap, 3, cols)
+    assert recent.column_names == cols
+    assert _keys(recent) == [("a", 66), ("a", 67), ("a", 68), ("b", 1), ("b", 2), ("b", 3)]
+    ext = {r[C.ASSET]: r for r in extents.to_pylist()}
+    assert ext["a"]["readings"] == 68 and ext["a"]["first"] == 1 and ext["a"]["last"] == 68
+    assert ext["b"]["readings"] == 3 and ext["b"]["first"] == 1 and ext["b"]["last"] == 3
+
+    # Asset a's first file is not needed for its last 8 readings: it is never opened (gone, the read
+    # still answers; the whole-table read cannot).
+    for path, _ in lake.list_files(snap)["a"]:
+        if lake.read_files([path], [C.TIME]).column(C.TIME).to_pylist()[0] == 1:
+            import os
+
+            os.remove(path)
+    recent, _ = lake.read_recent(snap, 8, cols)
+    assert _keys(recent) == [("a", c) for c in range(61, 69)] + [("b", 1), ("b", 2), ("b", 3)]
+    assert recent.column("s2").to_pylist()[:8] == [float(c) for c in range(61, 69)]
+    with pytest.raises(Exception):
+        lake.read_lake(snap)

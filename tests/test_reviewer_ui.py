@@ -228,3 +228,51 @@ def test_mlflow_and_prefect_pages_render_the_runs(served_home):
     for png in shots.glob("*.png"):
         assert png.stat().st_size > 10_000, png  # a blank page is a few KB
     print(json.dumps({"screenshots": sorted(str(p) for p in shots.glob("*.png"))}))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(2400)
+@pytest.mark.skipif(CHROMIUM is None, reason="needs the chromium package (make test installs it)")
+def test_the_health_artifact_and_the_mlflow_health_run_render(served_home):
+    """`twinflow health` on the served home's running fleet: its Prefect table artifact (ranked by risk)
+    and its MLflow run (metrics, plots) render in the browser."""
+    import httpx
+    import mlflow
+
+    from twinflow.settings import get_settings
+
+    shots = served_home["root"] / "screenshots-health"
+    shots.mkdir()
+    out = subprocess.run([sys.executable, "-m", "twinflow.cli", "health", "-d", "test_fd001", "--top", "5"],
+                         capture_output=True, text=True, env=_env(served_home["home"]), cwd=served_home["root"],
+                         timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    settings = get_settings(home=served_home["home"])
+    client = mlflow.MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
+    exp = client.get_experiment_by_name(settings.mlflow.experiment)
+    run = client.search_runs([exp.experiment_id], "tags.`twinflow.stage` = 'health'")[0]
+    riskiest = json.loads(Path(client.download_artifacts(run.info.run_id, "health/fleet_health.json",
+                                                         str(shots))).read_text())
+    top_asset = str(riskiest["data"][0][riskiest["columns"].index("asset_id")])
+
+    # The Prefect table artifact, ranked by risk: its riskiest asset and the action columns show.
+    prefect = served_home["prefect"].rstrip("/")
+    found = httpx.post(f"{prefect}/api/artifacts/filter",
+                       json={"artifacts": {"key": {"any_": ["fleet-health-test-fd001"]}}, "limit": 1,
+                             "sort": "CREATED_DESC"}, timeout=30).json()
+    assert found, "no fleet-health artifact on the served Prefect"
+    text = _visible_text(_browse(f"{prefect}/artifacts/artifact/{found[0]['id']}", shots / "prefect_health_artifact.png"))
+    assert "risk_band" in text and "due_by" in text and top_asset in text, text[:3000]
+
+    # The MLflow health run: its headline metrics and plots are listed.
+    ml = served_home["mlflow"]
+    text = _visible_text(_browse(f"{ml}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}"
+                                 "?workflowType=machine_learning", shots / "mlflow_health_run.png"))
+    assert run.info.run_name in text and "band_critical" in text, text[:3000]
+    text = _visible_text(_browse(f"{ml}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/artifacts/plots/"
+                                 "risk_ranking.png", shots / "mlflow_health_plots.png"))
+    for name in ("risk_ranking.png", "rul_fans.png", "health_trends.png"):
+        assert name in text, (name, text[:2000])
+    for png in shots.glob("*.png"):
+        assert png.stat().st_size > 10_000, png  # a blank page is a few KB

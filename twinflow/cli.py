@@ -203,7 +203,7 @@ def run(
 
 @app.command("health")
 def health_cmd(
-    dataset: str = typer.Option("test_fd001", "--dataset", "-d", help="Lake dataset of the running fleet."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Lake dataset of the running fleet."),
     param: List[str] = typer.Option([], "--param", "-p", help="Health parameter key=value (dots for nesting)."),
     latest: bool = typer.Option(False, "--latest", help="Show the latest stored scores; run nothing."),
     top: int = typer.Option(25, "--top", help="Rows to print."),

@@ -814,6 +814,119 @@ def read_lake(snapshot: LakeSnapshot, columns: list[str] | None = None, filter: 
     return table.sort_by(sort_keys) if sort_keys else table
 
 
+def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = None,
+                storage_options: dict[str, Any] | None = None) -> tuple[pa.Table, pa.Table]:
+    """Each asset's last ``rows`` readings at the snapshot's version, and every asset's extent.
+
+    What scoring "now" needs without a whole-history read: the files to open are chosen from the
+    Delta log alone (per asset, the newest files by their time statistics until they hold ``rows``
+    readings, plus any older file whose time range reaches into them), and are read file by file
+    (:func:`read_files`), because building a ``pyarrow`` dataset over one fragment per asset
+    partition costs more than reading the files themselves (10,000 assets: ~19 s against ~5 s).
+    The extents (readings, first and last time per asset) come from the log's record counts and
+    min/max statistics, so they cover the whole history although only its tail is read.
+
+    Args:
+        snapshot: The dataset reference; without a ``version`` the latest version is read.
+        rows: Readings per asset to return (its newest ones).
+        columns: Columns to read (default: all canonical columns); the asset and time key are added.
+        storage_options: Object-store options for delta-rs.
+
+    Returns:
+        ``(recent, extents)``: the rows sorted by (asset_id, time key); and one row per asset with
+        ``asset_id``, ``readings`` (int64), ``first`` and ``last`` (the time key's type).
+    """
+    import pandas as pd
+
+    contract = snapshot_contract(snapshot, storage_options)
+    key = contract.key
+    cols = list(dict.fromkeys([C.ASSET, key, *(columns or contract.lake_schema().names)]))
+    schema = contract.lake_schema()
+    empty = (schema.empty_table().select(cols),
+             pa.table({C.ASSET: pa.array([], pa.string()), "readings": pa.array([], pa.int64()),
+                       "first": pa.array([], schema.field(key).type), "last": pa.array([], schema.field(key).type)}))
+    if snapshot.version is None and snapshot.files and snapshot.rows == 0 and \
+            open_table(snapshot.lake_path, snapshot.dataset, storage_options=storage_options) is None:
+        return empty  # every row was quarantined: the table was never created
+    dt = _snapshot_table(snapshot, storage_options)
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return empty
+    names = actions.column_names
+    ticks = []
+    for stat in ("min", "max"):
+        col = actions.column(f"{stat}.{key}") if f"{stat}.{key}" in names else pa.nulls(actions.num_rows, pa.int64())
+        if pa.types.is_timestamp(col.type):
+            col = col.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        ticks.append(col.to_pandas().astype("Float64"))
+    root = dt.table_uri.rstrip("/").removeprefix("file://")
+    files = pd.DataFrame({"path": actions.column("path").to_pylist(),
+                          "asset": actions.column(f"partition.{PARTITION}").to_pylist(),
+                          "n": actions.column("num_records").to_numpy(zero_copy_only=False).astype(np.int64),
+                          "lo": ticks[0], "hi": ticks[1]})
+    # Newest first per asset; a file without statistics sorts as newest, so it is always read.
+    files = files.sort_values(["asset", "hi"], ascending=[True, False], na_position="first", kind="stable")
+    before = files.groupby("asset", sort=False)["n"].cumsum() - files["n"]
+    needed = before < rows
+    # The oldest time the kept files reach; an older file overlapping it holds rows of the tail too.
+    reach = files["lo"].where(needed).groupby(files["asset"], sort=False).transform("min")
+    unknown = (files["lo"].isna() | files["hi"].isna()).where(needed, False).groupby(
+        files["asset"], sort=False).transform("any")
+    keep = needed | (files["hi"] >= reach).fillna(False) | unknown
+    chosen = files[keep].sort_values(["asset", "lo"], kind="stable")
+    paths = [(rel if "://" in rel else f"{root}/{rel}") for rel in map(unquote, chosen["path"])]
+    assets, file_asset = np.unique(chosen["asset"].to_numpy(dtype=object).astype(str), return_inverse=True)
+    data_cols = [c for c in cols if c != PARTITION]
+    parts = [_read_file(p, data_cols, storage_options) for p in paths]
+    table = pa.concat_tables(parts, promote_options="permissive") if parts else schema.empty_table().select(data_cols)
+    # Asset codes from the files' order: no string column is built until the tail is cut.
+    codes = np.repeat(file_asset, [t.num_rows for t in parts]).astype(np.int32)
+    t = table.column(key)
+    tv = (t.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()) if pa.types.is_timestamp(t.type) else t
+          ).to_numpy(zero_copy_only=False)
+    step = np.diff(codes)
+    if len(codes) > 1 and not ((step > 0) | ((step == 0) & (np.diff(tv) > 0))).all():
+        order = np.lexsort((tv, codes))
+        table, codes = table.take(pa.array(order)), codes[order]
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.array([], np.int64)
+    ends = np.r_[starts[1:], len(codes)].astype(np.int64)
+    count = ends - starts
+    pos = np.arange(len(codes)) - np.repeat(starts, count)
+    tail = pos >= np.repeat(np.maximum(count - rows, 0), count)
+    if not tail.all():
+        table, codes = table.filter(pa.array(tail)), codes[tail]
+    asset_col = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(assets.tolist(), pa.string())).cast(pa.string())
+    table = table.append_column(PARTITION, asset_col)
+    recent = table
+    by_asset = files.groupby("asset", sort=True).agg(readings=("n", "sum"), first=("lo", "min"), last=("hi", "max"))
+    kt = schema.field(key).type
+    def _typed(v: "pd.Series") -> pa.Array:
+        arr = pa.array(v.to_numpy(dtype="float64", na_value=np.nan), pa.float64(), from_pandas=True).cast(pa.int64())
+        return arr.cast(pa.timestamp("us", tz="UTC")).cast(kt) if pa.types.is_timestamp(kt) else arr.cast(kt)
+    extents = pa.table({C.ASSET: pa.array(by_asset.index.astype(str).tolist(), pa.string()),
+                        "readings": pa.array(by_asset["readings"].to_numpy(dtype=np.int64)),
+                        "first": _typed(by_asset["first"]), "last": _typed(by_asset["last"])})
+    return recent.select(cols), extents
+
+
+def _read_file(path: str, columns: Sequence[str], storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """One data file's ``columns`` (those it has). Local files go through the Parquet reader itself:
+    ``ParquetFile``'s Python layer costs ~30 % more per small file, which 10,000 asset files feel."""
+    import pyarrow.parquet as pq
+
+    if "://" not in path or path.startswith("file://"):
+        from pyarrow._parquet import ParquetReader
+
+        reader = ParquetReader()
+        reader.open(path.removeprefix("file://"), use_memory_map=False, pre_buffer=False)
+        names = reader.schema_arrow.names
+        return reader.read_all(column_indices=[names.index(c) for c in columns if c in names], use_threads=False)
+    fs, _ = _fs(path, storage_options)
+    with fs.open(fs._strip_protocol(path), "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names], use_threads=False)
+
+
 def _plain_strings(table: pa.Table) -> pa.Table:
     """Partition values come back dictionary-encoded; the contract's columns are plain strings."""
     for i, f in enumerate(table.schema):

@@ -64,6 +64,22 @@ def lifetimes_from_keys(frame: pd.DataFrame, asset: str, time: str, step: float 
     return (g.max() - g.min()).to_numpy(dtype="float64") + step
 
 
+def _lifetime_from_segments(snapshot: Any) -> WeibullFit | None:
+    """The censored Weibull of the training data's life segments (``<dataset>__segments``), or None
+    when the snapshot names none (run-to-failure data: each asset's history is one life)."""
+    from twinflow import lake
+
+    if snapshot is None or snapshot.segments is None:
+        return None
+    t = lake.read_table(snapshot.lake_path, lake.derived_name(snapshot.dataset, "segments"), version=snapshot.segments)
+    if t is None or t.num_rows == 0:
+        return None
+    seg = t.to_pandas()
+    unit = snapshot.contract.time_unit if snapshot.contract is not None else "cycle"
+    return fit_weibull(seg["duration"].to_numpy(dtype="float64"), (seg["end_reason"] != "failure").to_numpy(),
+                       time_unit=unit)
+
+
 def load_champion(settings: Any, interval_level: float | None = None, alias: str = "champion") -> Champion | None:
     """Load ``models:/<registered>@champion`` and its training context; None when there is none.
 
@@ -113,7 +129,10 @@ def load_champion(settings: Any, interval_level: float | None = None, alias: str
     val_fraction = float(p.get("val_fraction", 0.2))
     spec = spec_for(feats)
     frame = check_frame(read_feature_frame(feats), spec, nan_policy="drop", min_assets=2)
-    lifetimes = lifetimes_from_keys(frame, spec.asset, spec.cycle)
+    lifetime = _lifetime_from_segments(feats.snapshot)
+    from_segments = lifetime is not None
+    if lifetime is None:
+        lifetime = fit_weibull(lifetimes_from_keys(frame, spec.asset, spec.cycle))
     _, val = split_by_asset(frame, spec, val_fraction)
     val = val.rename(columns={spec.asset: "asset_id", spec.cycle: "cycle"})
     with model_io_lock():
@@ -123,11 +142,11 @@ def load_champion(settings: Any, interval_level: float | None = None, alias: str
         val_true = np.minimum(val_true, rul_cap)
     notes = [f"error model and interval from {val['asset_id'].nunique()} validation assets "
              f"({len(val)} rows) of the champion's training features",
-             "lifetime model: Weibull fitted to the training assets' lives (all run to failure; "
-             "censored lives enter when life segments exist)"]
+             "lifetime model: Weibull fitted to the training data's life segments (failures, and "
+             "censored or running lives as suspensions)" if from_segments else "lifetime model: Weibull fitted to the training assets' lives (all run to failure)"]
     return Champion(
         name=name, version=str(mv.version), run_id=mv.run_id, model_uri=model_uri, model=model, input_names=inputs,
         features=feats, feature_params=feature_params, fit=fit, rul_cap=rul_cap, interval_level=level,
         half_width=conformal_half_width(val_true, val_pred, level),
-        errors=ErrorDensity.from_residuals(val_true, val_pred), lifetime=fit_weibull(lifetimes),
+        errors=ErrorDensity.from_residuals(val_true, val_pred), lifetime=lifetime,
         val_true=val_true, val_pred=val_pred, notes=notes)

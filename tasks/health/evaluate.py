@@ -48,3 +48,27 @@ def evaluate_against_truth(table: pd.DataFrame, true_rul: pd.Series, *, cap: flo
     out["health_anomaly_spearman"] = spearman(t["anomaly_score"], truth)
     out["health_hi_spearman"] = spearman(t["health_index"], truth)
     return out
+
+
+def true_rul_from_lives(lives: list[dict], time_unit_hours: float = 1.0) -> pd.Series:
+    """True remaining life of each asset's running life, from a fleet generator's ground truth.
+
+    A generated life (``twinflow.fleets.pumps``: ``ground_truth.json``'s ``lives``) that was still
+    running at the export's end (``end_reason == "censored"``) fails at ``start + time_to_failure_h
+    - initial_age_h``; its remaining life at the end is that minus ``end``.
+
+    Args:
+        lives: The generator's lives (``machine``, ``start``, ``end``, ``end_reason``,
+            ``time_to_failure_h``, ``initial_age_h``).
+        time_unit_hours: Hours per time unit of the scored fleet's clock.
+
+    Returns:
+        Remaining life in the clock's unit, indexed by asset id (assets with a running life only).
+    """
+    out = {}
+    for lf in lives:
+        if lf["end_reason"] != "censored":
+            continue
+        used_h = (pd.Timestamp(lf["end"]) - pd.Timestamp(lf["start"])).total_seconds() / 3600
+        out[str(lf["machine"])] = (lf["time_to_failure_h"] - lf["initial_age_h"] - used_h) / time_unit_hours
+    return pd.Series(out, dtype="float64")

@@ -16,7 +16,8 @@ class HealthParams(BaseModel):
     """What the health stage scores and how it decides.
 
     Attributes:
-        dataset: Lake dataset of the running fleet (each asset's last reading is "now").
+        dataset: Lake dataset of the running fleet (each asset's last reading is "now"); None: the
+            snapshot the flow is given (the pipeline passes the running fleet's, as to every stage).
         version: Delta table version to score (None: the latest).
         horizons: Horizons H (the clock's time unit) at which P(failure within H) is reported.
         alert_horizon: The horizon whose probability sets the risk band, flags and alerts.
@@ -39,13 +40,14 @@ class HealthParams(BaseModel):
         fan_assets: Riskiest assets drawn in the RUL fan chart.
         export_dir: Folder of the work-order files (default ``<home>/health/<dataset>/``).
         true_rul_path: Optional truth (C-MAPSS ``RUL_FD00x.txt``: one remaining life per asset, in
-            natural order of the ids): flags, interval coverage and the anomaly ranking are then
+            natural order of the ids; or a fleet generator's ``ground_truth.json``: the running
+            lives' hidden failure times): flags, interval coverage and the anomaly ranking are then
             checked against it and logged (``health_*`` metrics).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: str = "test_fd001"
+    dataset: str | None = None
     version: int | None = Field(None, ge=0)
     horizons: list[float] = Field(default_factory=lambda: [10.0, 30.0, 50.0], min_length=1)
     alert_horizon: float = Field(30.0, gt=0)

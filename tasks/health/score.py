@@ -62,7 +62,7 @@ def regimes(ff: FleetFrame, fit: Any) -> np.ndarray:
     if fit is None or fit.n_regimes <= 1:
         return np.zeros(len(ff.frame), dtype=np.int64)
     ops = ff.frame[fit.op_columns].to_numpy(dtype="float64")
-    return np.asarray(assignregimes(ops, fit.op_mean, fit.op_scale, fit.centroids), dtype=np.int64)
+    return np.asarray(assign_regimes(ops, fit.op_mean, fit.op_scale, fit.centroids), dtype=np.int64)
 
 
 def standardised(ff: FleetFrame, channels: list[str], fit: Any, regime: np.ndarray) -> np.ndarray:
@@ -79,17 +79,25 @@ def standardised(ff: FleetFrame, channels: list[str], fit: Any, regime: np.ndarr
     return an.standardise(y, regime, np.nan_to_num(mean), np.nan_to_num(std))
 
 
+def rows_needed(feature_params: Any) -> int:
+    """Readings per asset the live features at the last reading can see (:data:`EWM_MEMORY_SPANS`)."""
+    return max(feature_params.windows or [1]) + EWM_MEMORY_SPANS * max(feature_params.ewm_spans or [1]) + 1
+
+
 def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str],
-                  chunk_assets: int = 2000) -> pd.DataFrame:
+                  chunk_assets: int = 2000, first_t: pd.Series | None = None, clock: Any = None) -> pd.DataFrame:
     """The model inputs at each asset's last reading, computed with the training fit.
 
     Histories are cut to the rows the windows and EWMs can see (:data:`EWM_MEMORY_SPANS`), then
-    ``cycle_since_start`` is set from the asset's first reading. One row per asset, in asset order.
+    ``cycle_since_start`` is set from the asset's first reading: ``first_t`` (per asset, in time
+    units) when the frame holds only recent rows, else the frame's own first row. One row per
+    asset, in asset order. ``clock``: the contract's clock; a timestamp clock's features (time
+    windows, ``time_since_start``) are computed on the real timestamps, as the training features were.
     """
-    from twinflow.tasks.features import compute_features, feature_names
+    from twinflow.tasks.features import compute_features, feature_names, since_start_name
 
     fp = feature_params.model_copy(update={"label": False})
-    keep = max(fp.windows) + EWM_MEMORY_SPANS * max(fp.ewm_spans or [1]) + 1
+    keep = rows_needed(fp)
     f = ff.frame
     codes = an.codes_of(f[C.ASSET])
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
@@ -102,10 +110,17 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
     missing = [c for c in fit.kept if c not in f.columns]
     for c in missing:
         sub[c] = np.nan
-    # The kernels key on an integer time; a timestamp clock enters as whole time units since its start.
-    sub[C.TIME] = np.round(ff.t[tail] - (ff.t[starts].min() if len(starts) else 0)).astype(np.int64) \
-        if ff.timestamp_clock else f.loc[tail, ff.time_key].to_numpy(dtype=np.int64)
-    feat_names = feature_names(fit, fp)
+    stamped = clock is not None and clock.kind == "timestamp"
+    if stamped:
+        sub[clock.key] = f.loc[tail, clock.key].to_numpy()
+        key = clock.key
+    else:
+        # The kernels key on an integer time; a timestamp clock without its contract's clock enters
+        # as whole time units since its start.
+        sub[C.TIME] = np.round(ff.t[tail] - (ff.t[starts].min() if len(starts) else 0)).astype(np.int64) \
+            if ff.timestamp_clock else f.loc[tail, ff.time_key].to_numpy(dtype=np.int64)
+        key, clock = C.TIME, None
+    feat_names = feature_names(fit, fp, clock)
     # Whole assets per chunk: the kernels' output is (features x rows) float32, bounded by the chunk.
     sub_codes = codes[tail]
     bounds = np.searchsorted(sub_codes, np.arange(0, int(sub_codes[-1]) + chunk_assets + 1, chunk_assets)) \
@@ -115,19 +130,21 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         if hi <= lo:
             continue
-        keys, out = compute_features(sub.iloc[lo:hi], fit, fp, buffer=buffer)
+        keys, out = compute_features(sub.iloc[lo:hi], fit, fp, buffer=buffer, clock=clock)
         buffer = out.reshape(-1) if out.base is None else out.base  # reused by the next chunk
         a = keys[C.ASSET].to_numpy()
         last = np.r_[np.flatnonzero(a[1:] != a[:-1]), len(keys) - 1]
         part = pd.DataFrame(out[:, last].T.astype("float64"), columns=feat_names)
         part.insert(0, C.ASSET, a[last])
-        part.insert(1, "cycle", keys[C.TIME].to_numpy()[last])
+        part.insert(1, "cycle", keys[key].to_numpy()[last])
         parts.append(part)
     live = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[C.ASSET, "cycle", *feat_names])
-    if "cycle_since_start" in live:
-        first_t = pd.Series(ff.t[starts], index=f[C.ASSET].to_numpy()[starts])
+    since = since_start_name(clock.kind if clock is not None else "cycle")
+    if since in live:
+        own_first = pd.Series(ff.t[starts], index=f[C.ASSET].to_numpy()[starts])
+        first = own_first if first_t is None else first_t.reindex(own_first.index).fillna(own_first)
         last_t = pd.Series(ff.t[ends - 1], index=f[C.ASSET].to_numpy()[starts])
-        live["cycle_since_start"] = (last_t - first_t).reindex(live[C.ASSET]).to_numpy()
+        live[since] = (last_t - first).reindex(live[C.ASSET]).to_numpy()
     return live[[C.ASSET, "cycle", *[n for n in names if n in live.columns and n not in (C.ASSET, "cycle")]]]
 
 
@@ -149,11 +166,50 @@ def _last_reading(ff: FleetFrame) -> pd.DataFrame:
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     ends = np.r_[starts[1:], len(codes)]
     out = pd.DataFrame({C.ASSET: f[C.ASSET].to_numpy()[starts], "readings": ends - starts,
-                        "last_time": ff.t[ends - 1], "age": ff.t[ends - 1] - ff.t[starts] + ff.step})
+                        "first_time": ff.t[starts], "last_time": ff.t[ends - 1],
+                        "age": ff.t[ends - 1] - ff.t[starts] + ff.step})
     if ff.timestamp_clock:
         out["last_reading"] = pd.to_datetime(f[ff.time_key].to_numpy()[ends - 1], utc=True).astype(str)
     else:
         out["last_reading"] = [f"{ff.time_key} {int(v)}" for v in f[ff.time_key].to_numpy()[ends - 1]]
+    return out
+
+
+def time_axis(values: Any, contract: Any) -> np.ndarray:
+    """Time key values (cycles, or timestamps) on :class:`FleetFrame`'s float axis (the contract's unit)."""
+    if contract.clock.kind == "timestamp":
+        ts = pd.to_datetime(pd.Series(values), utc=True)
+        secs = (ts - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+        return (secs / contract.clock.unit_seconds).to_numpy(dtype="float64")
+    return pd.Series(values).to_numpy(dtype="float64", na_value=np.nan)
+
+
+def life_frame(extents: pd.DataFrame | None, contract: Any, segments: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per asset, what its whole history says about its current life, on the fleet frame's time axis.
+
+    Args:
+        extents: ``asset_id``, ``readings``, ``first`` (time key) of whole histories (e.g. from
+            :func:`twinflow.lake.read_recent`), or None when the scored frame holds whole histories.
+        contract: The fleet contract (its clock).
+        segments: The dataset's life segments (``<dataset>__segments``: ``asset_id``, ``segment``,
+            ``origin``, ``start``), or None for a fleet without an event log.
+
+    Returns:
+        ``asset_id`` with ``readings`` and ``first`` (when ``extents`` is given) and, from the
+        segments, the current life's ``segment`` number, ``origin`` (the renewal its age counts
+        from) and ``start`` (its first reading's earliest time).
+    """
+    out = pd.DataFrame(columns=[C.ASSET])
+    if extents is not None:
+        out = pd.DataFrame({C.ASSET: extents[C.ASSET].astype(str).to_numpy(),
+                            "readings": extents["readings"].to_numpy(dtype="int64"),
+                            "first": time_axis(extents["first"], contract)})
+    if segments is not None and len(segments):
+        cur = segments.assign(**{C.ASSET: segments[C.ASSET].astype(str)}).sort_values([C.ASSET, "segment"]) \
+            .drop_duplicates(C.ASSET, keep="last")
+        seg = pd.DataFrame({C.ASSET: cur[C.ASSET].to_numpy(), "segment": cur["segment"].to_numpy(dtype="int64"),
+                            "origin": time_axis(cur["origin"], contract), "start": time_axis(cur["start"], contract)})
+        out = out.merge(seg, on=C.ASSET, how="outer") if len(out.columns) > 1 else seg
     return out
 
 
@@ -186,7 +242,7 @@ def recommend(p_by_h: dict[float, float], q_due: float, params: HealthParams) ->
 
 def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champion: Any | None = None, *,
                 baseline_frame: pd.DataFrame | None = None, lifetime: WeibullFit | None = None,
-                scored_at: str | None = None) -> FleetScore:
+                scored_at: str | None = None, lives: pd.DataFrame | None = None) -> FleetScore:
     """Score every asset of ``frame`` (lake rows of the running fleet).
 
     Args:
@@ -198,6 +254,9 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
             data); default: the scored fleet's own early lives.
         lifetime: Lifetime model (default: the champion's; without either, no failure probability).
         scored_at: Timestamp recorded with the rows.
+        lives: :func:`life_frame`: whole-history counts when ``frame`` holds only each asset's
+            recent rows, and the current life from the dataset's segments: an asset's age then
+            counts from its last renewal, not its first reading.
     """
     notes: list[str] = []
     ff = fleet_frame(frame, contract)
@@ -205,6 +264,34 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
     n = len(rows)
     status = np.full(n, SCORED, dtype=object)
     reasons: list[list[str]] = [[] for _ in range(n)]
+    first_t = None
+    life = np.zeros(n, dtype="int64")
+    new_life = np.zeros(n, dtype=bool)
+    if lives is not None and len(lives):
+        lv = lives.set_index(C.ASSET).reindex(rows[C.ASSET].to_numpy())
+        if "readings" in lv:
+            rows["readings"] = lv["readings"].fillna(rows["readings"]).to_numpy(dtype="int64")
+            rows["first_time"] = lv["first"].fillna(rows["first_time"]).to_numpy(dtype="float64")
+            first_t = pd.Series(rows["first_time"].to_numpy(), index=rows[C.ASSET].to_numpy())
+        origin = rows["first_time"].to_numpy() - ff.step
+        if "origin" in lv:
+            seg_origin = lv["origin"].to_numpy(dtype="float64")
+            has = np.isfinite(seg_origin)
+            origin = np.where(has, seg_origin, origin)
+            life = lv["segment"].fillna(0).to_numpy(dtype="int64")
+            # Readings of the current life: those at or after its start (the frame's tail holds more
+            # rows than a new life needs to count as scored).
+            codes = an.codes_of(ff.frame[C.ASSET])
+            start_row = np.repeat(lv["start"].to_numpy(dtype="float64"), np.bincount(codes, minlength=n))
+            since = np.bincount(codes, weights=(ff.t >= np.nan_to_num(start_row, nan=-np.inf)), minlength=n)
+            new_life = (life > 0) & (since < params.min_readings)
+            for i in np.flatnonzero(new_life):
+                reasons[i].append(f"new life: renewed {rows['last_time'].iat[i] - origin[i]:.0f} {ff.time_unit} "
+                                  f"ago, {int(since[i])} reading(s) since (< {params.min_readings}); "
+                                  "scored by its age alone")
+            if (life > 0).any():
+                notes.append(f"{int((life > 0).sum())} asset(s) renewed: ages count from the last renewal")
+        rows["age"] = rows["last_time"].to_numpy() - origin
     fit = champion.fit if champion is not None else None
     channels = [c for c in (fit.kept if fit is not None else contract.sensors) if c in ff.frame.columns]
     absent = [c for c in (fit.kept if fit is not None else []) if c not in ff.frame.columns]
@@ -257,7 +344,8 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
     rul = np.full(n, np.nan)
     if champion is not None:
         names = champion.input_names
-        live = None if absent else live_features(ff, fit, champion.feature_params, names)
+        live = None if absent else live_features(ff, fit, champion.feature_params, names, first_t=first_t,
+                                                 clock=contract.clock)
         lacking = absent or [c for c in names if c not in live.columns]
         if lacking:
             what = "channel(s)" if absent else "feature(s)"
@@ -267,7 +355,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
         else:
             feats = live[[c for c in names if c not in (C.ASSET, "cycle")]].to_numpy(dtype="float64")
             bad = ~np.isfinite(feats).all(axis=1)
-            ok = ~bad & ~few & ~stale
+            ok = ~bad & ~few & ~stale & ~new_life
             if ok.any() and not champion.needs_history:
                 rul[ok] = champion.predict(live.loc[ok])
             elif ok.any():
@@ -276,7 +364,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
                 last_idx = np.r_[np.flatnonzero(np.diff(an.codes_of(hist[C.ASSET]))), len(hist) - 1]
                 rul[ok] = pred_all[last_idx][ok]
             names_only = [c for c in names if c not in (C.ASSET, "cycle")]
-            for i in np.flatnonzero(bad & ~few & ~stale):
+            for i in np.flatnonzero(bad & ~few & ~stale & ~new_life):
                 miss = [names_only[j] for j in np.flatnonzero(~np.isfinite(feats[i]))]
                 reasons[i].append(f"features missing at the last reading: {', '.join(miss[:5])}"
                                   + (f" and {len(miss) - 5} more" if len(miss) > 5 else ""))
@@ -320,7 +408,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
     table = pd.DataFrame({
         C.ASSET: rows[C.ASSET], "status": status, "reason": ["; ".join(r) for r in reasons],
         "last_reading": rows["last_reading"], "readings": rows["readings"].astype("int64"),
-        "age": rows["age"], "time_unit": ff.time_unit,
+        "age": rows["age"], "time_unit": ff.time_unit, "life": life,
         "rul_estimate": rul,
         "rul_low": np.maximum(rul - half, 0.0), "rul_high": rul + half,
         "interval_level": champion.interval_level if champion is not None else float("nan"),

@@ -16,7 +16,7 @@ from twinflow.tasks.health import HealthParams
 from twinflow.tasks.health.champion import Champion, lifetimes_from_keys
 from twinflow.tasks.health.evaluate import evaluate_against_truth, spearman
 from twinflow.tasks.health.lifetime import ErrorDensity, fit_weibull
-from twinflow.tasks.health.score import PARTIAL, SCORED, SKIPPED, score_fleet
+from twinflow.tasks.health.score import PARTIAL, SCORED, SKIPPED, life_frame, score_fleet
 
 CHANNELS = ["s2", "s3", "s4", "s7", "s11", "s12", "s15", "s20", "s21"]
 COLS = ["asset_id", "cycle", "op_setting_1", "op_setting_2", "op_setting_3", *[f"s{i}" for i in range(1, 22)]]
@@ -109,3 +109,62 @@ def test_a_pump_fleet_without_failures_still_gets_a_ranked_list():
     assert {"vibration_mm_s", "bearing_temp_c"} & {e.split("↑")[0].split()[0] for e in top.evidence.split(", ")}
     assert t.risk_rank.tolist() == list(range(1, len(t) + 1))
     assert t.set_index("asset_id").loc[top.name, "risk_rank"] == 1
+
+
+def test_scoring_each_assets_recent_rows_equals_scoring_whole_histories(champion, tmp_path):
+    import pyarrow as pa
+
+    from twinflow import lake
+    from twinflow.tasks.health.score import life_frame, rows_needed
+
+    contract = load_contract("cmapss")
+    test = _read("test")
+    snap = lake.write_lake_table(pa.Table.from_pandas(test, preserve_index=False), str(tmp_path), "running", "b1",
+                                 contract=contract)
+    cols = ["asset_id", "cycle", *CHANNELS]
+    n = max(rows_needed(champion.feature_params), HealthParams().window)
+    recent, extents = lake.read_recent(snap, n, cols)
+    assert recent.num_rows < len(test)  # some histories are longer than the tail
+    params, train = HealthParams(), _read("train")
+    whole = score_fleet(lake.read_lake(snap, columns=cols).to_pandas(), contract, params, champion,
+                        baseline_frame=train, scored_at="t").table
+    part = score_fleet(recent.to_pandas(), contract, params, champion, baseline_frame=train, scored_at="t",
+                       lives=life_frame(extents.to_pandas(), contract)).table
+    pd.testing.assert_frame_equal(part.drop(columns=["life"]), whole.drop(columns=["life"]), rtol=1e-6)
+
+
+def test_an_assets_age_counts_from_its_last_renewal_and_a_new_life_says_so(champion):
+    test = _read("test")
+    test = test[test.asset_id.isin(["1", "2", "3"])]
+    contract = load_contract("cmapss")
+    last = test.groupby("asset_id").cycle.max()
+    # Asset 1 was renewed 20 cycles before its last reading, asset 2 one cycle before; 3 never.
+    segments = pd.DataFrame({"asset_id": ["1", "1", "2", "2", "3"], "segment": [0, 1, 0, 1, 0],
+                             "origin": [0, last["1"] - 20, 0, last["2"] - 1, 0],
+                             "start": [1, last["1"] - 19, 1, last["2"], 1]})
+    params = HealthParams()
+    plain = score_fleet(test, contract, params, champion).table.set_index("asset_id")
+    t = score_fleet(test, contract, params, champion,
+                    lives=life_frame(None, contract, segments)).table.set_index("asset_id")
+    assert t.loc["1", "age"] == 20 and t.loc["1", "life"] == 1 and t.loc["1", "status"] == SCORED
+    assert t.loc["3", "age"] == plain.loc["3", "age"] == last["3"] and t.loc["3", "life"] == 0
+    assert t.loc["2", "age"] == 1 and t.loc["2", "status"] == PARTIAL
+    assert "new life: renewed 1 cycle ago, 1 reading(s) since" in t.loc["2", "reason"]
+    assert np.isnan(t.loc["2", "rul_estimate"]) and np.isfinite(t.loc["2", "p_fail"])
+    # A renewed asset is younger: the lifetime model gives it a lower failure probability.
+    assert t.loc["1", "p_fail"] <= plain.loc["1", "p_fail"]
+
+
+def test_the_pump_generators_truth_gives_each_running_pumps_remaining_life():
+    from twinflow.fleets.pumps import PumpFleetParams, generate_pumps
+    from twinflow.tasks.health.evaluate import true_rul_from_lives
+
+    lives = generate_pumps(PumpFleetParams(n_pumps=6, days=90, seed=2)).lives
+    running = true_rul_from_lives(lives)
+    assert set(running.index) == {lf["machine"] for lf in lives if lf["end_reason"] == "censored"}
+    assert (running > 0).all()
+    # The same arithmetic on lives that did fail puts their failure at their end: nothing left.
+    failed = {lf["machine"]: dict(lf, end_reason="censored") for lf in lives if lf["end_reason"] == "failure"}
+    assert failed and np.allclose(true_rul_from_lives(list(failed.values())), 0.0, atol=0.01)
+    # In the clock's unit (e.g. days).
+    assert np.allclose(true_rul_from_lives(lives, time_unit_hours=24.0), running / 24.0)
