@@ -517,9 +517,9 @@ def main() -> dict:
                                  repeat=max(3, repeat), units=total)
         del keys
         lives = read_lives(lake_path, "fleet")
-        reasons = lives["failed"].value_counts().to_dict()
+        failed = int((lives["end_reason"] == "failure").sum())
         print(f"  segments: {len(lives):,} lives of {assets:,} assets from {events:,} events "
-              f"({reasons.get(True, 0):,} ended in failure); {labelled:,} of {total:,} rows labelled")
+              f"({failed:,} ended in failure); {labelled:,} of {total:,} rows labelled")
 
     from distributed import Client, LocalCluster
 
