@@ -50,6 +50,17 @@ class HealthResult(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
+def running_fleets(lake_path: str) -> list[str]:
+    """The lake's fleet datasets: its tables written under a fleet contract (derived tables such as
+    ``<dataset>__events`` and ``fleet_health`` have none). Empty for a lake on an object store, where
+    listing is not supported: name the dataset there."""
+    from twinflow import lake
+
+    if not lake.is_local(lake_path):
+        return []
+    return [d for d in lake.datasets(lake_path) if lake.table_contract(lake_path, d) is not None]
+
+
 def _snapshot(settings: Any, params: HealthParams, given: LakeSnapshot | None = None) -> LakeSnapshot:
     from twinflow import lake
 
@@ -65,8 +76,14 @@ def _snapshot(settings: Any, params: HealthParams, given: LakeSnapshot | None = 
             snap = snap.model_copy(update={"version": lake.version(snap.lake_path, snap.dataset)})
         return snap
     if params.dataset is None:
-        raise ConfigError("health needs a dataset: set params.dataset (e.g. `twinflow health -d <dataset>`) "
-                          "or pass the lake snapshot of the running fleet")
+        # A plant's lake usually holds one fleet: the hourly schedule then needs no parameter.
+        fleets = running_fleets(settings.lake_path)
+        if len(fleets) != 1:
+            held = f" (the lake holds {', '.join(fleets)})" if fleets else " (the lake holds no fleet yet)"
+            raise ConfigError("health needs a dataset: set params.dataset (e.g. `twinflow health -d <dataset>`) "
+                              "or pass the lake snapshot of the running fleet" + held)
+        log.info("health: scoring %s, the lake's only fleet dataset", fleets[0])
+        params = params.model_copy(update={"dataset": fleets[0]})
     snap = lake.latest_snapshot(settings.lake_path, params.dataset)
     if snap is None:
         raise ConfigError(f"dataset {params.dataset!r} is not in the lake at {settings.lake_path}; "
