@@ -5,8 +5,10 @@ Per batch, in this order (what makes at-least-once delivery exactly-once in the 
 1. messages that did not decode, rows that did not decode and rows that break the fleet contract (the
    asset id, the clock, each channel's declared range) are written to the quarantine with their reason
    and the message's raw bytes (``raw`` = ``base64:<bytes>``), as
-   ``<quarantine>/rows/dataset=<name>/stream-<bridge>-<seq>-<hash>.parquet`` (the file ingest's layout;
-   named by batch sequence and content, so no batch overwrites another's: quarantine delivery is
+   ``<quarantine>/rows/dataset=<name>/stream-<bridge>-<seq>-<run>-<write>-<hash>.parquet`` (the file
+   ingest's layout; ``seq`` only moves on a lake commit, so a quarantine-only batch shares it with its
+   neighbours, and ``<run>-<write>`` (a random token per committer, for restarts, and its count of
+   writes) keeps two batches holding the same bad bytes from writing one file: quarantine delivery is
    at-least-once, a bad message redelivered after a crash may appear twice);
 2. a row whose (asset, time) key is already in the lake with the same values is a redelivery (a restart
    after a commit whose acks were lost) and is dropped, as are exact repeats within the batch; the same
@@ -33,6 +35,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -194,6 +197,8 @@ class Committer:
         last = lk.transaction_version(lake_path, dataset, app_id=app_id, storage_options=storage_options)
         self.seq = (last or 0) + 1
         self.commits = 0
+        self.quarantine_writes = 0
+        self._run_token = uuid.uuid4().hex[:8]
 
     # --- one batch -----------------------------------------------------------------------------------
 
@@ -277,8 +282,10 @@ class Committer:
                            for _, t, _, _ in items], pa.int64())
         q = q.set_column(q.column_names.index(C.ASSET), C.ASSET, assets)
         q = q.set_column(q.column_names.index(C.TIME), C.TIME, cycles)
-        path = Path(lk.local_path(self.quarantine_path)) / "rows" / f"dataset={self.dataset}" / \
-            f"stream-{self.bridge_id}-{self.seq:012d}-{_digest(q)}.parquet"
+        self.quarantine_writes += 1
+        name = (f"stream-{self.bridge_id}-{self.seq:012d}-{self._run_token}-{self.quarantine_writes:06d}-"
+                f"{_digest(q)}.parquet")
+        path = Path(lk.local_path(self.quarantine_path)) / "rows" / f"dataset={self.dataset}" / name
         atomic_write_table(q, path)
         log.warning("bridge %s batch %d: %d quarantined (%s)", self.bridge_id, self.seq, n, items[0][2][:200])
         return n

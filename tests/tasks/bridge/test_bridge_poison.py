@@ -69,6 +69,21 @@ def test_poison_set_is_quarantined_with_raw_bytes_and_the_canary_lands(tmp_path,
     assert _lake(tmp_path) == [{"asset_id": "u9", "cycle": 1}]
 
 
+def test_the_same_bad_bytes_in_two_quarantine_only_batches_are_quarantined_twice(tmp_path):
+    # A batch with nothing for the lake does not move the commit sequence, so two such batches once
+    # wrote the same quarantine file name and the second replaced the first: one of two rows lost.
+    dec, acks = _decoder(), []
+    bad = b'{"asset_id": "u1", "cycle": 1, "s2": 9999.0}'
+    c = Committer(str(tmp_path / "lake"), str(tmp_path / "q"), "stream", "b1", "twinflow-bridge-b1", decoder=dec)
+    for _ in range(2):
+        assert c.commit([_msg(dec, bad, acks)]).rows_quarantined == 1
+    again = Committer(str(tmp_path / "lake"), str(tmp_path / "q"), "stream", "b1", "twinflow-bridge-b1",
+                      decoder=dec)  # a restart: its own writes count from 1 again
+    assert again.commit([_msg(dec, bad, acks)]).rows_quarantined == 1
+    assert len(_quarantine(tmp_path)[bad]) == 3
+    assert len(acks) == 3 and _lake(tmp_path) == []
+
+
 def test_limits_are_configurable():
     big = json.dumps({"asset_id": "u" * 50, "cycle": 1, "s2": 642.0}).encode()
     assert _decoder().decode("json", "t", big).rows
