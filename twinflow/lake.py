@@ -261,6 +261,79 @@ def publish_meta_file(src: Path, lake_path: str, name: str, storage_options: dic
         fs.put_file(str(src), path)
 
 
+STAGING = "staging"
+QUARANTINE = "quarantine"
+
+
+def staging_uri(lake_path: str, batch_id: str) -> str:
+    """Where an object-store lake's writers stage a batch (``<lake>/_staging/<batch_id>``): every host
+    that processes part of the batch and the one that commits it see the same prefix. Nothing there is
+    part of any table version; the committer removes it (:func:`remove_tree`)."""
+    return f"{meta_uri(lake_path, STAGING)}/{batch_id}"
+
+
+def default_quarantine(lake_path: str) -> str | None:
+    """An object-store lake's quarantine when none is configured: ``<lake>/_quarantine``, on the same
+    store as the rows it holds back; None for a local lake (whose quarantine stays a local folder)."""
+    return None if is_local(lake_path) else meta_uri(lake_path, QUARANTINE)
+
+
+def put_tree(src: Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Upload every file under the local folder ``src`` to the prefix ``uri`` (relative names kept).
+
+    Each file is one PUT: a reader sees a whole object or none. Hidden temporary files are skipped.
+    """
+    files = [f for f in sorted(src.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+    if not files:
+        return
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        fs.put([str(f) for f in files], [f"{root}/{f.relative_to(src).as_posix()}" for f in files])
+
+
+def get_tree(uri: str, dest: Path, storage_options: dict[str, Any] | None = None) -> bool:
+    """Download every object under the prefix ``uri`` into the local folder ``dest``.
+
+    Returns:
+        False when there is nothing under ``uri``.
+    """
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        found = fs.find(root)
+        if not found:
+            return False
+        targets = [dest / f[len(root):].lstrip("/") for f in found]
+        for t in targets:
+            t.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(found, [str(t) for t in targets])
+    return True
+
+
+def put_object(src: Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Upload one local file to ``uri`` (one PUT: readers see the old object or the new one)."""
+    with store_errors(uri, storage_options):
+        fs, path = _fs(uri, storage_options)
+        fs.put_file(str(src), path)
+
+
+def find_objects(uri: str, pattern: str = "**", storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The objects under the prefix ``uri`` whose names relative to it match ``pattern`` (fsspec glob),
+    as full URLs."""
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        scheme = uri.split("://", 1)[0]
+        return [f"{scheme}://{p}" for p in sorted(fs.glob(f"{root.rstrip('/')}/{pattern}")) if not fs.isdir(p)]
+
+
+def remove_tree(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete every object under the prefix ``uri`` (nothing there is fine)."""
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        found = fs.find(root)
+        if found:
+            fs.rm(found)
+
+
 def partition_dir(asset: str) -> str:
     """The partition folder name of an asset, as delta-rs writes it (percent-encoded value)."""
     return f"{PARTITION}={quote(asset, safe='')}"
@@ -279,6 +352,11 @@ def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     from twinflow.storage import fsspec_options
 
     return fsspec.core.url_to_fs(uri, **fsspec_options(storage_options))
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec file system of a lake URI (or of its quarantine) and the path in it."""
+    return _fs(uri, storage_options)
 
 
 def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
@@ -1445,11 +1523,12 @@ def migrate_hive(lake_path: str, dataset: str | None = None) -> list[str]:
     return done
 
 
-def read_quarantine(quarantine_path: str, dataset: str | None = None) -> pa.Table:
+def read_quarantine(quarantine_path: str, dataset: str | None = None,
+                    storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Read quarantined rows (all datasets, or one), with a ``dataset`` column."""
     from twinflow.tasks.ingest.quarantine import read_quarantine as _read
 
-    return _read(quarantine_path, dataset)
+    return _read(quarantine_path, dataset, storage_options)
 
 
 def latest_snapshot(lake_path: str, dataset: str,
