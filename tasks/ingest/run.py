@@ -53,7 +53,8 @@ class IngestRun:
 
 def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, batch_id: str,
                     process_batches: ProcessBatches, storage_options: dict[str, Any] | None = None,
-                    on_plan: Callable[[IngestRun], None] | None = None) -> IngestRun:
+                    on_plan: Callable[[IngestRun], None] | None = None,
+                    shared_staging: bool | None = None) -> IngestRun:
     """Ingest the landing folder once, under the lake's ingest lock.
 
     The lake may be local or on an object store (``s3://``; ``storage_options`` in delta-rs keys):
@@ -61,7 +62,9 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
     :func:`~twinflow.tasks.ingest.ledger.open_ledger`), so ingest runs on several hosts take turns and
     each starts from what the last one committed; staging is then under the lake's prefix
     (:func:`twinflow.lake.staging_uri`), where the workers on any host upload what they staged and this
-    host fetches it to commit, and the quarantine may be on the store too.
+    host fetches it to commit, and the quarantine may be on the store too. ``shared_staging=False``
+    keeps an object-store lake's staging in this host's temporary folder instead, for callers whose
+    batches run on this host (in this process, or on a ``LocalCluster``): it saves the round trip.
 
     Steps: settle a crashed run's commit (:meth:`Ledger.recover`) and its staging leftovers; list the
     landing files and route them by the fleet contract (event logs, labels and files no rule matches are
@@ -108,7 +111,7 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
         if on_plan is not None:
             on_plan(run)
         staging = root / STAGING_DIR / batch_id
-        shared = lk.staging_uri(lake_path, batch_id) if remote else None
+        shared = lk.staging_uri(lake_path, batch_id) if remote and shared_staging is not False else None
         results, run.errors = process_batches(run.batches, shared or staging) if run.batches else ([], [])
         if shared is not None:
             results = fetch_staged(results, shared, staging, so)
@@ -217,7 +220,8 @@ def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_
                 errors.append(exc)
         return outcomes, errors
 
-    run = ingest_sequence(params, lake_path, quarantine_path, batch_id, sequential)
+    # Every batch runs in this process: staging needs no trip through an object store.
+    run = ingest_sequence(params, lake_path, quarantine_path, batch_id, sequential, shared_staging=False)
     if run.errors:
         raise run.errors[0]
     return run.outcomes
