@@ -125,3 +125,32 @@ def test_reads_with_wrong_credentials_or_a_vanished_file_fail_clearly(s3):
         lake.read_files([path], ["timestamp"], {**so, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, sizes=[size])
     with pytest.raises(FileNotFoundError):
         lake.read_files([path + ".gone"], ["timestamp"], so, sizes=[size])
+
+
+def test_readers_given_no_options_use_the_lakes_options_from_settings(s3, monkeypatch, tmp_path):
+    """Stages that read the lake without passing options (twin calibration, simulate, health) reach the
+    store with the settings' options; explicit options still win."""
+    import json
+
+    pumps, so, root = load_contract("pumps"), s3.options(), s3.url("lake-d")
+    snap = lake.write_lake_table(pump_rows("p1"), root, "pumps", "b1", storage_options=so, contract=pumps)
+    secret = {k: so[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    monkeypatch.setenv("TWINFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TWINFLOW_LAKE__STORAGE_OPTIONS", json.dumps({k: v for k, v in so.items() if k not in secret}))
+    monkeypatch.setenv("TWINFLOW_LAKE__SECRET_OPTIONS", json.dumps(secret))
+    assert lake.snapshot_contract(snap) == pumps
+    assert lake.read_lake(snap).num_rows == 3
+    assert lake.read_files([p for p, _ in lake.list_files(snap)["p1"]], ["timestamp"]).num_rows == 3
+    with pytest.raises(ConfigError, match="refused the credentials"):
+        lake.read_lake(snap, storage_options=s3.options(secret="wrong-secret-1"))
+
+
+def test_result_tables_on_s3(s3):
+    """A stage's result table (e.g. fleet health) appends and replaces its own key on an s3:// lake."""
+    so, root = s3.options(), s3.url("lake-res")
+    run = pa.table({"run": ["r1", "r1"], "asset_id": ["p1", "p2"], "score": [0.1, 0.2]})
+    v0 = lake.write_results(root, "fleet_health", run, key_column="run", key="r1", storage_options=so)
+    again = lake.write_results(root, "fleet_health", run, key_column="run", key="r1", storage_options=so)
+    assert again == v0 + 1
+    got = lake.read_results(root, "fleet_health", storage_options=so)
+    assert got.num_rows == 2 and sorted(got.column("asset_id").to_pylist()) == ["p1", "p2"]

@@ -339,10 +339,23 @@ def partition_dir(asset: str) -> str:
     return f"{PARTITION}={quote(asset, safe='')}"
 
 
+def _settings_options(storage_options: dict[str, Any] | None, uri: str) -> dict[str, Any] | None:
+    """The caller's options; for an object-store URI given none, the lake's options from the active
+    settings (credentials block, ``storage_options``, ``secret_options``): stages that read the lake
+    without passing options (the twin's calibration, simulate, health) then reach the same store."""
+    if storage_options is not None or not is_object_store(uri):
+        return storage_options
+    from twinflow import runtime
+    from twinflow.settings import get_settings
+
+    active = runtime.current()
+    return (active.settings if active is not None else get_settings()).lake.fsspec_options() or None
+
+
 def _options(storage_options: dict[str, Any] | None, uri: str = "") -> dict[str, str] | None:
     from twinflow.storage import delta_options
 
-    return delta_options(uri, storage_options)
+    return delta_options(uri, _settings_options(storage_options, uri))
 
 
 def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
@@ -351,7 +364,7 @@ def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
 
     from twinflow.storage import fsspec_options
 
-    return fsspec.core.url_to_fs(uri, **fsspec_options(storage_options))
+    return fsspec.core.url_to_fs(uri, **fsspec_options(_settings_options(storage_options, uri)))
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
@@ -1340,11 +1353,13 @@ def table_contract(lake_path: str, dataset: str, storage_options: dict[str, Any]
     from twinflow.contract.store import contract_from_dict
 
     uri = _contract_uri(lake_path, dataset)
-    fs, path = _fs(uri, storage_options)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as fh:
-        return contract_from_dict(yaml.safe_load(fh), f"of table {dataset!r}")
+    with store_errors(uri, storage_options):  # a refused key: one line, as for the table itself
+        fs, path = _fs(uri, storage_options)
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as fh:
+            text = fh.read()
+    return contract_from_dict(yaml.safe_load(text), f"of table {dataset!r}")
 
 
 def write_contract(lake_path: str, dataset: str, contract: FleetContract,
@@ -1579,10 +1594,10 @@ def write_results(lake_path: str, name: str, table: pa.Table, *, key_column: str
     predicate = f"{key_column} = '{key.replace(chr(39), chr(39) * 2)}'"
     write_deltalake(uri, table, mode="overwrite" if exists else "append",
                     predicate=predicate if exists else None, schema_mode="merge" if exists else None,
-                    commit_properties=props, storage_options=_options(storage_options))
+                    commit_properties=props, storage_options=_options(storage_options, uri))
     from deltalake import DeltaTable
 
-    return DeltaTable(uri, storage_options=_options(storage_options)).version()
+    return DeltaTable(uri, storage_options=_options(storage_options, uri)).version()
 
 
 def read_results(lake_path: str, name: str, columns: list[str] | None = None, filter: Any = None,
@@ -1593,7 +1608,7 @@ def read_results(lake_path: str, name: str, columns: list[str] | None = None, fi
     uri = results_uri(lake_path, name)
     if not _exists(uri, storage_options):
         return None
-    dt = DeltaTable(uri, version=version, storage_options=_options(storage_options))
+    dt = DeltaTable(uri, version=version, storage_options=_options(storage_options, uri))
     ds = dt.to_pyarrow_dataset()
     cols = [c for c in columns if c in ds.schema.names] if columns else None
     return _plain_strings(ds.to_table(columns=cols, filter=filter))

@@ -67,7 +67,10 @@ log = logging.getLogger("twinflow.features")
 def _fs(path: str, storage_options: dict | None = None):
     import fsspec
 
-    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+    from twinflow.storage import fsspec_options
+
+    # The lake's options are in delta-rs' keys (AWS_ENDPOINT_URL ...): s3fs needs its own words.
+    return fsspec.core.url_to_fs(path, **fsspec_options(storage_options))
 
 
 def list_lake_files(snapshot: LakeSnapshot, storage_options: dict | None = None
@@ -91,14 +94,18 @@ def lake_fingerprint(groups: dict[str, list[tuple[str, int]]], dataset_path: str
 
     Part of the cache key, so that a lake rewritten under an unchanged snapshot still recomputes.
     """
-    fs, _ = _fs(dataset_path, storage_options)
+    fs, root = _fs(dataset_path, storage_options)
+    listed: dict[str, dict] | None = None
+    if "://" in dataset_path and not dataset_path.startswith("file://"):
+        # One listing of the table (a request per 1,000 objects), not a HEAD per data file.
+        listed = {fs._strip_protocol(p): info for p, info in fs.find(root, detail=True).items()}
     h = hashlib.sha256()
     for asset in sorted(groups):
         for path, size in groups[asset]:
             try:
-                info = fs.info(path)
+                info = fs.info(path) if listed is None else listed[fs._strip_protocol(path)]
                 mtime = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-            except OSError:  # a file vanishing between listing and here changes the digest too
+            except (OSError, KeyError):  # a file vanishing between listing and here changes the digest too
                 mtime = "?"
             h.update(f"{path}|{size}|{mtime}\n".encode())
     return h.hexdigest()[:16]
