@@ -185,11 +185,18 @@ def hive_read_partition(files, columns) -> pd.DataFrame:
     return frame
 
 
-def read_all(groups: dict, columns: list[str], reader) -> int:
-    """Read every partition of 100 assets with ``reader``; returns the rows read."""
+def read_all(groups: dict, columns: list[str], reader, sized: bool = False) -> int:
+    """Read every partition of 100 assets with ``reader``; returns the rows read.
+
+    ``sized``: pass the files' sizes from the listing too (``sizes=``), as the features flow does.
+    """
     assets = sorted(groups)
-    return sum(len(reader([p for a in assets[i:i + CHUNK_ASSETS] for p, _ in groups[a]], columns))
-               for i in range(0, len(assets), CHUNK_ASSETS))
+    total = 0
+    for i in range(0, len(assets), CHUNK_ASSETS):
+        files = [f for a in assets[i:i + CHUNK_ASSETS] for f in groups[a]]
+        extra = {"sizes": [b for _, b in files]} if sized else {}
+        total += len(reader([p for p, _ in files], columns, **extra))
+    return total
 
 
 def load_chunks(dataset: str, groups: dict, channels: list[str], key: str = "cycle") -> list[pd.DataFrame]:
@@ -393,10 +400,12 @@ def s3_reads(args, work: Path, snap, groups: dict, cols: list[str], total: int) 
         remote_groups = ft.list_lake_files(remote, so)
         assert sorted(remote_groups) == sorted(groups)
         bench = Bench("features lake reads, S3 vs local", baseline="lake read: local lake (Delta)", units=total)
+        # Both readers get the listing's sizes, as the features flow passes them (the S3 reader then
+        # fetches each file with one GET; the local one ignores them).
         reads = bench.measure_rounds({
-            "lake read: local lake (Delta)": lambda: read_all(groups, cols, ft.read_partition),
+            "lake read: local lake (Delta)": lambda: read_all(groups, cols, ft.read_partition, sized=True),
             "lake read: S3 lake, SeaweedFS loopback": lambda: read_all(
-                remote_groups, cols, partial(ft.read_partition, storage_options=so)),
+                remote_groups, cols, partial(ft.read_partition, storage_options=so), sized=True),
         }, repeat=max(3, args.repeat), warmup=1)
         assert set(reads.values()) == {total}, reads  # both read every row
         summary = bench.report(args.json)

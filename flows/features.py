@@ -150,11 +150,13 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
         parts = ft.plan_partitions(groups, params.partition_bytes, min_partitions=4 * max(1, workers))
         logger.info("features of %s (contract %s): %d asset(s) in %d partition(s), %d channel(s), backend %s",
                     snapshot.dataset, contract.summary(), len(groups), len(parts), len(channels), backend)
+        # The Delta log's sizes: on an object store each file is then one GET, no HEAD first.
+        sizes = {path: size for files in groups.values() for path, size in files}
         if fit is None:
-            fit = ft.fit_task(parts, channels, op_columns, params, storage)
+            fit = ft.fit_task(parts, channels, op_columns, params, storage, sizes)
         tmp = ft.new_temp_dir(final)
         try:
-            summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage, clock, lives)
+            summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage, clock, lives, sizes)
             names = ft.feature_names(fit, params, clock)
             keys = [contracts.ASSET, clock.key] + ([ft.LABEL] if params.label else [])
             summary = ft.summarise(summaries, names, keys)

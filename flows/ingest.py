@@ -141,8 +141,13 @@ def ingest(params: IngestParams) -> IngestResult:
                 errors.append(exc)
         return results, errors
 
-    with runtime.ensure(settings):
-        run = ingest_sequence(params, settings.lake_path, quarantine, batch_id, on_cluster, so, on_plan=log_plan)
+    with runtime.ensure(settings) as active:
+        # A cluster twinflow started runs on this host and shares its disk; an external scheduler's
+        # workers may not, so an object-store lake's staging then goes through the store.
+        cluster = active.cluster
+        local_workers = cluster is not None and cluster.owned and cluster.mode != "address"
+        run = ingest_sequence(params, settings.lake_path, quarantine, batch_id, on_cluster, so, on_plan=log_plan,
+                              shared_staging=False if local_workers else None)
     summaries = _summaries(run.batches, run.outcomes)
     if run.batches:
         _artifacts(batch_id, run.batches, run.outcomes, summaries, run.unchanged)

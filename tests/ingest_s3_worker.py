@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
 
         out = []
         for b in batches:
-            out.extend(process_files(b, params, staging, Path(quarantine), batch_id, {}))
+            out.extend(process_files(b, params, staging, Path(quarantine), batch_id, {}, staging_options=options))
         return out, []
 
     run = ingest_sequence(params, lake_url, quarantine, batch_id, sequential, storage_options=options)

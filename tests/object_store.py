@@ -95,7 +95,10 @@ def start_seaweedfs(root: Path, timeout: float = 60.0) -> S3Store:
            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=0",
            f"-master.port={m}", f"-master.port.grpc={mg}", f"-volume.port={v}", f"-volume.port.grpc={vg}",
            "-filer", f"-filer.port={f}", f"-filer.port.grpc={fg}",
-           "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3g}", f"-s3.config={config}"]
+           "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3g}", f"-s3.config={config}",
+           # The Iceberg and Lance catalogs listen on fixed ports (8181, 9101): a second store on the
+           # machine (a parallel test run) died on them. Nothing here uses them.
+           "-s3.port.iceberg=0", "-s3.port.lance=0"]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)

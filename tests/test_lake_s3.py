@@ -77,3 +77,80 @@ def test_wrong_credentials_and_unreachable_endpoint_give_one_clear_line(s3):
         lake.write_lake_table(rows, "s3://no-such-bucket/lake", "d", "b1", storage_options=s3.options(),
                               contract=cmapss)
     assert lake.open_table(s3.url("lake-c"), "d", storage_options=s3.options()) is None  # nothing written
+
+
+def test_reads_on_s3_equal_the_same_lake_read_locally(s3, tmp_path):
+    """Whole-asset reads (features, Dask, health's tails, extents) from an S3 lake return exactly what
+    the same table returns from a local folder, with or without the Delta log's sizes; asset ids that
+    need percent-encoding in the partition folder included."""
+    pumps, so = load_contract("pumps"), s3.options()
+    remote, local = s3.url("lake-r"), str(tmp_path / "lake")
+    assets = ["p1", "a/b c", "ü%25", *(f"q{i}" for i in range(30))]  # more files than are fetched ahead
+    for i in range(2):  # two batches: two files per asset
+        rows = pa.concat_tables([pump_rows(a, start=f"2026-01-0{i + 1}", n=4 + i) for a in assets])
+        for root, opts in ((remote, so), (local, None)):
+            snap = lake.write_lake_table(rows, root, "pumps", f"b{i}", storage_options=opts, contract=pumps)
+    rsnap, lsnap = lake.snapshot(remote, "pumps", so), lake.snapshot(local, "pumps")
+    rfiles, lfiles = lake.list_files(rsnap, so), lake.list_files(lsnap)
+    assert sorted(rfiles) == sorted(lfiles) == sorted(assets)
+    cols = ["asset_id", "timestamp", "vibration_mm_s", "batch_id"]
+
+    def flat(groups):
+        return [f for a in sorted(groups) for f in groups[a]]
+
+    want = lake.read_files([p for p, _ in flat(lfiles)], cols).sort_by([("asset_id", "ascending"),
+                                                                        ("timestamp", "ascending")])
+    assert want.num_rows == len(assets) * 9
+    for sizes in (None, [b for _, b in flat(rfiles)]):
+        got = lake.read_files([p for p, _ in flat(rfiles)], cols, so, sizes=sizes)
+        assert got.sort_by([("asset_id", "ascending"), ("timestamp", "ascending")]).equals(want)
+    dask_frame = lake.to_dask(rsnap, cols, assets_per_partition=7, storage_options=so).compute()
+    assert len(dask_frame) == want.num_rows and set(dask_frame.asset_id) == set(assets)
+    for r, w in zip(lake.read_recent(rsnap, 3, ["vibration_mm_s"], so), lake.read_recent(lsnap, 3, ["vibration_mm_s"])):
+        assert r.equals(w)
+    assert lake.time_extents(rsnap, so).equals(lake.time_extents(lsnap))
+    with pytest.raises(ValueError, match="2 sizes for 3 paths"):
+        lake.read_files([p for p, _ in flat(rfiles)][:3], cols, so, sizes=[1, 2])
+
+
+def test_reads_with_wrong_credentials_or_a_vanished_file_fail_clearly(s3):
+    pumps, so, root = load_contract("pumps"), s3.options(), s3.url("lake-w")
+    snap = lake.write_lake_table(pump_rows("p1"), root, "pumps", "b1", storage_options=so, contract=pumps)
+    [(path, size)] = lake.list_files(snap, so)["p1"]
+    secret = "not-the-secret-43"
+    with pytest.raises(ConfigError, match="refused the credentials") as bad:
+        lake.read_files([path], ["timestamp"], s3.options(secret=secret), sizes=[size])
+    assert "\n" not in str(bad.value) and secret not in str(bad.value)
+    with pytest.raises(ServiceUnavailable, match="unreachable"):
+        lake.read_files([path], ["timestamp"], {**so, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, sizes=[size])
+    with pytest.raises(FileNotFoundError):
+        lake.read_files([path + ".gone"], ["timestamp"], so, sizes=[size])
+
+
+def test_readers_given_no_options_use_the_lakes_options_from_settings(s3, monkeypatch, tmp_path):
+    """Stages that read the lake without passing options (twin calibration, simulate, health) reach the
+    store with the settings' options; explicit options still win."""
+    import json
+
+    pumps, so, root = load_contract("pumps"), s3.options(), s3.url("lake-d")
+    snap = lake.write_lake_table(pump_rows("p1"), root, "pumps", "b1", storage_options=so, contract=pumps)
+    secret = {k: so[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    monkeypatch.setenv("TWINFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TWINFLOW_LAKE__STORAGE_OPTIONS", json.dumps({k: v for k, v in so.items() if k not in secret}))
+    monkeypatch.setenv("TWINFLOW_LAKE__SECRET_OPTIONS", json.dumps(secret))
+    assert lake.snapshot_contract(snap) == pumps
+    assert lake.read_lake(snap).num_rows == 3
+    assert lake.read_files([p for p, _ in lake.list_files(snap)["p1"]], ["timestamp"]).num_rows == 3
+    with pytest.raises(ConfigError, match="refused the credentials"):
+        lake.read_lake(snap, storage_options=s3.options(secret="wrong-secret-1"))
+
+
+def test_result_tables_on_s3(s3):
+    """A stage's result table (e.g. fleet health) appends and replaces its own key on an s3:// lake."""
+    so, root = s3.options(), s3.url("lake-res")
+    run = pa.table({"run": ["r1", "r1"], "asset_id": ["p1", "p2"], "score": [0.1, 0.2]})
+    v0 = lake.write_results(root, "fleet_health", run, key_column="run", key="r1", storage_options=so)
+    again = lake.write_results(root, "fleet_health", run, key_column="run", key="r1", storage_options=so)
+    assert again == v0 + 1
+    got = lake.read_results(root, "fleet_health", storage_options=so)
+    assert got.num_rows == 2 and sorted(got.column("asset_id").to_pylist()) == ["p1", "p2"]

@@ -28,6 +28,10 @@ def test_nested_env_and_overrides(monkeypatch):
     assert s.dask.mode == "address" and s.dask.address == "tcp://127.0.0.1:1"
     assert s.mlflow.experiment == "plant-7"
     assert s.lake_path == "s3://bucket/lake"
+    # An object-store lake quarantines on its own store unless told otherwise; a local lake at home.
+    assert s.quarantine_path == "s3://bucket/lake/_quarantine"
+    assert get_settings(lake={"lake": "s3://bucket/lake", "quarantine": "/q"}).quarantine_path == "/q"
+    assert get_settings(lake={"lake": "/data/lake"}).quarantine_path == str(s.home / "quarantine")
 
 
 def test_unknown_env_key_is_named_with_suggestion(monkeypatch):

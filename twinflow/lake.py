@@ -49,6 +49,7 @@ from twinflow import contracts as C
 from twinflow.contract.model import FleetContract
 from twinflow.errors import ConfigError, ServiceUnavailable
 from twinflow.refs import FileRef, LakeSnapshot
+from twinflow.storage import is_object_store
 
 if TYPE_CHECKING:
     from deltalake import DeltaTable
@@ -260,15 +261,101 @@ def publish_meta_file(src: Path, lake_path: str, name: str, storage_options: dic
         fs.put_file(str(src), path)
 
 
+STAGING = "staging"
+QUARANTINE = "quarantine"
+
+
+def staging_uri(lake_path: str, batch_id: str) -> str:
+    """Where an object-store lake's writers stage a batch (``<lake>/_staging/<batch_id>``): every host
+    that processes part of the batch and the one that commits it see the same prefix. Nothing there is
+    part of any table version; the committer removes it (:func:`remove_tree`)."""
+    return f"{meta_uri(lake_path, STAGING)}/{batch_id}"
+
+
+def default_quarantine(lake_path: str) -> str | None:
+    """An object-store lake's quarantine when none is configured: ``<lake>/_quarantine``, on the same
+    store as the rows it holds back; None for a local lake (whose quarantine stays a local folder)."""
+    return None if is_local(lake_path) else meta_uri(lake_path, QUARANTINE)
+
+
+def put_tree(src: Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Upload every file under the local folder ``src`` to the prefix ``uri`` (relative names kept).
+
+    Each file is one PUT: a reader sees a whole object or none. Hidden temporary files are skipped.
+    """
+    files = [f for f in sorted(src.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+    if not files:
+        return
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        fs.put([str(f) for f in files], [f"{root}/{f.relative_to(src).as_posix()}" for f in files])
+
+
+def get_tree(uri: str, dest: Path, storage_options: dict[str, Any] | None = None) -> bool:
+    """Download every object under the prefix ``uri`` into the local folder ``dest``.
+
+    Returns:
+        False when there is nothing under ``uri``.
+    """
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        found = fs.find(root)
+        if not found:
+            return False
+        targets = [dest / f[len(root):].lstrip("/") for f in found]
+        for t in targets:
+            t.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(found, [str(t) for t in targets])
+    return True
+
+
+def put_object(src: Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Upload one local file to ``uri`` (one PUT: readers see the old object or the new one)."""
+    with store_errors(uri, storage_options):
+        fs, path = _fs(uri, storage_options)
+        fs.put_file(str(src), path)
+
+
+def find_objects(uri: str, pattern: str = "**", storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The objects under the prefix ``uri`` whose names relative to it match ``pattern`` (fsspec glob),
+    as full URLs."""
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        scheme = uri.split("://", 1)[0]
+        return [f"{scheme}://{p}" for p in sorted(fs.glob(f"{root.rstrip('/')}/{pattern}")) if not fs.isdir(p)]
+
+
+def remove_tree(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete every object under the prefix ``uri`` (nothing there is fine)."""
+    with store_errors(uri, storage_options):
+        fs, root = _fs(uri, storage_options)
+        found = fs.find(root)
+        if found:
+            fs.rm(found)
+
+
 def partition_dir(asset: str) -> str:
     """The partition folder name of an asset, as delta-rs writes it (percent-encoded value)."""
     return f"{PARTITION}={quote(asset, safe='')}"
 
 
+def _settings_options(storage_options: dict[str, Any] | None, uri: str) -> dict[str, Any] | None:
+    """The caller's options; for an object-store URI given none, the lake's options from the active
+    settings (credentials block, ``storage_options``, ``secret_options``): stages that read the lake
+    without passing options (the twin's calibration, simulate, health) then reach the same store."""
+    if storage_options is not None or not is_object_store(uri):
+        return storage_options
+    from twinflow import runtime
+    from twinflow.settings import get_settings
+
+    active = runtime.current()
+    return (active.settings if active is not None else get_settings()).lake.fsspec_options() or None
+
+
 def _options(storage_options: dict[str, Any] | None, uri: str = "") -> dict[str, str] | None:
     from twinflow.storage import delta_options
 
-    return delta_options(uri, storage_options)
+    return delta_options(uri, _settings_options(storage_options, uri))
 
 
 def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
@@ -277,7 +364,12 @@ def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
 
     from twinflow.storage import fsspec_options
 
-    return fsspec.core.url_to_fs(uri, **fsspec_options(storage_options))
+    return fsspec.core.url_to_fs(uri, **fsspec_options(_settings_options(storage_options, uri)))
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec file system of a lake URI (or of its quarantine) and the path in it."""
+    return _fs(uri, storage_options)
 
 
 def _exists(uri: str, storage_options: dict[str, Any] | None) -> bool:
@@ -861,6 +953,7 @@ def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = N
         ticks.append(col.to_pandas().astype("Float64"))
     root = dt.table_uri.rstrip("/").removeprefix("file://")
     files = pd.DataFrame({"path": actions.column("path").to_pylist(),
+                          "size": actions.column("size_bytes").to_numpy(zero_copy_only=False).astype(np.int64),
                           "asset": actions.column(f"partition.{PARTITION}").to_pylist(),
                           "n": actions.column("num_records").to_numpy(zero_copy_only=False).astype(np.int64),
                           "lo": ticks[0], "hi": ticks[1]})
@@ -877,7 +970,10 @@ def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = N
     paths = [(rel if "://" in rel else f"{root}/{rel}") for rel in map(unquote, chosen["path"])]
     assets, file_asset = np.unique(chosen["asset"].to_numpy(dtype=object).astype(str), return_inverse=True)
     data_cols = [c for c in cols if c != PARTITION]
-    parts = [_read_file(p, data_cols, storage_options) for p in paths]
+    if is_object_store(snapshot.lake_path):
+        parts = list(_read_tables(paths, data_cols, storage_options, chosen["size"].tolist()))
+    else:
+        parts = [_read_file(p, data_cols, storage_options) for p in paths]
     table = pa.concat_tables(parts, promote_options="permissive") if parts else schema.empty_table().select(data_cols)
     # Asset codes from the files' order: no string column is built until the tail is cut.
     codes = np.repeat(file_asset, [t.num_rows for t in parts]).astype(np.int32)
@@ -999,6 +1095,7 @@ def time_extents(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None 
     assets = np.asarray(actions.column(f"partition.{PARTITION}").to_pylist(), dtype=object)
     root = dt.table_uri.rstrip("/").removeprefix("file://")
     paths = [rel if "://" in rel else f"{root}/{rel}" for rel in map(unquote, actions.column("path").to_pylist())]
+    sizes = actions.column("size_bytes").to_pylist()
     import pandas as pd
 
     df = pd.DataFrame({"asset": assets, "lo": lo, "hi": hi})
@@ -1006,8 +1103,9 @@ def time_extents(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None 
     unknown = df[["lo", "hi"]].isna().any(axis=1).groupby(df["asset"]).transform("any")
     first_min, last_max = g["lo"].transform("min"), g["hi"].transform("max")
     keep = unknown | (df["lo"] <= first_min + slack) | (df["hi"] >= last_max - slack)
-    chosen = [p for p, k in zip(paths, keep.to_numpy()) if k]
-    table = read_files(chosen, [PARTITION, key, "source_file"], storage_options)
+    chosen = [(p, b) for p, b, k in zip(paths, sizes, keep.to_numpy()) if k]
+    table = read_files([p for p, _ in chosen], [PARTITION, key, "source_file"], storage_options,
+                       sizes=[b for _, b in chosen])
     table = _plain_strings(table).sort_by([(PARTITION, "ascending"), (key, "ascending")])
     a = table.column(PARTITION).to_numpy(zero_copy_only=False)
     if len(a) == 0:
@@ -1061,35 +1159,108 @@ def asset_of(path: str) -> str:
     return unquote(folder[len(PARTITION) + 1:])
 
 
-def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None
-               ) -> pa.Table:
+# Objects one read keeps in flight: enough to keep a store's connections busy while the caller
+# decodes, few enough that a batch of large files never sits in memory all at once.
+_FETCH_AHEAD = 16
+
+
+def _object_handler(root: str, storage_options: dict[str, Any] | None, sizes: dict[str, int]) -> Any:
+    """delta-rs' object-store file system (Rust ``object_store``) on bucket ``root``.
+
+    With each object's size known from the Delta log, a read is one ranged GET, no HEAD first.
+    """
+    from deltalake.fs import DeltaStorageHandler
+
+    return DeltaStorageHandler(root, _options(storage_options, root), known_sizes=sizes or None)
+
+
+def _fetch_objects(paths: Sequence[str], sizes: Sequence[int | None], storage_options: dict[str, Any] | None
+                   ) -> Iterator[bytes]:
+    """The whole objects at ``paths`` (``s3://bucket/key``), in order, ``_FETCH_AHEAD`` in flight.
+
+    Why not s3fs: botocore costs ~3 ms of the caller's CPU per request and its event loop holds the
+    GIL, while delta-rs' Rust client costs ~0.3 ms and releases it, so the caller decodes one file
+    while the next ones arrive.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    roots: dict[str, dict[str, int]] = {}
+    keys = []
+    for path, size in zip(paths, sizes):
+        scheme, rest = path.split("://", 1)
+        bucket, key = rest.split("/", 1)
+        root = f"{scheme}://{bucket}"
+        keys.append((root, key))
+        if size is not None:
+            roots.setdefault(root, {})[key] = int(size)
+        else:
+            roots.setdefault(root, {})
+    handlers = {root: _object_handler(root, storage_options, known) for root, known in roots.items()}
+
+    def get(item: tuple[str, str]) -> bytes:
+        root, key = item
+        with handlers[root].open_input_file(key) as fh:
+            return fh.read()
+
+    with ThreadPoolExecutor(max_workers=min(_FETCH_AHEAD, len(keys))) as pool:
+        pending = [pool.submit(get, k) for k in keys[:_FETCH_AHEAD]]
+        for i in range(len(keys)):
+            blob = pending[i].result()
+            pending[i] = None  # type: ignore[call-overload]  # the bytes leave with the caller
+            if i + _FETCH_AHEAD < len(keys):
+                pending.append(pool.submit(get, keys[i + _FETCH_AHEAD]))
+            yield blob
+
+
+def _read_tables(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
+                 sizes: Sequence[int] | None = None) -> Iterator[pa.Table]:
+    """Each data file's ``columns`` (those it has; no partition column), in the order of ``paths``."""
+    import pyarrow.parquet as pq
+    from fsspec.implementations.local import LocalFileSystem
+
+    if sizes is not None and len(sizes) != len(paths):
+        raise ValueError(f"{len(sizes)} sizes for {len(paths)} paths")
+    if not paths:
+        return
+    if is_object_store(paths[0]):
+        # Whole objects, fetched ahead while the previous ones decode: opening a file and reading its
+        # footer, then its column chunks, costs several sequential round trips per file.
+        with store_errors(paths[0], storage_options):
+            for blob in _fetch_objects(paths, sizes or [None] * len(paths), storage_options):
+                yield pq.ParquetFile(pa.BufferReader(blob)).read(columns=list(columns), use_threads=False)
+        return
+    fs, _ = _fs(paths[0], storage_options)
+    local = isinstance(fs, LocalFileSystem)
+    blobs: dict[str, bytes] = {}
+    if not local:
+        # Other fsspec stores: one concurrent fetch of the whole files.
+        with store_errors(paths[0], storage_options):
+            blobs = fs.cat([fs._strip_protocol(p) for p in paths], on_error="raise")
+    for path in paths:
+        p = fs._strip_protocol(path)
+        source = p if local else pa.BufferReader(blobs.pop(p))
+        yield pq.ParquetFile(source, pre_buffer=False).read(columns=list(columns), use_threads=False)
+
+
+def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
+               sizes: Sequence[int] | None = None) -> pa.Table:
     """Read data files of one table (whole assets) into one Arrow table with ``columns``.
 
     The asset column, a partition column in Delta (not stored in the files), is filled from each
     file's partition folder. ``ParquetFile.read`` with one thread per file: much faster per small file
     than dataset discovery, and a Dask worker's thread count is the cluster's to decide.
-    """
-    import pyarrow.parquet as pq
-    from fsspec.implementations.local import LocalFileSystem
 
+    Args:
+        paths: Data files, as :func:`list_files` names them.
+        columns: Columns to return (those a file lacks are left out of its part).
+        storage_options: Object-store options of the lake.
+        sizes: Each file's bytes (:func:`list_files` gives them from the Delta log): on an object
+            store, a file is then fetched with one request instead of two.
+    """
     cols = [c for c in columns if c != PARTITION]
-    want_asset = PARTITION in columns
-    fs, _ = _fs(paths[0], storage_options)
-    local = isinstance(fs, LocalFileSystem)
-    blobs: dict[str, bytes] = {}
-    if not local:
-        # One concurrent fetch of the whole files: opening each and reading its footer, then its
-        # column chunks, costs several sequential round trips per file (S3 reads ran at ~0.1x of local).
-        with store_errors(paths[0], storage_options):
-            blobs = fs.cat([fs._strip_protocol(p) for p in paths], on_error="raise")
     tables = []
-    for path in paths:
-        p = fs._strip_protocol(path)
-        if local:
-            t = pq.ParquetFile(p, pre_buffer=False).read(columns=cols, use_threads=False)
-        else:
-            t = pq.ParquetFile(pa.BufferReader(blobs.pop(p))).read(columns=cols, use_threads=False)
-        if want_asset:
+    for path, t in zip(paths, _read_tables(paths, cols, storage_options, sizes)):
+        if PARTITION in columns:
             t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset_of(path), pa.string()), t.num_rows))
         tables.append(t)
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
@@ -1112,16 +1283,16 @@ def to_dask(snapshot: LakeSnapshot, columns: Sequence[str] | None = None, assets
     cols = list(columns or schema.names)
     groups = list_files(snapshot, storage_options)
     assets = sorted(groups)
-    parts = [[p for a in assets[i:i + assets_per_partition] for p, _ in groups[a]]
+    parts = [[f for a in assets[i:i + assets_per_partition] for f in groups[a]]
              for i in range(0, len(assets), assets_per_partition)]
     meta = schema.empty_table().select(cols).to_pandas()
     return dd.from_map(_read_pandas_part, parts, columns=cols, storage_options=storage_options, meta=meta,
                        enforce_metadata=False)
 
 
-def _read_pandas_part(files: Sequence[str], columns: Sequence[str],
+def _read_pandas_part(files: Sequence[tuple[str, int]], columns: Sequence[str],
                       storage_options: dict[str, Any] | None = None) -> "Any":
-    return read_files(files, columns, storage_options).to_pandas()
+    return read_files([p for p, _ in files], columns, storage_options, sizes=[b for _, b in files]).to_pandas()
 
 
 def read_keys(lake_path: str, dataset: str, asset: str, sources: Sequence[str],
@@ -1182,11 +1353,13 @@ def table_contract(lake_path: str, dataset: str, storage_options: dict[str, Any]
     from twinflow.contract.store import contract_from_dict
 
     uri = _contract_uri(lake_path, dataset)
-    fs, path = _fs(uri, storage_options)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as fh:
-        return contract_from_dict(yaml.safe_load(fh), f"of table {dataset!r}")
+    with store_errors(uri, storage_options):  # a refused key: one line, as for the table itself
+        fs, path = _fs(uri, storage_options)
+        if not fs.exists(path):
+            return None
+        with fs.open(path, "r") as fh:
+            text = fh.read()
+    return contract_from_dict(yaml.safe_load(text), f"of table {dataset!r}")
 
 
 def write_contract(lake_path: str, dataset: str, contract: FleetContract,
@@ -1365,11 +1538,12 @@ def migrate_hive(lake_path: str, dataset: str | None = None) -> list[str]:
     return done
 
 
-def read_quarantine(quarantine_path: str, dataset: str | None = None) -> pa.Table:
+def read_quarantine(quarantine_path: str, dataset: str | None = None,
+                    storage_options: dict[str, Any] | None = None) -> pa.Table:
     """Read quarantined rows (all datasets, or one), with a ``dataset`` column."""
     from twinflow.tasks.ingest.quarantine import read_quarantine as _read
 
-    return _read(quarantine_path, dataset)
+    return _read(quarantine_path, dataset, storage_options)
 
 
 def latest_snapshot(lake_path: str, dataset: str,
@@ -1420,10 +1594,10 @@ def write_results(lake_path: str, name: str, table: pa.Table, *, key_column: str
     predicate = f"{key_column} = '{key.replace(chr(39), chr(39) * 2)}'"
     write_deltalake(uri, table, mode="overwrite" if exists else "append",
                     predicate=predicate if exists else None, schema_mode="merge" if exists else None,
-                    commit_properties=props, storage_options=_options(storage_options))
+                    commit_properties=props, storage_options=_options(storage_options, uri))
     from deltalake import DeltaTable
 
-    return DeltaTable(uri, storage_options=_options(storage_options)).version()
+    return DeltaTable(uri, storage_options=_options(storage_options, uri)).version()
 
 
 def read_results(lake_path: str, name: str, columns: list[str] | None = None, filter: Any = None,
@@ -1434,7 +1608,7 @@ def read_results(lake_path: str, name: str, columns: list[str] | None = None, fi
     uri = results_uri(lake_path, name)
     if not _exists(uri, storage_options):
         return None
-    dt = DeltaTable(uri, version=version, storage_options=_options(storage_options))
+    dt = DeltaTable(uri, version=version, storage_options=_options(storage_options, uri))
     ds = dt.to_pyarrow_dataset()
     cols = [c for c in columns if c in ds.schema.names] if columns else None
     return _plain_strings(ds.to_table(columns=cols, filter=filter))

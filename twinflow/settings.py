@@ -29,7 +29,8 @@ class LakeSettings(_Section):
 
     landing: str | None = Field(None, description="Landing folder/URL scanned by ingest.")
     lake: str | None = Field(None, description="Root of the partitioned Parquet lake.")
-    quarantine: str | None = Field(None, description="Root of quarantined rows and files.")
+    quarantine: str | None = Field(None, description="Root of quarantined rows and files (default: <home>/quarantine; "
+                                     "<lake>/_quarantine for a lake on an object store).")
     features: str | None = Field(None, description="Root of feature datasets.")
     storage_options: dict[str, str] = Field(default_factory=dict, description="fsspec options.")
     secret_options: dict[str, SecretStr] = Field(
@@ -155,7 +156,12 @@ class Settings(BaseSettings):
 
     @property
     def quarantine_path(self) -> str:
-        return self.lake.quarantine or str(self.home / "quarantine")
+        if self.lake.quarantine:
+            return self.lake.quarantine
+        # An object-store lake quarantines on the same store (every host sees it); a local one at home.
+        from twinflow.lake import default_quarantine
+
+        return default_quarantine(self.lake_path) or str(self.home / "quarantine")
 
     @property
     def features_path(self) -> str:

@@ -67,7 +67,10 @@ log = logging.getLogger("twinflow.features")
 def _fs(path: str, storage_options: dict | None = None):
     import fsspec
 
-    return fsspec.core.url_to_fs(path, **(storage_options or {}))
+    from twinflow.storage import fsspec_options
+
+    # The lake's options are in delta-rs' keys (AWS_ENDPOINT_URL ...): s3fs needs its own words.
+    return fsspec.core.url_to_fs(path, **fsspec_options(storage_options))
 
 
 def list_lake_files(snapshot: LakeSnapshot, storage_options: dict | None = None
@@ -91,14 +94,18 @@ def lake_fingerprint(groups: dict[str, list[tuple[str, int]]], dataset_path: str
 
     Part of the cache key, so that a lake rewritten under an unchanged snapshot still recomputes.
     """
-    fs, _ = _fs(dataset_path, storage_options)
+    fs, root = _fs(dataset_path, storage_options)
+    listed: dict[str, dict] | None = None
+    if "://" in dataset_path and not dataset_path.startswith("file://"):
+        # One listing of the table (a request per 1,000 objects), not a HEAD per data file.
+        listed = {fs._strip_protocol(p): info for p, info in fs.find(root, detail=True).items()}
     h = hashlib.sha256()
     for asset in sorted(groups):
         for path, size in groups[asset]:
             try:
-                info = fs.info(path)
+                info = fs.info(path) if listed is None else listed[fs._strip_protocol(path)]
                 mtime = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-            except OSError:  # a file vanishing between listing and here changes the digest too
+            except (OSError, KeyError):  # a file vanishing between listing and here changes the digest too
                 mtime = "?"
             h.update(f"{path}|{size}|{mtime}\n".encode())
     return h.hexdigest()[:16]
@@ -142,11 +149,14 @@ def read_schema_columns(path: str, storage_options: dict | None = None) -> list[
 
 
 def read_partition(files: Sequence[str], columns: Sequence[str],
-                   storage_options: dict | None = None) -> pd.DataFrame:
-    """Read the given lake files (whole assets) into one frame with ``columns``."""
+                   storage_options: dict | None = None, sizes: Sequence[int] | None = None) -> pd.DataFrame:
+    """Read the given lake files (whole assets) into one frame with ``columns``.
+
+    ``sizes``: the files' bytes from the listing; on an object store they save a request per file.
+    """
     from twinflow import lake
 
-    frame = lake.read_files(files, columns, storage_options).to_pandas()
+    frame = lake.read_files(files, columns, storage_options, sizes=sizes).to_pandas()
     if contracts.ASSET in frame.columns:
         frame[contracts.ASSET] = frame[contracts.ASSET].astype(str)
     return frame
@@ -316,13 +326,25 @@ def _dask():
     return runtime.using_dask()
 
 
-def lake_frame(parts: Sequence[Sequence[str]], columns: Sequence[str], storage_options: dict | None = None):
-    """A dask DataFrame over the lake, one partition per group of whole assets."""
+def _read_sized(files: Sequence[str], sizes: Sequence[int] | None, columns: Sequence[str],
+                storage_options: dict | None = None) -> pd.DataFrame:
+    return read_partition(files, columns, storage_options, sizes=sizes)
+
+
+def lake_frame(parts: Sequence[Sequence[str]], columns: Sequence[str], storage_options: dict | None = None,
+               file_sizes: dict[str, int] | None = None):
+    """A dask DataFrame over the lake, one partition per group of whole assets.
+
+    ``file_sizes``: bytes per file (from :func:`list_lake_files`); each partition's task carries only
+    its own files' sizes.
+    """
     import dask.dataframe as dd
 
     dtypes = {contracts.ASSET: object, contracts.TIME: "int32", contracts.TIMESTAMP: "datetime64[us, UTC]"}
     meta = pd.DataFrame({c: pd.Series(dtype=dtypes.get(c, "float64")) for c in columns})
-    return dd.from_map(read_partition, [list(p) for p in parts], columns=list(columns),
+    sizes = [None if file_sizes is None or any(f not in file_sizes for f in p) else [file_sizes[f] for f in p]
+             for p in parts]
+    return dd.from_map(_read_sized, [list(p) for p in parts], sizes, columns=list(columns),
                        storage_options=storage_options, meta=meta, label="read-lake",
                        enforce_metadata=False)
 
@@ -352,9 +374,13 @@ def sample_partitions(parts: Sequence[Sequence[str]], n_files: int, seed: int) -
 
 
 def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_columns: Sequence[str],
-                   params: FeatureParams, storage_options: dict | None = None) -> FitStats:
+                   params: FeatureParams, storage_options: dict | None = None,
+                   file_sizes: dict[str, int] | None = None) -> FitStats:
     """Passes 1-2 on the cluster: regimes from a sample of operating settings (read from a random
-    subset of files, see ``sample_files``), then moments over every row."""
+    subset of files, see ``sample_files``), then moments over every row.
+
+    ``file_sizes``: bytes per file, as :func:`lake_frame` takes them.
+    """
     if not params.normalise and not params.drop_constant and params.regimes == 1:
         return identity_fit(channels)
     op_columns = list(op_columns)
@@ -364,7 +390,7 @@ def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_c
         per_part = max(1, -(-params.sample_rows // len(sample_parts)))
         import dask
 
-        ddf = lake_frame(sample_parts, op_columns, storage_options)  # no keys: the sample needs none
+        ddf = lake_frame(sample_parts, op_columns, storage_options, file_sizes)  # no keys: the sample needs none
         jobs = [dask.delayed(sample_job, pure=False)(p, op_columns, per_part, params.seed + i)
                 for i, p in enumerate(ddf.to_delayed())]
         with _dask() as client:
@@ -375,7 +401,7 @@ def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_c
         op_columns, op_mean, op_scale = [], np.zeros(0), np.ones(0)
     # Moments need no keys: decoding the asset strings and cycles would be ~20% of this pass.
     moments = _run_per_partition(
-        lake_frame(parts, [*op_columns, *channels], storage_options),
+        lake_frame(parts, [*op_columns, *channels], storage_options, file_sizes),
         partition_moments, list(channels), op_columns, op_mean, op_scale, centroids)
     return finalize_fit(combine_moments(moments), list(channels), op_columns, op_mean, op_scale,
                         centroids, params)
@@ -383,16 +409,18 @@ def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_c
 
 def transform_and_write(parts: Sequence[Sequence[str]], fit: FitStats, params: FeatureParams,
                         backend: str, out_dir: str, storage_options: dict | None = None,
-                        clock: Clock | None = None, lives: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+                        clock: Clock | None = None, lives: pd.DataFrame | None = None,
+                        file_sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Pass 3 on the cluster: features of every partition written under ``out_dir``.
 
-    ``clock``: the data's clock (the fleet contract's); default a cycle clock.
+    ``clock``: the data's clock (the fleet contract's); default a cycle clock. ``file_sizes``:
+    bytes per file, as :func:`lake_frame` takes them.
     """
     import dask
 
     clock = clock or Clock()
     op_columns = fit.op_columns if fit.n_regimes > 1 else []
-    ddf = lake_frame(parts, [contracts.ASSET, clock.key, *op_columns, *fit.kept], storage_options)
+    ddf = lake_frame(parts, [contracts.ASSET, clock.key, *op_columns, *fit.kept], storage_options, file_sizes)
     jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i, clock, lives)
             for i, p in enumerate(ddf.to_delayed())]
     with _dask() as client:
@@ -413,11 +441,11 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 @task(name="features-fit", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
       task_run_name=task_name("features-fit", lambda p: dataset_of_parts(p["parts"])))
 def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str], params: FeatureParams,
-             storage_options: dict | None = None) -> FitStats:
+             storage_options: dict | None = None, file_sizes: dict[str, int] | None = None) -> FitStats:
     """Fit regimes and normalisation statistics over the lake partitions (passes 1-2)."""
     from prefect import get_run_logger
 
-    fit = fit_statistics(parts, channels, op_columns, params, storage_options)
+    fit = fit_statistics(parts, channels, op_columns, params, storage_options, file_sizes)
     get_run_logger().info("fit: %d regime(s), kept %d channel(s), dropped %s", fit.n_regimes,
                           len(fit.kept), fit.dropped or "none")
     return fit
@@ -427,14 +455,15 @@ def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str],
       task_run_name=task_name("features-transform", lambda p: dataset_of_parts(p["parts"])))
 def transform_task(parts: list[list[str]], fit: FitStats, params: FeatureParams, backend: str,
                    out_dir: str, storage_options: dict | None = None,
-                   clock: Clock | None = None, lives: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+                   clock: Clock | None = None, lives: pd.DataFrame | None = None,
+                   file_sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
     """Compute and write the features of every partition into ``out_dir`` (pass 3)."""
     from prefect import get_run_logger
 
     # A retry starts from an empty directory: no file of a failed attempt survives.
     for leftover in Path(out_dir).glob("part-*.parquet"):
         leftover.unlink()
-    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options, clock, lives)
+    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options, clock, lives, file_sizes)
     unlabelled = sum(s.get("unlabelled", 0) for s in summaries)
     get_run_logger().info("features: %d rows in %d partition(s) on %s%s", sum(s["rows"] for s in summaries),
                           len(summaries), backend,

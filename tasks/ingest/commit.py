@@ -38,7 +38,7 @@ from twinflow.contract import FleetContract
 from twinflow.tasks.ingest.landing import DUPLICATE_REASON
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
-from twinflow.tasks.ingest.quarantine import publish_file_quarantine, quarantine_rows
+from twinflow.tasks.ingest.quarantine import publish_file_quarantine, quarantine_rows, quarantine_rows_name
 from twinflow.tasks.ingest.stage import atomic_write_lake_rows, atomic_write_table, staged_asset_path, time_extent
 
 LOCK_NAME = "_ingest.lock"
@@ -127,7 +127,7 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
         o.reason = "; ".join(filter(None, [o.reason, f"duplicate key across files x{sum(t.num_rows for t in extra)}"]))
 
 
-def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | str, quarantine: Path,
+def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | str, quarantine: Path | str,
                     batch_id: str, contract: FleetContract | None = None,
                     before_commit: Callable[[], None] | None = None) -> list[FileOutcome]:
     """Publish the staged rows of a batch into the lake and record every outcome in the ledger.
@@ -200,14 +200,14 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
 
 
 def _commit_dataset(dataset: str, recorded: list[FileOutcome], replaced: set[str], ledger: Ledger,
-                    lake_path: str, quarantine: Path, batch_id: str, contract: FleetContract,
+                    lake_path: str, quarantine: Path | str, batch_id: str, contract: FleetContract,
                     before_commit: Callable[[], None] | None = None) -> None:
     with_rows = [o for o in recorded if o.staged and o.assets]
     so = ledger.storage_options
     txn = ledger.next_txn(dataset, lk.transaction_version(lake_path, dataset, storage_options=so))
     ledger.begin(dataset, txn, batch_id, recorded)
     for o in recorded:
-        _publish_quarantine(o, quarantine)
+        _publish_quarantine(o, quarantine, so)
     if with_rows or replaced:
         files = [(staged_asset_path(Path(o.staged), asset, o.file_id), asset) for o in with_rows for asset in o.assets]
         if before_commit is not None:
@@ -228,8 +228,13 @@ def _discard(o: FileOutcome) -> None:
         shutil.rmtree(o.staged, ignore_errors=True)
 
 
-def _publish_quarantine(o: FileOutcome, quarantine: Path) -> None:
+def _publish_quarantine(o: FileOutcome, quarantine: Path | str, storage_options: dict[str, Any] | None = None
+                        ) -> None:
     """Move a source's staged quarantined rows into place; drop those of its earlier versions."""
+    if not lk.is_local(str(quarantine)):
+        _publish_quarantine_remote(o, str(quarantine), storage_options)
+        return
+    quarantine = Path(quarantine)
     qsrc = Path(o.staged) / "quarantine.parquet" if o.staged else None
     for q in quarantine.glob(f"rows/dataset=*/{o.file_id}.parquet"):
         if q.parent.name != f"dataset={o.dataset}" or not (qsrc and qsrc.exists()):
@@ -242,3 +247,28 @@ def _publish_quarantine(o: FileOutcome, quarantine: Path) -> None:
         publish_file_quarantine(Path(o.staged), quarantine, o.file_id)
     if o.status != "quarantined":  # an earlier, unparseable version of this source is history now
         shutil.rmtree(quarantine / "files" / o.file_id, ignore_errors=True)
+
+
+def _publish_quarantine_remote(o: FileOutcome, quarantine: str, storage_options: dict[str, Any] | None) -> None:
+    """:func:`_publish_quarantine` on an object store: the new objects are uploaded first (each one PUT),
+    then those of the source's earlier versions removed, so a crash leaves the old quarantine or the new
+    one side by side, never a file without its reason (the ledger intent makes the commit run again)."""
+    so = storage_options
+    qsrc = Path(o.staged) / "quarantine.parquet" if o.staged else None
+    has_rows = qsrc is not None and qsrc.exists()
+    target = f"{quarantine}/{quarantine_rows_name(o.dataset, o.file_id)}"
+    if has_rows:
+        lk.put_object(qsrc, target, so)
+        qsrc.unlink()
+    stale = [q for q in lk.find_objects(quarantine, quarantine_rows_name("*", o.file_id), so)
+             if not (has_rows and q == target)]
+    files = f"{quarantine}/files/{o.file_id}"
+    copy = Path(o.staged) / "file" if o.staged else None
+    if copy is not None and copy.is_dir():
+        kept = {f"{files}/{f.relative_to(copy).as_posix()}" for f in copy.rglob("*") if f.is_file()}
+        lk.put_tree(copy, files, so)
+        stale += [q for q in lk.find_objects(files, "**", so) if q not in kept]
+    elif o.status != "quarantined":  # an earlier, unparseable version of this source is history now
+        stale += lk.find_objects(files, "**", so)
+    for q in stale:
+        lk.remove_tree(q, so)

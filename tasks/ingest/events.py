@@ -440,14 +440,31 @@ def ingest_event_log(path: str, dataset: str, contract: FleetContract, lake_path
         key = r.split(" (", 1)[0] if r.startswith("unknown event type") else r
         key = key.split(":", 1)[0] if key.startswith("unknown asset") else key
         out.reasons[key] = out.reasons.get(key, 0) + 1
-    qpath = lake.local_path(quarantine_path) / "rows" / f"dataset={lake.derived_name(dataset, 'events')}" / \
-        f"{file_id(path)}.parquet"
+    from twinflow.tasks.ingest.quarantine import quarantine_rows_name
+
+    rel = quarantine_rows_name(lake.derived_name(dataset, "events"), file_id(path))
+    data = None
     if quarantined.num_rows:
         sink = pa.BufferOutputStream()
         pq.write_table(quarantined, sink)
-        atomic_write_bytes(sink.getvalue().to_pybytes(), qpath)
-    else:
-        qpath.unlink(missing_ok=True)
+        data = sink.getvalue().to_pybytes()
+    if lake.is_local(quarantine_path):
+        qpath = lake.local_path(quarantine_path) / rel
+        if data is not None:
+            atomic_write_bytes(data, qpath)
+        else:
+            qpath.unlink(missing_ok=True)
+    else:  # an object-store lake's quarantine: one PUT (or delete) of the object
+        quri = f"{quarantine_path.rstrip('/')}/{rel}"
+        if data is not None:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory(prefix="twinflow-events-") as tmp:
+                (Path(tmp) / "q.parquet").write_bytes(data)
+                lake.put_object(Path(tmp) / "q.parquet", quri, storage_options)
+        else:
+            lake.remove_tree(quri, storage_options)
     import pyarrow.dataset as ds
 
     name = lake.derived_name(dataset, "events")

@@ -200,10 +200,32 @@ def summarise_kinds(kinds: dict[str, int], top: int = 3) -> str:
     return "; ".join(f"{k} x{v}" for k, v in parts)
 
 
-def read_quarantine(quarantine_path: str, dataset: str | None = None) -> pa.Table:
-    """Read quarantined rows (all datasets, or one), with a ``dataset`` column."""
+def quarantine_rows_name(dataset: str, fid: str) -> str:
+    """Where a source's quarantined rows lie, relative to the quarantine root (``dataset`` may be ``*``)."""
+    return f"rows/dataset={dataset}/{fid}.parquet"
+
+
+def read_quarantine(quarantine_path: str, dataset: str | None = None,
+                    storage_options: dict[str, Any] | None = None) -> pa.Table:
+    """Read quarantined rows (all datasets, or one), with a ``dataset`` column.
+
+    ``quarantine_path`` may be an object-store URL (an ``s3://`` lake's ``_quarantine``), read with
+    ``storage_options``.
+    """
     import pyarrow.dataset as ds
 
+    from twinflow import lake
+
+    if not lake.is_local(quarantine_path):
+        found = lake.find_objects(quarantine_path, quarantine_rows_name(dataset or "*", "*"), storage_options)
+        if not found:
+            return C.quarantine_schema().empty_table()
+        with lake.store_errors(quarantine_path, storage_options):
+            fs, root = lake.filesystem(quarantine_path, storage_options)
+            base = f"{root.rstrip('/')}/rows"
+            dset = ds.dataset([fs._strip_protocol(f) for f in found], filesystem=fs, format="parquet",
+                              partitioning=ds.HivePartitioning.discover(), partition_base_dir=base)
+            return dset.to_table()
     root = local_path(quarantine_path) / "rows"
     if dataset:
         root = root / f"dataset={dataset}"

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from prefect import task
 
 from twinflow import lake as lk
-from twinflow.errors import ConfigError, TwinflowError
+from twinflow.errors import ServiceUnavailable, TwinflowError
 from twinflow.refs import LakeSnapshot
 from twinflow.tasks.ingest.commit import commit_outcomes, lake_lock
 from twinflow.tasks.ingest.landing import list_landing, plan_files
@@ -31,9 +31,10 @@ from twinflow.tasks.ingest.route import route_file
 STAGING_DIR = "_staging"
 log = logging.getLogger("twinflow.ingest")
 
-#: Processes batches of files into outcomes, staging under the given folder; returns the outcomes of
-#: the batches that worked and the errors of those that failed (their files are not recorded).
-ProcessBatches = Callable[[list[list[SourceFile]], Path], tuple[list[FileOutcome], list[BaseException]]]
+#: Processes batches of files into outcomes, staging under the given folder (a local path, or an
+#: object-store prefix for a lake on one: :func:`process_files`); returns the outcomes of the batches
+#: that worked and the errors of those that failed (their files are not recorded).
+ProcessBatches = Callable[[list[list[SourceFile]], Path | str], tuple[list[FileOutcome], list[BaseException]]]
 
 
 @dataclass
@@ -52,13 +53,18 @@ class IngestRun:
 
 def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, batch_id: str,
                     process_batches: ProcessBatches, storage_options: dict[str, Any] | None = None,
-                    on_plan: Callable[[IngestRun], None] | None = None) -> IngestRun:
+                    on_plan: Callable[[IngestRun], None] | None = None,
+                    shared_staging: bool | None = None) -> IngestRun:
     """Ingest the landing folder once, under the lake's ingest lock.
 
     The lake may be local or on an object store (``s3://``; ``storage_options`` in delta-rs keys):
     there the lock is a lease in the lake and the ledger a file in the lake (see :func:`lake_lock`,
     :func:`~twinflow.tasks.ingest.ledger.open_ledger`), so ingest runs on several hosts take turns and
-    each starts from what the last one committed; staging is then a temporary folder of this host.
+    each starts from what the last one committed; staging is then under the lake's prefix
+    (:func:`twinflow.lake.staging_uri`), where the workers on any host upload what they staged and this
+    host fetches it to commit, and the quarantine may be on the store too. ``shared_staging=False``
+    keeps an object-store lake's staging in this host's temporary folder instead, for callers whose
+    batches run on this host (in this process, or on a ``LocalCluster``): it saves the round trip.
 
     Steps: settle a crashed run's commit (:meth:`Ledger.recover`) and its staging leftovers; list the
     landing files and route them by the fleet contract (event logs, labels and files no rule matches are
@@ -76,18 +82,20 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
     so = params.storage_options if storage_options is None else storage_options
     contract = params.fleet()
     remote = not lk.is_local(lake_path)
-    quarantine = local_quarantine(quarantine_path)
+    quarantine = quarantine_root(quarantine_path)
     started = time.time()
     with contextlib.ExitStack() as stack:
         lease = stack.enter_context(lake_lock(lake_path, params.lock_timeout_s, so, params.lease_ttl_s))
         check = lease.check if lease is not None else None
         ledger = stack.enter_context(open_ledger(lake_path, so, check=check))
-        # An object-store lake's staging is this host's (the workers that process the batches write
-        # there and the commit uploads it); a local lake's lives beside its tables.
+        # An object-store lake's staging is under its prefix (workers on any host upload there) and
+        # fetched to this host's temporary folder for the commit; a local lake's lives beside its tables.
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="twinflow-ingest-"))) if remote \
             else lk.local_path(lake_path)
         ledger.recover(lake_path)
         shutil.rmtree(root / STAGING_DIR, ignore_errors=True)  # leftovers of a crashed run
+        if remote:  # under the lease: no other run is staging now
+            lk.remove_tree(lk.meta_uri(lake_path, lk.STAGING), so)
         listed = list_landing(params.landing, so, ["*"], [], params.follow_external_links)
         routes = {f.path: route_file(f.path, params, contract) for f in listed}
         files = [f for f in listed if routes[f.path].telemetry]
@@ -103,10 +111,15 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
         if on_plan is not None:
             on_plan(run)
         staging = root / STAGING_DIR / batch_id
-        results, run.errors = process_batches(run.batches, staging) if run.batches else ([], [])
+        shared = lk.staging_uri(lake_path, batch_id) if remote and shared_staging is not False else None
+        results, run.errors = process_batches(run.batches, shared or staging) if run.batches else ([], [])
+        if shared is not None:
+            results = fetch_staged(results, shared, staging, so)
         run.outcomes = commit_outcomes(results, ledger, lake_path, quarantine, batch_id, contract,
                                        before_commit=check)
         shutil.rmtree(staging, ignore_errors=True)
+        if shared is not None:
+            lk.remove_tree(shared, so)
         ledger.record_batch(batch_id, started, run.outcomes, "failed" if run.errors else "completed")
         listed = {f.path for f in files}
         names = {row["dataset"] for src, row in ledger.files().items() if src in listed}
@@ -119,16 +132,30 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
     return run
 
 
-def local_quarantine(quarantine_path: str) -> Path:
-    """The quarantine folder, which must be local for now (the lake itself may be on an object store).
+def quarantine_root(quarantine_path: str) -> Path | str:
+    """The quarantine: a local folder (resolved), or an object-store URL kept as it is (the commit
+    uploads to it; an ``s3://`` lake's default is its ``_quarantine`` prefix)."""
+    return lk.local_path(quarantine_path) if lk.is_local(quarantine_path) else quarantine_path.rstrip("/")
 
-    Raises:
-        ConfigError: ``quarantine_path`` is an object-store URL.
+
+def fetch_staged(outcomes: list[FileOutcome], shared: str, local: Path,
+                 storage_options: dict[str, Any] | None) -> list[FileOutcome]:
+    """Bring what the workers staged under the lake's prefix ``shared`` to this host's ``local``
+    staging folder, for the commit (which reads, may rewrite, and publishes the staged files).
+
+    A staged folder that is missing (its upload was lost) fails the run before anything is committed:
+    the ledger has not recorded those files, so the next run reads them again.
     """
-    if not lk.is_local(quarantine_path):
-        raise ConfigError(f"the quarantine must be a local path for now, got {quarantine_path!r} (the lake may "
-                          "be on an object store; set TWINFLOW_LAKE__QUARANTINE to a local folder)")
-    return lk.local_path(quarantine_path)
+    out = []
+    for o in outcomes:
+        if o.staged and o.staged.startswith(shared + "/"):
+            dest = local / o.staged[len(shared) + 1:]
+            if not lk.get_tree(o.staged, dest, storage_options):
+                raise ServiceUnavailable(f"ingest: the staged output of {o.source} is missing at {o.staged}; "
+                                         "nothing was committed, run the ingest again")
+            o = o.model_copy(update={"staged": str(dest)})
+        out.append(o)
+    return out
 
 
 class NothingWritten(TwinflowError):
@@ -182,9 +209,9 @@ def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_
     The same :func:`ingest_sequence` as the ``ingest`` flow. Raises the first batch error after
     committing the files that worked.
     """
-    quarantine = local_quarantine(quarantine_path)
+    quarantine = quarantine_root(quarantine_path)
 
-    def sequential(batches: list[list[SourceFile]], staging: Path):
+    def sequential(batches: list[list[SourceFile]], staging: Path | str):
         outcomes, errors = [], []
         for b in batches:
             try:
@@ -193,17 +220,39 @@ def run_local(params: IngestParams, lake_path: str, quarantine_path: str, batch_
                 errors.append(exc)
         return outcomes, errors
 
-    run = ingest_sequence(params, lake_path, quarantine_path, batch_id, sequential)
+    # Every batch runs in this process: staging needs no trip through an object store.
+    run = ingest_sequence(params, lake_path, quarantine_path, batch_id, sequential, shared_staging=False)
     if run.errors:
         raise run.errors[0]
     return run.outcomes
 
 
-def process_files(files: list[SourceFile], params: IngestParams, staging: Path, quarantine: Path,
-                  batch_id: str, storage_options: dict[str, Any] | None, logger: Any = None) -> list[FileOutcome]:
-    """Process a batch of files one by one, each isolated (what one ``ingest-batch`` task does)."""
-    return [process_isolated(f, params, staging, quarantine, batch_id, storage_options or {}, logger)
-            for f in files]
+def process_files(files: list[SourceFile], params: IngestParams, staging: Path | str, quarantine: Path | str,
+                  batch_id: str, storage_options: dict[str, Any] | None, logger: Any = None,
+                  staging_options: dict[str, Any] | None = None) -> list[FileOutcome]:
+    """Process a batch of files one by one, each isolated (what one ``ingest-batch`` task does).
+
+    ``staging`` on an object store (an ``s3://`` lake's :func:`~twinflow.lake.staging_uri`): each file is
+    staged in a local temporary folder, then uploaded under that prefix (each object one PUT) with
+    ``staging_options`` (the lake's; default ``storage_options``, the landing's), and its outcome names
+    the uploaded folder, so the committing host may be another one.
+    """
+    so = storage_options or {}
+    if lk.is_local(str(staging)):
+        return [process_isolated(f, params, Path(staging), Path(quarantine), batch_id, so, logger) for f in files]
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="twinflow-stage-") as tmp:
+        for f in files:
+            # The workers never write the quarantine itself (the commit publishes it): any root will do.
+            o = process_isolated(f, params, Path(tmp), Path(tmp) / "quarantine", batch_id, so, logger)
+            if o.staged:
+                folder = Path(o.staged)
+                uri = f"{staging}/{folder.relative_to(tmp).as_posix()}"
+                lk.put_tree(folder, uri, so if staging_options is None else staging_options)
+                shutil.rmtree(folder, ignore_errors=True)
+                o.staged = uri
+            outcomes.append(o)
+    return outcomes
 
 
 @task(name="ingest-batch", retries=2, retry_delay_seconds=[2, 10], task_run_name="ingest-batch-{index}")
@@ -221,7 +270,7 @@ def process_batch(index: int, files: list[SourceFile], params: IngestParams, sta
     from twinflow import runtime
 
     logger = get_run_logger()
-    outcomes = runtime.run_on_cluster(process_files, files, params, Path(staging), Path(quarantine), batch_id,
+    outcomes = runtime.run_on_cluster(process_files, files, params, staging, quarantine, batch_id,
                                       storage_options, key=f"ingest-batch-{index}")
     for o in outcomes:  # the worker logged these too, but its log does not reach the Prefect UI
         if o.reason.startswith("ingest error"):

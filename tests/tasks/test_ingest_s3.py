@@ -93,9 +93,55 @@ def test_ingest_into_an_s3_lake_keeps_its_ledger_in_the_lake(s3, tmp_path):
     assert snap is not None and snap.rows == rows.num_rows and len(snap.files) == 2
     assert lk.read_lake(snap, storage_options=so).num_rows == rows.num_rows
     assert lk.latest_snapshot(lake_url, "fleet", so) == snap
-    # The quarantine stays local for now: an object-store URL is refused before anything is read.
-    with pytest.raises(ConfigError, match="quarantine must be a local path"):
-        run_local(params, lake_url, s3.url("quarantine"), "b3")
+
+
+def test_staging_and_quarantine_live_under_the_lake_prefix(s3, tmp_path):
+    """Workers stage under ``<lake>/_staging/<batch>`` (any host can commit what they staged) and the
+    quarantine defaults to ``<lake>/_quarantine``: every row read ends in the lake or there, with its
+    reason; a source read again replaces its quarantine objects; no staging is left behind."""
+    from twinflow.tasks.ingest.names import file_id
+    from twinflow.tasks.ingest.run import ingest_sequence, process_files
+
+    so, lake_url = s3.options(), s3.url("ingest-q")
+    quarantine = lk.default_quarantine(lake_url)
+    assert quarantine == f"{lake_url}/_quarantine"
+    landing = _landing(tmp_path / "landing", files=2, lines=200)
+    (landing / "junk.txt").write_text("this is not\na sensor log\n")
+    params = IngestParams(landing=str(landing), dataset="fleet", contract="cmapss", storage_options=so)
+    seen: dict[str, list[str]] = {}
+
+    def on_workers(batches, staging):
+        outcomes = [o for b in batches for o in process_files(b, params, staging, quarantine, "b1", so)]
+        # What the workers staged is on the store, under the lake, before the commit reads it.
+        seen.update({o.source: lk.find_objects(o.staged, "**", so) for o in outcomes if o.staged})
+        return outcomes, []
+
+    run = ingest_sequence(params, lake_url, quarantine, "b1", on_workers)
+    assert {o.status for o in run.outcomes} == {"ingested", "quarantined"}
+    staging = lk.staging_uri(lake_url, "b1")
+    assert len(seen) == 3 and all(objs and all(p.startswith(staging + "/") for p in objs) for objs in seen.values())
+    assert lk.find_objects(lk.meta_uri(lake_url, "staging"), "**", so) == []  # removed after the commit
+    rows = _lake_rows(lake_url, so)
+    q = read_quarantine(quarantine, "fleet", so)
+    read = sum(o.rows_read for o in run.outcomes if o.source.endswith(("f0.txt", "f1.txt")))
+    assert read == 400 and rows.num_rows + q.num_rows == read and q.num_rows == 6 and _keys_unique(rows)
+    assert all("outside valid range" in r for r in q.column("reason").to_pylist())
+    objs = lk.find_objects(quarantine, "**", so)
+    junk = file_id(str(landing / "junk.txt"))
+    assert f"{quarantine}/rows/dataset=fleet/{file_id(str(landing / 'f0.txt'))}.parquet" in objs
+    copy = [p for p in objs if p.startswith(f"{quarantine}/files/{junk}/")]
+    assert sorted(p.rsplit("/", 1)[-1] for p in copy) == ["junk.txt", "reason.txt"]
+    assert not (tmp_path / "q").exists()  # nothing of the quarantine on this host
+    # f0 fixed and junk replaced by a good file: their quarantine objects go, f1's stay.
+    (landing / "f0.txt").write_text("\n".join(TRAIN_LINES[:200]) + "\n")
+    (landing / "junk.txt").write_text("\n".join(TRAIN_LINES[400:450]) + "\n")
+    again = run_local(params, lake_url, quarantine, "b2")
+    assert sorted(o.status for o in again) == ["ingested", "ingested"]
+    q2 = read_quarantine(quarantine, "fleet", so)
+    assert q2.num_rows == 3 and set(q2.column("source_file").to_pylist()) == {str(landing / "f1.txt")}
+    assert [p for p in lk.find_objects(quarantine, "**", so) if "/files/" in p] == []
+    assert _lake_rows(lake_url, so).num_rows + q2.num_rows == 450
+    assert lk.find_objects(lk.meta_uri(lake_url, "staging"), "**", so) == []
 
 
 def test_lease_is_exclusive_expires_and_fences_a_lost_holder(s3):
