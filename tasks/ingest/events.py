@@ -36,8 +36,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["EventLogOutcome", "SEGMENT_END", "build_segments", "events_schema", "ingest_event_log",
-           "life_positions", "parse_events", "rebuild_segments", "rows_in_lives", "segments_schema", "telemetry_extents",
-           "time_ticks"]
+           "life_positions", "parse_events", "rebuild_segments", "rows_in_lives", "segments_schema",
+           "telemetry_extents", "time_ticks"]
 
 SEGMENT_END = ("failure", "censored", "running")
 
