@@ -309,6 +309,8 @@ def _asset_codes(assets, names: np.ndarray) -> np.ndarray:
     import pandas as pd
 
     arr = pa.array(assets.to_numpy(object) if assets.dtype == object else assets, from_pandas=True)
+    if isinstance(arr, pa.ChunkedArray):  # an Arrow-backed column read from several record batches
+        arr = arr.combine_chunks()
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.cast(arr, pa.string())  # numeric ids compare as their text, as the lake stores them
     enc = arr.dictionary_encode()

@@ -143,4 +143,9 @@ def test_rows_in_lives_matches_a_row_by_row_reference(pumps, monkeypatch, key_li
     expected = [reference(a, t) for a, t in zip(keys.asset_id, keys.t)]
     assert where["segment"].tolist() == [e[0] for e in expected]
     assert where["end_reason"].tolist() == [e[1] for e in expected]
+    # Keys as the features stage reads them: Arrow-backed columns from several record batches.
+    table = pa.Table.from_pandas(keys[["asset_id", "timestamp"]], preserve_index=False)
+    chunked = pa.concat_tables([table.slice(0, 500), table.slice(500)])
+    arrow_keys = chunked.to_pandas(types_mapper=pd.ArrowDtype)
+    assert events.rows_in_lives(arrow_keys, lives, pumps.clock)["segment"].tolist() == [e[0] for e in expected]
     assert (where["segment"] >= 0).sum() > 100 and (where["segment"] < 0).sum() > 100  # both cases occur
