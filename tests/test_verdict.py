@@ -39,7 +39,7 @@ def test_the_unit_is_the_contracts_clock_unit(hours):
     assert hours == "h" and unit_label(hours) == "h"
     assert unit_label(load_contract("cmapss").clock.time_unit) == "cycles"
     assert metrics_line(METRICS, time_unit=hours) == \
-        "RMSE 28.0 h, MAE 21.5 h, PHM08 score 412, bias -3.2 h, interval coverage 88%"
+        "RMSE 28.0 h, MAE 21.5 h, PHM08 score (errors in h) 412, bias -3.2 h, interval coverage 88%"
     assert scale_line(10, 400, 100, time_unit=hours).startswith("expected cost of a fleet of 10 assets over 400 h ")
 
 

@@ -1104,19 +1104,22 @@ def time_extents(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None 
     first_min, last_max = g["lo"].transform("min"), g["hi"].transform("max")
     keep = unknown | (df["lo"] <= first_min + slack) | (df["hi"] >= last_max - slack)
     chosen = [(p, b) for p, b, k in zip(paths, sizes, keep.to_numpy()) if k]
-    table = read_files([p for p, _ in chosen], [PARTITION, key, "source_file"], storage_options,
-                       sizes=[b for _, b in chosen])
-    table = _plain_strings(table).sort_by([(PARTITION, "ascending"), (key, "ascending")])
-    a = table.column(PARTITION).to_numpy(zero_copy_only=False)
-    if len(a) == 0:
+    table = _plain_strings(read_files([p for p, _ in chosen], [PARTITION, key, "source_file"], storage_options,
+                                      sizes=[b for _, b in chosen]))
+    if table.num_rows == 0:
         return out_schema.empty_table()
-    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
-    ends = np.r_[starts[1:], len(a)] - 1
-    return pa.table({PARTITION: pa.array(a[starts], pa.string()),
-                     "first": table.column(key).take(pa.array(starts)),
-                     "last": table.column(key).take(pa.array(ends)),
-                     "last_source": table.column("source_file").take(pa.array(ends)).cast(pa.string())},
-                    schema=out_schema)
+    # Hash aggregation, not a sort of every row read (a file holds a whole batch of an asset's rows):
+    # first/last per asset, then the source of the row at the last time (the last such row read).
+    ext = table.group_by(PARTITION, use_threads=False).aggregate([(key, "min"), (key, "max")])
+    code = pc.index_in(table.column(PARTITION), value_set=ext.column(PARTITION))
+    at_last = pc.equal(table.column(key), pc.take(ext.column(f"{key}_max"), code))
+    hits = table.filter(at_last).append_column("_i", pa.array(np.arange(int(pc.sum(at_last).as_py() or 0))))
+    last_row = hits.group_by(PARTITION, use_threads=False).aggregate([("_i", "max")])
+    source = pc.take(hits.column("source_file"), last_row.column("_i_max"))
+    src = pc.take(source, pc.index_in(ext.column(PARTITION), value_set=last_row.column(PARTITION)))
+    out = pa.table({PARTITION: ext.column(PARTITION).cast(pa.string()), "first": ext.column(f"{key}_min"),
+                    "last": ext.column(f"{key}_max"), "last_source": src.cast(pa.string())})
+    return out.sort_by([(PARTITION, "ascending")]).cast(out_schema)
 
 
 def files_for_keys(lake_path: str, dataset: str, keys: pa.Table,

@@ -58,6 +58,10 @@ def fmt_metric(key: str, value: float | None, *, time_unit: str) -> str:
             duration metrics (RMSE, MAE, bias).
     """
     label, unit, fmt = METRIC_FORMATS.get(key, (key, "", "{:.3g}"))
+    if key == "eval_score" and time_unit != "cycle":
+        # PHM08's time constants (13 and 10) are cycles of the C-MAPSS challenge: summed over errors in
+        # another unit the score is no figure to set beside a C-MAPSS one, and the label says so.
+        label = f"{label} (errors in {unit_label(time_unit)})"
     if not _finite(value):
         return f"{label} —"
     return f"{label} {duration(value, time_unit, fmt)}" if unit == DURATION else f"{label} {fmt.format(value)}{unit}"

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from twinflow.contract.model import Clock
-from twinflow.tasks.ingest.events import rows_in_lives, time_ticks
+from twinflow.tasks.ingest.events import life_positions, time_ticks
 
 __all__ = ["lives_frame", "segment_labels", "segment_targets"]
 
@@ -59,11 +59,15 @@ def segment_targets(keys: pd.DataFrame, lives: pd.DataFrame, clock: Clock,
     n = len(keys)
     if n == 0 or lives.empty:
         return np.full(n, np.nan), np.full(n, np.nan)
-    where = rows_in_lives(keys, lives, clock)
+    t, table, pos = life_positions(keys, lives, clock)
+    inside = pos >= 0
+    life = np.maximum(pos, 0)
     scale = 1.0 if clock.kind == "cycle" else 1e-6 / clock.unit_seconds
-    lower = (where["end"].to_numpy(np.float64) - where["t"].to_numpy(np.float64)) * scale
-    lower = np.where((where["segment"] >= 0).to_numpy(), lower, np.nan)
+    lower = (table["end"].to_numpy(np.int64)[life] - t).astype(np.float64) * scale
+    lower = np.where(inside, lower, np.nan)
     if rul_cap is not None:
         lower = np.minimum(lower, float(rul_cap))  # NaN stays NaN
-    rul = np.where((where["end_reason"] == "failure").to_numpy(), lower, np.nan)
+    # Whether each life ended in a failure: one comparison per life, not per row.
+    failed = (table["end_reason"] == "failure").to_numpy(bool)
+    rul = np.where(inside & failed[life], lower, np.nan)
     return rul, lower

@@ -21,7 +21,7 @@ clock an asset's first life is counted from cycle ``first - 1``, so an engine wh
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -32,9 +32,12 @@ from twinflow import contracts as C
 from twinflow.contract.model import FleetContract
 from twinflow.errors import ConfigError
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = ["EventLogOutcome", "SEGMENT_END", "build_segments", "events_schema", "ingest_event_log",
-           "parse_events", "rebuild_segments", "rows_in_lives", "segments_schema", "telemetry_extents",
-           "time_ticks"]
+           "life_positions", "parse_events", "rebuild_segments", "rows_in_lives", "segments_schema",
+           "telemetry_extents", "time_ticks"]
 
 SEGMENT_END = ("failure", "censored", "running")
 
@@ -259,24 +262,97 @@ def rows_in_lives(keys, segments, clock) -> "pd.DataFrame":
     """
     import pandas as pd
 
+    t, lives, pos = life_positions(keys, segments, clock)
+    n, rows = len(t), np.flatnonzero(pos >= 0)
+    segment, start, end = np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    reason = np.full(n, None, dtype=object)
+    if rows.size:
+        life = pos[rows]
+        segment[rows] = lives["segment"].to_numpy(np.int64)[life]
+        start[rows] = lives["start"].to_numpy(np.int64)[life]
+        end[rows] = lives["end"].to_numpy(np.int64)[life]
+        reason[rows] = lives["end_reason"].to_numpy(object)[life]
+    return pd.DataFrame({"t": t, "segment": segment, "start": start, "end": end,
+                         "end_reason": pd.Series(reason, dtype=object)})
+
+
+def life_positions(keys, segments, clock) -> tuple[np.ndarray, "pd.DataFrame", np.ndarray]:
+    """:func:`rows_in_lives` as positions: each row's ticks, the lives and each row's life in them.
+
+    For callers that need a column or two of each row's life (labels need its end and whether it
+    ended in a failure) without a per-row frame of all of them.
+
+    Returns:
+        ``(t, lives, pos)``: the rows' int64 ticks; the segments as a frame with int64 tick bounds
+        (``asset_id``, ``segment``, ``start``, ``end``, ``end_reason``), sorted by asset and start, on
+        a fresh RangeIndex; and each row's position in it (-1 outside every life).
+    """
     n = len(keys)
     t = time_ticks(keys[clock.key]) if n else np.zeros(0, np.int64)
-    out = pd.DataFrame({"t": t, "segment": np.full(n, -1, np.int64), "start": np.full(n, -1, np.int64),
-                        "end": np.full(n, -1, np.int64), "end_reason": pd.Series([None] * n, dtype=object)})
-    lives = _lives_ticks(segments)
+    lives = _lives_ticks(segments).sort_values([C.ASSET, "start"], kind="stable").reset_index(drop=True)
     if n == 0 or lives.empty:
+        return t, lives, np.full(n, -1, np.int64)
+    l_end = lives["end"].to_numpy(np.int64)
+    names, first = np.unique(lives[C.ASSET].to_numpy(object).astype(str), return_index=True)
+    pos = _latest_start(_asset_codes(keys[C.ASSET], names), t, lives["start"].to_numpy(np.int64), first, len(lives))
+    hit = pos >= 0
+    hit[hit] = t[hit] <= l_end[pos[hit]]  # after its life's end: between lives, outside every one
+    return t, lives, np.where(hit, pos, -1)
+
+
+def _asset_codes(assets, names: np.ndarray) -> np.ndarray:
+    """Each row's index into ``names`` (sorted asset ids), -1 for an asset not among them.
+
+    Arrow's dictionary encoding hashes the ids without a Python string per row; only the distinct
+    ids (one per asset, not per reading) are looked up.
+    """
+    import pandas as pd
+
+    arr = pa.array(assets.to_numpy(object) if assets.dtype == object else assets, from_pandas=True)
+    if isinstance(arr, pa.ChunkedArray):  # an Arrow-backed column read from several record batches
+        arr = arr.combine_chunks()
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = pc.cast(arr, pa.string())  # numeric ids compare as their text, as the lake stores them
+    enc = arr.dictionary_encode()
+    lookup = pd.Index(names).get_indexer(pd.Index(enc.dictionary.to_numpy(zero_copy_only=False).astype(object)))
+    idx = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.where(idx >= 0, lookup[np.maximum(idx, 0)], -1)
+
+
+# Largest (asset, time) search key: asset codes times the time span must stay inside int64.
+_KEY_LIMIT = 2**62
+
+
+def _latest_start(code: np.ndarray, t: np.ndarray, starts: np.ndarray, first: np.ndarray, n_lives: int
+                  ) -> np.ndarray:
+    """Index of the life of each row's asset (``code``: index into the assets, -1 for none) with the
+    latest start at or before the row's time, -1 where none; lives sorted by (asset, start), asset
+    ``i``'s lives from ``first[i]``.
+
+    One binary search over (asset, time) keys: the asset code in the high digits, the time since the
+    earliest tick in the low ones (with a per-asset loop where the product would not fit in int64).
+    """
+    out = np.full(len(t), -1, np.int64)
+    known = code >= 0
+    if not known.any():
         return out
-    left = pd.DataFrame({C.ASSET: keys[C.ASSET].astype(str).to_numpy(), "_t": t, "_row": np.arange(n)})
-    right = lives.rename(columns={"start": "_t"})
-    joined = pd.merge_asof(left.sort_values("_t", kind="stable"), right.sort_values("_t", kind="stable"),
-                           on="_t", by=C.ASSET, direction="backward")
-    inside = (joined["end"].notna() & (joined["_t"] <= joined["end"])).to_numpy()
-    rows = joined["_row"].to_numpy()[inside]
-    hit = joined.loc[inside]
-    out.loc[rows, "segment"] = hit["segment"].to_numpy(np.int64)
-    out.loc[rows, "start"] = hit["_start"].to_numpy(np.int64)
-    out.loc[rows, "end"] = hit["end"].to_numpy(np.int64)
-    out.loc[rows, "end_reason"] = hit["end_reason"].to_numpy(object)
+    life_code = np.repeat(np.arange(len(first)), np.diff(np.r_[first, n_lives]))
+    lo = min(int(t[known].min()), int(starts.min()))
+    span = max(int(t[known].max()), int(starts.max())) - lo + 1
+    c, tk = code[known], t[known]
+    if span * (len(first) + 1) < _KEY_LIMIT:
+        pos = np.searchsorted(life_code * span + (starts - lo), c * span + (tk - lo), side="right") - 1
+    else:  # ticks spanning centuries over many assets
+        pos = np.empty(len(c), np.int64)
+        order = np.argsort(c, kind="stable")
+        bounds = np.searchsorted(c[order], np.arange(len(first) + 1))
+        for i in range(len(first)):
+            rows = order[bounds[i]:bounds[i + 1]]
+            block = starts[first[i]:first[i] + np.count_nonzero(life_code == i)]
+            pos[rows] = first[i] + np.searchsorted(block, tk[rows], side="right") - 1
+    # A position before the asset's first life falls into the previous asset's block.
+    pos = np.where((pos >= 0) & (life_code[np.maximum(pos, 0)] == c), pos, -1)
+    out[known] = pos
     return out
 
 

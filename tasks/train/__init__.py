@@ -77,6 +77,8 @@ __all__ = [
     "drop_unlabelled",
     "eval_protocol",
     "hold_out_assets",
+    "life_ages",
+    "mean_life",
     "TrackingTarget",
     "Trainer",
     "TRAINERS",

@@ -208,6 +208,61 @@ def life_ids(frame: pd.DataFrame, spec: DataSpec) -> np.ndarray:
     return np.char.add(np.char.add(asset.astype(str), "#"), (starts - first).astype(str))
 
 
+def _ticks_per_unit(spec: DataSpec) -> float:
+    """Time-key ticks per unit of ``spec.time_unit``: 1 for cycles, microseconds per unit for timestamps."""
+    if spec.time_unit == "cycle":
+        return 1.0
+    from twinflow.contract import parse_duration
+
+    return parse_duration(f"1{spec.time_unit}").total_seconds() * 1e6
+
+
+def life_ages(frame: pd.DataFrame, spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Which life each row belongs to and its age in that life, in ``spec.time_unit``.
+
+    Lives split where the label rises (:func:`life_ids`) when every row has a label, else each asset's
+    rows are one life (e.g. unlabelled test units). Ages count like the life segments' durations: on a
+    cycle clock the cycles since the one before the life's first row (C-MAPSS: the cycle number); on a
+    timestamp clock the time since the life's first reading, in the clock's unit (hours, not the
+    microsecond ticks the time key is read as). A life whose start was not observed (the records began
+    mid-life) counts from its first reading.
+
+    Args:
+        frame: Rows sorted by (asset, time), with ``spec.asset``, ``spec.cycle`` and optionally the label.
+        spec: Column roles and the time unit.
+
+    Returns:
+        ``(life ids, ages)``, one per row.
+    """
+    if frame.empty:
+        return np.array([], dtype=object), np.zeros(0)
+    labelled = spec.label in frame and not frame[spec.label].isna().any()
+    lives = life_ids(frame, spec) if labelled else frame[spec.asset].astype(str).to_numpy()
+    t = frame[spec.cycle].to_numpy(dtype="int64")
+    new = np.r_[True, lives[1:] != lives[:-1]]
+    first = t[np.flatnonzero(new)][np.cumsum(new) - 1]
+    # A cycle clock's life starts the cycle before its first row (cycle 1 is one cycle old).
+    since = t - first + (1 if spec.time_unit == "cycle" else 0)
+    return lives, since / _ticks_per_unit(spec)
+
+
+def mean_life(frame: pd.DataFrame, spec: DataSpec) -> float | None:
+    """Mean length of the failure-ended lives of ``frame``, in ``spec.time_unit`` (None without any).
+
+    A life's length is the age of its last labelled row plus that row's label (its remaining life:
+    the failure need not coincide with the last reading on a timestamp clock). Unlabelled rows
+    (censored or running lives, kept by ``censored="aft"``) do not count.
+    """
+    if spec.label not in frame:
+        return None
+    rows = frame.loc[frame[spec.label].notna()].reset_index(drop=True)
+    if rows.empty:
+        return None
+    lives, age = life_ages(rows, spec)
+    last = np.r_[lives[1:] != lives[:-1], True]
+    return float(np.mean(age[last] + rows[spec.label].to_numpy(dtype="float64")[last]))
+
+
 def truncated_lives_set(frame: pd.DataFrame, spec: DataSpec, per_life: int = 1, seed: int = 0) -> EvalSet:
     """The C-MAPSS test protocol generalised: held-out failed lives cut at random points.
 

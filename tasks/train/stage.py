@@ -15,7 +15,7 @@ package, so ``from twinflow.tasks.train import X`` keeps working):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +47,8 @@ from twinflow.tasks.train.data import (
     eval_protocol,
     feature_digest,
     hold_out_assets,
+    life_ages,
+    mean_life,
     read_feature_frame,
     read_true_rul,
     spec_for,
@@ -58,7 +60,6 @@ from twinflow.tasks.train.data import (
 from twinflow.tasks.prognostics import PrognosticsReport
 from twinflow.tasks.promotion import PromotionFloor, PromotionMode, TwinGateParams, fleet_mean_life_predictions
 from twinflow.tasks.train.eval import (
-    eval_cycles,
     evaluate_model_uri,
     evaluate_prognostics,
     log_prognostics,
@@ -305,13 +306,18 @@ def _evaluate_best(outcomes: list[TrialOutcome], train: pd.DataFrame, val: pd.Da
 
 
 def _baseline_metrics(train: pd.DataFrame, spec: DataSpec, ev: EvalSet, rul_cap: float) -> dict[str, float] | None:
-    """The naive fleet-mean-life predictor scored on the evaluation rows (the promotion floor's bar)."""
-    cycles = eval_cycles(ev)
-    if cycles is None or train.empty:
+    """The naive fleet-mean-life predictor scored on the evaluation rows (the promotion floor's bar).
+
+    Lifetimes and ages are in the contract's clock unit (:func:`life_ages`), like the labels: on a
+    timestamp clock the time key is read as microsecond ticks, and a mean "life" of epoch ticks made
+    the baseline predict the cap (or 0) at every row.
+    """
+    life = mean_life(train, spec)
+    if life is None or "cycle" not in ev.frame:
         return None
-    mean_life = float(train.groupby(spec.asset)[spec.cycle].max().mean())
-    return {**regression_metrics(fleet_mean_life_predictions(mean_life, cycles, rul_cap), ev.true),
-            "mean_life": mean_life}
+    _, age = life_ages(ev.frame, replace(spec, asset="asset_id", cycle="cycle"))
+    return {**regression_metrics(fleet_mean_life_predictions(life, age[ev.rows], rul_cap), ev.true),
+            "mean_life": life}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: Cal
         f"Calibration: {report.n_assets} run-to-failure assets"
         f"{f' (fleet contract {report.contract.name} v{report.contract.version})' if report.contract else ''}, "
         f"lifetime KS statistic "
-        f"{report.ks_statistic:.3f}{' (fallback parameters)' if report.fallback else ''}.",
+        f"{report.ks_statistic:.3f}{' (fallback parameters)' if report.fallback else ''}"
+        f"{_lives_line(report, u)}.",
         f"RUL estimate error: {error_model.kind} ({error_model.source}), inspections every "
         f"{params.inspect_every} {u}.",
     ]
@@ -251,6 +252,21 @@ def _log_model_input(name: str, version: str) -> None:
         logging.getLogger("twinflow.simulate").warning("model input %s v%s not logged: %s", name, version, exc)
 
 
+def _lives_line(report, unit: str) -> str:
+    """The lifetime check with suspensions, for the calibration line (empty without life segments)."""
+    lives, out = report.lives, ""
+    if lives is None:
+        return out
+    out = f"; {lives.failures} failures and {lives.suspensions} suspensions"
+    if report.lifetime_fit is not None:
+        out += (f", simulated lifetimes matched to their lognormal with suspensions (median "
+                f"{report.lifetime_fit.median:,.0f} {unit})")
+    if lives.twin_km is not None:
+        out += (f", {lives.twin_km.inside_share:.0%} of the twin's survival curve inside the Kaplan-Meier band "
+                f"({'passed' if lives.twin_km.passed else 'FAILED'})")
+    return out
+
+
 def lives_metrics(report) -> dict[str, float]:
     """The lifetime check with suspensions as MLflow metrics (empty without life segments)."""
     lives = report.lives
@@ -265,4 +281,6 @@ def lives_metrics(report) -> dict[str, float]:
         out["weibull_km_inside"] = lives.weibull_km.inside_share
     if lives.twin_km is not None:
         out["calibration_km_inside"] = lives.twin_km.inside_share
+    if report.lifetime_fit is not None:
+        out.update(lifetime_median=report.lifetime_fit.median, lifetime_log_sd=report.lifetime_fit.sigma)
     return {k: float(v) for k, v in out.items()}

@@ -13,6 +13,10 @@ reliability-engineering answer, used here:
 * :func:`km_check`: whether the fitted Weibull survival curve stays inside the Kaplan–Meier bands —
   the goodness-of-fit check that remains valid under censoring (a KS test on complete lifetimes
   does not).
+* :func:`lognormal_fit`: the lognormal fitted the same way. The twin's lifetimes are lognormal by
+  construction (its log degradation rate is normal), so this is the fit the twin is matched to when
+  some lives are suspended: the failures alone are biased short, because the lives that would have
+  lasted longest are the ones a renewal or the end of the records cut first.
 
 Durations are in the fleet contract's clock unit (cycles, or hours/days for timestamp clocks). All
 functions are pure numpy/scipy (no survival library needed for two closed-form likelihoods).
@@ -26,7 +30,8 @@ from typing import Callable, Sequence
 import numpy as np
 from pydantic import BaseModel
 
-__all__ = ["KaplanMeier", "KmCheck", "WeibullFit", "kaplan_meier", "km_check", "weibull_fit"]
+__all__ = ["KaplanMeier", "KmCheck", "LognormalFit", "WeibullFit", "kaplan_meier", "km_check", "lognormal_fit",
+           "weibull_fit"]
 
 _Z95 = 1.959963984540054
 
@@ -158,6 +163,77 @@ def _fit2(t: np.ndarray, d: np.ndarray) -> WeibullFit:
     scale_ci = (float(eta * unit * math.exp(-_Z95 * se[1])), float(eta * unit * math.exp(_Z95 * se[1])))
     return WeibullFit(shape=float(beta), scale=eta * unit, shape_ci=shape_ci, scale_ci=scale_ci, n=len(t),
                       failures=r, loglik=loglik(*p) - r * math.log(unit))
+
+
+class LognormalFit(BaseModel):
+    """A lognormal lifetime model fitted with suspensions: ``log(life) ~ N(mu, sigma)``.
+
+    Attributes:
+        mu: Mean of the log lifetime (``exp(mu)`` is the median life, in the clock's unit).
+        sigma: Standard deviation of the log lifetime.
+        n: Lives used.
+        failures: Lives that ended in an observed failure (the rest are suspensions).
+        loglik: Log-likelihood of the log lifetimes at the optimum.
+    """
+
+    mu: float
+    sigma: float
+    n: int
+    failures: int
+    loglik: float
+
+    @property
+    def median(self) -> float:
+        return float(math.exp(self.mu))
+
+    def survival(self, t: np.ndarray | float) -> np.ndarray:
+        """P(life > t)."""
+        from scipy.stats import norm
+
+        t = np.asarray(t, float)
+        return norm.sf((np.log(np.maximum(t, 1e-300)) - self.mu) / self.sigma)
+
+
+def lognormal_fit(durations: Sequence[float], observed: Sequence[bool]) -> LognormalFit:
+    """Fit a lognormal by maximum likelihood with right censoring.
+
+    Failures contribute the normal density of their log lifetime, suspensions its survival function.
+    Without suspensions this is the sample mean and (``ddof=0``) standard deviation of the log lives.
+
+    Args:
+        durations: Each life's length (to the failure or to the suspension), positive.
+        observed: True where the life ended in a failure.
+
+    Raises:
+        ValueError: with fewer than 2 failures, failures of one single length, or bad durations.
+    """
+    from scipy.optimize import minimize
+    from scipy.stats import norm
+
+    t, d = _check(durations, observed)
+    r = int(d.sum())
+    if r < 2:
+        raise ValueError(f"a lognormal fit needs at least 2 observed failures, got {r} (of {len(t)} lives)")
+    x = np.log(t)
+    if np.ptp(x[d]) == 0:
+        raise ValueError("a lognormal fit needs failures of different lengths")
+    xf, xs = x[d], x[~d]
+
+    def nll(p: np.ndarray) -> float:
+        mu, sigma = p[0], math.exp(p[1])
+        return -float(norm.logpdf(xf, mu, sigma).sum() + norm.logsf(xs, mu, sigma).sum())
+
+    # From the failures alone (biased short with suspensions, but the right scale to start from).
+    start = np.array([xf.mean(), math.log(xf.std())])
+    if xs.size == 0:
+        best = start
+    else:
+        res = minimize(nll, start, method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+        if not res.success or not np.all(np.isfinite(res.x)):
+            raise ValueError(f"the censored lognormal fit did not converge: {res.message}")
+        best = res.x
+    return LognormalFit(mu=float(best[0]), sigma=float(math.exp(best[1])), n=len(t), failures=r,
+                        loglik=-nll(best))
 
 
 class KaplanMeier(BaseModel):

@@ -29,6 +29,7 @@ from twinflow.tasks.twin.calibration import (
     default_model,
     read_cmapss_frame,
     life_check,
+    life_sample,
     select_failure_lives,
     select_run_to_failure,
 )
@@ -94,14 +95,18 @@ def calibrate_twin(params: TwinParams, snapshot: LakeSnapshot | None) -> tuple[T
         if snapshot.segments is not None:
             segments = read_table(snapshot.lake_path, derived_name(snapshot.dataset, "segments"),
                                   version=snapshot.segments)
+    lives = None
     if segments is not None:
         # Lives from the event log / the dataset rules: failures show whole degradation paths; censored
-        # and running lives still count in the lifetime check below.
+        # and running lives still count in the lifetimes the twin is matched to and in the check below.
         kept, excluded = select_failure_lives(frame, segments, contract, params.min_lifetime, snapshot.dataset)
+        durations, failed, _ = life_sample(segments, contract, snapshot.dataset)
+        lives = (durations, failed)
     else:
         kept, excluded = select_run_to_failure(frame, params.truncated_sources, params.min_lifetime, contract)
     if kept[ASSET].nunique() >= 2:
-        model, report = calibrate(kept, contract=contract, process_noise=params.process_noise, seed=params.seed)
+        model, report = calibrate(kept, contract=contract, process_noise=params.process_noise, seed=params.seed,
+                                  lives=lives)
         report.excluded_assets = excluded
         if segments is not None:
             report.lives = life_check(segments, report.simulated_lifetimes, contract, snapshot.dataset)

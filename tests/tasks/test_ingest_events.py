@@ -108,3 +108,44 @@ def test_rows_in_lives_assigns_each_row_its_own_life_or_none(pumps):
     from twinflow.tasks.features.labels import lives_frame
 
     assert rows_in_lives(keys, lives_frame(segments), pumps.clock)["segment"].tolist() == [1, 0, 0, 0, 2, -1]
+
+
+@pytest.mark.parametrize("key_limit", [None, 0])  # 0: the per-asset search, for (asset, time) keys past int64
+def test_rows_in_lives_matches_a_row_by_row_reference(pumps, monkeypatch, key_limit):
+    import numpy as np
+
+    from twinflow.tasks.ingest import events
+
+    if key_limit is not None:
+        monkeypatch.setattr(events, "_KEY_LIMIT", key_limit)
+    rng = np.random.default_rng(4)
+    hour = 3_600_000_000
+    t0 = us("2026-01-01")
+    lives, keys = [], []
+    for a in range(25):
+        cuts = np.sort(rng.choice(np.arange(1, 400), size=2 * int(rng.integers(0, 5)), replace=False))
+        lives += [(f"P{a}", k // 2, t0 + int(cuts[k]) * hour, t0 + int(cuts[k + 1]) * hour,
+                   ("failure", "censored", "running")[k % 3]) for k in range(0, len(cuts), 2)]
+        keys += [(f"P{a}", t0 + int(h) * hour) for h in rng.choice(np.arange(0, 420), size=60, replace=False)]
+    keys += [("P99", t0), (None, t0 + hour)]  # an asset without lives, a row without an asset
+    lives = pd.DataFrame(lives, columns=["asset_id", "segment", "start", "end", "end_reason"])
+    keys = pd.DataFrame(keys, columns=["asset_id", "t"]).sample(frac=1, random_state=1).reset_index(drop=True)
+    keys["timestamp"] = pd.to_datetime(keys.t, unit="us", utc=True)
+
+    def reference(asset, t):
+        mine = lives[(lives.asset_id == asset) & (lives.start <= t)]
+        if mine.empty:
+            return -1, None
+        life = mine.loc[mine.start.idxmax()]
+        return (int(life.segment), life.end_reason) if t <= life.end else (-1, None)
+
+    where = events.rows_in_lives(keys[["asset_id", "timestamp"]], lives, pumps.clock)
+    expected = [reference(a, t) for a, t in zip(keys.asset_id, keys.t)]
+    assert where["segment"].tolist() == [e[0] for e in expected]
+    assert where["end_reason"].tolist() == [e[1] for e in expected]
+    # Keys as the features stage reads them: Arrow-backed columns from several record batches.
+    table = pa.Table.from_pandas(keys[["asset_id", "timestamp"]], preserve_index=False)
+    chunked = pa.concat_tables([table.slice(0, 500), table.slice(500)])
+    arrow_keys = chunked.to_pandas(types_mapper=pd.ArrowDtype)
+    assert events.rows_in_lives(arrow_keys, lives, pumps.clock)["segment"].tolist() == [e[0] for e in expected]
+    assert (where["segment"] >= 0).sum() > 100 and (where["segment"] < 0).sum() > 100  # both cases occur

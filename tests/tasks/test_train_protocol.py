@@ -86,3 +86,59 @@ def test_a_run_is_scored_on_truncated_lives_and_a_champion_rescored_on_the_same(
     # Re-scoring (e.g. the champion) rebuilds the same evaluation rows from the features alone.
     again = build_eval_set(ref, TRUNC, None)
     assert np.array_equal(again.true, out.eval_true) and list(again.asset_ids) == list(out.eval_assets)
+
+
+
+def _timestamp_lives(n_assets: int = 8, seed: int = 0) -> tuple[pd.DataFrame, list[float]]:
+    """Features of pumps read every 10 minutes (timestamps as µs ticks, labels in hours capped at
+    240 h): two failed lives per pump, each failure 10 minutes after the last reading, 5 hours of
+    repair between. Returns the rows (with the generator's ``life`` number) and each life's length in h."""
+    rng = np.random.default_rng(seed)
+    parts, lengths = [], []
+    for a in range(n_assets):
+        t0 = pd.Timestamp("2026-01-01", tz="UTC").value // 1000 + a * 3_600_000_000
+        for k in range(2):
+            n = int(rng.integers(300, 900))  # readings in this life
+            t = t0 + np.arange(n, dtype="int64") * 600_000_000
+            fail = t0 + n * 600_000_000
+            parts.append(pd.DataFrame({"asset_id": f"P-{a}", "timestamp": t, "x": rng.normal(size=n),
+                                       "rul": np.minimum((fail - t) / 3.6e9, 240.0), "life": f"P-{a}#{k}"}))
+            lengths.append(n / 6.0)
+            t0 = fail + 5 * 3_600_000_000
+    return pd.concat(parts, ignore_index=True), lengths
+
+
+def test_the_naive_baseline_counts_lives_and_ages_in_the_clock_unit_not_in_ticks():
+    from twinflow.tasks.promotion import fleet_mean_life_predictions
+    from twinflow.tasks.train import life_ages, mean_life
+    from twinflow.tasks.train.eval import regression_metrics
+    from twinflow.tasks.train.stage import _baseline_metrics
+
+    frame, lengths = _timestamp_lives()
+    spec = DataSpec(("x",), "rul", "asset_id", "timestamp", "h")
+    first_four = frame.asset_id.isin([f"P-{a}" for a in range(4)])
+    train, held = frame[first_four], frame[~first_four].reset_index(drop=True)
+    assert mean_life(train, spec) == pytest.approx(np.mean(lengths[:8]))  # hours, one per life
+    lives, age = life_ages(held, spec)
+    assert np.array_equal(lives, held.life.to_numpy())  # lives split at the renewal
+    start = held.groupby("life")["timestamp"].transform("min")
+    assert np.allclose(age, (held.timestamp - start) / 3.6e9)  # hours since the life's first reading
+    ev = truncated_lives_set(held, spec, per_life=5, seed=0)
+    base = _baseline_metrics(train, spec, ev, 240.0)
+    assert base["mean_life"] == pytest.approx(np.mean(lengths[:8]))
+    pred = fleet_mean_life_predictions(base["mean_life"], age[ev.rows], 240.0)
+    expected = regression_metrics(pred, ev.true)
+    assert base["rmse"] == pytest.approx(expected["rmse"]) and base["score"] == pytest.approx(expected["score"])
+    # Not the cap (or 0) at every row, as with epoch ticks: the baseline follows each row's age.
+    assert np.mean(pred < 240.0) > 0.2 and base["rmse"] < np.sqrt(np.mean((240.0 - ev.true) ** 2))
+
+
+def test_the_naive_baseline_on_a_cycle_clock_is_the_mean_last_cycle_minus_the_cycle(small):
+    from twinflow.tasks.train import life_ages, mean_life
+
+    assert mean_life(small, SPEC) == small.groupby("asset_id")["cycle"].max().mean()
+    assert np.array_equal(life_ages(small, SPEC)[1], small.cycle.to_numpy(dtype="float64"))
+    # Rows of censored or running lives (no label) are no lifetime.
+    censored = small.assign(rul=np.where(small.asset_id == "FD001-1", np.nan, small.rul))
+    rest = small[small.asset_id != "FD001-1"]
+    assert mean_life(censored, SPEC) == rest.groupby("asset_id")["cycle"].max().mean()

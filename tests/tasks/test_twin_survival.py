@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from twinflow.tasks.twin.survival import kaplan_meier, km_check, weibull_fit
+from twinflow.tasks.twin.survival import kaplan_meier, km_check, lognormal_fit, weibull_fit
 
 TRUE_SHAPE, TRUE_SCALE = 3.0, 200.0
 
@@ -51,6 +51,30 @@ def test_uncensored_fit_matches_scipy():
     fit = weibull_fit(lives, np.ones(300, bool))
     c, _, scale = stats.weibull_min.fit(lives, floc=0)
     assert fit.shape == pytest.approx(c, rel=1e-3) and fit.scale == pytest.approx(scale, rel=1e-3)
+
+
+def test_censored_lognormal_fit_recovers_the_truth_where_the_failures_alone_do_not():
+    rng = np.random.default_rng(5)
+    mu, sigma, n = np.log(300.0), 0.4, 600
+    life = np.exp(rng.normal(mu, sigma, n))
+    # Planned renewals at ages unrelated to the unit's own life: they cut the long lives more often.
+    renew = rng.uniform(0.6, 2.0, n) * 300.0
+    failed = life <= renew
+    durations = np.minimum(life, renew)
+    assert 0.3 <= 1 - failed.mean() <= 0.6
+    fit = lognormal_fit(durations, failed)
+    assert fit.mu == pytest.approx(mu, abs=0.05) and fit.sigma == pytest.approx(sigma, abs=0.05)
+    assert fit.failures == int(failed.sum()) and fit.n == n
+    assert np.log(durations[failed]).mean() < mu - 0.1  # the failures alone: biased short
+    assert km_check(fit.survival, kaplan_meier(durations, failed)).passed
+
+
+def test_lognormal_fit_without_suspensions_is_the_sample_moments_and_needs_two_failures():
+    x = np.array([100.0, 150.0, 220.0, 400.0])
+    fit = lognormal_fit(x, np.ones(4, bool))
+    assert fit.mu == pytest.approx(np.log(x).mean()) and fit.sigma == pytest.approx(np.log(x).std())
+    with pytest.raises(ValueError, match="at least 2 observed failures"):
+        lognormal_fit([10, 20, 30], [True, False, False])
 
 
 def test_kaplan_meier_bands_stay_in_unit_interval_and_check_tells_right_from_wrong():
