@@ -38,6 +38,17 @@ def test_write_read_and_contract_on_s3(s3):
     assert lake.read_lake(again, storage_options=so).num_rows == 3
 
 
+def test_datasets_are_listed_on_s3_without_bookkeeping_prefixes(s3):
+    pumps, so, root = load_contract("pumps"), s3.options(), s3.url("lake-list")
+    assert lake.datasets(root, so) == []  # nothing written under the prefix yet
+    lake.write_lake_table(pump_rows("p1"), root, "pumps", "b1", storage_options=so, contract=pumps)
+    lake.write_lake_table(pump_rows("p2"), root, "more_pumps", "b1", storage_options=so, contract=pumps)
+    fs, base = lake.filesystem(root, so)
+    fs.pipe(f"{base}/_ledger.sqlite", b"x")  # bookkeeping beside the tables is not a dataset
+    fs.pipe(f"{base}/loose/part.parquet", b"x")  # nor is a prefix without a Delta log
+    assert lake.datasets(root, so) == ["more_pumps", "pumps"]
+
+
 def test_concurrent_writers_commit_every_version_with_conditional_puts(s3):
     pumps, so, root = load_contract("pumps"), s3.options(), s3.url("lake-b")
     lake.write_lake_table(pump_rows("p0"), root, "pumps", "b0", storage_options=so, contract=pumps)

@@ -436,9 +436,27 @@ def open_table(lake_path: str, dataset: str, version: int | None = None,
 
 
 def datasets(lake_path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Names of the datasets in a local lake (legacy ones included: they convert when opened)."""
+    """Names of the datasets in a lake (local legacy ones included: they convert when opened).
+
+    On an object store, a dataset is a prefix holding a ``_delta_log/`` prefix: one listing of the
+    lake root and one of each candidate (bookkeeping prefixes ``_…`` are not datasets).
+    """
     if not is_local(lake_path):
-        raise ConfigError("listing datasets needs a local lake; name the dataset instead")
+        with store_errors(lake_path, storage_options):
+            fs, root = _fs(lake_path, storage_options)
+            root = root.rstrip("/")
+            try:
+                tops = fs.ls(root, detail=True, refresh=True)
+            except FileNotFoundError:
+                return []
+            names = []
+            for entry in tops:
+                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                if entry.get("type") != "directory" or name.startswith("_"):
+                    continue
+                if fs.exists(f"{root}/{name}/_delta_log"):
+                    names.append(name)
+        return sorted(names)
     root = local_path(lake_path)
     if not root.is_dir():
         return []
