@@ -33,6 +33,7 @@ split would have to import them across modules again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -1007,17 +1008,29 @@ def time_extents(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None 
     first_min, last_max = g["lo"].transform("min"), g["hi"].transform("max")
     keep = unknown | (df["lo"] <= first_min + slack) | (df["hi"] >= last_max - slack)
     chosen = [p for p, k in zip(paths, keep.to_numpy()) if k]
-    table = read_files(chosen, [PARTITION, key, "source_file"], storage_options)
-    table = _plain_strings(table).sort_by([(PARTITION, "ascending"), (key, "ascending")])
-    a = table.column(PARTITION).to_numpy(zero_copy_only=False)
-    if len(a) == 0:
+    # Each data file holds one asset: reduce file by file (a scan each) rather than sorting all the rows
+    # read. An asset's last reading is the latest file's, in read order on a tie (as a stable sort).
+    ktype = out_schema.field("first").type
+    ext: dict[str, list[Any]] = {}  # asset -> [first, last, last_source]
+    for path, t in _read_each(chosen, [key, "source_file"], storage_options):
+        if t.num_rows == 0:
+            continue
+        k = t.column(key).cast(ktype).cast(pa.int64()).to_numpy()
+        lo, hi = int(k.min()), int(k.max())
+        at = len(k) - 1 - int(np.argmax(k[::-1] == hi))
+        source = t.column("source_file")[at].as_py()
+        e = ext.setdefault(asset_of(path), [lo, hi, source])
+        if lo < e[0]:
+            e[0] = lo
+        if hi >= e[1]:
+            e[1], e[2] = hi, source
+    if not ext:
         return out_schema.empty_table()
-    starts = np.flatnonzero(np.r_[True, a[1:] != a[:-1]])
-    ends = np.r_[starts[1:], len(a)] - 1
-    return pa.table({PARTITION: pa.array(a[starts], pa.string()),
-                     "first": table.column(key).take(pa.array(starts)),
-                     "last": table.column(key).take(pa.array(ends)),
-                     "last_source": table.column("source_file").take(pa.array(ends)).cast(pa.string())},
+    assets = sorted(ext)
+    return pa.table({PARTITION: pa.array(assets, pa.string()),
+                     "first": pa.array([ext[a][0] for a in assets], pa.int64()).cast(ktype),
+                     "last": pa.array([ext[a][1] for a in assets], pa.int64()).cast(ktype),
+                     "last_source": pa.array([ext[a][2] for a in assets], pa.string())},
                     schema=out_schema)
 
 
@@ -1069,11 +1082,26 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
     file's partition folder. ``ParquetFile.read`` with one thread per file: much faster per small file
     than dataset discovery, and a Dask worker's thread count is the cluster's to decide.
     """
+    cols = [c for c in columns if c != PARTITION]
+    want_asset = PARTITION in columns
+    tables = []
+    for path, t in _read_each(paths, cols, storage_options):
+        if want_asset:
+            t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset_of(path), pa.string()), t.num_rows))
+        tables.append(t)
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    order = [c for c in columns if c in table.column_names]
+    return table.select(order)
+
+
+def _read_each(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None
+               ) -> Iterator[tuple[str, pa.Table]]:
+    """(path, ``columns`` of the file) of each data file, in order (see :func:`read_files`)."""
     import pyarrow.parquet as pq
     from fsspec.implementations.local import LocalFileSystem
 
-    cols = [c for c in columns if c != PARTITION]
-    want_asset = PARTITION in columns
+    if not paths:
+        return
     fs, _ = _fs(paths[0], storage_options)
     local = isinstance(fs, LocalFileSystem)
     blobs: dict[str, bytes] = {}
@@ -1082,19 +1110,13 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
         # column chunks, costs several sequential round trips per file (S3 reads ran at ~0.1x of local).
         with store_errors(paths[0], storage_options):
             blobs = fs.cat([fs._strip_protocol(p) for p in paths], on_error="raise")
-    tables = []
     for path in paths:
         p = fs._strip_protocol(path)
         if local:
-            t = pq.ParquetFile(p, pre_buffer=False).read(columns=cols, use_threads=False)
+            t = pq.ParquetFile(p, pre_buffer=False).read(columns=list(columns), use_threads=False)
         else:
-            t = pq.ParquetFile(pa.BufferReader(blobs.pop(p))).read(columns=cols, use_threads=False)
-        if want_asset:
-            t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset_of(path), pa.string()), t.num_rows))
-        tables.append(t)
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    order = [c for c in columns if c in table.column_names]
-    return table.select(order)
+            t = pq.ParquetFile(pa.BufferReader(blobs.pop(p))).read(columns=list(columns), use_threads=False)
+        yield path, t
 
 
 def read_pandas(snapshot: LakeSnapshot, columns: list[str] | None = None) -> "Any":
@@ -1177,16 +1199,23 @@ def _contract_uri(lake_path: str, dataset: str) -> str:
 def table_contract(lake_path: str, dataset: str, storage_options: dict[str, Any] | None = None
                    ) -> FleetContract | None:
     """The fleet contract stored with a dataset's table, or None (no table, or written before contracts)."""
-    import yaml
-
-    from twinflow.contract.store import contract_from_dict
-
     uri = _contract_uri(lake_path, dataset)
     fs, path = _fs(uri, storage_options)
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as fh:
-        return contract_from_dict(yaml.safe_load(fh), f"of table {dataset!r}")
+        return _parse_table_contract(fh.read(), dataset)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_table_contract(text: str, dataset: str) -> FleetContract:
+    # Every read and write of a table checks its contract: parse each stored text once (a contract is
+    # immutable; pure-Python YAML took ~0.1 s a parse).
+    import yaml
+
+    from twinflow.contract.store import contract_from_dict
+
+    return contract_from_dict(yaml.safe_load(text), f"of table {dataset!r}")
 
 
 def write_contract(lake_path: str, dataset: str, contract: FleetContract,
