@@ -329,6 +329,27 @@ def test_rows_in_file_order_validate_like_the_same_rows_shuffled(rejects):
     assert quar.column("reason").to_pylist() == quar2.column("reason").to_pylist()
 
 
+@pytest.mark.parametrize("bad_lines", [0, 2])
+def test_a_large_csv_parses_alike_in_small_and_whole_file_blocks(monkeypatch, bad_lines):
+    """Files above 1 MiB are read first in small (parallel) blocks; the result must be the whole-file
+    read's, and a file with rows of another field count is read whole, its bad rows in file order."""
+    from twinflow.tasks.ingest import parse as P
+
+    header = ",".join(CM.CMAPSS_COLUMNS)
+    rows = [",".join(line.split()) for line in TRAIN_LINES] * 2
+    if bad_lines:
+        rows[3000] = "1,2,3"
+        rows[-10] = "4,5"
+    data = ("\n".join([header, *rows]) + "\n").encode()
+    assert len(data) > 2 * P.FAST_BLOCK_BYTES
+    fast = parse_bytes(data, "big.csv", "csv", contract=CM.CMAPSS)
+    monkeypatch.setattr(P, "FAST_BLOCK_BYTES", 1 << 40)
+    whole = parse_bytes(data, "big.csv", "csv", contract=CM.CMAPSS)
+    assert fast.file_error is None and fast.rows_read == whole.rows_read == len(rows)
+    assert fast.table.equals(whole.table) and fast.reasons == whole.reasons
+    assert fast.bad_rows == whole.bad_rows and [t for _, t in fast.bad_rows] == (["1,2,3", "4,5"] if bad_lines else [])
+
+
 def test_csv_with_aliases_and_header_less_csv_with_configured_columns(home):
     header = "engine,time_cycles,setting_1,setting_2,setting_3," + ",".join(f"sensor_{i}" for i in range(1, 22))
     _write(home.landing, "hdr.csv", "\n".join([header, *[",".join(l.split()) for l in _lines(5)]]) + "\n")
