@@ -33,6 +33,7 @@ split would have to import them across modules again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -1122,22 +1123,31 @@ def time_extents(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None 
     first_min, last_max = g["lo"].transform("min"), g["hi"].transform("max")
     keep = unknown | (df["lo"] <= first_min + slack) | (df["hi"] >= last_max - slack)
     chosen = [(p, b) for p, b, k in zip(paths, sizes, keep.to_numpy()) if k]
-    table = _plain_strings(read_files([p for p, _ in chosen], [PARTITION, key, "source_file"], storage_options,
-                                      sizes=[b for _, b in chosen]))
-    if table.num_rows == 0:
+    # Each data file holds one asset: reduce file by file (a scan each) rather than sorting all the rows
+    # read. An asset's last reading is the latest file's, in read order on a tie (as a stable sort).
+    ktype = out_schema.field("first").type
+    ext: dict[str, list[Any]] = {}  # asset -> [first, last, last_source]
+    for path, t in _read_each([p for p, _ in chosen], [key, "source_file"], storage_options,
+                              sizes=[b for _, b in chosen]):
+        if t.num_rows == 0:
+            continue
+        k = t.column(key).cast(ktype).cast(pa.int64()).to_numpy()
+        lo, hi = int(k.min()), int(k.max())
+        at = len(k) - 1 - int(np.argmax(k[::-1] == hi))
+        source = t.column("source_file")[at].as_py()
+        e = ext.setdefault(asset_of(path), [lo, hi, source])
+        if lo < e[0]:
+            e[0] = lo
+        if hi >= e[1]:
+            e[1], e[2] = hi, source
+    if not ext:
         return out_schema.empty_table()
-    # Hash aggregation, not a sort of every row read (a file holds a whole batch of an asset's rows):
-    # first/last per asset, then the source of the row at the last time (the last such row read).
-    ext = table.group_by(PARTITION, use_threads=False).aggregate([(key, "min"), (key, "max")])
-    code = pc.index_in(table.column(PARTITION), value_set=ext.column(PARTITION))
-    at_last = pc.equal(table.column(key), pc.take(ext.column(f"{key}_max"), code))
-    hits = table.filter(at_last).append_column("_i", pa.array(np.arange(int(pc.sum(at_last).as_py() or 0))))
-    last_row = hits.group_by(PARTITION, use_threads=False).aggregate([("_i", "max")])
-    source = pc.take(hits.column("source_file"), last_row.column("_i_max"))
-    src = pc.take(source, pc.index_in(ext.column(PARTITION), value_set=last_row.column(PARTITION)))
-    out = pa.table({PARTITION: ext.column(PARTITION).cast(pa.string()), "first": ext.column(f"{key}_min"),
-                    "last": ext.column(f"{key}_max"), "last_source": src.cast(pa.string())})
-    return out.sort_by([(PARTITION, "ascending")]).cast(out_schema)
+    assets = sorted(ext)
+    return pa.table({PARTITION: pa.array(assets, pa.string()),
+                     "first": pa.array([ext[a][0] for a in assets], pa.int64()).cast(ktype),
+                     "last": pa.array([ext[a][1] for a in assets], pa.int64()).cast(ktype),
+                     "last_source": pa.array([ext[a][2] for a in assets], pa.string())},
+                    schema=out_schema)
 
 
 def files_for_keys(lake_path: str, dataset: str, keys: pa.Table,
@@ -1280,13 +1290,20 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
     """
     cols = [c for c in columns if c != PARTITION]
     tables = []
-    for path, t in zip(paths, _read_tables(paths, cols, storage_options, sizes)):
+    for path, t in _read_each(paths, cols, storage_options, sizes=sizes):
         if PARTITION in columns:
             t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset_of(path), pa.string()), t.num_rows))
         tables.append(t)
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     order = [c for c in columns if c in table.column_names]
     return table.select(order)
+
+
+def _read_each(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
+               sizes: Sequence[int] | None = None) -> Iterator[tuple[str, pa.Table]]:
+    """(path, ``columns`` of the file) of each data file, in order: the one reader every data-file read
+    goes through (see :func:`read_files`)."""
+    yield from zip(paths, _read_tables(paths, columns, storage_options, sizes))
 
 
 def read_pandas(snapshot: LakeSnapshot, columns: list[str] | None = None) -> "Any":
@@ -1369,10 +1386,6 @@ def _contract_uri(lake_path: str, dataset: str) -> str:
 def table_contract(lake_path: str, dataset: str, storage_options: dict[str, Any] | None = None
                    ) -> FleetContract | None:
     """The fleet contract stored with a dataset's table, or None (no table, or written before contracts)."""
-    import yaml
-
-    from twinflow.contract.store import contract_from_dict
-
     uri = _contract_uri(lake_path, dataset)
     with store_errors(uri, storage_options):  # a refused key: one line, as for the table itself
         fs, path = _fs(uri, storage_options)
@@ -1380,6 +1393,17 @@ def table_contract(lake_path: str, dataset: str, storage_options: dict[str, Any]
             return None
         with fs.open(path, "r") as fh:
             text = fh.read()
+    return _parse_table_contract(text, dataset)
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_table_contract(text: str, dataset: str) -> FleetContract:
+    # Every read and write of a table checks its contract: parse each stored text once (a contract is
+    # immutable; pure-Python YAML took ~0.1 s a parse).
+    import yaml
+
+    from twinflow.contract.store import contract_from_dict
+
     return contract_from_dict(yaml.safe_load(text), f"of table {dataset!r}")
 
 

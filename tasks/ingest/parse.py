@@ -183,15 +183,28 @@ def parse_times(col: pa.ChunkedArray | pa.Array, clock: Clock) -> tuple[pa.Array
         out = pc.strptime(text, format=clock.format, unit="us", error_is_null=True)
         out = out.cast(utc) if out.type.tz is not None else local(out)
     else:
-        try:  # the usual export: every time naive (or every time with an offset) and ISO 8601
-            out = local(text.cast(pa.timestamp("us")))
+        # The usual export: every time naive, or every time with an offset, and ISO 8601. A cast fails
+        # only after parsing up to the first cell of the other kind, so try first the kind the first
+        # time is (one parse instead of two for files with offsets); the result is the same either way.
+        casts = [lambda: local(text.cast(pa.timestamp("us"))), lambda: text.cast(utc)]
+        if _first_has_offset(text):
+            casts.reverse()
+        try:
+            out = casts[0]()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             try:
-                out = text.cast(utc)
+                out = casts[1]()
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 out = _times_mixed(text, local)
     bad = np.asarray(pc.and_(pc.is_null(out), pc.invert(blank)).to_numpy(zero_copy_only=False), bool)
     return out, bad
+
+
+def _first_has_offset(text: pa.Array) -> bool:
+    """Whether the first non-null cell of a text column ends with a UTC offset (``Z``, ``+02:00``)."""
+    valid = text.is_valid()
+    first = pc.index(valid, True).as_py()
+    return first >= 0 and re.search(_OFFSET, text[first].as_py()) is not None
 
 
 def _times_mixed(text: pa.Array, local) -> pa.Array:
@@ -228,10 +241,12 @@ def normalise_asset(arr: pa.Array, numeric_ok: bool) -> pa.Array:
         if whole.all() or not len(vals):
             return pa.array(vals.astype(np.int64), pa.int64(), mask=np.asarray(pc.is_null(arr).to_numpy(
                 zero_copy_only=False), bool)).cast(pa.string())
-    out = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
+    # A fleet has few asset ids and many rows each: normalise each distinct id once.
+    enc = pc.dictionary_encode(pc.cast(arr, pa.string()))
+    ids = pc.utf8_trim_whitespace(enc.dictionary)
     if numeric_ok:
-        out = pc.replace_substring_regex(out, r"^([+-]?\d+)\.0*$", r"\1")
-    return out
+        ids = pc.replace_substring_regex(ids, r"^([+-]?\d+)\.0*$", r"\1")
+    return ids.take(enc.indices)
 
 
 def _coerce(col: pa.ChunkedArray | pa.Array, name: str) -> tuple[pa.Array, np.ndarray]:
@@ -394,7 +409,7 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
     if fmt == "parquet":
         return _parse_parquet(raw, allow_missing_channels, contract)
     raw = strip_bom(raw)
-    if not raw.strip():
+    if NON_BLANK.search(raw) is None:  # not raw.strip(): that copies the whole file
         return Parsed(file_error="empty file")
     if fmt == "text" and columns is None:  # called without a route: the contract's rule for this name
         rule = contract.rule_for(name)
@@ -414,7 +429,8 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
             return Parsed(file_error=f"not valid UTF-8 text (byte {exc.start})",
                           rows_read=max(count_lines(raw) - header, 0))
     if header:
-        first = raw.split(b"\n", 1)[0].rstrip(b"\r")
+        end = raw.find(b"\n")
+        first = raw[:end if end >= 0 else len(raw)].rstrip(b"\r")  # not split(): that copies the rest
         try:
             names = [h.strip().strip('"') for h in first.decode("utf-8").split(delim)]
         except UnicodeDecodeError:
@@ -432,16 +448,30 @@ def parse_bytes(data: bytes, name: str, fmt: Format = "auto", columns: list[str]
     on_invalid = BadRows()
     bad_rows, actual = on_invalid.rows, on_invalid.actual
 
-    def read(types: dict[str, pa.DataType]) -> pa.Table:
+    def read(types: dict[str, pa.DataType], block: int = WHOLE_BLOCK_BYTES) -> pa.Table:
         bad_rows.clear()
         actual.clear()
         return pacsv.read_csv(io.BytesIO(raw), **csv_options(names, mapped, types, header, delim, on_invalid,
-                                                              WHOLE_BLOCK_BYTES))
+                                                              block))
 
     canon_of = {n: contract.canonical_name(n) for n in mapped}
     type_errors = False
+    typed = {n: types[canon_of[n]] for n in mapped}
+    table = None
+    if len(raw) > FAST_BLOCK_BYTES:
+        # Small blocks parse in parallel and cost ~25% less CPU than whole-file ones. The result is
+        # kept only for a clean file (no error, no row with another field count: the order in which
+        # parallel blocks report bad rows is not the file's); anything else is read again below
+        # exactly as before, with blocks as large as the longest line the reader accepts.
+        try:
+            table = read(typed, FAST_BLOCK_BYTES)
+        except pa.ArrowInvalid:
+            table = None
+        if bad_rows:
+            table = None
     try:
-        table = read({n: types[canon_of[n]] for n in mapped})
+        if table is None:
+            table = read(typed)
     except pa.ArrowInvalid as exc:
         if is_utf8_error(exc):
             return Parsed(file_error="not valid UTF-8 text", rows_read=count_lines(raw) - header)
@@ -509,3 +539,4 @@ def _parse_parquet(raw: bytes, allow_missing: bool, contract: FleetContract) -> 
 
 
 WHOLE_BLOCK_BYTES = 16 << 20
+FAST_BLOCK_BYTES = 1 << 20  # first try of a whole file larger than this (see parse_bytes)

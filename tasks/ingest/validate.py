@@ -40,8 +40,8 @@ def _stuck_mask(x: np.ndarray, same: np.ndarray, starts: np.ndarray, window: int
     return judged & (run_len >= window) & ~np.isnan(x)
 
 
-def asset_checks(asset: pa.Array, valid: np.ndarray, numeric_ok: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def asset_checks(asset: pa.Array, valid: np.ndarray, numeric_ok: bool = True,
+                 enc: pa.DictionaryArray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row: whether the (trimmed) asset id is too long for a partition folder, and its encoded length.
 
     Also clears ``valid`` (in place) where the cell is a "no value" token (``nan``, ``inf``, ``null``...,
@@ -49,13 +49,15 @@ def asset_checks(asset: pa.Array, valid: np.ndarray, numeric_ok: bool = True
     contract's ``asset.numeric_ok`` is false). Computed once per distinct asset id, so it costs nothing
     per row; the whole-file and the streamed reader share it.
 
+    ``enc`` is ``asset`` dictionary-encoded, when the caller has it already.
+
     Returns:
         (too long, encoded length, numeric id refused) per row.
     """
     n = len(asset)
     if n == 0:
         return np.zeros(0, bool), np.zeros(0, np.int64), np.zeros(0, bool)
-    enc = pc.dictionary_encode(asset)
+    enc = pc.dictionary_encode(asset) if enc is None else enc
     names = enc.dictionary.to_pylist()
     missing = np.array([a.lower() in C.MISSING_ASSET_TOKENS for a in names], bool)
     lengths = np.array([len(quote(a, safe="")) for a in names], np.int64)
@@ -215,7 +217,8 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
     asset_valid = pc.and_(pc.is_valid(asset), pc.not_equal(asset, "")).to_numpy(zero_copy_only=False) \
         if n else np.zeros(0, bool)
     asset_valid = np.asarray(asset_valid, bool) & ~np.asarray(pc.is_null(asset).to_numpy(zero_copy_only=False), bool)
-    too_long, encoded_len, numeric = asset_checks(asset, asset_valid, contract.asset.numeric_ok)
+    enc = pc.dictionary_encode(asset) if n else None
+    too_long, encoded_len, numeric = asset_checks(asset, asset_valid, contract.asset.numeric_ok, enc)
     reject(~asset_valid, "missing asset id")
     reject(too_long, lambda i: f"asset id too long: {encoded_len[i]} characters percent-encoded "
                                f"(limit {C.ASSET_ID_MAX_ENCODED})")
@@ -240,17 +243,24 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
 
     quality = np.zeros(n, np.int32)
     values: dict[str, np.ndarray] = {}
+    missing: dict[str, np.ndarray] = {}  # NaN masks of the channels that have any
     sentinels = np.asarray(contract.sentinels, np.float64)
     for spec in contract.channels:
         ch = spec.name
         if ch not in table.column_names:
             continue
-        x = table.column(ch).combine_chunks().to_numpy(zero_copy_only=False).astype(np.float64, copy=True)
+        # Zero-copy where the column has no nulls; copied only when a sentinel must become NaN.
+        x = np.asarray(table.column(ch).to_numpy(zero_copy_only=False), np.float64)
         if len(sentinels):
             sentinel = np.isin(x, sentinels)
-            x[sentinel] = np.nan
-            quality[sentinel] |= C.Quality.SENTINEL
-        quality[np.isnan(x)] |= C.Quality.MISSING
+            if sentinel.any():
+                x = x.copy()
+                x[sentinel] = np.nan
+                quality[sentinel] |= C.Quality.SENTINEL
+        nan = np.isnan(x)
+        if nan.any():
+            quality[nan] |= C.Quality.MISSING
+            missing[ch] = nan
         if spec.range is not None:
             with np.errstate(invalid="ignore"):
                 bad = (x < spec.low) | (x > spec.high)
@@ -261,7 +271,6 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
 
     # Asset codes in order of first appearance in the file (a fresh state: in this table).
     if n:
-        enc = pc.dictionary_encode(asset)
         local = enc.indices.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
         names = enc.dictionary.to_pylist()
         codes = st.index(names)[local] if names else np.zeros(n, np.int64)
@@ -272,12 +281,24 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
     # earlier batch kept was first seen there), or the last with keep_last.
     keep_last = clock.duplicates == "keep_last"
     idx = np.flatnonzero(~rejected)
-    rec_order = -record[idx] if keep_last else record[idx]
-    order = idx[np.lexsort((rec_order, times[idx], codes[idx]))]
+    # The usual file is already in (asset, time) order with one row per key and records rising: then
+    # every sort below is the identity and the batch holds no duplicate and no time going backwards,
+    # so the sorts (most of this function's time) are skipped. Any subset of such rows keeps the order.
+    in_order = _strictly_sorted(codes, times, record) if len(idx) == n else \
+        _strictly_sorted(codes[idx], times[idx], record[idx])
+    if in_order:
+        order = idx
+    else:
+        rec_order = -record[idx] if keep_last else record[idx]
+        order = idx[np.lexsort((rec_order, times[idx], codes[idx]))]
     if len(order):
         oc, ot = codes[order], times[order]
-        dup = np.r_[False, (oc[1:] == oc[:-1]) & (ot[1:] == ot[:-1])]
-        kept_rec = record[order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]]
+        if in_order:
+            dup = np.zeros(len(order), bool)
+            kept_rec = record[order]
+        else:
+            dup = np.r_[False, (oc[1:] == oc[:-1]) & (ot[1:] == ot[:-1])]
+            kept_rec = record[order[np.maximum.accumulate(np.where(~dup, np.arange(len(order)), 0))]]
         earlier = np.zeros(len(order), bool)
         if len(st.keys):
             pos, hit = st.find(oc, ot)
@@ -301,20 +322,24 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
     # Out-of-order: a time below the running maximum of its asset, in file order (earlier batches
     # included). Times are ranked so that one running maximum over (asset, rank) serves every asset.
     idx = np.flatnonzero(ok)
-    by_asset = idx[np.lexsort((record[idx], codes[idx]))]
+    by_asset = idx if in_order else idx[np.lexsort((record[idx], codes[idx]))]
     if len(by_asset):
         bc, bt = codes[by_asset], times[by_asset]
-        uniq, rank = np.unique(bt, return_inverse=True)
-        width = len(uniq) + 1
-        packed = bc * width + rank.reshape(-1)
-        runmax = np.maximum.accumulate(packed)
-        prevmax = np.r_[np.iinfo(np.int64).min, runmax[:-1]]
-        within = packed < prevmax  # a running maximum below a row's is always of the same asset
+        if in_order:  # times rise within each asset: only earlier batches can be later
+            within = np.zeros(len(by_asset), bool)
+        else:
+            uniq, rank = np.unique(bt, return_inverse=True)
+            width = len(uniq) + 1
+            packed = bc * width + rank.reshape(-1)
+            runmax = np.maximum.accumulate(packed)
+            prevmax = np.r_[np.iinfo(np.int64).min, runmax[:-1]]
+            within = packed < prevmax  # a running maximum below a row's is always of the same asset
         back = within | (bt < st.maxc[bc])
         if back.any():
             if clock.out_of_order == "quarantine":
-                latest = np.maximum(np.where(within, uniq[np.clip(prevmax % width, 0, len(uniq) - 1)],
-                                             np.iinfo(np.int64).min), st.maxc[bc])
+                latest = st.maxc[bc] if in_order else np.maximum(
+                    np.where(within, uniq[np.clip(prevmax % width, 0, len(uniq) - 1)], np.iinfo(np.int64).min),
+                    st.maxc[bc])
                 for j in np.flatnonzero(back):
                     i = int(by_asset[j])
                     later = str(latest[j]) if key == C.TIME else pa.scalar(
@@ -327,7 +352,8 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
                 quality[by_asset[back]] |= C.Quality.OUT_OF_ORDER
 
     # Lake order: (asset, time); stuck sensors are judged along time.
-    good = idx[np.lexsort((times[idx], codes[idx]))]
+    good = idx if in_order else idx[np.lexsort((times[idx], codes[idx]))]
+    whole = len(good) == n and in_order  # good is 0..n-1: columns are used as they are, without a take
     gcodes = codes[good]
     same = np.r_[False, gcodes[1:] == gcodes[:-1]] if len(good) else np.zeros(0, bool)
     starts = group_starts(gcodes)
@@ -335,37 +361,57 @@ def validate_batch(table: pa.Table, reasons: dict[int, str] | None, source: str,
     if state is None:
         for ch, x in values.items():
             if len(good) and ch in judged:
-                stuck = _stuck_mask(x[good], same, starts, stuck_window)
+                stuck = _stuck_mask(x if whole else x[good], same, starts, stuck_window)
                 quality[good[stuck]] |= C.Quality.STUCK
     elif len(good):
         _carry_stats(st, {ch: x for ch, x in values.items() if ch in judged}, good, gcodes, same, starts, times)
 
     schema = contract.lake_schema()
+    take = pa.array(good)
+    kept_quality = quality if whole else quality[good]
+
+    def kept(arr: pa.Array) -> pa.Array:
+        return arr if whole else arr.take(take)
+
     cols = []
     for field in schema:
         if field.name == C.ASSET:
-            cols.append(asset.take(pa.array(good)))
+            cols.append(kept(asset))
         elif field.name == key:
-            cols.append(t_arr.take(pa.array(good)).cast(field.type))
+            cols.append(kept(t_arr).cast(field.type))
         elif field.name == C.TIMESTAMP:
-            cols.append(table.column(C.TIMESTAMP).combine_chunks().take(pa.array(good)).cast(field.type)
+            cols.append(kept(table.column(C.TIMESTAMP).combine_chunks()).cast(field.type)
                         if C.TIMESTAMP in table.column_names else pa.nulls(len(good), field.type))
         elif field.name in values:
-            cols.append(pa.array(values[field.name][good], pa.float64(), from_pandas=True))
+            x = values[field.name]
+            nan = missing.get(field.name)
+            # NaN is stored as null; a channel without any is wrapped as it is (no scan, no copy).
+            cols.append(pa.array(x if whole else x[good], pa.float64(),
+                                 mask=None if nan is None else (nan if whole else nan[good])))
         elif field.name == "source_file":
             cols.append(pa.repeat(pa.scalar(source, pa.string()), len(good)))
         elif field.name == "batch_id":
             cols.append(pa.repeat(pa.scalar(batch_id, pa.string()), len(good)))
         elif field.name == "quality":
-            cols.append(pa.array(quality[good], pa.int32()))
+            cols.append(pa.array(kept_quality, pa.int32()))
         else:  # a declared channel the file does not carry
             cols.append(pa.nulls(len(good), field.type))
     lake = pa.Table.from_arrays(cols, schema=schema)
 
-    flagged = {q.name.lower(): int(((quality[good] & q) != 0).sum()) for q in C.Quality if q}
+    flagged = {q.name.lower(): int(np.count_nonzero(kept_quality & q)) if kept_quality.any() else 0
+               for q in C.Quality if q}
     bad = np.flatnonzero(~ok)
     quarantine = quarantine_rows(table.take(pa.array(bad)), [reason[i] for i in bad], source, batch_id)
     return lake, quarantine, flagged
+
+
+def _strictly_sorted(codes: np.ndarray, times: np.ndarray, record: np.ndarray) -> bool:
+    """Whether rows are in strictly rising (asset code, time) order with rising records."""
+    if len(codes) < 2:
+        return True
+    same = codes[1:] == codes[:-1]
+    return bool(np.all(codes[1:] >= codes[:-1]) and np.all(times[1:][same] > times[:-1][same])
+                and np.all(record[1:] > record[:-1]))
 
 
 def _carry_stats(st: FileState, values: dict[str, np.ndarray], good: np.ndarray, gcodes: np.ndarray,

@@ -292,6 +292,64 @@ def test_stuck_sensor_is_flagged_not_dropped(home):
     assert stuck == list(range(31, 56))
 
 
+@pytest.mark.parametrize("rejects", [0, 1])
+def test_rows_in_file_order_validate_like_the_same_rows_shuffled(rejects):
+    """Validation of a file already in (asset, time) order skips its sorts and, when it keeps every row,
+    its copies: the lake rows, nulls, flags and reasons must be those of the same rows in any order (bar
+    the out-of-order flag)."""
+    lines = [line.split() for line in TRAIN_LINES[:400]]  # units 1 and 2
+    if rejects:
+        lines[2][5] = "9518.67"  # s1 far outside its range: quarantined
+    lines[4][6] = "-999"  # sentinel in s2: null, flagged
+    lines[6][7] = "NaN"  # missing s3: null, flagged
+    lines[8][8] = ""  # missing s4 (a null cell, not NaN)
+    for f in lines[230:260]:
+        f[7] = "1590.00"  # s3 stuck in unit 2
+    text = "\n".join(",".join(f) for f in lines) + "\n"
+    parsed = parse_bytes(text.encode(), "x.csv", "csv", CM.CMAPSS_COLUMNS, contract=CM.CMAPSS)
+    assert not parsed.reasons and not parsed.bad_rows
+    table = parsed.table
+    perm = np.random.default_rng(0).permutation(table.num_rows)
+    shuffled = table.take(pa.array(perm)).set_column(
+        table.schema.get_field_index("record"), "record", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    runs = [validate_table(t, None, "x.csv", "b", contract=CM.CMAPSS) for t in (table, shuffled)]
+    (lake, quar, flagged), (lake2, quar2, flagged2) = runs
+    assert lake.num_rows == lake2.num_rows == 400 - rejects and quar.num_rows == quar2.num_rows == rejects
+    assert lake.schema == lake2.schema
+    for name in lake.column_names:
+        a, b = lake.column(name).to_pylist(), lake2.column(name).to_pylist()
+        if name == "quality":
+            b = [q & ~C.Quality.OUT_OF_ORDER for q in b]
+        assert a == b, name
+    assert lake.column("s2").null_count == lake.column("s3").null_count == lake.column("s4").null_count == 1
+    assert flagged["sentinel"] == 1 and flagged["missing"] == 3 and flagged["stuck"] == 30
+    assert flagged2["out_of_order"] > 0 and flagged["out_of_order"] == 0
+    assert {k: v for k, v in flagged2.items() if k != "out_of_order"} == \
+        {k: v for k, v in flagged.items() if k != "out_of_order"}
+    assert quar.column("reason").to_pylist() == quar2.column("reason").to_pylist()
+
+
+@pytest.mark.parametrize("bad_lines", [0, 2])
+def test_a_large_csv_parses_alike_in_small_and_whole_file_blocks(monkeypatch, bad_lines):
+    """Files above 1 MiB are read first in small (parallel) blocks; the result must be the whole-file
+    read's, and a file with rows of another field count is read whole, its bad rows in file order."""
+    from twinflow.tasks.ingest import parse as P
+
+    header = ",".join(CM.CMAPSS_COLUMNS)
+    rows = [",".join(line.split()) for line in TRAIN_LINES] * 2
+    if bad_lines:
+        rows[3000] = "1,2,3"
+        rows[-10] = "4,5"
+    data = ("\n".join([header, *rows]) + "\n").encode()
+    assert len(data) > 2 * P.FAST_BLOCK_BYTES
+    fast = parse_bytes(data, "big.csv", "csv", contract=CM.CMAPSS)
+    monkeypatch.setattr(P, "FAST_BLOCK_BYTES", 1 << 40)
+    whole = parse_bytes(data, "big.csv", "csv", contract=CM.CMAPSS)
+    assert fast.file_error is None and fast.rows_read == whole.rows_read == len(rows)
+    assert fast.table.equals(whole.table) and fast.reasons == whole.reasons
+    assert fast.bad_rows == whole.bad_rows and [t for _, t in fast.bad_rows] == (["1,2,3", "4,5"] if bad_lines else [])
+
+
 def test_csv_with_aliases_and_header_less_csv_with_configured_columns(home):
     header = "engine,time_cycles,setting_1,setting_2,setting_3," + ",".join(f"sensor_{i}" for i in range(1, 22))
     _write(home.landing, "hdr.csv", "\n".join([header, *[",".join(l.split()) for l in _lines(5)]]) + "\n")

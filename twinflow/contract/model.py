@@ -13,6 +13,7 @@ MLflow runs, so every result says which contract produced it.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import re
@@ -480,16 +481,13 @@ class FleetContract(_Model):
 
     def canonical_name(self, column: str) -> str | None:
         """The lake column a source header names (asset, clock or channel), or None if undeclared."""
-        key = _header_key(column)
-        return self._header_map().get(key) or self._header_map().get(column.strip().lower())
+        m = self._header_map()
+        return m.get(_header_key(column)) or m.get(column.strip().lower())
 
     def _header_map(self) -> dict[str, str]:
-        m = {n: C.ASSET for n in self.asset.names}
-        m.update({n: self.clock.key for n in self.clock.names})
-        for c in self.channels:
-            for n in (c.name, *c.aliases):
-                m[n] = c.name
-        return {**{_header_key(k): v for k, v in m.items()}, **m}
+        # Every parsed file looks up each of its headers: build the map once per set of declared names.
+        return _header_map(tuple(self.asset.names), self.clock.key, tuple(self.clock.names),
+                           tuple((c.name, tuple(c.aliases)) for c in self.channels))
 
     # --- files --------------------------------------------------------------------------------------
 
@@ -533,6 +531,18 @@ class FleetContract(_Model):
         return f"{self.name} v{self.version} ({self.digest}): {len(self.channels)} channels, {clock}"
 
 
+@functools.lru_cache(maxsize=64)
+def _header_map(asset: tuple[str, ...], key: str, clock: tuple[str, ...],
+                channels: tuple[tuple[str, tuple[str, ...]], ...]) -> dict[str, str]:
+    m = {n: C.ASSET for n in asset}
+    m.update({n: key for n in clock})
+    for name, aliases in channels:
+        for n in (name, *aliases):
+            m[n] = name
+    return {**{_header_key(k): v for k, v in m.items()}, **m}
+
+
+@functools.lru_cache(maxsize=4096)
 def _header_key(name: str) -> str:
     """A header reduced to its words: ``"Casing Temp [degC]"`` -> ``casing_temp_degc``."""
     return re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
