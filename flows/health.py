@@ -122,19 +122,25 @@ def read_fleet(snap: LakeSnapshot, contract: Any, params: HealthParams, champion
                whole: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The running fleet's rows to score and :func:`~twinflow.tasks.health.score.life_frame`.
 
-    Only each asset's recent rows are read (:func:`twinflow.lake.read_recent`: what the live features,
-    the anomaly window and the drift sample see), unless ``whole`` (a label-free baseline from the
-    fleet's own early lives, or a model that predicts from whole histories).
+    Only each asset's recent rows are read (:func:`~twinflow.tasks.health.score.recent_rows`: what the
+    live features, the anomaly window and the drift sample see), unless ``whole`` (a label-free
+    baseline from the fleet's own early lives, or a model that predicts from whole histories). They
+    come from the recent-rows table ingest keeps (:func:`twinflow.lake.read_recent_table`: one table),
+    or, when it is missing, stale or too short, from each asset's newest files
+    (:func:`twinflow.lake.read_recent`), with the reason logged: both give the same rows.
     """
     from twinflow import lake
-    from twinflow.tasks.health.score import life_frame, rows_needed
+    from twinflow.tasks.health.score import life_frame, recent_rows
 
     segments = _segments(snap)
     if whole or (champion is not None and champion.needs_history):
         return _read(snap, contract), life_frame(None, contract, segments)
-    rows = max(params.window, params.min_readings,
-               rows_needed(champion.feature_params) if champion is not None else 0)
-    recent, extents = lake.read_recent(snap, rows, _columns(contract))
+    rows = recent_rows(champion.feature_params if champion is not None else None, params)
+    try:
+        recent, extents = lake.read_recent_table(snap, rows, _columns(contract))
+    except lake.RecentUnavailable as exc:
+        log.warning("health: reading each asset's newest files instead of the recent-rows table: %s", exc)
+        recent, extents = lake.read_recent(snap, rows, _columns(contract))
     return recent.to_pandas(), life_frame(extents.to_pandas(), contract, segments)
 
 

@@ -84,6 +84,18 @@ def rows_needed(feature_params: Any) -> int:
     return max(feature_params.windows or [1]) + EWM_MEMORY_SPANS * max(feature_params.ewm_spans or [1]) + 1
 
 
+def recent_rows(feature_params: Any | None, params: HealthParams) -> int:
+    """``W``: readings per asset the health stage reads to score "now".
+
+    The live features' reach (:func:`rows_needed` of the champion's feature params), the anomaly
+    window and the readings an asset needs to be scored, whichever is most. Ingest keeps this many
+    per asset in the recent-rows table (``twinflow.lake.refresh_recent``), computed from the feature
+    params it is given (the defaults: 131 = window 30 + 10 spans of 10 + 1).
+    """
+    need = rows_needed(feature_params) if feature_params is not None else 0
+    return max(params.window, params.min_readings, need)
+
+
 def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str],
                   chunk_assets: int = 2000, first_t: pd.Series | None = None, clock: Any = None) -> pd.DataFrame:
     """The model inputs at each asset's last reading, computed with the training fit.
