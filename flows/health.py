@@ -61,6 +61,24 @@ def running_fleets(lake_path: str) -> list[str]:
     return [d for d in lake.datasets(lake_path) if lake.table_contract(lake_path, d) is not None]
 
 
+def only_fleet(lake_path: str) -> str:
+    """The lake's only fleet dataset (:func:`running_fleets`): what health scores when none is named.
+
+    A plant's lake usually holds one fleet: the hourly schedule and ``twinflow health`` then need no
+    parameter.
+
+    Raises:
+        ConfigError: the lake holds no fleet, or several (named, so the user can pick one).
+    """
+    fleets = running_fleets(lake_path)
+    if len(fleets) != 1:
+        held = f" (the lake holds {', '.join(fleets)})" if fleets else " (the lake holds no fleet yet)"
+        raise ConfigError("health needs a dataset: set params.dataset (e.g. `twinflow health -d <dataset>`) "
+                          "or pass the lake snapshot of the running fleet" + held)
+    log.info("health: scoring %s, the lake's only fleet dataset", fleets[0])
+    return fleets[0]
+
+
 def _snapshot(settings: Any, params: HealthParams, given: LakeSnapshot | None = None) -> LakeSnapshot:
     from twinflow import lake
 
@@ -76,14 +94,7 @@ def _snapshot(settings: Any, params: HealthParams, given: LakeSnapshot | None = 
             snap = snap.model_copy(update={"version": lake.version(snap.lake_path, snap.dataset)})
         return snap
     if params.dataset is None:
-        # A plant's lake usually holds one fleet: the hourly schedule then needs no parameter.
-        fleets = running_fleets(settings.lake_path)
-        if len(fleets) != 1:
-            held = f" (the lake holds {', '.join(fleets)})" if fleets else " (the lake holds no fleet yet)"
-            raise ConfigError("health needs a dataset: set params.dataset (e.g. `twinflow health -d <dataset>`) "
-                              "or pass the lake snapshot of the running fleet" + held)
-        log.info("health: scoring %s, the lake's only fleet dataset", fleets[0])
-        params = params.model_copy(update={"dataset": fleets[0]})
+        params = params.model_copy(update={"dataset": only_fleet(settings.lake_path)})
     snap = lake.latest_snapshot(settings.lake_path, params.dataset)
     if snap is None:
         raise ConfigError(f"dataset {params.dataset!r} is not in the lake at {settings.lake_path}; "
