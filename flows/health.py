@@ -121,6 +121,17 @@ def _columns(contract: Any) -> list[str]:
     return [c for c in dict.fromkeys([C.ASSET, contract.key, *contract.channel_names]) if c in schema]
 
 
+def _scored_columns(contract: Any, champion: Any) -> list[str]:
+    """The columns scoring reads: with a champion its fit's channels and, with regimes, its setting
+    channels (what the live features, anomaly score and drift use); else every channel. Copying the
+    others into pandas was a third of the scoring time at 10,000 assets, and changes no score."""
+    if champion is None or champion.fit is None:
+        return _columns(contract)
+    fit = champion.fit
+    want = {*fit.kept, *(fit.op_columns if fit.n_regimes > 1 else [])}
+    return [c for c in _columns(contract) if c in want or c in (C.ASSET, contract.key)]
+
+
 def _segments(snap: LakeSnapshot) -> pd.DataFrame | None:
     """The dataset's life segments at the snapshot's segments version (the latest when it names none)."""
     from twinflow import lake
@@ -147,11 +158,12 @@ def read_fleet(snap: LakeSnapshot, contract: Any, params: HealthParams, champion
     if whole or (champion is not None and champion.needs_history):
         return _read(snap, contract), life_frame(None, contract, segments)
     rows = recent_rows(champion.feature_params if champion is not None else None, params)
+    cols = _scored_columns(contract, champion)
     try:
-        recent, extents = lake.read_recent_table(snap, rows, _columns(contract))
+        recent, extents = lake.read_recent_table(snap, rows, cols)
     except lake.RecentUnavailable as exc:
         log.warning("health: reading each asset's newest files instead of the recent-rows table: %s", exc)
-        recent, extents = lake.read_recent(snap, rows, _columns(contract))
+        recent, extents = lake.read_recent(snap, rows, cols)
     return recent.to_pandas(), life_frame(extents.to_pandas(), contract, segments)
 
 

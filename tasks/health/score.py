@@ -19,7 +19,7 @@ import pandas as pd
 from twinflow import contracts as C
 from twinflow.tasks.health import anomaly as an
 from twinflow.tasks.health.lifetime import WeibullFit, fit_weibull, prob_within, quantiles, remaining_life_posterior
-from twinflow.tasks.health.params import BANDS, HealthParams, band_of
+from twinflow.tasks.health.params import BANDS, HealthParams, bands_of
 
 #: Rows a sequence-free live feature needs before the last reading: the longest window plus the
 #: EWM's memory (weight (1 - 2/(span+1))**k < 1e-9 beyond 10 spans), so truncating histories there
@@ -252,6 +252,17 @@ def recommend(p_by_h: dict[float, float], q_due: float, params: HealthParams) ->
     return action, float(due), float(expected)
 
 
+def _by_horizon_json(p_by: dict[float, np.ndarray], horizons: list[float], n: int) -> list[str]:
+    """Per asset, ``json.dumps({"<h>": P rounded to 6 places or null})``, written directly: the same
+    text (JSON writes a float as its ``repr``), without a dict and an encoder per asset."""
+    cols = []
+    for h in horizons:
+        vals = p_by[h]
+        key = json.dumps(f"{h:g}")
+        cols.append([f"{key}: " + ("null" if not math.isfinite(v) else repr(round(v, 6))) for v in vals.tolist()])
+    return ["{" + ", ".join(parts) + "}" for parts in zip(*cols)] if cols else ["{}"] * n
+
+
 def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champion: Any | None = None, *,
                 baseline_frame: pd.DataFrame | None = None, lifetime: WeibullFit | None = None,
                 scored_at: str | None = None, lives: pd.DataFrame | None = None) -> FleetScore:
@@ -402,7 +413,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
         q_low[idx], q_med[idx], q_high[idx], q_due[idx] = qs.T
     half = champion.half_width if champion is not None else float("nan")
     p_alert = p_by[params.alert_horizon]
-    bands = np.array([band_of(p, params.band_thresholds) for p in p_alert])
+    bands = bands_of(p_alert, params.band_thresholds)
     actions, due_in, cost = [], np.full(n, np.nan), np.full(n, np.nan)
     for i in range(n):
         a, d, e = recommend({h: p_by[h][i] for h in params.horizons}, q_due[i], params)
@@ -426,8 +437,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
         "interval_level": champion.interval_level if champion is not None else float("nan"),
         "rul_p10": q_low, "rul_p50": q_med, "rul_p90": q_high,
         "p_fail": p_alert, "alert_horizon": params.alert_horizon,
-        "p_fail_by_horizon": [json.dumps({f"{h:g}": (None if not np.isfinite(p_by[h][i]) else round(float(p_by[h][i]), 6))
-                                          for h in params.horizons}) for i in range(n)],
+        "p_fail_by_horizon": _by_horizon_json(p_by, params.horizons, n),
         "flag": np.nan_to_num(p_alert, nan=0.0) >= params.flag_probability,
         "risk_band": [BANDS[b] for b in bands], "band_rank": bands.astype("int64"),
         "health_index": hi, "anomaly_score": score, "evidence": evidence,

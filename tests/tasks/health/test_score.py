@@ -157,6 +157,12 @@ def test_health_reads_the_recent_rows_table_and_falls_back_to_the_asset_files_sa
 
     from_files, why = scored(snap)
     assert "running__recent does not exist" in why
+    # The flow reads only the columns the champion uses: the scores are those of every column read.
+    every, extents = lake.read_recent(snap, recent_rows(champion.feature_params, params), COLS)
+    assert len(every.column_names) == len(COLS)  # settings and all 21 sensors, not only the fit's 9
+    whole = score_fleet(every.to_pandas(), contract, params, champion, baseline_frame=train, scored_at="t",
+                        lives=life_frame(extents.to_pandas(), contract)).table
+    pd.testing.assert_frame_equal(from_files, whole, check_exact=True)
     w = recent_rows(champion.feature_params, params)
     lake.refresh_recent(root, "running", w - 1)
     _, why = scored(snap)
