@@ -123,8 +123,8 @@ def _columns(contract: Any) -> list[str]:
 
 def _scored_columns(contract: Any, champion: Any) -> list[str]:
     """The columns scoring reads: with a champion its fit's channels and, with regimes, its setting
-    channels (what the live features, anomaly score and drift use); else every channel. Copying the
-    others into pandas was a third of the scoring time at 10,000 assets, and changes no score."""
+    channels (what the live features, anomaly score and drift use); else every channel. No score uses
+    the others: reading them only copied them into pandas."""
     if champion is None or champion.fit is None:
         return _columns(contract)
     fit = champion.fit
