@@ -143,7 +143,9 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
         if hi <= lo:
             continue
         keys, out = compute_features(sub.iloc[lo:hi], fit, fp, buffer=buffer, clock=clock)
-        buffer = out.reshape(-1) if out.base is None else out.base  # reused by the next chunk
+        # Reused by the next chunk, always flat: ``out.base`` is the first chunk's 2-D array, and a
+        # 2-D buffer sliced by size breaks a later chunk longer than the second (issue 27).
+        buffer = (out if out.base is None else out.base).reshape(-1)
         a = keys[C.ASSET].to_numpy()
         last = np.r_[np.flatnonzero(a[1:] != a[:-1]), len(keys) - 1]
         part = pd.DataFrame(out[:, last].T.astype("float64"), columns=feat_names)

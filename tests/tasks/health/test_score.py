@@ -224,3 +224,15 @@ def test_the_pump_generators_truth_gives_each_running_pumps_remaining_life():
     assert failed and np.allclose(true_rul_from_lives(list(failed.values())), 0.0, atol=0.01)
     # In the clock's unit (e.g. days).
     assert np.allclose(true_rul_from_lives(lives, time_unit_hours=24.0), running / 24.0)
+
+
+def test_live_features_in_chunks_of_unequal_length_equal_one_pass(champion):
+    from twinflow.tasks.health.score import fleet_frame, live_features
+
+    test = _read("test")
+    # Assets of very different lengths in each chunk of 7: chunks get longer and shorter in turn.
+    ff = fleet_frame(test, load_contract("cmapss"))
+    fit, fp, names = champion.fit, champion.feature_params, champion.input_names
+    one = live_features(ff, fit, fp, names, chunk_assets=1000)
+    chunked = live_features(ff, fit, fp, names, chunk_assets=7)
+    pd.testing.assert_frame_equal(chunked, one, check_exact=True)
