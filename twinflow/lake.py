@@ -1362,7 +1362,10 @@ def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dic
     v = dt.version()
     contract = _contract(None, lake_path, dataset, so)
     name = derived_name(dataset, RECENT)
-    last = history(lake_path, name, limit=1, storage_options=so)
+    # The recent table is opened once: its last commit says what it was built from, and its rows at
+    # that version are the ones kept.
+    target = open_table(lake_path, name, storage_options=so, migrate=False)
+    last = target.history(1) if target is not None else []
     meta = last[0] if last else {}
     same = meta.get(_R_ROWS) == str(rows) and meta.get(_R_DIGEST) == contract.digest
     built = str(meta.get(_R_TELEMETRY, ""))
@@ -1372,10 +1375,9 @@ def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dic
     changed = _changed_assets(lake_path, dataset, int(built), dt, so) \
         if same and built.isdigit() and int(built) < v else None
     keep = None
-    if changed is not None:
-        keep = read_table(lake_path, name, version=int(meta["version"]), storage_options=so)
-        if keep is not None:
-            keep = keep.filter(pc.invert(pc.is_in(keep.column(PARTITION), pa.array(sorted(changed), pa.string()))))
+    if changed is not None and target is not None and int(meta["version"]) == target.version():
+        keep = _plain_strings(target.to_pyarrow_dataset().to_table())
+        keep = keep.filter(pc.invert(pc.is_in(keep.column(PARTITION), pa.array(sorted(changed), pa.string()))))
     recent, extents = read_recent(snap, rows, _recent_columns(contract), so,
                                   assets=changed if keep is not None else None)
     # Each asset's extent repeated on its rows (both tables are in asset order; looked up, not assumed).
@@ -1388,13 +1390,12 @@ def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dic
     table = recent.append_column(_R_READINGS, extents.column("readings").take(pa.array(at))) \
         .append_column(_R_FIRST, extents.column("first").take(pa.array(at)))
     if keep is not None and keep.num_rows:
-        table = pa.concat_tables([keep.select(table.column_names).cast(table.schema), table])
+        table = _merge_runs(keep.select(table.column_names).cast(table.schema), table, contract.key)
     if not _in_asset_time_order(table, contract.key):
         table = table.sort_by([(PARTITION, "ascending"), (contract.key, "ascending")])
     # One batch: the writer then has no batches to reorder, and readers mostly skip their sort.
     table = table.combine_chunks()
     uri = table_uri(lake_path, name)
-    target = open_table(lake_path, name, storage_options=so, migrate=False)
     writer = WriterProperties(compression="SNAPPY", default_column_properties=ColumnProperties(dictionary_enabled=False),
                               column_properties={PARTITION: ColumnProperties(dictionary_enabled=True)})
     meta_out = {"twinflow.operation": "refresh_recent", _R_TELEMETRY: str(v), _R_ROWS: str(rows),
@@ -1404,7 +1405,27 @@ def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dic
                         schema_mode="overwrite" if target is not None else None, writer_properties=writer,
                         commit_properties=CommitProperties(custom_metadata=meta_out),
                         storage_options=_options(so, uri))
-    return version(lake_path, name, so)
+    if target is None:
+        return version(lake_path, name, so)
+    target.update_incremental()
+    return target.version()
+
+
+def _merge_runs(a: pa.Table, b: pa.Table, key: str) -> pa.Table:
+    """Two tables of disjoint assets, each in (asset, time) order, as one in that order: their asset
+    runs are ordered by asset and taken whole (a sort of the ~assets runs, not of every row). Tables
+    not so ordered come back merely concatenated (the caller checks and sorts)."""
+    table = pa.concat_tables([a, b]).combine_chunks()
+    if not (_in_asset_time_order(a, key) and _in_asset_time_order(b, key)) or table.num_rows == 0:
+        return table
+    col = table.column(PARTITION)
+    n = table.num_rows
+    starts = np.flatnonzero(np.r_[True, pc.not_equal(col[1:], col[:-1]).to_numpy(zero_copy_only=False)])
+    ends = np.r_[starts[1:], n]
+    order = pc.sort_indices(col.take(pa.array(starts))).to_numpy()
+    lengths = (ends - starts)[order]
+    offsets = np.repeat(starts[order] - np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+    return table.take(pa.array(np.arange(n) + offsets))
 
 
 def _in_asset_time_order(table: pa.Table, key: str) -> bool:
