@@ -61,6 +61,24 @@ def running_fleets(lake_path: str) -> list[str]:
     return [d for d in lake.datasets(lake_path) if lake.table_contract(lake_path, d) is not None]
 
 
+def only_fleet(lake_path: str) -> str:
+    """The lake's only fleet dataset (:func:`running_fleets`): what health scores when none is named.
+
+    A plant's lake usually holds one fleet: the hourly schedule and ``twinflow health`` then need no
+    parameter.
+
+    Raises:
+        ConfigError: the lake holds no fleet, or several (named, so the user can pick one).
+    """
+    fleets = running_fleets(lake_path)
+    if len(fleets) != 1:
+        held = f" (the lake holds {', '.join(fleets)})" if fleets else " (the lake holds no fleet yet)"
+        raise ConfigError("health needs a dataset: set params.dataset (e.g. `twinflow health -d <dataset>`) "
+                          "or pass the lake snapshot of the running fleet" + held)
+    log.info("health: scoring %s, the lake's only fleet dataset", fleets[0])
+    return fleets[0]
+
+
 def _snapshot(settings: Any, params: HealthParams, given: LakeSnapshot | None = None) -> LakeSnapshot:
     from twinflow import lake
 
@@ -76,14 +94,7 @@ def _snapshot(settings: Any, params: HealthParams, given: LakeSnapshot | None = 
             snap = snap.model_copy(update={"version": lake.version(snap.lake_path, snap.dataset)})
         return snap
     if params.dataset is None:
-        # A plant's lake usually holds one fleet: the hourly schedule then needs no parameter.
-        fleets = running_fleets(settings.lake_path)
-        if len(fleets) != 1:
-            held = f" (the lake holds {', '.join(fleets)})" if fleets else " (the lake holds no fleet yet)"
-            raise ConfigError("health needs a dataset: set params.dataset (e.g. `twinflow health -d <dataset>`) "
-                              "or pass the lake snapshot of the running fleet" + held)
-        log.info("health: scoring %s, the lake's only fleet dataset", fleets[0])
-        params = params.model_copy(update={"dataset": fleets[0]})
+        params = params.model_copy(update={"dataset": only_fleet(settings.lake_path)})
     snap = lake.latest_snapshot(settings.lake_path, params.dataset)
     if snap is None:
         raise ConfigError(f"dataset {params.dataset!r} is not in the lake at {settings.lake_path}; "
@@ -110,6 +121,17 @@ def _columns(contract: Any) -> list[str]:
     return [c for c in dict.fromkeys([C.ASSET, contract.key, *contract.channel_names]) if c in schema]
 
 
+def _scored_columns(contract: Any, champion: Any) -> list[str]:
+    """The columns scoring reads: with a champion its fit's channels and, with regimes, its setting
+    channels (what the live features, anomaly score and drift use); else every channel. No score uses
+    the others: reading them only copied them into pandas."""
+    if champion is None or champion.fit is None:
+        return _columns(contract)
+    fit = champion.fit
+    want = {*fit.kept, *(fit.op_columns if fit.n_regimes > 1 else [])}
+    return [c for c in _columns(contract) if c in want or c in (C.ASSET, contract.key)]
+
+
 def _segments(snap: LakeSnapshot) -> pd.DataFrame | None:
     """The dataset's life segments at the snapshot's segments version (the latest when it names none)."""
     from twinflow import lake
@@ -122,19 +144,26 @@ def read_fleet(snap: LakeSnapshot, contract: Any, params: HealthParams, champion
                whole: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The running fleet's rows to score and :func:`~twinflow.tasks.health.score.life_frame`.
 
-    Only each asset's recent rows are read (:func:`twinflow.lake.read_recent`: what the live features,
-    the anomaly window and the drift sample see), unless ``whole`` (a label-free baseline from the
-    fleet's own early lives, or a model that predicts from whole histories).
+    Only each asset's recent rows are read (:func:`~twinflow.tasks.health.score.recent_rows`: what the
+    live features, the anomaly window and the drift sample see), unless ``whole`` (a label-free
+    baseline from the fleet's own early lives, or a model that predicts from whole histories). They
+    come from the recent-rows table ingest keeps (:func:`twinflow.lake.read_recent_table`: one table),
+    or, when it is missing, stale or too short, from each asset's newest files
+    (:func:`twinflow.lake.read_recent`), with the reason logged: both give the same rows.
     """
     from twinflow import lake
-    from twinflow.tasks.health.score import life_frame, rows_needed
+    from twinflow.tasks.health.score import life_frame, recent_rows
 
     segments = _segments(snap)
     if whole or (champion is not None and champion.needs_history):
         return _read(snap, contract), life_frame(None, contract, segments)
-    rows = max(params.window, params.min_readings,
-               rows_needed(champion.feature_params) if champion is not None else 0)
-    recent, extents = lake.read_recent(snap, rows, _columns(contract))
+    rows = recent_rows(champion.feature_params if champion is not None else None, params)
+    cols = _scored_columns(contract, champion)
+    try:
+        recent, extents = lake.read_recent_table(snap, rows, cols)
+    except lake.RecentUnavailable as exc:
+        log.warning("health: reading each asset's newest files instead of the recent-rows table: %s", exc)
+        recent, extents = lake.read_recent(snap, rows, cols)
     return recent.to_pandas(), life_frame(extents.to_pandas(), contract, segments)
 
 

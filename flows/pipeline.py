@@ -196,7 +196,7 @@ def pipeline(params: PipelineParams) -> PipelineResult:
             # Prefect links a subflow to the flow run whose result it receives; a result taken out
             # of a ``return_state`` state is not linked), so the run graph draws the stage edges.
             with tracked_run(f"ingest-{landing_name(params.ingest.landing)}", stage="ingest", params=params.ingest):
-                result.ingest = ingest(params.ingest)
+                result.ingest = ingest(_with_recent_rows(params))
                 own_flow_run(result.ingest)
                 _log_ingest(result.ingest)
             train_snap = resolve_snapshot(result.ingest, params.train_dataset, rt.settings.lake_path,
@@ -454,6 +454,17 @@ def _log_summary(result: PipelineResult, report: str) -> None:
     mlflow.log_text(report, "report/pipeline.md")
     create_markdown_artifact(markdown=report, key="pipeline-summary", description="twinflow pipeline run summary")
     _copy_stage_artifacts()
+
+
+def _with_recent_rows(params: PipelineParams) -> IngestParams:
+    """The ingest parameters with ``recent_rows`` from this pipeline's own feature and health params
+    (what its champion's live features will need), unless set explicitly."""
+    if params.ingest.recent_rows is not None:
+        return params.ingest
+    from twinflow.tasks.health.score import recent_rows
+
+    return params.ingest.model_copy(update={"recent_rows": recent_rows(params.features,
+                                                                       params.health or HealthParams())})
 
 
 def _log_ingest(result: IngestResult) -> None:

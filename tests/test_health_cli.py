@@ -45,3 +45,26 @@ def test_health_latest_prints_the_stored_ranking(tmp_path):
     assert "fleet health of pumps" in out.stdout and "p-00" in out.stdout and "no recent data" in out.stdout
     top = table.sort_values("risk_rank").asset_id.iloc[0]
     assert out.stdout.index(top) < out.stdout.index("p-00")
+
+
+def test_health_without_a_dataset_scores_the_lakes_only_fleet_or_names_the_candidates(tmp_path):
+    from twinflow import lake
+
+    lake_path = get_settings().lake_path
+    out = _twinflow("health", "--latest")
+    assert out.returncode == 2 and "holds no fleet yet" in out.stderr and "Traceback" not in out.stderr
+    df, _ = pumps_frame(n=4)
+    contract = load_contract("pumps")
+    lake.write_lake_table(pa.Table.from_pandas(df, preserve_index=False), lake_path, "pumps", "b1", contract=contract)
+    table = score_fleet(df, contract, HealthParams(), None).table
+    table.insert(0, "dataset", "pumps")
+    table.insert(1, "run_key", "pumps@v0:no-model")
+    lake.write_results(lake_path, FLEET_HEALTH, pa.Table.from_pandas(table, preserve_index=False),
+                       key_column="run_key", key="pumps@v0:no-model")
+    out = _twinflow("health", "--latest")
+    assert out.returncode == 0, out.stderr
+    assert "fleet health of pumps" in out.stdout
+    lake.write_lake_table(pa.Table.from_pandas(df, preserve_index=False), lake_path, "compressors", "b1",
+                          contract=contract)
+    out = _twinflow("health", "--latest")
+    assert out.returncode == 2 and "the lake holds compressors, pumps" in out.stderr and "Traceback" not in out.stderr

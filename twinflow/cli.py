@@ -203,7 +203,8 @@ def run(
 
 @app.command("health")
 def health_cmd(
-    dataset: str = typer.Option(..., "--dataset", "-d", help="Lake dataset of the running fleet."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d",
+                                          help="Lake dataset of the running fleet (default: the lake's only fleet)."),
     param: List[str] = typer.Option([], "--param", "-p", help="Health parameter key=value (dots for nesting)."),
     latest: bool = typer.Option(False, "--latest", help="Show the latest stored scores; run nothing."),
     top: int = typer.Option(25, "--top", help="Rows to print."),
@@ -214,6 +215,10 @@ def health_cmd(
     from twinflow.tasks.health.console import health_table, latest_rows
 
     settings = _settings()
+    if dataset is None:
+        from twinflow.flows.health import only_fleet
+
+        dataset = only_fleet(settings.lake_path)  # as the flow does; several or none: a clear error
     if latest:
         rows = latest_rows(settings.lake_path, dataset)
         if rows is None:

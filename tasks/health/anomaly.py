@@ -113,11 +113,19 @@ def score_recent(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, bas
     used = np.zeros(n, dtype=int)
     # Vectorised window means: cumulative sums of values and of finite counts.
     finite = np.isfinite(centred)
-    csum = np.vstack([np.zeros(z.shape[1]), np.cumsum(np.where(finite, centred, 0.0), axis=0)])
-    ccnt = np.vstack([np.zeros(z.shape[1]), np.cumsum(finite, axis=0)])
+    # Prefix sums written in place after a zero row (no stacked copy of a fleet-sized array).
+    csum = np.empty((len(z) + 1, z.shape[1]))
+    csum[0] = 0.0
+    np.cumsum(np.where(finite, centred, 0.0), axis=0, out=csum[1:])
     lo = np.maximum(ends - baseline.window, starts)
     tot = csum[ends] - csum[lo]
-    cnt = ccnt[ends] - ccnt[lo]
+    # Finite readings per window, counted over the window's rows only: integers, so exactly what
+    # differences of a fleet-wide running count gave.
+    cnt = np.zeros((n, z.shape[1]), dtype=np.int64)
+    for k in range(int((ends - lo).max(initial=0))):
+        rows = lo + k
+        inside = rows < ends
+        cnt[inside] += finite[rows[inside]]
     with np.errstate(invalid="ignore", divide="ignore"):
         recent = tot / cnt
     used = ends - lo
@@ -138,16 +146,20 @@ def score_recent(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, bas
 
 def top_channels(contrib: np.ndarray, recent_sign: np.ndarray | None, channels: list[str], k: int = 3) -> list[str]:
     """The ``k`` channels with the largest contributions per asset, as ``name (+x.x)`` strings."""
+    # Ranks and totals for every asset at once (row-wise, as one asset at a time gave them: the same
+    # sort per row and the same pairwise sums); only the strings are built per asset.
+    any_finite = np.isfinite(contrib).any(axis=1)
+    order = np.argsort(-np.nan_to_num(contrib, nan=-np.inf), axis=1)[:, :k]
+    totals = np.nansum(np.maximum(contrib, 0.0), axis=1)
     out = []
     for i in range(contrib.shape[0]):
-        row = contrib[i]
-        if not np.isfinite(row).any():
+        if not any_finite[i]:
             out.append("")
             continue
-        order = np.argsort(-np.nan_to_num(row, nan=-np.inf))[:k]
-        total = np.nansum(np.maximum(row, 0.0)) or 1.0
+        row = contrib[i]
+        total = totals[i] or 1.0
         parts = []
-        for j in order:
+        for j in order[i]:
             if row[j] <= 0:
                 continue
             sign = "" if recent_sign is None else ("↑" if recent_sign[i, j] > 0 else "↓")

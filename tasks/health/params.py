@@ -95,3 +95,11 @@ def band_of(p: float, thresholds: tuple[float, float, float]) -> int:
     if not math.isfinite(p):
         return 0
     return sum(p >= t for t in thresholds)
+
+
+def bands_of(p, thresholds: tuple[float, float, float]):
+    """:func:`band_of` of every probability of an array at once (NaN is low)."""
+    import numpy as np
+
+    p = np.asarray(p, dtype="float64")
+    return np.where(np.isfinite(p), (p[:, None] >= np.asarray(thresholds)[None, :]).sum(axis=1), 0).astype(int)

@@ -19,7 +19,7 @@ import pandas as pd
 from twinflow import contracts as C
 from twinflow.tasks.health import anomaly as an
 from twinflow.tasks.health.lifetime import WeibullFit, fit_weibull, prob_within, quantiles, remaining_life_posterior
-from twinflow.tasks.health.params import BANDS, HealthParams, band_of
+from twinflow.tasks.health.params import BANDS, HealthParams, bands_of
 
 #: Rows a sequence-free live feature needs before the last reading: the longest window plus the
 #: EWM's memory (weight (1 - 2/(span+1))**k < 1e-9 beyond 10 spans), so truncating histories there
@@ -84,6 +84,18 @@ def rows_needed(feature_params: Any) -> int:
     return max(feature_params.windows or [1]) + EWM_MEMORY_SPANS * max(feature_params.ewm_spans or [1]) + 1
 
 
+def recent_rows(feature_params: Any | None, params: HealthParams) -> int:
+    """``W``: readings per asset the health stage reads to score "now".
+
+    The live features' reach (:func:`rows_needed` of the champion's feature params), the anomaly
+    window and the readings an asset needs to be scored, whichever is most. Ingest keeps this many
+    per asset in the recent-rows table (``twinflow.lake.refresh_recent``), computed from the feature
+    params it is given (the defaults: 131 = window 30 + 10 spans of 10 + 1).
+    """
+    need = rows_needed(feature_params) if feature_params is not None else 0
+    return max(params.window, params.min_readings, need)
+
+
 def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str],
                   chunk_assets: int = 2000, first_t: pd.Series | None = None, clock: Any = None) -> pd.DataFrame:
     """The model inputs at each asset's last reading, computed with the training fit.
@@ -131,7 +143,9 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
         if hi <= lo:
             continue
         keys, out = compute_features(sub.iloc[lo:hi], fit, fp, buffer=buffer, clock=clock)
-        buffer = out.reshape(-1) if out.base is None else out.base  # reused by the next chunk
+        # Reused by the next chunk, always flat: ``out.base`` is the first chunk's 2-D array, and a
+        # 2-D buffer sliced by size breaks a later chunk longer than the second (issue 27).
+        buffer = (out if out.base is None else out.base).reshape(-1)
         a = keys[C.ASSET].to_numpy()
         last = np.r_[np.flatnonzero(a[1:] != a[:-1]), len(keys) - 1]
         part = pd.DataFrame(out[:, last].T.astype("float64"), columns=feat_names)
@@ -238,6 +252,17 @@ def recommend(p_by_h: dict[float, float], q_due: float, params: HealthParams) ->
     expected = q * fail + (1 - q) * plan if due <= max(params.horizons) else \
         p_by_h[max(params.horizons)] * fail
     return action, float(due), float(expected)
+
+
+def _by_horizon_json(p_by: dict[float, np.ndarray], horizons: list[float], n: int) -> list[str]:
+    """Per asset, ``json.dumps({"<h>": P rounded to 6 places or null})``, written directly: the same
+    text (JSON writes a float as its ``repr``), without a dict and an encoder per asset."""
+    cols = []
+    for h in horizons:
+        vals = p_by[h]
+        key = json.dumps(f"{h:g}")
+        cols.append([f"{key}: " + ("null" if not math.isfinite(v) else repr(round(v, 6))) for v in vals.tolist()])
+    return ["{" + ", ".join(parts) + "}" for parts in zip(*cols)] if cols else ["{}"] * n
 
 
 def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champion: Any | None = None, *,
@@ -390,7 +415,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
         q_low[idx], q_med[idx], q_high[idx], q_due[idx] = qs.T
     half = champion.half_width if champion is not None else float("nan")
     p_alert = p_by[params.alert_horizon]
-    bands = np.array([band_of(p, params.band_thresholds) for p in p_alert])
+    bands = bands_of(p_alert, params.band_thresholds)
     actions, due_in, cost = [], np.full(n, np.nan), np.full(n, np.nan)
     for i in range(n):
         a, d, e = recommend({h: p_by[h][i] for h in params.horizons}, q_due[i], params)
@@ -414,8 +439,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
         "interval_level": champion.interval_level if champion is not None else float("nan"),
         "rul_p10": q_low, "rul_p50": q_med, "rul_p90": q_high,
         "p_fail": p_alert, "alert_horizon": params.alert_horizon,
-        "p_fail_by_horizon": [json.dumps({f"{h:g}": (None if not np.isfinite(p_by[h][i]) else round(float(p_by[h][i]), 6))
-                                          for h in params.horizons}) for i in range(n)],
+        "p_fail_by_horizon": _by_horizon_json(p_by, params.horizons, n),
         "flag": np.nan_to_num(p_alert, nan=0.0) >= params.flag_probability,
         "risk_band": [BANDS[b] for b in bands], "band_rank": bands.astype("int64"),
         "health_index": hi, "anomaly_score": score, "evidence": evidence,

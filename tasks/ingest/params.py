@@ -73,6 +73,13 @@ class IngestParams(BaseModel):
         follow_external_links: Ingest files reached through symbolic links whose target is outside the
             landing folder (by default they are skipped with a warning, so a link cannot pull arbitrary
             files into the lake). Not part of :meth:`digest` (it decides which files, not what they hold).
+        recent_rows: ``W``, readings per asset kept in each telemetry dataset's recent-rows table
+            (``<dataset>__recent``, refreshed after every commit; the health stage reads it instead of
+            every asset's files). None: what the health stage needs with the default feature and health
+            parameters (``tasks/health/score.recent_rows``: the longest row window plus ten EWM spans
+            plus one, at least the anomaly window); the pipeline passes what its own feature params
+            need. A champion needing more than ``W`` makes health read the asset files instead (logged).
+            Not part of :meth:`digest`: it changes no lake row.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -96,6 +103,7 @@ class IngestParams(BaseModel):
     stream_threshold_bytes: int = Field(64 << 20, ge=1)
     batch_rows: int = Field(1_000_000, ge=1)
     follow_external_links: bool = False
+    recent_rows: int | None = Field(None, ge=1)
 
     _fleet: FleetContract | None = PrivateAttr(None)
 

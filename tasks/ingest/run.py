@@ -51,6 +51,18 @@ class IngestRun:
     skipped: dict[str, str] = field(default_factory=dict)  # landing files not ingested -> why
 
 
+def recent_window(params: IngestParams) -> int:
+    """``W`` of the recent-rows tables this run refreshes: ``params.recent_rows``, else what the health
+    stage reads with the default feature and health parameters (``tasks/health/score.recent_rows``)."""
+    if params.recent_rows is not None:
+        return params.recent_rows
+    from twinflow.tasks.features.params import FeatureParams
+    from twinflow.tasks.health.params import HealthParams
+    from twinflow.tasks.health.score import recent_rows
+
+    return recent_rows(FeatureParams(), HealthParams())
+
+
 def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, batch_id: str,
                     process_batches: ProcessBatches, storage_options: dict[str, Any] | None = None,
                     on_plan: Callable[[IngestRun], None] | None = None,
@@ -71,8 +83,9 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
     skipped, with why, in :attr:`IngestRun.skipped`); refuse, before reading anything, a dataset whose
     table holds another contract's data; diff the telemetry files against the ledger by size, mtime and
     params digest (unchanged files are not read); process the others in batches of ``files_per_batch``;
-    commit the outcomes of the batches that worked (:func:`commit_outcomes`); record the batch; take a
-    snapshot of every dataset the landing files feed. A failed batch's files are not recorded, so the
+    commit the outcomes of the batches that worked (:func:`commit_outcomes`); record the batch; refresh
+    the recent-rows table of every dataset the landing files feed (:func:`twinflow.lake.refresh_recent`,
+    ``W`` from :func:`recent_window`) and take its snapshot. A failed batch's files are not recorded, so the
     next run reads them again.
 
     Raises:
@@ -123,7 +136,16 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
         ledger.record_batch(batch_id, started, run.outcomes, "failed" if run.errors else "completed")
         listed = {f.path for f in files}
         names = {row["dataset"] for src, row in ledger.files().items() if src in listed}
+        window = recent_window(params)
         for name in sorted(names | {o.dataset for o in run.outcomes}):
+            # Still under the lock: one refresh per telemetry version (a no-op when it is current).
+            # The rows are committed already; a table that cannot be refreshed only makes health read
+            # the asset files (it sees the table is stale), so it is not this run's failure.
+            try:
+                lk.refresh_recent(lake_path, name, window, so)
+            except Exception as exc:  # noqa: BLE001 - logged; the next run refreshes it
+                log.warning("ingest: recent-rows table of %s not refreshed (%s); health reads the asset "
+                            "files until a later run refreshes it", name, exc)
             snap = ledger.snapshot(lake_path, name)
             if snap is not None:
                 # A table written before contracts has none stored: it is read with this run's.

@@ -138,3 +138,15 @@ def test_a_dataset_no_landing_file_feeds_is_read_from_the_lake_at_the_pinned_ver
         resolve_snapshot(nothing_ingested, "elsewhere", lake)
     with pytest.raises(ValueError):
         PipelineParams(ingest={"landing": str(tmp_path)}, train_version=-1)
+
+
+def test_the_pipeline_keeps_as_many_recent_rows_as_its_own_features_need(tmp_path):
+    from twinflow.flows.pipeline import _with_recent_rows
+    from twinflow.settings import get_settings
+
+    settings = get_settings(home=tmp_path / "home")
+    pumps = demo_params(settings, fleet="pumps")
+    # Row windows up to 36 and an EWM of span 36 over 10-minute readings: 36 + 10 * 36 + 1.
+    assert _with_recent_rows(pumps).recent_rows == 397
+    assert _with_recent_rows(pumps.model_copy(update={"ingest": pumps.ingest.model_copy(
+        update={"recent_rows": 50})})).recent_rows == 50

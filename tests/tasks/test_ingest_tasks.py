@@ -771,3 +771,36 @@ def test_links_are_followed_only_inside_the_landing_unless_allowed(home, caplog)
     assert list(by) == ["secret.txt"] and by["secret.txt"].rows_written == 5
     assert by["secret.txt"].source == str((outside / "secret.txt").resolve())
     assert IngestParams(landing="x", follow_external_links=True).digest("d") == IngestParams(landing="x").digest("d")
+
+
+def test_ingest_keeps_each_datasets_recent_rows_table_current_without_duplicating_it(home):
+    from twinflow import lake
+    from twinflow.tasks.features.params import FeatureParams
+    from twinflow.tasks.health.params import HealthParams
+    from twinflow.tasks.health.score import recent_rows
+
+    cols = [C.ASSET, C.TIME, *CM.SENSORS]
+    recent_name = lake.derived_name("train_fd001", lake.RECENT)
+    _write(home.landing, "train_FD001.txt", "\n".join(TRAIN_LINES[:400]) + "\n")  # units 1 and 2 (192 and 208 cycles)
+    home.ingest(recent_rows=20)
+    snap = latest_snapshot(str(home.lake), "train_fd001")
+    got, want = lake.read_recent_table(snap, 20, cols), lake.read_recent(snap, 20, cols)
+    assert got[0].equals(want[0]) and got[1].equals(want[1]) and got[0].num_rows == 2 * 20
+    v = lake.version(str(home.lake), recent_name)
+
+    home.ingest(recent_rows=20)  # nothing new: the table is current, no version is added
+    assert lake.version(str(home.lake), recent_name) == v
+    assert lake.read_recent_table(snap, 20, cols)[0].num_rows == 2 * 20
+
+    _write(home.landing, "train_FD001.txt", "\n".join(TRAIN_LINES[:700]) + "\n")  # the source grows
+    home.ingest(recent_rows=20)
+    snap2 = latest_snapshot(str(home.lake), "train_fd001")
+    assert snap2.version > snap.version
+    got, want = lake.read_recent_table(snap2, 20, cols), lake.read_recent(snap2, 20, cols)
+    assert got[0].equals(want[0]) and got[1].equals(want[1])
+    assert sum(got[1].column("readings").to_pylist()) == 700
+
+    # Without a window the run keeps what health reads with the default feature and health params.
+    home.ingest()
+    assert lake.history(str(home.lake), recent_name, limit=1)[0]["twinflow.recent_rows"] == \
+        str(recent_rows(FeatureParams(), HealthParams())) == "131"

@@ -142,3 +142,84 @@ def test_drift_flags_the_shifted_channel_per_regime():
     assert ("c", "1") in set(zip(bad.channel, bad.regime))
     assert table.set_index(["channel", "regime"]).loc[("a", "all"), "psi"] < 0.05
     assert drift.psi(ref[:, 0], ref[:, 0]) == pytest.approx(0.0, abs=1e-12)
+
+
+# The scoring path's fleet-wide forms give exactly what the per-asset forms they replaced gave: the
+# references below are those forms, verbatim.
+
+def _top_channels_per_asset(contrib, recent_sign, channels, k=3):
+    out = []
+    for i in range(contrib.shape[0]):
+        row = contrib[i]
+        if not np.isfinite(row).any():
+            out.append("")
+            continue
+        order = np.argsort(-np.nan_to_num(row, nan=-np.inf))[:k]
+        total = np.nansum(np.maximum(row, 0.0)) or 1.0
+        parts = []
+        for j in order:
+            if row[j] <= 0:
+                continue
+            sign = "" if recent_sign is None else ("↑" if recent_sign[i, j] > 0 else "↓")
+            parts.append(f"{channels[j]}{sign} {100 * row[j] / total:.0f}%")
+        out.append(", ".join(parts))
+    return out
+
+
+def _score_recent_prefix_counts(z, regime, asset_codes, baseline):
+    starts = np.flatnonzero(np.r_[True, asset_codes[1:] != asset_codes[:-1]])
+    ends = np.r_[starts[1:], len(asset_codes)]
+    centred = z - baseline.regime_mean[regime]
+    finite = np.isfinite(centred)
+    csum = np.vstack([np.zeros(z.shape[1]), np.cumsum(np.where(finite, centred, 0.0), axis=0)])
+    ccnt = np.vstack([np.zeros(z.shape[1]), np.cumsum(finite, axis=0)])
+    lo = np.maximum(ends - baseline.window, starts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (csum[ends] - csum[lo]) / (ccnt[ends] - ccnt[lo])
+
+
+def test_the_fleet_wide_evidence_and_window_means_equal_the_per_asset_ones_bit_for_bit():
+    rng = np.random.default_rng(3)
+    channels = [f"c{j}" for j in range(9)]
+    contrib = rng.normal(size=(500, 9))
+    contrib[::7] = np.round(contrib[::7], 1)  # ties
+    contrib[::11, 2] = np.nan
+    contrib[5] = np.nan
+    contrib[6] = -np.abs(contrib[6])  # nothing positive: no evidence
+    contrib[8, :3] = 0.0
+    sign = rng.normal(size=contrib.shape)
+    for s in (None, sign):
+        assert anomaly.top_channels(contrib, s, channels, 3) == _top_channels_per_asset(contrib, s, channels, 3)
+
+    lengths = rng.integers(1, 40, 300)
+    codes = np.repeat(np.arange(300), lengths)
+    z = rng.normal(size=(len(codes), 4)) * 1e3 + 5e4  # large sums: rounding would show
+    z[rng.random(z.shape) < 0.2] = np.nan
+    z[codes == 4] = np.nan
+    regime = rng.integers(0, 2, len(codes))
+    base = anomaly.Baseline(list("abcd"), rng.normal(size=(2, 4)), np.eye(4), np.sort(rng.random(50)), 10, 50)
+    score, hi, contrib_, used = anomaly.score_recent(z, regime, codes, base)
+    recent = _score_recent_prefix_counts(z, regime, codes, base)
+    delta = np.where(np.isfinite(recent), recent, 0.0)
+    want = np.sqrt(np.maximum((delta * (delta @ base.precision)).sum(axis=1), 0.0))
+    want[~np.isfinite(recent).any(axis=1)] = np.nan
+    np.testing.assert_array_equal(score, want)
+
+
+def test_the_fleet_wide_bands_and_horizon_json_equal_the_per_asset_ones():
+    import json
+
+    from twinflow.tasks.health.params import HealthParams, band_of, bands_of
+    from twinflow.tasks.health.score import _by_horizon_json
+
+    rng = np.random.default_rng(4)
+    p = rng.random(400)
+    p[::9] = np.nan
+    p[1:4] = HealthParams().band_thresholds  # exactly on a threshold
+    p_by = {10.0: p, 30.0: np.sqrt(p), 2.5: p / 3}
+    horizons = sorted(p_by)
+    want = [json.dumps({f"{h:g}": (None if not np.isfinite(p_by[h][i]) else round(float(p_by[h][i]), 6))
+                        for h in horizons}) for i in range(len(p))]
+    assert _by_horizon_json(p_by, horizons, len(p)) == want
+    thresholds = HealthParams().band_thresholds
+    assert bands_of(p, thresholds).tolist() == [band_of(x, thresholds) for x in p]

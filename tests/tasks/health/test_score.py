@@ -133,6 +133,62 @@ def test_scoring_each_assets_recent_rows_equals_scoring_whole_histories(champion
     pd.testing.assert_frame_equal(part.drop(columns=["life"]), whole.drop(columns=["life"]), rtol=1e-6)
 
 
+def test_health_reads_the_recent_rows_table_and_falls_back_to_the_asset_files_saying_why(champion, tmp_path,
+                                                                                          caplog):
+    import logging
+
+    import pyarrow as pa
+
+    from twinflow import lake
+    from twinflow.flows.health import read_fleet
+    from twinflow.tasks.health.score import recent_rows
+
+    contract, root = load_contract("cmapss"), str(tmp_path)
+    test, train, params = _read("test"), _read("train"), HealthParams()
+    snap = lake.write_lake_table(pa.Table.from_pandas(test, preserve_index=False), root, "running", "b1",
+                                 contract=contract)
+
+    def scored(s):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="twinflow.health"):
+            frame, lives = read_fleet(s, contract, params, champion)
+        t = score_fleet(frame, contract, params, champion, baseline_frame=train, scored_at="t", lives=lives).table
+        return t, " ".join(r.getMessage() for r in caplog.records)
+
+    from_files, why = scored(snap)
+    assert "running__recent does not exist" in why
+    # The flow reads only the columns the champion uses: the scores are those of every column read.
+    every, extents = lake.read_recent(snap, recent_rows(champion.feature_params, params), COLS)
+    assert len(every.column_names) == len(COLS)  # settings and all 21 sensors, not only the fit's 9
+    whole = score_fleet(every.to_pandas(), contract, params, champion, baseline_frame=train, scored_at="t",
+                        lives=life_frame(extents.to_pandas(), contract)).table
+    pd.testing.assert_frame_equal(from_files, whole, check_exact=True)
+    w = recent_rows(champion.feature_params, params)
+    lake.refresh_recent(root, "running", w - 1)
+    _, why = scored(snap)
+    assert f"keeps the last {w - 1} readings per asset, {w} are needed" in why
+    lake.refresh_recent(root, "running", w)
+    from_table, why = scored(snap)
+    assert why == ""
+    pd.testing.assert_frame_equal(from_table, from_files, check_exact=True)
+
+    # Telemetry committed without a refresh (its writer crashed in between): stale, so the files answer;
+    # the previous snapshot still reads the version built from it.
+    later = test[test.asset_id == "1"].assign(cycle=lambda d: d.cycle + 1000)
+    snap2 = lake.write_lake_table(pa.Table.from_pandas(later, preserve_index=False), root, "running", "b2",
+                                  contract=contract)
+    stale, why = scored(snap2)
+    assert f"stale: built from telemetry version {snap.version}, the snapshot is version {snap2.version}" in why
+    again, why = scored(snap)
+    assert why == ""
+    pd.testing.assert_frame_equal(again, from_table, check_exact=True)
+    lake.refresh_recent(root, "running", w)
+    fresh, why = scored(snap2)
+    assert why == ""
+    pd.testing.assert_frame_equal(fresh, stale, check_exact=True)
+    assert fresh.set_index("asset_id").loc["1", "readings"] == 2 * (test.asset_id == "1").sum()
+
+
 def test_an_assets_age_counts_from_its_last_renewal_and_a_new_life_says_so(champion):
     test = _read("test")
     test = test[test.asset_id.isin(["1", "2", "3"])]
@@ -168,3 +224,15 @@ def test_the_pump_generators_truth_gives_each_running_pumps_remaining_life():
     assert failed and np.allclose(true_rul_from_lives(list(failed.values())), 0.0, atol=0.01)
     # In the clock's unit (e.g. days).
     assert np.allclose(true_rul_from_lives(lives, time_unit_hours=24.0), running / 24.0)
+
+
+def test_live_features_in_chunks_of_unequal_length_equal_one_pass(champion):
+    from twinflow.tasks.health.score import fleet_frame, live_features
+
+    test = _read("test")
+    # Assets of very different lengths in each chunk of 7: chunks get longer and shorter in turn.
+    ff = fleet_frame(test, load_contract("cmapss"))
+    fit, fp, names = champion.fit, champion.feature_params, champion.input_names
+    one = live_features(ff, fit, fp, names, chunk_assets=1000)
+    chunked = live_features(ff, fit, fp, names, chunk_assets=7)
+    pd.testing.assert_frame_equal(chunked, one, check_exact=True)
