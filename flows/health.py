@@ -50,15 +50,14 @@ class HealthResult(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
-def running_fleets(lake_path: str) -> list[str]:
+def running_fleets(lake_path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
     """The lake's fleet datasets: its tables written under a fleet contract (derived tables such as
-    ``<dataset>__events`` and ``fleet_health`` have none). Empty for a lake on an object store, where
-    listing is not supported: name the dataset there."""
+    ``<dataset>__events``, ``<dataset>__recent`` and ``fleet_health`` have none), on a local or an
+    object-store lake (``storage_options``: the lake's, else the settings')."""
     from twinflow import lake
 
-    if not lake.is_local(lake_path):
-        return []
-    return [d for d in lake.datasets(lake_path) if lake.table_contract(lake_path, d) is not None]
+    return [d for d in lake.datasets(lake_path, storage_options)
+            if lake.table_contract(lake_path, d, storage_options) is not None]
 
 
 def only_fleet(lake_path: str) -> str:

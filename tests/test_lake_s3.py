@@ -47,6 +47,10 @@ def test_datasets_are_listed_on_s3_without_bookkeeping_prefixes(s3):
     fs.pipe(f"{base}/_ledger.sqlite", b"x")  # bookkeeping beside the tables is not a dataset
     fs.pipe(f"{base}/loose/part.parquet", b"x")  # nor is a prefix without a Delta log
     assert lake.datasets(root, so) == ["more_pumps", "pumps"]
+    # Health's default (the lake's only fleet) lists fleets on S3 as it does locally: it was local-only.
+    from twinflow.flows.health import running_fleets
+
+    assert running_fleets(root, so) == ["more_pumps", "pumps"]
 
 
 def test_concurrent_writers_commit_every_version_with_conditional_puts(s3):
