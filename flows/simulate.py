@@ -94,6 +94,12 @@ def _simulate(params: TwinParams, snapshot: LakeSnapshot | None, settings: Setti
     err_fut = load_error_model.submit(params, settings)
     model, report = model_fut.result()
     error_model = err_fut.result()
+    shares = {m: lives.share for m, lives in report.lives.by_mode.items()} if report.lives is not None else {}
+    costs, note = params.costs.priced_by_mode(shares)
+    if note:
+        logger.info("costs: %s", note)
+        report.notes.append(note)
+        params = params.model_copy(update={"costs": costs})
     results = run_policy_study.submit(model, params, error_model).result()
     policies = build_policies(params.intervals, params.thresholds)
     rows, best = summarize(policies, results, params.n_assets, params.horizon)

@@ -47,6 +47,27 @@ _MIN_TREND = 0.01
 _REGIME_COVERAGE = 0.9
 
 
+# Failures of one mode below this count get a share but no Weibull of their own (too few to fit).
+MIN_MODE_FAILURES = 5
+
+
+class ModeLives(BaseModel):
+    """One failure mode's lives, as competing risks: a life that ended in another mode's failure, a
+    renewal or still running is a suspension for this mode.
+
+    Attributes:
+        failures: Lives this mode ended.
+        share: Its share of all failures (what a failure of the fleet costs is priced by).
+        weibull: Its Weibull with suspensions, where it has at least ``MIN_MODE_FAILURES`` failures.
+        weibull_km: How that Weibull follows this mode's Kaplan–Meier bands.
+    """
+
+    failures: int
+    share: float
+    weibull: WeibullFit | None = None
+    weibull_km: KmCheck | None = None
+
+
 class LifeCheck(BaseModel):
     """The lifetime check that stays valid with suspensions (see :mod:`twinflow.tasks.twin.survival`).
 
@@ -58,6 +79,8 @@ class LifeCheck(BaseModel):
         twin_km: How the twin's simulated lifetimes follow the same bands (replaces the KS test, which
             compares complete lifetimes only and is biased when lives are censored).
         unobserved_start: Lives left out because they began before the records (``life_start: unknown``).
+        by_mode: Each failure mode's lives as competing risks (:class:`ModeLives`), where the segments
+            record more than one mode.
     """
 
     failures: int
@@ -66,6 +89,8 @@ class LifeCheck(BaseModel):
     weibull_km: KmCheck | None = None
     unobserved_start: int = 0
     twin_km: KmCheck | None = None
+    # Per failure mode, where the segments name more than one (else empty).
+    by_mode: dict[str, ModeLives] = Field(default_factory=dict)
 
 
 class CalibrationReport(BaseModel):
@@ -555,11 +580,43 @@ def life_sample(segments, contract: FleetContract | None = None, dataset: str | 
         ``(durations, failed, unobserved_start)``: durations in the clock's unit, failure flags, and the
         number of lives left out for their unobserved start.
     """
+    seg, keep, unobserved = _sampled(segments, contract, dataset)
+    return seg["duration"].to_numpy(float)[keep], (seg["end_reason"] == "failure").to_numpy()[keep], unobserved
+
+
+def _sampled(segments, contract: FleetContract | None, dataset: str | None):
+    """(segments as pandas, which lives :func:`life_sample` keeps, lives of unobserved start)."""
     seg = segments.to_pandas() if hasattr(segments, "to_pandas") else segments
     durations = seg["duration"].to_numpy(float)
     started = observed_lives(seg, contract, dataset) if contract is not None else np.ones(len(seg), bool)
-    keep = (durations > 0) & started
-    return durations[keep], (seg["end_reason"] == "failure").to_numpy()[keep], int((~started).sum())
+    return seg, (durations > 0) & started, int((~started).sum())
+
+
+def mode_lives(segments, contract: FleetContract | None = None, dataset: str | None = None) -> dict[str, ModeLives]:
+    """Each failure mode's lives as competing risks (the lives :func:`life_sample` keeps), where the
+    segments record more than one mode; empty otherwise (one mode is the whole-life check itself)."""
+    seg, keep, _ = _sampled(segments, contract, dataset)
+    if "failure_mode" not in seg.columns:
+        return {}
+    durations = seg["duration"].to_numpy(float)[keep]
+    failed = (seg["end_reason"] == "failure").to_numpy()[keep]
+    modes = seg["failure_mode"].to_numpy(dtype=object)[keep]
+    named = sorted({str(m) for m, f in zip(modes, failed) if f and m is not None and m == m})
+    if len(named) < 2:
+        return {}
+    total = int(failed.sum())
+    out: dict[str, ModeLives] = {}
+    for mode in named:
+        observed = failed & np.array([m == mode for m in modes], bool)
+        lives = ModeLives(failures=int(observed.sum()), share=float(observed.sum()) / total)
+        if lives.failures >= MIN_MODE_FAILURES:
+            try:
+                lives.weibull = weibull_fit(durations, observed)
+                lives.weibull_km = km_check(lives.weibull, kaplan_meier(durations, observed))
+            except ValueError:  # a degenerate fit or too few lives at risk: the share still counts
+                pass
+        out[mode] = lives
+    return out
 
 
 def life_check(segments, simulated_lifetimes: Sequence[float], contract: FleetContract | None = None,
@@ -568,7 +625,7 @@ def life_check(segments, simulated_lifetimes: Sequence[float], contract: FleetCo
     (:func:`life_sample`), and the twin's lifetimes against it."""
     durations, observed, unobserved = life_sample(segments, contract, dataset)
     check = LifeCheck(failures=int(observed.sum()), suspensions=int((~observed).sum()),
-                      unobserved_start=unobserved)
+                      unobserved_start=unobserved, by_mode=mode_lives(segments, contract, dataset))
     if check.failures < 2:
         return check
     km = kaplan_meier(durations, observed)

@@ -152,6 +152,30 @@ class CostModel(BaseModel):
                                       "(a cycle, or e.g. an hour for a timestamp clock).")
     failure_downtime: int = Field(20, ge=0, description="Clock units (cycles, h, ...) down after a failure.")
     planned_downtime: int = Field(5, ge=0, description="Clock units down for a planned maintenance.")
+    failure_by_mode: dict[str, float] = Field(
+        default_factory=dict, description="Cost of a failure per failure mode (as the event log names modes, "
+        "e.g. {bearing: 150000, seal: 40000}); a mode not listed costs `failure`. The twin simulates one "
+        "degradation process, so a simulated failure costs the modes' costs weighted by their share of "
+        "the fleet's recorded failures (the calibration's lives).")
+
+    def priced_by_mode(self, shares: dict[str, float]) -> tuple["CostModel", str | None]:
+        """These costs with ``failure`` set to the expected cost of one failure under the fleet's mix of
+        failure modes (``shares``: each mode's share of the recorded failures), and a sentence saying
+        so; unchanged (and None) where no mode cost is declared.
+        """
+        if not self.failure_by_mode:
+            return self, None
+        if not shares:
+            return self, (f"failure costs per mode are declared ({', '.join(sorted(self.failure_by_mode))}) but "
+                          "the lives record fewer than two failure modes: a failure costs "
+                          f"{self.failure:,.0f} {self.currency}")
+        total = sum(shares.values())
+        parts = sorted(shares.items(), key=lambda kv: -kv[1])
+        cost = sum(share / total * self.failure_by_mode.get(mode, self.failure) for mode, share in parts)
+        terms = " + ".join(f"{mode} {share / total:.0%} x {self.failure_by_mode.get(mode, self.failure):,.0f}"
+                           for mode, share in parts)
+        return self.model_copy(update={"failure": cost}), \
+            f"a failure costs {cost:,.0f} {self.currency}: the recorded failure modes' mix ({terms})"
 
 
 class TwinParams(BaseModel):

@@ -128,7 +128,8 @@ def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: Cal
         "",
         f"Costs ({c.currency}, for a fleet of {params.n_assets:,} assets over {params.horizon:,} {u}): failure "
         f"{c.failure:,.0f} (+{c.failure_downtime} {u} down), planned {c.planned:,.0f} "
-        f"(+{c.planned_downtime} {u} down), downtime {c.downtime_per_cycle:,.0f}/asset-{per}.",
+        f"(+{c.planned_downtime} {u} down), downtime {c.downtime_per_cycle:,.0f}/asset-{per}."
+        f"{''.join(f' Failure modes: {n}.' for n in report.notes if 'failure mode' in n)}",
         f"Calibration: {report.n_assets} run-to-failure assets"
         f"{f' (fleet contract {report.contract.name} v{report.contract.version})' if report.contract else ''}, "
         f"lifetime KS statistic "
@@ -283,4 +284,11 @@ def lives_metrics(report) -> dict[str, float]:
         out["calibration_km_inside"] = lives.twin_km.inside_share
     if report.lifetime_fit is not None:
         out.update(lifetime_median=report.lifetime_fit.median, lifetime_log_sd=report.lifetime_fit.sigma)
+    for mode, m in lives.by_mode.items():
+        key = "".join(ch if ch.isalnum() or ch in "_-." else "_" for ch in mode)
+        out[f"mode_{key}_share"] = m.share
+        if m.weibull is not None:
+            out.update({f"mode_{key}_weibull_shape": m.weibull.shape, f"mode_{key}_weibull_scale": m.weibull.scale})
+        if m.weibull_km is not None:
+            out[f"mode_{key}_weibull_km_inside"] = m.weibull_km.inside_share
     return {k: float(v) for k, v in out.items()}

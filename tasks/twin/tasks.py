@@ -69,6 +69,10 @@ def _lives_note(report: CalibrationReport) -> str:
     if lives.twin_km is not None:
         out += (f"; twin lifetimes inside the Kaplan-Meier band at {lives.twin_km.inside_share:.0%} of "
                 f"failure times ({'passed' if lives.twin_km.passed else 'FAILED'})")
+    for mode, m in lives.by_mode.items():
+        out += f"; {mode}: {m.failures} failures ({m.share:.0%})"
+        if m.weibull is not None:
+            out += f", Weibull shape {m.weibull.shape:.2f} scale {m.weibull.scale:.1f} with the other modes as suspensions"
     return out
 
 

@@ -3,6 +3,8 @@ against the Kaplan–Meier estimate of every life, suspensions included."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,7 +13,7 @@ from twin_fixtures import pump_fleet
 from twinflow import lake
 from twinflow.contract import load_contract
 from twinflow.tasks.ingest.events import build_segments
-from twinflow.tasks.twin import TwinParams
+from twinflow.tasks.twin import CostModel, TwinParams
 from twinflow.tasks.twin.calibration import read_cmapss_frame
 from twinflow.tasks.twin.tasks import calibrate_twin
 
@@ -161,3 +163,50 @@ def test_pump_twin_lifetimes_follow_the_kaplan_meier_band_of_a_fleet_with_suspen
     metrics = lives_metrics(report)
     assert metrics["lifetime_median"] == report.lifetime_fit.median and metrics["calibration_km_inside"] >= 0.9
     assert "suspensions, simulated lifetimes matched to their lognormal" in _lives_line(report, "h")
+    # Failure modes as competing risks: each mode's failures and share as the generator recorded them.
+    truth = Counter(lf["failure_mode"] for lf in fleet.lives if lf["index"] > 0 and lf["end_reason"] == "failure")
+    by_mode = lives.by_mode  # the log's failure types name the modes (the contract declares no mode column)
+    assert {m.removeprefix("failure_"): v.failures for m, v in by_mode.items()} == dict(truth)
+    assert sum(v.failures for v in by_mode.values()) == lives.failures
+    assert abs(sum(v.share for v in by_mode.values()) - 1) < 1e-12
+    fitted = [v for v in by_mode.values() if v.weibull is not None]
+    assert fitted and all(v.failures >= 5 and v.weibull.failures == v.failures for v in fitted)
+    assert all(f"mode_{m}_share" in metrics for m in by_mode)
+    # A failure is priced by the recorded mix of modes where the costs declare a cost per mode.
+    costs = CostModel(failure=100.0, failure_by_mode={m: 1000.0 * (i + 1) for i, m in enumerate(sorted(by_mode))})
+    priced, note = costs.priced_by_mode({m: v.share for m, v in by_mode.items()})
+    want = sum(v.share * costs.failure_by_mode[m] for m, v in by_mode.items())
+    assert abs(priced.failure - want) < 1e-6 and "mix" in note
+
+
+def test_each_failure_mode_is_fitted_with_the_other_modes_as_suspensions():
+    """Competing risks: a life ended by the other mode, a renewal or the end of the records says only
+    that this mode had not struck yet. Fitted that way each mode's Weibull recovers its truth; fitted on
+    its own failures alone it is biased short."""
+    import pandas as pd
+
+    from twinflow.tasks.twin.calibration import mode_lives
+
+    rng = np.random.default_rng(7)
+    n = 600
+    bearing = 1000.0 * rng.weibull(3.0, n)
+    seal = 1400.0 * rng.weibull(1.5, n)
+    cut = rng.uniform(300, 2500, n)  # planned replacements and the end of the export
+    duration = np.minimum.reduce([bearing, seal, cut])
+    ended = np.where(duration == cut, "renewal", "failure")
+    mode = np.where(ended == "failure", np.where(bearing < seal, "bearing", "seal"), None)
+    segments = pd.DataFrame({"asset_id": [f"p{i}" for i in range(n)], "duration": duration,
+                             "end_reason": ended, "failure_mode": mode})
+    by_mode = mode_lives(segments)
+    assert set(by_mode) == {"bearing", "seal"}
+    assert by_mode["bearing"].failures + by_mode["seal"].failures == int((ended == "failure").sum())
+    for m, (shape, scale) in {"bearing": (3.0, 1000.0), "seal": (1.5, 1400.0)}.items():
+        w = by_mode[m].weibull
+        assert w.shape_ci[0] <= shape <= w.shape_ci[1], (m, w)
+        assert w.scale_ci[0] <= scale <= w.scale_ci[1], (m, w)
+        assert by_mode[m].weibull_km.passed
+    naive = np.median(duration[mode == "seal"])
+    true_median = 1400.0 * np.log(2) ** (1 / 1.5)
+    assert naive < 0.8 * true_median  # the seal failures alone: the long seal lives were cut first
+    # One mode is the whole-life check itself: nothing per mode.
+    assert mode_lives(segments.assign(failure_mode=np.where(ended == "failure", "any", None))) == {}
