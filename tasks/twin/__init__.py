@@ -8,6 +8,8 @@ and ``twin.X`` keep working:
   ``TwinParams``, ``GenerateParams``) and the degradation model (its equations are there).
 - :mod:`~twinflow.tasks.twin.fleet`: synthetic fleets, lifetimes and health trajectories.
 - :mod:`~twinflow.tasks.twin.calibration`: fitting the twin to run-to-failure telemetry.
+- :mod:`~twinflow.tasks.twin.lives`: the fleet's lives from its segments, the lifetime check with
+  suspensions and each failure mode's lives (competing risks).
 - :mod:`~twinflow.tasks.twin.rul_error`: the RUL estimate's error model.
 - :mod:`~twinflow.tasks.twin.policies`: maintenance policies and the Monte-Carlo kernel.
 - :mod:`~twinflow.tasks.twin.fused`: the fused CuPy kernel for GPU workers.

@@ -28,11 +28,9 @@ from twinflow.tasks.twin.calibration import (
     calibrate,
     default_model,
     read_cmapss_frame,
-    life_check,
-    life_sample,
-    select_failure_lives,
     select_run_to_failure,
 )
+from twinflow.tasks.twin.lives import life_check, life_sample, select_failure_lives
 from twinflow.tasks.twin.fleet import fleet_contract, generate_fleet
 from twinflow.tasks.twin.model import GenerateParams, NoRunToFailureData, TwinModel, TwinParams, unit_label
 from twinflow.tasks.twin.policies import build_policies

@@ -81,7 +81,7 @@ def test_lives_of_unobserved_start_are_left_out_and_the_weibull_recovers_the_tru
     import pandas as pd
 
     from twinflow.fleets.pumps import PumpFleetParams, _lives
-    from twinflow.tasks.twin.calibration import life_check
+    from twinflow.tasks.twin.lives import life_check
 
     p = PumpFleetParams(n_pumps=300, days=120, seed=0)
     rows = []
@@ -185,7 +185,7 @@ def test_each_failure_mode_is_fitted_with_the_other_modes_as_suspensions():
     its own failures alone it is biased short."""
     import pandas as pd
 
-    from twinflow.tasks.twin.calibration import mode_lives
+    from twinflow.tasks.twin.lives import mode_lives
 
     rng = np.random.default_rng(7)
     n = 600
