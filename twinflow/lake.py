@@ -995,10 +995,7 @@ def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = N
     paths = [(rel if "://" in rel else f"{root}/{rel}") for rel in map(unquote, chosen["path"])]
     assets, file_asset = np.unique(chosen["asset"].to_numpy(dtype=object).astype(str), return_inverse=True)
     data_cols = [c for c in cols if c != PARTITION]
-    if is_object_store(snapshot.lake_path):
-        parts = list(_read_tables(paths, data_cols, storage_options, chosen["size"].tolist()))
-    else:
-        parts = [_read_file(p, data_cols, storage_options) for p in paths]
+    parts = list(_read_tables(paths, data_cols, storage_options, chosen["size"].tolist()))
     table = pa.concat_tables(parts, promote_options="permissive") if parts else schema.empty_table().select(data_cols)
     # Asset codes from the files' order: no string column is built until the tail is cut.
     codes = np.repeat(file_asset, [t.num_rows for t in parts]).astype(np.int32)
@@ -1030,22 +1027,15 @@ def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = N
     return recent.select(cols), extents
 
 
-def _read_file(path: str, columns: Sequence[str], storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """One data file's ``columns`` (those it has). Local files go through the Parquet reader itself:
+def _read_local_file(path: str, columns: Sequence[str]) -> pa.Table:
+    """One local data file's ``columns`` (those it has), through the Parquet reader itself:
     ``ParquetFile``'s Python layer costs ~30 % more per small file, which 10,000 asset files feel."""
-    import pyarrow.parquet as pq
+    from pyarrow._parquet import ParquetReader
 
-    if "://" not in path or path.startswith("file://"):
-        from pyarrow._parquet import ParquetReader
-
-        reader = ParquetReader()
-        reader.open(path.removeprefix("file://"), use_memory_map=False, pre_buffer=False)
-        names = reader.schema_arrow.names
-        return reader.read_all(column_indices=[names.index(c) for c in columns if c in names], use_threads=False)
-    fs, _ = _fs(path, storage_options)
-    with fs.open(fs._strip_protocol(path), "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names], use_threads=False)
+    reader = ParquetReader()
+    reader.open(path.removeprefix("file://"), use_memory_map=False, pre_buffer=False)
+    names = reader.schema_arrow.names
+    return reader.read_all(column_indices=[names.index(c) for c in columns if c in names], use_threads=False)
 
 
 def _plain_strings(table: pa.Table) -> pa.Table:
@@ -1267,16 +1257,16 @@ def _read_tables(paths: Sequence[str], columns: Sequence[str], storage_options: 
                 yield pq.ParquetFile(pa.BufferReader(blob)).read(columns=list(columns), use_threads=False)
         return
     fs, _ = _fs(paths[0], storage_options)
-    local = isinstance(fs, LocalFileSystem)
-    blobs: dict[str, bytes] = {}
-    if not local:
-        # Other fsspec stores: one concurrent fetch of the whole files.
-        with store_errors(paths[0], storage_options):
-            blobs = fs.cat([fs._strip_protocol(p) for p in paths], on_error="raise")
+    if isinstance(fs, LocalFileSystem):
+        for path in paths:
+            yield _read_local_file(path, columns)
+        return
+    # Other fsspec stores: one concurrent fetch of the whole files.
+    with store_errors(paths[0], storage_options):
+        blobs = fs.cat([fs._strip_protocol(p) for p in paths], on_error="raise")
     for path in paths:
-        p = fs._strip_protocol(path)
-        source = p if local else pa.BufferReader(blobs.pop(p))
-        yield pq.ParquetFile(source, pre_buffer=False).read(columns=list(columns), use_threads=False)
+        yield pq.ParquetFile(pa.BufferReader(blobs.pop(fs._strip_protocol(path))), pre_buffer=False).read(
+            columns=list(columns), use_threads=False)
 
 
 def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
@@ -1695,10 +1685,10 @@ def read_recent_table(snapshot: LakeSnapshot, rows: int, columns: list[str] | No
     if lacking:
         raise RecentUnavailable(f"{name} lacks column(s) {', '.join(lacking)}")
     root = dt.table_uri.rstrip("/").removeprefix("file://")
-    rels = pa.table(dt.get_add_actions(flatten=True)).column("path").to_pylist()
-    paths = [rel if "://" in rel else f"{root}/{rel}" for rel in map(unquote, rels)]
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    paths = [rel if "://" in rel else f"{root}/{rel}" for rel in map(unquote, actions.column("path").to_pylist())]
     want_cols = [*cols, _R_READINGS, _R_FIRST]
-    parts = [_read_file(p, want_cols, so) for p in paths]
+    parts = list(_read_tables(paths, want_cols, so, actions.column("size_bytes").to_pylist()))
     table = _plain_strings(pa.concat_tables(parts) if len(parts) != 1 else parts[0])
     if not _in_asset_time_order(table, key):
         # The Delta writer may reorder batches, and a large table is several files in no set order.
