@@ -94,16 +94,14 @@ def _simulate(params: TwinParams, snapshot: LakeSnapshot | None, settings: Setti
     err_fut = load_error_model.submit(params, settings)
     model, report = model_fut.result()
     error_model = err_fut.result()
-    shares = {m: lives.share for m, lives in report.lives.by_mode.items()} if report.lives is not None else {}
-    costs, note = params.costs.priced_by_mode(shares)
-    if note:
-        logger.info("costs: %s", note)
-        report.notes.append(note)
+    costs, cost_note = params.costs.priced_by_mode(report.lives.mode_shares if report.lives is not None else {})
+    if cost_note:
+        logger.info("costs: %s", cost_note)
         params = params.model_copy(update={"costs": costs})
     results = run_policy_study.submit(model, params, error_model).result()
     policies = build_policies(params.intervals, params.thresholds)
     rows, best = summarize(policies, results, params.n_assets, params.horizon)
-    markdown = policy_markdown(rows, best, params, report, error_model)
+    markdown = policy_markdown(rows, best, params, report, error_model, cost_note)
     run_id = log_study_run(params, model, report, error_model, rows, best, markdown, snapshot)
     create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description="Digital-twin policy study")
     best_row = next(r for r in rows if r["policy"] == best)

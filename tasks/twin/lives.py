@@ -66,6 +66,11 @@ class LifeCheck(BaseModel):
     # Per failure mode, where the segments name more than one (else empty).
     by_mode: dict[str, ModeLives] = Field(default_factory=dict)
 
+    @property
+    def mode_shares(self) -> dict[str, float]:
+        """Each failure mode's share of the failures (empty where fewer than two modes are recorded)."""
+        return {mode: lives.share for mode, lives in self.by_mode.items()}
+
 
 
 def observed_lives(seg, contract: FleetContract, dataset: str | None) -> np.ndarray:

@@ -99,8 +99,9 @@ def _fmt_ci(m: float, lo: float, hi: float, digits: int = 0) -> str:
 
 
 def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: CalibrationReport,
-                    error_model: RulErrorModel) -> str:
-    """The policy table and the recommendation as Markdown."""
+                    error_model: RulErrorModel, cost_note: str | None = None) -> str:
+    """The policy table and the recommendation as Markdown (``cost_note``: how a failure was priced,
+    from :meth:`CostModel.priced_by_mode`)."""
     rec = next(r for r in rows if r["policy"] == best)
     u = unit_label(report.time_unit)  # durations are in the clock unit of the twin's contract
     per = "cycle" if report.time_unit == "cycle" else report.time_unit
@@ -129,7 +130,7 @@ def policy_markdown(rows: list[dict], best: str, params: TwinParams, report: Cal
         f"Costs ({c.currency}, for a fleet of {params.n_assets:,} assets over {params.horizon:,} {u}): failure "
         f"{c.failure:,.0f} (+{c.failure_downtime} {u} down), planned {c.planned:,.0f} "
         f"(+{c.planned_downtime} {u} down), downtime {c.downtime_per_cycle:,.0f}/asset-{per}."
-        f"{''.join(f' Failure modes: {n}.' for n in report.notes if 'failure mode' in n)}",
+        f"{f' Failure modes: {cost_note}.' if cost_note else ''}",
         f"Calibration: {report.n_assets} run-to-failure assets"
         f"{f' (fleet contract {report.contract.name} v{report.contract.version})' if report.contract else ''}, "
         f"lifetime KS statistic "

@@ -174,7 +174,7 @@ def test_pump_twin_lifetimes_follow_the_kaplan_meier_band_of_a_fleet_with_suspen
     assert all(f"mode_{m}_share" in metrics for m in by_mode)
     # A failure is priced by the recorded mix of modes where the costs declare a cost per mode.
     costs = CostModel(failure=100.0, failure_by_mode={m: 1000.0 * (i + 1) for i, m in enumerate(sorted(by_mode))})
-    priced, note = costs.priced_by_mode({m: v.share for m, v in by_mode.items()})
+    priced, note = costs.priced_by_mode(lives.mode_shares)
     want = sum(v.share * costs.failure_by_mode[m] for m, v in by_mode.items())
     assert abs(priced.failure - want) < 1e-6 and "mix" in note
 
