@@ -13,6 +13,33 @@ from pathlib import Path
 BINDIR = Path(sys.executable).parent
 
 
+def small_pipeline_script(inside_runtime: str = "") -> str:
+    """Python source that runs the demo pipeline on the bundled FD001 data, sized down to about two
+    minutes, when run as a script (``python -c``), and prints ``RESULT <json of the result>``.
+
+    Args:
+        inside_runtime: One statement run inside ``runtime.start`` before the pipeline (``rt`` is the
+            runtime), e.g. an assertion on which services it found.
+    """
+    return rf"""
+from twinflow import runtime
+from twinflow.settings import get_settings
+from twinflow.flows.pipeline import demo_params, pipeline
+
+settings = get_settings()
+params = demo_params(settings)
+data = params.model_dump()
+data["train"].update(n_trials=1, max_iter=40)
+data["features"].update(windows=[5, 10])
+data["simulate"].update(n_scenarios=20, n_assets=20, horizon=400, batch_scenarios=10)
+params = type(params).model_validate(data)
+with runtime.start(settings) as rt:
+    {inside_runtime or "pass"}
+    result = pipeline(params)
+print("RESULT " + result.model_dump_json())
+"""
+
+
 class Procs:
     """Processes a test starts (each in its own session, logging to ``<logdir>/<name>.log``), stopped at the end."""
 

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 from object_store import start_seaweedfs, weed_binary
-from service_procs import Procs, start_dask
+from service_procs import Procs, small_pipeline_script, start_dask
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -131,24 +131,7 @@ print("RESULT " + report.model_dump_json())
 """
 
 # The pipeline on the bundled FD001 data, sized down so that the test stays around two minutes.
-PIPELINE = r"""
-import json
-from twinflow import runtime
-from twinflow.settings import get_settings
-from twinflow.flows.pipeline import demo_params, pipeline
-
-settings = get_settings()
-params = demo_params(settings)
-data = params.model_dump()
-data["train"].update(n_trials=1, max_iter=40)
-data["features"].update(windows=[5, 10])
-data["simulate"].update(n_scenarios=20, n_assets=20, horizon=400, batch_scenarios=10)
-params = type(params).model_validate(data)
-with runtime.start(settings) as rt:
-    assert rt.cluster.mode == "address" and rt.prefect.owned is False
-    result = pipeline(params)
-print("RESULT " + result.model_dump_json())
-"""
+PIPELINE = small_pipeline_script('assert rt.cluster.mode == "address" and rt.prefect.owned is False')
 
 
 class ScaleOut:

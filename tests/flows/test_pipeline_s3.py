@@ -21,27 +21,12 @@ from pathlib import Path
 import pytest
 
 from object_store import requires_weed, s3_filesystem
-from service_procs import Procs
+from service_procs import Procs, small_pipeline_script
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, requires_weed, pytest.mark.timeout(900)]
 
 # The demo on the bundled FD001 data, sized down as in the scale-out test.
-PIPELINE = r"""
-from twinflow import runtime
-from twinflow.settings import get_settings
-from twinflow.flows.pipeline import demo_params, pipeline
-
-settings = get_settings()
-params = demo_params(settings)
-data = params.model_dump()
-data["train"].update(n_trials=1, max_iter=40)
-data["features"].update(windows=[5, 10])
-data["simulate"].update(n_scenarios=20, n_assets=20, horizon=400, batch_scenarios=10)
-params = type(params).model_validate(data)
-with runtime.start(settings):
-    result = pipeline(params)
-print("RESULT " + result.model_dump_json())
-"""
+PIPELINE = small_pipeline_script()
 
 
 def _free_port() -> int:
