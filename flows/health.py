@@ -60,11 +60,18 @@ def running_fleets(lake_path: str, storage_options: dict[str, Any] | None = None
             if lake.table_contract(lake_path, d, storage_options) is not None]
 
 
-def only_fleet(lake_path: str) -> str:
-    """The lake's only fleet dataset (:func:`running_fleets`): what health scores when none is named.
+def only_fleet(lake_path: str, needed_by: str = "health",
+               how: str = "set params.dataset (e.g. `twinflow health -d <dataset>`) or pass the lake "
+                          "snapshot of the running fleet") -> str:
+    """The lake's only fleet dataset (:func:`running_fleets`): what a stage reads when none is named.
 
-    A plant's lake usually holds one fleet: the hourly schedule and ``twinflow health`` then need no
-    parameter.
+    A plant's lake usually holds one fleet: the hourly health schedule, ``twinflow health`` and
+    ``twinflow run features`` then need no dataset parameter.
+
+    Args:
+        lake_path: The lake root.
+        needed_by: The stage asking, for the error message.
+        how: How the user names a dataset for that stage, for the error message.
 
     Raises:
         ConfigError: the lake holds no fleet, or several (named, so the user can pick one).
@@ -72,9 +79,8 @@ def only_fleet(lake_path: str) -> str:
     fleets = running_fleets(lake_path)
     if len(fleets) != 1:
         held = f" (the lake holds {', '.join(fleets)})" if fleets else " (the lake holds no fleet yet)"
-        raise ConfigError("health needs a dataset: set params.dataset (e.g. `twinflow health -d <dataset>`) "
-                          "or pass the lake snapshot of the running fleet" + held)
-    log.info("health: scoring %s, the lake's only fleet dataset", fleets[0])
+        raise ConfigError(f"{needed_by} needs a dataset: {how}{held}")
+    log.info("%s: reading %s, the lake's only fleet dataset", needed_by, fleets[0])
     return fleets[0]
 
 

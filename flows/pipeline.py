@@ -48,9 +48,11 @@ class PipelineParams(BaseModel):
     Attributes:
         ingest: Ingest parameters (the landing folder).
         train_dataset: Lake dataset of run-to-failure telemetry (features with labels, training,
-            twin calibration).
+            twin calibration). None: the one dataset of this run's landing whose lives are known to
+            end (its contract rule says ``life_end: failure``, or an event log gave it life segments),
+            else the landing's only dataset (see :func:`training_dataset`).
         test_dataset: Optional lake dataset evaluated with the C-MAPSS test protocol (features
-            transformed with the training fit; needs ``train.true_rul_path``).
+            transformed with the training fit; needs ``train.true_rul_path``). None: no test set.
         features: Feature parameters (``label`` is forced off for the test dataset).
         train: Training parameters.
         simulate: Digital-twin policy study parameters.
@@ -61,8 +63,9 @@ class PipelineParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     ingest: IngestParams
-    train_dataset: str = "train_fd001"
-    test_dataset: str | None = "test_fd001"
+    # No default names a fleet: a plant's landing decides (training_dataset), the demos name theirs.
+    train_dataset: str | None = None
+    test_dataset: str | None = None
     features: FeatureParams = Field(default_factory=FeatureParams)
     # Window statistics (std, slope) are undefined on an asset's first cycle: drop those rows
     # from training rather than reject the whole dataset.
@@ -124,6 +127,34 @@ class PipelineResult(BaseModel):
         return out
 
 
+def training_dataset(result: IngestResult) -> str:
+    """The dataset a pipeline trains on when its params name none.
+
+    The landing's only dataset; among several, the one whose lives are known to end: its files' contract
+    rule says ``life_end: failure`` (C-MAPSS training files), or its event log gave it life segments.
+
+    Raises:
+        ConfigError: the ingest fed no dataset, or several that qualify equally (they are named).
+    """
+    names = sorted(result.snapshots)
+    if len(names) == 1:
+        return names[0]
+
+    def lives_end(snap: LakeSnapshot) -> bool:
+        if snap.segments is not None:
+            return True
+        contract = resolve_contract(snap.contract)
+        rules = (contract.rule_for(Path(f.path).name) for f in snap.files)
+        return any(r is not None and r.life_end == "failure" for r in rules)
+
+    ended = [n for n in names if lives_end(result.snapshots[n])]
+    if len(ended) == 1:
+        return ended[0]
+    among = ended or names
+    held = f"the landing feeds {', '.join(among)}" if among else "the landing fed no dataset"
+    raise ConfigError(f"the pipeline needs a training dataset: set train_dataset ({held})")
+
+
 def resolve_snapshot(result: IngestResult, dataset: str, lake_path: str | None = None,
                      version: int | None = None) -> LakeSnapshot:
     """The snapshot a stage reads: the ingest's, else (``lake_path``) the lake's; pinned at ``version``.
@@ -164,7 +195,8 @@ def _at_version(snap: LakeSnapshot, version: int) -> LakeSnapshot:
 
 
 @flow(name="pipeline", task_runner=ThreadPoolTaskRunner(), validate_parameters=True,
-      flow_run_name=run_name("pipeline", lambda p: p["params"].train_dataset))
+      flow_run_name=run_name("pipeline", lambda p: p["params"].train_dataset
+                             or landing_name(p["params"].ingest.landing)))
 def pipeline(params: PipelineParams) -> PipelineResult:
     """Run the predictive-maintenance pipeline end to end.
 
@@ -183,12 +215,13 @@ def pipeline(params: PipelineParams) -> PipelineResult:
     Returns:
         The references every stage produced and the MLflow parent run id.
     """
+    import mlflow
+
     logger = get_run_logger()
     with runtime.ensure() as rt:
         configure_mlflow(rt.settings)
         with tracked_run("pipeline", stage="pipeline",
-                         params={"stages": ",".join(params.stages), "train_dataset": params.train_dataset,
-                                 "test_dataset": params.test_dataset}) as run:
+                         params={"stages": ",".join(params.stages)}) as run:
             result = PipelineResult(mlflow_run_id=run.info.run_id)
             # Ingest and features get nested MLflow runs with their datasets as inputs, so the
             # pipeline run shows lineage lake -> features -> model in the MLflow UI. Each stage's
@@ -199,6 +232,10 @@ def pipeline(params: PipelineParams) -> PipelineResult:
                 result.ingest = ingest(_with_recent_rows(params))
                 own_flow_run(result.ingest)
                 _log_ingest(result.ingest)
+            if params.train_dataset is None:
+                params = params.model_copy(update={"train_dataset": training_dataset(result.ingest)})
+                logger.info("pipeline: training on %s (the landing's run-to-failure dataset)", params.train_dataset)
+            retry_store(mlflow.log_params, {"train_dataset": params.train_dataset, "test_dataset": params.test_dataset})
             train_snap = resolve_snapshot(result.ingest, params.train_dataset, rt.settings.lake_path,
                                    params.train_version)
             if "features" in params.stages:
@@ -522,6 +559,7 @@ def demo_params(settings: Settings, stages: list[str] | None = None, fleet: str 
             tmp.replace(dst)  # atomic: ingest never sees a half-copied file
     return PipelineParams(
         ingest=IngestParams(landing=str(landing)),
+        train_dataset="train_fd001", test_dataset="test_fd001",
         train=TrainParams(true_rul_path=str(cmapss_path("RUL_FD001.txt.gz")), nan_policy="drop"),
         # The test units are the demo's running fleet; their truth file checks the health flags.
         health=HealthParams(true_rul_path=str(cmapss_path("RUL_FD001.txt.gz"))),

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from twinflow.errors import ConfigError
 from twinflow.flows.features import features
-from twinflow.flows.health import health
+from twinflow.flows.health import health, only_fleet
 from twinflow.flows.ingest import ingest
 from twinflow.flows.pipeline import STAGES, PipelineParams, demo_params, pipeline
 from twinflow.flows.simulate import generate, simulate
@@ -40,6 +40,16 @@ def _latest_features(settings: Settings, dataset: str) -> FeatureSetRef:
         raise ConfigError(f"no feature dataset for {dataset!r} under {root}; run `twinflow run features "
                           f"--param dataset={dataset}` first")
     return FeatureSetRef.model_validate(json.loads(manifests[-1].read_text())["ref"])
+
+
+def _only_feature_set(settings: Settings) -> str:
+    """The features store's only dataset: what ``twinflow run train`` reads when none is named."""
+    root = Path(settings.features_path)
+    sets = sorted(p.name for p in root.iterdir() if any(p.glob("*/_manifest.json"))) if root.is_dir() else []
+    if len(sets) != 1:
+        held = f" (feature sets: {', '.join(sets)})" if sets else " (no feature set yet: run `twinflow run features`)"
+        raise ConfigError(f"train needs a dataset: --param dataset=<name>{held}")
+    return sets[0]
 
 
 def _lake_snapshot(settings: Settings, dataset: str) -> LakeSnapshot:
@@ -104,9 +114,11 @@ def stage_params(stage: str, overrides: dict[str, Any], settings: Settings | Non
             overrides["landing"] = settings.landing_path
         return StageCall(stage, IngestParams.model_validate(overrides))
     if stage in ("features", "train"):
-        dataset = _dataset_arg(overrides.pop("dataset", "train_fd001"))
+        # No dataset: the lake's only fleet (features) or the only feature set (train), found when run.
+        dataset = overrides.pop("dataset", None)
         model = FeatureParams if stage == "features" else TrainParams
-        return StageCall(stage, model.model_validate(overrides), dataset=dataset)
+        return StageCall(stage, model.model_validate(overrides),
+                         dataset=_dataset_arg(dataset) if dataset is not None else None)
     if stage == "health":
         return StageCall(stage, HealthParams.model_validate(overrides), dataset=overrides.get("dataset"))
     if stage == "simulate":
@@ -132,9 +144,10 @@ def run_stage(stage: str, overrides: dict[str, Any] | StageCall, settings: Setti
     if call.stage == "ingest":
         return ingest(call.params)
     if call.stage == "features":
-        return features(_lake_snapshot(settings, call.dataset), call.params)
+        dataset = call.dataset or only_fleet(settings.lake_path, "features", "--param dataset=<name>")
+        return features(_lake_snapshot(settings, dataset), call.params)
     if call.stage == "train":
-        return train(_latest_features(settings, call.dataset), call.params)
+        return train(_latest_features(settings, call.dataset or _only_feature_set(settings)), call.params)
     if call.stage == "health":
         return health(call.params)
     if call.generate:
