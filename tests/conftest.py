@@ -29,6 +29,21 @@ for _key in [k for k in os.environ if k.startswith("TWINFLOW_") or k.startswith(
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """SIGTERM (CI's timeout, ``kill``) unwinds like Ctrl-C, so session fixtures stop their servers.
+
+    Without it the interpreter dies at once and the session's Prefect server and Dask workers outlive it.
+    """
+    import signal
+    import threading
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
 @pytest.fixture(autouse=True)
 def _isolate(tmp_path, monkeypatch):
     """Point the twinflow home and MLflow tracking at ``tmp_path``; fail if a run is left active."""
