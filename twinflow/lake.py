@@ -262,6 +262,42 @@ def publish_meta_file(src: Path, lake_path: str, name: str, storage_options: dic
         fs.put_file(str(src), path)
 
 
+def write_meta_object(lake_path: str, name: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Replace a writer's small bookkeeping object ``<lake>/_<name>`` (a status, a counter) on any lake
+    root: a reader sees the old content or the new, never part of it (a rename on a local lake, one PUT
+    on an object store)."""
+    import os
+
+    if is_local(lake_path):
+        path = meta_path(lake_path, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    uri = meta_uri(lake_path, name)
+    with store_errors(uri, storage_options):
+        fs, path = _fs(uri, storage_options)
+        fs.pipe_file(path, data)
+
+
+def read_meta_object(lake_path: str, name: str, storage_options: dict[str, Any] | None = None) -> bytes | None:
+    """The content of ``<lake>/_<name>`` (:func:`write_meta_object`), or None when there is none."""
+    if is_local(lake_path):
+        path = meta_path(lake_path, name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+    uri = meta_uri(lake_path, name)
+    with store_errors(uri, storage_options):
+        fs, path = _fs(uri, storage_options)
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+
 STAGING = "staging"
 QUARANTINE = "quarantine"
 
