@@ -1834,9 +1834,16 @@ def optimize(lake_path: str, dataset: str, target_size: int | None = None,
              storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compact small files into larger ones (a new version with the same rows).
 
+    A recent-rows table (``<dataset>__recent``) is left as it is (``{}``): each refresh rewrites it whole
+    in one or a few files, and readers find the version built from their telemetry version by its
+    commit metadata, which a compaction commit would not carry (the version they need would then be
+    one vacuum could remove).
+
     Args:
         dataset: A dataset (derived ones too) or a result table as ``_results/<name>``.
     """
+    if dataset.endswith(f"__{RECENT}"):
+        return {}
     dt = _open_kept(lake_path, dataset, None, storage_options)
     if dt is None:
         raise ConfigError(f"dataset {dataset!r} is not in the lake at {lake_path}")

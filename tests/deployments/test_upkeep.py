@@ -108,6 +108,9 @@ def test_upkeep_keeps_what_the_latest_health_run_read_and_wrote(runtime):
 
     report = upkeep(UpkeepParams(retention_hours=0))  # optimize first: new versions, the same pins
     assert report.pinned == dry.pinned and report.optimized[fleet_health]["numFilesRemoved"] == 2
+    # The recent rows are not compacted: their newest version still says which telemetry it was built from.
+    assert report.optimized["pumps__recent"] == {}
+    assert lake.history(root, "pumps__recent", limit=1)[0]["twinflow.telemetry_version"] == "2"
     # What the health run read and wrote is still there to time-travel to ...
     assert lake.read_lake(v1).num_rows == rows_v1
     assert lake.read_recent_table(v1, 20, ["asset_id", "timestamp", "vibration_mm_s"])[0].num_rows > 0
