@@ -135,7 +135,12 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
                       "last_commit": None if stats.last is None else {
                           "seq": stats.last.seq, "version": stats.last.version, "time": stats.last_commit_at},
                       "sources": [_state(k, s) for k, s in sources]}
-            write_status(lake_path, cfg.bridge_id, status, so)
+            if lease is not None and lease.lost is not None:
+                # The status object is the lease holder's now: a bridge that lost the lease says why in
+                # its log and exit, not over its successor's status.
+                log.error("bridge %s: %s; status left to the bridge that holds the lease", cfg.bridge_id, lease.lost)
+            else:
+                write_status(lake_path, cfg.bridge_id, status, so)
             if cfg.emit_events:
                 emit_heartbeat(status)
 
