@@ -1,4 +1,5 @@
-"""Lake upkeep: vacuum removes unreferenced files but keeps the champion's training snapshot readable."""
+"""Lake upkeep: vacuum removes unreferenced files but keeps what the champion was trained on and what the
+latest health run of each fleet read and wrote readable."""
 
 from __future__ import annotations
 
@@ -13,16 +14,18 @@ def _three_versions(root: str) -> None:
         lake.write_lake_table(pa.table({"asset_id": ["1"], "cycle": [i + 1]}), root, "d", "b1")
 
 
-def _champion_trained_on(settings, dataset: str, version: int, tmp_path) -> None:
+def _champion_trained_on(settings, dataset: str, version: int, tmp_path, segments: int | None = None) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from twinflow.deployments.upkeep import DATASET_TAG, VERSION_TAG
+    from twinflow.deployments.upkeep import DATASET_TAG, SEGMENTS_TAG, VERSION_TAG
     from twinflow.tracking import configure_mlflow
 
     configure_mlflow(settings)
     with mlflow.start_run() as run:
         mlflow.set_tags({DATASET_TAG: dataset, VERSION_TAG: str(version)})
+        if segments is not None:
+            mlflow.set_tag(SEGMENTS_TAG, str(segments))
     client = MlflowClient()
     name = settings.mlflow.registered_model
     client.create_registered_model(name)
@@ -39,16 +42,21 @@ def test_upkeep_keeps_the_champions_snapshot_and_vacuums_the_rest(prefect_api, t
     settings = get_settings()
     root = settings.lake_path
     _three_versions(root)
-    _champion_trained_on(settings, "d", 1, tmp_path)
+    for i in range(3):  # the life segments its labels came from, rewritten twice since
+        lake.write_table(root, "d__segments", pa.table({"asset_id": ["1"], "end": [i]}), overwrite=True)
+    _champion_trained_on(settings, "d", 1, tmp_path, segments=0)
     dry = upkeep(UpkeepParams(optimize=False, retention_hours=0, dry_run=True))
-    assert dry.pinned == {"d": [1]} and dry.vacuumed == {"d": 1}
+    assert dry.pinned == {"d": [1], "d__segments": [0]} and dry.vacuumed == {"d": 1, "d__segments": 1}
+    assert lake.read_table(root, "d__segments", version=0).column("end").to_pylist() == [0]
     report = upkeep(UpkeepParams(optimize=False, retention_hours=0))
-    assert report.vacuumed == {"d": 1}
+    assert report.vacuumed == {"d": 1, "d__segments": 1}
+    assert lake.read_table(root, "d__segments", version=0).column("end").to_pylist() == [0]
     pinned = LakeSnapshot(lake_path=root, dataset="d", batch_id="v1", version=1)
     assert lake.read_lake(pinned).column("cycle").to_pylist() == [2]
     assert lake.read_lake(lake.snapshot(root, "d")).column("cycle").to_pylist() == [3]
     # Without the pin, the champion's snapshot goes too.
-    assert upkeep(UpkeepParams(optimize=False, retention_hours=0, protect_champion=False)).vacuumed == {"d": 1}
+    assert upkeep(UpkeepParams(optimize=False, retention_hours=0, protect_champion=False)).vacuumed == \
+        {"d": 1, "d__segments": 1}
 
 
 def _pumps_at_three_versions(root: str):
