@@ -78,9 +78,10 @@ def _probe(path: str, parts: int) -> list[dict]:
 @task(name="lake-probe", **IO_TASK_OPTIONS)
 def _lake_probe(root: str, options: dict, run_id: str) -> str:
     # Written under a temp name and renamed, like every lake write, then read back.
-    import fsspec
+    from twinflow import lake
 
-    fs, base = fsspec.core.url_to_fs(root, **options)
+    # The lake's options are in delta-rs' keys (AWS_*): lake.filesystem translates them for s3fs.
+    fs, base = lake.filesystem(root, options or None)
     folder = f"{base.rstrip('/')}/_healthcheck"
     fs.makedirs(folder, exist_ok=True)
     final = f"{folder}/{run_id}.json"

@@ -25,9 +25,12 @@ from twinflow.tasks.health.params import BANDS
 
 log = logging.getLogger("twinflow.health")
 
-__all__ = ["health", "HealthParams", "HealthResult", "FLEET_HEALTH"]
+__all__ = ["health", "HealthParams", "HealthResult", "FLEET_HEALTH", "HEALTH_READS"]
 
 FLEET_HEALTH = "fleet_health"
+# Commit metadata of each fleet_health write: JSON {table: version} of the lake tables the run read
+# (its snapshot, life segments, recent rows): the lake upkeep keeps those versions readable.
+HEALTH_READS = "twinflow.reads"
 
 
 class HealthResult(BaseModel):
@@ -312,7 +315,8 @@ def health(params: HealthParams | None = None, snapshot: LakeSnapshot | None = N
             table["mlflow_run_id"] = run_id
             version = lake.write_results(settings.lake_path, FLEET_HEALTH, pa.Table.from_pandas(table, preserve_index=False),
                                          key_column="run_key", key=run_key,
-                                         metadata={"twinflow.dataset": params.dataset, "twinflow.mlflow_run": run_id})
+                                         metadata={"twinflow.dataset": params.dataset, "twinflow.mlflow_run": run_id,
+                                                   HEALTH_READS: json.dumps(lake.snapshot_reads(snap))})
             metrics: dict[str, float] = {"assets": len(table), "skipped": float((table.status == "skipped").sum()),
                                          "partial": float((table.status == "partial").sum()),
                                          "announced": float(fire.sum()), "fleet_health_version": float(version),

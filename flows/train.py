@@ -160,6 +160,8 @@ def train(features: FeatureSetRef, params: TrainParams | None = None,
             if snap.version is not None:
                 # The lake upkeep keeps this table version's files while this model is champion.
                 mlflow.set_tags({"twinflow.lake.dataset": snap.dataset, "twinflow.lake.version": str(snap.version)})
+                if snap.segments is not None:  # its labels' life segments (health reads them too)
+                    mlflow.set_tag("twinflow.lake.segments", str(snap.segments))
             lineage = {"features": features.model_dump(mode="json"), "feature_digest": digest}
             if test_features is not None:
                 tdigest = test_features.params_digest or feature_digest(test_features)

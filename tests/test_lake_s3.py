@@ -169,3 +169,41 @@ def test_result_tables_on_s3(s3):
     assert again == v0 + 1
     got = lake.read_results(root, "fleet_health", storage_options=so)
     assert got.num_rows == 2 and sorted(got.column("asset_id").to_pylist()) == ["p1", "p2"]
+
+
+def test_upkeep_on_s3_keeps_the_snapshot_the_latest_health_run_read(s3, prefect_api, monkeypatch):
+    """The lake-upkeep flow on an s3:// lake (configured through the environment, as a deployment is):
+    result tables are listed and vacuumed there, and the versions that the latest health run of each
+    fleet wrote and read (its commit's ``twinflow.reads``) survive the vacuum."""
+    import json
+
+    from twinflow.deployments.upkeep import UpkeepParams, upkeep
+    from twinflow.flows.health import FLEET_HEALTH, HEALTH_READS
+    from twinflow.refs import LakeSnapshot
+
+    pumps, so, root = load_contract("pumps"), s3.options(), s3.url("lake-upkeep")
+    monkeypatch.setenv("TWINFLOW_LAKE__LAKE", root)
+    monkeypatch.setenv("TWINFLOW_LAKE__STORAGE_OPTIONS", json.dumps(so))
+    for n in (3, 4, 5):  # versions 0-2 of one batch: each replaces the last one's file
+        lake.write_lake_table(pump_rows("p1", n=n), root, "pumps", "b1", storage_options=so, contract=pumps)
+    v1 = LakeSnapshot(lake_path=root, dataset="pumps", batch_id="v1", version=1)
+    reads = lake.snapshot_reads(v1, so)
+    assert reads == {"pumps": 1}  # no segments or recent rows in this lake
+    scores = pa.table({"dataset": ["pumps"], "dataset_version": [1], "run_key": ["pumps@v1"]})
+    for _ in range(2):  # a health run and its re-run (the first write's file becomes unreferenced)
+        written = lake.write_results(root, FLEET_HEALTH, scores, key_column="run_key", key="pumps@v1",
+                                     metadata={"twinflow.dataset": "pumps", HEALTH_READS: json.dumps(reads)},
+                                     storage_options=so)
+    fleet_health = lake.result_table(FLEET_HEALTH)
+    assert lake.result_tables(root, so) == [fleet_health]
+
+    report = upkeep(UpkeepParams(optimize=False, retention_hours=0))
+    assert report.pinned == {fleet_health: [written], "pumps": [1]}
+    # v0's telemetry file and the replaced fleet_health file go; v1's is pinned, v2's current.
+    assert report.vacuumed == {"pumps": 1, fleet_health: 1}
+    assert lake.read_lake(v1, storage_options=so).num_rows == 4
+    assert lake.read_results(root, FLEET_HEALTH, version=written, storage_options=so).num_rows == 1
+    # Unpinned, the scored snapshot's file goes too.
+    assert upkeep(UpkeepParams(optimize=False, retention_hours=0, protect_health=False)).vacuumed["pumps"] == 1
+    with pytest.raises(Exception):
+        lake.read_lake(v1, storage_options=so)

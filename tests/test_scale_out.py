@@ -4,10 +4,13 @@ A ``prefect server start`` process on PostgreSQL (the SQLite server answers "dat
 concurrent task runs, PrefectHQ/prefect#18934), a ``dask scheduler`` with two ``dask worker``
 processes, and an ``mlflow server`` whose backend store is PostgreSQL (another database of the same
 local cluster) and whose artifacts go to S3-compatible object storage (a SeaweedFS gateway on
-loopback). twinflow runs in its own process configured only through the environment, the way an
-operator configures it (``PREFECT_API_URL``, ``TWINFLOW_DASK__MODE=address``,
-``TWINFLOW_MLFLOW__TRACKING_URI=http://…``); results are then checked through each server's API, the
-databases and the bucket.
+loopback). The lake is on that store too (``s3://twinflow/lake``): nothing of the data is on a disk
+that only one host sees. twinflow runs in its own process configured only through the environment, the
+way an operator configures it (``PREFECT_API_URL``, ``TWINFLOW_DASK__MODE=address``,
+``TWINFLOW_MLFLOW__TRACKING_URI=http://…``, ``TWINFLOW_LAKE__LAKE`` with the store's endpoint and keys
+in ``TWINFLOW_LAKE__STORAGE_OPTIONS`` / ``TWINFLOW_LAKE__SECRET_OPTIONS``); the Dask workers get the same
+lake settings in their environment, as deployments/README.md's recipe says, and nothing else of
+twinflow's. Results are then checked through each server's API, the databases and the bucket.
 
 It runs the ``healthcheck`` flow (Dask tasks on the external workers, which have no Prefect or MLflow
 settings; Prefect task runs in the flow's process; logging to MLflow)
@@ -147,6 +150,7 @@ class ScaleOut:
         self.client = None
         self.env: dict[str, str] = {}
         self.s3 = None
+        self.home: Path | None = None
 
     def run(self, script: str, timeout: float = 300) -> dict:
         """Run a twinflow script in its own process against the services; return its RESULT json."""
@@ -213,10 +217,15 @@ def scale_out(postgres_url, tmp_path_factory):
             "mlflow", [str(bindir / "mlflow"), "server", "--backend-store-uri", postgres_url,
                        "--artifacts-destination", so.s3.url("mlartifacts"), "--host", "127.0.0.1",
                        "--port", str(mlflow_port), "--workers", "1"], mlflow_env)
-        # What README says workers need: twinflow installed and the lake reachable. No Prefect API
-        # and no MLflow URI: stage tasks run in the flow's process and hand the workers plain Dask
-        # tasks (trial runs get the tracking target with their arguments).
-        worker_env = {**base_env, "TWINFLOW_HOME": str(home)}
+        # What README says workers need: twinflow installed and the lake reachable (its settings, keys
+        # included, from the environment). No Prefect API and no MLflow URI: stage tasks run in the
+        # flow's process and hand the workers plain Dask tasks (trial runs get the tracking target
+        # with their arguments).
+        secret = {k: s3[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        lake_env = {"TWINFLOW_LAKE__LAKE": so.s3.url("lake"),
+                    "TWINFLOW_LAKE__STORAGE_OPTIONS": json.dumps({k: v for k, v in s3.items() if k not in secret}),
+                    "TWINFLOW_LAKE__SECRET_OPTIONS": json.dumps(secret)}
+        worker_env = {**base_env, "TWINFLOW_HOME": str(home), **lake_env}
         so.address, _ = start_dask(so.procs, scheduler_file, base_env, worker_env)
         so.client = stack.enter_context(Client(so.address, timeout=30))
         so.client.wait_for_workers(2, timeout=90)
@@ -225,7 +234,9 @@ def scale_out(postgres_url, tmp_path_factory):
         so.env = {**base_env, "PREFECT_API_URL": so.prefect_url, "PREFECT_HOME": str(tmp / "prefect-client"),
                   "PREFECT_LOGGING_LEVEL": "WARNING", "TWINFLOW_HOME": str(home),
                   "TWINFLOW_DASK__MODE": "address", "TWINFLOW_DASK__ADDRESS": so.address,
-                  "TWINFLOW_MLFLOW__TRACKING_URI": so.mlflow_url, "MLFLOW_TRACKING_URI": so.mlflow_url}
+                  "TWINFLOW_MLFLOW__TRACKING_URI": so.mlflow_url, "MLFLOW_TRACKING_URI": so.mlflow_url,
+                  **lake_env}
+        so.home = home
         yield so
 
 
@@ -248,6 +259,8 @@ def test_flow_on_separate_prefect_dask_and_mlflow_postgres(scale_out):
     assert any("probe" in p for p in prefixes), prefixes
     frame = pd.read_csv(cmapss_path("train_FD001.txt.gz"), sep=r"\s+", header=None, usecols=[0])
     assert report["rows"] == len(frame) and report["units"] == frame[0].nunique()
+    # The lake probe went to the lake on the store.
+    assert report["lake_probe"].startswith(f"{so.s3.bucket}/lake/_healthcheck/"), report["lake_probe"]
 
     # Prefect: the flow run and its task runs (in the flow's process) completed on that server.
     flow_run_id = report["prefect_flow_run_id"]
@@ -308,3 +321,17 @@ def test_pipeline_on_separate_prefect_dask_and_mlflow_postgres(scale_out):
 
     stored = s3_filesystem(so.s3).find(so.s3.url("mlartifacts").removeprefix("s3://"))
     assert any(f"/{result['train']['run_id']}/" in p for p in stored), stored[:20]
+
+    # The lake is on the store: every row of train_FD001 in its table or its quarantine, ingest's
+    # ledger and lease beside them, no staging left over, and no lake or quarantine on the local disk.
+    from twinflow import lake as lk
+
+    opts, lake_url = so.s3.options(), so.s3.url("lake")
+    snap = lk.latest_snapshot(lake_url, "train_fd001", opts)
+    assert snap is not None and snap.version is not None
+    quarantined = lk.read_quarantine(lk.default_quarantine(lake_url), "train_fd001", opts).num_rows
+    assert lk.read_lake(snap, storage_options=opts).num_rows + quarantined == 20631
+    top = {p.rsplit("/", 1)[-1] for p in s3_filesystem(so.s3).ls(f"{so.s3.bucket}/lake", refresh=True)}
+    assert {"_ledger.sqlite", "_ingest.lock", "train_fd001"} <= top, top
+    assert lk.find_objects(lk.meta_uri(lake_url, "staging"), "**", opts) == []
+    assert not (so.home / "lake").exists() and not (so.home / "quarantine").exists()

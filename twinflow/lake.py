@@ -262,6 +262,42 @@ def publish_meta_file(src: Path, lake_path: str, name: str, storage_options: dic
         fs.put_file(str(src), path)
 
 
+def write_meta_object(lake_path: str, name: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Replace a writer's small bookkeeping object ``<lake>/_<name>`` (a status, a counter) on any lake
+    root: a reader sees the old content or the new, never part of it (a rename on a local lake, one PUT
+    on an object store)."""
+    import os
+
+    if is_local(lake_path):
+        path = meta_path(lake_path, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    uri = meta_uri(lake_path, name)
+    with store_errors(uri, storage_options):
+        fs, path = _fs(uri, storage_options)
+        fs.pipe_file(path, data)
+
+
+def read_meta_object(lake_path: str, name: str, storage_options: dict[str, Any] | None = None) -> bytes | None:
+    """The content of ``<lake>/_<name>`` (:func:`write_meta_object`), or None when there is none."""
+    if is_local(lake_path):
+        path = meta_path(lake_path, name)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+    uri = meta_uri(lake_path, name)
+    with store_errors(uri, storage_options):
+        fs, path = _fs(uri, storage_options)
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+
 STAGING = "staging"
 QUARANTINE = "quarantine"
 
@@ -1647,6 +1683,11 @@ def _in_asset_time_order(table: pa.Table, key: str) -> bool:
     return bool(pc.all(ok).as_py())
 
 
+def _recent_built_from(commits: Sequence[dict[str, Any]], telemetry_version: int | None) -> dict[str, Any] | None:
+    """The newest of the recent table's ``commits`` built from ``telemetry_version`` (None: none is)."""
+    return next((c for c in commits if str(c.get(_R_TELEMETRY)) == str(telemetry_version)), None)
+
+
 def read_recent_table(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = None,
                       storage_options: dict[str, Any] | None = None) -> tuple[pa.Table, pa.Table]:
     """:func:`read_recent` answered from ``<dataset>__recent``: the same two tables, from one or a few files.
@@ -1666,7 +1707,7 @@ def read_recent_table(snapshot: LakeSnapshot, rows: int, columns: list[str] | No
         raise RecentUnavailable(f"{name} does not exist (ingest builds it)")
     want = snapshot.version if snapshot.version is not None else version(snapshot.lake_path, snapshot.dataset, so)
     commits = dt.history(limit=_RECENT_HISTORY)
-    found = next((c for c in commits if str(c.get(_R_TELEMETRY)) == str(want)), None)
+    found = _recent_built_from(commits, want)
     if found is None:
         newest = commits[0].get(_R_TELEMETRY) if commits else None
         raise RecentUnavailable(f"{name} is stale: built from telemetry version {newest}, the snapshot is "
@@ -1715,12 +1756,95 @@ def read_recent_table(snapshot: LakeSnapshot, rows: int, columns: list[str] | No
 
 
 # --- Maintenance --------------------------------------------------------------------------------
+# Upkeep names the tables it keeps as a dataset (``<lake>/<name>``, derived tables included) or a
+# result table as ``_results/<name>`` (:func:`result_table`).
+
+
+def snapshot_reads(snapshot: LakeSnapshot, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """The table versions that reading ``snapshot`` may touch, ``{table: version}``: what a pinned
+    snapshot must keep through :func:`vacuum`.
+
+    The dataset at the snapshot's version; its life segments at the snapshot's segments version (the
+    latest when it names none: what a reader of it gets now); the recent-rows table's version built
+    from that telemetry version, when one is (:func:`read_recent_table` reads it).
+    """
+    so = storage_options
+    v = snapshot.version if snapshot.version is not None else version(snapshot.lake_path, snapshot.dataset, so)
+    if v is None:
+        return {}
+    reads = {snapshot.dataset: int(v)}
+    segments = derived_name(snapshot.dataset, "segments")
+    seg = snapshot.segments if snapshot.segments is not None else version(snapshot.lake_path, segments, so)
+    if seg is not None:
+        reads[segments] = int(seg)
+    recent = derived_name(snapshot.dataset, RECENT)
+    dt = open_table(snapshot.lake_path, recent, storage_options=so, migrate=False)
+    found = None if dt is None else _recent_built_from(dt.history(limit=_RECENT_HISTORY), v)
+    if found is not None:
+        reads[recent] = int(found["version"])
+    return reads
+
+
+def result_table(name: str) -> str:
+    """How :func:`optimize`, :func:`vacuum` and upkeep name the result table ``name``: ``_results/<name>``."""
+    results_uri("", name)  # checks the name
+    return f"{RESULTS_DIR}/{name}"
+
+
+def result_tables(lake_path: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """The lake's result tables, as :func:`result_table` names them (``_results/fleet_health``, ...)."""
+    base = f"{lake_path.rstrip('/')}/{RESULTS_DIR}"
+    if is_local(lake_path):
+        root = local_path(lake_path) / RESULTS_DIR
+        names = [p.name for p in root.iterdir() if (p / "_delta_log").is_dir()] if root.is_dir() else []
+    else:
+        with store_errors(base, storage_options):
+            fs, root_path = _fs(base, storage_options)
+            try:
+                tops = fs.ls(root_path.rstrip("/"), detail=True, refresh=True)
+            except FileNotFoundError:
+                tops = []
+            names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in tops if e.get("type") == "directory"]
+            names = [n for n in names if fs.exists(f"{root_path.rstrip('/')}/{n}/_delta_log")]
+    return [result_table(n) for n in sorted(names)]
+
+
+def result_history(lake_path: str, name: str, limit: int | None = None,
+                   storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A result table's commits, newest first (version, timestamp, operation, custom metadata)."""
+    dt = _open_kept(lake_path, result_table(name), None, storage_options)
+    return [] if dt is None else dt.history(limit)
+
+
+def _open_kept(lake_path: str, table: str, version: int | None,
+               storage_options: dict[str, Any] | None) -> "DeltaTable | None":
+    """A dataset's table, or a result table named ``_results/<name>``, at ``version`` (None: no table)."""
+    from deltalake import DeltaTable
+
+    if not table.startswith(f"{RESULTS_DIR}/"):
+        return open_table(lake_path, table, version=version, storage_options=storage_options)
+    uri = results_uri(lake_path, table[len(RESULTS_DIR) + 1:])
+    if not _exists(uri, storage_options):
+        return None
+    with store_errors(uri, storage_options):
+        return DeltaTable(uri, version=version, storage_options=_options(storage_options, uri))
 
 
 def optimize(lake_path: str, dataset: str, target_size: int | None = None,
              storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Compact small files into larger ones (a new version with the same rows)."""
-    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    """Compact small files into larger ones (a new version with the same rows).
+
+    A recent-rows table (``<dataset>__recent``) is left as it is (``{}``): each refresh rewrites it whole
+    in one or a few files, and readers find the version built from their telemetry version by its
+    commit metadata, which a compaction commit would not carry (the version they need would then be
+    one vacuum could remove).
+
+    Args:
+        dataset: A dataset (derived ones too) or a result table as ``_results/<name>``.
+    """
+    if dataset.endswith(f"__{RECENT}"):
+        return {}
+    dt = _open_kept(lake_path, dataset, None, storage_options)
     if dt is None:
         raise ConfigError(f"dataset {dataset!r} is not in the lake at {lake_path}")
     return dt.optimize.compact(target_size=target_size)
@@ -1734,10 +1858,13 @@ def vacuum(lake_path: str, dataset: str, retention_hours: int = 168, dry_run: bo
     Delta's own vacuum cannot spare an old version's files, so the candidates come from its dry run and
     the deletion is done here, leaving out every file a pinned version references.
 
+    Args:
+        dataset: A dataset (derived ones too) or a result table as ``_results/<name>``.
+
     Returns:
         The files removed (or that would be, with ``dry_run``), relative to the table.
     """
-    dt = open_table(lake_path, dataset, storage_options=storage_options)
+    dt = _open_kept(lake_path, dataset, None, storage_options)
     if dt is None:
         return []
     # Delta's dry run lists the log's tombstones, including files a pinned run already spared or that
@@ -1751,7 +1878,7 @@ def vacuum(lake_path: str, dataset: str, retention_hours: int = 168, dry_run: bo
     for v in sorted(set(keep_versions)):
         if v > dt.version():
             continue
-        old = open_table(lake_path, dataset, version=v, storage_options=storage_options)
+        old = _open_kept(lake_path, dataset, v, storage_options)
         local_root = root.removeprefix("file://")
         pinned |= {unquote(u).removeprefix("file://").removeprefix(local_root).lstrip("/") for u in old.file_uris()}
     doomed = [unquote(c) for c in tombstones if unquote(c) in present and unquote(c) not in pinned]

@@ -285,8 +285,15 @@ class Committer:
         self.quarantine_writes += 1
         name = (f"stream-{self.bridge_id}-{self.seq:012d}-{self._run_token}-{self.quarantine_writes:06d}-"
                 f"{_digest(q)}.parquet")
-        path = Path(lk.local_path(self.quarantine_path)) / "rows" / f"dataset={self.dataset}" / name
-        atomic_write_table(q, path)
+        rel = f"rows/dataset={self.dataset}/{name}"
+        if lk.is_local(self.quarantine_path):
+            atomic_write_table(q, Path(lk.local_path(self.quarantine_path)) / rel)
+        else:  # an object-store quarantine (an s3:// lake's default): one PUT, whole or absent
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="twinflow-bridge-q-") as tmp:
+                atomic_write_table(q, Path(tmp) / name)
+                lk.put_object(Path(tmp) / name, f"{self.quarantine_path.rstrip('/')}/{rel}", self.storage_options)
         log.warning("bridge %s batch %d: %d quarantined (%s)", self.bridge_id, self.seq, n, items[0][2][:200])
         return n
 

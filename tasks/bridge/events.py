@@ -11,8 +11,9 @@ committer writes is a new (asset, cycle) key: redeliveries are dropped before th
 the event, with the counts and the table version, when the rule holds; then the counts start again
 from zero. ``deployments/triggers.py`` turns that event into a features+train run.
 
-The counts are kept in ``<lake>/_bridge-<id>-ready.json`` together with the table version they
-include. Each commit also records its per-asset rows in the Delta commit metadata
+The counts are kept in ``<lake>/_bridge-<id>-ready.json`` (a file beside a local lake's tables, an
+object under an ``s3://`` lake's prefix, where a bridge restarted on another host finds them) together
+with the table version they include. Each commit also records its per-asset rows in the Delta commit metadata
 (``twinflow.assets``), so a bridge that crashed after a commit but before saving its counts adds the
 commits it missed from the table history when it starts again: the counts are exact across restarts.
 A crash between emitting ``data.ready`` and saving the reset counts emits the event again after the
@@ -23,12 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from twinflow import events as ev
 from twinflow import lake as lk
+from twinflow.errors import TwinflowError
 from twinflow.tasks.bridge.commit import BatchResult
 
 log = logging.getLogger("twinflow.bridge")
@@ -59,28 +60,35 @@ def emit_batch(res: BatchResult, dataset: str, bridge_id: str) -> Any:
     return ev.emit(**batch_event(res, dataset, bridge_id))
 
 
+def _status_name(bridge_id: str) -> str:
+    return f"bridge-{bridge_id}-status.json"
+
+
+def _ready_name(bridge_id: str) -> str:
+    return f"bridge-{bridge_id}-ready.json"
+
+
 def status_path(lake_path: str, bridge_id: str) -> Path:
-    """Where a running bridge writes its state every heartbeat (read by ``twinflow stream status``)."""
-    return lk.meta_path(lake_path, f"bridge-{bridge_id}-status.json")
+    """Where a running bridge writes its state every heartbeat on a local lake (read by ``twinflow stream
+    status``); on an object store it is the object of the same name under the lake's prefix."""
+    return lk.meta_path(lake_path, _status_name(bridge_id))
 
 
-def write_status(lake_path: str, bridge_id: str, status: dict[str, Any]) -> None:
-    """Replace the bridge's status file atomically (a reader never sees half of it)."""
-    path = status_path(lake_path, bridge_id)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def write_status(lake_path: str, bridge_id: str, status: dict[str, Any],
+                 storage_options: dict[str, Any] | None = None) -> None:
+    """Replace the bridge's status atomically (a reader never sees half of it), beside the lake's tables:
+    every host that can reach the lake reads it."""
     try:
-        tmp.write_text(json.dumps(status, default=str, indent=1))
-        os.replace(tmp, path)
-    except OSError as exc:  # the status is for people; it must not stop the stream
+        lk.write_meta_object(lake_path, _status_name(bridge_id), json.dumps(status, default=str, indent=1).encode(),
+                             storage_options)
+    except (OSError, TwinflowError) as exc:  # the status is for people; it must not stop the stream
         log.warning("bridge %s: status not written (%s)", bridge_id, exc)
 
 
-def read_status(lake_path: str, bridge_id: str) -> dict[str, Any] | None:
+def read_status(lake_path: str, bridge_id: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The bridge's last status (None: it never ran on this lake)."""
-    path = status_path(lake_path, bridge_id)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+    data = lk.read_meta_object(lake_path, _status_name(bridge_id), storage_options)
+    return None if data is None else json.loads(data)
 
 
 def emit_heartbeat(status: dict[str, Any]) -> Any:
@@ -91,8 +99,9 @@ def emit_heartbeat(status: dict[str, Any]) -> Any:
 
 
 def ready_state_path(lake_path: str, bridge_id: str) -> Path:
-    """Where a bridge keeps its new-cycle counts (beside the lake's tables)."""
-    return lk.meta_path(lake_path, f"bridge-{bridge_id}-ready.json")
+    """Where a bridge keeps its new-cycle counts beside a local lake's tables (on an object store: the
+    object of the same name under the lake's prefix)."""
+    return lk.meta_path(lake_path, _ready_name(bridge_id))
 
 
 class ReadyTracker:
@@ -105,13 +114,14 @@ class ReadyTracker:
         min_cycles: N: new cycles an asset needs to count as ready.
         min_assets: M: ready assets needed for the event.
         emit: Emit events (off: only count, e.g. ``emit_events: false``).
+        storage_options: The lake's object-store options (None: the settings').
     """
 
     def __init__(self, lake_path: str, dataset: str, bridge_id: str, min_cycles: int, min_assets: int,
-                 emit: bool = True) -> None:
+                 emit: bool = True, storage_options: dict[str, Any] | None = None) -> None:
         self.lake_path, self.dataset, self.bridge_id = lake_path, dataset, bridge_id
         self.min_cycles, self.min_assets, self.emit = min_cycles, min_assets, emit
-        self.path = ready_state_path(lake_path, bridge_id)
+        self.storage_options = storage_options
         self.counts: dict[str, int] = {}
         self.version: int | None = None  # the newest table version the counts include
         self.events: list[dict[str, Any]] = []  # payloads emitted by this tracker (tests, logs)
@@ -119,28 +129,28 @@ class ReadyTracker:
         self._catch_up()
 
     def _load(self) -> None:
-        try:
-            state = json.loads(self.path.read_text())
-        except FileNotFoundError:
+        data = lk.read_meta_object(self.lake_path, _ready_name(self.bridge_id), self.storage_options)
+        if data is None:
             # First start: count from the table as it is now (older rows are not "new").
-            self.version = lk.version(self.lake_path, self.dataset)
+            self.version = lk.version(self.lake_path, self.dataset, self.storage_options)
             return
+        state = json.loads(data)
         if state.get("dataset") != self.dataset:
             log.warning("bridge %s: ready counts of dataset %r ignored (now %r)", self.bridge_id,
                         state.get("dataset"), self.dataset)
-            self.version = lk.version(self.lake_path, self.dataset)
+            self.version = lk.version(self.lake_path, self.dataset, self.storage_options)
             return
         self.counts = {str(k): int(v) for k, v in state.get("counts", {}).items()}
         self.version = state.get("version")
 
     def _catch_up(self) -> None:
         """Add this bridge's commits newer than the saved counts (a crash before they were saved)."""
-        latest = lk.version(self.lake_path, self.dataset)
+        latest = lk.version(self.lake_path, self.dataset, self.storage_options)
         if latest is None or (self.version is not None and latest <= self.version):
             return
         missed = latest - (self.version if self.version is not None else -1)
         added, last = 0, None
-        for c in lk.history(self.lake_path, self.dataset, limit=missed):
+        for c in lk.history(self.lake_path, self.dataset, limit=missed, storage_options=self.storage_options):
             v = c.get("version")
             if v is None or (self.version is not None and v <= self.version):
                 continue
@@ -160,11 +170,10 @@ class ReadyTracker:
             self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({"dataset": self.dataset, "version": self.version, "counts": self.counts,
-                                   "min_cycles": self.min_cycles, "min_assets": self.min_assets}))
-        os.replace(tmp, self.path)  # a crash leaves the old counts or the new ones, never half
+        # A crash leaves the old counts or the new ones, never half.
+        lk.write_meta_object(self.lake_path, _ready_name(self.bridge_id), json.dumps(
+            {"dataset": self.dataset, "version": self.version, "counts": self.counts,
+             "min_cycles": self.min_cycles, "min_assets": self.min_assets}).encode(), self.storage_options)
 
     def ready(self) -> dict[str, int]:
         """The assets with at least N new cycles, and their counts."""

@@ -2,8 +2,11 @@
 
 ``twinflow stream run --config bridge.yaml`` runs :func:`run_bridge` until SIGTERM/SIGINT (it then
 commits what is buffered and disconnects); :func:`twinflow.flows.stream.stream_bridge_flow` is the same
-as a Prefect flow, served as a long-running deployment by ``twinflow stream serve``. One bridge id runs at a time per lake (a lock beside the
-tables), since its commits' transaction sequence is its own.
+as a Prefect flow, served as a long-running deployment by ``twinflow stream serve``. One bridge id runs
+at a time per lake, since its commits' transaction sequence is its own: a lock file beside a local
+lake's tables, or on an ``s3://`` lake the same writer lease as ingest's (:func:`twinflow.lake.writer_lease`:
+generation objects under ``<lake>/_bridge-<id>.lock/``, taken by a conditional put), so two bridges on
+two hosts see each other. The status and the ready counts live beside the tables in the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from typing import Any, Callable
 
 from twinflow import lake as lk
 from twinflow.errors import TwinflowError
-from twinflow.locks import hold
 from twinflow.tasks.bridge.buffer import Buffer
 from twinflow.tasks.bridge.commit import BatchResult, Committer
 from twinflow.tasks.bridge.config import BridgeConfig
@@ -76,35 +78,43 @@ def _dead(source: Any) -> str | None:
 
 def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: threading.Event | None = None,
                on_batch: Callable[[BatchResult], None] | None = None, max_seconds: float | None = None,
-               on_start: Callable[[list[Any]], None] | None = None) -> BridgeStats:
+               on_start: Callable[[list[Any]], None] | None = None,
+               storage_options: dict[str, Any] | None = None) -> BridgeStats:
     """Run the bridge until ``stop`` is set (or ``max_seconds`` pass).
 
     Args:
         cfg: The bridge configuration.
-        lake_path: Lake root (local).
+        lake_path: Lake root (a local folder or an object-store URL).
         quarantine_path: Quarantine root.
         stop: Set it to stop; the buffered messages are committed first.
         on_batch: Called after each committed batch (tests, benchmark).
         max_seconds: Stop after this long (None: run until ``stop``).
         on_start: Called with the started sources (tests).
+        storage_options: The lake's object-store options (None: the settings').
 
     Returns:
         The run's totals.
 
     Raises:
         SourceDied: a source's thread ended (with ``source_failure: exit``, or after the restarts).
+        AlreadyRunning: a bridge with this id runs on this lake already (on any host, for an object store).
+        LeaseLost: on an object store, another bridge took the lease over (this one was stalled past
+            its expiry); nothing more is committed.
     """
+    so = storage_options
     stop = stop or threading.Event()
-    lk.local_path(lake_path).mkdir(parents=True, exist_ok=True)
+    if lk.is_local(lake_path):
+        lk.local_path(lake_path).mkdir(parents=True, exist_ok=True)
     stats = BridgeStats()
     contract = cfg.fleet_contract()
     decoder = Decoder(contract, cfg.limits)
-    with hold(lk.meta_path(lake_path, f"bridge-{cfg.bridge_id}.lock"), timeout_s=0,
-              what=f"stream bridge {cfg.bridge_id!r} on this lake"):
+    with lk.writer_lease(lake_path, f"bridge-{cfg.bridge_id}.lock", timeout_s=0, storage_options=so,
+                         what=f"stream bridge {cfg.bridge_id!r} on the lake {lake_path}") as lease:
         committer = Committer(lake_path, quarantine_path, cfg.dataset, cfg.bridge_id, cfg.app_id,
-                              compact_every=cfg.compact_every, compact_files=cfg.compact_files, decoder=decoder)
+                              compact_every=cfg.compact_every, compact_files=cfg.compact_files, decoder=decoder,
+                              storage_options=so)
         ready = ReadyTracker(lake_path, cfg.dataset, cfg.bridge_id, cfg.ready_min_cycles, cfg.ready_min_assets,
-                             emit=True) if cfg.emit_events else None
+                             emit=True, storage_options=so) if cfg.emit_events else None
         stats.ready = ready
         buffer = Buffer(cfg.max_buffer_rows)
         sources = _sources(cfg, buffer, lake_path, decoder)
@@ -125,7 +135,12 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
                       "last_commit": None if stats.last is None else {
                           "seq": stats.last.seq, "version": stats.last.version, "time": stats.last_commit_at},
                       "sources": [_state(k, s) for k, s in sources]}
-            write_status(lake_path, cfg.bridge_id, status)
+            if lease is not None and lease.lost is not None:
+                # The status object is the lease holder's now: a bridge that lost the lease says why in
+                # its log and exit, not over its successor's status.
+                log.error("bridge %s: %s; status left to the bridge that holds the lease", cfg.bridge_id, lease.lost)
+            else:
+                write_status(lake_path, cfg.bridge_id, status, so)
             if cfg.emit_events:
                 emit_heartbeat(status)
 
@@ -164,6 +179,8 @@ def run_bridge(cfg: BridgeConfig, lake_path: str, quarantine_path: str, stop: th
                     beat("running")
                 batch = buffer.take(cfg.batch_rows, 0.0 if done else min(cfg.flush_interval_s, cfg.heartbeat_s))
                 if batch:
+                    if lease is not None:
+                        lease.check()  # a bridge that lost its lease must not commit beside its successor
                     res = committer.commit(batch)
                     stats.batches += 1
                     stats.messages += res.messages

@@ -72,3 +72,86 @@ def test_a_block_reaches_a_real_s3_lake(prefect_api, tmp_path):
         assert lake.read_lake(snap, storage_options=so).num_rows == 2
     finally:
         store.stop()
+
+
+class _CountingProxy:
+    """A reverse proxy in front of the real Prefect server that records every request it forwards."""
+
+    def __init__(self, api_url: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import httpx
+
+        origin = api_url.split("/api", 1)[0]
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else None
+                outer.requests.append(f"{self.command} {self.path}")
+                skip = {"host", "content-length", "connection", "accept-encoding"}
+                r = httpx.request(self.command, origin + self.path, content=body, timeout=30,
+                                  headers={k: v for k, v in self.headers.items() if k.lower() not in skip})
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/api"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_blocks_options_are_read_once_per_process_until_the_block_is_saved_again(prefect_api, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from twinflow.blocks.storage import forget_cached_options
+
+    proxy = _CountingProxy(prefect_api)
+    name = f"cached-{os.urandom(3).hex()}"
+    monkeypatch.setenv("PREFECT_API_URL", proxy.url)
+    monkeypatch.setenv("TWINFLOW_LAKE__CREDENTIALS", f"block:{name}")
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: proxy.url}):
+            register_block_types()
+            S3CredentialsBlock(access_key_id="AKIA-one", secret_access_key=SECRET).save(name)
+            forget_cached_options()
+            before = len(proxy.requests)
+            assert Settings().lake.fsspec_options()["AWS_ACCESS_KEY_ID"] == "AKIA-one"
+            first = proxy.requests[before:]
+            assert any(name in r for r in first), first  # the first call reads the block from the API
+            for _ in range(3):  # every later call (settings built again each time) is answered here
+                options = Settings().lake.fsspec_options()
+            assert proxy.requests[before + len(first):] == []
+            options["AWS_ACCESS_KEY_ID"] = "changed by a caller"
+            assert Settings().lake.fsspec_options()["AWS_ACCESS_KEY_ID"] == "AKIA-one"
+            # Saving the block from this process forgets the cached copy: the next call reads the new keys.
+            S3CredentialsBlock(access_key_id="AKIA-two", secret_access_key=SECRET).save(name, overwrite=True)
+            after_save = len(proxy.requests)
+            assert Settings().lake.fsspec_options()["AWS_ACCESS_KEY_ID"] == "AKIA-two"
+            assert any(name in r for r in proxy.requests[after_save:])
+            # An unknown block is not remembered as anything: each call asks again and fails clearly.
+            monkeypatch.setenv("TWINFLOW_LAKE__CREDENTIALS", f"block:nope-{name}")
+            for _ in range(2):
+                with pytest.raises(ConfigError, match="unknown twinflow-s3-credentials block"):
+                    Settings().lake.fsspec_options()
+    finally:
+        proxy.close()
+        forget_cached_options()

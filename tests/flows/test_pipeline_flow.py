@@ -89,8 +89,9 @@ def test_pipeline_runs_every_stage_and_reruns_incrementally(runtime):
     trained = client.get_run(first.train.run_id).data.tags  # what the lake upkeep pins for the champion
     assert trained["twinflow.lake.dataset"] == "train_fd001"
     assert trained["twinflow.lake.version"] == str(first.features.snapshot.version)
-    # The training snapshot names its life segments: run-to-failure files end in failures.
+    # The training snapshot names its life segments: run-to-failure files end in failures; upkeep pins them too.
     assert first.features.snapshot.segments is not None
+    assert trained["twinflow.lake.segments"] == str(first.features.snapshot.segments)
     sim = client.get_run(first.simulate.run_id)
     assert [d.dataset.name for d in sim.inputs.dataset_inputs] == ["lake/train_fd001"]
     assert sim.data.tags["twinflow.model_uri"] == "models:/twinflow-rul/1" or \
