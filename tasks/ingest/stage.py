@@ -97,9 +97,11 @@ def staged_asset_path(folder: Path, asset: str, fid: str) -> Path:
     """Where a source's staged rows of one asset live until the commit moves them into the table.
 
     The file is already a data file of the lake's table (:func:`twinflow.lake.write_data_file`: no asset
-    column; the folder, named like the table's partition folder, says the asset).
+    column; its name, the table's partition folder name, says the asset). One flat folder per source
+    (``folder`` is the source's own, so ``fid`` needs no place in the name): a folder per asset cost a
+    mkdir and an rmdir per staged file, ~0.5 s of a 20-file, 200-asset run on an overlay file system.
     """
-    return folder / "lake" / lk.partition_dir(asset) / f"{fid}.parquet"
+    return folder / "lake" / f"{lk.partition_dir(asset)}.parquet"
 
 
 def atomic_write_lake_rows(rows: pa.Table, path: Path, contract: FleetContract | None = None) -> None:
