@@ -1607,22 +1607,21 @@ def recent_tails(rows: pa.Table, window: int, contract: FleetContract) -> pa.Tab
     """Each asset's last ``window`` rows of a batch of lake rows (with the asset column), in the recent
     table's columns and types: what a writer hands :func:`refresh_recent` in :class:`RecentTails`."""
     schema = contract.lake_schema()
-    cols = []
-    for name in _recent_columns(contract):
-        f = schema.field(name)
-        if name in rows.column_names:
-            col = rows.column(name)
-            if pa.types.is_dictionary(col.type):
-                col = col.cast(col.type.value_type)
-            cols.append(col.cast(f.type))
-        else:
-            cols.append(pa.nulls(rows.num_rows, f.type))
+    key = contract.key
+    wanted = _recent_columns(contract)
+    # Cut first, cast after: only ~window rows per asset are converted.
+    table = rows.select([c for c in wanted if c in rows.column_names])
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(f.type.value_type))
+    if not _in_asset_time_order(table, key):
+        table = table.sort_by([(PARTITION, "ascending"), (key, "ascending")])
+    table = _last_rows(table, window)
     # The asset field as read_recent gives it (a partition value, nullable in Arrow's eyes).
-    fields = [pa.field(c, pa.string()) if c == PARTITION else schema.field(c) for c in _recent_columns(contract)]
-    table = pa.Table.from_arrays(cols, schema=pa.schema(fields))
-    if not _in_asset_time_order(table, contract.key):
-        table = table.sort_by([(PARTITION, "ascending"), (contract.key, "ascending")])
-    return _last_rows(table, window)
+    fields = [pa.field(c, pa.string()) if c == PARTITION else schema.field(c) for c in wanted]
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in fields]
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
 
 
 def _asset_starts(table: pa.Table) -> np.ndarray:
