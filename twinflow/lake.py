@@ -1668,8 +1668,8 @@ def _commit_of(dt: "DeltaTable", v: int, batch_id: str) -> bool:
     return bool(last) and int(last[0].get("version", -1)) == v and last[0].get("twinflow.batch_id") == batch_id
 
 
-def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dict[str, Any] | None = None,
-                   new: RecentTails | None = None) -> int | None:
+def refresh_recent(lake_path: str, dataset: str, rows: int | None, storage_options: dict[str, Any] | None = None,
+                   new: RecentTails | None = None, default_rows: int | None = None) -> int | None:
     """Bring ``<dataset>__recent`` to the dataset's latest version: each asset's last ``rows`` readings.
 
     With ``new`` (what the commit that made the latest version added, from its writer's memory), an
@@ -1689,9 +1689,13 @@ def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dic
     Args:
         lake_path: Lake root.
         dataset: The telemetry dataset.
-        rows: ``W``, readings kept per asset (what scoring needs: see ``tasks/health/score.recent_rows``).
+        rows: ``W``, readings kept per asset (what scoring needs: see ``tasks/health/score.recent_rows``);
+            None: the window the table keeps, or ``default_rows`` when there is no table yet (a writer
+            that does not choose one, such as the stream bridge).
         storage_options: Object-store options for delta-rs.
-        new: The latest commit's added rows (:class:`RecentTails`); ignored where it does not apply.
+        new: The latest commit's added rows (:class:`RecentTails`); ignored where it does not apply
+            (and where its tails are shorter than the window).
+        default_rows: See ``rows``.
 
     Returns:
         The recent table's version, or None when the dataset has no table.
@@ -1712,6 +1716,11 @@ def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dic
     target = open_table(lake_path, name, storage_options=so, migrate=False)
     last = target.history(1) if target is not None else []
     meta = last[0] if last else {}
+    if rows is None:
+        kept = str(meta.get(_R_ROWS, ""))
+        rows = int(kept) if kept.isdigit() else default_rows
+        if rows is None:
+            raise ValueError("refresh_recent needs rows or default_rows when the recent table has no window yet")
     same = meta.get(_R_ROWS) == str(rows) and meta.get(_R_DIGEST) == contract.digest
     built = str(meta.get(_R_TELEMETRY, ""))
     if same and built == str(v):

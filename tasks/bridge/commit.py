@@ -203,6 +203,7 @@ class Committer:
         self.seq = (last or 0) + 1
         self.commits = 0
         self.recent_rows = recent_rows
+        self._window: int | None = None  # the recent table's window, looked up once (see _refresh_recent)
         self.quarantine_writes = 0
         self._run_token = uuid.uuid4().hex[:8]
 
@@ -376,16 +377,20 @@ class Committer:
         (it sees the table is stale) until a later commit or ingest refreshes it, so it is logged.
         """
         try:
-            w = self.recent_rows or lk.recent_window(self.lake_path, self.dataset, self.storage_options)
-            if w is None:
-                from twinflow.tasks.features.params import FeatureParams
-                from twinflow.tasks.health.params import HealthParams
-                from twinflow.tasks.health.score import recent_rows
+            from twinflow.tasks.features.params import FeatureParams
+            from twinflow.tasks.health.params import HealthParams
+            from twinflow.tasks.health.score import recent_rows
 
-                w = recent_rows(FeatureParams(), HealthParams())
+            # Tails as long as either window the refresh may use (the table's own is read there, once
+            # here): a table whose window grew since only makes the refresh read the changed assets.
+            default = recent_rows(FeatureParams(), HealthParams())
+            if self._window is None and self.recent_rows is None:
+                self._window = lk.recent_window(self.lake_path, self.dataset, self.storage_options) or default
+            w = self.recent_rows or max(default, self._window or 0)
             tails = lk.RecentTails(version=version, batch_id=batch_id, rows=w, added=dict(assets),
                                    tails=lk.recent_tails(table, w, self.contract))
-            lk.refresh_recent(self.lake_path, self.dataset, w, self.storage_options, new=tails)
+            lk.refresh_recent(self.lake_path, self.dataset, self.recent_rows, self.storage_options, new=tails,
+                              default_rows=default)
         except Exception as exc:  # noqa: BLE001 - see the docstring
             log.warning("bridge %s: recent-rows table of %s not refreshed (%s); health reads the asset files "
                         "until a later refresh", self.bridge_id, self.dataset, exc)

@@ -109,3 +109,18 @@ def test_each_commit_and_compaction_keeps_the_recent_rows_table_current(tmp_path
     last = lk.history(root, lk.derived_name("stream", lk.RECENT), limit=1)[0]
     assert (last["twinflow.recent_assets_read"], last["twinflow.recent_assets_from_tails"]) == ("0", "1")
     _recent_answers_as_the_files(tmp_path, 4)
+
+
+def test_a_bridge_without_a_window_keeps_the_recent_tables_own(tmp_path):
+    acks: list = []
+    root = str(tmp_path / "lake")
+    c = _committer(tmp_path)
+    c.commit([_msg(_row("u1", i), acks) for i in range(1, 9)])
+    recent = lk.derived_name("stream", lk.RECENT)
+    assert lk.history(root, recent, limit=1)[0]["twinflow.recent_rows"] == "131"  # health's default
+    lk.refresh_recent(root, "stream", 6)  # an ingest with the pipeline's own window
+    c2 = _committer(tmp_path)
+    c2.commit([_msg(_row("u1", i), acks) for i in range(9, 12)])
+    last = lk.history(root, recent, limit=1)[0]
+    assert (last["twinflow.recent_rows"], last["twinflow.recent_assets_read"]) == ("6", "0")
+    _recent_answers_as_the_files(tmp_path, 6)
