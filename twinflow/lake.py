@@ -1728,7 +1728,12 @@ def refresh_recent(lake_path: str, dataset: str, rows: int | None, storage_optio
     snap = LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=f"v{v}", version=v, contract=contract)
     cols = _recent_columns(contract)
     merged: set[str] = set()
-    if new is not None and new.version == v and new.rows >= rows and _commit_of(dt, v, new.batch_id):
+    incremental = same and built.isdigit() and int(built) < v
+    # Tails answer for a table built from the version just before the commit, or for one rebuilt anyway;
+    # one built from an older version (a writer that did not refresh it, or a crash) is brought forward
+    # by the diff below, which reads the assets that changed since, not every asset.
+    if new is not None and new.version == v and new.rows >= rows and (not incremental or int(built) == v - 1) \
+            and _commit_of(dt, v, new.batch_id):
         keep, fresh, read, merged = _from_tails(lake_path, dataset, dt, new, rows, contract,
                                                 target if same and built == str(v - 1) else None, so)
         if read:
@@ -1737,8 +1742,7 @@ def refresh_recent(lake_path: str, dataset: str, rows: int | None, storage_optio
                 fresh = _merge_runs(fresh, _with_extents(recent, extents).cast(fresh.schema), key)
         table, n_read = fresh, len(read)
     else:
-        changed = _changed_assets(lake_path, dataset, int(built), dt, so) \
-            if same and built.isdigit() and int(built) < v else None
+        changed = _changed_assets(lake_path, dataset, int(built), dt, so) if incremental else None
         keep = None
         if changed is not None and target is not None:
             keep = _not_in(_plain_strings(target.to_pyarrow_dataset().to_table()), changed)
