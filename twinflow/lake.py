@@ -38,6 +38,7 @@ import hashlib
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 from urllib.parse import quote, unquote
@@ -972,7 +973,8 @@ def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = N
     (:func:`read_files`), because building a ``pyarrow`` dataset over one fragment per asset
     partition costs more than reading the files themselves (10,000 assets: ~19 s against ~5 s).
     The extents (readings, first and last time per asset) come from the log's record counts and
-    min/max statistics, so they cover the whole history although only its tail is read.
+    min/max statistics, so they cover the whole history although only its tail is read (the last time
+    from the tail itself: a compacted file's statistics are cut to the millisecond).
 
     Args:
         snapshot: The dataset reference; without a ``version`` the latest version is read.
@@ -985,8 +987,6 @@ def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = N
         ``(recent, extents)``: the rows sorted by (asset_id, time key); and one row per asset with
         ``asset_id``, ``readings`` (int64), ``first`` and ``last`` (the time key's type).
     """
-    import pandas as pd
-
     contract = snapshot_contract(snapshot, storage_options)
     key = contract.key
     cols = list(dict.fromkeys([C.ASSET, key, *(columns or contract.lake_schema().names)]))
@@ -998,22 +998,10 @@ def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = N
             open_table(snapshot.lake_path, snapshot.dataset, storage_options=storage_options) is None:
         return empty  # every row was quarantined: the table was never created
     dt = _snapshot_table(snapshot, storage_options)
-    actions = pa.table(dt.get_add_actions(flatten=True))
-    if actions.num_rows == 0:
+    files = _files_frame(dt, key)
+    if files is None:
         return empty
-    names = actions.column_names
-    ticks = []
-    for stat in ("min", "max"):
-        col = actions.column(f"{stat}.{key}") if f"{stat}.{key}" in names else pa.nulls(actions.num_rows, pa.int64())
-        if pa.types.is_timestamp(col.type):
-            col = col.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
-        ticks.append(col.to_pandas().astype("Float64"))
     root = dt.table_uri.rstrip("/").removeprefix("file://")
-    files = pd.DataFrame({"path": actions.column("path").to_pylist(),
-                          "size": actions.column("size_bytes").to_numpy(zero_copy_only=False).astype(np.int64),
-                          "asset": actions.column(f"partition.{PARTITION}").to_pylist(),
-                          "n": actions.column("num_records").to_numpy(zero_copy_only=False).astype(np.int64),
-                          "lo": ticks[0], "hi": ticks[1]})
     if assets is not None:
         files = files[files["asset"].isin(set(assets))]
         if files.empty:
@@ -1052,15 +1040,53 @@ def read_recent(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = N
     asset_col = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(assets.tolist(), pa.string())).cast(pa.string())
     table = table.append_column(PARTITION, asset_col)
     recent = table
-    by_asset = files.groupby("asset", sort=True).agg(readings=("n", "sum"), first=("lo", "min"), last=("hi", "max"))
-    kt = schema.field(key).type
-    def _typed(v: "pd.Series") -> pa.Array:
-        arr = pa.array(v.to_numpy(dtype="float64", na_value=np.nan), pa.float64(), from_pandas=True).cast(pa.int64())
-        return arr.cast(pa.timestamp("us", tz="UTC")).cast(kt) if pa.types.is_timestamp(kt) else arr.cast(kt)
-    extents = pa.table({C.ASSET: pa.array(by_asset.index.astype(str).tolist(), pa.string()),
-                        "readings": pa.array(by_asset["readings"].to_numpy(dtype=np.int64)),
-                        "first": _typed(by_asset["first"]), "last": _typed(by_asset["last"])})
+    extents = _extents(files, schema.field(key).type)
+    if len(codes):
+        # The last reading from the rows themselves: the statistics of a compacted file (delta-rs
+        # writes them) are cut to the millisecond, so they may precede it; the recent table keeps it exact.
+        ends = np.r_[np.flatnonzero(codes[1:] != codes[:-1]), len(codes) - 1]
+        at = pc.index_in(extents.column(C.ASSET), value_set=pa.array(assets[codes[ends]].tolist(), pa.string()))
+        exact = table.column(key).take(pa.array(ends)).combine_chunks().take(at)
+        extents = extents.set_column(3, "last", pc.if_else(pc.is_null(at), extents.column("last"), exact))
     return recent.select(cols), extents
+
+
+def _files_frame(dt: "DeltaTable", key: str) -> "Any":
+    """The version's data files from its Delta log, as a pandas frame: ``path``, ``size``, ``asset``,
+    ``n`` (records) and ``lo``/``hi`` (the time key's min/max statistics as Float64 ticks: cycles, or
+    µs since the epoch; NA where a file has none). None when the version has no files."""
+    import pandas as pd
+
+    actions = pa.table(dt.get_add_actions(flatten=True))
+    if actions.num_rows == 0:
+        return None
+    names = actions.column_names
+    ticks = []
+    for stat in ("min", "max"):
+        col = actions.column(f"{stat}.{key}") if f"{stat}.{key}" in names else pa.nulls(actions.num_rows, pa.int64())
+        if pa.types.is_timestamp(col.type):
+            col = col.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64())
+        ticks.append(col.to_pandas().astype("Float64"))
+    return pd.DataFrame({"path": actions.column("path").to_pylist(),
+                         "size": actions.column("size_bytes").to_numpy(zero_copy_only=False).astype(np.int64),
+                         "asset": actions.column(f"partition.{PARTITION}").to_pylist(),
+                         "n": actions.column("num_records").to_numpy(zero_copy_only=False).astype(np.int64),
+                         "lo": ticks[0], "hi": ticks[1]})
+
+
+def _extents(files: "Any", key_type: pa.DataType) -> pa.Table:
+    """Per asset (sorted): ``readings`` (the files' records), ``first`` and ``last`` (their min/max time
+    statistics, in the time key's type), from a :func:`_files_frame`."""
+    by_asset = files.groupby("asset", sort=True).agg(readings=("n", "sum"), first=("lo", "min"), last=("hi", "max"))
+
+    def _typed(v: Any) -> pa.Array:
+        arr = pa.array(v.to_numpy(dtype="float64", na_value=np.nan), pa.float64(), from_pandas=True).cast(pa.int64())
+        return arr.cast(pa.timestamp("us", tz="UTC")).cast(key_type) if pa.types.is_timestamp(key_type) \
+            else arr.cast(key_type)
+
+    return pa.table({C.ASSET: pa.array(by_asset.index.astype(str).tolist(), pa.string()),
+                     "readings": pa.array(by_asset["readings"].to_numpy(dtype=np.int64)),
+                     "first": _typed(by_asset["first"]), "last": _typed(by_asset["last"])})
 
 
 def _read_local_file(path: str, columns: Sequence[str]) -> pa.Table:
@@ -1559,9 +1585,9 @@ def _recent_columns(contract: FleetContract) -> list[str]:
     return [c for c in dict.fromkeys([C.ASSET, contract.key, *contract.channel_names]) if c in schema]
 
 
-def _changed_assets(lake_path: str, dataset: str, since: int, dt: "DeltaTable",
-                    storage_options: dict[str, Any] | None) -> set[str] | None:
-    """Assets whose data files differ between version ``since`` and ``dt``'s (None: ``since`` is unreadable)."""
+def _file_sets(lake_path: str, dataset: str, since: int, dt: "DeltaTable", storage_options: dict[str, Any] | None
+               ) -> tuple[set[tuple[str, str]], set[tuple[str, str]]] | None:
+    """The (path, asset) data files of version ``since`` and of ``dt``'s (None: ``since`` is unreadable)."""
     try:
         old = open_table(lake_path, dataset, version=since, storage_options=storage_options, migrate=False)
     except Exception:  # noqa: BLE001 - its log was cleaned up: the caller rebuilds every asset
@@ -1575,23 +1601,137 @@ def _changed_assets(lake_path: str, dataset: str, since: int, dt: "DeltaTable",
             return set()
         return set(zip(a.column("path").to_pylist(), a.column(f"partition.{PARTITION}").to_pylist()))
 
-    return {asset for _, asset in files(old) ^ files(dt)}
+    return files(old), files(dt)
 
 
-def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dict[str, Any] | None = None) -> int | None:
+def _changed_assets(lake_path: str, dataset: str, since: int, dt: "DeltaTable",
+                    storage_options: dict[str, Any] | None) -> set[str] | None:
+    """Assets whose data files differ between version ``since`` and ``dt``'s (None: ``since`` is unreadable)."""
+    sets = _file_sets(lake_path, dataset, since, dt, storage_options)
+    return None if sets is None else {asset for _, asset in sets[0] ^ sets[1]}
+
+
+@dataclass
+class RecentTails:
+    """What one telemetry commit added, as its writer still holds it: enough for :func:`refresh_recent`
+    to bring the recent table forward without reading those assets' files again.
+
+    Attributes:
+        version: The table version the commit made. The tails are used only while it is the latest
+            version and its commit carries ``batch_id`` (otherwise another writer came in between).
+        batch_id: The commit's ``twinflow.batch_id`` metadata.
+        rows: ``W`` the tails were cut to; used only when at least the window being refreshed.
+        tails: The last ``rows`` rows of each asset of each added file (asset, time key and channels:
+            :func:`recent_tails`), in any order.
+        added: Rows the commit added, per asset.
+        untailed: Assets with added rows whose tails are not all here (e.g. rows the committer
+            rewrote): read from their files.
+        removed: Whether the commit also removed files (sources read again): assets that lost a
+            file are read from their files.
+    """
+
+    version: int
+    batch_id: str
+    rows: int
+    tails: pa.Table
+    added: dict[str, int]
+    untailed: frozenset[str] = frozenset()
+    removed: bool = False
+
+
+def recent_tails(rows: pa.Table, window: int, contract: FleetContract) -> pa.Table:
+    """Each asset's last ``window`` rows of a batch of lake rows (with the asset column), in the recent
+    table's columns and types: what a writer hands :func:`refresh_recent` in :class:`RecentTails`."""
+    schema = contract.lake_schema()
+    key = contract.key
+    wanted = _recent_columns(contract)
+    # Cut first, cast after: only ~window rows per asset are converted.
+    table = rows.select([c for c in wanted if c in rows.column_names])
+    for i, f in enumerate(table.schema):
+        if pa.types.is_dictionary(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(f.type.value_type))
+    if not _in_asset_time_order(table, key):
+        table = table.sort_by([(PARTITION, "ascending"), (key, "ascending")])
+    table = _last_rows(table, window)
+    # The asset field as read_recent gives it (a partition value, nullable in Arrow's eyes).
+    fields = [pa.field(c, pa.string()) if c == PARTITION else schema.field(c) for c in wanted]
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in fields]
+    return pa.Table.from_arrays(cols, schema=pa.schema(fields))
+
+
+def _asset_starts(table: pa.Table) -> np.ndarray:
+    """Where each asset's run starts in a table grouped by asset."""
+    a = table.column(PARTITION).combine_chunks()
+    if not len(a):
+        return np.array([], np.int64)
+    return np.flatnonzero(np.r_[True, pc.not_equal(a[1:], a[:-1]).to_numpy(zero_copy_only=False)])
+
+
+def _last_rows(table: pa.Table, rows: int) -> pa.Table:
+    """The last ``rows`` rows of each asset's run of a table sorted by (asset, time)."""
+    n = table.num_rows
+    starts = _asset_starts(table)
+    count = np.diff(np.r_[starts, n]).astype(np.int64)
+    pos = np.arange(n) - np.repeat(starts, count)
+    tail = pos >= np.repeat(np.maximum(count - rows, 0), count)
+    return table if tail.all() else table.filter(pa.array(tail))
+
+
+def _with_extents(recent: pa.Table, extents: pa.Table) -> pa.Table:
+    """Recent rows (sorted by asset) with their asset's extent repeated on each row (looked up, not assumed)."""
+    a = recent.column(PARTITION).combine_chunks()
+    starts = _asset_starts(recent)
+    counts = np.diff(np.r_[starts, len(a)])
+    index = {k: i for i, k in enumerate(extents.column(C.ASSET).to_pylist())}
+    at = pa.array(np.repeat(np.array([index[k] for k in a.take(pa.array(starts)).to_pylist()], dtype=np.int64),
+                            counts))
+    return recent.append_column(_R_READINGS, extents.column("readings").take(at)) \
+        .append_column(_R_FIRST, extents.column("first").take(at))
+
+
+def _not_in(table: pa.Table, assets: Iterable[str]) -> pa.Table:
+    return table.filter(pc.invert(pc.is_in(table.column(PARTITION), pa.array(sorted(assets), pa.string()))))
+
+
+def _only(table: pa.Table, assets: Iterable[str]) -> pa.Table:
+    return table.filter(pc.is_in(table.column(PARTITION), pa.array(sorted(assets), pa.string())))
+
+
+def _commit_of(dt: "DeltaTable", v: int, batch_id: str) -> bool:
+    """Whether ``dt``'s latest commit is version ``v`` and carries ``batch_id``."""
+    last = dt.history(1)
+    return bool(last) and int(last[0].get("version", -1)) == v and last[0].get("twinflow.batch_id") == batch_id
+
+
+def refresh_recent(lake_path: str, dataset: str, rows: int | None, storage_options: dict[str, Any] | None = None,
+                   new: RecentTails | None = None, default_rows: int | None = None) -> int | None:
     """Bring ``<dataset>__recent`` to the dataset's latest version: each asset's last ``rows`` readings.
 
-    Incremental when the table was built from an earlier version with the same ``rows`` and contract:
-    only the assets whose data files changed since (the add actions of the two versions differ) are
-    read again (their tails, :func:`read_recent`), the other assets' rows are kept. Otherwise every
-    asset's tail is read. Either way the result is one overwrite (one new version): a reader sees the
-    previous cut of the fleet or the new one. Already built from the latest version: nothing is written.
+    With ``new`` (what the commit that made the latest version added, from its writer's memory), an
+    asset whose every row the commit added takes the commit's tail; one that had rows before takes
+    the last ``rows`` of its previous recent rows and the commit's tail together (the table must have
+    been built from the version just before, with the same ``rows`` and contract); neither reads a
+    data file. Assets the commit removed files of, or added rows to without a tail, are read again.
+    Extents come from the Delta log either way (as :func:`read_recent` gives them).
+
+    Otherwise incremental when the table was built from an earlier version with the same ``rows`` and
+    contract: only the assets whose data files changed since (the add actions of the two versions
+    differ) are read again (their tails, :func:`read_recent`), the other assets' rows are kept. Else
+    every asset's tail is read. Either way the result is one overwrite (one new version): a reader
+    sees the previous cut of the fleet or the new one. Already built from the latest version:
+    nothing is written.
 
     Args:
         lake_path: Lake root.
         dataset: The telemetry dataset.
-        rows: ``W``, readings kept per asset (what scoring needs: see ``tasks/health/score.recent_rows``).
+        rows: ``W``, readings kept per asset (what scoring needs: see ``tasks/health/score.recent_rows``);
+            None: the window the table keeps, or ``default_rows`` when there is no table yet (a writer
+            that does not choose one, such as the stream bridge).
         storage_options: Object-store options for delta-rs.
+        new: The latest commit's added rows (:class:`RecentTails`); ignored where it does not apply
+            (and where its tails are shorter than the window).
+        default_rows: See ``rows``.
 
     Returns:
         The recent table's version, or None when the dataset has no table.
@@ -1605,45 +1745,57 @@ def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dic
         return None
     v = dt.version()
     contract = _contract(None, lake_path, dataset, so)
+    key = contract.key
     name = derived_name(dataset, RECENT)
     # The recent table is opened once: its last commit says what it was built from, and its rows at
     # that version are the ones kept.
     target = open_table(lake_path, name, storage_options=so, migrate=False)
     last = target.history(1) if target is not None else []
     meta = last[0] if last else {}
+    if rows is None:
+        kept = str(meta.get(_R_ROWS, ""))
+        rows = int(kept) if kept.isdigit() else default_rows
+        if rows is None:
+            raise ValueError("refresh_recent needs rows or default_rows when the recent table has no window yet")
     same = meta.get(_R_ROWS) == str(rows) and meta.get(_R_DIGEST) == contract.digest
     built = str(meta.get(_R_TELEMETRY, ""))
     if same and built == str(v):
         return int(meta["version"])
     snap = LakeSnapshot(lake_path=lake_path, dataset=dataset, batch_id=f"v{v}", version=v, contract=contract)
-    changed = _changed_assets(lake_path, dataset, int(built), dt, so) \
-        if same and built.isdigit() and int(built) < v else None
-    keep = None
-    if changed is not None and target is not None and int(meta["version"]) == target.version():
-        keep = _plain_strings(target.to_pyarrow_dataset().to_table())
-        keep = keep.filter(pc.invert(pc.is_in(keep.column(PARTITION), pa.array(sorted(changed), pa.string()))))
-    recent, extents = read_recent(snap, rows, _recent_columns(contract), so,
-                                  assets=changed if keep is not None else None)
-    # Each asset's extent repeated on its rows (both tables are in asset order; looked up, not assumed).
-    a = recent.column(PARTITION).combine_chunks()
-    starts = np.flatnonzero(np.r_[True, pc.not_equal(a[1:], a[:-1]).to_numpy(zero_copy_only=False)]) \
-        if len(a) else np.array([], np.int64)
-    counts = np.diff(np.r_[starts, len(a)])
-    index = {k: i for i, k in enumerate(extents.column(C.ASSET).to_pylist())}
-    at = np.repeat(np.array([index[k] for k in a.take(pa.array(starts)).to_pylist()], dtype=np.int64), counts)
-    table = recent.append_column(_R_READINGS, extents.column("readings").take(pa.array(at))) \
-        .append_column(_R_FIRST, extents.column("first").take(pa.array(at)))
+    cols = _recent_columns(contract)
+    merged: set[str] = set()
+    incremental = same and built.isdigit() and int(built) < v
+    # Tails answer for a table built from the version just before the commit, or for one rebuilt anyway;
+    # one built from an older version (a writer that did not refresh it, or a crash) is brought forward
+    # by the diff below, which reads the assets that changed since, not every asset.
+    if new is not None and new.version == v and new.rows >= rows and (not incremental or int(built) == v - 1) \
+            and _commit_of(dt, v, new.batch_id):
+        keep, fresh, read, merged = _from_tails(lake_path, dataset, dt, new, rows, contract,
+                                                target if same and built == str(v - 1) else None, so)
+        if read:
+            recent, extents = read_recent(snap, rows, cols, so, assets=read)
+            if recent.num_rows:
+                fresh = _merge_runs(fresh, _with_extents(recent, extents).cast(fresh.schema), key)
+        table, n_read = fresh, len(read)
+    else:
+        changed = _changed_assets(lake_path, dataset, int(built), dt, so) if incremental else None
+        keep = None
+        if changed is not None and target is not None:
+            keep = _not_in(_plain_strings(target.to_pyarrow_dataset().to_table()), changed)
+        recent, extents = read_recent(snap, rows, cols, so, assets=changed if keep is not None else None)
+        table, n_read = _with_extents(recent, extents), extents.num_rows
     if keep is not None and keep.num_rows:
-        table = _merge_runs(keep.select(table.column_names).cast(table.schema), table, contract.key)
-    if not _in_asset_time_order(table, contract.key):
-        table = table.sort_by([(PARTITION, "ascending"), (contract.key, "ascending")])
+        table = _merge_runs(keep.select(table.column_names).cast(table.schema), table, key)
+    if not _in_asset_time_order(table, key):
+        table = table.sort_by([(PARTITION, "ascending"), (key, "ascending")])
     # One batch: the writer then has no batches to reorder, and readers mostly skip their sort.
     table = table.combine_chunks()
     uri = table_uri(lake_path, name)
     writer = WriterProperties(compression="SNAPPY", default_column_properties=ColumnProperties(dictionary_enabled=False),
                               column_properties={PARTITION: ColumnProperties(dictionary_enabled=True)})
     meta_out = {"twinflow.operation": "refresh_recent", _R_TELEMETRY: str(v), _R_ROWS: str(rows),
-                _R_DIGEST: contract.digest, "twinflow.recent_assets_read": str(extents.num_rows)}
+                _R_DIGEST: contract.digest, "twinflow.recent_assets_read": str(n_read),
+                "twinflow.recent_assets_from_tails": str(len(merged))}
     with store_errors(uri, so):
         write_deltalake(target if target is not None else uri, table, mode="overwrite",
                         schema_mode="overwrite" if target is not None else None, writer_properties=writer,
@@ -1653,6 +1805,49 @@ def refresh_recent(lake_path: str, dataset: str, rows: int, storage_options: dic
         return version(lake_path, name, so)
     target.update_incremental()
     return target.version()
+
+
+def _from_tails(lake_path: str, dataset: str, dt: "DeltaTable", new: RecentTails, rows: int,
+                contract: FleetContract, previous: "DeltaTable | None", storage_options: dict[str, Any] | None
+                ) -> tuple[pa.Table | None, pa.Table, set[str], set[str]]:
+    """:func:`refresh_recent` from the latest commit's tails: ``(kept, fresh, read, from_tails)``.
+
+    ``kept``: the previous recent rows of the assets the commit left alone (None: every asset is
+    rebuilt); ``fresh``: the rows, with extents, of the assets answered from the tails; ``read``: the
+    assets still to read from their files; ``from_tails``: the assets in ``fresh``. ``previous`` is
+    the recent table when it was built from the version before the commit (same window and contract).
+    """
+    key = contract.key
+    files = _files_frame(dt, key)
+    readings = files.groupby("asset", sort=False)["n"].sum().to_dict() if files is not None else {}
+    tailed = set(new.added) - set(new.untailed)
+    # Every row the asset has at this version came with the commit: its tail is the asset's tail.
+    whole = {a for a in tailed if readings.get(a) == new.added[a]}
+    lost: set[str] | None = set()
+    if previous is not None and new.removed:
+        sets = _file_sets(lake_path, dataset, dt.version() - 1, dt, storage_options)
+        lost = None if sets is None else {asset for _, asset in sets[0] - sets[1]}
+    kept = old = None
+    if previous is not None and lost is not None:
+        merge = tailed - whole - lost
+        read = (set(new.added) | lost) - whole - merge
+        prior = _plain_strings(previous.to_pyarrow_dataset().to_table())
+        kept = _not_in(prior, set(new.added) | lost)
+        old = _only(prior, merge).select(_recent_columns(contract)) if merge else None
+    else:
+        merge = set()
+        read = set(readings) - whole
+    use = whole | merge
+    tails = _only(new.tails, use).select(_recent_columns(contract))
+    parts = [tails] + ([old.cast(tails.schema)] if old is not None and old.num_rows else [])
+    cand = pa.concat_tables(parts).sort_by([(PARTITION, "ascending"), (key, "ascending")])
+    cand = _last_rows(cand, rows)
+    ext = _extents(files[files["asset"].isin(use)], contract.lake_schema().field(key).type) \
+        if files is not None and use else None
+    fresh = _with_extents(cand, ext) if ext is not None else \
+        _with_extents(cand, pa.table({C.ASSET: pa.array([], pa.string()), "readings": pa.array([], pa.int64()),
+                                      "first": pa.array([], cand.schema.field(key).type)}))
+    return kept, fresh, read, use
 
 
 def _merge_runs(a: pa.Table, b: pa.Table, key: str) -> pa.Table:
@@ -1686,6 +1881,15 @@ def _in_asset_time_order(table: pa.Table, key: str) -> bool:
 def _recent_built_from(commits: Sequence[dict[str, Any]], telemetry_version: int | None) -> dict[str, Any] | None:
     """The newest of the recent table's ``commits`` built from ``telemetry_version`` (None: none is)."""
     return next((c for c in commits if str(c.get(_R_TELEMETRY)) == str(telemetry_version)), None)
+
+
+def recent_window(lake_path: str, dataset: str, storage_options: dict[str, Any] | None = None) -> int | None:
+    """``W`` of ``<dataset>__recent`` as its last refresh kept it (None: no table): what a writer that
+    does not choose one (the stream bridge) refreshes it with."""
+    target = open_table(lake_path, derived_name(dataset, RECENT), storage_options=storage_options, migrate=False)
+    last = target.history(1) if target is not None else []
+    w = str(last[0].get(_R_ROWS, "")) if last else ""
+    return int(w) if w.isdigit() else None
 
 
 def read_recent_table(snapshot: LakeSnapshot, rows: int, columns: list[str] | None = None,
@@ -1837,7 +2041,9 @@ def optimize(lake_path: str, dataset: str, target_size: int | None = None,
     A recent-rows table (``<dataset>__recent``) is left as it is (``{}``): each refresh rewrites it whole
     in one or a few files, and readers find the version built from their telemetry version by its
     commit metadata, which a compaction commit would not carry (the version they need would then be
-    one vacuum could remove).
+    one vacuum could remove). Compacting a dataset keeps its recent-rows table current when it was
+    (:func:`retag_recent`): compaction moves rows between files, it changes none, so health keeps
+    reading the table instead of the asset files.
 
     Args:
         dataset: A dataset (derived ones too) or a result table as ``_results/<name>``.
@@ -1847,7 +2053,68 @@ def optimize(lake_path: str, dataset: str, target_size: int | None = None,
     dt = _open_kept(lake_path, dataset, None, storage_options)
     if dt is None:
         raise ConfigError(f"dataset {dataset!r} is not in the lake at {lake_path}")
-    return dt.optimize.compact(target_size=target_size)
+    before = dt.version()
+    out = dt.optimize.compact(target_size=target_size)
+    if dataset.startswith(f"{RESULTS_DIR}/"):
+        return out  # result tables have no recent-rows table
+    try:
+        retag_recent(lake_path, dataset, before, storage_options)
+    except Exception as exc:  # noqa: BLE001 - the compaction stands; health reads the files until a refresh
+        log.warning("recent-rows table of %s not re-tagged after optimize (%s); health reads the asset files "
+                    "until the next refresh", dataset, exc)
+    return out
+
+
+def retag_recent(lake_path: str, dataset: str, before: int, storage_options: dict[str, Any] | None = None
+                 ) -> int | None:
+    """Carry ``<dataset>__recent`` across commits that only rewrote files (``OPTIMIZE``) since ``before``.
+
+    When the recent table was built from version ``before`` and every later commit of the dataset is a
+    compaction, its rows are still each asset's last readings; it gets a commit tagged with the latest
+    version (no data file written), so readers of that version find it current. Only the first-time
+    statistics may differ (compaction rewrites a file's timestamp statistics to milliseconds), and where
+    they do the table is rewritten with the log's extents, as :func:`read_recent` gives them.
+
+    Returns:
+        The recent table's new version, or None when it was not current at ``before`` or a commit since
+        changed rows (the next :func:`refresh_recent` brings it forward).
+    """
+    from deltalake import CommitProperties, write_deltalake
+
+    so = storage_options
+    name = derived_name(dataset, RECENT)
+    target = open_table(lake_path, name, storage_options=so, migrate=False)
+    dt = open_table(lake_path, dataset, storage_options=so)
+    if target is None or dt is None:
+        return None
+    last = target.history(1)
+    meta = last[0] if last else {}
+    v = dt.version()
+    if str(meta.get(_R_TELEMETRY)) != str(before) or v <= before:
+        return None
+    commits = dt.history(v - before)
+    if len(commits) != v - before or any(c.get("operation") != "OPTIMIZE" for c in commits):
+        return None
+    contract = _contract(None, lake_path, dataset, so)
+    key = contract.key
+    table = _plain_strings(target.to_pyarrow_dataset().to_table())
+    files = _files_frame(dt, key)
+    if files is None or table.num_rows == 0:
+        return None
+    fresh = _with_extents(table.drop_columns([_R_READINGS, _R_FIRST]), _extents(files, table.schema.field(_R_FIRST).type))
+    meta_out = {"twinflow.operation": "retag_recent", _R_TELEMETRY: str(v), _R_ROWS: str(meta.get(_R_ROWS)),
+                _R_DIGEST: str(meta.get(_R_DIGEST)), "twinflow.recent_assets_read": "0"}
+    props = CommitProperties(custom_metadata=meta_out)
+    uri = table_uri(lake_path, name)
+    with store_errors(uri, so):
+        if fresh.select(table.column_names).cast(table.schema).equals(table):
+            target.create_write_transaction([], mode="append", schema=target.schema(),
+                                            partition_by=target.metadata().partition_columns, commit_properties=props)
+        else:
+            write_deltalake(target, fresh.select(table.column_names).cast(table.schema).combine_chunks(),
+                            mode="overwrite", commit_properties=props, storage_options=_options(so, uri))
+    target.update_incremental()
+    return target.version()
 
 
 def vacuum(lake_path: str, dataset: str, retention_hours: int = 168, dry_run: bool = True,

@@ -14,7 +14,9 @@ Per batch, in this order (what makes at-least-once delivery exactly-once in the 
    after a commit whose acks were lost) and is dropped, as are exact repeats within the batch; the same
    key with other values is quarantined (``duplicate key`` within the batch, ``conflicts with committed
    row`` against the lake, with both values);
-3. one Delta commit carrying the application transaction ``(twinflow-bridge-<id>, seq)``;
+3. one Delta commit carrying the application transaction ``(twinflow-bridge-<id>, seq)``, then the
+   dataset's recent-rows table brought forward from the batch's own rows (:func:`twinflow.lake.refresh_recent`
+   with their tails: no asset file is read), so health keeps reading that table between ingests;
 4. only then are the messages acknowledged to their source.
 
 A crash before 3 loses nothing (nothing was acked); a crash between 3 and 4 duplicates nothing (2
@@ -169,11 +171,14 @@ class Committer:
     Args:
         contract: The fleet contract of the dataset (default: the settings' ``contract``); refused when
             the table was written under another one.
+        recent_rows: ``W`` of the recent-rows table each commit refreshes (default: the window its last
+            refresh kept, else what health reads with the default feature and health parameters).
     """
 
     def __init__(self, lake_path: str, quarantine_path: str, dataset: str, bridge_id: str, app_id: str,
                  compact_every: int = 0, compact_files: int = 0, contract: FleetContract | None = None,
-                 decoder: Decoder | None = None, storage_options: dict[str, Any] | None = None) -> None:
+                 decoder: Decoder | None = None, storage_options: dict[str, Any] | None = None,
+                 recent_rows: int | None = None) -> None:
         from twinflow.contract.store import resolve_contract
 
         # The lake may be on an object store (s3://): every lake call takes its options; commits are
@@ -197,6 +202,8 @@ class Committer:
         last = lk.transaction_version(lake_path, dataset, app_id=app_id, storage_options=storage_options)
         self.seq = (last or 0) + 1
         self.commits = 0
+        self.recent_rows = recent_rows
+        self._window: int | None = None  # the recent table's window, looked up once (see _refresh_recent)
         self.quarantine_writes = 0
         self._run_token = uuid.uuid4().hex[:8]
 
@@ -361,6 +368,7 @@ class Committer:
             if not self.contract_stored:
                 lk.write_contract(self.lake_path, self.dataset, self.contract, self.storage_options)
                 self.contract_stored = True
+            self._refresh_recent(table, res.version, batch_id, res.assets)
             self.seq += 1
             self.commits += 1
             self.files_since_compact += len(res.assets)
@@ -368,6 +376,31 @@ class Committer:
                     (self.compact_files and self.files_since_compact >= self.compact_files):
                 self.compact()
         return res
+
+    def _refresh_recent(self, table: pa.Table, version: int, batch_id: str, assets: dict[str, int]) -> None:
+        """Bring the recent-rows table to the version just committed from the batch's rows in memory.
+
+        The rows are committed already: a refresh that fails only makes health read the asset files
+        (it sees the table is stale) until a later commit or ingest refreshes it, so it is logged.
+        """
+        try:
+            from twinflow.tasks.features.params import FeatureParams
+            from twinflow.tasks.health.params import HealthParams
+            from twinflow.tasks.health.score import recent_rows
+
+            # Tails as long as either window the refresh may use (the table's own is read there, once
+            # here): a table whose window grew since only makes the refresh read the changed assets.
+            default = recent_rows(FeatureParams(), HealthParams())
+            if self._window is None and self.recent_rows is None:
+                self._window = lk.recent_window(self.lake_path, self.dataset, self.storage_options) or default
+            w = self.recent_rows or max(default, self._window or 0)
+            tails = lk.RecentTails(version=version, batch_id=batch_id, rows=w, added=dict(assets),
+                                   tails=lk.recent_tails(table, w, self.contract))
+            lk.refresh_recent(self.lake_path, self.dataset, self.recent_rows, self.storage_options, new=tails,
+                              default_rows=default)
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            log.warning("bridge %s: recent-rows table of %s not refreshed (%s); health reads the asset files "
+                        "until a later refresh", self.bridge_id, self.dataset, exc)
 
     def _against_lake(self, rows: list[dict[str, Any]], messages: list[Message], origin: list[int],
                       quarantine: list, res: BatchResult) -> list[bool]:

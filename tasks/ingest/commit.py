@@ -39,7 +39,8 @@ from twinflow.tasks.ingest.landing import DUPLICATE_REASON
 from twinflow.tasks.ingest.ledger import Ledger
 from twinflow.tasks.ingest.params import AssetExtent, FileOutcome
 from twinflow.tasks.ingest.quarantine import publish_file_quarantine, quarantine_rows, quarantine_rows_name
-from twinflow.tasks.ingest.stage import atomic_write_lake_rows, atomic_write_table, staged_asset_path, time_extent
+from twinflow.tasks.ingest.stage import (atomic_write_lake_rows, atomic_write_table, read_staged_tails,
+                                         staged_asset_path, time_extent)
 
 LOCK_NAME = "_ingest.lock"
 
@@ -77,10 +78,12 @@ class _BatchKeys:
 
 
 def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, batch_id: str,
-                                batch: _BatchKeys, rereading: set[str], contract: FleetContract) -> None:
+                                batch: _BatchKeys, rereading: set[str], contract: FleetContract,
+                                rewritten: set[tuple[str, str]]) -> None:
     """Quarantine staged rows whose (asset, time) another source holds in the lake or earlier in this batch.
 
     Sources read again in this batch do not count with their lake rows: this commit replaces those.
+    Each (source, asset) whose staged rows change is added to ``rewritten`` (its staged tail is stale).
     """
     key = contract.key
     staged = Path(o.staged) if o.staged else None
@@ -111,6 +114,7 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
         q = quarantine_rows(keys, reasons, o.source, batch_id)
         extra.append(q)
         keep = rows.filter(pc.invert(dup))
+        rewritten.add((o.source, asset))
         if keep.num_rows:
             atomic_write_lake_rows(keep, path, contract)
             lo, hi = time_extent(keep, key)
@@ -129,7 +133,8 @@ def _drop_cross_file_duplicates(o: FileOutcome, ledger: Ledger, lake_path: str, 
 
 def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | str, quarantine: Path | str,
                     batch_id: str, contract: FleetContract | None = None,
-                    before_commit: Callable[[], None] | None = None) -> list[FileOutcome]:
+                    before_commit: Callable[[], None] | None = None,
+                    tails: dict[str, lk.RecentTails] | None = None) -> list[FileOutcome]:
     """Publish the staged rows of a batch into the lake and record every outcome in the ledger.
 
     Per file, in source order: an unchanged hash only refreshes size/mtime; content already ingested
@@ -140,7 +145,9 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
     ``contract`` is the fleet contract the rows were validated with (default: the settings'): each
     table is written under it (:func:`twinflow.lake.commit_data_files` refuses a table of another).
     ``before_commit`` runs before each Delta commit (the object-store lease's check); the lake's
-    object-store options are the ledger's.
+    object-store options are the ledger's. ``tails``, when given, receives per dataset what its commit
+    added (:class:`twinflow.lake.RecentTails`, from the tails the workers staged), for the recent-rows
+    refresh.
     """
     if contract is None:
         from twinflow.contract import resolve_contract
@@ -150,6 +157,7 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
     known = ledger.files()
     done: list[FileOutcome] = []
     batch = _BatchKeys()
+    rewritten: set[tuple[str, str]] = set()
     hashes: dict[tuple[str, str], str] = {}
     # What this batch read per source: a twin the ledger names is no twin if it now holds other content.
     read_now = {o.source: (o.sha256, o.status) for o in outcomes if o.status != "deferred"}
@@ -182,7 +190,7 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
             o = o.model_copy(update=dict(status="duplicate", reason=f"{DUPLICATE_REASON}{twin}", rows_read=0,
                                          rows_written=0, rows_quarantined=0, assets={}, staged=None))
         elif o.status == "ingested":
-            _drop_cross_file_duplicates(o, ledger, lake_path, batch_id, batch, set(read_now), contract)
+            _drop_cross_file_duplicates(o, ledger, lake_path, batch_id, batch, set(read_now), contract, rewritten)
             batch.add(o)
             hashes[(o.sha256, o.dataset)] = o.source
         if prev:
@@ -194,15 +202,21 @@ def commit_outcomes(outcomes: list[FileOutcome], ledger: Ledger, lake: Path | st
     # commits then leaves a source missing for a run (read again), never in two datasets.
     for dataset in sorted(plan, key=lambda d: (bool(plan[d][0]), d)):
         recorded, replaced = plan[dataset]
-        _commit_dataset(dataset, recorded, replaced, ledger, lake_path, quarantine, batch_id, contract,
-                        before_commit)
+        added = _commit_dataset(dataset, recorded, replaced, ledger, lake_path, quarantine, batch_id, contract,
+                                before_commit, rewritten if tails is not None else None)
+        if added is not None:
+            tails[dataset] = added
     return done
 
 
 def _commit_dataset(dataset: str, recorded: list[FileOutcome], replaced: set[str], ledger: Ledger,
                     lake_path: str, quarantine: Path | str, batch_id: str, contract: FleetContract,
-                    before_commit: Callable[[], None] | None = None) -> None:
+                    before_commit: Callable[[], None] | None = None,
+                    rewritten: set[tuple[str, str]] | None = None) -> lk.RecentTails | None:
+    """One dataset's commit (module docstring); with ``rewritten`` (the (source, asset) whose staged rows
+    the committer changed), what it added, for the recent-rows refresh (None: no rows added, or not asked)."""
     with_rows = [o for o in recorded if o.staged and o.assets]
+    added = None
     so = ledger.storage_options
     txn = ledger.next_txn(dataset, lk.transaction_version(lake_path, dataset, storage_options=so))
     ledger.begin(dataset, txn, batch_id, recorded)
@@ -212,15 +226,47 @@ def _commit_dataset(dataset: str, recorded: list[FileOutcome], replaced: set[str
         files = [(staged_asset_path(Path(o.staged), asset, o.file_id), asset) for o in with_rows for asset in o.assets]
         if before_commit is not None:
             before_commit()
-        lk.commit_data_files(lake_path, dataset, files, replace_sources=replaced | {o.source for o in with_rows},
+        if rewritten is not None and with_rows:
+            added = _added(with_rows, rewritten, batch_id, bool(replaced), contract)
+        v = lk.commit_data_files(lake_path, dataset, files, replace_sources=replaced | {o.source for o in with_rows},
                              txn=(lk.INGEST_APP_ID, txn),
                              metadata={"twinflow.operation": "ingest", "twinflow.batch_id": batch_id,
                                        "twinflow.files": str(len(recorded))}, contract=contract,
                              storage_options=so)
+        if added is not None:
+            added.version = v
     ledger.apply(dataset, txn)
     for o in recorded:
         _discard(o)
         o.staged = None
+    return added
+
+
+def _added(with_rows: list[FileOutcome], rewritten: set[tuple[str, str]], batch_id: str, removed: bool,
+           contract: FleetContract) -> lk.RecentTails:
+    """What a commit of these outcomes adds, with the tails their workers staged (read before the commit
+    moves the staged files; ``version`` is set once it is known)."""
+    parts: list[pa.Table] = []
+    untailed: set[str] = set()
+    added: dict[str, int] = {}
+    window = None
+    for o in with_rows:
+        for asset, ext in o.assets.items():
+            added[asset] = added.get(asset, 0) + ext.rows
+        staged = read_staged_tails(Path(o.staged))
+        stale = {a for s, a in rewritten if s == o.source}
+        if staged is None:
+            untailed |= set(o.assets)
+            continue
+        table, w = staged
+        window = w if window is None else min(window, w)
+        untailed |= stale
+        if stale:
+            table = table.filter(pc.invert(pc.is_in(table.column(C.ASSET), pa.array(sorted(stale), pa.string()))))
+        parts.append(table)
+    tails = pa.concat_tables(parts) if parts else lk.recent_tails(contract.lake_schema().empty_table(), 1, contract)
+    return lk.RecentTails(version=-1, batch_id=batch_id, rows=window or 0, tails=tails, added=added,
+                          untailed=frozenset(untailed), removed=removed)
 
 
 def _discard(o: FileOutcome) -> None:

@@ -184,6 +184,19 @@ class IngestParams(BaseModel):
         return v
 
 
+def recent_window(params: IngestParams) -> int:
+    """``W`` of the recent-rows tables a run refreshes: ``params.recent_rows``, else what the health
+    stage reads with the default feature and health parameters (``tasks/health/score.recent_rows``).
+    The workers cut each file's per-asset tails to it, the committer refreshes with it."""
+    if params.recent_rows is not None:
+        return params.recent_rows
+    from twinflow.tasks.features.params import FeatureParams
+    from twinflow.tasks.health.params import HealthParams
+    from twinflow.tasks.health.score import recent_rows
+
+    return recent_rows(FeatureParams(), HealthParams())
+
+
 class SourceFile(BaseModel):
     """A landing file as listed: its identity for the ledger is ``path``."""
 

@@ -12,12 +12,13 @@ import pyarrow as pa
 
 from twinflow.tasks.ingest.landing import CHANGED, DISAPPEARED, read_file_bytes, stat_file
 from twinflow.tasks.ingest.names import detect_format, file_id
-from twinflow.tasks.ingest.params import AssetExtent, FileOutcome, IngestParams, SourceFile, with_rows_note
+from twinflow.tasks.ingest.params import (AssetExtent, FileOutcome, IngestParams, SourceFile, recent_window,
+                                          with_rows_note)
 from twinflow.tasks.ingest.parse import decompress, parse_bytes
 from twinflow.tasks.ingest.quarantine import quarantine_file, quarantine_rows, summarise_reasons
 from twinflow.tasks.ingest.route import route_file
 from twinflow.tasks.ingest.stage import (atomic_write_lake_rows, atomic_write_table, split_by_asset,
-                                         staged_asset_path, time_extent)
+                                         stage_tails, staged_asset_path, time_extent)
 from twinflow.tasks.ingest.stream import process_streamed
 from twinflow.tasks.ingest.validate import validate_table
 
@@ -94,6 +95,9 @@ def process_file(src: SourceFile, params: IngestParams, staging: Path, quarantin
         atomic_write_lake_rows(rows, staged_asset_path(folder, asset, fid), contract)
         lo, hi = time_extent(rows, contract.key)
         out.assets[asset] = AssetExtent(rows=rows.num_rows, tmin=lo, tmax=hi)
+    if lake.num_rows:
+        # The rows are in memory now; the recent-rows refresh after the commit would read them back.
+        stage_tails(lake, recent_window(params), contract, folder)
     if quar.num_rows:
         atomic_write_table(quar, folder / "quarantine.parquet")
     out.staged = str(folder)

@@ -23,7 +23,7 @@ from twinflow.refs import LakeSnapshot
 from twinflow.tasks.ingest.commit import commit_outcomes, lake_lock
 from twinflow.tasks.ingest.landing import list_landing, plan_files
 from twinflow.tasks.ingest.ledger import open_ledger
-from twinflow.tasks.ingest.params import FileOutcome, IngestParams, SourceFile
+from twinflow.tasks.ingest.params import FileOutcome, IngestParams, SourceFile, recent_window
 from twinflow.tasks.ingest.process import process_file
 from twinflow.tasks.ingest.quarantine import quarantine_after_error, summarise_kinds
 from twinflow.tasks.ingest.route import route_file
@@ -51,18 +51,6 @@ class IngestRun:
     skipped: dict[str, str] = field(default_factory=dict)  # landing files not ingested -> why
 
 
-def recent_window(params: IngestParams) -> int:
-    """``W`` of the recent-rows tables this run refreshes: ``params.recent_rows``, else what the health
-    stage reads with the default feature and health parameters (``tasks/health/score.recent_rows``)."""
-    if params.recent_rows is not None:
-        return params.recent_rows
-    from twinflow.tasks.features.params import FeatureParams
-    from twinflow.tasks.health.params import HealthParams
-    from twinflow.tasks.health.score import recent_rows
-
-    return recent_rows(FeatureParams(), HealthParams())
-
-
 def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, batch_id: str,
                     process_batches: ProcessBatches, storage_options: dict[str, Any] | None = None,
                     on_plan: Callable[[IngestRun], None] | None = None,
@@ -85,7 +73,8 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
     params digest (unchanged files are not read); process the others in batches of ``files_per_batch``;
     commit the outcomes of the batches that worked (:func:`commit_outcomes`); record the batch; refresh
     the recent-rows table of every dataset the landing files feed (:func:`twinflow.lake.refresh_recent`,
-    ``W`` from :func:`recent_window`) and take its snapshot. A failed batch's files are not recorded, so the
+    ``W`` from :func:`recent_window`; the assets a commit only added rows to are answered from the tails
+    the workers staged, not read again) and take its snapshot. A failed batch's files are not recorded, so the
     next run reads them again.
 
     Raises:
@@ -128,8 +117,9 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
         results, run.errors = process_batches(run.batches, shared or staging) if run.batches else ([], [])
         if shared is not None:
             results = fetch_staged(results, shared, staging, so)
+        added: dict[str, lk.RecentTails] = {}
         run.outcomes = commit_outcomes(results, ledger, lake_path, quarantine, batch_id, contract,
-                                       before_commit=check)
+                                       before_commit=check, tails=added)
         shutil.rmtree(staging, ignore_errors=True)
         if shared is not None:
             lk.remove_tree(shared, so)
@@ -138,11 +128,12 @@ def ingest_sequence(params: IngestParams, lake_path: str, quarantine_path: str, 
         names = {row["dataset"] for src, row in ledger.files().items() if src in listed}
         window = recent_window(params)
         for name in sorted(names | {o.dataset for o in run.outcomes}):
-            # Still under the lock: one refresh per telemetry version (a no-op when it is current).
-            # The rows are committed already; a table that cannot be refreshed only makes health read
-            # the asset files (it sees the table is stale), so it is not this run's failure.
+            # Still under the lock: one refresh per telemetry version (a no-op when it is current),
+            # from the tails the workers cut where the commit only added rows. The rows are committed
+            # already; a table that cannot be refreshed only makes health read the asset files (it
+            # sees the table is stale), so it is not this run's failure.
             try:
-                lk.refresh_recent(lake_path, name, window, so)
+                lk.refresh_recent(lake_path, name, window, so, new=added.get(name))
             except Exception as exc:  # noqa: BLE001 - logged; the next run refreshes it
                 log.warning("ingest: recent-rows table of %s not refreshed (%s); health reads the asset "
                             "files until a later run refreshes it", name, exc)

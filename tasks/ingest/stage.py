@@ -97,9 +97,11 @@ def staged_asset_path(folder: Path, asset: str, fid: str) -> Path:
     """Where a source's staged rows of one asset live until the commit moves them into the table.
 
     The file is already a data file of the lake's table (:func:`twinflow.lake.write_data_file`: no asset
-    column; the folder, named like the table's partition folder, says the asset).
+    column; its name, the table's partition folder name, says the asset). One flat folder per source
+    (``folder`` is the source's own, so ``fid`` needs no place in the name): a folder per asset cost a
+    mkdir and an rmdir per staged file, ~0.5 s of a 20-file, 200-asset run on an overlay file system.
     """
-    return folder / "lake" / lk.partition_dir(asset) / f"{fid}.parquet"
+    return folder / "lake" / f"{lk.partition_dir(asset)}.parquet"
 
 
 def atomic_write_lake_rows(rows: pa.Table, path: Path, contract: FleetContract | None = None) -> None:
@@ -114,3 +116,27 @@ def time_extent(rows: pa.Table, key: str) -> tuple[int, int]:
         col = col.cast(pa.int64())
     mm = pc.min_max(col)
     return int(mm["min"].as_py()), int(mm["max"].as_py())
+
+_TAIL_ROWS = b"twinflow.recent_rows"
+
+
+def staged_tail_path(folder: Path) -> Path:
+    """Where a source's per-asset tails wait for the commit's recent-table refresh (:func:`stage_tails`)."""
+    return folder / "tail.parquet"
+
+
+def stage_tails(lake_rows: pa.Table, window: int, contract: FleetContract, folder: Path) -> None:
+    """Stage each asset's last ``window`` validated rows of one source (:func:`twinflow.lake.recent_tails`):
+    the committer refreshes the recent-rows table from them instead of reading the asset files again."""
+    tails = lk.recent_tails(lake_rows, window, contract)
+    atomic_write_table(tails.replace_schema_metadata({_TAIL_ROWS: str(window).encode()}), staged_tail_path(folder))
+
+
+def read_staged_tails(folder: Path) -> tuple[pa.Table, int] | None:
+    """A source's staged tails and the window they were cut to (None: it staged none)."""
+    path = staged_tail_path(folder)
+    if not path.exists():
+        return None
+    table = pq.read_table(path)
+    window = int((table.schema.metadata or {}).get(_TAIL_ROWS, b"0"))
+    return table.replace_schema_metadata(None), window

@@ -118,6 +118,13 @@ def test_staging_and_quarantine_live_under_the_lake_prefix(s3, tmp_path):
 
     run = ingest_sequence(params, lake_url, quarantine, "b1", on_workers)
     assert {o.status for o in run.outcomes} == {"ingested", "quarantined"}
+    # The tails the workers staged came through the store too: the recent table is built from them alone.
+    made = lk.history(lake_url, lk.derived_name("fleet", lk.RECENT), limit=1, storage_options=so)[0]
+    assert made["twinflow.recent_assets_read"] == "0" and int(made["twinflow.recent_assets_from_tails"]) > 0
+    snap = lk.snapshot(lake_url, "fleet", so)
+    cols = [C.ASSET, C.TIME, *CM.SENSORS]
+    for got, want in zip(lk.read_recent_table(snap, 20, cols, so), lk.read_recent(snap, 20, cols, so)):
+        assert got.equals(want)
     staging = lk.staging_uri(lake_url, "b1")
     assert len(seen) == 3 and all(objs and all(p.startswith(staging + "/") for p in objs) for objs in seen.values())
     assert lk.find_objects(lk.meta_uri(lake_url, "staging"), "**", so) == []  # removed after the commit

@@ -71,3 +71,56 @@ def test_conflicting_duplicate_in_one_batch_is_quarantined(tmp_path):
     q = read_quarantine(str(tmp_path / "q"), "stream").to_pylist()
     assert q[0]["reason"].startswith("duplicate key") and b"643.0" in base64.b64decode(q[0]["raw"][7:])
 
+
+
+def _recent_answers_as_the_files(tmp_path, rows: int) -> None:
+    snap = lk.snapshot(str(tmp_path / "lake"), "stream")
+    cols = ["asset_id", "cycle", "s2", "s3"]
+    got, got_ext = lk.read_recent_table(snap, rows, cols)  # raises RecentUnavailable when stale
+    want, want_ext = lk.read_recent(snap, rows, cols)
+    assert got.equals(want), (got.to_pandas(), want.to_pandas())
+    assert got_ext.equals(want_ext)
+
+
+def test_each_commit_and_compaction_keeps_the_recent_rows_table_current(tmp_path):
+    acks: list = []
+    root = str(tmp_path / "lake")
+    c = Committer(root, str(tmp_path / "q"), "stream", "b1", "twinflow-bridge-b1", recent_rows=4)
+    c.commit([_msg(_row("u1", i, 630.0 + i), acks) for i in range(10, 13)])  # builds it: no table yet
+    _recent_answers_as_the_files(tmp_path, 4)
+    c.commit([_msg(_row("u1", i, 630.0 + i), acks) for i in (13, 14, 15)] + [_msg(_row("u2", 9), acks)])
+    # A later batch whose rows are older than u1's tail: merged by time, still nothing read from files.
+    c.commit([_msg(_row("u1", i), acks) for i in (1, 2)] + [_msg(_row("u2", 10), acks)])
+    last = lk.history(root, lk.derived_name("stream", lk.RECENT), limit=1)[0]
+    assert (last["twinflow.recent_assets_read"], last["twinflow.recent_assets_from_tails"]) == ("0", "2")
+    assert last["twinflow.telemetry_version"] == str(lk.version(root, "stream"))
+    _recent_answers_as_the_files(tmp_path, 4)
+    recent, ext = lk.read_recent_table(lk.snapshot(root, "stream"), 4, ["asset_id", "cycle"])
+    assert recent.column("cycle").to_pylist() == [12, 13, 14, 15, 9, 10]
+    assert ext.column("readings").to_pylist() == [8, 2]
+
+    # Compaction rewrites files, not rows: the table is re-tagged, not called stale.
+    before = lk.version(root, "stream")
+    c.compact()
+    assert lk.version(root, "stream") > before
+    assert lk.history(root, "stream", limit=1)[0]["operation"] == "OPTIMIZE"
+    _recent_answers_as_the_files(tmp_path, 4)
+    c.commit([_msg(_row("u2", 11), acks)])  # and the next commit merges onto the re-tagged table
+    last = lk.history(root, lk.derived_name("stream", lk.RECENT), limit=1)[0]
+    assert (last["twinflow.recent_assets_read"], last["twinflow.recent_assets_from_tails"]) == ("0", "1")
+    _recent_answers_as_the_files(tmp_path, 4)
+
+
+def test_a_bridge_without_a_window_keeps_the_recent_tables_own(tmp_path):
+    acks: list = []
+    root = str(tmp_path / "lake")
+    c = _committer(tmp_path)
+    c.commit([_msg(_row("u1", i), acks) for i in range(1, 9)])
+    recent = lk.derived_name("stream", lk.RECENT)
+    assert lk.history(root, recent, limit=1)[0]["twinflow.recent_rows"] == "131"  # health's default
+    lk.refresh_recent(root, "stream", 6)  # an ingest with the pipeline's own window
+    c2 = _committer(tmp_path)
+    c2.commit([_msg(_row("u1", i), acks) for i in range(9, 12)])
+    last = lk.history(root, recent, limit=1)[0]
+    assert (last["twinflow.recent_rows"], last["twinflow.recent_assets_read"]) == ("6", "0")
+    _recent_answers_as_the_files(tmp_path, 6)

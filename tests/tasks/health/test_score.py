@@ -236,3 +236,49 @@ def test_live_features_in_chunks_of_unequal_length_equal_one_pass(champion):
     one = live_features(ff, fit, fp, names, chunk_assets=1000)
     chunked = live_features(ff, fit, fp, names, chunk_assets=7)
     pd.testing.assert_frame_equal(chunked, one, check_exact=True)
+
+
+def test_scores_from_a_recent_table_built_from_ingest_tails_equal_those_from_the_asset_files(champion, tmp_path,
+                                                                                             caplog):
+    """Two ingests, the second appending to every asset (and adding rows older than some tails): the
+    recent table is brought forward from the staged tails alone, and health scores the same from it."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from twinflow import lake
+    from twinflow.flows.health import read_fleet
+    from twinflow.tasks.health.score import recent_rows
+    from twinflow.tasks.ingest import IngestParams, latest_snapshot, run_local
+
+    contract, params, train = load_contract("cmapss"), HealthParams(), _read("train")
+    test = _read("test")
+    test["cycle"] = test["cycle"] + 30  # room for older readings later
+    landing, root, q = tmp_path / "landing", str(tmp_path / "lake"), str(tmp_path / "q")
+    landing.mkdir()
+    w = recent_rows(champion.feature_params, params)
+    ingest = IngestParams(landing=str(landing), dataset="running", contract="cmapss", recent_rows=w)
+    half = test.groupby("asset_id").cycle.transform(lambda c: c <= c.min() + (c.max() - c.min()) // 2)
+    pq.write_table(pa.Table.from_pandas(test[half], preserve_index=False), landing / "first.parquet")
+    run_local(ingest, root, q, "b1")
+    older = test[test.asset_id.isin(["1", "2"]) & (test.cycle <= 40)].assign(cycle=lambda d: d.cycle - 30)
+    later = pd.concat([test[~half], older], ignore_index=True)
+    pq.write_table(pa.Table.from_pandas(later, preserve_index=False), landing / "second.parquet")
+    run_local(ingest, root, q, "b2")
+    made = lake.history(root, lake.derived_name("running", lake.RECENT), limit=1)[0]
+    assert made["twinflow.recent_assets_read"] == "0"
+    assert made["twinflow.recent_assets_from_tails"] == str(test.asset_id.nunique())
+
+    snap = latest_snapshot(root, "running")
+    with caplog.at_level(logging.WARNING, logger="twinflow.health"):
+        frame, lives = read_fleet(snap, contract, params, champion)
+    assert " ".join(r.getMessage() for r in caplog.records) == ""  # the table answered
+    from_table = score_fleet(frame, contract, params, champion, baseline_frame=train, scored_at="t",
+                             lives=lives).table
+    every, extents = lake.read_recent(snap, w, COLS)
+    from_files = score_fleet(every.to_pandas(), contract, params, champion, baseline_frame=train, scored_at="t",
+                             lives=life_frame(extents.to_pandas(), contract)).table
+    pd.testing.assert_frame_equal(from_table, from_files, check_exact=True)
+    assert from_table.set_index("asset_id").loc["1", "readings"] == (test.asset_id == "1").sum() + len(
+        older[older.asset_id == "1"])
