@@ -359,19 +359,27 @@ def label_partitions(lake_path: str, dataset: str, keys: list[pd.DataFrame], clo
     return sum(int((~np.isnan(segment_labels(k, lives, clock, rul_cap))).sum()) for k in keys)
 
 
-def twinflow_stage(parts, channels, params, out_root: Path, contract, lives=None) -> int:
+def twinflow_stage(parts, channels, params, out_root: Path, contract, lives=None, sizes=None) -> int:
     """The work of the features flow (fit passes, transform, writes) on the default Dask client.
 
     ``lives``: the dataset's segments (``lives_frame``): labels from each row's own life, as the
-    flow does when its snapshot names segments.
+    flow does when its snapshot names segments. ``sizes``: the files' bytes from the Delta log; with
+    them the partitions are read once and held between the passes when they fit the default
+    ``features.hold_bytes``, as the flow does.
     """
+    from twinflow.settings import FeaturesSettings
+
     out = Path(tempfile.mkdtemp(dir=out_root))
     t0 = time.perf_counter()
-    fit = ft.fit_statistics(parts, channels, contract.settings, params)
-    t1 = time.perf_counter()
-    summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), clock=contract.clock, lives=lives)
-    print(f"  stage: {len(parts)} partitions, {fit.n_regimes} regime(s); fit {t1 - t0:.1f} s, "
-          f"transform+write {time.perf_counter() - t1:.1f} s")
+    ops, clock = list(contract.settings), contract.clock
+    with ft.hold_partitions(parts, ["asset_id", clock.key, *ops, *channels], None, sizes,
+                            FeaturesSettings().hold_bytes) as held:
+        fit = ft.fit_statistics(parts, channels, ops, params, file_sizes=sizes, held=held)
+        t1 = time.perf_counter()
+        summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), clock=clock, lives=lives,
+                                           file_sizes=sizes, held=held)
+    print(f"  stage: {len(parts)} partitions{' (held)' if held is not None else ''}, {fit.n_regimes} regime(s); "
+          f"fit {t1 - t0:.1f} s, transform+write {time.perf_counter() - t1:.1f} s")
     shutil.rmtree(out)
     return sum(s["rows"] for s in summaries)
 
@@ -470,6 +478,7 @@ def main() -> dict:
     contract = lake.snapshot_contract(snap)
     clock = contract.clock
     groups = ft.list_lake_files(snap)
+    sizes = {path: size for files in groups.values() for path, size in files}  # the Delta log's, as the flow
     if args.lake == "s3":
         return s3_reads(args, work, snap, groups, ["asset_id", key, *channels], total)
     dataset = snap.dataset_path
@@ -538,7 +547,7 @@ def main() -> dict:
         # Warm-up on two assets: worker imports and first-call costs stay out of the timings.
         client.run(_warm_kernels)
         twinflow_stage(ft.plan_partitions(dict(list(sorted(groups.items()))[:2]), stage_params.partition_bytes),
-                       channels, stage_params, work, contract)
+                       channels, stage_params, work, contract, sizes=sizes)
         half = dict(list(sorted(groups.items()))[: assets // 2])
         full_parts = ft.plan_partitions(groups, stage_params.partition_bytes, min_partitions=8)
         stage_full = "twinflow stage (Dask, Parquet->Parquet)"
@@ -550,7 +559,7 @@ def main() -> dict:
                 "pandas groupby.rolling": lambda: sum(pandas_features(c, channels, key) for c in chunks),
                 "polars over(asset) rolling": lambda: sum(polars_features(c, channels, key) for c in pchunks),
                 KERNELS: lambda: sum(twinflow_kernels(c, fit, params, clock=clock) for c in chunks),
-                stage_full: lambda: twinflow_stage(full_parts, channels, stage_params, work, contract, lives),
+                stage_full: lambda: twinflow_stage(full_parts, channels, stage_params, work, contract, lives, sizes),
             }, repeat=max(2, args.repeat))
             bench.results[stage_full].extra["units"] = total
             del chunks, pchunks
@@ -560,7 +569,7 @@ def main() -> dict:
                 continue
             parts = ft.plan_partitions(subset, stage_params.partition_bytes, min_partitions=8)
             bench.measure(label, lambda parts=parts: twinflow_stage(parts, channels, stage_params, work, contract,
-                                                                    lives),
+                                                                    lives, sizes),
                           repeat=repeat, units=n)
     if args.flow:
         bench.measure("twinflow features flow (Prefect + Dask)",

@@ -1284,6 +1284,16 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
         sizes: Each file's bytes (:func:`list_files` gives them from the Delta log): on an object
             store, a file is then fetched with one request instead of two.
     """
+    return read_files_counted(paths, columns, storage_options, sizes)[0]
+
+
+def read_files_counted(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
+                       sizes: Sequence[int] | None = None) -> tuple[pa.Table, list[int]]:
+    """:func:`read_files`, and the rows each file contributed, in the order of ``paths``.
+
+    The table's rows are the files' rows one file after the other, so a caller holding the table
+    can take any subset of the files back out of it without reading them again.
+    """
     cols = [c for c in columns if c != PARTITION]
     tables = []
     for path, t in _read_each(paths, cols, storage_options, sizes=sizes):
@@ -1292,7 +1302,7 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
         tables.append(t)
     table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     order = [c for c in columns if c in table.column_names]
-    return table.select(order)
+    return table.select(order), [t.num_rows for t in tables]
 
 
 def _read_each(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
