@@ -6,12 +6,16 @@ channels of a partition at once; Python loops run only over windows, doubling le
 window) or EWM scan steps (log2 of the EWM horizon), never over rows or assets.
 
 A partition holds whole assets sorted by ``(asset_id, cycle)``; windows are clipped at the
-asset's first row, so they never cross assets. The stage is three passes over the lake, each a
-map over partitions on the Dask cluster whose results are small (a sample, moments, a summary):
+asset's first row, so they never cross assets. The stage is three passes over the partitions, each
+a map on the Dask cluster whose results are small (a sample, moments, a summary):
 
 1. sample the operating settings and cluster them into regimes (k-means; ``auto`` picks k);
 2. per-regime moments of every channel -> per-regime mean/std and constant/all-NaN channels;
 3. normalise, compute window features and the label, write one Parquet file per partition.
+
+Within a memory budget (:func:`hold_partitions`) each partition is read from the lake once and
+held on the workers for the three passes; a larger fleet is read by each pass (pass 1 from a
+seeded subset of its files), so the workers' memory does not grow with the fleet.
 
 I/O sits at the edges (:func:`plan_partitions`, :func:`read_partition`, :func:`write_partition`);
 the thin Prefect ``@task`` wrappers at the bottom add logging and retries.

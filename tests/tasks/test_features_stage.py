@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cmapss_names as CM
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import cmapss_names as CM
-from twinflow import contracts, lake
 from twinflow.tasks import features as ft
 from twinflow.tasks.features import FeatureParams
+
+from twinflow import contracts, lake
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def _stage(parts, groups, out: Path, held_budget: int, params: FeatureParams):
 
 
 def test_held_partitions_give_the_same_fit_and_files_as_reading_each_pass(fleet, client, tmp_path):
-    snap, groups = fleet
+    _, groups = fleet
     parts = ft.plan_partitions(groups, 1, min_partitions=4)
     assert len(parts) > 1
     # A sample from 7 of the 24 files: the held path must take exactly those files' rows.
@@ -95,7 +95,7 @@ def test_held_partitions_give_the_same_fit_and_files_as_reading_each_pass(fleet,
 
 
 def test_a_fleet_over_the_budget_is_read_per_pass_with_the_same_result(fleet, client, tmp_path):
-    snap, groups = fleet
+    _, groups = fleet
     parts = ft.plan_partitions(groups, 1, min_partitions=3)
     total = ft.held_bytes(parts, {p: s for files in groups.values() for p, s in files})
     params = FeatureParams(windows=[5], ewm_spans=[5])
@@ -111,7 +111,7 @@ def test_a_fleet_over_the_budget_is_read_per_pass_with_the_same_result(fleet, cl
 
 
 def test_counted_reads_give_each_files_rows(fleet):
-    snap, groups = fleet
+    _, groups = fleet
     files = [p for a in sorted(groups)[:3] for p, _ in groups[a]]
     frame, rows = ft.read_partition_counted(files, [contracts.ASSET, contracts.TIME, CM.OP_SETTINGS[0]])
     assert rows == [40] * 6 and len(frame) == 240
