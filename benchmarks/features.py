@@ -60,7 +60,8 @@ mean/std/min/max and the least-squares slope, plus an EWM mean:
 
 ``--lake s3`` runs only the read comparison on object storage: the same lake copied to a SeaweedFS S3
 gateway this run starts on loopback, every partition read through the lake API from the local lake
-(baseline) and from the ``s3://`` lake, round-robin (goal >= 0.7x).
+(baseline) and from the ``s3://`` lake, round-robin (goal >= 0.7x). ``--s3-stage`` adds the whole
+stage (each partition read once, held, fit, transform, feature files written locally) on both lakes.
 
 Ratios are baseline time / candidate time (> 1: faster than pandas), always measured side by side in
 one run: pandas, polars, the compiled kernels and the full-size stage round-robin (one call of each per
@@ -363,7 +364,8 @@ def label_partitions(lake_path: str, dataset: str, keys: list[pd.DataFrame], clo
     return sum(int((~np.isnan(segment_labels(k, lives, clock, rul_cap))).sum()) for k in keys)
 
 
-def twinflow_stage(parts, channels, params, out_root: Path, contract, lives=None, sizes=None) -> int:
+def twinflow_stage(parts, channels, params, out_root: Path, contract, lives=None, sizes=None,
+                   storage_options=None) -> int:
     """The work of the features flow (fit passes, transform, writes) on the default Dask client.
 
     ``lives``: the dataset's segments (``lives_frame``): labels from each row's own life, as the
@@ -376,11 +378,12 @@ def twinflow_stage(parts, channels, params, out_root: Path, contract, lives=None
     out = Path(tempfile.mkdtemp(dir=out_root))
     t0 = time.perf_counter()
     ops, clock = list(contract.settings), contract.clock
-    with ft.hold_partitions(parts, ["asset_id", clock.key, *ops, *channels], None, sizes,
+    so = storage_options
+    with ft.hold_partitions(parts, ["asset_id", clock.key, *ops, *channels], so, sizes,
                             FeaturesSettings().hold_bytes) as held:
-        fit = ft.fit_statistics(parts, channels, ops, params, file_sizes=sizes, held=held)
+        fit = ft.fit_statistics(parts, channels, ops, params, so, file_sizes=sizes, held=held)
         t1 = time.perf_counter()
-        summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), clock=clock, lives=lives,
+        summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), so, clock=clock, lives=lives,
                                            file_sizes=sizes, held=held)
     print(f"  stage: {len(parts)} partitions{' (held)' if held is not None else ''}, {fit.n_regimes} regime(s); "
           f"fit {t1 - t0:.1f} s, transform+write {time.perf_counter() - t1:.1f} s")
@@ -427,14 +430,57 @@ def s3_reads(args, work: Path, snap, groups: dict, cols: list[str], total: int) 
                 remote_groups, cols, partial(ft.read_partition, storage_options=so), sized=True),
         }, repeat=max(3, args.repeat), warmup=1)
         assert set(reads.values()) == {total}, reads  # both read every row
-        summary = bench.report(args.json)
+        if args.s3_stage:
+            stage_on_s3(args, bench, work, snap, groups, remote, remote_groups, so, cols[2:])
+        summary = bench.report(None)
+        summary["scale"] = {"fleet": args.fleet, "assets": len(groups), "rows": total, "channels": len(cols) - 2}
+        reads = (bench.results["lake read: local lake (Delta)"], bench.results["lake read: S3 lake, SeaweedFS loopback"])
+        summary["s3_vs_local_reads"] = {"best": reads[0].best / reads[1].best, "median": reads[0].median / reads[1].median}
+        if args.s3_stage:
+            st = bench.results[LOCAL_STAGE], bench.results[S3_STAGE]
+            summary["s3_vs_local_stage"] = {"best": st[0].best / st[1].best, "median": st[0].median / st[1].median}
+        if args.json:
+            from benchmarks._harness import write_json
+
+            write_json(args.json, summary)
         print(f"S3 / local lake read throughput: {bench.ratio('lake read: S3 lake, SeaweedFS loopback'):.2f}x "
               "(goal >= 0.7x)")
+        if args.s3_stage:
+            print(f"features stage, S3 / local lake: {bench.ratio(S3_STAGE, LOCAL_STAGE):.2f}x")
         return summary
     finally:
         store.stop()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+LOCAL_STAGE = "twinflow stage on the local lake"
+S3_STAGE = "twinflow stage on the S3 lake"
+
+
+def stage_on_s3(args, bench: Bench, work: Path, snap, groups: dict, remote, remote_groups: dict, so: dict,
+                channels: list[str]) -> None:
+    """The features stage (fit + transform + writes, as :func:`twinflow_stage`) on the local lake and on
+    its S3 copy, round-robin on one 2-worker cluster; feature files are written locally in both."""
+    from distributed import Client, LocalCluster
+
+    from twinflow import lake
+
+    contract = lake.snapshot_contract(snap)
+    timestamped = contract.clock.kind == "timestamp"
+    windows = {"windows": [], "time_windows": TIME_WINDOWS} if timestamped else {"windows": WINDOWS}
+    params = ft.FeatureParams(**windows, ewm_spans=SPANS, compression=args.compression)
+    runs = {}
+    for label, g, opts in ((LOCAL_STAGE, groups, None), (S3_STAGE, remote_groups, so)):
+        parts = ft.plan_partitions(g, params.partition_bytes, min_partitions=8)
+        sizes = {p: b for files in g.values() for p, b in files}
+        runs[label] = (lambda parts=parts, sizes=sizes, opts=opts:
+                       twinflow_stage(parts, channels, params, work, contract, sizes=sizes, storage_options=opts))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="6GiB") as cluster, Client(cluster) as client:
+        client.run(_warm_kernels)
+        rows = bench.measure_rounds(runs, repeat=max(2, args.repeat), warmup=1)
+    assert len(set(rows.values())) == 1, rows
 
 
 def main() -> dict:
@@ -458,6 +504,8 @@ def main() -> dict:
                    help="cycle-clock C-MAPSS-shaped fleet, or a timestamp-clock fleet with time windows")
     p.add_argument("--lake", default="local", choices=["local", "s3"],
                    help="s3: only the lake reads, local lake against the same lake on S3 (SeaweedFS on loopback)")
+    p.add_argument("--s3-stage", action="store_true",
+                   help="with --lake s3: also time the whole features stage on the local and the S3 lake")
     p.add_argument("--flow", action="store_true",
                    help="also run the real features flow (Prefect server + its own cluster) at full size")
     args = p.parse_args()
