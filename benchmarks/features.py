@@ -29,7 +29,10 @@ mean/std/min/max and the least-squares slope, plus an EWM mean:
 - ``twinflow stage (Dask, Parquet->Parquet)``: the stage's work as the flow runs it (fit
   passes + transform + Parquet writes) on a 2-worker LocalCluster, at half and full size; the
   Prefect bookkeeping around it (~1 s) is left out. Its peak RSS (this process plus the workers)
-  at the two sizes shows whether memory grows with the input.
+  at the two sizes shows whether memory grows with the input. Within ``features.hold_bytes`` (the
+  default 2 GiB of Parquet holds 10M rows of 14 channels) each partition is read once and held
+  between the passes; ``twinflow stage, a lake read per pass`` is the same work as a fleet over that
+  budget runs it (each of the regime sample, the moments and the transform reads the lake).
 - ``twinflow features flow (Prefect + Dask)`` with ``--flow``: the real ``features`` flow over the
   same lake, as a command runs it: ``runtime.start`` (a Prefect server, a fresh 2-worker cluster),
   the flow run and its tasks.
@@ -57,7 +60,8 @@ mean/std/min/max and the least-squares slope, plus an EWM mean:
 
 ``--lake s3`` runs only the read comparison on object storage: the same lake copied to a SeaweedFS S3
 gateway this run starts on loopback, every partition read through the lake API from the local lake
-(baseline) and from the ``s3://`` lake, round-robin (goal >= 0.7x).
+(baseline) and from the ``s3://`` lake, round-robin (goal >= 0.7x). ``--s3-stage`` adds the whole
+stage (each partition read once, held, fit, transform, feature files written locally) on both lakes.
 
 Ratios are baseline time / candidate time (> 1: faster than pandas), always measured side by side in
 one run: pandas, polars, the compiled kernels and the full-size stage round-robin (one call of each per
@@ -84,6 +88,7 @@ TIME_WINDOWS = ["1h", "6h"]
 SPANS = [10]
 CHUNK_ASSETS = 100
 KERNELS = "twinflow kernels (compiled, 1 process)"
+STAGE_REREAD = "twinflow stage, a lake read per pass (over hold_bytes)"
 
 
 def fleet_asset(rng: np.random.Generator, asset: int, rows: int, channels: int) -> pd.DataFrame:
@@ -359,19 +364,29 @@ def label_partitions(lake_path: str, dataset: str, keys: list[pd.DataFrame], clo
     return sum(int((~np.isnan(segment_labels(k, lives, clock, rul_cap))).sum()) for k in keys)
 
 
-def twinflow_stage(parts, channels, params, out_root: Path, contract, lives=None) -> int:
+def twinflow_stage(parts, channels, params, out_root: Path, contract, lives=None, sizes=None,
+                   storage_options=None) -> int:
     """The work of the features flow (fit passes, transform, writes) on the default Dask client.
 
     ``lives``: the dataset's segments (``lives_frame``): labels from each row's own life, as the
-    flow does when its snapshot names segments.
+    flow does when its snapshot names segments. ``sizes``: the files' bytes from the Delta log; with
+    them the partitions are read once and held between the passes when they fit the default
+    ``features.hold_bytes``, as the flow does.
     """
+    from twinflow.settings import FeaturesSettings
+
     out = Path(tempfile.mkdtemp(dir=out_root))
     t0 = time.perf_counter()
-    fit = ft.fit_statistics(parts, channels, contract.settings, params)
-    t1 = time.perf_counter()
-    summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), clock=contract.clock, lives=lives)
-    print(f"  stage: {len(parts)} partitions, {fit.n_regimes} regime(s); fit {t1 - t0:.1f} s, "
-          f"transform+write {time.perf_counter() - t1:.1f} s")
+    ops, clock = list(contract.settings), contract.clock
+    so = storage_options
+    with ft.hold_partitions(parts, ["asset_id", clock.key, *ops, *channels], so, sizes,
+                            FeaturesSettings().hold_bytes) as held:
+        fit = ft.fit_statistics(parts, channels, ops, params, so, file_sizes=sizes, held=held)
+        t1 = time.perf_counter()
+        summaries = ft.transform_and_write(parts, fit, params, "numpy", str(out), so, clock=clock, lives=lives,
+                                           file_sizes=sizes, held=held)
+    print(f"  stage: {len(parts)} partitions{' (held)' if held is not None else ''}, {fit.n_regimes} regime(s); "
+          f"fit {t1 - t0:.1f} s, transform+write {time.perf_counter() - t1:.1f} s")
     shutil.rmtree(out)
     return sum(s["rows"] for s in summaries)
 
@@ -415,14 +430,57 @@ def s3_reads(args, work: Path, snap, groups: dict, cols: list[str], total: int) 
                 remote_groups, cols, partial(ft.read_partition, storage_options=so), sized=True),
         }, repeat=max(3, args.repeat), warmup=1)
         assert set(reads.values()) == {total}, reads  # both read every row
-        summary = bench.report(args.json)
+        if args.s3_stage:
+            stage_on_s3(args, bench, work, snap, groups, remote, remote_groups, so, cols[2:])
+        summary = bench.report(None)
+        summary["scale"] = {"fleet": args.fleet, "assets": len(groups), "rows": total, "channels": len(cols) - 2}
+        reads = (bench.results["lake read: local lake (Delta)"], bench.results["lake read: S3 lake, SeaweedFS loopback"])
+        summary["s3_vs_local_reads"] = {"best": reads[0].best / reads[1].best, "median": reads[0].median / reads[1].median}
+        if args.s3_stage:
+            st = bench.results[LOCAL_STAGE], bench.results[S3_STAGE]
+            summary["s3_vs_local_stage"] = {"best": st[0].best / st[1].best, "median": st[0].median / st[1].median}
+        if args.json:
+            from benchmarks._harness import write_json
+
+            write_json(args.json, summary)
         print(f"S3 / local lake read throughput: {bench.ratio('lake read: S3 lake, SeaweedFS loopback'):.2f}x "
               "(goal >= 0.7x)")
+        if args.s3_stage:
+            print(f"features stage, S3 / local lake: {bench.ratio(S3_STAGE, LOCAL_STAGE):.2f}x")
         return summary
     finally:
         store.stop()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+
+
+LOCAL_STAGE = "twinflow stage on the local lake"
+S3_STAGE = "twinflow stage on the S3 lake"
+
+
+def stage_on_s3(args, bench: Bench, work: Path, snap, groups: dict, remote, remote_groups: dict, so: dict,
+                channels: list[str]) -> None:
+    """The features stage (fit + transform + writes, as :func:`twinflow_stage`) on the local lake and on
+    its S3 copy, round-robin on one 2-worker cluster; feature files are written locally in both."""
+    from distributed import Client, LocalCluster
+
+    from twinflow import lake
+
+    contract = lake.snapshot_contract(snap)
+    timestamped = contract.clock.kind == "timestamp"
+    windows = {"windows": [], "time_windows": TIME_WINDOWS} if timestamped else {"windows": WINDOWS}
+    params = ft.FeatureParams(**windows, ewm_spans=SPANS, compression=args.compression)
+    runs = {}
+    for label, g, opts in ((LOCAL_STAGE, groups, None), (S3_STAGE, remote_groups, so)):
+        parts = ft.plan_partitions(g, params.partition_bytes, min_partitions=8)
+        sizes = {p: b for files in g.values() for p, b in files}
+        runs[label] = (lambda parts=parts, sizes=sizes, opts=opts:
+                       twinflow_stage(parts, channels, params, work, contract, sizes=sizes, storage_options=opts))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="6GiB") as cluster, Client(cluster) as client:
+        client.run(_warm_kernels)
+        rows = bench.measure_rounds(runs, repeat=max(2, args.repeat), warmup=1)
+    assert len(set(rows.values())) == 1, rows
 
 
 def main() -> dict:
@@ -446,6 +504,8 @@ def main() -> dict:
                    help="cycle-clock C-MAPSS-shaped fleet, or a timestamp-clock fleet with time windows")
     p.add_argument("--lake", default="local", choices=["local", "s3"],
                    help="s3: only the lake reads, local lake against the same lake on S3 (SeaweedFS on loopback)")
+    p.add_argument("--s3-stage", action="store_true",
+                   help="with --lake s3: also time the whole features stage on the local and the S3 lake")
     p.add_argument("--flow", action="store_true",
                    help="also run the real features flow (Prefect server + its own cluster) at full size")
     args = p.parse_args()
@@ -470,6 +530,7 @@ def main() -> dict:
     contract = lake.snapshot_contract(snap)
     clock = contract.clock
     groups = ft.list_lake_files(snap)
+    sizes = {path: size for files in groups.values() for path, size in files}  # the Delta log's, as the flow
     if args.lake == "s3":
         return s3_reads(args, work, snap, groups, ["asset_id", key, *channels], total)
     dataset = snap.dataset_path
@@ -538,7 +599,7 @@ def main() -> dict:
         # Warm-up on two assets: worker imports and first-call costs stay out of the timings.
         client.run(_warm_kernels)
         twinflow_stage(ft.plan_partitions(dict(list(sorted(groups.items()))[:2]), stage_params.partition_bytes),
-                       channels, stage_params, work, contract)
+                       channels, stage_params, work, contract, sizes=sizes)
         half = dict(list(sorted(groups.items()))[: assets // 2])
         full_parts = ft.plan_partitions(groups, stage_params.partition_bytes, min_partitions=8)
         stage_full = "twinflow stage (Dask, Parquet->Parquet)"
@@ -550,7 +611,9 @@ def main() -> dict:
                 "pandas groupby.rolling": lambda: sum(pandas_features(c, channels, key) for c in chunks),
                 "polars over(asset) rolling": lambda: sum(polars_features(c, channels, key) for c in pchunks),
                 KERNELS: lambda: sum(twinflow_kernels(c, fit, params, clock=clock) for c in chunks),
-                stage_full: lambda: twinflow_stage(full_parts, channels, stage_params, work, contract, lives),
+                stage_full: lambda: twinflow_stage(full_parts, channels, stage_params, work, contract, lives, sizes),
+                # No sizes, no holding: each pass reads the lake, as a fleet over features.hold_bytes does.
+                STAGE_REREAD: lambda: twinflow_stage(full_parts, channels, stage_params, work, contract, lives),
             }, repeat=max(2, args.repeat))
             bench.results[stage_full].extra["units"] = total
             del chunks, pchunks
@@ -560,7 +623,7 @@ def main() -> dict:
                 continue
             parts = ft.plan_partitions(subset, stage_params.partition_bytes, min_partitions=8)
             bench.measure(label, lambda parts=parts: twinflow_stage(parts, channels, stage_params, work, contract,
-                                                                    lives),
+                                                                    lives, sizes),
                           repeat=repeat, units=n)
     if args.flow:
         bench.measure("twinflow features flow (Prefect + Dask)",
@@ -581,6 +644,7 @@ def main() -> dict:
         summary["median_ratios"] = {
             f"{a} vs {b}": res[b].median / res[a].median
             for a in (stage, KERNELS) for b in ("pandas groupby.rolling", "polars over(asset) rolling")}
+        summary["median_ratios"][f"{stage} vs {STAGE_REREAD}"] = res[STAGE_REREAD].median / res[stage].median
         for k, v in summary["median_ratios"].items():
             print(f"median ratio {k}: {v:.2f}x")
     if "lake read: twinflow.lake (Delta)" in res:

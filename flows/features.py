@@ -152,11 +152,17 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
                     snapshot.dataset, contract.summary(), len(groups), len(parts), len(channels), backend)
         # The Delta log's sizes: on an object store each file is then one GET, no HEAD first.
         sizes = {path: size for files in groups.values() for path, size in files}
-        if fit is None:
-            fit = ft.fit_task(parts, channels, op_columns, params, storage, sizes)
         tmp = ft.new_temp_dir(final)
         try:
-            summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage, clock, lives, sizes)
+            # A fit reads every partition, then the transform again: within the memory budget each is
+            # read once, held on the workers between the passes (with a fit_from there is one pass).
+            hold = settings.features.hold_bytes if fit is None else 0
+            with ft.hold_partitions(parts, [contracts.ASSET, clock.key, *op_columns, *channels], storage, sizes,
+                                    hold) as held:
+                if fit is None:
+                    fit = ft.fit_task(parts, channels, op_columns, params, storage, sizes, held)
+                summaries = ft.transform_task(parts, fit, params, backend, str(tmp), storage, clock, lives, sizes,
+                                              held)
             names = ft.feature_names(fit, params, clock)
             keys = [contracts.ASSET, clock.key] + ([ft.LABEL] if params.label else [])
             summary = ft.summarise(summaries, names, keys)

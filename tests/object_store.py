@@ -128,3 +128,100 @@ def s3_filesystem(store: S3Store):
     from twinflow.storage import fsspec_options
 
     return s3fs.S3FileSystem(skip_instance_cache=True, **fsspec_options(store.options()))
+
+
+
+class CountingProxy:
+    """An HTTP proxy in front of the store, in its own process, that logs each request it forwards.
+
+    Point a client's endpoint at :attr:`url`: requests go to the store unchanged (the Host header
+    too, so that signatures still verify). Its own process, because delta-rs holds the GIL while it
+    waits for some answers (a HEAD): a proxy thread in the test's process would wait for it forever.
+    """
+
+    def __init__(self, upstream: str, workdir: Path, timeout: float = 30.0):
+        self._log = workdir / "proxy-requests.log"
+        port_file = workdir / "proxy-port"
+        self._proc = subprocess.Popen([sys.executable, __file__, "--proxy", upstream, str(port_file), str(self._log)],
+                                      stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not port_file.exists() or not port_file.read_text().strip():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("the counting proxy did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{port_file.read_text().strip()}"
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """``(method, path)`` of every request forwarded so far (each logged before it is answered)."""
+        if not self._log.exists():
+            return []
+        return [tuple(line.split(" ", 1)) for line in self._log.read_text().splitlines() if line]  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._log.write_text("")
+
+    def methods(self) -> dict[str, int]:
+        """How many requests of each method were forwarded."""
+        out: dict[str, int] = {}
+        for method, _ in self.requests:
+            out[method] = out.get(method, 0) + 1
+        return out
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+
+
+def _serve_counting_proxy(upstream: str, port_file: str, log_file: str) -> None:
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    target = urlsplit(upstream)
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):  # quiet
+            pass
+
+        def _forward(self) -> None:
+            with lock, open(log_file, "a") as fh:
+                fh.write(f"{self.command} {self.path}\n")
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+            for k, v in self.headers.items():
+                conn.putheader(k, v)
+            conn.endheaders(body or None)
+            resp = conn.getresponse()
+            data = resp.read()
+            self.send_response(resp.status, resp.reason)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            # A HEAD answer states the object's length without a body.
+            length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+            self.send_header("Content-Length", length or "0")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    tmp = port_file + ".tmp"
+    Path(tmp).write_text(str(server.server_address[1]))
+    os.replace(tmp, port_file)  # the port appears whole
+    server.serve_forever()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--proxy"]:
+    _serve_counting_proxy(*sys.argv[2:5])

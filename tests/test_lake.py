@@ -266,6 +266,12 @@ def test_a_contract_version_that_adds_a_channel_evolves_the_schema(tmp_path):
     by_asset = dict(zip(table.column("asset_id").to_pylist(), table.column("oil_ppm").to_pylist()))
     assert by_asset["p1"] is None and by_asset["p2"] is not None  # old rows read the new channel as null
     assert lake.table_contract(str(tmp_path), "pumps").version == 2
+    # The file reader too: the old file's part of the new channel is null, each file's rows counted.
+    files = [p for a in ("p1", "p2") for p, _ in lake.list_files(snap)[a]]
+    read, rows = lake.read_files_counted(files, ["oil_ppm", "asset_id"])
+    assert rows == [3, 3] and read.column_names == ["oil_ppm", "asset_id"]
+    assert read.column("asset_id").to_pylist() == ["p1"] * 3 + ["p2"] * 3
+    assert read.column("oil_ppm").null_count == 3 and read.column("oil_ppm").slice(3).null_count == 0
 
 
 def test_reading_or_writing_with_another_contract_is_a_clear_error(tmp_path):

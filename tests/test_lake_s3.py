@@ -128,6 +128,34 @@ def test_reads_on_s3_equal_the_same_lake_read_locally(s3, tmp_path):
         lake.read_files([p for p, _ in flat(rfiles)][:3], cols, so, sizes=[1, 2])
 
 
+def test_a_read_with_the_delta_logs_sizes_is_one_get_per_file_and_no_head(s3, tmp_path):
+    """What the features stage reads with: each file one GET (no HEAD for its size, no footer
+    round trip), counted by a proxy between the reader and the store."""
+    from object_store import CountingProxy
+
+    pumps, so = load_contract("pumps"), s3.options()
+    assets = [f"p{i}" for i in range(20)]  # more files than are fetched ahead at once
+    rows = pa.concat_tables([pump_rows(a, n=5) for a in assets])
+    snap = lake.write_lake_table(rows, s3.url("lake-get"), "pumps", "b1", storage_options=so, contract=pumps)
+    files = [f for a in sorted(assets) for f in lake.list_files(snap, so)[a]]
+    paths, sizes = [p for p, _ in files], [b for _, b in files]
+    cols = ["asset_id", "timestamp", "vibration_mm_s"]
+    want = lake.read_files(paths, cols, so, sizes=sizes)
+    proxy = CountingProxy(s3.endpoint, tmp_path)
+    try:
+        via = {**so, "AWS_ENDPOINT_URL": proxy.url}
+        assert lake.read_files(paths, cols, via, sizes=sizes).equals(want)
+        assert proxy.methods() == {"GET": len(paths)}
+        assert len({p for _, p in proxy.requests}) == len(paths)  # each file once
+        proxy.clear()
+        # Without the sizes the reader must ask the store for each size first: the proxy sees it.
+        assert lake.read_files(paths, cols, via).equals(want)
+        assert proxy.methods().get("GET") == len(paths) and proxy.methods().get("HEAD") == len(paths)
+    finally:
+        proxy.close()
+    assert want.num_rows == 100
+
+
 def test_reads_with_wrong_credentials_or_a_vanished_file_fail_clearly(s3):
     pumps, so, root = load_contract("pumps"), s3.options(), s3.url("lake-w")
     snap = lake.write_lake_table(pump_rows("p1"), root, "pumps", "b1", storage_options=so, contract=pumps)

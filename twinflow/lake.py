@@ -1090,12 +1090,19 @@ def _extents(files: "Any", key_type: pa.DataType) -> pa.Table:
 
 
 def _read_local_file(path: str, columns: Sequence[str]) -> pa.Table:
-    """One local data file's ``columns`` (those it has), through the Parquet reader itself:
-    ``ParquetFile``'s Python layer costs ~30 % more per small file, which 10,000 asset files feel."""
+    """One local data file's ``columns`` (those it has), see :func:`_read_parquet`."""
+    return _read_parquet(path.removeprefix("file://"), columns)
+
+
+def _read_parquet(source: str | pa.Buffer, columns: Sequence[str]) -> pa.Table:
+    """One data file's ``columns`` (those it has) from a local path or the fetched object's bytes, through
+    the Parquet reader itself: ``ParquetFile``'s Python layer costs ~30 % more per small file, which
+    10,000 asset files feel (on an object store the reader's CPU is what the store's time adds to)."""
     from pyarrow._parquet import ParquetReader
 
     reader = ParquetReader()
-    reader.open(path.removeprefix("file://"), use_memory_map=False, pre_buffer=False)
+    reader.open(source if isinstance(source, str) else pa.BufferReader(source), use_memory_map=False,
+                pre_buffer=False)
     names = reader.schema_arrow.names
     return reader.read_all(column_indices=[names.index(c) for c in columns if c in names], use_threads=False)
 
@@ -1304,7 +1311,6 @@ def _fetch_objects(paths: Sequence[str], sizes: Sequence[int | None], storage_op
 def _read_tables(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
                  sizes: Sequence[int] | None = None) -> Iterator[pa.Table]:
     """Each data file's ``columns`` (those it has; no partition column), in the order of ``paths``."""
-    import pyarrow.parquet as pq
     from fsspec.implementations.local import LocalFileSystem
 
     if sizes is not None and len(sizes) != len(paths):
@@ -1316,7 +1322,7 @@ def _read_tables(paths: Sequence[str], columns: Sequence[str], storage_options: 
         # footer, then its column chunks, costs several sequential round trips per file.
         with store_errors(paths[0], storage_options):
             for blob in _fetch_objects(paths, sizes or [None] * len(paths), storage_options):
-                yield pq.ParquetFile(pa.BufferReader(blob)).read(columns=list(columns), use_threads=False)
+                yield _read_parquet(pa.py_buffer(blob), columns)
         return
     fs, _ = _fs(paths[0], storage_options)
     if isinstance(fs, LocalFileSystem):
@@ -1327,8 +1333,7 @@ def _read_tables(paths: Sequence[str], columns: Sequence[str], storage_options: 
     with store_errors(paths[0], storage_options):
         blobs = fs.cat([fs._strip_protocol(p) for p in paths], on_error="raise")
     for path in paths:
-        yield pq.ParquetFile(pa.BufferReader(blobs.pop(fs._strip_protocol(path))), pre_buffer=False).read(
-            columns=list(columns), use_threads=False)
+        yield _read_parquet(pa.py_buffer(blobs.pop(fs._strip_protocol(path))), columns)
 
 
 def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
@@ -1346,15 +1351,32 @@ def read_files(paths: Sequence[str], columns: Sequence[str], storage_options: di
         sizes: Each file's bytes (:func:`list_files` gives them from the Delta log): on an object
             store, a file is then fetched with one request instead of two.
     """
+    return read_files_counted(paths, columns, storage_options, sizes)[0]
+
+
+def read_files_counted(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,
+                       sizes: Sequence[int] | None = None) -> tuple[pa.Table, list[int]]:
+    """:func:`read_files`, and the rows each file contributed, in the order of ``paths``.
+
+    The table's rows are the files' rows one file after the other, so a caller holding the table
+    can take any subset of the files back out of it without reading them again.
+    """
     cols = [c for c in columns if c != PARTITION]
-    tables = []
-    for path, t in _read_each(paths, cols, storage_options, sizes=sizes):
-        if PARTITION in columns:
-            t = t.append_column(PARTITION, pa.repeat(pa.scalar(asset_of(path), pa.string()), t.num_rows))
-        tables.append(t)
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    tables = [t for _, t in _read_each(paths, cols, storage_options, sizes=sizes)]
+    rows = [t.num_rows for t in tables]
+    if len(tables) == 1:
+        table = tables[0]
+    else:
+        try:  # the files of one table version usually share a schema: no unification per file
+            table = pa.concat_tables(tables)
+        except pa.ArrowInvalid:  # a channel added since some files were written: nulls there
+            table = pa.concat_tables(tables, promote_options="permissive")
+    if PARTITION in columns:
+        # One column for all files (each file's rows take its folder's asset), not one per file.
+        names = pa.array([asset_of(p) for p in paths], pa.string())
+        table = table.append_column(PARTITION, names.take(pa.array(np.repeat(np.arange(len(paths)), rows))))
     order = [c for c in columns if c in table.column_names]
-    return table.select(order)
+    return table.select(order), rows
 
 
 def _read_each(paths: Sequence[str], columns: Sequence[str], storage_options: dict[str, Any] | None = None,

@@ -104,6 +104,21 @@ class DaskSettings(_Section):
     connect_timeout: float = Field(10.0, gt=0)
 
 
+class FeaturesSettings(_Section):
+    """How the features stage runs (what it computes is its ``FeatureParams``)."""
+
+    hold_bytes: int = Field(
+        2 * 2**30, ge=0,
+        description=(
+            "Largest lake, in Parquet bytes as the Delta log sizes its files, whose partitions the features "
+            "stage reads once and holds in the Dask workers' memory between its regime sample, "
+            "normalisation and transform passes (in memory they take ~1-1.5x their Parquet bytes). A larger "
+            "lake is read again by each pass, so the workers' memory stays flat however large the fleet. "
+            "0 always reads again."
+        ),
+    )
+
+
 class MlflowSettings(_Section):
     """MLflow tracking and registry. Empty URI: SQLite under the twinflow home."""
 
@@ -137,6 +152,7 @@ class Settings(BaseSettings):
     lake: LakeSettings = Field(default_factory=LakeSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
     dask: DaskSettings = Field(default_factory=DaskSettings)
+    features: FeaturesSettings = Field(default_factory=FeaturesSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
 
     @field_validator("home")

@@ -61,9 +61,12 @@ from twinflow.tasks.features.transform import (  # noqa: F401
     time_ticks,
 )
 from twinflow.tasks.features.stage import (  # noqa: F401
+    HeldPartitions,
     code_version,
     fit_statistics,
     fit_task,
+    held_bytes,
+    hold_partitions,
     lake_fingerprint,
     lake_frame,
     list_lake_files,
@@ -73,6 +76,7 @@ from twinflow.tasks.features.stage import (  # noqa: F401
     plan_partitions,
     publish,
     read_partition,
+    read_partition_counted,
     read_schema_columns,
     sample_job,
     sample_partitions,

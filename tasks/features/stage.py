@@ -6,12 +6,16 @@ channels of a partition at once; Python loops run only over windows, doubling le
 window) or EWM scan steps (log2 of the EWM horizon), never over rows or assets.
 
 A partition holds whole assets sorted by ``(asset_id, cycle)``; windows are clipped at the
-asset's first row, so they never cross assets. The stage is three passes over the lake, each a
-map over partitions on the Dask cluster whose results are small (a sample, moments, a summary):
+asset's first row, so they never cross assets. The stage is three passes over the partitions, each
+a map on the Dask cluster whose results are small (a sample, moments, a summary):
 
 1. sample the operating settings and cluster them into regimes (k-means; ``auto`` picks k);
 2. per-regime moments of every channel -> per-regime mean/std and constant/all-NaN channels;
 3. normalise, compute window features and the label, write one Parquet file per partition.
+
+Within a memory budget (:func:`hold_partitions`) each partition is read from the lake once and
+held on the workers for the three passes; a larger fleet is read by each pass (pass 1 from a
+seeded subset of its files), so the workers' memory does not grow with the fleet.
 
 I/O sits at the edges (:func:`plan_partitions`, :func:`read_partition`, :func:`write_partition`);
 the thin Prefect ``@task`` wrappers at the bottom add logging and retries.
@@ -32,8 +36,9 @@ import os
 import shutil
 import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -156,7 +161,20 @@ def read_partition(files: Sequence[str], columns: Sequence[str],
     """
     from twinflow import lake
 
-    frame = lake.read_files(files, columns, storage_options, sizes=sizes).to_pandas()
+    return _frame(lake.read_files(files, columns, storage_options, sizes=sizes))
+
+
+def read_partition_counted(files: Sequence[str], columns: Sequence[str], storage_options: dict | None = None,
+                           sizes: Sequence[int] | None = None) -> tuple[pd.DataFrame, list[int]]:
+    """:func:`read_partition`, and the rows each file contributed (its rows are the files' in order)."""
+    from twinflow import lake
+
+    table, rows = lake.read_files_counted(files, columns, storage_options, sizes=sizes)
+    return _frame(table), rows
+
+
+def _frame(table) -> pd.DataFrame:
+    frame = table.to_pandas()
     if contracts.ASSET in frame.columns:
         frame[contracts.ASSET] = frame[contracts.ASSET].astype(str)
     return frame
@@ -360,49 +378,154 @@ def _run_per_partition(ddf, fn, *args: Any) -> list[Any]:
 
 def sample_partitions(parts: Sequence[Sequence[str]], n_files: int, seed: int) -> list[list[str]]:
     """A random subset of ``n_files`` files of ``parts`` (all when fewer), grouped as they were."""
+    return [[parts[p][j] for j in files] for p, files in _sample_indices(parts, n_files, seed)]
+
+
+def _sample_indices(parts: Sequence[Sequence[str]], n_files: int, seed: int) -> list[tuple[int, list[int]]]:
+    """:func:`sample_partitions` as ``(partition index, [file index in it])``, partitions without a
+    chosen file left out."""
     total = sum(len(p) for p in parts)
     if total <= n_files:
-        return [list(p) for p in parts]
+        return [(p, list(range(len(part)))) for p, part in enumerate(parts)]
     keep = set(np.random.default_rng(seed).choice(total, size=n_files, replace=False).tolist())
     out, i = [], 0
-    for part in parts:
-        chosen = [f for j, f in enumerate(part, start=i) if j in keep]
+    for p, part in enumerate(parts):
+        chosen = [j - i for j in range(i, i + len(part)) if j in keep]
         i += len(part)
         if chosen:
-            out.append(chosen)
+            out.append((p, chosen))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Partitions read once and held in the workers' memory between the passes
+# ----------------------------------------------------------------------------------------------
+
+
+class HeldPartitions:
+    """The lake's partitions read once, with every column the stage's passes need, and held in the
+    Dask workers' memory (one future of ``(frame, rows per file)`` each) until :meth:`release`.
+
+    A pass given one takes its partitions from it instead of reading the lake again (the regime
+    sample takes its files' rows back out of the held frames); a pass whose partitions or columns
+    it does not cover, or that runs after the release, reads the lake as without one.
+    """
+
+    def __init__(self, parts: Sequence[Sequence[str]], columns: Sequence[str], futures: Sequence[Any]):
+        self.parts = [list(p) for p in parts]
+        self.columns = list(columns)
+        self._futures = list(futures)
+
+    def covers(self, parts: Sequence[Sequence[str]], columns: Sequence[str]) -> bool:
+        """Whether every partition of ``parts`` is held with ``columns`` (and not yet released)."""
+        return bool(self._futures) and set(columns) <= set(self.columns) and [list(p) for p in parts] == self.parts
+
+    @property
+    def futures(self) -> list[Any]:
+        return list(self._futures)
+
+    def release(self) -> None:
+        """Let the workers drop the held partitions (once the tasks already given them are done)."""
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.release()
+
+
+def held_bytes(parts: Sequence[Sequence[str]], file_sizes: dict[str, int] | None) -> int | None:
+    """The Parquet bytes of ``parts`` (from the Delta log's sizes), None when a size is unknown."""
+    if file_sizes is None or any(f not in file_sizes for p in parts for f in p):
+        return None
+    return sum(file_sizes[f] for p in parts for f in p)
+
+
+@contextmanager
+def hold_partitions(parts: Sequence[Sequence[str]], columns: Sequence[str], storage_options: dict | None = None,
+                    file_sizes: dict[str, int] | None = None, budget_bytes: int = 0
+                    ) -> Iterator[HeldPartitions | None]:
+    """Read every partition once on the cluster and hold it there while the block runs.
+
+    Yields None (each pass then reads the lake itself) when the partitions' Parquet bytes exceed
+    ``budget_bytes`` (the ``features.hold_bytes`` setting) or are unknown: a fleet larger than the
+    budget is read again per pass, so the workers' memory does not grow with it. The reads start
+    at once; the held frames are released when the block ends, and earlier partition by partition
+    when :func:`transform_and_write` has taken them.
+    """
+    size = held_bytes(parts, file_sizes)
+    if not budget_bytes or size is None or size > budget_bytes:
+        yield None
+        return
+    with _dask() as client:
+        futures = [client.submit(read_partition_counted, list(p), list(columns), storage_options,
+                                 [file_sizes[f] for f in p], key=f"read-lake-held-{uuid.uuid4().hex[:12]}")
+                   for p in parts]
+        held = HeldPartitions(parts, columns, futures)
+        try:
+            yield held
+        finally:
+            held.release()
+
+
+def _on_frame(fn, held: tuple[pd.DataFrame, list[int]], *args: Any) -> Any:
+    """``fn(frame, *args)`` on a held partition's frame."""
+    return fn(held[0], *args)
+
+
+def _sample_held(held: tuple[pd.DataFrame, list[int]], files: Sequence[int], op_columns: Sequence[str],
+                 n: int, seed: int) -> np.ndarray:
+    """:func:`sample_job` on the rows of the held partition's ``files`` (indices in the partition):
+    the rows, in the order, a read of those files alone gives."""
+    frame, rows = held
+    ops = frame[list(op_columns)]
+    if len(files) < len(rows):
+        bounds = np.concatenate([[0], np.cumsum(rows)])
+        ops = ops.iloc[np.concatenate([np.arange(bounds[j], bounds[j + 1]) for j in files])]
+    return sample_job(ops, op_columns, n, seed)
 
 
 def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_columns: Sequence[str],
                    params: FeatureParams, storage_options: dict | None = None,
-                   file_sizes: dict[str, int] | None = None) -> FitStats:
+                   file_sizes: dict[str, int] | None = None, held: HeldPartitions | None = None) -> FitStats:
     """Passes 1-2 on the cluster: regimes from a sample of operating settings (read from a random
     subset of files, see ``sample_files``), then moments over every row.
 
-    ``file_sizes``: bytes per file, as :func:`lake_frame` takes them.
+    ``file_sizes``: bytes per file, as :func:`lake_frame` takes them. ``held``: the partitions held
+    by :func:`hold_partitions`; both passes then use them instead of reading the lake (same rows,
+    same sample, same statistics).
     """
     if not params.normalise and not params.drop_constant and params.regimes == 1:
         return identity_fit(channels)
     op_columns = list(op_columns)
     op_mean, op_scale, centroids = np.zeros(0), np.ones(0), np.empty((0, 0))
     if params.regimes != 1 and op_columns:
-        sample_parts = sample_partitions(parts, params.sample_files, params.seed)
-        per_part = max(1, -(-params.sample_rows // len(sample_parts)))
-        import dask
-
-        ddf = lake_frame(sample_parts, op_columns, storage_options, file_sizes)  # no keys: the sample needs none
-        jobs = [dask.delayed(sample_job, pure=False)(p, op_columns, per_part, params.seed + i)
-                for i, p in enumerate(ddf.to_delayed())]
+        chosen = _sample_indices(parts, params.sample_files, params.seed)
+        per_part = max(1, -(-params.sample_rows // len(chosen)))
         with _dask() as client:
-            samples = client.gather(client.compute(jobs))
+            if held is not None and held.covers(parts, op_columns):
+                futures = held.futures
+                jobs = [client.submit(_sample_held, futures[p], files, op_columns, per_part, params.seed + i,
+                                      pure=False) for i, (p, files) in enumerate(chosen)]
+                samples = client.gather(jobs)
+            else:
+                import dask
+
+                sample_parts = [[parts[p][j] for j in files] for p, files in chosen]
+                ddf = lake_frame(sample_parts, op_columns, storage_options, file_sizes)  # no keys: none needed
+                jobs = [dask.delayed(sample_job, pure=False)(p, op_columns, per_part, params.seed + i)
+                        for i, p in enumerate(ddf.to_delayed())]
+                samples = client.gather(client.compute(jobs))
         sample = np.concatenate([s for s in samples if len(s)] or [np.empty((0, len(op_columns)))])
         op_columns, op_mean, op_scale, centroids = fit_regimes(sample, op_columns, params)
     if len(centroids) == 0:
         op_columns, op_mean, op_scale = [], np.zeros(0), np.ones(0)
-    # Moments need no keys: decoding the asset strings and cycles would be ~20% of this pass.
-    moments = _run_per_partition(
-        lake_frame(parts, [*op_columns, *channels], storage_options, file_sizes),
-        partition_moments, list(channels), op_columns, op_mean, op_scale, centroids)
+    args = (list(channels), op_columns, op_mean, op_scale, centroids)
+    if held is not None and held.covers(parts, [*op_columns, *channels]):
+        with _dask() as client:
+            moments = client.gather([client.submit(_on_frame, partition_moments, f, *args, pure=False)
+                                     for f in held.futures])
+    else:
+        # Moments need no keys: decoding the asset strings and cycles would be ~20% of this pass.
+        moments = _run_per_partition(lake_frame(parts, [*op_columns, *channels], storage_options, file_sizes),
+                                     partition_moments, *args)
     return finalize_fit(combine_moments(moments), list(channels), op_columns, op_mean, op_scale,
                         centroids, params)
 
@@ -410,24 +533,34 @@ def fit_statistics(parts: Sequence[Sequence[str]], channels: Sequence[str], op_c
 def transform_and_write(parts: Sequence[Sequence[str]], fit: FitStats, params: FeatureParams,
                         backend: str, out_dir: str, storage_options: dict | None = None,
                         clock: Clock | None = None, lives: pd.DataFrame | None = None,
-                        file_sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+                        file_sizes: dict[str, int] | None = None,
+                        held: HeldPartitions | None = None) -> list[dict[str, Any]]:
     """Pass 3 on the cluster: features of every partition written under ``out_dir``.
 
     ``clock``: the data's clock (the fleet contract's); default a cycle clock. ``file_sizes``:
-    bytes per file, as :func:`lake_frame` takes them.
+    bytes per file, as :func:`lake_frame` takes them. ``held``: the partitions held by
+    :func:`hold_partitions`, used instead of reading the lake and released here (the last pass),
+    so each partition's frame leaves the worker's memory once its features are written.
     """
     import dask
 
     clock = clock or Clock()
     op_columns = fit.op_columns if fit.n_regimes > 1 else []
-    ddf = lake_frame(parts, [contracts.ASSET, clock.key, *op_columns, *fit.kept], storage_options, file_sizes)
-    jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i, clock, lives)
-            for i, p in enumerate(ddf.to_delayed())]
+    columns = [contracts.ASSET, clock.key, *op_columns, *fit.kept]
     with _dask() as client:
         from twinflow.runtime import gpu_resources
 
         # CuPy partitions must land on GPU workers of a mixed cluster.
-        return client.gather(client.compute(jobs, resources=gpu_resources(client, backend == "cupy")))
+        resources = gpu_resources(client, backend == "cupy")
+        if held is not None and held.covers(parts, columns):
+            jobs = [client.submit(_on_frame, transform_job, f, fit, params, backend, out_dir, i, clock, lives,
+                                  pure=False, resources=resources) for i, f in enumerate(held.futures)]
+            held.release()
+            return client.gather(jobs)
+        ddf = lake_frame(parts, columns, storage_options, file_sizes)
+        jobs = [dask.delayed(transform_job, pure=False)(p, fit, params, backend, out_dir, i, clock, lives)
+                for i, p in enumerate(ddf.to_delayed())]
+        return client.gather(client.compute(jobs, resources=resources))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,11 +574,12 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 @task(name="features-fit", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2,
       task_run_name=task_name("features-fit", lambda p: dataset_of_parts(p["parts"])))
 def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str], params: FeatureParams,
-             storage_options: dict | None = None, file_sizes: dict[str, int] | None = None) -> FitStats:
+             storage_options: dict | None = None, file_sizes: dict[str, int] | None = None,
+             held: HeldPartitions | None = None) -> FitStats:
     """Fit regimes and normalisation statistics over the lake partitions (passes 1-2)."""
     from prefect import get_run_logger
 
-    fit = fit_statistics(parts, channels, op_columns, params, storage_options, file_sizes)
+    fit = fit_statistics(parts, channels, op_columns, params, storage_options, file_sizes, held)
     get_run_logger().info("fit: %d regime(s), kept %d channel(s), dropped %s", fit.n_regimes,
                           len(fit.kept), fit.dropped or "none")
     return fit
@@ -456,14 +590,16 @@ def fit_task(parts: list[list[str]], channels: list[str], op_columns: list[str],
 def transform_task(parts: list[list[str]], fit: FitStats, params: FeatureParams, backend: str,
                    out_dir: str, storage_options: dict | None = None,
                    clock: Clock | None = None, lives: pd.DataFrame | None = None,
-                   file_sizes: dict[str, int] | None = None) -> list[dict[str, Any]]:
+                   file_sizes: dict[str, int] | None = None,
+                   held: HeldPartitions | None = None) -> list[dict[str, Any]]:
     """Compute and write the features of every partition into ``out_dir`` (pass 3)."""
     from prefect import get_run_logger
 
     # A retry starts from an empty directory: no file of a failed attempt survives.
     for leftover in Path(out_dir).glob("part-*.parquet"):
         leftover.unlink()
-    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options, clock, lives, file_sizes)
+    summaries = transform_and_write(parts, fit, params, backend, out_dir, storage_options, clock, lives, file_sizes,
+                                    held)
     unlabelled = sum(s.get("unlabelled", 0) for s in summaries)
     get_run_logger().info("features: %d rows in %d partition(s) on %s%s", sum(s["rows"] for s in summaries),
                           len(summaries), backend,
