@@ -109,23 +109,19 @@ def score_recent(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, bas
     ends = np.r_[starts[1:], len(asset_codes)]
     centred = z - baseline.regime_mean[regime]
     n = len(starts)
-    recent = np.full((n, z.shape[1]), np.nan)
-    used = np.zeros(n, dtype=int)
-    # Vectorised window means: cumulative sums of values and of finite counts.
+    # Window sums and finite counts taken over each window's rows, one row offset at a time for
+    # every asset at once: no prefix sum over the whole frame (whose differences carry the rounding of
+    # every row before the window), and no pass over rows outside the windows.
     finite = np.isfinite(centred)
-    # Prefix sums written in place after a zero row (no stacked copy of a fleet-sized array).
-    csum = np.empty((len(z) + 1, z.shape[1]))
-    csum[0] = 0.0
-    np.cumsum(np.where(finite, centred, 0.0), axis=0, out=csum[1:])
     lo = np.maximum(ends - baseline.window, starts)
-    tot = csum[ends] - csum[lo]
-    # Finite readings per window, counted over the window's rows only: integers, so exactly what
-    # differences of a fleet-wide running count gave.
+    tot = np.zeros((n, z.shape[1]))
     cnt = np.zeros((n, z.shape[1]), dtype=np.int64)
     for k in range(int((ends - lo).max(initial=0))):
         rows = lo + k
         inside = rows < ends
-        cnt[inside] += finite[rows[inside]]
+        r = rows[inside]
+        tot[inside] += np.where(finite[r], centred[r], 0.0)
+        cnt[inside] += finite[r]
     with np.errstate(invalid="ignore", divide="ignore"):
         recent = tot / cnt
     used = ends - lo
