@@ -229,6 +229,22 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
     return live[[C.ASSET, "cycle", *[n for n in names if n in live.columns and n not in (C.ASSET, "cycle")]]]
 
 
+class _Clock:
+    """Seconds per step into ``timings`` (each lap since the previous one); nothing without a dict."""
+
+    def __init__(self, timings: dict[str, float] | None):
+        import time
+
+        self.timings, self._now = timings, time.perf_counter
+        self._last = self._now()
+
+    def lap(self, step: str) -> None:
+        if self.timings is not None:
+            now = self._now()
+            self.timings[step] = self.timings.get(step, 0.0) + now - self._last
+            self._last = now
+
+
 @dataclass
 class FleetScore:
     """The scored fleet and what the report needs beside it."""
@@ -357,7 +373,8 @@ def _by_horizon_json(p_by: dict[float, np.ndarray], horizons: list[float], n: in
 
 def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champion: Any | None = None, *,
                 baseline_frame: pd.DataFrame | None = None, lifetime: WeibullFit | None = None,
-                scored_at: str | None = None, lives: pd.DataFrame | None = None) -> FleetScore:
+                scored_at: str | None = None, lives: pd.DataFrame | None = None,
+                timings: dict[str, float] | None = None) -> FleetScore:
     """Score every asset of ``frame`` (lake rows of the running fleet).
 
     Args:
@@ -372,10 +389,14 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
         lives: :func:`life_frame`: whole-history counts when ``frame`` holds only each asset's
             recent rows, and the current life from the dataset's segments: an asset's age then
             counts from its last renewal, not its first reading.
+        timings: When given, filled with the seconds each step took (``groups``, ``anomaly``,
+            ``live_features``, ``predict``, ``posterior``, ``table``): where a fleet's scoring time goes.
     """
+    clock = _Clock(timings)
     notes: list[str] = []
     ff = fleet_frame(frame, contract)
     rows = _last_reading(ff)
+    clock.lap("groups")
     n = len(rows)
     status = np.full(n, SCORED, dtype=object)
     reasons: list[list[str]] = [[] for _ in range(n)]
@@ -461,12 +482,14 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
     else:
         notes.append("no sensor channels to score")
 
+    clock.lap("anomaly")
     # --- model: RUL, interval, failure probabilities ---------------------------------------------------
     rul = np.full(n, np.nan)
     if champion is not None:
         names = champion.input_names
         live = None if absent else live_features(ff, fit, champion.feature_params, names, first_t=first_t,
                                                  clock=contract.clock)
+        clock.lap("live_features")
         lacking = absent or [c for c in names if c not in live.columns]
         if lacking:
             what = "channel(s)" if absent else "feature(s)"
@@ -490,6 +513,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
                 reasons[i].append(f"features missing at the last reading: {', '.join(miss[:5])}"
                                   + (f" and {len(miss) - 5} more" if len(miss) > 5 else ""))
         notes.extend(champion.notes)
+    clock.lap("predict")
     lifetime = lifetime or (champion.lifetime if champion is not None else None)
 
     grid, grid_max = None, None
@@ -515,6 +539,7 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
     has_reason = np.fromiter((bool(r) for r in reasons), dtype=bool, count=n)
     status[has_reason & (few | stale | ~np.isfinite(score))] = SKIPPED
     status[has_reason & ~(few | stale | ~np.isfinite(score))] = PARTIAL
+    clock.lap("posterior")
     last_time = rows["last_time"].to_numpy()
     if ff.timestamp_clock:
         due_by = [str(pd.Timestamp((lt + d) * contract.clock.unit_seconds, unit="s", tz="UTC")) if np.isfinite(d) else ""
@@ -554,4 +579,5 @@ def score_fleet(frame: pd.DataFrame, contract: Any, params: HealthParams, champi
             _, post = remaining_life_posterior(rows["age"].to_numpy()[sel], rul[sel], lifetime, errors, cap=cap,
                                                grid_max=grid_max)
             fans = dict(zip(top, post))
+    clock.lap("table")
     return FleetScore(table, grid, fans, lifetime, base, notes)
