@@ -43,16 +43,20 @@ def standardise(values: np.ndarray, regime: np.ndarray, mean: np.ndarray, std: n
 
 
 def _window_means(z: np.ndarray, starts: np.ndarray, ends: np.ndarray, window: int, stride: int) -> np.ndarray:
-    """Means of consecutive ``window``-row blocks inside each [start, end) range (NaN-aware)."""
+    """Means of consecutive ``window``-row blocks inside each [start, end) range (NaN-aware).
+
+    Every block gathered into one (blocks, window, channels) array and averaged in one call, not a
+    ``nanmean`` per block: each block's rows are still added in order, so the values are the same.
+    """
     import warnings
 
-    out = []
+    first = [np.arange(s, e - window + 1, stride) for s, e in zip(starts, ends)]
+    first = np.concatenate(first) if first else np.zeros(0, np.int64)
+    if not first.size:
+        return np.zeros((0, z.shape[1]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN channel in a window: NaN, dropped below
-        for s, e in zip(starts, ends):
-            for a in range(s, e - window + 1, stride):
-                out.append(np.nanmean(z[a:a + window], axis=0))
-    return np.asarray(out).reshape(-1, z.shape[1])
+        return np.nanmean(z[first[:, None] + np.arange(window)], axis=1).reshape(-1, z.shape[1])
 
 
 def fit_baseline(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, channels: list[str], *,

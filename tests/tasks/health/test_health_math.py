@@ -290,3 +290,23 @@ def test_the_fleet_wide_recommendations_equal_the_per_asset_ones():
     np.testing.assert_array_equal(cost, [w[2] for w in want])
     assert {"maintain now", "no estimate", "no action before the next run"} <= set(actions)
     assert any(a.startswith("schedule maintenance within") for a in actions)
+
+
+def test_the_baselines_window_means_in_one_call_equal_one_nanmean_per_window_bit_for_bit():
+    import warnings
+
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(3000, 5)) * 1e3 + 4e4
+    z[rng.random(z.shape) < 0.1] = np.nan
+    z[100:140, 2] = np.nan  # a window with a channel never read
+    starts = np.array([0, 90, 500, 503, 1700])
+    ends = np.array([90, 500, 503, 1700, 3000])
+    for window, stride in ((10, 5), (7, 1), (30, 30)):
+        got = anomaly._window_means(z, starts, ends, window, stride)
+        want = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for s, e in zip(starts, ends):
+                want += [np.nanmean(z[a:a + window], axis=0) for a in range(s, e - window + 1, stride)]
+        np.testing.assert_array_equal(got, np.asarray(want))
+    assert anomaly._window_means(z, starts[:1], starts[:1] + 3, 10, 5).shape == (0, 5)
