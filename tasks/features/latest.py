@@ -137,15 +137,23 @@ def _window_stats(y, t, c, lo, hi, mp, res):
 
 
 @njit(cache=True, nogil=True)
-def _latest_into(y, t, regime, starts, kind, param, stat, channel, group, g_kind, g_param, g_channel, mp, out):
+def _latest_into(y, t, regime, starts, kind, param, stat, channel, group, g_kind, g_param, g_channel,
+                 e_span, e_first, e_rows, mp, out):
     """Every planned feature at each asset's last row: ``out[f, a]`` (float32).
 
     ``y``: (channels, n) normalised values, rows of each asset contiguous and in time order;
     ``t``: (n,) time relative to each asset's first row; ``starts``: (assets + 1,) first rows, then n.
     Window features are grouped by (kind, window, channel): one pass per group gives all five
-    statistics, whichever of them are planned.
+    statistics, whichever of them are planned. EWM features are grouped by span (``e_span``; plan
+    entries ``e_rows[e_first[p]:e_first[p + 1]]``): one pass over the rows runs every channel's
+    recurrence, as ``ewm_into`` does (one channel's chain of multiply-adds waits on its latency;
+    the channels' chains overlap), each channel's operations in the same order.
     """
     stats = np.empty((g_kind.shape[0], 5))
+    n_e = e_rows.shape[0]
+    num = np.empty(n_e)
+    den = np.empty(n_e)
+    seen = np.empty(n_e, np.int64)
     for a in range(starts.shape[0] - 1):
         a0 = starts[a]
         i = starts[a + 1] - 1
@@ -172,21 +180,27 @@ def _latest_into(y, t, regime, starts, kind, param, stat, channel, group, g_kind
                 out[f, a] = y[c, i]
             elif k == 3 or k == 4:
                 out[f, a] = stats[group[f], stat[f]]
-            else:
-                # pandas ewm(span, adjust=True): the full pass's recurrence from the asset's first row given.
-                beta = 1.0 - 2.0 / (param[f] + 1.0)
-                nu = 0.0
-                de = 0.0
-                s = 0
-                for j in range(a0, i + 1):
-                    v = y[c, j]
-                    nu = nu * beta
-                    de = de * beta
+        # pandas ewm(span, adjust=True): the full pass's recurrence from the asset's first row given.
+        for p in range(e_span.shape[0]):
+            beta = 1.0 - 2.0 / (e_span[p] + 1.0)
+            e0 = e_first[p]
+            e1 = e_first[p + 1]
+            num[e0:e1] = 0.0
+            den[e0:e1] = 0.0
+            seen[e0:e1] = 0
+            for j in range(a0, i + 1):
+                for e in range(e0, e1):
+                    v = y[channel[e_rows[e]], j]
+                    nu = num[e] * beta
+                    de = den[e] * beta
                     if v == v:
                         nu += v
                         de += 1.0
-                        s += 1
-                out[f, a] = np.nan if de == 0.0 or s < mp else nu / de
+                        seen[e] += 1
+                    num[e] = nu
+                    den[e] = de
+            for e in range(e0, e1):
+                out[e_rows[e], a] = np.nan if den[e] == 0.0 or seen[e] < mp else num[e] / den[e]
     return out
 
 
@@ -209,7 +223,8 @@ def latest_features(y: np.ndarray, ops: np.ndarray, t: np.ndarray, starts: np.nd
         (features, assets) float32, rows in ``plan.names`` order.
     """
     n = y.shape[1]
-    y = np.array(y, dtype=np.float64, order="C")  # normalised in place: a private copy
+    # Normalised in place: then on a private copy.
+    y = np.array(y, dtype=np.float64, order="C") if fit.normalised else np.ascontiguousarray(y, dtype=np.float64)
     regime = np.zeros(n, np.int64)
     compiled = compiled_kernels()
     if plan.needs_regime:
@@ -233,6 +248,11 @@ def latest_features(y: np.ndarray, ops: np.ndarray, t: np.ndarray, starts: np.nd
                                                                    plan.channel.tolist())], np.int64)
     g_kind, g_param, g_channel = (np.array([k[j] for k in keys], dt).reshape(-1)
                                   for j, dt in enumerate((np.int64, np.float64, np.int64)))
+    ewm = np.flatnonzero(plan.kind == _EWM)
+    e_span = np.unique(plan.param[ewm])
+    e_rows = np.concatenate([ewm[plan.param[ewm] == sp] for sp in e_span]).astype(np.int64) if ewm.size \
+        else np.zeros(0, np.int64)
+    e_first = np.r_[0, np.cumsum([(plan.param[ewm] == sp).sum() for sp in e_span])].astype(np.int64)
     return _latest_into(y, np.ascontiguousarray(t, dtype=np.float64), regime, np.asarray(starts, np.int64),
                         plan.kind, plan.param, plan.stat, plan.channel, group, g_kind, g_param, g_channel,
-                        float(min_periods), out)
+                        e_span.astype(np.float64), e_first, e_rows, float(min_periods), out)

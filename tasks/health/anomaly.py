@@ -146,24 +146,30 @@ def score_recent(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, bas
 
 def top_channels(contrib: np.ndarray, recent_sign: np.ndarray | None, channels: list[str], k: int = 3) -> list[str]:
     """The ``k`` channels with the largest contributions per asset, as ``name (+x.x)`` strings."""
-    # Ranks and totals for every asset at once (row-wise, as one asset at a time gave them: the same
-    # sort per row and the same pairwise sums); only the strings are built per asset.
+    # Ranks, totals and shares for every asset at once (row-wise, as one asset at a time gave them:
+    # the same sort per row, the same pairwise sums, the same two float64 operations per share);
+    # only the strings are built per asset, from Python floats rather than NumPy scalars.
     any_finite = np.isfinite(contrib).any(axis=1)
     order = np.argsort(-np.nan_to_num(contrib, nan=-np.inf), axis=1)[:, :k]
     totals = np.nansum(np.maximum(contrib, 0.0), axis=1)
+    totals = np.where(totals == 0, 1.0, totals)  # ``total or 1.0``
+    top = np.take_along_axis(contrib, order, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = (100 * top / totals[:, None]).tolist()
+    positive = (~(top <= 0)).tolist()  # a NaN among the top k is shown, as one asset at a time did
+    signs = None if recent_sign is None else np.take_along_axis(recent_sign, order, axis=1) > 0
+    idx = order.tolist()
     out = []
     for i in range(contrib.shape[0]):
         if not any_finite[i]:
             out.append("")
             continue
-        row = contrib[i]
-        total = totals[i] or 1.0
         parts = []
-        for j in order[i]:
-            if row[j] <= 0:
+        for j in range(order.shape[1]):
+            if not positive[i][j]:
                 continue
-            sign = "" if recent_sign is None else ("↑" if recent_sign[i, j] > 0 else "↓")
-            parts.append(f"{channels[j]}{sign} {100 * row[j] / total:.0f}%")
+            sign = "" if signs is None else ("↑" if signs[i, j] else "↓")
+            parts.append(f"{channels[idx[i][j]]}{sign} {share[i][j]:.0f}%")
         out.append(", ".join(parts))
     return out
 

@@ -184,7 +184,7 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
     f = ff.frame
     stamped = clock is not None and clock.kind == "timestamp"
     rows = ff.tail(rows_needed(fp))
-    codes = ff.codes[rows]
+    codes = ff.codes if len(rows) == len(f) else ff.codes[rows]
     if stamped:
         ticks, tick_seconds = time_ticks(f[clock.key].iloc[rows] if len(rows) < len(f) else f[clock.key])
         scale = tick_seconds / clock.unit_seconds
@@ -193,7 +193,7 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
         # The kernels key on an integer time; a timestamp clock without its contract's clock enters
         # as whole time units since its start.
         ticks = np.round(ff.t[rows] - (ff.t[ff.starts].min() if len(ff.starts) else 0)).astype(np.int64) \
-            if ff.timestamp_clock else f[ff.time_key].to_numpy(dtype=np.int64)[rows]
+            if ff.timestamp_clock else np.take(f[ff.time_key].to_numpy(dtype=np.int64), rows)
         scale, clock = 1.0, None
         key_values = ticks[np.r_[np.flatnonzero(codes[1:] != codes[:-1]), len(codes) - 1]] if len(codes) else ticks
     # A repeated (asset, time) keeps its last row, as compute_features does.
@@ -207,13 +207,23 @@ def live_features(ff: FleetFrame, fit: Any, feature_params: Any, names: list[str
     if scale != 1.0:
         t *= scale
     plan = feature_plan(fit, fp, [n for n in names if n not in (C.ASSET, "cycle")], clock)
+    # The recent-rows table holds as many rows as the features see: then every row is read as is.
+    every = len(rows) == len(f)
+
+    def column(c: str, out: np.ndarray) -> None:
+        values = f[c].to_numpy(dtype=np.float64)
+        if every:
+            out[:] = values
+        else:
+            np.take(values, rows, out=out)
+
     y = np.full((len(plan.channels), len(rows)), np.nan)
     for j, c in enumerate(plan.channels):
         if c in f.columns:
-            y[j] = f[c].to_numpy(dtype=np.float64)[rows]
-    ops = np.empty((len(rows), 0))
-    if plan.needs_regime:
-        ops = np.stack([f[c].to_numpy(dtype=np.float64)[rows] for c in fit.op_columns], axis=1)
+            column(c, y[j])
+    ops = np.empty((len(rows), len(fit.op_columns) if plan.needs_regime else 0))
+    for j, c in enumerate(fit.op_columns if plan.needs_regime else []):
+        column(c, ops[:, j])
     x = latest_features(y, ops, t, starts, fit, plan, fp.min_periods)
     live = pd.DataFrame(x.T.astype("float64"), columns=plan.names)
     live.insert(0, C.ASSET, ff.assets)

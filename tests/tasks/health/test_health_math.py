@@ -206,6 +206,7 @@ def test_the_fleet_wide_evidence_and_window_means_equal_the_per_asset_ones_bit_f
     contrib[5] = np.nan
     contrib[6] = -np.abs(contrib[6])  # nothing positive: no evidence
     contrib[8, :3] = 0.0
+    contrib[9, 2:] = np.nan  # fewer finite channels than k: a NaN is among the top 3
     sign = rng.normal(size=contrib.shape)
     for s in (None, sign):
         assert anomaly.top_channels(contrib, s, channels, 3) == _top_channels_per_asset(contrib, s, channels, 3)
