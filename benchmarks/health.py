@@ -54,7 +54,8 @@ Figures (2-core shared VM), see ``benchmarks/results/``:
   pandas/numpy pipeline. (b) by step: read 0.16, asset groups 0.03, anomaly 0.09, live features 0.13
   (was 0.94), predict 0.06, posterior 0.13, table 0.04, fleet_health commit 0.07 s. 2,000 assets,
   ``--repeat 5``, load 4.0 -> 3.7 (``2026-12-07-health-h36-2000.json``): (a) 0.016 s, (b) 0.17 s (was
-  0.50 s) -> 0.093x, (c) 0.20 s -> 1.18x.
+  0.50 s) -> 0.093x, (c) 0.20 s -> 1.18x. Again at 10,000, load 4.7 -> 4.4
+  (``2026-12-07-health-h36-10000-2.json``): (a) 0.045 s, (b) 0.69 s -> 0.066x, (c) 1.11 s -> 1.61x.
   Why 0.5x of (a) is out of reach: (b) runs (a) itself (the predict step) plus the read of W = 131
   rows per asset (1.3M rows at 10,000 assets: 0.16 s, ~4x (a) alone) and the fleet_health commit;
   even with scoring free, (b) <= (a) / ((a) + read + commit) ~ 0.2x. The fair reference for "end to end
