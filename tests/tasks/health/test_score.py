@@ -244,3 +244,22 @@ def test_live_features_at_the_last_reading_equal_the_full_pass_over_whole_histor
     few = [names[7], names[0], names[-1]]
     part = live_features(ff, fit, fp, few)
     pd.testing.assert_frame_equal(part[few], live[few], check_exact=True)
+
+
+def test_drift_standardises_only_the_last_window_and_gives_what_every_row_gave(champion):
+    from twinflow.flows.health import drift_table
+    from twinflow.tasks.health import drift as dr
+    from twinflow.tasks.health.score import fleet_frame, regimes, standardised
+
+    contract, params = load_contract("cmapss"), HealthParams()
+    test, train = _read("test"), _read("train")
+    got = drift_table(test, train, contract, champion, params)
+    # As it was computed before: every reading standardised, then each asset's last window kept.
+    ff, bf = fleet_frame(test, contract), fleet_frame(train, contract)
+    recent = ff.frame.groupby("asset_id", sort=False).cumcount(ascending=False).to_numpy() < params.window
+    fr, br = regimes(ff, champion.fit), regimes(bf, champion.fit)
+    channels = [c for c in champion.fit.kept if c in test.columns]
+    z, bz = standardised(ff, channels, champion.fit, fr), standardised(bf, channels, champion.fit, br)
+    want = dr.drift_table(bz, br, z[recent], fr[recent], channels)
+    assert len(got) == len(channels)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
