@@ -83,10 +83,16 @@ def _groups(frame: pd.DataFrame, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def fleet_frame(frame: pd.DataFrame, contract: Any) -> FleetFrame:
     """Order readings by (asset, time) and derive a numeric time axis in the contract's time unit."""
     key = contract.key
+    found = None
     if not (pd.api.types.is_string_dtype(frame[C.ASSET]) and frame[C.ASSET].notna().all()):
+        # Ids that are not strings (e.g. integers) are ordered as they are, then named as strings.
+        frame = frame.sort_values([C.ASSET, key], kind="stable").reset_index(drop=True)
         frame = frame.assign(**{C.ASSET: frame[C.ASSET].astype(str)})
-    t = _time_axis(frame, contract)
-    found = _groups(frame, t)
+        t = _time_axis(frame, contract)
+        found = pd.factorize(frame[C.ASSET], sort=False)[0], None
+    else:
+        t = _time_axis(frame, contract)
+        found = _groups(frame, t)
     if found is None:
         frame = frame.sort_values([C.ASSET, key], kind="stable").reset_index(drop=True)
         t = _time_axis(frame, contract)
