@@ -15,10 +15,14 @@ residuals, a Weibull lifetime model). Measured, interleaved:
   (b') the same, reading each asset's newest files instead (``lake.read_recent``: health's fallback
       when the recent table is missing or stale, and the only path before it existed);
   (a') a second reference: ``predict`` over every prepared feature row of the histories (what a
-      script that featurises whole histories and keeps the last prediction does).
+      script that featurises whole histories and keeps the last prediction does);
+  (c) the same pipeline written directly in pandas/numpy (:func:`direct_pipeline`): read the tails from
+      the recent-rows table, compute the same features at each asset's last reading (checked against
+      the prepared rows before timing), predict, append to a Delta table. No anomaly score, posterior,
+      intervals, evidence or actions: the floor any end to end from the lake pays.
 
-The goal of the issue is (b) >= 0.5x (a). The breakdown of (b) is printed and stored so the gap is
-explained. Then the ingest side and the latency: new readings for 1% of the assets are committed,
+The goal of the issue is (b) >= 0.5x (a); the ratio (b) vs (c) is reported beside it. The breakdown of
+(b) by step (``score_fleet``'s timings) is printed and stored so the gap is explained. Then the ingest side and the latency: new readings for 1% of the assets are committed,
 the recent table is refreshed incrementally (only those assets are read again), and the fleet is
 scored and committed again: commit -> refresh -> ``fleet_health`` written is the in-process part of
 the ``data.ready`` -> updated health table latency (the served part, event -> automation -> flow run
@@ -43,12 +47,26 @@ Figures (2-core shared VM), see ``benchmarks/results/``:
   What is left of (b) is the model's inputs (live features), the model itself, the posterior and the
   anomaly windows over each asset's tail: the ratio to a bare predict over prepared rows stays far
   below 0.5x while the live features are computed at scoring time.
+  2026-12-07, h36 (features at the last reading only, anomaly over the last window only, asset groups
+  found once, chunked posterior, vectorised actions/evidence), 10,000 assets, ``--repeat 3``, load
+  average 8.4 -> 4.3 (``2026-12-07-health-h36-10000.json``): (a) 0.042 s, (a1) 0.078 s, (b) 0.72 s
+  (was 2.57 s) -> 0.058x (goal 0.5x: not met), (b') 4.2 s, (c) 1.07 s -> (b) is 1.49x the direct
+  pandas/numpy pipeline. (b) by step: read 0.16, asset groups 0.03, anomaly 0.09, live features 0.13
+  (was 0.94), predict 0.06, posterior 0.13, table 0.04, fleet_health commit 0.07 s. 2,000 assets,
+  ``--repeat 5``, load 4.0 -> 3.7 (``2026-12-07-health-h36-2000.json``): (a) 0.016 s, (b) 0.17 s (was
+  0.50 s) -> 0.093x, (c) 0.20 s -> 1.18x. Again at 10,000, load 4.7 -> 4.4
+  (``2026-12-07-health-h36-10000-2.json``): (a) 0.045 s, (b) 0.69 s -> 0.066x, (c) 1.11 s -> 1.61x.
+  Why 0.5x of (a) is out of reach: (b) runs (a) itself (the predict step) plus the read of W = 131
+  rows per asset (1.3M rows at 10,000 assets: 0.16 s, ~4x (a) alone) and the fleet_health commit;
+  even with scoring free, (b) <= (a) / ((a) + read + commit) ~ 0.2x. The fair reference for "end to end
+  from the lake" is (c), which pays the same read and write: twinflow's full scoring beats it.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -114,6 +132,64 @@ def champion():
                     val_pred=pred), train, model, names
 
 
+def direct_pipeline(recent_uri: str, out_uri: str, fp, names: list[str], model, run: str) -> pd.DataFrame:
+    """(c) The same pipeline written directly in pandas/numpy, without twinflow: what the user of issue 27
+    wrote by hand. Read the assets' tails from the recent-rows table, compute the champion's features at
+    each asset's last reading (every tail padded into one (assets, rows, channels) array, each window a
+    slice of it), predict, append the estimates to a Delta table. It scores no anomaly, failure
+    probability, interval, evidence or action: it is the floor of reading, featurising, predicting and
+    writing that twinflow's end to end pays too. Returns the feature rows it predicted on.
+    """
+    from deltalake import DeltaTable, write_deltalake
+
+    from twinflow.tasks.health.score import rows_needed
+
+    df = DeltaTable(recent_uri).to_pyarrow_table(columns=["asset_id", "cycle", "_first", *CHANNELS]).to_pandas()
+    codes, assets = pd.factorize(df["asset_id"], sort=False)
+    cyc = df["cycle"].to_numpy()
+    step = np.diff(codes)
+    if not (pd.Index(assets).is_monotonic_increasing and (step >= 0).all() and (np.diff(cyc)[step == 0] > 0).all()):
+        df = df.sort_values(["asset_id", "cycle"], ignore_index=True)  # Delta files come in no set order
+        codes, assets = pd.factorize(df["asset_id"], sort=False)
+        cyc = df["cycle"].to_numpy()
+    n, k = len(assets), rows_needed(fp)
+    ends = np.cumsum(np.bincount(codes, minlength=n))
+    back = ends[codes] - 1 - np.arange(len(df))  # readings after this one in its asset
+    keep = back < k
+    ys = np.full((n, k, len(CHANNELS)), np.nan)
+    ts = np.full((n, k), np.nan)
+    ys[codes[keep], k - 1 - back[keep]] = df[CHANNELS].to_numpy(dtype="float64")[keep]
+    ts[codes[keep], k - 1 - back[keep]] = cyc[keep]
+    cols = {"cycle_since_start": ts[:, -1] - df["_first"].to_numpy(dtype="float64")[ends - 1]}
+    cols.update({ch: ys[:, -1, j] for j, ch in enumerate(CHANNELS)})
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: NaN, as twinflow gives
+        for w in fp.windows:
+            y = ys[:, -w:]
+            ok = ~np.isnan(y)
+            cnt = ok.sum(axis=1)
+            mean = np.nanmean(y, axis=1)
+            t = np.where(ok, ts[:, -w:, None], np.nan)
+            dt, dy = t - np.nanmean(t, axis=1)[:, None], y - mean[:, None]
+            sxx = np.nansum(dt * dt, axis=1)
+            stats = {"mean": mean, "std": np.where(cnt >= 2, np.nanstd(y, axis=1, ddof=1), np.nan),
+                     "min": np.nanmin(y, axis=1), "max": np.nanmax(y, axis=1),
+                     "slope": np.where((cnt >= 2) & (sxx > 0), np.nansum(dt * dy, axis=1) / sxx, np.nan)}
+            for s in fp.stats:
+                cols.update({f"{ch}_{s}_{w}": np.where(cnt[:, j] >= fp.min_periods, stats[s][:, j], np.nan)
+                             for j, ch in enumerate(CHANNELS)})
+        ok = ~np.isnan(ys)
+        for span in fp.ewm_spans:
+            weight = (1.0 - 2.0 / (span + 1.0)) ** np.arange(k - 1, -1, -1.0)[None, :, None]
+            ewm = (np.where(ok, ys, 0.0) * weight).sum(axis=1) / (ok * weight).sum(axis=1)
+            cols.update({f"{ch}_ewm_{span}": ewm[:, j] for j, ch in enumerate(CHANNELS)})
+    feats = pd.DataFrame({nm: cols[nm] for nm in names})
+    out = pd.DataFrame({"asset_id": np.asarray(assets, dtype=object), "rul_estimate": model.predict(feats),
+                        "run_key": run})
+    write_deltalake(out_uri, pa.Table.from_pandas(out, preserve_index=False), mode="append")
+    return feats
+
+
 def main() -> None:
     p = arg_parser(__doc__.splitlines()[0])
     p.add_argument("--assets", type=int, default=None)
@@ -143,6 +219,13 @@ def main() -> None:
           f"recent table (W = {w}) built in {build_s:.2f} s")
     prepared = live_features(fleet_frame(df, contract), champ.fit, champ.feature_params, names)
     feats = prepared[names]
+    recent_uri = lake.table_uri(root, lake.derived_name("running", "recent"))
+    direct_uri = f"{root}/direct_health"
+    # (c) must compute the same model inputs as twinflow, or its ratio means nothing.
+    direct = direct_pipeline(recent_uri, direct_uri, champ.feature_params, names, model, "check")
+    worst = float(np.nanmax(np.abs(direct.to_numpy() - feats.to_numpy()) / np.maximum(np.abs(feats.to_numpy()), 1e-3)))
+    assert np.array_equal(np.isnan(direct.to_numpy()), np.isnan(feats.to_numpy())) and worst < 1e-5, worst
+    print(f"(c)'s feature rows equal the prepared rows to {worst:.1e} (relative)")
     fp = champ.feature_params.model_copy(update={"label": False})
     keys, allx = compute_features(df, champ.fit, fp)
     all_rows = pd.DataFrame(allx.T, columns=names)
@@ -158,7 +241,8 @@ def main() -> None:
         # The flow's read: the recent-rows table (or, with ``reader``, each asset's newest files).
         frame, lives = (reader or (lambda s: read_fleet(s, contract, params, champ)))(s)
         t1 = time.perf_counter()
-        scored = score_fleet(frame, contract, params, champ, baseline_frame=train, lives=lives)
+        steps: dict[str, float] = {}
+        scored = score_fleet(frame, contract, params, champ, baseline_frame=train, lives=lives, timings=steps)
         t2 = time.perf_counter()
         table = scored.table
         runs[0] += 1
@@ -167,7 +251,8 @@ def main() -> None:
                            key_column="run_key", key=f"bench-{runs[0]}")
         t3 = time.perf_counter()
         if reader is None:
-            breakdown.update(read_s=t1 - t0, score_s=t2 - t1, write_s=t3 - t2)
+            breakdown.update(read_s=t1 - t0, score_s=t2 - t1, write_s=t3 - t2,
+                             **{f"score_{k}_s": v for k, v in steps.items()})
         return table
 
     def one_thread_predict():
@@ -186,17 +271,12 @@ def main() -> None:
         "(b) end to end from the lake": end_to_end,
         "(b') end to end, reading each asset's files": lambda: end_to_end(reader=files_read),
         "(a') model.predict, every history row": lambda: model.predict(all_rows),
+        "(c) the same pipeline written directly in pandas/numpy":
+            lambda: direct_pipeline(recent_uri, direct_uri, champ.feature_params, names, model, "bench"),
     }, repeat=args.repeat, warmup=1)
-    # Where (b)'s time goes (one more call, timed by part).
-    t0 = time.perf_counter()
-    recent, lives = read_fleet(snap, contract, params, champ)
-    ff = fleet_frame(recent, contract)
-    t1 = time.perf_counter()
-    first = lives.set_index("asset_id")["first"]
-    live_features(ff, champ.fit, champ.feature_params, names, first_t=first)
-    t2 = time.perf_counter()
+    # Where (b)'s time goes: one more call, timed by step (score_fleet's own timings).
     end_to_end()
-    parts = {**breakdown, "of_which_live_features_s": t2 - t1, "recent_table_build_s": build_s}
+    parts = {**breakdown, "recent_table_build_s": build_s}
 
     # New readings for 1% of the assets (the next cycle of each), committed as ingest would; then the
     # incremental refresh and the scoring of the new snapshot: the in-process latency to fleet_health.
@@ -218,14 +298,16 @@ def main() -> None:
     vs_files = bench.ratio("(b) end to end from the lake", "(b') end to end, reading each asset's files")
     vs_all = bench.ratio("(b) end to end from the lake", "(a') model.predict, every history row")
     vs_one = bench.ratio("(b) end to end from the lake", "(a1) the same, one OpenMP thread")
+    vs_direct = bench.ratio("(b) end to end from the lake", "(c) the same pipeline written directly in pandas/numpy")
     print(f"\n(b) vs (a): {ratio:.3f}x (goal >= 0.5x); (b) vs (a1): {vs_one:.3f}x; (b) vs (b'): {vs_files:.2f}x; "
-          f"(b) vs (a'): {vs_all:.2f}x")
+          f"(b) vs (a'): {vs_all:.2f}x; (b) vs (c) the direct pandas/numpy pipeline: {vs_direct:.2f}x")
     print("breakdown of (b): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
     print("latency, in process: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in latency.items()))
     summary.update(assets=n_assets, rows=len(df), recent_rows=w, breakdown=parts, latency_in_process=latency,
                    goal_ratio=0.5, ratio_vs_bare_predict=ratio, ratio_vs_one_thread_predict=vs_one, ratio_vs_reading_asset_files=vs_files,
-                   ratio_vs_predict_every_row=vs_all)
+                   ratio_vs_predict_every_row=vs_all, ratio_vs_direct_pipeline=vs_direct,
+                   direct_pipeline_feature_rel_error=worst)
     if args.json:
         from benchmarks._harness import write_json
 

@@ -213,10 +213,11 @@ def drift_table(frame: pd.DataFrame, baseline: pd.DataFrame | None, contract: An
     if not channels:
         return None
     ff, bf = fleet_frame(frame, contract), fleet_frame(baseline, contract)
-    recent = ff.frame.groupby(C.ASSET, sort=False).cumcount(ascending=False).to_numpy() < params.window
-    fr, br = regimes(ff, champion.fit), regimes(bf, champion.fit)
-    z, bz = standardised(ff, channels, champion.fit, fr), standardised(bf, channels, champion.fit, br)
-    return dr.drift_table(bz, br, z[recent], fr[recent], channels)
+    # Only each asset's last ``window`` readings are compared: standardise those, not the whole tail.
+    recent = ff.tail(params.window)
+    fr, br = regimes(ff, champion.fit, recent), regimes(bf, champion.fit)
+    z, bz = standardised(ff, channels, champion.fit, fr, rows=recent), standardised(bf, channels, champion.fit, br)
+    return dr.drift_table(bz, br, z, fr, channels)
 
 
 def _history(settings: Any) -> pd.DataFrame | None:
@@ -268,9 +269,13 @@ def health(params: HealthParams | None = None, snapshot: LakeSnapshot | None = N
     Returns:
         A :class:`HealthResult` (counts, announced assets, drifted channels, file paths).
     """
+    import shutil
+    import tempfile
+
     import matplotlib.pyplot as plt
     import mlflow
     import pyarrow as pa
+    import pyarrow.dataset as pds
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from twinflow import events, lake
@@ -348,32 +353,42 @@ def health(params: HealthParams | None = None, snapshot: LakeSnapshot | None = N
             mlflow.log_table(table.drop(columns=["p_fail_by_horizon"]), "health/fleet_health.json")
             if drift is not None:
                 mlflow.log_table(drift, "health/drift.json")
-            if scored.lifetime is not None:
-                mlflow.log_dict(scored.lifetime.model_dump(), "health/lifetime_model.json")
-            if scored.baseline is not None:
-                mlflow.log_dict(scored.baseline.to_dict(), "health/baseline.json")
-            mlflow.log_figure(report.plot_risk_ranking(table), "plots/risk_ranking.png")
-            if scored.posterior:
-                mlflow.log_figure(report.plot_rul_fans(scored.grid, scored.posterior, table), "plots/rul_fans.png")
-            hist_all = lake.read_results(settings.lake_path, FLEET_HEALTH,
-                                         columns=["asset_id", "dataset", "scored_at", "health_index", "p_fail"]).to_pandas()
-            hist_all = hist_all[hist_all.dataset == params.dataset]
-            mlflow.log_figure(report.plot_health_trends(hist_all, table.asset_id.head(6).tolist()),
-                              "plots/health_trends.png")
-            plt.close("all")
+            # Every other artifact is written into one folder and sent in one call: against a tracking
+            # server each log_* call is its own upload.
+            with tempfile.TemporaryDirectory(prefix="twinflow-health-") as staging:
+                out = Path(staging)
+                for sub in ("health", "plots", "work_orders", "report"):
+                    (out / sub).mkdir()
+                if scored.lifetime is not None:
+                    (out / "health/lifetime_model.json").write_text(
+                        json.dumps(scored.lifetime.model_dump(), indent=2, default=str))
+                if scored.baseline is not None:
+                    (out / "health/baseline.json").write_text(json.dumps(scored.baseline.to_dict(), indent=2, default=str))
+                report.plot_risk_ranking(table).savefig(out / "plots/risk_ranking.png")
+                if scored.posterior:
+                    report.plot_rul_fans(scored.grid, scored.posterior, table).savefig(out / "plots/rul_fans.png")
+                # The trends of the six riskiest assets: only their rows of the table's history are read.
+                top = table.asset_id.head(6).astype(str).tolist()
+                hist_all = lake.read_results(settings.lake_path, FLEET_HEALTH,
+                                             columns=["asset_id", "dataset", "scored_at", "health_index", "p_fail"],
+                                             filter=(pds.field("dataset") == params.dataset)
+                                             & pds.field("asset_id").isin(top)).to_pandas()
+                report.plot_health_trends(hist_all, top).savefig(out / "plots/health_trends.png")
+                plt.close("all")
 
-            orders = workorders.work_orders(table, dataset=params.dataset, run_key=run_key, links=links)
-            folder = Path(params.export_dir or Path(settings.home) / "health" / params.dataset)
-            jpath, cpath = workorders.export(orders, folder, meta={
-                "generated_at": table.scored_at.iat[0] if len(table) else "", "dataset": params.dataset,
-                "dataset_version": snap.version, "model": model, "run_key": run_key})
-            mlflow.log_artifact(str(jpath), "work_orders")
-            mlflow.log_artifact(str(cpath), "work_orders")
-            announced = table.asset_id[fire].astype(str).tolist()
-            md = report.summary_markdown(table, dataset=params.dataset, version=snap.version, model=model or "none",
-                                         run_id=run_id, drift=drift, announced=announced, notes=scored.notes,
-                                         links={"work orders": str(jpath)})
-            mlflow.log_text(md, "report/health.md")
+                orders = workorders.work_orders(table, dataset=params.dataset, run_key=run_key, links=links)
+                folder = Path(params.export_dir or Path(settings.home) / "health" / params.dataset)
+                jpath, cpath = workorders.export(orders, folder, meta={
+                    "generated_at": table.scored_at.iat[0] if len(table) else "", "dataset": params.dataset,
+                    "dataset_version": snap.version, "model": model, "run_key": run_key})
+                for path in (jpath, cpath):
+                    shutil.copy2(path, out / "work_orders" / Path(path).name)
+                announced = table.asset_id[fire].astype(str).tolist()
+                md = report.summary_markdown(table, dataset=params.dataset, version=snap.version, model=model or "none",
+                                             run_id=run_id, drift=drift, announced=announced, notes=scored.notes,
+                                             links={"work orders": str(jpath)})
+                (out / "report/health.md").write_text(md, encoding="utf-8")
+                mlflow.log_artifacts(staging)
         key = f"fleet-health-{params.dataset}".replace("_", "-").lower()
         create_table_artifact(report.artifact_rows(table), key=key,
                               description=f"fleet health of {params.dataset}, ranked by risk")

@@ -43,16 +43,20 @@ def standardise(values: np.ndarray, regime: np.ndarray, mean: np.ndarray, std: n
 
 
 def _window_means(z: np.ndarray, starts: np.ndarray, ends: np.ndarray, window: int, stride: int) -> np.ndarray:
-    """Means of consecutive ``window``-row blocks inside each [start, end) range (NaN-aware)."""
+    """Means of consecutive ``window``-row blocks inside each [start, end) range (NaN-aware).
+
+    Every block gathered into one (blocks, window, channels) array and averaged in one call, not a
+    ``nanmean`` per block: each block's rows are still added in order, so the values are the same.
+    """
     import warnings
 
-    out = []
+    first = [np.arange(s, e - window + 1, stride) for s, e in zip(starts, ends)]
+    first = np.concatenate(first) if first else np.zeros(0, np.int64)
+    if not first.size:
+        return np.zeros((0, z.shape[1]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN channel in a window: NaN, dropped below
-        for s, e in zip(starts, ends):
-            for a in range(s, e - window + 1, stride):
-                out.append(np.nanmean(z[a:a + window], axis=0))
-    return np.asarray(out).reshape(-1, z.shape[1])
+        return np.nanmean(z[first[:, None] + np.arange(window)], axis=1).reshape(-1, z.shape[1])
 
 
 def fit_baseline(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, channels: list[str], *,
@@ -109,23 +113,19 @@ def score_recent(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, bas
     ends = np.r_[starts[1:], len(asset_codes)]
     centred = z - baseline.regime_mean[regime]
     n = len(starts)
-    recent = np.full((n, z.shape[1]), np.nan)
-    used = np.zeros(n, dtype=int)
-    # Vectorised window means: cumulative sums of values and of finite counts.
+    # Window sums and finite counts taken over each window's rows, one row offset at a time for
+    # every asset at once: no prefix sum over the whole frame (whose differences carry the rounding of
+    # every row before the window), and no pass over rows outside the windows.
     finite = np.isfinite(centred)
-    # Prefix sums written in place after a zero row (no stacked copy of a fleet-sized array).
-    csum = np.empty((len(z) + 1, z.shape[1]))
-    csum[0] = 0.0
-    np.cumsum(np.where(finite, centred, 0.0), axis=0, out=csum[1:])
     lo = np.maximum(ends - baseline.window, starts)
-    tot = csum[ends] - csum[lo]
-    # Finite readings per window, counted over the window's rows only: integers, so exactly what
-    # differences of a fleet-wide running count gave.
+    tot = np.zeros((n, z.shape[1]))
     cnt = np.zeros((n, z.shape[1]), dtype=np.int64)
     for k in range(int((ends - lo).max(initial=0))):
         rows = lo + k
         inside = rows < ends
-        cnt[inside] += finite[rows[inside]]
+        r = rows[inside]
+        tot[inside] += np.where(finite[r], centred[r], 0.0)
+        cnt[inside] += finite[r]
     with np.errstate(invalid="ignore", divide="ignore"):
         recent = tot / cnt
     used = ends - lo
@@ -146,24 +146,30 @@ def score_recent(z: np.ndarray, regime: np.ndarray, asset_codes: np.ndarray, bas
 
 def top_channels(contrib: np.ndarray, recent_sign: np.ndarray | None, channels: list[str], k: int = 3) -> list[str]:
     """The ``k`` channels with the largest contributions per asset, as ``name (+x.x)`` strings."""
-    # Ranks and totals for every asset at once (row-wise, as one asset at a time gave them: the same
-    # sort per row and the same pairwise sums); only the strings are built per asset.
+    # Ranks, totals and shares for every asset at once (row-wise, as one asset at a time gave them:
+    # the same sort per row, the same pairwise sums, the same two float64 operations per share);
+    # only the strings are built per asset, from Python floats rather than NumPy scalars.
     any_finite = np.isfinite(contrib).any(axis=1)
     order = np.argsort(-np.nan_to_num(contrib, nan=-np.inf), axis=1)[:, :k]
     totals = np.nansum(np.maximum(contrib, 0.0), axis=1)
+    totals = np.where(totals == 0, 1.0, totals)  # ``total or 1.0``
+    top = np.take_along_axis(contrib, order, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = (100 * top / totals[:, None]).tolist()
+    positive = (~(top <= 0)).tolist()  # a NaN among the top k is shown, as one asset at a time did
+    signs = None if recent_sign is None else np.take_along_axis(recent_sign, order, axis=1) > 0
+    idx = order.tolist()
     out = []
     for i in range(contrib.shape[0]):
         if not any_finite[i]:
             out.append("")
             continue
-        row = contrib[i]
-        total = totals[i] or 1.0
         parts = []
-        for j in order[i]:
-            if row[j] <= 0:
+        for j in range(order.shape[1]):
+            if not positive[i][j]:
                 continue
-            sign = "" if recent_sign is None else ("↑" if recent_sign[i, j] > 0 else "↓")
-            parts.append(f"{channels[j]}{sign} {100 * row[j] / total:.0f}%")
+            sign = "" if signs is None else ("↑" if signs[i, j] else "↓")
+            parts.append(f"{channels[idx[i][j]]}{sign} {share[i][j]:.0f}%")
         out.append(", ".join(parts))
     return out
 

@@ -139,10 +139,18 @@ class ErrorDensity:
         bins = np.searchsorted(self.bin_edges, true_rul, side="right")
         out = np.empty_like(observed_error)
         floor = 1e-12  # errors beyond the tabulated range: tiny, not impossible
-        for b in np.unique(bins):
-            cols = bins == b
-            out[:, cols] = np.interp(observed_error[:, cols], self.grid, self.density[b], left=floor, right=floor)
-        return np.maximum(out, floor)
+        # The grid's true RUL rises along the columns, so each bin is one run of columns: a slice,
+        # not a masked copy in and a masked copy out (the same values).
+        runs = np.flatnonzero(np.r_[True, bins[1:] != bins[:-1]]) if bins.size else np.zeros(0, np.int64)
+        if bins.size and (np.diff(bins) >= 0).all():
+            for lo, hi in zip(runs, np.r_[runs[1:], bins.size]):
+                out[:, lo:hi] = np.interp(observed_error[:, lo:hi], self.grid, self.density[bins[lo]], left=floor,
+                                          right=floor)
+        else:
+            for b in np.unique(bins):
+                cols = bins == b
+                out[:, cols] = np.interp(observed_error[:, cols], self.grid, self.density[b], left=floor, right=floor)
+        return np.maximum(out, floor, out=out)
 
 
 def remaining_life_posterior(ages, rul_hat, lifetime: WeibullFit, errors: ErrorDensity | None, *, cap: float | None,
@@ -166,8 +174,7 @@ def remaining_life_posterior(ages, rul_hat, lifetime: WeibullFit, errors: ErrorD
     ages = np.asarray(ages, dtype="float64").reshape(-1)
     rul_hat = np.asarray(rul_hat, dtype="float64").reshape(-1)
     if grid_max is None:
-        grid_max = lifetime.scale * (-math.log(1e-6)) ** (1.0 / lifetime.shape)
-        grid_max = max(grid_max, float(np.nanmax(rul_hat, initial=0.0)) * 1.5, (cap or 0.0) * 1.5)
+        grid_max = default_grid_max(lifetime, rul_hat, cap)
     grid = np.arange(0.0, grid_max + grid_step, grid_step)
     # log S(a + r) - log S(a): the prior of the remaining life given survival to age a.
     log_s = lifetime.log_survival(ages[:, None] + grid[None, :]) - lifetime.log_survival(ages)[:, None]
@@ -189,6 +196,45 @@ def remaining_life_posterior(ages, rul_hat, lifetime: WeibullFit, errors: ErrorD
         post[has] = prior[has] * lik
     post = post / post.sum(axis=1, keepdims=True)
     return grid, post
+
+
+def default_grid_max(lifetime: WeibullFit, rul_hat, cap: float | None) -> float:
+    """Where :func:`remaining_life_posterior`'s grid ends by default: the unconditioned survival below
+    1e-6, or 1.5x the largest estimate or the cap when that is farther."""
+    grid_max = lifetime.scale * (-math.log(1e-6)) ** (1.0 / lifetime.shape)
+    return max(grid_max, float(np.nanmax(np.asarray(rul_hat, dtype="float64"), initial=0.0)) * 1.5, (cap or 0.0) * 1.5)
+
+
+def posterior_summary(ages, rul_hat, lifetime: WeibullFit, errors: ErrorDensity | None, *, cap: float | None,
+                      horizons, qs, chunk: int = 256) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+    """:func:`prob_within` each horizon and :func:`quantiles` of every asset's posterior, ``chunk`` assets at a time.
+
+    The posterior is (assets x grid cells): for a large fleet tens of MB per temporary, each
+    written and read again by the next step. A chunk's temporaries stay in the CPU's cache, and
+    every step is row by row on one grid (``grid_max`` of the whole fleet), so the values are those
+    of one call over every asset. One caveat, the BLAS: :func:`prob_within`'s matrix-vector
+    product takes rows in blocks of 4 (OpenBLAS) and a leftover row another way, so ``chunk`` is
+    rounded up to a multiple of 4 to keep every row in the block it has in one call
+    (``tests/tasks/health/test_health_math.py`` holds the two to the same bits).
+
+    Returns:
+        ``(grid, grid_max, P (assets, horizons), quantiles (assets, qs))``.
+    """
+    ages = np.asarray(ages, dtype="float64").reshape(-1)
+    rul_hat = np.asarray(rul_hat, dtype="float64").reshape(-1)
+    grid_max = default_grid_max(lifetime, rul_hat, cap)
+    chunk = -(-max(chunk, 1) // 4) * 4
+    n = ages.size
+    p = np.empty((n, len(horizons)))
+    q = np.empty((n, len(qs)))
+    grid = np.arange(0.0, grid_max + 1.0, 1.0)
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        grid, post = remaining_life_posterior(ages[lo:hi], rul_hat[lo:hi], lifetime, errors, cap=cap, grid_max=grid_max)
+        for j, h in enumerate(horizons):
+            p[lo:hi, j] = prob_within(grid, post, h)
+        q[lo:hi] = quantiles(grid, post, qs)
+    return grid, grid_max, p, q
 
 
 def prob_within(grid: np.ndarray, posterior: np.ndarray, horizon: float) -> np.ndarray:

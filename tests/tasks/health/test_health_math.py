@@ -167,6 +167,7 @@ def _top_channels_per_asset(contrib, recent_sign, channels, k=3):
 
 
 def _score_recent_prefix_counts(z, regime, asset_codes, baseline):
+    """The window means as the fleet-wide prefix sums gave them before (differences of running sums)."""
     starts = np.flatnonzero(np.r_[True, asset_codes[1:] != asset_codes[:-1]])
     ends = np.r_[starts[1:], len(asset_codes)]
     centred = z - baseline.regime_mean[regime]
@@ -178,6 +179,24 @@ def _score_recent_prefix_counts(z, regime, asset_codes, baseline):
         return (csum[ends] - csum[lo]) / (ccnt[ends] - ccnt[lo])
 
 
+def _window_means_per_asset(z, regime, asset_codes, baseline):
+    """Each asset's last-window mean, one asset and channel at a time: the window's finite values summed in order."""
+    starts = np.flatnonzero(np.r_[True, asset_codes[1:] != asset_codes[:-1]])
+    ends = np.r_[starts[1:], len(asset_codes)]
+    centred = z - baseline.regime_mean[regime]
+    out = np.full((len(starts), z.shape[1]), np.nan)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        for j in range(z.shape[1]):
+            total, count = 0.0, 0
+            for v in centred[max(s, e - baseline.window):e, j]:
+                if np.isfinite(v):
+                    total += v
+                    count += 1
+            if count:
+                out[i, j] = total / count
+    return out
+
+
 def test_the_fleet_wide_evidence_and_window_means_equal_the_per_asset_ones_bit_for_bit():
     rng = np.random.default_rng(3)
     channels = [f"c{j}" for j in range(9)]
@@ -187,6 +206,7 @@ def test_the_fleet_wide_evidence_and_window_means_equal_the_per_asset_ones_bit_f
     contrib[5] = np.nan
     contrib[6] = -np.abs(contrib[6])  # nothing positive: no evidence
     contrib[8, :3] = 0.0
+    contrib[9, 2:] = np.nan  # fewer finite channels than k: a NaN is among the top 3
     sign = rng.normal(size=contrib.shape)
     for s in (None, sign):
         assert anomaly.top_channels(contrib, s, channels, 3) == _top_channels_per_asset(contrib, s, channels, 3)
@@ -199,11 +219,15 @@ def test_the_fleet_wide_evidence_and_window_means_equal_the_per_asset_ones_bit_f
     regime = rng.integers(0, 2, len(codes))
     base = anomaly.Baseline(list("abcd"), rng.normal(size=(2, 4)), np.eye(4), np.sort(rng.random(50)), 10, 50)
     score, hi, contrib_, used = anomaly.score_recent(z, regime, codes, base)
-    recent = _score_recent_prefix_counts(z, regime, codes, base)
+    recent = _window_means_per_asset(z, regime, codes, base)
     delta = np.where(np.isfinite(recent), recent, 0.0)
     want = np.sqrt(np.maximum((delta * (delta @ base.precision)).sum(axis=1), 0.0))
     want[~np.isfinite(recent).any(axis=1)] = np.nan
     np.testing.assert_array_equal(score, want)
+    # The fleet-wide prefix sums this replaced carried the rounding of every row before each window:
+    # the same means to that rounding (relative 1e-12 at these magnitudes), not bit for bit.
+    before = _score_recent_prefix_counts(z, regime, codes, base)
+    np.testing.assert_allclose(recent, before, rtol=1e-12, atol=0)
 
 
 def test_the_fleet_wide_bands_and_horizon_json_equal_the_per_asset_ones():
@@ -223,3 +247,67 @@ def test_the_fleet_wide_bands_and_horizon_json_equal_the_per_asset_ones():
     assert _by_horizon_json(p_by, horizons, len(p)) == want
     thresholds = HealthParams().band_thresholds
     assert bands_of(p, thresholds).tolist() == [band_of(x, thresholds) for x in p]
+
+
+def test_the_posterior_summarised_in_chunks_equals_one_pass_over_the_fleet_bit_for_bit():
+    from twinflow.tasks.health.lifetime import posterior_summary
+
+    rng = np.random.default_rng(5)
+    life = fit_weibull(rng.weibull(4.0, 200) * 220)
+    true = rng.uniform(0, 150, 400)
+    errors = ErrorDensity.from_residuals(true, np.minimum(true, 125) + rng.normal(0, 15, true.size))
+    ages = rng.uniform(0, 300, 1000)
+    rul = np.where(rng.random(1000) < 0.1, np.nan, rng.uniform(0, 140, 1000))  # some assets without an estimate
+    grid, post = remaining_life_posterior(ages, rul, life, errors, cap=125.0)
+    horizons, qs = [10.0, 30.0, 55.5], [0.1, 0.5, 0.9, 0.37]
+    for chunk in (1, 7, 8, 256, 5000):  # rounded up to whole blocks of 4 rows (see posterior_summary)
+        g, grid_max, p, q = posterior_summary(ages, rul, life, errors, cap=125.0, horizons=horizons, qs=qs, chunk=chunk)
+        np.testing.assert_array_equal(g, grid)
+        np.testing.assert_array_equal(p, np.stack([prob_within(grid, post, h) for h in horizons], axis=1))
+        np.testing.assert_array_equal(q, quantiles(grid, post, qs))
+    # A few assets' posteriors again on the fleet's grid (the risk report's fans): the same rows.
+    some = np.array([3, 999, 0, 512])
+    _, again = remaining_life_posterior(ages[some], rul[some], life, errors, cap=125.0, grid_max=grid_max)
+    np.testing.assert_array_equal(again, post[some])
+
+
+def test_the_fleet_wide_recommendations_equal_the_per_asset_ones():
+    from twinflow.tasks.health.params import HealthParams
+    from twinflow.tasks.health.score import recommend, recommend_fleet
+
+    rng = np.random.default_rng(6)
+    params = HealthParams()
+    q_due = rng.uniform(-1, 3 * max(params.horizons), 2000)
+    q_due[::13] = np.nan
+    q_due[::17] = 0.4  # "maintain now"
+    q_due[5] = params.next_run
+    q_due[6] = max(params.horizons)
+    p_by = {h: rng.random(2000) for h in params.horizons}
+    p_by[max(params.horizons)][::19] = np.nan
+    actions, due, cost = recommend_fleet(p_by, q_due, params)
+    want = [recommend({h: p_by[h][i] for h in params.horizons}, q_due[i], params) for i in range(2000)]
+    assert actions == [w[0] for w in want]
+    np.testing.assert_array_equal(due, [w[1] for w in want])
+    np.testing.assert_array_equal(cost, [w[2] for w in want])
+    assert {"maintain now", "no estimate", "no action before the next run"} <= set(actions)
+    assert any(a.startswith("schedule maintenance within") for a in actions)
+
+
+def test_the_baselines_window_means_in_one_call_equal_one_nanmean_per_window_bit_for_bit():
+    import warnings
+
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(3000, 5)) * 1e3 + 4e4
+    z[rng.random(z.shape) < 0.1] = np.nan
+    z[100:140, 2] = np.nan  # a window with a channel never read
+    starts = np.array([0, 90, 500, 503, 1700])
+    ends = np.array([90, 500, 503, 1700, 3000])
+    for window, stride in ((10, 5), (7, 1), (30, 30)):
+        got = anomaly._window_means(z, starts, ends, window, stride)
+        want = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for s, e in zip(starts, ends):
+                want += [np.nanmean(z[a:a + window], axis=0) for a in range(s, e - window + 1, stride)]
+        np.testing.assert_array_equal(got, np.asarray(want))
+    assert anomaly._window_means(z, starts[:1], starts[:1] + 3, 10, 5).shape == (0, 5)

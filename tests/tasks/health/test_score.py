@@ -226,16 +226,43 @@ def test_the_pump_generators_truth_gives_each_running_pumps_remaining_life():
     assert np.allclose(true_rul_from_lives(lives, time_unit_hours=24.0), running / 24.0)
 
 
-def test_live_features_in_chunks_of_unequal_length_equal_one_pass(champion):
+def test_live_features_at_the_last_reading_equal_the_full_pass_over_whole_histories(champion):
     from twinflow.tasks.health.score import fleet_frame, live_features
 
     test = _read("test")
-    # Assets of very different lengths in each chunk of 7: chunks get longer and shorter in turn.
     ff = fleet_frame(test, load_contract("cmapss"))
     fit, fp, names = champion.fit, champion.feature_params, champion.input_names
-    one = live_features(ff, fit, fp, names, chunk_assets=1000)
-    chunked = live_features(ff, fit, fp, names, chunk_assets=7)
-    pd.testing.assert_frame_equal(chunked, one, check_exact=True)
+    live = live_features(ff, fit, fp, names)
+    assert live.asset_id.tolist() == sorted(test.asset_id.unique()) and list(live.columns[2:]) == names
+    keys, full = compute_features(test, fit, fp.model_copy(update={"label": False}))
+    last = np.r_[np.flatnonzero(keys.asset_id.to_numpy()[1:] != keys.asset_id.to_numpy()[:-1]), len(keys) - 1]
+    want = pd.DataFrame(full[:, last].T.astype("float64"), columns=names)
+    assert (test.groupby("asset_id").size() > 31).any()  # tails cut: only the rows the windows and EWMs see
+    # Windows summed over their own rows, and EWMs cut where their weight is < 1e-9: float32 rounding.
+    pd.testing.assert_frame_equal(live[names], want, rtol=2.4e-7, atol=1e-6)
+    # Only the features the model takes: a model on a few of them gets those, in its order.
+    few = [names[7], names[0], names[-1]]
+    part = live_features(ff, fit, fp, few)
+    pd.testing.assert_frame_equal(part[few], live[few], check_exact=True)
+
+
+def test_drift_standardises_only_the_last_window_and_gives_what_every_row_gave(champion):
+    from twinflow.flows.health import drift_table
+    from twinflow.tasks.health import drift as dr
+    from twinflow.tasks.health.score import fleet_frame, regimes, standardised
+
+    contract, params = load_contract("cmapss"), HealthParams()
+    test, train = _read("test"), _read("train")
+    got = drift_table(test, train, contract, champion, params)
+    # As it was computed before: every reading standardised, then each asset's last window kept.
+    ff, bf = fleet_frame(test, contract), fleet_frame(train, contract)
+    recent = ff.frame.groupby("asset_id", sort=False).cumcount(ascending=False).to_numpy() < params.window
+    fr, br = regimes(ff, champion.fit), regimes(bf, champion.fit)
+    channels = [c for c in champion.fit.kept if c in test.columns]
+    z, bz = standardised(ff, channels, champion.fit, fr), standardised(bf, channels, champion.fit, br)
+    want = dr.drift_table(bz, br, z[recent], fr[recent], channels)
+    assert len(got) == len(channels)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
 
 
 def test_scores_from_a_recent_table_built_from_ingest_tails_equal_those_from_the_asset_files(champion, tmp_path,
