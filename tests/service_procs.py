@@ -13,6 +13,16 @@ from pathlib import Path
 BINDIR = Path(sys.executable).parent
 
 
+def wait_for(predicate, timeout: float = 60.0, every: float = 0.5):
+    """Poll ``predicate`` until it returns something truthy or ``timeout`` s pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(every)
+
+
 def small_pipeline_script(inside_runtime: str = "") -> str:
     """Python source that runs the demo pipeline on the bundled FD001 data, sized down to about two
     minutes, when run as a script (``python -c``), and prints ``RESULT <json of the result>``.

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from service_procs import wait_for
 from twinflow import events as ev
 from twinflow import lake as lk
 from twinflow.tasks.bridge.buffer import Message
@@ -82,15 +83,6 @@ def test_crashed_batch_is_counted_after_restart(tmp_path):
     assert t.events[0]["version"] == last.version and t.counts == {}
 
 
-def _wait_for(predicate, timeout: float = 60.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(every)
-
-
 @pytest.mark.integration
 def test_the_prefect_server_receives_one_event_per_batch_and_the_ready_events(prefect_api, mosquitto, tmp_path):
     host, port = mosquitto
@@ -112,7 +104,7 @@ def test_the_prefect_server_receives_one_event_per_batch_and_the_ready_events(pr
     th = threading.Thread(target=lambda: out.setdefault(
         "stats", run_bridge(cfg, lake, quar, stop=stop, on_batch=on_batch, max_seconds=90)))
     th.start()
-    assert _wait_for(lambda: lk.meta_path(lake, "bridge-ev.lock").exists(), 30, 0.05)
+    assert wait_for(lambda: lk.meta_path(lake, "bridge-ev.lock").exists(), 30, 0.05)
     time.sleep(1.5)  # subscribed (the bridge subscribes right after taking its lock)
     assert publish_mqtt(list(mqtt_messages(rows)), host=host, port=port, rate=300) == len(rows)
     th.join(120)
@@ -122,7 +114,7 @@ def test_the_prefect_server_receives_one_event_per_batch_and_the_ready_events(pr
 
     committed = [b for b in batches if b.rows_written]
     want = len(committed) + len(stats.ready.events)
-    got = _wait_for(lambda: (lambda es: es if len(es) >= want else None)(
+    got = wait_for(lambda: (lambda es: es if len(es) >= want else None)(
         ev.read_events(["twinflow.stream.*"], resource_prefix=f"twinflow.dataset.{dataset}")), 60)
     assert got, "the events did not reach the server"
     batch_events = [e for e in got if e.event == ev.BATCH_COMMITTED]

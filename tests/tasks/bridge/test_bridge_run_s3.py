@@ -14,21 +14,13 @@ import time
 import pytest
 
 from object_store import requires_weed
+from service_procs import wait_for
 from twinflow import lake as lk
 from twinflow.tasks.bridge.events import read_status
 from twinflow.tasks.bridge.simulate import cmapss_rows, mqtt_messages, publish_mqtt
 
 pytestmark = [pytest.mark.integration, requires_weed]
 pytest.importorskip("s3fs")
-
-
-def _wait_for(predicate, timeout: float = 60.0, every: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got or time.monotonic() > deadline:
-            return got
-        time.sleep(every)
 
 
 def test_a_second_bridge_on_the_same_s3_lake_is_refused_and_status_is_read_from_the_lake(s3, mosquitto, tmp_path):
@@ -49,13 +41,14 @@ def test_a_second_bridge_on_the_same_s3_lake_is_refused_and_status_is_read_from_
 
     first = twinflow("run", "--max-seconds", "120")
     try:
-        status = _wait_for(lambda: read_status(root, "b1", so), 60)
+        status = wait_for(lambda: read_status(root, "b1", so), 60, every=0.3)
         assert status and status["state"] == "running" and status["pid"] == first.pid, status
         time.sleep(1.0)  # subscribed (right after the first heartbeat)
         rows = cmapss_rows(units=2, max_cycles=10)
         assert publish_mqtt(list(mqtt_messages(rows)), host=host, port=port, rate=200) == len(rows)
-        assert _wait_for(lambda: lk.version(root, "stream", so) is not None and lk.read_lake(
-            lk.snapshot(root, "stream", so), columns=["asset_id"], storage_options=so).num_rows == len(rows), 60)
+        assert wait_for(lambda: lk.version(root, "stream", so) is not None and lk.read_lake(
+            lk.snapshot(root, "stream", so), columns=["asset_id"], storage_options=so).num_rows == len(rows),
+            60, every=0.3)
 
         # The same bridge id again, as on another host: refused at once, in one line naming the lease.
         second = twinflow("run", "--max-seconds", "30")
