@@ -25,15 +25,22 @@ import numpy as np
 from numba import njit
 
 __all__ = ["STAT_CODES", "rolling_into", "rolling_time_into", "ewm_into", "normalise_", "regime_moments", "assign_regimes",
-           "nan_counts_rows", "warm_up"]
+           "nan_counts_rows", "warm_up", "window_sums"]
 
 STAT_CODES = {"mean": 0, "std": 1, "min": 2, "max": 3, "slope": 4}
 _REBASE = 256
 
 
 @njit(cache=True, nogil=True)
-def _resum(y, t, c, lo, hi, ys, ts):
-    """Count and sums over rows lo..hi-1 of channel c (NaNs skipped), values minus ys, times minus ts."""
+def window_sums(y, t, c, lo, hi, ys, ts):
+    """Count and sums over rows lo..hi-1 of channel c (NaNs skipped), values minus ys, times minus ts.
+
+    The one definition of a window's sums: the sliding passes rebase on it and the last-reading
+    features (:mod:`twinflow.tasks.features.latest`) take their window statistics from it.
+
+    Returns:
+        ``(count, sum d, sum d*d, sum u, sum u*u, sum d*u)`` with ``d = value - ys``, ``u = time - ts``.
+    """
     cnt = 0.0
     sy = 0.0
     syy = 0.0
@@ -89,7 +96,7 @@ def _window_pass(y, t, c, a0, a1, w, mp, out, r_mean, r_std, r_min, r_max, r_slo
             if valid:
                 ys = v
             ts = t[i]
-            cnt, sy, syy, st, stt, sty = _resum(y, t, c, max(a0, i - w), i, ys, ts)
+            cnt, sy, syy, st, stt, sty = window_sums(y, t, c, max(a0, i - w), i, ys, ts)
         if valid:
             d = v - ys
             u = t[i] - ts
@@ -240,7 +247,7 @@ def _time_window_pass(y, t, c, a0, a1, left, mp, out, r_mean, r_std, r_min, r_ma
             if valid:
                 ys = v
             ts = t[i]
-            cnt, sy, syy, st, stt, sty = _resum(y, t, c, lo, i, ys, ts)
+            cnt, sy, syy, st, stt, sty = window_sums(y, t, c, lo, i, ys, ts)
         if valid:
             d = v - ys
             u = t[i] - ts

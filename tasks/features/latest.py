@@ -27,6 +27,7 @@ import numpy as np
 from numba import njit
 
 from twinflow.contract.model import Clock
+from twinflow.tasks.features.cpu import window_sums
 from twinflow.tasks.features.fit import assign_regimes, compiled_kernels
 from twinflow.tasks.features.params import REGIME, FeatureParams, FitStats
 from twinflow.tasks.features.transform import feature_names
@@ -95,33 +96,20 @@ def feature_plan(fit: FitStats, params: FeatureParams, wanted: list[str] | None 
 def _window_stats(y, t, c, lo, hi, mp, res):
     """Mean, std, min, max and slope over rows ``lo..hi-1`` of channel ``c`` (NaNs skipped) into
     ``res[0..4]``, as the full pass defines them (NaN below ``min_periods``; std and slope need 2)."""
-    nan = np.nan
-    cnt = 0.0
-    sy = 0.0
-    syy = 0.0
-    st = 0.0
-    stt = 0.0
-    sty = 0.0
-    ys = 0.0
-    ts = t[lo] if hi > lo else 0.0
+    ys = np.nan
     mn = np.inf
     mx = -np.inf
     for j in range(lo, hi):
         v = y[c, j]
         if v == v:
-            if cnt == 0.0:
+            if ys != ys:
                 ys = v  # sums around the first valid value: small terms, and a constant channel's std is 0
-            d = v - ys
-            u = t[j] - ts
-            cnt += 1.0
-            sy += d
-            syy += d * d
-            st += u
-            stt += u * u
-            sty += d * u
             mn = min(mn, v)
             mx = max(mx, v)
-    res[:] = nan
+    ts = t[lo] if hi > lo else 0.0
+    # The full pass's own accumulation (cpu.window_sums), so both passes define the sums the same way.
+    cnt, sy, syy, st, stt, sty = window_sums(y, t, c, lo, hi, ys, ts)
+    res[:] = np.nan
     if cnt < mp or cnt == 0.0:
         return
     res[0] = sy / cnt + ys
