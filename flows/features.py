@@ -156,7 +156,9 @@ def features(snapshot: LakeSnapshot, params: FeatureParams | None = None,
         try:
             # A fit reads every partition, then the transform again: within the memory budget each is
             # read once, held on the workers between the passes (with a fit_from there is one pass).
-            hold = settings.features.hold_bytes if fit is None else 0
+            # Only for CPU transforms: held frames sit in whichever worker read them, and on a mixed
+            # cluster the CuPy transform runs on GPU workers, which read their partitions themselves.
+            hold = settings.features.hold_bytes if fit is None and backend != "cupy" else 0
             with ft.hold_partitions(parts, [contracts.ASSET, clock.key, *op_columns, *channels], storage, sizes,
                                     hold) as held:
                 if fit is None:

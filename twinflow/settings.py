@@ -114,7 +114,7 @@ class FeaturesSettings(_Section):
             "stage reads once and holds in the Dask workers' memory between its regime sample, "
             "normalisation and transform passes (in memory they take ~1-1.5x their Parquet bytes). A larger "
             "lake is read again by each pass, so the workers' memory stays flat however large the fleet. "
-            "0 always reads again."
+            "0 always reads again; so does the CuPy backend (GPU workers read their own partitions)."
         ),
     )
 
